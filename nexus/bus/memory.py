@@ -1,0 +1,254 @@
+"""The embedded in-memory bus: a bounded history ring with offsets and an epoch, no server needed.
+
+Published events are stored at once and delivered in batches: every publish in one turn of the event loop
+joins one pending list, flushed by a single ``call_soon`` callback, so a burst reaches each subscriber as one
+batch. History lives in a ring of ``history_size`` events; the epoch is new for every bus instance, so a
+restarted server tells resuming clients that their offsets belong to a history that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
+
+from nexus.bus.base import (
+    DEFAULT_MAX_PENDING,
+    Bus,
+    BusStats,
+    ControlCallback,
+    Fanout,
+    Published,
+    Subscription,
+)
+from nexus.errors import BusUnavailable
+from nexus.events import Event, JSONObject
+from nexus.patterns import parse_pattern
+
+DEFAULT_HISTORY_SIZE: Final = 100_000
+DEFAULT_DEDUPE_WINDOW_S: Final = 120.0
+DEFAULT_DEDUPE_MAX_ENTRIES: Final = 1_000_000
+
+
+class DedupeWindow:
+    """Remembers stored events by ``event_id`` for ``window_s`` seconds (and at most ``max_entries``)."""
+
+    def __init__(
+        self,
+        window_s: float = DEFAULT_DEDUPE_WINDOW_S,
+        *,
+        max_entries: int = DEFAULT_DEDUPE_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Event]] = OrderedDict()
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            event_id, (expires, _) = next(iter(entries.items()))
+            if expires > now and len(entries) <= self.max_entries:
+                break
+            del entries[event_id]
+
+    def get(self, event_id: str) -> Event | None:
+        """The stored event with this id, if it is still inside the window."""
+        self._expire(self._clock())
+        entry = self._entries.get(event_id)
+        return entry[1] if entry is not None else None
+
+    def remember(self, event: Event) -> None:
+        """Record a stored event."""
+        if self.window_s <= 0:
+            return
+        self._entries[event.event_id] = (self._clock() + self.window_s, event)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class MemoryBus(Bus):
+    """The default bus: one process, bounded history, no dependencies."""
+
+    def __init__(
+        self,
+        *,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S,
+        dedupe_max_entries: int = DEFAULT_DEDUPE_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if history_size < 1:
+            raise ValueError("history_size must be at least 1")
+        self.epoch = uuid.uuid4().hex[:16]
+        self.history_size = history_size
+        self._ring: deque[Event] = deque(maxlen=history_size)
+        self._head = 0
+        self._dedupe = DedupeWindow(dedupe_window_s, max_entries=dedupe_max_entries, clock=clock)
+        self._fanout = Fanout()
+        self._pending: list[Event] = []
+        self._flush_scheduled = False
+        self._control: list[ControlCallback] = []
+        self._open = False
+        self._closed = False
+        self._published = 0
+        self._duplicates = 0
+
+    async def start(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._flush()
+        self._closed = True
+        self._open = False
+        self._fanout.close_all()
+
+    @property
+    def healthy(self) -> bool:
+        return self._open and not self._closed
+
+    def _check_open(self) -> None:
+        if not self.healthy:
+            raise BusUnavailable("the bus is closed" if self._closed else "the bus is not started")
+
+    # --- publishing ---------------------------------------------------------------------------------------
+
+    def _store(self, event: Event) -> Published:
+        original = self._dedupe.get(event.event_id)
+        if original is not None:
+            self._duplicates += 1
+            return Published(original, duplicate=True)
+        self._head += 1
+        stored = event.stored(self._head, self.epoch)
+        self._ring.append(stored)
+        self._dedupe.remember(stored)
+        self._published += 1
+        self._pending.append(stored)
+        return Published(stored)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._pending:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self._fanout.deliver(pending)
+
+    async def publish(self, event: Event) -> Published:
+        self._check_open()
+        result = self._store(event)
+        self._schedule_flush()
+        return result
+
+    async def publish_many(self, events: Sequence[Event]) -> list[Published]:
+        self._check_open()
+        results = [self._store(event) for event in events]
+        self._schedule_flush()
+        return results
+
+    async def publish_live(self, event: Event) -> None:
+        self._check_open()
+        self._pending.append(event.stored(0, self.epoch))
+        self._schedule_flush()
+
+    # --- subscribing --------------------------------------------------------------------------------------
+
+    @property
+    def first_offset(self) -> int:
+        """The oldest offset still in the history ring (head + 1 when the ring is empty)."""
+        return self._ring[0].offset if self._ring else self._head + 1
+
+    def _replayable(self, since_offset: int, epoch: str | None) -> bool:
+        if epoch and epoch != self.epoch:
+            return False
+        if since_offset > self._head:
+            return False
+        return since_offset >= self.first_offset - 1
+
+    def _replay(self, sub: Subscription, since_offset: int) -> None:
+        start = since_offset - self.first_offset + 1
+        batch = [event for event in itertools.islice(self._ring, start, None) if sub.wants(event)]
+        sub.push(batch, replay=True)
+
+    async def subscribe(
+        self,
+        patterns: Iterable[str] = (),
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        correlation_ids: Iterable[str] = (),
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Subscription:
+        self._check_open()
+        patterns = list(patterns)
+        for pattern in patterns:
+            parse_pattern(pattern)
+        if since_offset < 0:
+            since_offset = 0
+        recovered: bool | None = None
+        if since_offset > 0 or epoch:
+            recovered = self._replayable(since_offset, epoch)
+        # Snapshot and registration happen in one synchronous step: nothing is published in between, and
+        # events stored before this point but not yet flushed are skipped by ``start_after``.
+        sub = Subscription(
+            self._fanout,
+            patterns=patterns,
+            correlation_ids=correlation_ids,
+            max_pending=max_pending,
+            start_after=self._head,
+            epoch=self.epoch,
+            recovered=recovered,
+        )
+        if recovered and since_offset > 0:
+            self._replay(sub, since_offset)
+        self._fanout.register(sub)
+        return sub
+
+    async def consume_requests(self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        self._check_open()
+        sub = Subscription(
+            self._fanout, max_pending=max_pending, start_after=self._head, epoch=self.epoch, group=group
+        )
+        self._fanout.register(sub)
+        return sub
+
+    async def head_offset(self) -> int:
+        return self._head
+
+    def history(self, since_offset: int = 0) -> list[Event]:
+        """Stored events after ``since_offset`` still in the ring (for tests and tools)."""
+        return [event for event in self._ring if event.offset > since_offset]
+
+    # --- control ------------------------------------------------------------------------------------------
+
+    async def send_control(self, message: JSONObject) -> None:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        for callback in list(self._control):
+            loop.call_soon(callback, dict(message))
+
+    def on_control(self, callback: ControlCallback) -> None:
+        self._control.append(callback)
+
+    def stats(self) -> BusStats:
+        return BusStats(
+            head_offset=self._head,
+            first_offset=self.first_offset,
+            epoch=self.epoch,
+            subscribers=len(self._fanout.subscriptions),
+            published=self._published,
+            duplicates=self._duplicates,
+            slow_consumers=self._fanout.slow_consumers,
+        )

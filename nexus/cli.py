@@ -1,0 +1,364 @@
+"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from nexus import __version__
+from nexus.errors import HandlerConfigError, NexusError
+from nexus.events import Event
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+class CliError(Exception):
+    """A usage problem reported as ``nexus: error: ...`` with exit code 2."""
+
+
+def _json_line(data: Any, out: TextIO) -> None:
+    out.write(json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def _parse_payload(text: str | None) -> dict[str, Any]:
+    if text is None or text == "":
+        return {}
+    if text == "-":
+        text = sys.stdin.read()
+
+    def reject_constant(name: str) -> Any:
+        raise CliError(f"--payload holds {name}, which is not valid JSON")
+
+    try:
+        value = json.loads(text, parse_constant=reject_constant)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--payload is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CliError(f"--payload must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _parse_metadata(items: Sequence[str] | None) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--metadata {item!r} must be KEY=VALUE")
+        result[key] = value
+    return result
+
+
+def _float_or_none(text: str) -> float | None:
+    if text.lower() in ("none", "0", "0.0", "inf", "infinite"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+class _RecordGiven(argparse.Action):
+    """Stores the value and notes that the option was given (its value may legitimately be None)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``nexus`` command."""
+    parser = argparse.ArgumentParser(prog="nexus", description="Nexus: a real-time event bus.")
+    parser.add_argument("--version", action="version", version=f"nexus {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a Nexus server")
+    serve.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
+    serve.add_argument("--heartbeat-interval", type=_positive_float, help="seconds between heartbeats (1.0)")
+    serve.add_argument(
+        "--stream-timeout",
+        type=_float_or_none,
+        action=_RecordGiven,
+        help="seconds a stream may live (1800; 'none' for no limit)",
+    )
+    serve.add_argument("--buffer-size", type=int, help="chunks a stream buffers before send() waits (100)")
+    serve.add_argument("--history-size", type=int, help="events the memory bus keeps for replay (100000)")
+    serve.add_argument(
+        "--subscriber-queue", type=int, help="events queued per subscriber before it is cut off"
+    )
+    serve.add_argument(
+        "--handler", action="append", dest="handlers", metavar="MODULE:CLASS", help="load a handler class"
+    )
+    serve.add_argument(
+        "--no-entry-points",
+        action="store_false",
+        dest="load_entry_points",
+        default=None,
+        help="do not load the 'nexus.handlers' entry points",
+    )
+    serve.add_argument(
+        "--exclude", action="append", dest="exclude_handlers", metavar="NAME", help="skip an entry point"
+    )
+    serve.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto)")
+    serve.add_argument("--log-level", help="log level (info)")
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "--server",
+            default=os.environ.get("NEXUS_SERVER", DEFAULT_SERVER),
+            help=f"server address (default $NEXUS_SERVER or {DEFAULT_SERVER})",
+        )
+        return sub
+
+    emit = client_command("emit", "publish one event and print it as stored")
+    emit.add_argument("event_type", metavar="TYPE")
+    emit.add_argument("--payload", help="a JSON object ('-' reads stdin)")
+    emit.add_argument("--event-id", help="an id of your choosing (deduplicated)")
+    emit.add_argument("--metadata", action="append", metavar="KEY=VALUE")
+
+    subscribe = client_command("subscribe", "print matching events as JSON lines")
+    subscribe.add_argument("patterns", nargs="+", metavar="PATTERN")
+    subscribe.add_argument("--since-offset", type=int, default=0, help="replay events after this offset")
+    subscribe.add_argument("--epoch", help="the epoch --since-offset belongs to")
+    subscribe.add_argument("--count", type=int, help="exit after this many events")
+    subscribe.add_argument("--no-heartbeats", action="store_true", help="leave out heartbeat events")
+
+    request = client_command("request", "send a request and print its lifecycle as JSON lines")
+    request.add_argument("event_type", metavar="TYPE")
+    request.add_argument("--payload", help="a JSON object ('-' reads stdin)")
+    request.add_argument("--event-id")
+    request.add_argument("--metadata", action="append", metavar="KEY=VALUE")
+    request.add_argument("--no-heartbeats", action="store_true", help="leave out heartbeat events")
+
+    cancel = client_command("cancel", "cancel a stream by its request's event_id")
+    cancel.add_argument("correlation_id")
+    cancel.add_argument("--reason", default="cancelled by requester")
+
+    handlers = commands.add_parser(
+        "handlers", help="list handlers: those 'nexus serve' would load here, or a running server's"
+    )
+    handlers.add_argument("--server", help="ask this running server instead")
+    handlers.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
+    handlers.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
+    handlers.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
+
+    client_command("streams", "list the streams a server drives now")
+    return parser
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+SERVE_FIELDS = (
+    "host",
+    "grpc_port",
+    "bus",
+    "heartbeat_interval",
+    "buffer_size",
+    "history_size",
+    "subscriber_queue",
+    "handlers",
+    "load_entry_points",
+    "exclude_handlers",
+    "log_format",
+    "log_level",
+)
+
+
+def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
+    overrides = {name: getattr(args, name, None) for name in fields}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # '--stream-timeout none' parses to None, which must still override: it is passed on as 0 (no limit).
+    if getattr(args, "stream_timeout_given", False):
+        overrides["stream_timeout"] = args.stream_timeout if args.stream_timeout is not None else 0
+    return overrides
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from nexus.config import load_settings
+    from nexus.logs import configure_logging
+    from nexus.plugins import discover
+    from nexus.server import NexusServer
+
+    settings = load_settings(args.config, os.environ, _overrides(args, SERVE_FIELDS))
+    configure_logging(settings.log_format, settings.log_level)
+    specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
+    server = NexusServer(settings, handlers=specs)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    print(f"nexus: serving gRPC on {settings.host}:{server.grpc_port} (Ctrl-C to stop)", file=sys.stderr)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+# --- client commands --------------------------------------------------------------------------------
+
+
+async def _emit(args: argparse.Namespace) -> int:
+    from nexus.client import NexusClient
+
+    payload = _parse_payload(args.payload)
+    metadata = _parse_metadata(args.metadata)
+    async with NexusClient(args.server) as client:
+        event = await client.emit(args.event_type, payload, event_id=args.event_id, metadata=metadata)
+    _json_line(event.to_dict(), sys.stdout)
+    return 0
+
+
+async def _subscribe(args: argparse.Namespace) -> int:
+    from nexus.client import NexusClient
+
+    seen = 0
+
+    def on_connect(sub: Any) -> None:
+        info: dict[str, Any] = {"epoch": sub.epoch, "head_offset": sub.head_offset}
+        if sub.recovered is not None:
+            info["recovered"] = sub.recovered
+        print("nexus: subscribed " + json.dumps(info), file=sys.stderr, flush=True)
+
+    async with NexusClient(args.server) as client:
+        subscription = client.subscribe(
+            *args.patterns, since_offset=args.since_offset, epoch=args.epoch, on_connect=on_connect
+        )
+        async for event in subscription:
+            if args.no_heartbeats and event.state == "heartbeat":
+                continue
+            _json_line(event.to_dict(), sys.stdout)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                subscription.close()
+                break
+    return 0
+
+
+async def _request(args: argparse.Namespace) -> int:
+    from nexus.client import NexusClient
+
+    payload = _parse_payload(args.payload)
+    metadata = _parse_metadata(args.metadata)
+    last: Event | None = None
+    async with NexusClient(args.server) as client:
+        stream = client.request(
+            args.event_type,
+            payload,
+            event_id=args.event_id,
+            metadata=metadata,
+            heartbeats=not args.no_heartbeats,
+        )
+        async for event in stream:
+            if stream.request is not None and last is None:
+                _json_line(stream.request.to_dict(), sys.stdout)
+            last = event
+            _json_line(event.to_dict(), sys.stdout)
+    return 0 if last is not None and last.state == "success" else 1
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    from nexus.client import NexusClient
+
+    async with NexusClient(args.server) as client:
+        found = await client.cancel(args.correlation_id, args.reason)
+    _json_line({"correlation_id": args.correlation_id, "cancelled": found}, sys.stdout)
+    return 0 if found else 1
+
+
+async def _handlers(args: argparse.Namespace) -> int:
+    if args.server:
+        from nexus.client import NexusClient
+
+        async with NexusClient(args.server) as client:
+            for item in await client.handlers():
+                _json_line(item, sys.stdout)
+        return 0
+    from nexus.bus.memory import MemoryBus
+    from nexus.config import load_settings
+    from nexus.plugins import discover
+    from nexus.provider import Provider, registrations_table
+
+    settings = load_settings(args.config, os.environ, _overrides(args, ("handlers", "load_entry_points")))
+    specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
+    provider = Provider(MemoryBus(), settings.provider_settings())
+    for spec in specs:
+        provider.register(spec.handler, name=spec.name, config=settings.handler_config.get(spec.name, {}))
+    sources = {spec.name: spec.source for spec in specs}
+    for item in registrations_table(provider.registrations.values()):
+        item["source"] = sources.get(str(item["name"]), "")
+        _json_line(item, sys.stdout)
+    return 0
+
+
+async def _streams(args: argparse.Namespace) -> int:
+    from nexus.client import NexusClient
+
+    async with NexusClient(args.server) as client:
+        for item in await client.streams():
+            _json_line(item, sys.stdout)
+    return 0
+
+
+COMMANDS = {
+    "serve": _serve,
+    "emit": _emit,
+    "subscribe": _subscribe,
+    "request": _request,
+    "cancel": _cancel,
+    "handlers": _handlers,
+    "streams": _streams,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nexus`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (CliError, HandlerConfigError, ValueError) as exc:
+        print(f"nexus: error: {exc}", file=sys.stderr)
+        return 2
+    except NexusError as exc:
+        print(f"nexus: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

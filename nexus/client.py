@@ -1,0 +1,373 @@
+"""The async Python client SDK.
+
+::
+
+    async with NexusClient("127.0.0.1:50051") as client:
+        stored = await client.emit("demo:ping:v1:happened", {"n": 1})
+
+        async for event in client.subscribe("demo:>"):          # reconnects and resumes by itself
+            ...
+
+        async for event in client.request("demo:stream_countdown:v1:requested", {"n": 3}):
+            print(event.state, event.payload)                    # started, stream..., success
+
+Errors the server reports are raised as :class:`~nexus.errors.NexusError` subclasses (``InvalidArgument``,
+``ResourceExhausted``, ``Unavailable``, ...), so callers catch meaning, not gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, Final
+
+import grpc
+import structlog
+
+from nexus.errors import ErrorCode, NexusError, error_for_code
+from nexus.events import TERMINAL_STATES, Event, JSONObject, validate_metadata, validate_payload
+from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
+from nexus.v1 import nexus_pb2, nexus_pb2_grpc
+
+log = structlog.get_logger("nexus.client")
+
+RETRYABLE: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> NexusError:
+    """The :class:`NexusError` for a failed call."""
+    code = CODE_FOR_STATUS.get(error.code(), ErrorCode.INTERNAL)
+    details = error.details() or error.code().name
+    return error_for_code(code, details)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishSummary:
+    """What :meth:`NexusClient.publish_many` stored."""
+
+    stored: int
+    duplicates: int
+    last_offset: int
+    epoch: str
+
+
+class Subscription:
+    """An async iterator over events matching patterns; reconnects and resumes from its last offset.
+
+    ``recovered`` tells how the latest (re)connection went: True when the server replayed every event missed,
+    False when it could not (another epoch, or history no longer holds the gap), None when nothing was asked.
+    ``on_connect`` (optional) is called after every (re)connection with this subscription.
+    """
+
+    def __init__(
+        self,
+        client: NexusClient,
+        patterns: Sequence[str],
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        reconnect: bool = True,
+        max_batch_size: int = 0,
+        on_connect: Callable[[Subscription], None] | None = None,
+        max_retry_delay: float = 5.0,
+    ) -> None:
+        self._client = client
+        self.patterns = list(patterns)
+        self.last_offset = since_offset
+        self.epoch = epoch or ""
+        self.reconnect = reconnect
+        self.max_batch_size = max_batch_size
+        self.on_connect = on_connect
+        self.max_retry_delay = max_retry_delay
+        self.recovered: bool | None = None
+        self.head_offset = 0
+        self.connects = 0
+        self._call: Any = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        delay = 0.05
+        while not self._closed:
+            request = nexus_pb2.SubscribeEventBatchesRequest(
+                event_types=self.patterns,
+                since_offset=self.last_offset,
+                epoch=self.epoch if self.last_offset else "",
+                max_batch_size=self.max_batch_size,
+            )
+            call = self._client.stub.SubscribeEventBatches(request, metadata=self._client.metadata)
+            self._call = call
+            try:
+                initial = dict(await call.initial_metadata() or ())
+                self.epoch = str(initial.get("nexus-epoch", self.epoch))
+                self.head_offset = int(initial.get("nexus-head-offset", 0))
+                recovered = initial.get("nexus-recovered")
+                self.recovered = None if recovered is None else recovered == "true"
+                if self.recovered is False:
+                    # The gap is gone (another epoch, or older than the history): continue live from the head,
+                    # so a later reconnection does not ask for offsets of a history that no longer exists.
+                    self.last_offset = self.head_offset
+                self.connects += 1
+                if self.on_connect is not None:
+                    self.on_connect(self)
+                delay = 0.05
+                async for message in call:
+                    for item in message.events:
+                        event = event_from_response(item)
+                        if event.offset:
+                            self.last_offset = event.offset
+                        yield event
+            except grpc.aio.AioRpcError as error:
+                if self._closed:
+                    return
+                if not self.reconnect or error.code() not in RETRYABLE:
+                    raise error_from_rpc(error) from None
+                log.info("subscription_reconnecting", code=error.code().name, last_offset=self.last_offset)
+            finally:
+                call.cancel()
+                self._call = None
+            if not self.reconnect or self._closed:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.max_retry_delay)
+
+    def close(self) -> None:
+        """Stop the subscription; the iterator ends."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+
+class RequestStream:
+    """The lifecycle of one request, as an async iterator that ends after the terminal event.
+
+    ``request`` is the stored ``requested`` event once iteration has begun; ``terminal`` the last event.
+    """
+
+    def __init__(self, client: NexusClient, event: Event, *, heartbeats: bool = True) -> None:
+        self._client = client
+        self._event = event
+        self.heartbeats = heartbeats
+        self.request: Event | None = None
+        self.terminal: Event | None = None
+        self.duplicate = False
+        self._call: Any = None
+
+    @property
+    def correlation_id(self) -> str:
+        """The request's ``event_id``: the ``correlation_id`` of every lifecycle event."""
+        return self._event.event_id
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        call = self._client.stub.RequestEvent(
+            nexus_pb2.RequestEventRequest(event=event_to_request(self._event)), metadata=self._client.metadata
+        )
+        self._call = call
+        try:
+            async for message in call:
+                event = event_from_response(message.event)
+                if self.request is None:
+                    self.request = event
+                    self.duplicate = message.event.message == "duplicate"
+                    continue
+                if event.state == "heartbeat" and not self.heartbeats:
+                    continue
+                yield event
+                if event.state in TERMINAL_STATES:
+                    self.terminal = event
+                    return
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def result(self) -> Event:
+        """Iterate to the end and return the terminal event."""
+        async for _ in self:
+            pass
+        if self.terminal is None:
+            raise NexusError("the request's lifecycle ended without a terminal event")
+        return self.terminal
+
+    async def cancel(self, reason: str = "cancelled by requester") -> bool:
+        """Ask the server to cancel this request's stream."""
+        return await self._client.cancel(self.correlation_id, reason)
+
+
+class NexusClient:
+    """A connection to a Nexus server."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        metadata: Iterable[tuple[str, str]] = (),
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.metadata = tuple(metadata)
+        self._own_channel = channel is None
+        self.channel = channel or grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.enable_retries", 1),
+            ],
+        )
+        self.stub = nexus_pb2_grpc.NexusServiceStub(self.channel)
+
+    async def __aenter__(self) -> NexusClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel (when this client opened it)."""
+        if self._own_channel:
+            await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the channel is connected."""
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def emit(
+        self,
+        event_type: str,
+        payload: JSONObject | None = None,
+        *,
+        event_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = 30.0,
+    ) -> Event:
+        """Publish one event; returns it as stored (``offset``, ``epoch``).
+
+        A repeated ``event_id`` inside the dedupe window returns the stored original.
+        """
+        request = nexus_pb2.EventRequest(
+            event_type=event_type,
+            event_id=event_id or "",
+            metadata=validate_metadata(metadata),
+            payload=payload_to_struct(validate_payload(payload)),
+        )
+        try:
+            response = await self.stub.EmitEvent(request, metadata=self.metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return event_from_response(response)
+
+    async def publish_many(self, events: Iterable[Event], *, timeout: float | None = None) -> PublishSummary:
+        """Publish events in order over one client stream."""
+
+        async def requests() -> AsyncIterator[nexus_pb2.PublishEventsRequest]:
+            for event in events:
+                yield nexus_pb2.PublishEventsRequest(event=event_to_request(event))
+
+        try:
+            response = await self.stub.PublishEvents(requests(), metadata=self.metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return PublishSummary(response.stored, response.duplicates, response.last_offset, response.epoch)
+
+    def subscribe(
+        self,
+        *patterns: str,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        reconnect: bool = True,
+        max_batch_size: int = 0,
+        on_connect: Callable[[Subscription], None] | None = None,
+    ) -> Subscription:
+        """Follow events matching ``patterns``; iterate the result with ``async for``."""
+        return Subscription(
+            self,
+            patterns,
+            since_offset=since_offset,
+            epoch=epoch,
+            reconnect=reconnect,
+            max_batch_size=max_batch_size,
+            on_connect=on_connect,
+        )
+
+    def request(
+        self,
+        event_type: str,
+        payload: JSONObject | None = None,
+        *,
+        event_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        heartbeats: bool = True,
+    ) -> RequestStream:
+        """Publish a ``requested`` event and iterate its lifecycle until the terminal event."""
+        event = Event(event_type=event_type, payload=validate_payload(payload), metadata=validate_metadata(metadata))
+        if event_id:
+            event.event_id = event_id
+        return RequestStream(self, event, heartbeats=heartbeats)
+
+    async def call(self, event_type: str, payload: JSONObject | None = None, **kwargs: Any) -> Event:
+        """Send a request and return its terminal event (``success``, ``failed``, ...)."""
+        return await self.request(event_type, payload, **kwargs).result()
+
+    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
+        """Cancel a stream by its request's ``event_id``; returns whether this server found it."""
+        try:
+            response = await self.stub.CancelStream(
+                nexus_pb2.CancelStreamRequest(correlation_id=correlation_id, reason=reason),
+                metadata=self.metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return bool(response.cancelled)
+
+    async def handlers(self) -> list[JSONObject]:
+        """The handlers the server drives."""
+        try:
+            response = await self.stub.ListHandlers(nexus_pb2.ListHandlersRequest(), metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return [
+            {
+                "name": h.name,
+                "event_type": h.event_type,
+                "streaming": h.streaming,
+                "ordering_key": h.ordering_key,
+                "stream_timeout_s": h.stream_timeout_s or None,
+                "class_path": h.class_path,
+            }
+            for h in response.handlers
+        ]
+
+    async def streams(self) -> list[JSONObject]:
+        """The streams the server drives now."""
+        try:
+            response = await self.stub.ListStreams(nexus_pb2.ListStreamsRequest(), metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return [
+            {
+                "correlation_id": s.correlation_id,
+                "event_type": s.event_type,
+                "handler": s.handler,
+                "stream_count": s.stream_count,
+                "age_s": s.age_s,
+                "state": s.state,
+            }
+            for s in response.streams
+        ]

@@ -1,0 +1,434 @@
+"""Server settings, from four sources: flags > environment > config file > defaults.
+
+- **Flags**: the ``overrides`` mapping the CLI builds, keyed by field name; ``None`` means "not given".
+- **Environment**: ``NEXUS_<FIELD>`` (``NEXUS_GRPC_PORT=50052``); lists are comma-separated
+  (``NEXUS_HANDLERS=pkg.a:A,pkg.b:B``), booleans ``true/false``, ``1/0``, ``yes/no`` or ``on/off``,
+  ``NEXUS_HANDLER_CONFIG`` a JSON object of sections. An empty variable counts as unset.
+- **Config file** (TOML), named by the ``config_path`` argument or ``NEXUS_CONFIG``::
+
+      [nexus]
+      grpc_port = 50051
+      bus = "nats://127.0.0.1:4222"
+      stream_timeout = "none"          # or 0: no timeout
+      handlers = ["pkg.module:Class"]
+
+      [handlers.countdown]             # ctx.config of the handler registered as "countdown"
+      max_n = 100
+
+``[handlers.<name>]`` sections merge key by key across sources. Every value is checked where it is read; a
+bad one raises :class:`ConfigError` naming the field and its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from nexus.bus.base import DEFAULT_MAX_PENDING
+from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_SIZE
+from nexus.detect import DEFAULT_RULES, Rule
+from nexus.errors import HandlerConfigError, InvalidArgument
+from nexus.logs import LOG_FORMATS, LOG_LEVELS
+from nexus.plugins import split_spec
+from nexus.provider import (
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_STREAM_TIMEOUT,
+    ProviderSettings,
+)
+
+ENV_PREFIX: Final = "NEXUS_"
+CONFIG_ENV: Final = "NEXUS_CONFIG"
+FILE_SECTION: Final = "nexus"
+HANDLERS_SECTION: Final = "handlers"
+BUS_SCHEMES: Final = ("nats", "tls")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; ``field`` and ``source`` say which one and where it came from."""
+
+    def __init__(self, problem: str, *, field: str | None = None, source: str) -> None:
+        message = f"{field} (from {source}): {problem}" if field else f"{source}: {problem}"
+        super().__init__(message)
+        self.problem = problem
+        self.field = field
+        self.source = source
+
+
+@dataclasses.dataclass(slots=True)
+class Settings:
+    """Everything ``nexus serve`` can be told; the defaults run a single node with no dependencies."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    ws_port: int = 8080
+    gateway: bool = True
+    bus: str = "memory"
+    """``memory``, or a ``nats://`` URL (several, comma-separated, for a cluster)."""
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT
+    """Seconds a stream may run; ``None`` = no timeout (``0`` or ``none`` in the file, environment or flags)."""
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    history_size: int = DEFAULT_HISTORY_SIZE
+    dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S
+    """Seconds a repeated ``event_id`` is recognised; ``0`` turns deduplication off."""
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    subscriber_queue: int = DEFAULT_MAX_PENDING
+    handlers: list[str] = dataclasses.field(default_factory=list)
+    """``module:Class`` specs loaded besides the entry points."""
+    load_entry_points: bool = True
+    exclude_handlers: list[str] = dataclasses.field(default_factory=list)
+    """Entry-point names not to load."""
+    log_format: str = "auto"
+    log_level: str = "info"
+    streaming_rules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_RULES))
+    shutdown_grace_s: float = 5.0
+    handler_config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per-handler sections, by registration name: a handler's ``ctx.config``."""
+
+    def provider_settings(self) -> ProviderSettings:
+        """The part of these settings that drives handlers."""
+        return ProviderSettings(
+            heartbeat_interval=self.heartbeat_interval,
+            stream_timeout=self.stream_timeout,
+            buffer_size=self.buffer_size,
+            max_payload_bytes=self.max_payload_bytes,
+            streaming_rules=tuple(self.streaming_rules),
+            shutdown_grace_s=self.shutdown_grace_s,
+        )
+
+
+# --- converters: (value, from_text) -> checked value; raise _Invalid with the problem -------------------------
+
+
+class _Invalid(Exception):
+    pass
+
+
+_Convert = Callable[[Any, bool], Any]
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _integer(low: int, high: int | None = None) -> _Convert:
+    def convert(value: Any, text: bool) -> int:
+        if text and isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _Invalid(f"must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"must be an integer, got {_shown(value)}")
+        if high is not None and not low <= value <= high:
+            raise _Invalid(f"must be from {low} to {high}, got {value}")
+        if value < low:
+            raise _Invalid(f"must be at least {low}, got {value}")
+        return value
+
+    return convert
+
+
+def _to_float(value: Any, text: bool) -> float:
+    if text and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _Invalid(f"must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"must be a number, got {_shown(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise _Invalid(f"must be a finite number, got {value!r}")
+    return number
+
+
+def _seconds(*, allow_zero: bool) -> _Convert:
+    def convert(value: Any, text: bool) -> float:
+        number = _to_float(value, text)
+        if allow_zero and number < 0:
+            raise _Invalid(f"must be 0 or more seconds, got {number:g}")
+        if not allow_zero and number <= 0:
+            raise _Invalid(f"must be a positive number of seconds, got {number:g}")
+        return number
+
+    return convert
+
+
+def _timeout(value: Any, text: bool) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    try:
+        number = _to_float(value, text)
+    except _Invalid:
+        raise _Invalid(
+            f"must be a positive number of seconds, or 0 or 'none' for no timeout, got {_shown(value)}"
+        ) from None
+    if number < 0:
+        raise _Invalid(f"must be a positive number of seconds, or 0 or 'none' for no timeout, got {number:g}")
+    return None if number == 0 else number
+
+
+_TRUE: Final = frozenset({"true", "1", "yes", "on"})
+_FALSE: Final = frozenset({"false", "0", "no", "off"})
+
+
+def _boolean(value: Any, text: bool) -> bool:
+    if text and isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise _Invalid(f"must be true or false (or 1/0, yes/no, on/off), got {value!r}")
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_shown(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_shown(value)}")
+    return value.strip()
+
+
+def _host(value: Any, text: bool) -> str:
+    host = _string(value)
+    if not host or any(ch.isspace() for ch in host):
+        raise _Invalid(f"must be a host name or address, got {value!r}")
+    return host
+
+
+def _choice(choices: tuple[str, ...]) -> _Convert:
+    def convert(value: Any, text: bool) -> str:
+        word = _string(value).lower()
+        if word not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, got {value!r}")
+        return word
+
+    return convert
+
+
+def _bus(value: Any, text: bool) -> str:
+    bus = _string(value)
+    if bus == "memory":
+        return bus
+    expected = "must be 'memory' or a nats:// URL (comma-separated for several servers)"
+    for part in bus.split(","):
+        url = urlsplit(part.strip())
+        if url.scheme not in BUS_SCHEMES:
+            scheme = f"scheme {url.scheme!r}" if url.scheme else "no scheme"
+            raise _Invalid(f"{expected}, got {value!r} ({scheme})")
+        try:
+            url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        except ValueError:
+            raise _Invalid(f"{expected}, got {value!r} (bad port)") from None
+        if not url.hostname:
+            raise _Invalid(f"{expected}, got {value!r} (no host)")
+    return bus
+
+
+def _handler_spec(item: str) -> None:
+    try:
+        split_spec(item)
+    except HandlerConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _name(item: str) -> None:
+    if not item:
+        raise _Invalid("names must not be empty")
+
+
+def _rule(item: str) -> None:
+    try:
+        Rule.parse(item)
+    except InvalidArgument as exc:
+        raise _Invalid(exc.message) from None
+
+
+def _string_list(check: Callable[[str], None]) -> _Convert:
+    def convert(value: Any, text: bool) -> list[str]:
+        if text and isinstance(value, str):
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise _Invalid(f"must be a list of strings, got {_shown(value)}")
+        for index, item in enumerate(items):
+            if not isinstance(item, str):
+                raise _Invalid(f"item {index} must be a string, got {_shown(item)}")
+            check(item)
+        return items
+
+    return convert
+
+
+def _sections(value: Any, text: bool) -> dict[str, dict[str, Any]]:
+    if text and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise _Invalid(f"must be a JSON object of per-handler objects ({exc})") from None
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"must map handler names to sections, got {_shown(value)}")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, section in value.items():
+        if not isinstance(name, str) or not isinstance(section, Mapping):
+            raise _Invalid(f"the section for {name!r} must be a table of settings, got {_shown(section)}")
+        sections[name] = dict(section)
+    return sections
+
+
+_PORT: Final = _integer(0, 65535)
+_POSITIVE: Final = _integer(1)
+
+_FIELDS: Final[dict[str, _Convert]] = {
+    "host": _host,
+    "grpc_port": _PORT,
+    "ws_port": _PORT,
+    "gateway": _boolean,
+    "bus": _bus,
+    "heartbeat_interval": _seconds(allow_zero=False),
+    "stream_timeout": _timeout,
+    "buffer_size": _POSITIVE,
+    "history_size": _POSITIVE,
+    "dedupe_window_s": _seconds(allow_zero=True),
+    "max_payload_bytes": _POSITIVE,
+    "subscriber_queue": _POSITIVE,
+    "handlers": _string_list(_handler_spec),
+    "load_entry_points": _boolean,
+    "exclude_handlers": _string_list(_name),
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+    "streaming_rules": _string_list(_rule),
+    "shutdown_grace_s": _seconds(allow_zero=True),
+    "handler_config": _sections,
+}
+
+
+# --- sources ----------------------------------------------------------------------------------------------------
+
+
+def env_var(field: str) -> str:
+    """The environment variable that sets ``field``: ``NEXUS_<FIELD>``."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag named in errors about ``field``: ``--grpc-port``."""
+    return "--" + field.replace("_", "-")
+
+
+def _convert(field: str, value: Any, *, text: bool, source: str) -> Any:
+    try:
+        return _FIELDS[field](value, text)
+    except _Invalid as exc:
+        raise ConfigError(str(exc), field=field, source=source) from None
+
+
+def _unknown(field: str, source: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(field, [f for f in _FIELDS if f != "handler_config"], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown setting {where}{hint}", field=field, source=source)
+
+
+def _read_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    source = f"config file {path}"
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError("no such file", source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot be read ({exc.strerror or exc})", source=source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"is not valid TOML ({exc})", source=source) from None
+
+    for key in data:
+        if key not in (FILE_SECTION, HANDLERS_SECTION):
+            raise ConfigError(
+                f"unknown top-level key; expected a [{FILE_SECTION}] table and [{HANDLERS_SECTION}.<name>] tables",
+                field=key,
+                source=source,
+            )
+    values: dict[str, Any] = {}
+    table = data.get(FILE_SECTION, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"must be a table, got {_shown(table)}", field=FILE_SECTION, source=source)
+    for field, value in table.items():
+        if field == "handler_config":
+            raise ConfigError(
+                f"write handler sections as [{HANDLERS_SECTION}.<name>] tables", field=field, source=source
+            )
+        if field not in _FIELDS:
+            raise _unknown(field, source, f"in [{FILE_SECTION}]")
+        values[field] = _convert(field, value, text=False, source=source)
+
+    sections = data.get(HANDLERS_SECTION, {})
+    try:
+        handler_config = _sections(sections, False)
+    except _Invalid as exc:
+        raise ConfigError(str(exc), field=HANDLERS_SECTION, source=source) from None
+    return values, handler_config
+
+
+def _merge_sections(into: dict[str, dict[str, Any]], sections: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, section in sections.items():
+        into.setdefault(name, {}).update(section)
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from flags (``overrides``) > ``env`` (default ``os.environ``) > the config file > defaults.
+
+    The config file is ``config_path``, else ``$NEXUS_CONFIG``, else none. Raises :class:`ConfigError` naming
+    the field and its source for an unknown key, a wrong type or a value out of range.
+    """
+    env = os.environ if env is None else env
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    handler_config: dict[str, dict[str, Any]] = {}
+
+    path = os.fspath(config_path) if config_path is not None else env.get(CONFIG_ENV, "").strip()
+    if path:
+        file_values, file_sections = _read_file(path)
+        values.update(file_values)
+        _merge_sections(handler_config, file_sections)
+
+    for field in _FIELDS:
+        name = env_var(field)
+        text = env.get(name, "")
+        if not text.strip():
+            continue
+        value = _convert(field, text, text=True, source=f"environment variable {name}")
+        if field == "handler_config":
+            _merge_sections(handler_config, value)
+        else:
+            values[field] = value
+
+    for field, given in overrides.items():
+        if given is None:
+            continue
+        source = f"flag {flag_name(field)}"
+        if field not in _FIELDS:
+            raise _unknown(field, source, "given as a flag")
+        value = _convert(field, given, text=isinstance(given, str), source=source)
+        if field == "handler_config":
+            _merge_sections(handler_config, value)
+        else:
+            values[field] = value
+
+    return Settings(**values, handler_config=handler_config)

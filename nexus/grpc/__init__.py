@@ -1,0 +1,1 @@
+"""The gRPC adapter: servicer and message conversions."""

@@ -1,0 +1,159 @@
+"""Conversions between protobuf messages and :class:`~nexus.events.Event`, and the error-code table."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Final
+
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from nexus.errors import ErrorCode, InvalidPayload
+from nexus.events import Event, JSONObject
+from nexus.v1 import nexus_pb2
+
+STATUS_FOR_CODE: Final[dict[ErrorCode, grpc.StatusCode]] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+CODE_FOR_STATUS: Final[dict[grpc.StatusCode, ErrorCode]] = {v: k for k, v in STATUS_FOR_CODE.items()}
+
+
+def payload_to_struct(payload: JSONObject) -> struct_pb2.Struct:
+    """A JSON object as a ``google.protobuf.Struct``."""
+    struct = struct_pb2.Struct()
+    if payload:
+        struct.update(payload)
+    return struct
+
+
+_MAX_EXACT_INT: Final = 2**53
+
+
+def _from_value(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise InvalidPayload(f"payload{path} is {number!r}: NaN and Infinity are not valid JSON")
+        # Struct numbers are doubles; a whole number within the exact range reads back as an int.
+        if number.is_integer() and abs(number) < _MAX_EXACT_INT:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _from_struct(value.struct_value, path)
+    if kind == "list_value":
+        return [_from_value(item, f"{path}[{index}]") for index, item in enumerate(value.list_value.values)]
+    return None
+
+
+def _from_struct(struct: struct_pb2.Struct, path: str) -> JSONObject:
+    return {key: _from_value(item, f"{path}.{key}") for key, item in struct.fields.items()}
+
+
+def struct_to_payload(struct: struct_pb2.Struct) -> JSONObject:
+    """A ``Struct`` as a JSON object. Raises :class:`InvalidPayload` for NaN or Infinity.
+
+    Struct numbers are doubles: whole numbers below 2**53 come back as ``int``, so ``{"n": 3}`` sent by any
+    client reads as ``3`` in a handler; other numbers stay ``float``.
+    """
+    return _from_struct(struct, "")
+
+
+def timestamp_to_proto(text: str) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    if text:
+        stamp.FromJsonString(text)
+    return stamp
+
+
+def timestamp_from_proto(stamp: timestamp_pb2.Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return ""
+    text: str = stamp.ToJsonString()
+    return text
+
+
+def event_from_request(request: nexus_pb2.EventRequest, *, max_payload_bytes: int | None) -> Event:
+    """A validated :class:`Event` from an ``EventRequest``; raises a ``NexusError`` for bad input."""
+    payload: Any = struct_to_payload(request.payload) if request.HasField("payload") else {}
+    return Event.create(
+        request.event_type,
+        payload,
+        event_id=request.event_id or None,
+        metadata=dict(request.metadata),
+        max_payload_bytes=max_payload_bytes,
+    )
+
+
+def event_to_request(event: Event) -> nexus_pb2.EventRequest:
+    """An ``EventRequest`` carrying ``event`` (client side)."""
+    return nexus_pb2.EventRequest(
+        event_type=event.event_type,
+        event_id=event.event_id,
+        payload=payload_to_struct(event.payload),
+        metadata=event.metadata,
+    )
+
+
+def event_to_response(event: Event, *, message: str = "", success: bool = True) -> nexus_pb2.EventResponse:
+    """An ``EventResponse`` for ``event``."""
+    return nexus_pb2.EventResponse(
+        success=success,
+        message=message,
+        event_type=event.event_type,
+        event_id=event.event_id,
+        payload=payload_to_struct(event.payload),
+        metadata=event.metadata,
+        offset=event.offset,
+        epoch=event.epoch,
+        timestamp=timestamp_to_proto(event.timestamp),
+    )
+
+
+def event_from_response(response: nexus_pb2.EventResponse) -> Event:
+    """An :class:`Event` from an ``EventResponse`` (client side)."""
+    return Event(
+        event_type=response.event_type,
+        payload=struct_to_payload(response.payload),
+        event_id=response.event_id,
+        metadata=dict(response.metadata),
+        timestamp=timestamp_from_proto(response.timestamp),
+        offset=response.offset,
+        epoch=response.epoch,
+    )
+
+
+class EncodeCache:
+    """Encodes each delivered event once for every subscriber that receives it.
+
+    The bus hands the same :class:`Event` object to every subscriber of one batch, so a small recency cache
+    keyed by the object's identity turns N encodings into one. Entries hold the event itself, so an id is
+    never reused while its entry lives.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self._size = size
+        self._entries: OrderedDict[int, tuple[Event, nexus_pb2.EventResponse]] = OrderedDict()
+
+    def encode(self, event: Event) -> nexus_pb2.EventResponse:
+        key = id(event)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is event:
+            return entry[1]
+        message = event_to_response(event)
+        self._entries[key] = (event, message)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return message

@@ -1,0 +1,183 @@
+"""Handler discovery: entry points of the group ``nexus.handlers`` and ``module:Class`` specs.
+
+A plugin package declares its handlers in its own ``pyproject.toml``::
+
+    [project.entry-points."nexus.handlers"]
+    countdown = "my_plugin.handlers:Countdown"
+
+:func:`discover` imports each, checks that it is an :class:`~nexus.EventHandler` or
+:class:`~nexus.StreamingEventHandler` subclass and builds it with no arguments. Anything that goes wrong raises
+:class:`~nexus.errors.HandlerConfigError` naming the entry point or spec and the cause, at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from nexus.api import AnyHandler, EventHandler, StreamingEventHandler
+from nexus.errors import HandlerConfigError
+
+if TYPE_CHECKING:
+    from nexus.provider import Provider, Registration
+
+ENTRY_POINT_GROUP: Final = "nexus.handlers"
+HANDLER_FLAG_SOURCE: Final = "--handler"
+
+_DOTTED: Final = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_SPEC_RE: Final = re.compile(rf"({_DOTTED}):({_DOTTED})\Z")
+
+HandlerClass = type[EventHandler] | type[StreamingEventHandler]
+
+
+@dataclasses.dataclass(slots=True)
+class HandlerSpec:
+    """A handler instance ready to register, with its registration name and where it came from."""
+
+    name: str
+    """The entry-point name, or the ``module:Class`` spec given with ``--handler``."""
+    handler: AnyHandler
+    source: str
+    """``entry point <distribution>`` or ``--handler``."""
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``(module, attribute)`` of a ``module:Class`` spec; raises :class:`HandlerConfigError` for another shape."""
+    match = _SPEC_RE.match(spec.strip())
+    if match is None:
+        raise HandlerConfigError(f"{spec!r} is not a 'package.module:Class' spec")
+    return match.group(1), match.group(2)
+
+
+def _import_class(spec: str) -> HandlerClass:
+    """The handler class ``spec`` names; raises :class:`HandlerConfigError` with the cause only."""
+    module_name, attribute = split_spec(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise HandlerConfigError(f"module {module_name!r} not found") from exc
+        raise HandlerConfigError(f"importing module {module_name!r} failed: {_describe(exc)}") from exc
+    except Exception as exc:
+        raise HandlerConfigError(f"importing module {module_name!r} failed: {_describe(exc)}") from exc
+
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise HandlerConfigError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+    if not isinstance(target, type) or not issubclass(target, (EventHandler, StreamingEventHandler)):
+        what = f"class {target.__name__}" if isinstance(target, type) else f"a {type(target).__name__}"
+        raise HandlerConfigError(
+            f"{attribute!r} is not a handler class ({what}): it must subclass nexus.EventHandler or "
+            "nexus.StreamingEventHandler"
+        )
+    return target
+
+
+def load_handler_class(spec: str) -> HandlerClass:
+    """Import the handler class named by ``module:Class`` (``module:Outer.Inner`` for a nested class).
+
+    Raises :class:`HandlerConfigError` naming ``spec`` and the cause: a malformed spec, a module that is not
+    found or fails to import, a missing attribute, or something that is not a handler class.
+    """
+    try:
+        return _import_class(spec)
+    except HandlerConfigError as exc:
+        raise HandlerConfigError(f"handler {spec!r}: {exc}") from exc.__cause__
+
+
+def _instantiate(cls: HandlerClass, label: str) -> AnyHandler:
+    try:
+        return cls()
+    except Exception as exc:
+        raise HandlerConfigError(f"{label}: constructor of {cls.__qualname__} failed: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _load(spec: str, label: str) -> AnyHandler:
+    try:
+        cls = _import_class(spec)
+    except HandlerConfigError as exc:
+        raise HandlerConfigError(f"{label}: {exc}") from exc.__cause__
+    return _instantiate(cls, label)
+
+
+def _entry_point_handlers(exclude: Sequence[str]) -> list[HandlerSpec]:
+    log = structlog.get_logger("nexus.plugins")
+    found = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    names = {entry_point.name for entry_point in found}
+    for name in exclude:
+        if name not in names:
+            log.warning("excluded_handler_not_installed", name=name, group=ENTRY_POINT_GROUP)
+    specs: list[HandlerSpec] = []
+    for entry_point in found:
+        if entry_point.name in exclude:
+            log.info("handler_excluded", name=entry_point.name)
+            continue
+        dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
+        label = f"entry point {entry_point.name!r} = {entry_point.value!r} (from {dist})"
+        handler = _load(entry_point.value, label)
+        specs.append(HandlerSpec(entry_point.name, handler, f"entry point {dist}"))
+    return specs
+
+
+def discover(
+    load_entry_points: bool = True, extra: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[HandlerSpec]:
+    """Build every handler to serve: the entry points of ``nexus.handlers`` (sorted by name, unless
+    ``load_entry_points`` is false, skipping the names in ``exclude``), then each ``module:Class`` in ``extra``.
+
+    Raises :class:`HandlerConfigError` naming the entry point or spec and the cause, or two handlers that
+    would share a registration name.
+    """
+    specs = _entry_point_handlers(exclude) if load_entry_points else []
+    for spec in extra:
+        label = f"{HANDLER_FLAG_SOURCE} {spec!r}"
+        specs.append(HandlerSpec(spec, _load(spec, label), HANDLER_FLAG_SOURCE))
+    seen: dict[str, HandlerSpec] = {}
+    for item in specs:
+        other = seen.setdefault(item.name, item)
+        if other is not item:
+            raise HandlerConfigError(
+                f"two handlers are named {item.name!r}: one from {other.source}, one from {item.source}"
+            )
+    return specs
+
+
+def register_all(
+    provider: Provider,
+    specs: Iterable[HandlerSpec],
+    handler_config: Mapping[str, Mapping[str, Any]],
+) -> list[Registration]:
+    """Register each handler with its ``[handlers.<name>]`` section as ``ctx.config``.
+
+    A provider's refusal is re-raised naming where the handler came from. A section naming no registered
+    handler is logged as a warning (it is often a typo).
+    """
+    registrations: list[Registration] = []
+    for spec in specs:
+        try:
+            registration = provider.register(
+                spec.handler, name=spec.name, config=dict(handler_config.get(spec.name, {}))
+            )
+        except HandlerConfigError as exc:
+            raise HandlerConfigError(f"{exc} (loaded from {spec.source})") from exc
+        registrations.append(registration)
+    for name in handler_config:
+        if name not in provider.registrations:
+            structlog.get_logger("nexus.plugins").warning("handler_config_unused", section=name)
+    return registrations

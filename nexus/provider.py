@@ -1,0 +1,692 @@
+"""Drives handlers through the request lifecycle: tasks, buffers, heartbeats, timeouts and cancels.
+
+Structured concurrency: :meth:`Provider.run` owns one task group that lives as long as the server. Each request
+runs in its own task; a streaming request owns a nested task group (its handler, its chunk pump and its
+heartbeats) so nothing of a stream outlives it. The lifecycle itself is the pure
+:class:`~nexus.lifecycle.Lifecycle`; this module only feeds it time and publishes what it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from nexus.api import (
+    SERVER_DEFAULT,
+    AnyHandler,
+    EventHandler,
+    HandlerContext,
+    Stream,
+    StreamingEventHandler,
+)
+from nexus.bus.base import Bus, Subscription
+from nexus.detect import DEFAULT_RULES, StreamingDetector
+from nexus.errors import (
+    BusUnavailable,
+    HandlerConfigError,
+    InvalidEventType,
+    InvalidPayload,
+    NexusError,
+    SlowConsumer,
+    StreamClosed,
+    StreamErrorType,
+)
+from nexus.events import (
+    REQUESTED,
+    Event,
+    EventType,
+    JSONObject,
+    check_name_token,
+    check_version_token,
+    validate_payload,
+)
+from nexus.lifecycle import Lifecycle
+
+DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
+DEFAULT_STREAM_TIMEOUT: Final = 1800.0
+DEFAULT_BUFFER_SIZE: Final = 100
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+REQUEST_GROUP: Final = "nexus-handlers"
+REQUEST_QUEUE: Final = 1_000_000
+MAX_CHUNKS_PER_PUBLISH: Final = 256
+
+_current_request: contextvars.ContextVar[Event | None] = contextvars.ContextVar(
+    "nexus_current_request", default=None
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    """How the provider drives streams."""
+
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    streaming_rules: tuple[str, ...] = DEFAULT_RULES
+    request_group: str = REQUEST_GROUP
+    shutdown_grace_s: float = 5.0
+
+
+@dataclasses.dataclass(slots=True)
+class Registration:
+    """One registered handler and what the provider derived from it."""
+
+    name: str
+    handler: AnyHandler
+    service_action: str
+    streaming: bool
+    ordering_key: str | None
+    stream_timeout: float | None
+    buffer_size: int
+    config: dict[str, Any]
+
+    @property
+    def class_path(self) -> str:
+        cls = type(self.handler)
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    def describe(self) -> JSONObject:
+        """A JSON-ready description, as ``nexus handlers`` prints it."""
+        return {
+            "name": self.name,
+            "event_type": self.service_action,
+            "streaming": self.streaming,
+            "ordering_key": self.ordering_key or "",
+            "stream_timeout_s": self.stream_timeout,
+            "class_path": self.class_path,
+        }
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception, unwrapping single-exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _error_type(exc: BaseException) -> StreamErrorType:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return (
+        StreamErrorType.INVALID_PAYLOAD if isinstance(exc, InvalidPayload) else StreamErrorType.HANDLER_ERROR
+    )
+
+
+class _Context(HandlerContext):
+    def __init__(self, provider: Provider, registration: Registration) -> None:
+        self._provider = provider
+        self.name = registration.name
+        self.config = registration.config
+        self.log = structlog.get_logger("nexus.handler").bind(handler=registration.name)
+
+    async def publish(
+        self,
+        event_type: str,
+        payload: JSONObject | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        event_id: str | None = None,
+    ) -> Event:
+        event = Event.create(
+            event_type,
+            payload,
+            event_id=event_id,
+            metadata=metadata,
+            max_payload_bytes=self._provider.settings.max_payload_bytes,
+        )
+        request = _current_request.get()
+        if request is not None:
+            event.metadata.setdefault("causation_id", request.event_id)
+            for key in ("traceparent", "tracestate"):
+                if key in request.metadata:
+                    event.metadata.setdefault(key, request.metadata[key])
+        return (await self._provider.bus.publish(event)).event
+
+
+class _Run:
+    """The live state of one request: its lifecycle, scopes and cancel reason."""
+
+    def __init__(
+        self, registration: Registration | None, request: Event, key: Any, *, streaming: bool
+    ) -> None:
+        self.registration = registration
+        self.request = request
+        self.key = key
+        self.lifecycle = Lifecycle(request, streaming=streaming, now=time.monotonic())
+        timeout = registration.stream_timeout if registration is not None else None
+        self.timeout = timeout
+        self.handler_scope = anyio.CancelScope()
+        self.cancel_reason: str | None = None
+        self.pump_error: BaseException | None = None
+        self.started = False
+        self.stream: _StreamImpl | None = None
+
+    @property
+    def correlation_id(self) -> str:
+        return self.request.event_id
+
+    def cancel(self, reason: str) -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.handler_scope.cancel()
+
+
+class _StreamImpl(Stream):
+    def __init__(self, run: _Run, sender: MemoryObjectSendStream[JSONObject], max_payload_bytes: int) -> None:
+        self._run = run
+        self._sender = sender
+        self._max_payload_bytes = max_payload_bytes
+        self._closed = False
+        self._accepted = 0
+
+    async def send(self, chunk: JSONObject) -> None:
+        if self._closed:
+            raise StreamClosed(f"stream {self.correlation_id} has ended; send() is no longer possible")
+        payload = validate_payload(chunk, max_bytes=self._max_payload_bytes)
+        try:
+            await self._sender.send(payload)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise StreamClosed(
+                f"stream {self.correlation_id} has ended; send() is no longer possible"
+            ) from None
+        self._accepted += 1
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stream_count(self) -> int:
+        return self._accepted
+
+    @property
+    def correlation_id(self) -> str:
+        return self._run.correlation_id
+
+    def close(self) -> None:
+        self._closed = True
+        self._sender.close()
+
+
+class Provider:
+    """Routes ``requested`` events to handlers and drives each request's lifecycle."""
+
+    def __init__(self, bus: Bus, settings: ProviderSettings | None = None) -> None:
+        self.bus = bus
+        self.settings = settings or ProviderSettings()
+        self.detector = StreamingDetector(self.settings.streaming_rules)
+        self.log = structlog.get_logger("nexus.provider")
+        self.registrations: dict[str, Registration] = {}
+        self._routes: dict[str, Registration] = {}
+        self._runs: dict[str, _Run] = {}
+        self._key_queues: dict[tuple[str, Any], deque[_Run]] = {}
+        self._task_group: TaskGroup | None = None
+        self._requests: Subscription | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._started = False
+        self.completed = 0
+
+    # --- registration ---------------------------------------------------------------------------------------
+
+    def register(
+        self, handler: AnyHandler, *, name: str | None = None, config: dict[str, Any] | None = None
+    ) -> Registration:
+        """Register a handler instance; raises :class:`HandlerConfigError` naming what is wrong."""
+        if self._started:
+            raise HandlerConfigError("handlers must be registered before the provider starts")
+        cls = type(handler)
+        label = name or f"{cls.__module__}:{cls.__qualname__}"
+        if not isinstance(handler, (EventHandler, StreamingEventHandler)):
+            raise HandlerConfigError(f"{label}: not an EventHandler or StreamingEventHandler")
+        streaming = isinstance(handler, StreamingEventHandler)
+        service_action = getattr(cls, "event_type", None)
+        if not isinstance(service_action, str):
+            raise HandlerConfigError(f"{label}: set the class attribute event_type = 'service:action'")
+        service_action = _check_service_action(label, service_action)
+        rule = self.detector.check_requested(service_action)
+        if streaming and rule is None:
+            raise HandlerConfigError(
+                f"{label}: {cls.__name__} is a StreamingEventHandler, but {service_action!r} is not a "
+                "streaming event under the streaming rules (an action starting with 'stream_', or a type "
+                "containing ':stream:', ':typing:', ':presence:', ':chunks:', ':live:' or ':realtime:'); "
+                "rename the action or make it an EventHandler"
+            )
+        if not streaming and rule is not None:
+            raise HandlerConfigError(
+                f"{label}: {cls.__name__} is a plain EventHandler, but {service_action!r} is a streaming "
+                f"event under the rule {str(rule)!r}; make it a StreamingEventHandler or rename the action"
+            )
+        if service_action in self._routes:
+            other = self._routes[service_action]
+            raise HandlerConfigError(f"{label}: {service_action!r} is already handled by {other.name}")
+        if label in self.registrations:
+            raise HandlerConfigError(f"{label}: a handler with this name is already registered")
+        timeout = cls.stream_timeout
+        stream_timeout: float | None
+        if timeout is SERVER_DEFAULT:
+            stream_timeout = self.settings.stream_timeout
+        elif timeout is None:
+            stream_timeout = None
+        elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+            stream_timeout = float(timeout)
+        else:
+            raise HandlerConfigError(f"{label}: stream_timeout must be a positive number of seconds or None")
+        ordering_key = cls.ordering_key
+        if ordering_key is not None and (not isinstance(ordering_key, str) or not ordering_key):
+            raise HandlerConfigError(f"{label}: ordering_key must be a payload field name or None")
+        buffer_size = cls.buffer_size if cls.buffer_size is not None else self.settings.buffer_size
+        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1:
+            raise HandlerConfigError(f"{label}: buffer_size must be a positive integer")
+        registration = Registration(
+            name=label,
+            handler=handler,
+            service_action=service_action,
+            streaming=streaming,
+            ordering_key=ordering_key,
+            stream_timeout=stream_timeout,
+            buffer_size=buffer_size,
+            config=dict(config or {}),
+        )
+        self.registrations[label] = registration
+        self._routes[service_action] = registration
+        return registration
+
+    def route(self, event_type: str) -> Registration | None:
+        """The handler for a ``requested`` event type: pinned ``svc:act:vN`` first, then ``svc:act``."""
+        parsed = EventType.parse(event_type)
+        return self._routes.get(parsed.base) or self._routes.get(f"{parsed.service}:{parsed.action}")
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Set up handlers, then route requests until :meth:`stop`. Handlers are torn down at the end."""
+        self._started = True
+        set_up: list[Registration] = []
+        try:
+            for registration in self.registrations.values():
+                context = _Context(self, registration)
+                registration.handler.ctx = context
+                await registration.handler.setup(context)
+                set_up.append(registration)
+            self._requests = await self.bus.consume_requests(self.settings.request_group, max_pending=REQUEST_QUEUE)
+            self.bus.on_control(self._on_control)
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                self.log.info(
+                    "provider_started",
+                    handlers=[r.name for r in self.registrations.values()],
+                    heartbeat_interval=self.settings.heartbeat_interval,
+                    stream_timeout=self.settings.stream_timeout,
+                )
+                task_status.started()
+                while True:
+                    try:
+                        batch = await self._requests.next_batch()
+                    except SlowConsumer as exc:
+                        # Requests are dispatched without awaiting, so this needs a starved event loop; say so
+                        # loudly and keep consuming rather than stop handling requests altogether.
+                        self.log.error("request_queue_overflow", limit=exc.limit, last_offset=exc.last_offset)
+                        self._requests = await self.bus.consume_requests(
+                            self.settings.request_group, max_pending=REQUEST_QUEUE
+                        )
+                        continue
+                    if not batch:
+                        break
+                    for event in batch:
+                        self._dispatch(event)
+                await self._wait_idle(self.settings.shutdown_grace_s)
+                task_group.cancel_scope.cancel()
+        finally:
+            self._task_group = None
+            for registration in reversed(set_up):
+                try:
+                    await registration.handler.teardown()
+                except Exception as exc:
+                    self.log.error(
+                        "handler_teardown_failed", handler=registration.name, error=describe_exception(exc)
+                    )
+            self.log.info("provider_stopped", completed=self.completed)
+
+    async def stop(self, reason: str = "server_shutdown") -> None:
+        """Cancel every request with ``reason``, wait for their terminal events, then end :meth:`run`."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for key in list(self._key_queues):
+            queue = self._key_queues[key]
+            while queue:
+                queued = queue.pop()
+                queued.cancel(reason)
+                self._runs.pop(queued.correlation_id, None)
+                await self._finish_unstarted(queued, reason)
+        for run in list(self._runs.values()):
+            run.cancel(reason)
+        await self._wait_idle(self.settings.shutdown_grace_s)
+        if self._requests is not None:
+            self._requests.close()
+
+    async def _wait_idle(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+
+    def _on_control(self, message: JSONObject) -> None:
+        if message.get("type") == "cancel":
+            correlation_id = str(message.get("correlation_id", ""))
+            reason = str(message.get("reason") or "cancelled by requester")
+            self.cancel_local(correlation_id, reason)
+
+    def cancel_local(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
+        """Cancel a request this node drives or holds in a queue; return whether it was found."""
+        run = self._runs.get(correlation_id)
+        if run is None:
+            return False
+        run.cancel(reason)
+        if not run.started and self._task_group is not None:
+            # Queued behind its ordering key: remove it and publish its 'cancelled' now.
+            for queue in self._key_queues.values():
+                if run in queue:
+                    queue.remove(run)
+                    self._runs.pop(correlation_id, None)
+                    self._task_group.start_soon(self._finish_unstarted, run, reason)
+                    break
+        return True
+
+    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
+        """Cancel a request wherever it runs: here, or on another node through the bus's control channel.
+
+        Returns whether it was found on this node.
+        """
+        if self.cancel_local(correlation_id, reason):
+            return True
+        with contextlib.suppress(BusUnavailable):
+            await self.bus.send_control(
+                {"type": "cancel", "correlation_id": correlation_id, "reason": reason}
+            )
+        return False
+
+    def streams(self) -> list[JSONObject]:
+        """The requests this node drives or holds now, oldest first."""
+        now = time.monotonic()
+        result = []
+        for run in self._runs.values():
+            info = run.lifecycle.stats(now)
+            info["handler"] = run.registration.name if run.registration else ""
+            info["age_s"] = round(now - run.lifecycle.requested_at, 6)
+            result.append(info)
+        return result
+
+    # --- dispatch -------------------------------------------------------------------------------------------
+
+    def _dispatch(self, request: Event) -> None:
+        assert self._task_group is not None
+        try:
+            parsed = EventType.parse(request.event_type)
+        except InvalidEventType:
+            return
+        if parsed.state != REQUESTED:
+            return
+        if request.event_id in self._runs:
+            return  # already running: a redelivery
+        registration = self.route(request.event_type)
+        streaming = self.detector.is_streaming(request.event_type)
+        if registration is None:
+            run = _Run(None, request, None, streaming=streaming)
+            self._task_group.start_soon(self._no_handler, run)
+            return
+        key: Any = None
+        if registration.ordering_key is not None:
+            key = _ordering_value(request.payload.get(registration.ordering_key))
+        run = _Run(registration, request, key, streaming=registration.streaming)
+        if self._stopping:
+            run.cancel("server_shutdown")  # arrived while stopping: it ends with 'cancelled' at once
+        self._runs[run.correlation_id] = run
+        self._idle.clear()
+        if registration.ordering_key is not None:
+            queue_key = (registration.name, key)
+            queue = self._key_queues.get(queue_key)
+            if queue is not None:
+                queue.append(run)
+                return
+            self._key_queues[queue_key] = deque()
+        self._task_group.start_soon(self._drive, run)
+
+    async def _no_handler(self, run: _Run) -> None:
+        event = run.lifecycle.fail(
+            time.monotonic(),
+            StreamErrorType.NO_HANDLER,
+            f"no handler is registered for {run.request.event_type!r}",
+        )
+        await self._publish_terminal(run, event)
+
+    async def _finish_unstarted(self, run: _Run, reason: str) -> None:
+        await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), reason))
+        self._after_run(run, launch_next=False)
+
+    async def _drive(self, run: _Run) -> None:
+        registration = run.registration
+        assert registration is not None
+        token = _current_request.set(run.request)
+        try:
+            if run.cancel_reason is not None:
+                await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), run.cancel_reason))
+            elif registration.streaming:
+                await self._drive_stream(run, registration)
+            else:
+                await self._drive_plain(run, registration)
+        except Exception as exc:
+            # Never let one request take the provider down: report it and end the request.
+            self.log.exception(
+                "provider_internal_error", correlation_id=run.correlation_id, error=describe_exception(exc)
+            )
+            if not run.lifecycle.terminal:
+                event = run.lifecycle.fail(
+                    time.monotonic(), StreamErrorType.HANDLER_ERROR, describe_exception(exc)
+                )
+                await self._publish_terminal(run, event)
+        finally:
+            _current_request.reset(token)
+            self._after_run(run, launch_next=True)
+
+    def _after_run(self, run: _Run, *, launch_next: bool) -> None:
+        self._runs.pop(run.correlation_id, None)
+        self.completed += 1
+        if run.registration is not None and run.registration.ordering_key is not None:
+            queue_key = (run.registration.name, run.key)
+            queue = self._key_queues.get(queue_key)
+            if queue is not None and launch_next:
+                if queue:
+                    following = queue.popleft()
+                    assert self._task_group is not None
+                    self._task_group.start_soon(self._drive, following)
+                else:
+                    del self._key_queues[queue_key]
+        if not self._runs:
+            self._idle.set()
+
+    def _deadline(self, run: _Run) -> float:
+        return math.inf if run.timeout is None else anyio.current_time() + run.timeout
+
+    async def _drive_plain(self, run: _Run, registration: Registration) -> None:
+        handler = registration.handler
+        assert isinstance(handler, EventHandler)
+        lifecycle = run.lifecycle
+        log = self.log.bind(event_type=run.request.event_type, correlation_id=run.correlation_id)
+        run.started = True
+        run.handler_scope.deadline = self._deadline(run)
+        result: Any = None
+        error: BaseException | None = None
+        with run.handler_scope:
+            try:
+                result = await handler.handle(run.request)
+            except Exception as exc:
+                error = exc
+        now = time.monotonic()
+        if run.cancel_reason is not None:
+            event = lifecycle.cancel(now, run.cancel_reason)
+        elif run.handler_scope.cancel_called:
+            event = lifecycle.time_out(now, run.timeout or 0.0)
+        elif error is not None:
+            log.warning("handler_failed", handler=registration.name, error=describe_exception(error))
+            event = lifecycle.fail(now, _error_type(error), describe_exception(error))
+        else:
+            try:
+                payload = validate_payload(result, max_bytes=self.settings.max_payload_bytes)
+            except NexusError as exc:
+                event = lifecycle.fail(
+                    now, StreamErrorType.HANDLER_ERROR, f"handler returned an invalid result: {exc.message}"
+                )
+            else:
+                event = lifecycle.succeed(now, payload)
+        await self._publish_terminal(run, event)
+
+    async def _drive_stream(self, run: _Run, registration: Registration) -> None:
+        handler = registration.handler
+        assert isinstance(handler, StreamingEventHandler)
+        lifecycle = run.lifecycle
+        log = self.log.bind(event_type=run.request.event_type, correlation_id=run.correlation_id)
+        try:
+            await self.bus.publish(lifecycle.start(time.monotonic()))
+        except NexusError as exc:
+            log.error("stream_start_failed", error=exc.message)
+            await self._publish_terminal(
+                run, lifecycle.fail(time.monotonic(), StreamErrorType.HANDLER_ERROR, exc.message)
+            )
+            return
+        run.started = True
+        log.info("stream_started", handler=registration.name, timeout_s=run.timeout)
+        sender, receiver = anyio.create_memory_object_stream[JSONObject](registration.buffer_size)
+        stream = _StreamImpl(run, sender, self.settings.max_payload_bytes)
+        run.stream = stream
+        error: BaseException | None = None
+        heartbeat_scope = anyio.CancelScope()
+        run.handler_scope.deadline = self._deadline(run)
+        async with anyio.create_task_group() as stream_group:
+            stream_group.start_soon(self._pump, run, receiver)
+            stream_group.start_soon(self._heartbeats, run, heartbeat_scope)
+            with run.handler_scope:
+                try:
+                    await handler.handle_stream(run.request, stream)
+                except Exception as exc:
+                    error = exc
+            stream.close()
+            heartbeat_scope.cancel()
+        now = time.monotonic()
+        if run.cancel_reason is not None:
+            event = lifecycle.cancel(now, run.cancel_reason)
+        elif run.pump_error is not None:
+            event = lifecycle.fail(
+                now,
+                StreamErrorType.HANDLER_ERROR,
+                f"could not publish a chunk: {describe_exception(run.pump_error)}",
+            )
+        elif run.handler_scope.cancel_called:
+            event = lifecycle.time_out(now, run.timeout or 0.0)
+        elif error is not None:
+            log.warning("handler_failed", handler=registration.name, error=describe_exception(error))
+            event = lifecycle.fail(now, _error_type(error), describe_exception(error))
+        else:
+            event = lifecycle.succeed(now)
+        await self._publish_terminal(run, event)
+
+    async def _pump(self, run: _Run, receiver: MemoryObjectReceiveStream[JSONObject]) -> None:
+        """Publish accepted chunks in order, several per bus call when they queue up."""
+        async with receiver:
+            while True:
+                try:
+                    chunks = [await receiver.receive()]
+                except anyio.EndOfStream:
+                    return
+                while len(chunks) < MAX_CHUNKS_PER_PUBLISH:
+                    try:
+                        chunks.append(receiver.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                events = [run.lifecycle.chunk(chunk) for chunk in chunks]
+                try:
+                    await self.bus.publish_many(events)
+                except Exception as exc:
+                    run.pump_error = exc
+                    run.handler_scope.cancel()
+                    return
+
+    async def _heartbeats(self, run: _Run, scope: anyio.CancelScope) -> None:
+        interval = self.settings.heartbeat_interval
+        if interval <= 0:
+            return
+        with scope:
+            while True:
+                await anyio.sleep(interval)
+                if run.lifecycle.terminal:
+                    return
+                try:
+                    await self.bus.publish_live(run.lifecycle.heartbeat(time.monotonic()))
+                except NexusError as exc:
+                    self.log.warning("heartbeat_failed", correlation_id=run.correlation_id, error=exc.message)
+
+    async def _publish_terminal(self, run: _Run, event: Event) -> None:
+        lifecycle = run.lifecycle
+        now = time.monotonic()
+        fields: dict[str, Any] = {
+            "event_type": run.request.event_type,
+            "correlation_id": run.correlation_id,
+            "outcome": lifecycle.state.value,
+            "stream_count": lifecycle.stream_count,
+            "duration_s": lifecycle.duration(now),
+        }
+        if run.registration is not None:
+            fields["handler"] = run.registration.name
+        if lifecycle.state.value == "failed":
+            fields["error"] = event.payload.get("error")
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.bus.publish(event)
+            except NexusError as exc:
+                self.log.error("terminal_publish_failed", error=exc.message, **fields)
+                return
+        log_method = self.log.info if lifecycle.state.value in ("success", "cancelled") else self.log.warning
+        log_method("stream_ended" if lifecycle.streaming else "request_ended", **fields)
+
+
+def _ordering_value(value: Any) -> Any:
+    if isinstance(value, (dict, list)):
+        return repr(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _check_service_action(label: str, text: str) -> str:
+    tokens = text.split(":")
+    if len(tokens) not in (2, 3):
+        raise HandlerConfigError(
+            f"{label}: event_type {text!r} must be 'service:action' or 'service:action:vN' "
+            "(the state 'requested' is implied)"
+        )
+    problems = [check_name_token(tokens[0], "service"), check_name_token(tokens[1], "action")]
+    if len(tokens) == 3:
+        problems.append(check_version_token(tokens[2]))
+    for problem in problems:
+        if problem is not None:
+            raise HandlerConfigError(f"{label}: event_type {text!r}: {problem}")
+    return text
+
+
+def registrations_table(registrations: Iterable[Registration]) -> Sequence[JSONObject]:
+    """Descriptions of registrations, sorted by event type."""
+    return sorted((r.describe() for r in registrations), key=lambda item: str(item["event_type"]))

@@ -1,0 +1,185 @@
+"""The Nexus server: a bus, a provider and a gRPC server (health and reflection included) put together.
+
+:class:`NexusServer` is the one object ``nexus serve``, ``nexus.testing`` and embedding applications start::
+
+    server = NexusServer(settings, handlers=[HandlerSpec("echo", Echo(), "--handler")])
+    await server.start()          # binds; server.grpc_port is the real port (0 picks a free one)
+    await server.wait_stopped()   # or: await server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nexus.api import AnyHandler
+from nexus.bus.base import Bus
+from nexus.bus.memory import MemoryBus
+from nexus.config import Settings
+from nexus.errors import HandlerConfigError
+from nexus.grpc.servicer import NexusServicer
+from nexus.plugins import HandlerSpec
+from nexus.provider import Provider
+from nexus.v1 import nexus_pb2, nexus_pb2_grpc
+
+SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
+
+log = structlog.get_logger("nexus.server")
+
+
+def make_bus(settings: Settings) -> Bus:
+    """The bus ``settings.bus`` names: ``memory`` (default) or a ``nats://`` URL."""
+    if settings.bus in ("", "memory"):
+        return MemoryBus(history_size=settings.history_size, dedupe_window_s=settings.dedupe_window_s)
+    if settings.bus.startswith(("nats://", "tls://")):
+        try:
+            from nexus.bus.nats import NatsBus  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise HandlerConfigError(
+                f"the bus {settings.bus!r} needs the NATS backend, which this installation lacks ({exc})"
+            ) from exc
+        bus: Bus = NatsBus(settings)
+        return bus
+    raise HandlerConfigError(f"unknown bus {settings.bus!r}: use 'memory' or a nats:// URL")
+
+
+class _StartedSignal:
+    """A TaskStatus for :meth:`Provider.run` running in a plain asyncio task."""
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+
+    def started(self, value: Any = None) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+
+class NexusServer:
+    """A running Nexus node."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        bus: Bus | None = None,
+        handlers: Sequence[HandlerSpec | AnyHandler] = (),
+    ) -> None:
+        self.settings = settings or Settings()
+        self.bus = bus if bus is not None else make_bus(self.settings)
+        self.provider = Provider(self.bus, self.settings.provider_settings())
+        for item in handlers:
+            if isinstance(item, HandlerSpec):
+                config = self.settings.handler_config.get(item.name, {})
+                self.provider.register(item.handler, name=item.name, config=config)
+            else:
+                self.provider.register(item)
+        self.servicer = NexusServicer(
+            self.bus,
+            self.provider,
+            subscriber_queue=self.settings.subscriber_queue,
+            max_payload_bytes=self.settings.max_payload_bytes,
+        )
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._provider_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        """Start the bus, the provider (handlers' ``setup`` runs here) and the gRPC server."""
+        await self.bus.start()
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        self._provider_task = asyncio.create_task(
+            self.provider.run(task_status=_StartedSignal(started)), name="nexus-provider"
+        )
+        done, _ = await asyncio.wait({started, self._provider_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._provider_task in done:
+            self._provider_task.result()  # raises what setup raised
+            raise RuntimeError("the provider stopped during start-up")
+        max_message = self.settings.max_payload_bytes + 64 * 1024
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max(max_message, 4 * 1024 * 1024)),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        nexus_pb2_grpc.add_NexusServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        bind = f"{self.settings.host}:{self.settings.grpc_port}"
+        port = server.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"could not bind the gRPC port {bind}")
+        self.grpc_port = port
+        await server.start()
+        self._grpc = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "server_started",
+            grpc=f"{self.settings.host}:{port}",
+            epoch=self.bus.epoch,
+            handlers=sorted(self.provider.registrations),
+            **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: live streams end with ``cancelled``, subscribers get what is queued, then close."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("server_stopping", live_streams=len(self.provider.streams()))
+        try:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.provider.stop("server_shutdown")
+            if self._provider_task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._provider_task), timeout=grace + 1)
+                except TimeoutError:
+                    self._provider_task.cancel()
+                except Exception as exc:
+                    log.error("provider_failed", error=repr(exc))
+            # Closing the bus ends every subscription after its queued events: subscribers drain, then the
+            # calls end with OK; new calls get UNAVAILABLE.
+            await self.bus.close()
+            if self._grpc is not None:
+                await self._grpc.stop(grace)
+        finally:
+            self._stopped.set()
+            log.info("server_stopped")
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> NexusServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -1,0 +1,157 @@
+"""Test helpers for plugin authors: an in-process server on a free port, a client, and a recorder.
+
+::
+
+    from nexus.testing import run_server
+
+    async def test_echo() -> None:
+        async with run_server(Echo()) as nexus:
+            done = await nexus.client.call("demo:echo:v1:requested", {"x": 1})
+            assert done.payload == {"echo": {"x": 1}}
+
+Works with pytest-asyncio or anyio's pytest plugin (asyncio backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from nexus.api import AnyHandler
+from nexus.bus.base import Bus
+from nexus.client import NexusClient, Subscription
+from nexus.config import Settings
+from nexus.events import Event
+from nexus.plugins import HandlerSpec
+from nexus.server import NexusServer
+
+
+class Recorder:
+    """Collects the events of a subscription in the background; wait for what you expect."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.events: list[Event] = []
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Recorder:
+        """Start collecting; returns once the subscription is live on the server."""
+        connected = asyncio.Event()
+        previous = self.subscription.on_connect
+
+        def on_connect(sub: Subscription) -> None:
+            connected.set()
+            if previous is not None:
+                previous(sub)
+
+        self.subscription.on_connect = on_connect
+        self._task = asyncio.create_task(self._collect())
+        waiter = asyncio.ensure_future(connected.wait())
+        await asyncio.wait({waiter, self._task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self._task.done():
+            self._task.result()
+        return self
+
+    async def _collect(self) -> None:
+        try:
+            async for event in self.subscription:
+                self.events.append(event)
+                self._changed.set()
+        except BaseException as exc:
+            self.error = exc
+            self._changed.set()
+            raise
+
+    def of_type(self, *states: str) -> list[Event]:
+        """Recorded events whose state is one of ``states`` (all when none given)."""
+        return [e for e in self.events if not states or e.state in states]
+
+    async def wait_for(self, predicate: Callable[[list[Event]], bool], timeout: float = 10.0) -> list[Event]:
+        """Wait until ``predicate(events)`` holds; raises TimeoutError with what arrived."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.events):
+            if self.error is not None:
+                raise self.error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kinds = [e.event_type for e in self.events[-20:]]
+                raise TimeoutError(f"condition not met after {timeout}s; last events: {kinds}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
+        return self.events
+
+    async def wait_count(self, count: int, timeout: float = 10.0) -> list[Event]:
+        """Wait until at least ``count`` events arrived."""
+        return await self.wait_for(lambda events: len(events) >= count, timeout)
+
+    async def stop(self) -> None:
+        """Stop collecting."""
+        self.subscription.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+@dataclasses.dataclass
+class TestServer:
+    """A running in-process server and a client connected to it."""
+
+    __test__ = False  # not a pytest test class
+
+    server: NexusServer
+    client: NexusClient
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def bus(self) -> Bus:
+        return self.server.bus
+
+    async def record(self, *patterns: str, since_offset: int = 0, epoch: str | None = None) -> Recorder:
+        """Subscribe through the client and record what arrives (live once this returns)."""
+        return await Recorder(
+            self.client.subscribe(*patterns, since_offset=since_offset, epoch=epoch)
+        ).start()
+
+    async def client_for(self) -> NexusClient:
+        """Another client to the same server (close it yourself)."""
+        return NexusClient(self.address)
+
+
+@asynccontextmanager
+async def run_server(
+    *handlers: AnyHandler | HandlerSpec,
+    settings: Settings | None = None,
+    bus: Bus | None = None,
+    **overrides: Any,
+) -> AsyncIterator[TestServer]:
+    """Start a server on 127.0.0.1 and a free port with ``handlers``; stop it afterwards.
+
+    ``overrides`` set :class:`~nexus.config.Settings` fields (``heartbeat_interval=0.05``, ...). Entry points
+    are not loaded: a test names its handlers.
+    """
+    base = settings or Settings()
+    fields: dict[str, Any] = {"host": "127.0.0.1", "grpc_port": 0, "load_entry_points": False}
+    fields.update(overrides)
+    server = NexusServer(dataclasses.replace(base, **fields), bus=bus, handlers=list(handlers))
+    await server.start()
+    client = NexusClient(server.address)
+    try:
+        yield TestServer(server, client)
+    finally:
+        await client.close()
+        await server.stop(grace=1.0)

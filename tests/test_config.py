@@ -1,0 +1,322 @@
+"""Settings: precedence of flags > environment > config file > defaults, and errors naming field and source."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nexus.config import ConfigError, Settings, load_settings
+from nexus.detect import DEFAULT_RULES
+from nexus.provider import ProviderSettings
+
+
+def write_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "nexus.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_defaults_without_any_source() -> None:
+    """With no file, environment or flags, the settings are the dataclass defaults."""
+    settings = load_settings(None, {}, {})
+
+    assert settings == Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.grpc_port == 50051
+    assert settings.stream_timeout == 1800.0
+    assert settings.streaming_rules == list(DEFAULT_RULES)
+    assert settings.handler_config == {}
+
+
+def test_every_field_can_be_set_from_the_environment() -> None:
+    """Each Settings field has a NEXUS_<FIELD> variable that load_settings reads."""
+    env = {
+        "NEXUS_HOST": "0.0.0.0",
+        "NEXUS_GRPC_PORT": "1",
+        "NEXUS_WS_PORT": "2",
+        "NEXUS_GATEWAY": "off",
+        "NEXUS_BUS": "nats://127.0.0.1:4222",
+        "NEXUS_HEARTBEAT_INTERVAL": "0.5",
+        "NEXUS_STREAM_TIMEOUT": "60",
+        "NEXUS_BUFFER_SIZE": "3",
+        "NEXUS_HISTORY_SIZE": "4",
+        "NEXUS_DEDUPE_WINDOW_S": "0",
+        "NEXUS_MAX_PAYLOAD_BYTES": "5",
+        "NEXUS_SUBSCRIBER_QUEUE": "6",
+        "NEXUS_HANDLERS": "pkg.a:A, pkg.b:Outer.B",
+        "NEXUS_LOAD_ENTRY_POINTS": "0",
+        "NEXUS_EXCLUDE_HANDLERS": "countdown,echo",
+        "NEXUS_LOG_FORMAT": "JSON",
+        "NEXUS_LOG_LEVEL": "debug",
+        "NEXUS_STREAMING_RULES": "action_prefix:live_,contains::chunks:",
+        "NEXUS_SHUTDOWN_GRACE_S": "2.5",
+        "NEXUS_HANDLER_CONFIG": '{"countdown": {"max_n": 7}}',
+    }
+    assert {name.removeprefix("NEXUS_").lower() for name in env} == {
+        field.name for field in dataclasses.fields(Settings)
+    }
+
+    settings = load_settings(None, env, {})
+
+    assert settings == Settings(
+        host="0.0.0.0",
+        grpc_port=1,
+        ws_port=2,
+        gateway=False,
+        bus="nats://127.0.0.1:4222",
+        heartbeat_interval=0.5,
+        stream_timeout=60.0,
+        buffer_size=3,
+        history_size=4,
+        dedupe_window_s=0.0,
+        max_payload_bytes=5,
+        subscriber_queue=6,
+        handlers=["pkg.a:A", "pkg.b:Outer.B"],
+        load_entry_points=False,
+        exclude_handlers=["countdown", "echo"],
+        log_format="json",
+        log_level="debug",
+        streaming_rules=["action_prefix:live_", "contains::chunks:"],
+        shutdown_grace_s=2.5,
+        handler_config={"countdown": {"max_n": 7}},
+    )
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
+    """Each field takes its value from the highest source that sets it; None flags count as not given."""
+    path = write_config(
+        tmp_path,
+        """
+        [nexus]
+        grpc_port = 1001
+        ws_port = 1002
+        heartbeat_interval = 3
+        handlers = ["file.mod:FileHandler"]
+        """,
+    )
+    env = {"NEXUS_WS_PORT": "2002", "NEXUS_HEARTBEAT_INTERVAL": "30", "NEXUS_HANDLERS": "env.mod:EnvHandler"}
+    overrides: dict[str, Any] = {"heartbeat_interval": 300.0, "grpc_port": None, "handlers": ["flag.mod:Flag"]}
+
+    settings = load_settings(path, env, overrides)
+
+    assert settings.grpc_port == 1001  # file
+    assert settings.ws_port == 2002  # environment over file
+    assert settings.heartbeat_interval == 300.0  # flag over environment and file
+    assert settings.handlers == ["flag.mod:Flag"]  # a flag replaces the list
+    assert settings.buffer_size == Settings().buffer_size  # default
+
+
+def test_config_path_from_nexus_config_env(tmp_path: Path) -> None:
+    """Without a config_path argument, NEXUS_CONFIG names the file; the argument wins over it."""
+    env_path = write_config(tmp_path, "[nexus]\ngrpc_port = 7001\n")
+    other = tmp_path / "other.toml"
+    other.write_text("[nexus]\ngrpc_port = 7002\n", encoding="utf-8")
+
+    assert load_settings(None, {"NEXUS_CONFIG": env_path}, {}).grpc_port == 7001
+    assert load_settings(str(other), {"NEXUS_CONFIG": env_path}, {}).grpc_port == 7002
+
+
+def test_empty_environment_variable_counts_as_unset(tmp_path: Path) -> None:
+    """An empty NEXUS_* variable leaves the file's value in place."""
+    path = write_config(tmp_path, "[nexus]\ngrpc_port = 7001\n")
+
+    assert load_settings(path, {"NEXUS_GRPC_PORT": " "}, {}).grpc_port == 7001
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("true", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("Off", False)],
+)
+def test_boolean_environment_values(text: str, expected: bool) -> None:
+    """NEXUS_LOAD_ENTRY_POINTS accepts true/false, 1/0, yes/no and on/off in any case."""
+    assert load_settings(None, {"NEXUS_LOAD_ENTRY_POINTS": text}, {}).load_entry_points is expected
+
+
+@pytest.mark.parametrize("source", ["file", "env", "flag"])
+@pytest.mark.parametrize("value", ["none", "None", "0", 0, 0.0])
+def test_stream_timeout_zero_or_none_means_no_timeout(tmp_path: Path, source: str, value: str | float) -> None:
+    """stream_timeout given as 0 or 'none' from any source becomes None (no timeout)."""
+    if source == "env" and not isinstance(value, str):
+        value = str(value)
+    path = None
+    env: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
+    if source == "file":
+        literal = f'"{value}"' if isinstance(value, str) and value.lower() == "none" else str(value)
+        path = write_config(tmp_path, f"[nexus]\nstream_timeout = {literal}\n")
+    elif source == "env":
+        env["NEXUS_STREAM_TIMEOUT"] = str(value)
+    else:
+        overrides["stream_timeout"] = value
+
+    assert load_settings(path, env, overrides).stream_timeout is None
+
+
+def test_stream_timeout_none_flag_is_not_given() -> None:
+    """A flag passed as Python None is 'not given', so the default timeout stays."""
+    assert load_settings(None, {}, {"stream_timeout": None}).stream_timeout == 1800.0
+
+
+def test_handler_sections_become_handler_config(tmp_path: Path) -> None:
+    """[handlers.<name>] tables become handler_config[name], merged key by key with env and flags."""
+    path = write_config(
+        tmp_path,
+        """
+        [nexus]
+        grpc_port = 1
+
+        [handlers.countdown]
+        max_n = 10
+        label = "file"
+
+        [handlers."pkg.mod:Echo"]
+        prefix = ">"
+        nested = { a = 1 }
+        """,
+    )
+    env = {"NEXUS_HANDLER_CONFIG": '{"countdown": {"label": "env"}}'}
+    overrides = {"handler_config": {"countdown": {"max_n": 99}, "extra": {"on": True}}}
+
+    settings = load_settings(path, env, overrides)
+
+    assert settings.handler_config == {
+        "countdown": {"max_n": 99, "label": "env"},
+        "pkg.mod:Echo": {"prefix": ">", "nested": {"a": 1}},
+        "extra": {"on": True},
+    }
+
+
+def test_flags_given_as_strings_are_parsed() -> None:
+    """String flag values are parsed like environment values (ports, booleans, comma lists)."""
+    settings = load_settings(None, {}, {"grpc_port": "0", "gateway": "false", "exclude_handlers": "a,b"})
+
+    assert (settings.grpc_port, settings.gateway, settings.exclude_handlers) == (0, False, ["a", "b"])
+
+
+def test_bus_accepts_memory_and_nats_urls() -> None:
+    """The bus is 'memory', a nats:// or tls:// URL, or several of them comma-separated."""
+    for bus in ("memory", "nats://127.0.0.1:4222", "tls://nats.example:4222", "nats://a:1,nats://b:2"):
+        assert load_settings(None, {"NEXUS_BUS": bus}, {}).bus == bus
+
+
+FILE = "config file"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "flags", "field", "source", "detail"),
+    [
+        ("grpc_prot = 1", {}, {}, "grpc_prot", FILE, "did you mean 'grpc_port'"),
+        ('grpc_port = "50051"', {}, {}, "grpc_port", FILE, "must be an integer"),
+        ("grpc_port = true", {}, {}, "grpc_port", FILE, "must be an integer"),
+        ("", {"NEXUS_GRPC_PORT": "70000"}, {}, "grpc_port", "environment variable NEXUS_GRPC_PORT", "65535"),
+        ("", {"NEXUS_GRPC_PORT": "fast"}, {}, "grpc_port", "environment variable NEXUS_GRPC_PORT", "integer"),
+        ("", {}, {"ws_port": -1}, "ws_port", "flag --ws-port", "from 0 to 65535"),
+        ("ws_port = 65536", {}, {}, "ws_port", FILE, "from 0 to 65535"),
+        ("", {"NEXUS_HEARTBEAT_INTERVAL": "0"}, {}, "heartbeat_interval", "NEXUS_HEARTBEAT_INTERVAL", "positive"),
+        ("heartbeat_interval = -1", {}, {}, "heartbeat_interval", FILE, "positive"),
+        ("", {}, {"heartbeat_interval": float("nan")}, "heartbeat_interval", "flag --heartbeat-interval", "finite"),
+        ("stream_timeout = -5", {}, {}, "stream_timeout", FILE, "'none' for no timeout"),
+        ('stream_timeout = "soon"', {}, {}, "stream_timeout", FILE, "'none' for no timeout"),
+        ("", {}, {"buffer_size": 0}, "buffer_size", "flag --buffer-size", "at least 1"),
+        ("", {"NEXUS_DEDUPE_WINDOW_S": "-1"}, {}, "dedupe_window_s", "NEXUS_DEDUPE_WINDOW_S", "0 or more"),
+        ("", {}, {"bus": "redis://127.0.0.1"}, "bus", "flag --bus", "scheme 'redis'"),
+        ("", {"NEXUS_BUS": "nats://"}, {}, "bus", "environment variable NEXUS_BUS", "no host"),
+        ('bus = "127.0.0.1:4222"', {}, {}, "bus", FILE, "nats://"),
+        ('log_format = "xml"', {}, {}, "log_format", FILE, "auto, json, console"),
+        ("", {"NEXUS_LOG_LEVEL": "loud"}, {}, "log_level", "environment variable NEXUS_LOG_LEVEL", "debug"),
+        ("", {"NEXUS_LOAD_ENTRY_POINTS": "maybe"}, {}, "load_entry_points", "NEXUS_LOAD_ENTRY_POINTS", "true"),
+        ("gateway = 1", {}, {}, "gateway", FILE, "true or false"),
+        ('handlers = "pkg.mod:Cls"', {}, {}, "handlers", FILE, "list of strings"),
+        ("handlers = [1]", {}, {}, "handlers", FILE, "must be a string"),
+        ("", {"NEXUS_HANDLERS": "pkg.mod"}, {}, "handlers", "environment variable NEXUS_HANDLERS", "module:Class"),
+        ("", {}, {"streaming_rules": ["bogus"]}, "streaming_rules", "flag --streaming-rules", "invalid streaming"),
+        ('host = ""', {}, {}, "host", FILE, "host name"),
+        ("handler_config = {}", {}, {}, "handler_config", FILE, "[handlers.<name>]"),
+        ("", {"NEXUS_HANDLER_CONFIG": "[1]"}, {}, "handler_config", "NEXUS_HANDLER_CONFIG", "handler names"),
+        ("", {}, {"grpc_prot": 1}, "grpc_prot", "flag --grpc-prot", "did you mean 'grpc_port'"),
+    ],
+)
+def test_validation_errors_name_field_and_source(
+    tmp_path: Path,
+    toml: str,
+    env: dict[str, str],
+    flags: dict[str, Any],
+    field: str,
+    source: str,
+    detail: str,
+) -> None:
+    """A bad value raises ConfigError whose message names the field, the source and what is expected."""
+    path = write_config(tmp_path, f"[nexus]\n{toml}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env, flags)
+
+    error = caught.value
+    assert error.field == field
+    assert source in error.source
+    message = str(error)
+    assert field in message
+    assert source in message
+    assert detail in message
+    if error.source.startswith(FILE):
+        assert path in message
+
+
+def test_config_error_is_a_value_error() -> None:
+    """ConfigError subclasses ValueError, so callers that catch ValueError also see it."""
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "detail"),
+    [
+        ("[server]\nport = 1\n", "server", "unknown top-level key"),
+        ("nexus = 1\n", "nexus", "must be a table"),
+        ("[handlers]\ncountdown = 1\n", "handlers", "'countdown' must be a table"),
+        ("[nexus\n", None, "not valid TOML"),
+    ],
+)
+def test_file_structure_errors(tmp_path: Path, text: str, field: str | None, detail: str) -> None:
+    """Unknown tables, non-table sections and TOML syntax errors name the file."""
+    path = write_config(tmp_path, text)
+
+    with pytest.raises(ConfigError, match="config file") as caught:
+        load_settings(path, {}, {})
+
+    assert caught.value.field == field
+    assert detail in str(caught.value)
+    assert path in str(caught.value)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    """A config path that does not exist raises ConfigError naming it."""
+    missing = str(tmp_path / "absent.toml")
+
+    with pytest.raises(ConfigError, match="no such file") as caught:
+        load_settings(None, {"NEXUS_CONFIG": missing}, {})
+
+    assert missing in str(caught.value)
+
+
+def test_provider_settings_carry_the_stream_fields() -> None:
+    """provider_settings() copies the fields that drive handlers into ProviderSettings."""
+    settings = Settings(
+        heartbeat_interval=0.25,
+        stream_timeout=None,
+        buffer_size=7,
+        max_payload_bytes=2048,
+        streaming_rules=["action:tail"],
+        shutdown_grace_s=1.5,
+    )
+
+    assert settings.provider_settings() == ProviderSettings(
+        heartbeat_interval=0.25,
+        stream_timeout=None,
+        buffer_size=7,
+        max_payload_bytes=2048,
+        streaming_rules=("action:tail",),
+        shutdown_grace_s=1.5,
+    )
