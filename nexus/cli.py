@@ -204,6 +204,12 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
     return overrides
 
 
+def _allow_local_modules(specs: Sequence[str]) -> None:
+    """Let ``--handler mymodule:Class`` find ``mymodule.py`` in the current directory, as ``python -m`` would."""
+    if specs and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from nexus.config import load_settings
     from nexus.logs import configure_logging
@@ -212,6 +218,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, os.environ, _overrides(args, SERVE_FIELDS))
     configure_logging(settings.log_format, settings.log_level)
+    _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     server = NexusServer(settings, handlers=specs)
     await server.start()
@@ -220,7 +227,8 @@ async def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    print(f"nexus: serving gRPC on {settings.host}:{server.grpc_port} (Ctrl-C to stop)", file=sys.stderr)
+    if sys.stderr.isatty():
+        print(f"nexus: serving gRPC on {settings.host}:{server.grpc_port} (Ctrl-C to stop)", file=sys.stderr)
     await stop.wait()
     await server.stop()
     return 0
@@ -311,6 +319,7 @@ async def _handlers(args: argparse.Namespace) -> int:
     from nexus.provider import Provider, registrations_table
 
     settings = load_settings(args.config, os.environ, _overrides(args, ("handlers", "load_entry_points")))
+    _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     provider = Provider(MemoryBus(), settings.provider_settings())
     for spec in specs:

@@ -23,10 +23,10 @@ from nexus.bus.base import Bus
 from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
 from nexus.errors import HandlerConfigError
-from nexus.grpc.servicer import NexusServicer
+from nexus.grpc.servicer import NexusServicer, add_to_server
 from nexus.plugins import HandlerSpec
 from nexus.provider import Provider
-from nexus.v1 import nexus_pb2, nexus_pb2_grpc
+from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
 
@@ -123,7 +123,7 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        nexus_pb2_grpc.add_NexusServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,4 +1,8 @@
-"""The gRPC servicer: a thin adapter that feeds requests to the bus and provider and writes what they return."""
+"""The gRPC servicer: a thin adapter that feeds requests to the bus and provider and writes what they return.
+
+Subscriber streams write pre-serialized bytes (each event serialized once for all subscribers); register the
+servicer with :func:`add_to_server`, which lets bytes through the response serializers.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,13 @@ import structlog
 from nexus.bus.base import Bus, Subscription
 from nexus.errors import InvalidArgument, NexusError, SlowConsumer
 from nexus.events import REQUESTED, TERMINAL_STATES, Event
-from nexus.grpc.convert import STATUS_FOR_CODE, EncodeCache, event_from_request, event_to_response
+from nexus.grpc.convert import (
+    STATUS_FOR_CODE,
+    EncodeCache,
+    event_from_request,
+    event_to_response,
+    passthrough_serializer,
+)
 from nexus.patterns import parse_pattern
 from nexus.provider import Provider
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -34,6 +44,29 @@ def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return str(context.peer())
     except Exception:  # pragma: no cover - peer() is best effort
         return ""
+
+
+class _Registrar:
+    """Stands in for the server in the generated ``add_..._to_server`` to patch the response serializers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: :meth:`add_registered_method_handlers` registers the patched handlers both ways."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        patched = {
+            name: handler._replace(response_serializer=passthrough_serializer(handler.response_serializer))
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, patched),))
+        self._server.add_registered_method_handlers(service, patched)
+
+
+def add_to_server(servicer: NexusServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` on ``server`` (the generated registration, with bytes-aware serializers)."""
+    nexus_pb2_grpc.add_NexusServiceServicer_to_server(servicer, _Registrar(server))
 
 
 class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
@@ -132,7 +165,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 if not batch:
                     return
                 for event in batch:
-                    await context.write(encode(event))
+                    await context.write(encode(event))  # pre-serialized bytes
         except SlowConsumer as error:
             log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
             await abort(context, error)
@@ -144,15 +177,13 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> None:
         sub = await self._open(list(request.event_types), request.since_offset, request.epoch, context)
         size = min(request.max_batch_size or DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE)
-        encode = self._encode.encode
+        encode_batch = self._encode.encode_batch
         try:
             while True:
                 batch = await sub.next_batch(size)
                 if not batch:
                     return
-                await context.write(
-                    nexus_pb2.SubscribeEventBatchesResponse(events=[encode(event) for event in batch])
-                )
+                await context.write(encode_batch(batch))  # pre-serialized bytes
         except SlowConsumer as error:
             log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
             await abort(context, error)

@@ -1,0 +1,140 @@
+"""Delivery throughput, measured as ratios against baselines in the same run (machines here are noisy).
+
+    python benchmarks/bench_delivery.py            # full size
+    python benchmarks/bench_delivery.py --quick    # a few seconds, as the test suite runs it
+
+1. Bus fan-out: N events to S subscribers through ``MemoryBus`` (batched hand-off), against a baseline that
+   does what the design forbids — an ``asyncio.Queue`` per subscriber with one ``await put()`` per event per
+   subscriber. Target (DESIGN §7): the batched bus is faster, ratio > 1.
+2. gRPC: events/s through ``SubscribeEventBatches`` against ``SubscribeEvents`` (one event per message) on
+   the same server. Target: batched > 3x.
+
+Prints one JSON object; exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from nexus.bus.memory import MemoryBus
+from nexus.events import Event
+from nexus.logs import configure_logging
+from nexus.testing import run_server
+from nexus.v1 import nexus_pb2
+
+PAYLOAD = {"text": "x" * 160, "n": 1}
+
+
+async def bus_fanout(events: int, subscribers: int) -> float:
+    bus = MemoryBus(history_size=events + 10)
+    await bus.start()
+    subs = [await bus.subscribe([">"], max_pending=events + 10) for _ in range(subscribers)]
+    received = 0
+
+    async def drain(index: int) -> None:
+        nonlocal received
+        sub = subs[index]
+        got = 0
+        while got < events:
+            got += len(await sub.next_batch())
+        received += got
+
+    start = time.perf_counter()
+    readers = [asyncio.create_task(drain(i)) for i in range(subscribers)]
+    for i in range(events):
+        await bus.publish(Event("bench:tick:v1:happened", PAYLOAD, event_id=f"e{i}"))
+        if i % 100 == 99:
+            await asyncio.sleep(0)
+    await asyncio.gather(*readers)
+    elapsed = time.perf_counter() - start
+    await bus.close()
+    return received / elapsed
+
+
+async def queue_fanout(events: int, subscribers: int) -> float:
+    queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(subscribers)]
+    received = 0
+
+    async def drain(queue: asyncio.Queue[Event]) -> None:
+        nonlocal received
+        for _ in range(events):
+            await queue.get()
+            received += 1
+
+    start = time.perf_counter()
+    readers = [asyncio.create_task(drain(q)) for q in queues]
+    for i in range(events):
+        event = Event("bench:tick:v1:happened", PAYLOAD, event_id=f"e{i}")
+        for queue in queues:
+            await queue.put(event)
+        if i % 100 == 99:
+            await asyncio.sleep(0)
+    await asyncio.gather(*readers)
+    return received / (time.perf_counter() - start)
+
+
+async def grpc_rates(events: int) -> tuple[float, float]:
+    async with run_server(history_size=events * 3, subscriber_queue=events * 3) as nexus:
+        await nexus.client.publish_many(
+            Event("bench:tick:v1:happened", PAYLOAD, event_id=f"g{i}") for i in range(events)
+        )
+        stub = nexus.client.stub
+
+        async def one_per_message() -> float:
+            start = time.perf_counter()
+            got = 0
+            call = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"], since_offset=1))
+            async for _ in call:
+                got += 1
+                if got >= events - 1:
+                    break
+            call.cancel()
+            return got / (time.perf_counter() - start)
+
+        async def batched() -> float:
+            start = time.perf_counter()
+            got = 0
+            call = stub.SubscribeEventBatches(
+                nexus_pb2.SubscribeEventBatchesRequest(event_types=[">"], since_offset=1, max_batch_size=500)
+            )
+            async for message in call:
+                got += len(message.events)
+                if got >= events - 1:
+                    break
+            call.cancel()
+            return got / (time.perf_counter() - start)
+
+        return await one_per_message(), await batched()
+
+
+async def main(quick: bool) -> int:
+    configure_logging("json", "warning")  # logs to stderr; stdout carries only the report
+    events = 2_000 if quick else 20_000
+    subscribers = 20 if quick else 100
+    bus_rate = await bus_fanout(events, subscribers)
+    queue_rate = await queue_fanout(events, subscribers)
+    single, batched = await grpc_rates(events)
+    result: dict[str, Any] = {
+        "events": events,
+        "subscribers": subscribers,
+        "bus_deliveries_per_s": round(bus_rate),
+        "per_event_queue_deliveries_per_s": round(queue_rate),
+        "bus_vs_queue_ratio": round(bus_rate / queue_rate, 2),
+        "grpc_single_events_per_s": round(single),
+        "grpc_batched_events_per_s": round(batched),
+        "grpc_batched_vs_single_ratio": round(batched / single, 2),
+    }
+    result["targets_met"] = result["bus_vs_queue_ratio"] > 1 and result["grpc_batched_vs_single_ratio"] > 3
+    print(json.dumps(result, indent=2))
+    return 0 if result["targets_met"] else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    sys.exit(asyncio.run(main(parser.parse_args().quick)))
