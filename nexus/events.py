@@ -34,6 +34,7 @@ TERMINAL_STATES: Final = frozenset({SUCCESS, FAILED, TIMEOUT, CANCELLED})
 LIFECYCLE_STATES: Final = frozenset({REQUESTED, STARTED, STREAM, HEARTBEAT}) | TERMINAL_STATES
 
 TOKEN_NAMES: Final = ("service", "action", "version", "state")
+_MAX_DOUBLE_INT: Final = 2**1024
 
 JSONObject = dict[str, Any]
 
@@ -109,7 +110,11 @@ def validate_event_type(text: str) -> str:
 
 
 def _check_json(value: Any, path: str) -> None:
-    if value is None or isinstance(value, (bool, str, int)):
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if abs(value) >= _MAX_DOUBLE_INT:
+            raise InvalidPayload(f"payload{path} is an integer too large for a JSON number (a double)")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -184,7 +189,10 @@ def parse_time(value: Any) -> float:
     if isinstance(value, bool):
         raise InvalidPayload(f"time must be RFC 3339 text or epoch seconds, not {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise InvalidPayload("time is not a finite number: too large for a double") from None
         if not math.isfinite(seconds):
             raise InvalidPayload(f"time {value!r} is not a finite number")
         return seconds

@@ -371,7 +371,7 @@ class Provider:
         for key in list(self._key_queues):
             queue = self._key_queues[key]
             while queue:
-                queued = queue.pop()
+                queued = queue.popleft()
                 queued.cancel(reason)
                 self._runs.pop(queued.correlation_id, None)
                 await self._finish_unstarted(queued, reason)
@@ -640,6 +640,8 @@ class Provider:
                     self.log.warning("heartbeat_failed", correlation_id=run.correlation_id, error=exc.message)
 
     async def _publish_terminal(self, run: _Run, event: Event) -> None:
+        # A client that sees the terminal event must not find the stream still listed as live.
+        self._runs.pop(run.correlation_id, None)
         lifecycle = run.lifecycle
         now = time.monotonic()
         fields: dict[str, Any] = {

@@ -70,9 +70,7 @@ def test_check_reports_stale_stubs(tmp_path: Path) -> None:
     (tmp_path / "scripts").mkdir()
     shutil.copy2(GEN_SCRIPT, tmp_path / "scripts" / "gen_protos.py")
     shutil.copytree(ROOT / "protos", tmp_path / "protos")
-    shutil.copytree(
-        ROOT / "nexus" / "v1", tmp_path / "nexus" / "v1", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    shutil.copytree(ROOT / "nexus" / "v1", tmp_path / "nexus" / "v1", ignore=shutil.ignore_patterns("__pycache__"))
     assert _run_check(tmp_path).returncode == 0
 
     proto = tmp_path / "protos" / "nexus" / "v1" / "nexus.proto"
@@ -138,6 +136,4 @@ def test_contract_messages_round_trip() -> None:
     assert nexus_pb2.EventResponse.FromString(response.SerializeToString()) == response
 
     subscribe = nexus_pb2.SubscribeRequest(event_types=["orders:>"], since_offset=3, epoch="ep")
-    assert list(nexus_pb2.SubscribeRequest.FromString(subscribe.SerializeToString()).event_types) == [
-        "orders:>"
-    ]
+    assert list(nexus_pb2.SubscribeRequest.FromString(subscribe.SerializeToString()).event_types) == ["orders:>"]

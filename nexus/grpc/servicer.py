@@ -85,6 +85,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.subscriber_queue = subscriber_queue
         self.max_payload_bytes = max_payload_bytes
         self._encode = EncodeCache()
+        self._background: set[asyncio.Task[bool]] = set()
 
     # --- publishing ---------------------------------------------------------------------------------------
 
@@ -203,14 +204,25 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 )
             published = await self.bus.publish(event)
             stored: Event = published.event
+            if published.duplicate and stored.event_type != event.event_type:
+                raise InvalidArgument(
+                    f"event_id {stored.event_id!r} already names a {stored.event_type} event; "
+                    "use a fresh event_id for a new request"
+                )
             # Replay from the request's own offset: nothing of its lifecycle can slip between publish and
-            # subscribe, and a duplicate request still shows the lifecycle history holds.
+            # subscribe, and a repeated request sees the lifecycle of the original.
             sub = await self.bus.subscribe(
                 correlation_ids=[stored.event_id],
                 since_offset=stored.offset,
                 epoch=stored.epoch or None,
                 max_pending=self.subscriber_queue,
             )
+            if published.duplicate and sub.recovered is False:
+                sub.close()
+                raise InvalidArgument(
+                    f"event_id {stored.event_id!r} repeats a request whose lifecycle is no longer in the "
+                    "history; use a fresh event_id for a new request"
+                )
         except NexusError as error:
             await abort(context, error)
         message = "duplicate" if published.duplicate else "stored"
@@ -228,12 +240,17 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                         break
         except SlowConsumer as error:
             await abort(context, error)
-        except asyncio.CancelledError:
-            if not finished:
-                await asyncio.shield(self.provider.cancel(stored.event_id, "requester disconnected"))
-            raise
         finally:
             sub.close()
+            if not finished and not published.duplicate:
+                # The requester left before the end (cancelled call, failed send, too slow): its stream goes
+                # too. This runs on every exit path, including a generator closed by GeneratorExit.
+                self._cancel_soon(stored.event_id, "requester disconnected")
+
+    def _cancel_soon(self, correlation_id: str, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.provider.cancel(correlation_id, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def CancelStream(
         self, request: nexus_pb2.CancelStreamRequest, context: grpc.aio.ServicerContext[Any, Any]

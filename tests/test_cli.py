@@ -1,0 +1,345 @@
+"""The ``nexus`` command against a real ``nexus serve`` process: emit, request, subscribe, handlers, logs, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GUARD = 30.0
+"""Seconds a command may take before the test fails (a guard, not a measurement)."""
+
+HANDLER_MODULE = "nexus_cli_test_handlers"
+HANDLER_SOURCE = textwrap.dedent(
+    """
+    from nexus import Event, EventHandler, Stream, StreamingEventHandler
+
+
+    class Echo(EventHandler):
+        event_type = "clidemo:echo"
+
+        async def handle(self, event: Event) -> dict:
+            return {"echo": event.payload}
+
+
+    class Countdown(StreamingEventHandler):
+        event_type = "clidemo:stream_countdown"
+
+        async def handle_stream(self, event: Event, stream: Stream) -> None:
+            for left in range(int(event.payload["n"]), 0, -1):
+                await stream.send({"left": left})
+    """
+)
+
+
+@dataclasses.dataclass
+class Served:
+    """A running ``nexus serve`` process."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    env: dict[str, str]
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines the server wrote to stderr so far (other lines left out)."""
+        records = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def cli_env(handler_dir: Path) -> dict[str, str]:
+    """The environment without NEXUS_* settings, with ``handler_dir`` importable."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(handler_dir), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start_server(directory: Path) -> Served:
+    """Start ``nexus serve`` on a free port with the test handlers and wait until it accepts connections."""
+    (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
+    env = cli_env(directory)
+    port = free_port()
+    log_path = directory / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nexus.cli",
+                "serve",
+                "--grpc-port",
+                str(port),
+                "--no-entry-points",
+                "--handler",
+                f"{HANDLER_MODULE}:Echo",
+                "--handler",
+                f"{HANDLER_MODULE}:Countdown",
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+            cwd=directory,
+        )
+    served = Served(process, f"127.0.0.1:{port}", log_path, env)
+    deadline = time.monotonic() + GUARD
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"nexus serve exited with {process.returncode}: {log_path.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return served
+        if time.monotonic() > deadline:
+            stop_server(served)
+            pytest.fail(f"nexus serve did not open port {port}: {log_path.read_text()}")
+        time.sleep(0.05)
+
+
+def stop_server(served: Served) -> None:
+    if served.process.poll() is None:
+        served.process.terminate()
+        try:
+            served.process.wait(GUARD)
+        except subprocess.TimeoutExpired:
+            served.process.kill()
+            served.process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One ``nexus serve`` process shared by the client-command tests of this module."""
+    server = start_server(tmp_path_factory.mktemp("cli"))
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+async def run_cli(served: Served, *args: str) -> Result:
+    """Run ``nexus ARGS`` to completion."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nexus.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=served.env,
+    )
+    try:
+        async with asyncio.timeout(GUARD):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())
+
+
+# --- client commands --------------------------------------------------------------------------------------------
+
+
+async def test_emit_prints_the_stored_event(served: Served) -> None:
+    """`nexus emit` prints the stored event as one JSON line with its offset, epoch and UTC time, and exits 0."""
+    result = await run_cli(
+        served,
+        "emit",
+        "clidemo:note:v1:written",
+        "--server",
+        served.address,
+        "--payload",
+        '{"text": "hi", "n": 2}',
+        "--metadata",
+        "user_id=u-1",
+    )
+    assert result.returncode == 0, result.stderr
+    [event] = result.json_lines()
+    assert event["event_type"] == "clidemo:note:v1:written"
+    assert event["payload"] == {"text": "hi", "n": 2}
+    assert event["metadata"] == {"user_id": "u-1"}
+    assert event["offset"] >= 1
+    assert event["epoch"]
+    assert event["timestamp"].endswith("Z")
+
+
+async def test_request_prints_the_lifecycle(served: Served) -> None:
+    """`nexus request` prints the request and its lifecycle as JSON lines and exits 0 on success."""
+    result = await run_cli(
+        served, "request", "clidemo:stream_countdown:v1:requested", "--server", served.address, "--payload", '{"n": 3}'
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.json_lines() if not line["event_type"].endswith(":heartbeat")]
+    assert [line["event_type"].rsplit(":", 1)[1] for line in lines] == [
+        "requested",
+        "started",
+        "stream",
+        "stream",
+        "stream",
+        "success",
+    ]
+    assert [line["payload"] for line in lines[2:5]] == [{"left": 3}, {"left": 2}, {"left": 1}]
+    assert lines[-1]["payload"]["stream_count"] == 3
+    request_id = lines[0]["event_id"]
+    assert all(line["metadata"]["correlation_id"] == request_id for line in lines[1:])
+
+    plain = await run_cli(served, "request", "clidemo:echo:v1:requested", "--server", served.address, "--payload", "{}")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.json_lines()[-1]["event_type"] == "clidemo:echo:v1:success"
+
+
+async def test_request_that_fails_exits_1(served: Served) -> None:
+    """`nexus request` for a type nobody handles prints the failed event and exits 1."""
+    result = await run_cli(served, "request", "clidemo:nobody:v1:requested", "--server", served.address)
+    assert result.returncode == 1
+    last = result.json_lines()[-1]
+    assert last["event_type"] == "clidemo:nobody:v1:failed"
+    assert last["payload"]["error"]["type"] == "no_handler"
+
+
+async def test_subscribe_prints_count_events_and_exits(served: Served) -> None:
+    """`nexus subscribe PATTERN --count N` prints the next N matching events as JSON lines, then exits 0."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nexus.cli",
+        "subscribe",
+        "clidemo:sub:>",
+        "--count",
+        "2",
+        "--server",
+        served.address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=served.env,
+    )
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(GUARD):
+            line = (await process.stderr.readline()).decode()
+        assert line.startswith("nexus: subscribed "), line
+        assert json.loads(line.removeprefix("nexus: subscribed "))["epoch"]
+
+        first = await run_cli(served, "emit", "clidemo:sub:v1:one", "--server", served.address)
+        await run_cli(served, "emit", "clidemo:other:v1:skipped", "--server", served.address)
+        second = await run_cli(served, "emit", "clidemo:sub:v1:two", "--server", served.address)
+        async with asyncio.timeout(GUARD):
+            stdout, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    events = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert [e["event_id"] for e in events] == [first.json_lines()[0]["event_id"], second.json_lines()[0]["event_id"]]
+    assert [e["event_type"] for e in events] == ["clidemo:sub:v1:one", "clidemo:sub:v1:two"]
+
+
+async def test_handlers_lists_a_running_servers_handlers(served: Served) -> None:
+    """`nexus handlers --server` prints each handler the server drives as a JSON line."""
+    result = await run_cli(served, "handlers", "--server", served.address)
+    assert result.returncode == 0, result.stderr
+    listed = {item["event_type"]: item for item in result.json_lines()}
+    assert set(listed) == {"clidemo:echo", "clidemo:stream_countdown"}
+    assert listed["clidemo:echo"]["streaming"] is False
+    assert listed["clidemo:stream_countdown"]["streaming"] is True
+    assert listed["clidemo:echo"]["class_path"] == f"{HANDLER_MODULE}:Echo"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        pytest.param(["--payload", "[1]"], 2, "--payload must be a JSON object", id="payload-array"),
+        pytest.param(["--payload", "{nope"], 2, "--payload is not valid JSON", id="payload-garbage"),
+        pytest.param(["--payload", '{"x": NaN}'], 2, "NaN", id="payload-nan"),
+        pytest.param(["--metadata", "novalue"], 2, "KEY=VALUE", id="metadata"),
+    ],
+)
+async def test_bad_emit_arguments_exit_with_a_message(served: Served, args: list[str], code: int, message: str) -> None:
+    """`nexus emit` with a bad payload or metadata exits 2 and says what is wrong."""
+    result = await run_cli(served, "emit", "clidemo:note:v1:written", "--server", served.address, *args)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+async def test_emit_of_a_bad_event_type_reports_the_server_error(served: Served) -> None:
+    """`nexus emit` of a malformed type exits 1 with the server's invalid_argument message."""
+    result = await run_cli(served, "emit", "clidemo:note:1:written", "--server", served.address)
+    assert result.returncode == 1
+    assert "invalid_argument" in result.stderr
+    assert "version '1'" in result.stderr
+
+
+# --- serve: logs and shutdown -----------------------------------------------------------------------------------
+
+
+async def test_serve_logs_streams_as_json_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`nexus serve` logs each stream's start and end as JSON lines and exits 0 on SIGTERM."""
+    server = start_server(tmp_path)
+    try:
+        result = await run_cli(
+            server,
+            "request",
+            "clidemo:stream_countdown:v1:requested",
+            "--server",
+            server.address,
+            "--payload",
+            '{"n": 2}',
+        )
+        assert result.returncode == 0, result.stderr
+        request_id = result.json_lines()[0]["event_id"]
+        server.process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(asyncio.to_thread(server.process.wait), GUARD)
+    finally:
+        stop_server(server)
+    assert returncode == 0
+
+    records = server.log_records()
+    assert records, server.log_path.read_text()
+    for record in records:
+        assert {"event", "level", "timestamp"} <= set(record), record
+    by_event = {str(record["event"]): record for record in records if record.get("correlation_id") == request_id}
+    started = by_event["stream_started"]
+    assert started["event_type"] == "clidemo:stream_countdown:v1:requested"
+    ended = by_event["stream_ended"]
+    assert ended["event_type"] == "clidemo:stream_countdown:v1:requested"
+    assert ended["outcome"] == "success"
+    assert ended["stream_count"] == 2
+    assert ended["duration_s"] >= 0
+    assert "server_stopped" in {record["event"] for record in records}

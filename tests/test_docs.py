@@ -1,0 +1,43 @@
+"""The documents point at things that exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = re.compile(r"`(test_\w+\.py)(?:::(test_\w+))?`")
+
+
+def test_every_guarantee_names_tests_that_exist() -> None:
+    """Each test named in docs/guarantees.md is defined in the test file it names."""
+    text = (ROOT / "docs" / "guarantees.md").read_text()
+    references = REFERENCE.findall(text)
+    assert len(references) > 30
+    missing = []
+    for filename, function in references:
+        path = ROOT / "tests" / filename
+        if not path.exists():
+            missing.append(filename)
+            continue
+        if function and not re.search(rf"^(?:async )?def {function}\(", path.read_text(), re.MULTILINE):
+            missing.append(f"{filename}::{function}")
+    assert missing == []
+
+
+def test_every_guarantee_bullet_is_backed_by_a_test() -> None:
+    """Every statement (bullet) in docs/guarantees.md names at least one test."""
+    text = (ROOT / "docs" / "guarantees.md").read_text()
+    bullets = re.split(r"\n- ", text.split("\n## ", 1)[1])
+    unbacked = [b.splitlines()[0] for b in bullets[1:] if not REFERENCE.search(b)]
+    assert unbacked == []
+
+
+def test_readme_starts_with_the_two_setup_commands() -> None:
+    """The README opens with the serve command and the test command that .ci/run calls."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(block) == 2
+    assert block[0].endswith("nexus serve")
+    assert block[1] == "bash scripts/test"
+    assert "bash scripts/test" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,380 @@
+"""The event grammar, payload and metadata validation, times, and ``Event.create`` (DESIGN §1)."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus import Event, EventType, InvalidEventType, InvalidPayload, parse_time
+from nexus.errors import ErrorCode, PayloadTooLarge
+from nexus.events import (
+    LIFECYCLE_STATES,
+    TERMINAL_STATES,
+    validate_event_type,
+    validate_metadata,
+    validate_payload,
+)
+
+GRAMMAR = re.compile(r"[a-z][a-z0-9_]{0,127}:[a-z][a-z0-9_]{0,127}:v[1-9][0-9]*:[a-z][a-z0-9_]{0,127}")
+
+names = st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True)
+versions = st.integers(min_value=1, max_value=10**6)
+
+
+# --- event types --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "demo:echo:v1:requested",
+        "places:encounter:v1:started",
+        "a:b:v1:c",
+        "svc_1:act_2:v10:state_3",
+        "x9:y_:v123456:z",
+        "messaging:stream_messages:v2:requested",
+    ],
+)
+def test_valid_event_types_parse(text: str) -> None:
+    """A well-formed ``service:action:vN:state`` type is accepted and prints back unchanged."""
+    parsed = EventType.parse(text)
+    assert str(parsed) == text
+    assert validate_event_type(text) == text
+
+
+def test_parse_splits_into_fields() -> None:
+    """Parsing exposes the service, action, integer version, state and the shared base."""
+    parsed = EventType.parse("demo:stream_x:v12:heartbeat")
+    assert parsed.service == "demo"
+    assert parsed.action == "stream_x"
+    assert parsed.version == 12
+    assert parsed.state == "heartbeat"
+    assert parsed.base == "demo:stream_x:v12"
+    assert str(parsed.with_state("success")) == "demo:stream_x:v12:success"
+
+
+@pytest.mark.parametrize(
+    ("text", "token"),
+    [
+        ("Demo:echo:v1:requested", "service"),
+        ("1demo:echo:v1:requested", "service"),
+        (":echo:v1:requested", "service"),
+        ("demo:Echo:v1:requested", "action"),
+        ("demo:ec-ho:v1:requested", "action"),
+        ("demo::v1:requested", "action"),
+        ("demo:echo:v0:requested", "version"),
+        ("demo:echo:1:requested", "version"),
+        ("demo:echo:V1:requested", "version"),
+        ("demo:echo:v01:requested", "version"),
+        ("demo:echo:v:requested", "version"),
+        ("demo:echo:v1x:requested", "version"),
+        ("demo:echo:v1:Requested", "state"),
+        ("demo:echo:v1:", "state"),
+        ("demo:echo:v1:requested\n", "state"),
+        ("demo:echo:v1:req uested", "state"),
+    ],
+)
+def test_invalid_token_is_named(text: str, token: str) -> None:
+    """A bad event type is rejected with a message that names the wrong token."""
+    with pytest.raises(InvalidEventType) as info:
+        EventType.parse(text)
+    problem = str(info.value).rsplit("': ", 1)[1]
+    assert problem.startswith(f"{token} ")
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_message_names_only_the_bad_token() -> None:
+    """The error for a bad version talks about the version, not about the other tokens."""
+    with pytest.raises(InvalidEventType) as info:
+        EventType.parse("demo:echo:v0:requested")
+    assert "version 'v0'" in str(info.value)
+    with pytest.raises(InvalidEventType) as info:
+        EventType.parse("demo:ECHO:v1:requested")
+    assert "action 'ECHO'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("demo:echo:v1", 3),
+        ("demo:echo:v1:requested:extra", 5),
+        ("", 1),
+        ("demo", 1),
+        ("a:b:v1:c:d:e", 6),
+    ],
+)
+def test_wrong_token_count_is_rejected(text: str, count: int) -> None:
+    """A type with other than four tokens (empty included) is rejected, saying how many it had."""
+    with pytest.raises(InvalidEventType, match=f"expected 4 .*got {count}"):
+        EventType.parse(text)
+
+
+def test_token_length_limit() -> None:
+    """A token longer than 128 characters is rejected; one of exactly 128 is fine."""
+    EventType.parse(f"{'a' * 128}:b:v1:c")
+    with pytest.raises(InvalidEventType, match="service is longer than 128"):
+        EventType.parse(f"{'a' * 129}:b:v1:c")
+
+
+def test_non_string_type_is_rejected() -> None:
+    """Passing something other than a string as the type raises InvalidEventType, not a TypeError."""
+    bad: Any = 42
+    with pytest.raises(InvalidEventType, match="must be a string"):
+        EventType.parse(bad)
+
+
+@pytest.mark.parametrize("state", ["stream", "heartbeat", "requested", "started", "success", "cancelled"])
+def test_lifecycle_states_are_publishable_types(state: str) -> None:
+    """Lifecycle states such as ``stream`` and ``heartbeat`` make valid event types to publish."""
+    event = Event.create(f"demo:stream_x:v1:{state}", {"i": 1})
+    assert event.state == state
+    assert event.type.state == state
+
+
+def test_lifecycle_state_sets() -> None:
+    """The eight lifecycle states of the contract are known, four of them terminal."""
+    assert {"success", "failed", "timeout", "cancelled"} == TERMINAL_STATES
+    assert {"requested", "started", "stream", "heartbeat"} | TERMINAL_STATES == LIFECYCLE_STATES
+
+
+@given(service=names, action=names, version=versions, state=names)
+def test_generated_types_round_trip(service: str, action: str, version: int, state: str) -> None:
+    """Any type built from valid tokens parses to those tokens and prints back to the same text."""
+    text = f"{service}:{action}:v{version}:{state}"
+    parsed = EventType.parse(text)
+    assert (parsed.service, parsed.action, parsed.version, parsed.state) == (service, action, version, state)
+    assert str(parsed) == text
+    assert EventType.parse(str(parsed)) == parsed
+
+
+@given(st.text(alphabet="abAZ09_:v- \n", max_size=24))
+def test_parse_accepts_exactly_the_grammar(text: str) -> None:
+    """Arbitrary text parses if and only if it matches the documented grammar."""
+    try:
+        EventType.parse(text)
+    except InvalidEventType:
+        assert GRAMMAR.fullmatch(text) is None
+    else:
+        assert GRAMMAR.fullmatch(text) is not None
+
+
+# --- payloads -----------------------------------------------------------------------------------------------
+
+
+def test_payload_none_is_empty_object() -> None:
+    """A missing payload stands for the empty object."""
+    assert validate_payload(None) == {}
+
+
+@pytest.mark.parametrize("payload", [[1, 2], "text", 3, 2.5, True, b"{}"])
+def test_payload_must_be_an_object(payload: Any) -> None:
+    """A payload that is not a JSON object is rejected, naming what it was."""
+    with pytest.raises(InvalidPayload, match="must be a JSON object"):
+        validate_payload(payload)
+
+
+def test_valid_nested_payload_is_kept() -> None:
+    """A JSON object with nested lists, objects and every scalar type is accepted unchanged."""
+    payload = {"a": [1, 2.5, "x", None, True, {"b": [{"c": -0.0}]}], "d": {"e": {}}}
+    assert validate_payload(payload) == payload
+
+
+@pytest.mark.parametrize(
+    ("payload", "path"),
+    [
+        ({"x": math.nan}, "payload.x"),
+        ({"x": math.inf}, "payload.x"),
+        ({"x": -math.inf}, "payload.x"),
+        ({"a": [1, {"b": [0, 0, math.nan]}]}, "payload.a[1].b[2]"),
+        ({"a": {"b": {"c": {"d": [[math.inf]]}}}}, "payload.a.b.c.d[0][0]"),
+        ({"a": (1.0, math.nan)}, "payload.a[1]"),
+    ],
+)
+def test_nan_and_infinity_rejected_with_path(payload: dict[str, Any], path: str) -> None:
+    """NaN and Infinity anywhere in a payload are rejected with a message naming where."""
+    with pytest.raises(InvalidPayload) as info:
+        validate_payload(payload)
+    assert path in str(info.value)
+    assert re.search(r"nan|inf", str(info.value))
+
+
+def test_non_string_key_rejected() -> None:
+    """An object key that is not a string is rejected, naming the key and where it sits."""
+    with pytest.raises(InvalidPayload, match=r"payload\.a has a non-string key 1"):
+        validate_payload({"a": {1: "x"}})
+    bad: Any = {2: "x"}
+    with pytest.raises(InvalidPayload, match="non-string key 2"):
+        validate_payload(bad)
+
+
+@pytest.mark.parametrize("value", [{1, 2}, object(), b"bytes", datetime.now(UTC)])
+def test_non_json_values_rejected(value: object) -> None:
+    """A value JSON cannot represent (a set, bytes, a datetime, ...) is rejected, naming its type."""
+    with pytest.raises(InvalidPayload, match=rf"payload\.v holds a {type(value).__name__}"):
+        validate_payload({"v": value})
+
+
+def test_payload_size_limit() -> None:
+    """A payload whose compact JSON is over the limit raises PayloadTooLarge; at the limit it passes."""
+    payload = {"k": "x" * 100}
+    size = len('{"k":""}') + 100
+    assert validate_payload(payload, max_bytes=size) == payload
+    with pytest.raises(PayloadTooLarge, match=f"{size + 1} bytes, over the limit of {size}") as info:
+        validate_payload({"k": "x" * 101}, max_bytes=size)
+    assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
+
+
+def test_payload_size_counts_utf8_bytes() -> None:
+    """The size limit counts encoded bytes, so multi-byte characters count for more than one."""
+    payload = {"k": "é" * 10}
+    size = len('{"k":""}') + 20
+    assert validate_payload(payload, max_bytes=size) == payload
+    with pytest.raises(PayloadTooLarge):
+        validate_payload(payload, max_bytes=size - 1)
+
+
+# --- metadata -----------------------------------------------------------------------------------------------
+
+
+def test_metadata_string_map_accepted() -> None:
+    """A string-to-string map is accepted as metadata, and None is the empty map."""
+    metadata = {"user_id": "u1", "traceparent": "00-x"}
+    assert validate_metadata(metadata) == metadata
+    assert validate_metadata(None) == {}
+
+
+@pytest.mark.parametrize("metadata", [{"n": 1}, {"n": None}, {1: "x"}, {"n": ["a"]}])
+def test_metadata_non_string_entries_rejected(metadata: Any) -> None:
+    """Metadata entries that are not string to string are rejected."""
+    with pytest.raises(InvalidPayload, match="must map a string to a string"):
+        validate_metadata(metadata)
+
+
+@pytest.mark.parametrize("metadata", [["a"], "text", 5])
+def test_metadata_must_be_a_map(metadata: Any) -> None:
+    """Metadata that is not an object is rejected."""
+    with pytest.raises(InvalidPayload, match="metadata must be an object"):
+        validate_metadata(metadata)
+
+
+# --- times --------------------------------------------------------------------------------------------------
+
+EPOCH_2024 = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-01-02T03:04:05Z", EPOCH_2024),
+        ("2024-01-02T03:04:05z", EPOCH_2024),
+        ("2024-01-02T03:04:05+00:00", EPOCH_2024),
+        ("2024-01-02T05:04:05+02:00", EPOCH_2024),
+        ("2024-01-01T22:04:05-05:00", EPOCH_2024),
+        ("2024-01-02T03:04:05.250Z", EPOCH_2024 + 0.25),
+        ("  2024-01-02T03:04:05Z  ", EPOCH_2024),
+    ],
+)
+def test_parse_time_rfc3339(text: str, expected: float) -> None:
+    """RFC 3339 text with ``Z`` or a numeric offset is read as the right epoch seconds."""
+    assert parse_time(text) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0.0), (1_700_000_000, 1.7e9), (1.5, 1.5), (10.0, 10.0)])
+def test_parse_time_epoch_seconds(value: float, expected: float) -> None:
+    """Epoch seconds given as an int or a float are returned as a float."""
+    result = parse_time(value)
+    assert result == expected
+    assert isinstance(result, float)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2024-01-02T03:04:05", "no UTC offset"),
+        ("2024-01-02", "no UTC offset"),
+        ("yesterday", "not RFC 3339"),
+        ("", "not RFC 3339"),
+        (True, "not True"),
+        (False, "not False"),
+        (math.nan, "not a finite number"),
+        (math.inf, "not a finite number"),
+        (-math.inf, "not a finite number"),
+        (None, "not NoneType"),
+        ([1], "not list"),
+        (datetime(2024, 1, 2), "not datetime"),
+        pytest.param(10**400, "too large|not a finite number", id="integer-too-large-for-a-double"),
+    ],
+)
+def test_parse_time_rejects(value: Any, message: str) -> None:
+    """Naive times, booleans, NaN, Infinity and non-time values are rejected with a reason."""
+    with pytest.raises(InvalidPayload, match=message):
+        parse_time(value)
+
+
+# --- Event.create -------------------------------------------------------------------------------------------
+
+
+def test_create_fills_defaults() -> None:
+    """A created event gets a fresh id, an RFC 3339 UTC timestamp and no offset yet."""
+    first = Event.create("demo:echo:v1:requested", {"x": 1})
+    second = Event.create("demo:echo:v1:requested", {"x": 1})
+    assert first.event_id
+    assert first.event_id != second.event_id
+    assert first.payload == {"x": 1}
+    assert first.metadata == {}
+    assert first.offset == 0
+    assert first.epoch == ""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first.timestamp)
+    assert abs(parse_time(first.timestamp) - datetime.now(UTC).timestamp()) < 3600
+
+
+def test_create_keeps_client_choices() -> None:
+    """A client-chosen event id and metadata are kept as given."""
+    event = Event.create("demo:echo:v1:requested", None, event_id="my-id", metadata={"user_id": "u"})
+    assert event.event_id == "my-id"
+    assert event.metadata == {"user_id": "u"}
+    assert event.payload == {}
+    assert event.correlation_id == ""
+
+
+def test_create_validates_everything() -> None:
+    """Event.create rejects a bad type, payload, metadata, event id or an oversized payload."""
+    with pytest.raises(InvalidEventType, match="version"):
+        Event.create("demo:echo:v0:requested")
+    with pytest.raises(InvalidPayload, match=r"payload\.x"):
+        Event.create("demo:echo:v1:requested", {"x": math.nan})
+    with pytest.raises(InvalidPayload, match="metadata"):
+        Event.create("demo:echo:v1:requested", metadata={"a": 1})
+    bad_id: Any = 12
+    with pytest.raises(InvalidPayload, match="event_id must be a string"):
+        Event.create("demo:echo:v1:requested", event_id=bad_id)
+    with pytest.raises(InvalidPayload, match="longer than 256"):
+        Event.create("demo:echo:v1:requested", event_id="x" * 257)
+    with pytest.raises(PayloadTooLarge):
+        Event.create("demo:echo:v1:requested", {"k": "x" * 50}, max_payload_bytes=20)
+    assert Event.create("demo:echo:v1:requested", event_id="x" * 256).event_id == "x" * 256
+
+
+def test_event_accessors_and_stored_copy() -> None:
+    """An event exposes its state and correlation id, and ``stored`` returns a copy with offset and epoch."""
+    event = Event.create("demo:echo:v1:success", {"a": 1}, metadata={"correlation_id": "c1"})
+    assert event.state == "success"
+    assert event.correlation_id == "c1"
+    stored = event.stored(7, "ep")
+    assert (stored.offset, stored.epoch) == (7, "ep")
+    assert (event.offset, event.epoch) == (0, "")
+    assert stored.to_dict() == {
+        "event_type": "demo:echo:v1:success",
+        "event_id": event.event_id,
+        "payload": {"a": 1},
+        "metadata": {"correlation_id": "c1"},
+        "timestamp": event.timestamp,
+        "offset": 7,
+        "epoch": "ep",
+    }
