@@ -113,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--buffer-size", type=int, help="chunks a stream buffers before send() waits (100)")
     serve.add_argument("--history-size", type=int, help="events the memory bus keeps for replay (100000)")
-    serve.add_argument(
-        "--subscriber-queue", type=int, help="events queued per subscriber before it is cut off"
-    )
+    serve.add_argument("--subscriber-queue", type=int, help="events queued per subscriber before it is cut off")
     serve.add_argument(
         "--handler", action="append", dest="handlers", metavar="MODULE:CLASS", help="load a handler class"
     )

@@ -44,8 +44,7 @@ class Rule:
         kind, sep, value = text.partition(":")
         if not sep or kind not in _KINDS or not value:
             raise InvalidArgument(
-                f"invalid streaming rule {text!r}: expected one of "
-                + ", ".join(f"'{k}:<text>'" for k in _KINDS)
+                f"invalid streaming rule {text!r}: expected one of " + ", ".join(f"'{k}:<text>'" for k in _KINDS)
             )
         return cls(kind, value)
 

@@ -62,9 +62,7 @@ REQUEST_GROUP: Final = "nexus-handlers"
 REQUEST_QUEUE: Final = 1_000_000
 MAX_CHUNKS_PER_PUBLISH: Final = 256
 
-_current_request: contextvars.ContextVar[Event | None] = contextvars.ContextVar(
-    "nexus_current_request", default=None
-)
+_current_request: contextvars.ContextVar[Event | None] = contextvars.ContextVar("nexus_current_request", default=None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,9 +119,7 @@ def describe_exception(exc: BaseException) -> str:
 def _error_type(exc: BaseException) -> StreamErrorType:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return (
-        StreamErrorType.INVALID_PAYLOAD if isinstance(exc, InvalidPayload) else StreamErrorType.HANDLER_ERROR
-    )
+    return StreamErrorType.INVALID_PAYLOAD if isinstance(exc, InvalidPayload) else StreamErrorType.HANDLER_ERROR
 
 
 class _Context(HandlerContext):
@@ -160,9 +156,7 @@ class _Context(HandlerContext):
 class _Run:
     """The live state of one request: its lifecycle, scopes and cancel reason."""
 
-    def __init__(
-        self, registration: Registration | None, request: Event, key: Any, *, streaming: bool
-    ) -> None:
+    def __init__(self, registration: Registration | None, request: Event, key: Any, *, streaming: bool) -> None:
         self.registration = registration
         self.request = request
         self.key = key
@@ -200,9 +194,7 @@ class _StreamImpl(Stream):
         try:
             await self._sender.send(payload)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise StreamClosed(
-                f"stream {self.correlation_id} has ended; send() is no longer possible"
-            ) from None
+            raise StreamClosed(f"stream {self.correlation_id} has ended; send() is no longer possible") from None
         self._accepted += 1
 
     @property
@@ -358,9 +350,7 @@ class Provider:
                 try:
                     await registration.handler.teardown()
                 except Exception as exc:
-                    self.log.error(
-                        "handler_teardown_failed", handler=registration.name, error=describe_exception(exc)
-                    )
+                    self.log.error("handler_teardown_failed", handler=registration.name, error=describe_exception(exc))
             self.log.info("provider_stopped", completed=self.completed)
 
     async def stop(self, reason: str = "server_shutdown") -> None:
@@ -415,9 +405,7 @@ class Provider:
         if self.cancel_local(correlation_id, reason):
             return True
         with contextlib.suppress(BusUnavailable):
-            await self.bus.send_control(
-                {"type": "cancel", "correlation_id": correlation_id, "reason": reason}
-            )
+            await self.bus.send_control({"type": "cancel", "correlation_id": correlation_id, "reason": reason})
         return False
 
     def streams(self) -> list[JSONObject]:
@@ -482,6 +470,11 @@ class Provider:
         registration = run.registration
         assert registration is not None
         token = _current_request.set(run.request)
+        # Every log line of this request's task and its children (pump, heartbeats, the handler's own ctx.log
+        # calls) carries the request's event_type and correlation_id.
+        structlog.contextvars.bind_contextvars(
+            event_type=run.request.event_type, correlation_id=run.correlation_id, handler=registration.name
+        )
         try:
             if run.cancel_reason is not None:
                 await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), run.cancel_reason))
@@ -492,12 +485,13 @@ class Provider:
         except Exception as exc:
             # Never let one request take the provider down: report it and end the request.
             self.log.exception(
-                "provider_internal_error", correlation_id=run.correlation_id, error=describe_exception(exc)
+                "provider_internal_error",
+                event_type=run.request.event_type,
+                correlation_id=run.correlation_id,
+                error=describe_exception(exc),
             )
             if not run.lifecycle.terminal:
-                event = run.lifecycle.fail(
-                    time.monotonic(), StreamErrorType.HANDLER_ERROR, describe_exception(exc)
-                )
+                event = run.lifecycle.fail(time.monotonic(), StreamErrorType.HANDLER_ERROR, describe_exception(exc))
                 await self._publish_terminal(run, event)
         finally:
             _current_request.reset(token)
@@ -637,7 +631,12 @@ class Provider:
                 try:
                     await self.bus.publish_live(run.lifecycle.heartbeat(time.monotonic()))
                 except NexusError as exc:
-                    self.log.warning("heartbeat_failed", correlation_id=run.correlation_id, error=exc.message)
+                    self.log.warning(
+                        "heartbeat_failed",
+                        event_type=run.request.event_type,
+                        correlation_id=run.correlation_id,
+                        error=exc.message,
+                    )
 
     async def _publish_terminal(self, run: _Run, event: Event) -> None:
         # A client that sees the terminal event must not find the stream still listed as live.

@@ -125,9 +125,7 @@ class NexusServer:
         )
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
         port = server.add_insecure_port(bind)
         if port == 0:

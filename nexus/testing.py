@@ -123,9 +123,7 @@ class TestServer:
 
     async def record(self, *patterns: str, since_offset: int = 0, epoch: str | None = None) -> Recorder:
         """Subscribe through the client and record what arrives (live once this returns)."""
-        return await Recorder(
-            self.client.subscribe(*patterns, since_offset=since_offset, epoch=epoch)
-        ).start()
+        return await Recorder(self.client.subscribe(*patterns, since_offset=since_offset, epoch=epoch)).start()
 
     async def client_for(self) -> NexusClient:
         """Another client to the same server (close it yourself)."""

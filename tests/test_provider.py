@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
+import structlog
 
 from nexus import (
     Event,
@@ -1109,3 +1110,27 @@ async def test_thousand_streams_leave_nothing_behind(bus: MemoryBus) -> None:
         assert terminals[0].state == expected_state[kind]
     assert recorder.terminals(check.event_id)[0].state == "success"
     assert recorder.terminals(check.event_id)[0].payload["stream_count"] == 2
+
+
+class _Chatty(StreamingEventHandler):
+    event_type = "demo:stream_chatty"
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        self.ctx.log.info("handler_says_hello")
+        await stream.send({"n": 1})
+
+
+async def test_every_log_line_about_a_stream_names_it(bus: MemoryBus) -> None:
+    """Log lines about a stream, the handler's own ctx.log lines included, carry event_type and correlation_id."""
+    sub = await bus.subscribe(["demo:stream_chatty:v1:success"])
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        async with serving(bus, _Chatty()):
+            request = (await bus.publish(Event.create("demo:stream_chatty:v1:requested", {}))).event
+            await asyncio.wait_for(sub.next_batch(), 5)
+    about_stream = [line for line in logs if line["event"] in ("stream_started", "handler_says_hello", "stream_ended")]
+    assert [line["event"] for line in about_stream] == ["stream_started", "handler_says_hello", "stream_ended"]
+    for line in about_stream:
+        assert line["event_type"] == "demo:stream_chatty:v1:requested"
+        assert line["correlation_id"] == request.event_id
+    assert about_stream[-1]["stream_count"] == 1
+    assert about_stream[-1]["duration_s"] >= 0

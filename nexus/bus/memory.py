@@ -218,9 +218,7 @@ class MemoryBus(Bus):
 
     async def consume_requests(self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
         self._check_open()
-        sub = Subscription(
-            self._fanout, max_pending=max_pending, start_after=self._head, epoch=self.epoch, group=group
-        )
+        sub = Subscription(self._fanout, max_pending=max_pending, start_after=self._head, epoch=self.epoch, group=group)
         self._fanout.register(sub)
         return sub
 

@@ -199,9 +199,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             event = event_from_request(request.event, max_payload_bytes=self.max_payload_bytes)
             if event.state != REQUESTED:
-                raise InvalidArgument(
-                    f"RequestEvent needs a '...:requested' event type, not {event.event_type!r}"
-                )
+                raise InvalidArgument(f"RequestEvent needs a '...:requested' event type, not {event.event_type!r}")
             published = await self.bus.publish(event)
             stored: Event = published.event
             if published.duplicate and stored.event_type != event.event_type:
