@@ -1,0 +1,1 @@
+"""The WebSocket gateway: bridges the bus to browser clients (installed as ``nexus.gateway``)."""
