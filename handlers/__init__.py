@@ -1,1 +1,1 @@
-"""The built-in plugins (installed as ``nexus.handlers``); each registers through the ``nexus.handlers`` entry points."""
+"""The built-in plugins, installed as ``nexus.handlers``; each registers through the entry points."""
