@@ -16,6 +16,7 @@ from nexus.errors import (
     StreamErrorType,
 )
 from nexus.events import Event, EventType, parse_time
+from nexus.schema import EventSpec
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "ErrorCode",
     "Event",
     "EventHandler",
+    "EventSpec",
     "EventType",
     "HandlerContext",
     "InvalidEventType",

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, Final
 
 import structlog
 
 from nexus.events import Event, JSONObject
+from nexus.schema import EventSpec
 
 
 class _ServerDefault(enum.Enum):
@@ -61,6 +64,22 @@ class HandlerContext(abc.ABC):
         Inside a request, the event carries ``metadata.causation_id`` = the request's ``event_id``.
         Raises :class:`~nexus.errors.InvalidEventType` / :class:`~nexus.errors.InvalidPayload` for bad input.
         """
+
+    @abc.abstractmethod
+    def subscribe(self, *patterns: str, since_offset: int = 0) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
+        """Follow events on the bus matching ``patterns`` (``places:encounter:v1:*``)::
+
+            async with self.ctx.subscribe("places:encounter:v1:*") as events:
+                async for event in events:
+                    ...
+
+        Live from now, or replayed after ``since_offset`` first. The subscription ends with the block.
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> JSONObject:
+        """Live statistics of this node: ``events_per_s`` (total and ``events_per_s_by_service``),
+        ``active_streams``, ``subscribers``, ``delivery_latency_ms`` (p50/p95/p99), ``head_offset``."""
 
 
 class Stream(abc.ABC):
@@ -99,6 +118,11 @@ class _BaseHandler(abc.ABC):
     """A payload field: requests with the same value run one at a time, in offset order."""
     buffer_size: ClassVar[int | None] = None
     """Chunks a stream buffers before ``send`` waits; default: the server's (100)."""
+    takes: ClassVar[EventSpec | None] = None
+    """The request this handler takes, with its payload schema: payloads that do not fit it end with
+    ``failed`` / ``invalid_payload`` before the handler runs. Also documents the request."""
+    emits: ClassVar[Sequence[EventSpec]] = ()
+    """Every event this handler publishes (its ``success`` or ``stream`` payload, side events), documented."""
 
     ctx: HandlerContext
 

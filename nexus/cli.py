@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from nexus import __version__
@@ -172,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     handlers.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
 
     client_command("streams", "list the streams a server drives now")
+
+    docs = commands.add_parser("docs", help="generate documentation from what plugins declare")
+    docs.add_argument("topic", choices=("events",), help="events: every event the loaded plugins take and emit")
+    docs.add_argument("--output", "-o", help="write to this file instead of stdout")
+    docs.add_argument("--check", action="store_true", help="exit 1 when --output differs from what would be written")
+    docs.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
+    docs.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
     return parser
 
 
@@ -338,6 +346,32 @@ async def _streams(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _docs(args: argparse.Namespace) -> int:
+    from nexus.config import load_settings
+    from nexus.eventdocs import render_events
+    from nexus.plugins import discover
+
+    settings = load_settings(None, os.environ, _overrides(args, ("handlers", "load_entry_points")))
+    _allow_local_modules(settings.handlers)
+    specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
+    text = render_events(type(spec.handler) for spec in specs)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    return _write_or_check(Path(args.output), text, check=args.check)
+
+
+def _write_or_check(path: Path, text: str, *, check: bool) -> int:
+    if check:
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            print(f"nexus: {path} is out of date; run 'nexus docs events -o {path}'", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    return 0
+
+
 COMMANDS = {
     "serve": _serve,
     "emit": _emit,
@@ -346,6 +380,7 @@ COMMANDS = {
     "cancel": _cancel,
     "handlers": _handlers,
     "streams": _streams,
+    "docs": _docs,
 }
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -53,6 +53,7 @@ from nexus.events import (
     validate_payload,
 )
 from nexus.lifecycle import Lifecycle
+from nexus.schema import EventSpec
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
@@ -151,6 +152,17 @@ class _Context(HandlerContext):
                 if key in request.metadata:
                     event.metadata.setdefault(key, request.metadata[key])
         return (await self._provider.bus.publish(event)).event
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, *patterns: str, since_offset: int = 0) -> AsyncIterator[AsyncIterator[Event]]:
+        subscription = await self._provider.bus.subscribe(patterns, since_offset=since_offset)
+        try:
+            yield subscription.events()
+        finally:
+            subscription.close()
+
+    def stats(self) -> JSONObject:
+        return self._provider.stats()
 
 
 class _Run:
@@ -282,6 +294,7 @@ class Provider:
         ordering_key = cls.ordering_key
         if ordering_key is not None and (not isinstance(ordering_key, str) or not ordering_key):
             raise HandlerConfigError(f"{label}: ordering_key must be a payload field name or None")
+        _check_specs(label, cls, service_action)
         buffer_size = cls.buffer_size if cls.buffer_size is not None else self.settings.buffer_size
         if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1:
             raise HandlerConfigError(f"{label}: buffer_size must be a positive integer")
@@ -408,6 +421,18 @@ class Provider:
             await self.bus.send_control({"type": "cancel", "correlation_id": correlation_id, "reason": reason})
         return False
 
+    def stats(self) -> JSONObject:
+        """Live statistics of this node: bus rates and latency, streams, subscribers."""
+        bus_stats = self.bus.stats()
+        snapshot = self.bus.metrics.snapshot()
+        snapshot["active_streams"] = sum(1 for run in self._runs.values() if run.started and run.lifecycle.streaming)
+        snapshot["active_requests"] = sum(1 for run in self._runs.values() if run.started)
+        snapshot["queued_requests"] = sum(1 for run in self._runs.values() if not run.started)
+        snapshot["subscribers"] = bus_stats.subscribers
+        snapshot["head_offset"] = bus_stats.head_offset
+        snapshot["epoch"] = bus_stats.epoch
+        return snapshot
+
     def streams(self) -> list[JSONObject]:
         """The requests this node drives or holds now, oldest first."""
         now = time.monotonic()
@@ -476,8 +501,12 @@ class Provider:
             event_type=run.request.event_type, correlation_id=run.correlation_id, handler=registration.name
         )
         try:
+            problem = _payload_problem(registration, run.request)
             if run.cancel_reason is not None:
                 await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), run.cancel_reason))
+            elif problem is not None:
+                event = run.lifecycle.fail(time.monotonic(), StreamErrorType.INVALID_PAYLOAD, problem)
+                await self._publish_terminal(run, event)
             elif registration.streaming:
                 await self._drive_stream(run, registration)
             else:
@@ -664,12 +693,50 @@ class Provider:
         log_method("stream_ended" if lifecycle.streaming else "request_ended", **fields)
 
 
+def _payload_problem(registration: Registration, request: Event) -> str | None:
+    """Why the request's payload does not fit the handler's declared ``takes`` schema, or None."""
+    spec = registration.handler.takes
+    if spec is None:
+        return None
+    try:
+        spec.validate(request.payload)
+    except InvalidPayload as exc:
+        return exc.message
+    return None
+
+
 def _ordering_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
         return repr(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _check_specs(label: str, cls: type, service_action: str) -> None:
+    """``takes`` must describe this handler's own request; ``emits`` must hold EventSpecs."""
+    takes = getattr(cls, "takes", None)
+    if takes is not None:
+        if not isinstance(takes, EventSpec):
+            raise HandlerConfigError(f"{label}: takes must be an EventSpec or None")
+        parsed = EventType.parse(takes.event_type)
+        own = service_action.split(":")
+        if parsed.state != REQUESTED or [parsed.service, parsed.action] != own[:2]:
+            raise HandlerConfigError(
+                f"{label}: takes describes {takes.event_type!r}, not a '{service_action}:...:requested' event"
+            )
+        if len(own) == 3 and parsed.base != service_action:
+            raise HandlerConfigError(f"{label}: takes describes {takes.event_type!r}, not version {own[2]}")
+        problems = takes.example_errors()
+        if problems:
+            raise HandlerConfigError(f"{label}: the example of takes does not fit its schema: {problems[0]}")
+    emits = getattr(cls, "emits", ())
+    for spec in emits:
+        if not isinstance(spec, EventSpec):
+            raise HandlerConfigError(f"{label}: emits must hold EventSpecs, not {type(spec).__name__}")
+        problems = spec.example_errors()
+        if problems:
+            raise HandlerConfigError(f"{label}: the example of {spec.event_type} does not fit: {problems[0]}")
 
 
 def _check_service_action(label: str, text: str) -> str:

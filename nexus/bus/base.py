@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from nexus.errors import SlowConsumer
 from nexus.events import REQUESTED, Event, JSONObject
+from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
 DEFAULT_MAX_PENDING: Final = 10_000
@@ -175,6 +176,8 @@ class Subscription:
             del self._pending[:max_events]
         if self._replay_credit:
             self._replay_credit = max(0, self._replay_credit - len(batch))
+        elif batch:
+            self._fanout.metrics.record_delivery(batch[-1].timestamp)
         for event in reversed(batch):
             if event.offset:
                 self.last_offset = event.offset
@@ -229,6 +232,7 @@ class Fanout:
         self._match_cache: dict[str, frozenset[Subscription]] = {}
         self.subscriptions: set[Subscription] = set()
         self.slow_consumers = 0
+        self.metrics = Metrics()
 
     def register(self, sub: Subscription) -> None:
         """Start delivering to ``sub``."""
@@ -300,6 +304,7 @@ class Fanout:
         """
         batches: dict[Subscription, list[Event]] = {}
         by_correlation = self._by_correlation
+        self.metrics.record_events([event.event_type for event in events])
         for event in events:
             targets: Iterable[Subscription] = self._match(event.event_type)
             if by_correlation:
@@ -399,6 +404,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> BusStats:
         """Counters for health and metrics."""
+
+    @property
+    @abc.abstractmethod
+    def metrics(self) -> Metrics:
+        """Live rates and delivery latency (the fan-out's :class:`~nexus.metrics.Metrics`)."""
 
     def describe(self) -> dict[str, Any]:
         """A short description for logs."""

@@ -27,6 +27,7 @@ from nexus.bus.base import (
 )
 from nexus.errors import BusUnavailable
 from nexus.events import Event, JSONObject
+from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
 
 DEFAULT_HISTORY_SIZE: Final = 100_000
@@ -239,6 +240,10 @@ class MemoryBus(Bus):
 
     def on_control(self, callback: ControlCallback) -> None:
         self._control.append(callback)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._fanout.metrics
 
     def stats(self) -> BusStats:
         return BusStats(
