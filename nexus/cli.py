@@ -321,15 +321,14 @@ async def _handlers(args: argparse.Namespace) -> int:
         return 0
     from nexus.bus.memory import MemoryBus
     from nexus.config import load_settings
-    from nexus.plugins import discover
+    from nexus.plugins import discover, register_all
     from nexus.provider import Provider, registrations_table
 
     settings = load_settings(args.config, os.environ, _overrides(args, ("handlers", "load_entry_points")))
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     provider = Provider(MemoryBus(), settings.provider_settings())
-    for spec in specs:
-        provider.register(spec.handler, name=spec.name, config=settings.handler_config.get(spec.name, {}))
+    register_all(provider, specs, settings.handler_config)
     sources = {spec.name: spec.source for spec in specs}
     for item in registrations_table(provider.registrations.values()):
         item["source"] = sources.get(str(item["name"]), "")

@@ -158,6 +158,29 @@ def discover(
     return specs
 
 
+def config_for(name: str, handler_config: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``ctx.config`` of the handler registered as ``name``.
+
+    A plugin with several handlers names its entry points ``<plugin>.<handler>`` (``places.track_location``);
+    each gets the plugin's section ``[handlers.<plugin>]`` with its own ``[handlers.<plugin>.<handler>]``
+    (TOML: a nested table) or ``[handlers."<name>"]`` laid over it.
+    """
+    plugin = name.split(".", 1)[0]
+    config: dict[str, Any] = {}
+    shared = handler_config.get(plugin, {})
+    config.update({k: v for k, v in shared.items() if not isinstance(v, Mapping)})
+    nested = shared.get(name.split(".", 1)[1]) if "." in name else None
+    if isinstance(nested, Mapping):
+        config.update(nested)
+    if name != plugin:
+        config.update(handler_config.get(name, {}))
+    return config
+
+
+def _section_used(section: str, names: Iterable[str]) -> bool:
+    return any(section == name or section == name.split(".", 1)[0] for name in names)
+
+
 def register_all(
     provider: Provider,
     specs: Iterable[HandlerSpec],
@@ -171,13 +194,11 @@ def register_all(
     registrations: list[Registration] = []
     for spec in specs:
         try:
-            registration = provider.register(
-                spec.handler, name=spec.name, config=dict(handler_config.get(spec.name, {}))
-            )
+            registration = provider.register(spec.handler, name=spec.name, config=config_for(spec.name, handler_config))
         except HandlerConfigError as exc:
             raise HandlerConfigError(f"{exc} (loaded from {spec.source})") from exc
         registrations.append(registration)
     for name in handler_config:
-        if name not in provider.registrations:
+        if not _section_used(name, provider.registrations):
             structlog.get_logger("nexus.plugins").warning("handler_config_unused", section=name)
     return registrations

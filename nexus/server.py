@@ -24,7 +24,7 @@ from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
 from nexus.errors import HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
-from nexus.plugins import HandlerSpec
+from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
 from nexus.v1 import nexus_pb2
 
@@ -73,11 +73,9 @@ class NexusServer:
         self.settings = settings or Settings()
         self.bus = bus if bus is not None else make_bus(self.settings)
         self.provider = Provider(self.bus, self.settings.provider_settings())
+        register_all(self.provider, [h for h in handlers if isinstance(h, HandlerSpec)], self.settings.handler_config)
         for item in handlers:
-            if isinstance(item, HandlerSpec):
-                config = self.settings.handler_config.get(item.name, {})
-                self.provider.register(item.handler, name=item.name, config=config)
-            else:
+            if not isinstance(item, HandlerSpec):
                 self.provider.register(item)
         self.servicer = NexusServicer(
             self.bus,

@@ -272,3 +272,17 @@ def test_register_all_names_the_source_of_a_refused_handler(handlers_module: str
 
     with pytest.raises(HandlerConfigError, match=r"already handled by first \(loaded from entry point dup-dist\)"):
         register_all(Provider(MemoryBus()), specs, {})
+
+
+def test_config_for_lays_the_handler_section_over_its_plugin_section() -> None:
+    """An entry point named plugin.handler gets [handlers.plugin], with its own nested or quoted section on top."""
+    from nexus.plugins import config_for
+
+    sections = {
+        "places": {"dwell_radius_m": 60, "max_gap_s": 600, "track_location": {"min_dwell_s": 30}},
+        "places.stream_encounters": {"max_gap_s": 10},
+    }
+    assert config_for("places.track_location", sections) == {"dwell_radius_m": 60, "max_gap_s": 600, "min_dwell_s": 30}
+    assert config_for("places.stream_encounters", sections) == {"dwell_radius_m": 60, "max_gap_s": 10}
+    assert config_for("places", sections) == {"dwell_radius_m": 60, "max_gap_s": 600}
+    assert config_for("other", sections) == {}
