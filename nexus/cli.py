@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    serve.add_argument("--ws-port", type=int, help="WebSocket gateway and page port (default 8080; 0: a free one)")
+    serve.add_argument(
+        "--no-gateway", action="store_false", dest="gateway", default=None, help="do not start the WebSocket gateway"
+    )
+    serve.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
     serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
     serve.add_argument("--heartbeat-interval", type=_positive_float, help="seconds between heartbeats (1.0)")
     serve.add_argument(
@@ -113,8 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a stream may live (1800; 'none' for no limit)",
     )
     serve.add_argument("--buffer-size", type=int, help="chunks a stream buffers before send() waits (100)")
-    serve.add_argument("--history-size", type=int, help="events the memory bus keeps for replay (100000)")
+    serve.add_argument(
+        "--history-size", type=int, help="events kept for replay: the memory ring, the NATS stream's max (100000)"
+    )
     serve.add_argument("--subscriber-queue", type=int, help="events queued per subscriber before it is cut off")
+    serve.add_argument("--max-payload-bytes", help="largest event payload, on every bus (1000000)")
+    nats_options = serve.add_argument_group("NATS bus (--bus nats://...)")
+    nats_options.add_argument("--nats-stream", metavar="NAME", help="the JetStream stream all nodes share (NEXUS)")
+    nats_options.add_argument("--nats-subject-prefix", metavar="PREFIX", help="events go to PREFIX.<type> (nexus)")
+    nats_options.add_argument("--nats-replicas", metavar="N", help="stream copies in a NATS cluster, 1 to 5 (1)")
+    nats_options.add_argument("--nats-retention", metavar="POLICY", help="limits or interest (limits)")
+    nats_options.add_argument("--nats-storage", metavar="KIND", help="file or memory (file)")
+    nats_options.add_argument("--nats-max-age-s", metavar="SECONDS", help="drop events older than this (0: never)")
+    nats_options.add_argument(
+        "--nats-ack-timeout-s", metavar="SECONDS", help="a publish fails if JetStream has not acknowledged it (2)"
+    )
+    nats_options.add_argument(
+        "--nats-node-heartbeat-s", metavar="SECONDS", help="node heartbeat; 3 missed ones = node lost (1)"
+    )
     serve.add_argument(
         "--handler", action="append", dest="handlers", metavar="MODULE:CLASS", help="load a handler class"
     )
@@ -130,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto)")
     serve.add_argument("--log-level", help="log level (info)")
+    serve.add_argument(
+        "--log-dir", metavar="DIR", help="the directory whose log files anomalies:stream_log may follow (none)"
+    )
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -174,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_command("streams", "list the streams a server drives now")
 
+    gateway = commands.add_parser("gateway", help="run a WebSocket gateway (and its page) for a remote Nexus")
+    gateway.add_argument(
+        "--nexus",
+        default=os.environ.get("NEXUS_SERVER", DEFAULT_SERVER),
+        metavar="HOST:PORT",
+        help=f"the Nexus gRPC address (default $NEXUS_SERVER or {DEFAULT_SERVER})",
+    )
+    gateway.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
+    gateway.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    gateway.add_argument("--ws-port", type=int, help="port of the WebSocket gateway and page (default 8080)")
+    gateway.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
+    gateway.add_argument("--history-size", type=int, help="events kept for clients that resume (10000)")
+    gateway.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto)")
+    gateway.add_argument("--log-level", help="log level (info)")
+
     docs = commands.add_parser("docs", help="generate documentation from what plugins declare")
     docs.add_argument("topic", choices=("events",), help="events: every event the loaded plugins take and emit")
     docs.add_argument("--output", "-o", help="write to this file instead of stdout")
@@ -188,16 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
 SERVE_FIELDS = (
     "host",
     "grpc_port",
+    "ws_port",
+    "gateway",
+    "ws_max_frame_bytes",
     "bus",
     "heartbeat_interval",
     "buffer_size",
     "history_size",
     "subscriber_queue",
+    "max_payload_bytes",
+    "nats_stream",
+    "nats_subject_prefix",
+    "nats_replicas",
+    "nats_retention",
+    "nats_storage",
+    "nats_max_age_s",
+    "nats_ack_timeout_s",
+    "nats_node_heartbeat_s",
     "handlers",
     "load_entry_points",
     "exclude_handlers",
     "log_format",
     "log_level",
+    "log_dir",
 )
 
 
@@ -235,8 +287,58 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
     if sys.stderr.isatty():
         print(f"nexus: serving gRPC on {settings.host}:{server.grpc_port} (Ctrl-C to stop)", file=sys.stderr)
+        if server.gateway is not None:
+            print(f"nexus: page on {server.gateway.http_url}, WebSocket on {server.gateway.url}", file=sys.stderr)
     await stop.wait()
     await server.stop()
+    return 0
+
+
+GATEWAY_FIELDS = ("host", "ws_port", "ws_max_frame_bytes", "log_format", "log_level")
+
+
+async def _gateway(args: argparse.Namespace) -> int:
+    from nexus.config import load_settings
+    from nexus.gateway.remote import DEFAULT_HISTORY_SIZE, RemoteBackend
+    from nexus.gateway.server import GatewayServer, GatewaySettings
+    from nexus.logs import configure_logging
+
+    settings = load_settings(args.config, os.environ, _overrides(args, GATEWAY_FIELDS))
+    configure_logging(settings.log_format, settings.log_level)
+    if args.history_size is not None and args.history_size < 1:
+        raise CliError("--history-size must be at least 1")
+    backend = RemoteBackend(args.nexus, history_size=args.history_size or DEFAULT_HISTORY_SIZE)
+    await backend.start()
+    gateway = GatewayServer(
+        backend,
+        GatewaySettings(
+            host=settings.host,
+            port=settings.ws_port,
+            max_frame_bytes=settings.ws_max_frame_bytes,
+            max_payload_bytes=settings.max_payload_bytes,
+            subscriber_queue=settings.subscriber_queue,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        ),
+    )
+    try:
+        await gateway.start()
+    except BaseException:
+        await backend.close()
+        raise
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    if sys.stderr.isatty():
+        print(
+            f"nexus: gateway for {args.nexus}: page on {gateway.http_url}, WebSocket on {gateway.url} (Ctrl-C to stop)",
+            file=sys.stderr,
+        )
+    await stop.wait()
+    # The backend first: every subscription ends after what it holds, then sockets close with 1001.
+    await backend.close()
+    await gateway.stop()
     return 0
 
 
@@ -328,7 +430,7 @@ async def _handlers(args: argparse.Namespace) -> int:
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     provider = Provider(MemoryBus(), settings.provider_settings())
-    register_all(provider, specs, settings.handler_config)
+    register_all(provider, specs, settings.handler_config, settings.plugin_defaults())
     sources = {spec.name: spec.source for spec in specs}
     for item in registrations_table(provider.registrations.values()):
         item["source"] = sources.get(str(item["name"]), "")
@@ -380,6 +482,7 @@ COMMANDS = {
     "handlers": _handlers,
     "streams": _streams,
     "docs": _docs,
+    "gateway": _gateway,
 }
 
 

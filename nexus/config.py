@@ -33,6 +33,9 @@ from urllib.parse import urlsplit
 
 from nexus.bus.base import DEFAULT_MAX_PENDING
 from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_SIZE
+from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
+from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
+from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.detect import DEFAULT_RULES, Rule
 from nexus.errors import HandlerConfigError, InvalidArgument
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
@@ -50,6 +53,8 @@ CONFIG_ENV: Final = "NEXUS_CONFIG"
 FILE_SECTION: Final = "nexus"
 HANDLERS_SECTION: Final = "handlers"
 BUS_SCHEMES: Final = ("nats", "tls")
+PLUGIN_DEFAULT_FIELDS: Final = ("log_dir",)
+"""Settings handed to every plugin as a default ``ctx.config`` key of the same name."""
 
 
 class ConfigError(ValueError):
@@ -71,6 +76,8 @@ class Settings:
     grpc_port: int = 50051
     ws_port: int = 8080
     gateway: bool = True
+    ws_max_frame_bytes: int = 1024 * 1024
+    """Largest WebSocket frame a client may send; a larger one closes the connection with 1009."""
     bus: str = "memory"
     """``memory``, or a ``nats://`` URL (several, comma-separated, for a cluster)."""
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
@@ -82,6 +89,21 @@ class Settings:
     """Seconds a repeated ``event_id`` is recognised; ``0`` turns deduplication off."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     subscriber_queue: int = DEFAULT_MAX_PENDING
+    nats_stream: str = DEFAULT_NATS_STREAM
+    """The JetStream stream every node shares (created or updated at start-up)."""
+    nats_subject_prefix: str = DEFAULT_NATS_SUBJECT_PREFIX
+    """Events are stored on ``<prefix>.<service>.<action>.v<N>.<state>``."""
+    nats_retention: str = "limits"
+    """``limits`` (keep ``history_size`` events and ``nats_max_age_s``) or ``interest``; never ``workqueue``."""
+    nats_replicas: int = 1
+    """Copies of the stream in a NATS cluster (1 to 5; 3 survives losing one server)."""
+    nats_storage: str = "file"
+    nats_max_age_s: float = 0.0
+    """Seconds the stream keeps an event; ``0`` keeps it until ``history_size`` newer ones push it out."""
+    nats_ack_timeout_s: float = 2.0
+    """Seconds a publish waits for JetStream's acknowledgement before it fails with UNAVAILABLE."""
+    nats_node_heartbeat_s: float = 1.0
+    """Seconds between node heartbeats; a node silent for three of them is lost and its requests fail."""
     handlers: list[str] = dataclasses.field(default_factory=list)
     """``module:Class`` specs loaded besides the entry points."""
     load_entry_points: bool = True
@@ -91,8 +113,18 @@ class Settings:
     log_level: str = "info"
     streaming_rules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_RULES))
     shutdown_grace_s: float = 5.0
+    log_dir: str | None = None
+    """The directory plugins may read log files from (``anomalies:stream_log``); None: none may."""
     handler_config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per-handler sections, by registration name: a handler's ``ctx.config``."""
+
+    def plugin_defaults(self) -> dict[str, Any]:
+        """Server settings every handler's ``ctx.config`` starts from; its own sections override them.
+
+        The fields named in :data:`PLUGIN_DEFAULT_FIELDS`, when set.
+        """
+        defaults = {name: getattr(self, name) for name in PLUGIN_DEFAULT_FIELDS}
+        return {name: value for name, value in defaults.items() if value is not None}
 
     def provider_settings(self) -> ProviderSettings:
         """The part of these settings that drives handlers."""
@@ -237,6 +269,38 @@ def _bus(value: Any, text: bool) -> str:
     return bus
 
 
+def _nats_name(check: Callable[[str], str | None]) -> _Convert:
+    def convert(value: Any, text: bool) -> str:
+        name = _string(value)
+        problem = check(name)
+        if problem is not None:
+            raise _Invalid(problem)
+        return name
+
+    return convert
+
+
+def _retention(value: Any, text: bool) -> str:
+    word = _string(value).lower()
+    if word == "workqueue":
+        raise _Invalid(
+            "must be limits or interest, got 'workqueue': a work-queue stream allows no overlapping consumers, "
+            "so nodes could neither replay history nor each deliver every event"
+        )
+    checked: str = _choice(("limits", "interest"))(word, text)
+    return checked
+
+
+def _directory(value: Any, text: bool) -> str:
+    path = _string(value)
+    if not path:
+        raise _Invalid("must be a directory path, got an empty string")
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(full):
+        raise _Invalid(f"must be an existing directory, got {path!r}")
+    return full
+
+
 def _handler_spec(item: str) -> None:
     try:
         split_spec(item)
@@ -297,6 +361,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "grpc_port": _PORT,
     "ws_port": _PORT,
     "gateway": _boolean,
+    "ws_max_frame_bytes": _POSITIVE,
     "bus": _bus,
     "heartbeat_interval": _seconds(allow_zero=False),
     "stream_timeout": _timeout,
@@ -305,6 +370,14 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "dedupe_window_s": _seconds(allow_zero=True),
     "max_payload_bytes": _POSITIVE,
     "subscriber_queue": _POSITIVE,
+    "nats_stream": _nats_name(check_stream_name),
+    "nats_subject_prefix": _nats_name(check_subject_prefix),
+    "nats_retention": _retention,
+    "nats_replicas": _integer(1, 5),
+    "nats_storage": _choice(("file", "memory")),
+    "nats_max_age_s": _seconds(allow_zero=True),
+    "nats_ack_timeout_s": _seconds(allow_zero=False),
+    "nats_node_heartbeat_s": _seconds(allow_zero=False),
     "handlers": _string_list(_handler_spec),
     "load_entry_points": _boolean,
     "exclude_handlers": _string_list(_name),
@@ -312,6 +385,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "log_level": _choice(LOG_LEVELS),
     "streaming_rules": _string_list(_rule),
     "shutdown_grace_s": _seconds(allow_zero=True),
+    "log_dir": _directory,
     "handler_config": _sections,
 }
 

@@ -158,15 +158,18 @@ def discover(
     return specs
 
 
-def config_for(name: str, handler_config: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def config_for(
+    name: str, handler_config: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``ctx.config`` of the handler registered as ``name``.
 
     A plugin with several handlers names its entry points ``<plugin>.<handler>`` (``places.track_location``);
     each gets the plugin's section ``[handlers.<plugin>]`` with its own ``[handlers.<plugin>.<handler>]``
-    (TOML: a nested table) or ``[handlers."<name>"]`` laid over it.
+    (TOML: a nested table) or ``[handlers."<name>"]`` laid over it. Everything is laid over ``defaults``: the
+    server settings shared with plugins (:meth:`nexus.config.Settings.plugin_defaults`, e.g. ``log_dir``).
     """
     plugin = name.split(".", 1)[0]
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = dict(defaults or {})
     shared = handler_config.get(plugin, {})
     config.update({k: v for k, v in shared.items() if not isinstance(v, Mapping)})
     nested = shared.get(name.split(".", 1)[1]) if "." in name else None
@@ -185,16 +188,18 @@ def register_all(
     provider: Provider,
     specs: Iterable[HandlerSpec],
     handler_config: Mapping[str, Mapping[str, Any]],
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[Registration]:
-    """Register each handler with its ``[handlers.<name>]`` section as ``ctx.config``.
+    """Register each handler with its ``[handlers.<name>]`` section (over ``defaults``) as ``ctx.config``.
 
     A provider's refusal is re-raised naming where the handler came from. A section naming no registered
     handler is logged as a warning (it is often a typo).
     """
     registrations: list[Registration] = []
     for spec in specs:
+        config = config_for(spec.name, handler_config, defaults)
         try:
-            registration = provider.register(spec.handler, name=spec.name, config=config_for(spec.name, handler_config))
+            registration = provider.register(spec.handler, name=spec.name, config=config)
         except HandlerConfigError as exc:
             raise HandlerConfigError(f"{exc} (loaded from {spec.source})") from exc
         registrations.append(registration)

@@ -31,7 +31,7 @@ from nexus.api import (
     Stream,
     StreamingEventHandler,
 )
-from nexus.bus.base import Bus, Subscription
+from nexus.bus.base import Bus, RequestRoute, Subscription
 from nexus.detect import DEFAULT_RULES, StreamingDetector
 from nexus.errors import (
     BusUnavailable,
@@ -58,7 +58,9 @@ from nexus.schema import EventSpec
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
 DEFAULT_BUFFER_SIZE: Final = 100
-DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1_000_000
+"""One limit for every bus: a default NATS server carries messages up to 1 MiB, which must also hold the event's
+id, timestamp and metadata (``nexus.bus.nats`` checks the server's limit at start-up)."""
 REQUEST_GROUP: Final = "nexus-handlers"
 REQUEST_QUEUE: Final = 1_000_000
 MAX_CHUNKS_PER_PUBLISH: Final = 256
@@ -110,9 +112,15 @@ class Registration:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """``Type: message`` of an exception, unwrapping single-exception groups."""
+    """``Type: message`` of an exception, unwrapping single-exception groups.
+
+    An ``InvalidPayload`` a handler raised is the request's own fault: its message stands alone, as the schema
+    check's messages do.
+    """
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
+    if isinstance(exc, InvalidPayload):
+        return exc.message
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -179,6 +187,8 @@ class _Run:
         self.cancel_reason: str | None = None
         self.pump_error: BaseException | None = None
         self.started = False
+        self.abandoned = False
+        """Another node already published this request's terminal event (it declared this node lost)."""
         self.stream: _StreamImpl | None = None
 
     @property
@@ -329,7 +339,10 @@ class Provider:
                 registration.handler.ctx = context
                 await registration.handler.setup(context)
                 set_up.append(registration)
-            self._requests = await self.bus.consume_requests(self.settings.request_group, max_pending=REQUEST_QUEUE)
+            routes = self.request_routes()
+            self._requests = await self.bus.consume_requests(
+                self.settings.request_group, max_pending=REQUEST_QUEUE, routes=routes
+            )
             self.bus.on_control(self._on_control)
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
@@ -348,7 +361,7 @@ class Provider:
                         # loudly and keep consuming rather than stop handling requests altogether.
                         self.log.error("request_queue_overflow", limit=exc.limit, last_offset=exc.last_offset)
                         self._requests = await self.bus.consume_requests(
-                            self.settings.request_group, max_pending=REQUEST_QUEUE
+                            self.settings.request_group, max_pending=REQUEST_QUEUE, routes=routes
                         )
                         continue
                     if not batch:
@@ -388,11 +401,32 @@ class Provider:
         with anyio.move_on_after(timeout):
             await self._idle.wait()
 
+    def request_routes(self) -> list[RequestRoute]:
+        """The handlers this provider serves, as the bus's consumer group sees them."""
+        return [RequestRoute(r.service_action, ordered=r.ordering_key is not None) for r in self.registrations.values()]
+
     def _on_control(self, message: JSONObject) -> None:
-        if message.get("type") == "cancel":
+        kind = message.get("type")
+        if kind in ("cancel", "abandon"):
             correlation_id = str(message.get("correlation_id", ""))
             reason = str(message.get("reason") or "cancelled by requester")
-            self.cancel_local(correlation_id, reason)
+            if kind == "abandon":
+                self.abandon_local(correlation_id, reason)
+            else:
+                self.cancel_local(correlation_id, reason)
+
+    def abandon_local(self, correlation_id: str, reason: str) -> bool:
+        """Stop a request whose terminal event another node already published, publishing nothing more for it.
+
+        A node cut off from the bus longer than its peers wait is declared lost, and they end its requests with
+        ``failed``/``node_lost``; when it comes back, its bus tells the provider to let those requests go.
+        """
+        run = self._runs.get(correlation_id)
+        if run is None:
+            return False
+        run.abandoned = True
+        self.log.warning("request_abandoned", correlation_id=correlation_id, reason=reason)
+        return self.cancel_local(correlation_id, reason)
 
     def cancel_local(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
         """Cancel a request this node drives or holds in a queue; return whether it was found."""
@@ -640,6 +674,8 @@ class Provider:
                         chunks.append(receiver.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                if run.abandoned:
+                    return
                 events = [run.lifecycle.chunk(chunk) for chunk in chunks]
                 try:
                     await self.bus.publish_many(events)
@@ -655,7 +691,7 @@ class Provider:
         with scope:
             while True:
                 await anyio.sleep(interval)
-                if run.lifecycle.terminal:
+                if run.lifecycle.terminal or run.abandoned:
                     return
                 try:
                     await self.bus.publish_live(run.lifecycle.heartbeat(time.monotonic()))
@@ -683,6 +719,9 @@ class Provider:
             fields["handler"] = run.registration.name
         if lifecycle.state.value == "failed":
             fields["error"] = event.payload.get("error")
+        if run.abandoned:
+            self.log.info("request_released", **fields)
+            return
         with anyio.CancelScope(shield=True):
             try:
                 await self.bus.publish(event)

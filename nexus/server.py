@@ -73,10 +73,12 @@ class NexusServer:
         self.settings = settings or Settings()
         self.bus = bus if bus is not None else make_bus(self.settings)
         self.provider = Provider(self.bus, self.settings.provider_settings())
-        register_all(self.provider, [h for h in handlers if isinstance(h, HandlerSpec)], self.settings.handler_config)
+        defaults = self.settings.plugin_defaults()
+        specs = [h for h in handlers if isinstance(h, HandlerSpec)]
+        register_all(self.provider, specs, self.settings.handler_config, defaults)
         for item in handlers:
             if not isinstance(item, HandlerSpec):
-                self.provider.register(item)
+                self.provider.register(item, config=dict(defaults))
         self.servicer = NexusServicer(
             self.bus,
             self.provider,
@@ -85,10 +87,13 @@ class NexusServer:
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
+        self.ws_port = 0
+        self.gateway: Any = None  # nexus.gateway.server.GatewayServer when settings.gateway is on
         self._grpc: grpc.aio.Server | None = None
         self._provider_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._health_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> str:
@@ -131,15 +136,60 @@ class NexusServer:
         self.grpc_port = port
         await server.start()
         self._grpc = server
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.gateway:
+            await self._start_gateway()
+        self.bus.on_health(self._on_bus_health)
+        await self._set_health(self.bus.healthy)
         log.info(
             "server_started",
             grpc=f"{self.settings.host}:{port}",
+            ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
             epoch=self.bus.epoch,
             handlers=sorted(self.provider.registrations),
             **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
         )
+
+    async def _start_gateway(self) -> None:
+        """The WebSocket gateway and its page on ``settings.ws_port``, over this node's bus and provider."""
+        from nexus.gateway.backend import LocalBackend
+        from nexus.gateway.server import GatewayServer, GatewaySettings
+
+        gateway = GatewayServer(
+            LocalBackend(self.bus, self.provider),
+            GatewaySettings(
+                host=self.settings.host,
+                port=self.settings.ws_port,
+                max_frame_bytes=self.settings.ws_max_frame_bytes,
+                max_payload_bytes=self.settings.max_payload_bytes,
+                subscriber_queue=self.settings.subscriber_queue,
+                shutdown_grace_s=self.settings.shutdown_grace_s,
+            ),
+        )
+        try:
+            await gateway.start()
+        except OSError as exc:
+            bind = f"{self.settings.host}:{self.settings.ws_port}"
+            raise OSError(
+                f"could not bind the WebSocket port {bind} ({exc.strerror or exc}); "
+                "choose another with --ws-port or turn the gateway off with --no-gateway"
+            ) from exc
+        self.gateway = gateway
+        self.ws_port = gateway.port
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _on_bus_health(self, healthy: bool) -> None:
+        """The bus lost or regained its backend (NATS): NOT_SERVING while it cannot store events."""
+        task = asyncio.get_running_loop().create_task(self._apply_bus_health())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _apply_bus_health(self) -> None:
+        if not self._stopping:  # the bus's state now, whatever order the callbacks' tasks run in
+            await self._set_health(self.bus.healthy)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: live streams end with ``cancelled``, subscribers get what is queued, then close."""
@@ -163,6 +213,10 @@ class NexusServer:
             # Closing the bus ends every subscription after its queued events: subscribers drain, then the
             # calls end with OK; new calls get UNAVAILABLE.
             await self.bus.close()
+            if self.gateway is not None:
+                # After the bus closed: each socket gets what was queued for it (the streams' `cancelled`
+                # events included), then is closed with 1001.
+                await self.gateway.stop(grace)
             if self._grpc is not None:
                 await self._grpc.stop(grace)
         finally:

@@ -121,6 +121,13 @@ class TestServer:
     def bus(self) -> Bus:
         return self.server.bus
 
+    @property
+    def ws_url(self) -> str:
+        """``ws://127.0.0.1:<port>/ws`` of the gateway (started with ``run_server(..., gateway=True)``)."""
+        if self.server.gateway is None:
+            raise RuntimeError("the gateway is off: start the server with run_server(..., gateway=True)")
+        return str(self.server.gateway.url)
+
     async def record(self, *patterns: str, since_offset: int = 0, epoch: str | None = None) -> Recorder:
         """Subscribe through the client and record what arrives (live once this returns)."""
         return await Recorder(self.client.subscribe(*patterns, since_offset=since_offset, epoch=epoch)).start()
@@ -140,10 +147,17 @@ async def run_server(
     """Start a server on 127.0.0.1 and a free port with ``handlers``; stop it afterwards.
 
     ``overrides`` set :class:`~nexus.config.Settings` fields (``heartbeat_interval=0.05``, ...). Entry points
-    are not loaded: a test names its handlers.
+    are not loaded: a test names its handlers. The WebSocket gateway is off unless ``gateway=True`` (it then
+    listens on a free port too: ``nexus.server.ws_port``, ``nexus.ws_url``).
     """
     base = settings or Settings()
-    fields: dict[str, Any] = {"host": "127.0.0.1", "grpc_port": 0, "load_entry_points": False}
+    fields: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "ws_port": 0,
+        "gateway": False,
+        "load_entry_points": False,
+    }
     fields.update(overrides)
     server = NexusServer(dataclasses.replace(base, **fields), bus=bus, handlers=list(handlers))
     await server.start()

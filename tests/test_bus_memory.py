@@ -512,3 +512,15 @@ async def test_control_messages_reach_callbacks(bus: MemoryBus) -> None:
     await _flush()
     assert seen == [message]
     assert seen[0] is not message
+
+
+async def test_offset_zero_with_the_epoch_replays_the_whole_history() -> None:
+    """since_offset 0 with the current epoch means 'nothing seen yet': everything retained is replayed."""
+    bus = MemoryBus()
+    await bus.start()
+    for i in range(3):
+        await bus.publish(Event.create("demo:a:v1:b", {"i": i}))
+    sub = await bus.subscribe([">"], since_offset=0, epoch=bus.epoch)
+    assert sub.recovered is True
+    assert [e.offset for e in sub.take_nowait()] == [1, 2, 3]
+    await bus.close()

@@ -104,6 +104,8 @@ def start_server(directory: Path) -> Served:
                 "serve",
                 "--grpc-port",
                 str(port),
+                "--ws-port",
+                "0",
                 "--no-entry-points",
                 "--handler",
                 f"{HANDLER_MODULE}:Echo",

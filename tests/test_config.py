@@ -12,6 +12,8 @@ from nexus.config import ConfigError, Settings, load_settings
 from nexus.detect import DEFAULT_RULES
 from nexus.provider import ProviderSettings
 
+HERE = Path(__file__).resolve().parent
+
 
 def write_config(tmp_path: Path, text: str) -> str:
     path = tmp_path / "nexus.toml"
@@ -38,6 +40,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "NEXUS_GRPC_PORT": "1",
         "NEXUS_WS_PORT": "2",
         "NEXUS_GATEWAY": "off",
+        "NEXUS_WS_MAX_FRAME_BYTES": "4096",
         "NEXUS_BUS": "nats://127.0.0.1:4222",
         "NEXUS_HEARTBEAT_INTERVAL": "0.5",
         "NEXUS_STREAM_TIMEOUT": "60",
@@ -46,6 +49,14 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "NEXUS_DEDUPE_WINDOW_S": "0",
         "NEXUS_MAX_PAYLOAD_BYTES": "5",
         "NEXUS_SUBSCRIBER_QUEUE": "6",
+        "NEXUS_NATS_STREAM": "EVENTS",
+        "NEXUS_NATS_SUBJECT_PREFIX": "acme.events",
+        "NEXUS_NATS_RETENTION": "interest",
+        "NEXUS_NATS_REPLICAS": "3",
+        "NEXUS_NATS_STORAGE": "memory",
+        "NEXUS_NATS_MAX_AGE_S": "86400",
+        "NEXUS_NATS_ACK_TIMEOUT_S": "0.5",
+        "NEXUS_NATS_NODE_HEARTBEAT_S": "0.25",
         "NEXUS_HANDLERS": "pkg.a:A, pkg.b:Outer.B",
         "NEXUS_LOAD_ENTRY_POINTS": "0",
         "NEXUS_EXCLUDE_HANDLERS": "countdown,echo",
@@ -53,6 +64,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "NEXUS_LOG_LEVEL": "debug",
         "NEXUS_STREAMING_RULES": "action_prefix:live_,contains::chunks:",
         "NEXUS_SHUTDOWN_GRACE_S": "2.5",
+        "NEXUS_LOG_DIR": str(HERE),
         "NEXUS_HANDLER_CONFIG": '{"countdown": {"max_n": 7}}',
     }
     assert {name.removeprefix("NEXUS_").lower() for name in env} == {
@@ -66,6 +78,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         grpc_port=1,
         ws_port=2,
         gateway=False,
+        ws_max_frame_bytes=4096,
         bus="nats://127.0.0.1:4222",
         heartbeat_interval=0.5,
         stream_timeout=60.0,
@@ -74,6 +87,14 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         dedupe_window_s=0.0,
         max_payload_bytes=5,
         subscriber_queue=6,
+        nats_stream="EVENTS",
+        nats_subject_prefix="acme.events",
+        nats_retention="interest",
+        nats_replicas=3,
+        nats_storage="memory",
+        nats_max_age_s=86400.0,
+        nats_ack_timeout_s=0.5,
+        nats_node_heartbeat_s=0.25,
         handlers=["pkg.a:A", "pkg.b:Outer.B"],
         load_entry_points=False,
         exclude_handlers=["countdown", "echo"],
@@ -81,6 +102,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         log_level="debug",
         streaming_rules=["action_prefix:live_", "contains::chunks:"],
         shutdown_grace_s=2.5,
+        log_dir=str(HERE),
         handler_config={"countdown": {"max_n": 7}},
     )
 
@@ -237,6 +259,12 @@ FILE = "config file"
         ("handler_config = {}", {}, {}, "handler_config", FILE, "[handlers.<name>]"),
         ("", {"NEXUS_HANDLER_CONFIG": "[1]"}, {}, "handler_config", "NEXUS_HANDLER_CONFIG", "handler names"),
         ("", {}, {"grpc_prot": 1}, "grpc_prot", "flag --grpc-prot", "did you mean 'grpc_port'"),
+        ('nats_stream = "a.b"', {}, {}, "nats_stream", FILE, "stream name"),
+        ("", {"NEXUS_NATS_SUBJECT_PREFIX": "a.>"}, {}, "nats_subject_prefix", "NEXUS_NATS_SUBJECT_PREFIX", "prefix"),
+        ("", {}, {"nats_retention": "workqueue"}, "nats_retention", "flag --nats-retention", "no overlapping"),
+        ("nats_replicas = 7", {}, {}, "nats_replicas", FILE, "from 1 to 5"),
+        ("", {}, {"nats_storage": "disk"}, "nats_storage", "flag --nats-storage", "file, memory"),
+        ("", {"NEXUS_NATS_ACK_TIMEOUT_S": "0"}, {}, "nats_ack_timeout_s", "NEXUS_NATS_ACK_TIMEOUT_S", "positive"),
     ],
 )
 def test_validation_errors_name_field_and_source(

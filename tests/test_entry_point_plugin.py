@@ -137,6 +137,7 @@ def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSe
         "serve",
         "--grpc-port",
         str(port),
+        "--no-gateway",
         "--host",
         "127.0.0.1",
         "--heartbeat-interval",

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from nexus.eventdocs import render_events
+from nexus.eventdocs import HandlerClass, render_events
 from nexus.plugins import discover
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_IN = "nexus.handlers."
 
 
-def _built_in_handlers() -> list[type]:
+def _built_in_handlers() -> list[HandlerClass]:
     specs = discover(True, (), ())
     return [type(s.handler) for s in specs if type(s.handler).__module__.startswith(BUILT_IN)]
 

@@ -8,6 +8,7 @@ import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -278,7 +279,7 @@ def test_config_for_lays_the_handler_section_over_its_plugin_section() -> None:
     """An entry point named plugin.handler gets [handlers.plugin], with its own nested or quoted section on top."""
     from nexus.plugins import config_for
 
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "places": {"dwell_radius_m": 60, "max_gap_s": 600, "track_location": {"min_dwell_s": 30}},
         "places.stream_encounters": {"max_gap_s": 10},
     }

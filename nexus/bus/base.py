@@ -16,12 +16,36 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.errors import SlowConsumer
-from nexus.events import REQUESTED, Event, JSONObject
+from nexus.events import REQUESTED, Event, EventType, JSONObject
 from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
 DEFAULT_MAX_PENDING: Final = 10_000
 ControlCallback = Callable[[JSONObject], None]
+HealthCallback = Callable[[bool], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestRoute:
+    """A handler a consumer-group member serves: ``service:action`` (any version) or ``service:action:vN``.
+
+    ``ordered`` says the handler has an ``ordering_key``; a bus shared by several nodes then lets one node at a
+    time take that handler's requests, so per-key order holds across nodes.
+    """
+
+    route: str
+    ordered: bool = False
+
+    @property
+    def service_action(self) -> str:
+        """``service:action``, the part shared by every version."""
+        service, action = self.route.split(":")[:2]
+        return f"{service}:{action}"
+
+    def matches(self, event_type: str) -> bool:
+        """Whether a ``requested`` event of ``event_type`` is for this handler (a pinned version or any)."""
+        parsed = EventType.parse(event_type)
+        return self.route in (parsed.base, f"{parsed.service}:{parsed.action}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -386,8 +410,15 @@ class Bus(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def consume_requests(self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
-        """Receive ``requested`` events live; each goes to exactly one member of ``group``."""
+    async def consume_requests(
+        self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
+    ) -> Subscription:
+        """Receive ``requested`` events live; each goes to exactly one member of ``group``.
+
+        ``routes`` are the handlers this member serves. A bus shared by several nodes gives a member the
+        requests for its routes, and the requests no live member serves (so it can answer ``no_handler``); a
+        single-process bus gives it every request.
+        """
 
     @abc.abstractmethod
     async def head_offset(self) -> int:
@@ -409,6 +440,12 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     def metrics(self) -> Metrics:
         """Live rates and delivery latency (the fan-out's :class:`~nexus.metrics.Metrics`)."""
+
+    def on_health(self, callback: HealthCallback) -> None:
+        """Call ``callback(healthy)`` whenever :attr:`healthy` changes while the bus runs (a lost connection).
+
+        A bus whose health only changes at :meth:`start` and :meth:`close` never calls it.
+        """
 
     def describe(self) -> dict[str, Any]:
         """A short description for logs."""

@@ -23,6 +23,7 @@ from nexus.bus.base import (
     ControlCallback,
     Fanout,
     Published,
+    RequestRoute,
     Subscription,
 )
 from nexus.errors import BusUnavailable
@@ -212,12 +213,16 @@ class MemoryBus(Bus):
             epoch=self.epoch,
             recovered=recovered,
         )
-        if recovered and since_offset > 0:
+        if recovered:  # since_offset 0 with an epoch: everything of that epoch, when the ring still holds it all
             self._replay(sub, since_offset)
         self._fanout.register(sub)
         return sub
 
-    async def consume_requests(self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+    async def consume_requests(
+        self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
+    ) -> Subscription:
+        # One process: every member gets its share of every request; the provider routes them (``routes``
+        # matter only to a bus shared by several nodes).
         self._check_open()
         sub = Subscription(self._fanout, max_pending=max_pending, start_after=self._head, epoch=self.epoch, group=group)
         self._fanout.register(sub)

@@ -1,0 +1,449 @@
+"""One WebSocket connection's view of the bus: its subscription, its requests and their leases.
+
+A connection has ONE subscription on the backend, created by its first ``subscribe`` (or its first request):
+its patterns and the correlation ids of the requests it sent (``Subscription.follow``) share one ordered queue,
+so every event reaches the connection once, in offset order, whatever the overlap of its patterns, its
+subscribe frames and its requests' lifecycles. A task (the pump) moves each batch the bus queued to the
+connection's ``deliver`` callback, which never awaits.
+
+- The first ``subscribe`` with ``since_offset``/``epoch`` replays what came after it (``recovered``); later
+  ``subscribe`` frames add patterns live (a ``since_offset`` on them is answered ``recovered: false``: the
+  connection's stream has already started; resume by reconnecting with one frame holding every pattern).
+- A request follows its correlation id *before* it is published, so no lifecycle event can slip by; events
+  that arrive while its publish is under way are held back, so ``published`` comes first.
+- A repeated request (an ``event_id`` the bus already stored) replays the original's lifecycle from its own
+  offset, as gRPC ``RequestEvent`` does.
+- :meth:`Link.close` releases the leases of requests whose lifecycle has not ended: their streams end with
+  ``cancelled`` (``reason: requester disconnected``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Final
+
+import structlog
+
+from nexus.bus.base import DEFAULT_MAX_PENDING, Subscription
+from nexus.errors import InvalidArgument, NotFound, SlowConsumer
+from nexus.events import TERMINAL_STATES, Event
+
+from .backend import Backend, RequestLease, Stored
+from .protocol import GatewayCode
+
+MAX_BATCH: Final = 1024
+ROOM_CHECK_S: Final = 0.1
+RECENT_REPEATS: Final = 1024
+
+log = structlog.get_logger("nexus.gateway")
+
+Deliver = Callable[[Sequence[Event]], int]
+"""Takes events in order without awaiting; returns how many it took (fewer when the outgoing queue is full)."""
+Room = Callable[[], int]
+"""How many frames the outgoing queue has room for now (0: full)."""
+WaitRoom = Callable[[], Awaitable[None]]
+"""Waits until the outgoing queue has room again."""
+OnEnd = Callable[[str | None], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    """What the ``subscribed`` frame reports."""
+
+    patterns: tuple[str, ...]
+    recovered: bool | None
+    epoch: str
+    head_offset: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Request:
+    """A request this connection sent whose lifecycle it follows."""
+
+    correlation_id: str
+    base: str
+    lease: RequestLease | None = None
+    last_offset: int = 0
+    finished: bool = False
+
+
+def _base(event_type: str) -> str:
+    return event_type.rsplit(":", 1)[0]
+
+
+class Link:
+    """The bus side of one connection. ``deliver`` takes events in order (as many as its outgoing queue has room
+    for; ``wait_room`` waits for more room, so a replay of any length flows through a bounded queue, while live
+    events that pile up overflow the subscription's ``max_pending`` instead); ``on_end`` hears that the
+    subscription ended by itself, with the error code to close the connection with (``too_slow``, or what
+    :meth:`Backend.subscription_lost` says), or None when the backend is shutting down."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        deliver: Deliver,
+        room: Room,
+        wait_room: WaitRoom,
+        on_end: OnEnd,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.backend = backend
+        self._deliver = deliver
+        self._free = room
+        self._wait_room = wait_room
+        self._on_end = on_end
+        self.max_pending = max_pending
+        self._sub: Subscription | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._requests: dict[str, _Request] = {}
+        self._repeats: dict[str, tuple[Subscription, asyncio.Task[None]]] = {}
+        self._repeats_done: OrderedDict[str, None] = OrderedDict()
+        self._skip_through: dict[str, int] = {}
+        self._holding = 0
+        self._released = asyncio.Event()
+        self._released.set()
+        self._leftover: list[Event] = []  # filtered, not yet taken by deliver (the outgoing queue was full)
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    @property
+    def patterns(self) -> list[str]:
+        """The patterns this connection follows."""
+        return list(self._sub.patterns) if self._sub is not None else []
+
+    # --- subscribing ------------------------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        patterns: Sequence[str],
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        announce: Callable[[SubscribeResult], None],
+    ) -> None:
+        """Follow ``patterns``; ``announce`` is called before any event of a replay is delivered."""
+        self._check_open()
+        resume = since_offset > 0 or bool(epoch)
+        sub = self._sub
+        if sub is None:
+            sub = await self.backend.subscribe(
+                patterns, since_offset=since_offset, epoch=epoch, max_pending=self.max_pending
+            )
+            self._attach(sub)
+            announce(SubscribeResult(tuple(patterns), sub.recovered, sub.epoch, sub.head_offset))
+            self._start_pump(sub)
+            return
+        if resume and not sub.patterns:
+            await self._resubscribe(sub, patterns, since_offset, epoch, announce)
+            return
+        sub.add_patterns(patterns)
+        head = await self.backend.head_offset()
+        announce(SubscribeResult(tuple(patterns), False if resume else None, sub.epoch, head))
+
+    async def _resubscribe(
+        self,
+        old: Subscription,
+        patterns: Sequence[str],
+        since_offset: int,
+        epoch: str | None,
+        announce: Callable[[SubscribeResult], None],
+    ) -> None:
+        """The first patterns of a connection that already follows requests: a new subscription with replay.
+
+        Lifecycle events the old subscription delivered are not delivered again (per request, its lifecycle is
+        a prefix in offset order, so remembering the last offset delivered is enough).
+        """
+        await self._stop_pump()
+        new = await self.backend.subscribe(
+            patterns,
+            since_offset=since_offset,
+            epoch=epoch,
+            correlation_ids=list(old.correlation_ids),
+            max_pending=self.max_pending,
+        )
+        # Let events stored before the new subscription but not yet handed out reach the old one, then take
+        # what it holds: without a replay (recovered false) the new one would skip them.
+        await asyncio.sleep(0)
+        try:
+            leftover = old.take_nowait()
+        except SlowConsumer:
+            leftover = []
+        old.close()
+        pending, self._leftover = self._leftover, []
+        await self._push([*pending, *self._filter(leftover)], new)
+        for correlation_id, request in self._requests.items():
+            self._skip_through[correlation_id] = request.last_offset
+        self._attach(new)
+        announce(SubscribeResult(tuple(patterns), new.recovered, new.epoch, new.head_offset))
+        self._start_pump(new)
+
+    async def unsubscribe(self, patterns: Sequence[str]) -> None:
+        """Stop following ``patterns``."""
+        self._check_open()
+        if self._sub is not None:
+            self._sub.remove_patterns(patterns)
+
+    def _attach(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    async def _ensure_subscription(self) -> Subscription:
+        if self._sub is None:
+            sub = await self.backend.subscribe((), max_pending=self.max_pending)
+            self._attach(sub)
+            self._start_pump(sub)
+            return sub
+        return self._sub
+
+    # --- the pump ---------------------------------------------------------------------------------------------
+
+    def _start_pump(self, sub: Subscription) -> None:
+        self._pump = asyncio.get_running_loop().create_task(self._run_pump(sub), name="nexus-gateway-pump")
+
+    async def _stop_pump(self) -> None:
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _run_pump(self, sub: Subscription) -> None:
+        try:
+            if self._leftover:
+                pending, self._leftover = self._leftover, []
+                await self._push(pending, sub)
+            while True:
+                # Take no more than the outgoing queue has room for: what waits beyond that stays in the
+                # subscription, whose bound (max_pending live events) cuts off a client that does not read.
+                room = await self._room(sub)
+                batch = await sub.next_batch(min(MAX_BATCH, room))
+                if not batch:
+                    break
+                # While a request is being published, its lifecycle waits here, so `published` comes first.
+                await self._released.wait()
+                await self._push(self._filter(batch), sub)
+        except SlowConsumer:
+            if not self._closed:
+                self._on_end(GatewayCode.TOO_SLOW)
+            return
+        if not self._closed and self._sub is sub:
+            self._on_end(self.backend.subscription_lost(sub))
+
+    async def _room(self, sub: Subscription) -> int:
+        """Room in the outgoing queue, waiting for it if there is none. The subscription cannot tell when it
+        overflows while nobody reads it, so a pump kept waiting looks at it now and then; an overflow then
+        surfaces as SlowConsumer."""
+        while True:
+            free = self._free()
+            if free > 0:
+                return free
+            try:
+                await asyncio.wait_for(self._wait_room(), ROOM_CHECK_S)
+            except TimeoutError:
+                if sub.closed:
+                    sub.take_nowait()  # raises SlowConsumer if that is why it closed
+                    return 1  # closed by the backend: next_batch returns what is left, then []
+
+    async def _push(self, events: list[Event], sub: Subscription) -> None:
+        """Hand ``events`` to ``deliver``, waiting for room in the outgoing queue as often as needed."""
+        while events:
+            taken = self._deliver(events)
+            if taken >= len(events):
+                return
+            events = events[taken:]
+            main = sub is self._sub
+            if main:
+                self._leftover = events  # kept if the pump is stopped while it waits
+            await self._room(sub)
+            if main:
+                self._leftover = []
+
+    def _filter(self, batch: Sequence[Event]) -> list[Event]:
+        """Drop what another path delivers; note the progress and end of this connection's requests."""
+        requests = self._requests
+        watched = bool(requests or self._repeats or self._repeats_done or self._skip_through)
+        if not watched:
+            return list(batch)
+        out: list[Event] = []
+        for event in batch:
+            correlation_id = event.metadata.get("correlation_id")
+            if correlation_id:
+                if correlation_id in self._repeats or correlation_id in self._repeats_done:
+                    continue  # a repeated request: its lifecycle comes from its own replay
+                skip = self._skip_through.get(correlation_id)
+                if skip is not None and 0 < event.offset <= skip:
+                    continue
+                request = requests.get(correlation_id)
+                if request is not None:
+                    if event.offset:
+                        request.last_offset = event.offset
+                    if event.state in TERMINAL_STATES and _base(event.event_type) == request.base:
+                        request.finished = True
+                        if request.lease is not None:
+                            self._finish(request)
+            out.append(event)
+        return out
+
+    def _finish(self, request: _Request) -> None:
+        """The lifecycle ended: stop following it and let go of its lease."""
+        self._requests.pop(request.correlation_id, None)
+        self._skip_through.pop(request.correlation_id, None)
+        if self._sub is not None:
+            self._sub.unfollow(request.correlation_id)
+        if request.lease is not None:
+            self._spawn(request.lease.release(cancel=False))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- publishing -------------------------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> Stored:
+        """Store an event that is not a request."""
+        self._check_open()
+        return await self.backend.publish(event)
+
+    async def request(self, event: Event, *, announce: Callable[[Stored], None]) -> None:
+        """Publish a ``requested`` event; its lifecycle follows ``announce`` (the ``published`` frame)."""
+        self._check_open()
+        correlation_id = event.event_id
+        if correlation_id in self._requests or correlation_id in self._repeats:
+            raise InvalidArgument(f"a request with event_id {correlation_id!r} is already live on this connection")
+        sub = await self._ensure_subscription()
+        request = _Request(correlation_id, _base(event.event_type))
+        self._requests[correlation_id] = request
+        sub.follow(correlation_id)  # before publishing: no lifecycle event can slip by
+        self._hold()
+        try:
+            try:
+                stored, lease = await self.backend.request(event)
+            except BaseException:
+                self._requests.pop(correlation_id, None)
+                if self._sub is not None:
+                    self._sub.unfollow(correlation_id)
+                raise
+            if stored.duplicate:
+                await self._repeat(request, stored, lease, announce)
+                return
+            request.lease = lease
+            announce(stored)
+        finally:
+            self._unhold()
+        if request.finished and self._requests.get(correlation_id) is request:
+            self._finish(request)
+
+    def _hold(self) -> None:
+        self._holding += 1
+        self._released.clear()
+
+    def _unhold(self) -> None:
+        self._holding -= 1
+        if not self._holding:
+            self._released.set()
+
+    async def _repeat(
+        self, request: _Request, stored: Stored, lease: RequestLease, announce: Callable[[Stored], None]
+    ) -> None:
+        """A repeated request: replay the original's lifecycle from its offset, once."""
+        correlation_id = request.correlation_id
+        self._requests.pop(correlation_id, None)
+        if self._sub is not None:
+            self._sub.unfollow(correlation_id)
+        # Lifecycle events delivered before the publish answered are not replayed; those the pump holds back
+        # are dropped by it (the correlation id is a repeat now): the replay carries them, in order.
+        skip_through = request.last_offset
+        original = stored.event
+        replay = await self.backend.subscribe(
+            correlation_ids=[correlation_id],
+            since_offset=original.offset,
+            epoch=original.epoch or None,
+            max_pending=self.max_pending,
+        )
+        if replay.recovered is False:
+            replay.close()
+            await lease.release(cancel=False)
+            raise InvalidArgument(
+                f"event_id {correlation_id!r} repeats a request whose lifecycle is no longer in the history; "
+                "use a fresh event_id for a new request"
+            )
+        announce(stored)
+        task = asyncio.get_running_loop().create_task(
+            self._run_repeat(correlation_id, replay, lease, skip_through), name="nexus-gateway-repeat"
+        )
+        self._repeats[correlation_id] = (replay, task)
+
+    async def _run_repeat(self, correlation_id: str, replay: Subscription, lease: RequestLease, skip: int) -> None:
+        try:
+            while True:
+                room = await self._room(replay)
+                batch = await replay.next_batch(min(MAX_BATCH, room))
+                if not batch:
+                    return
+                out = [event for event in batch if not 0 < event.offset <= skip]
+                await self._push(out, replay)
+                if any(event.state in TERMINAL_STATES for event in out):
+                    return
+        except SlowConsumer:
+            if not self._closed:
+                self._on_end(GatewayCode.TOO_SLOW)
+        finally:
+            replay.close()
+            self._repeats.pop(correlation_id, None)
+            self._repeats_done[correlation_id] = None
+            while len(self._repeats_done) > RECENT_REPEATS:
+                self._repeats_done.popitem(last=False)
+            with contextlib.suppress(Exception):
+                await lease.release(cancel=False)
+
+    async def cancel(self, correlation_id: str, reason: str) -> bool:
+        """Cancel a stream this connection started; raises :class:`NotFound` for any other."""
+        self._check_open()
+        request = self._requests.get(correlation_id)
+        if request is None or request.finished:
+            raise NotFound(f"no live stream started by this connection has correlation_id {correlation_id!r}")
+        return await self.backend.cancel(correlation_id, reason)
+
+    async def wait_delivered(self) -> None:
+        """Wait until the subscription has ended (the backend closed it) and everything it held was delivered."""
+        pump = self._pump
+        if pump is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(pump)
+
+    # --- closing ----------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument("the connection is closing")
+
+    async def close(self) -> None:
+        """Stop delivering; cancel the streams of requests whose lifecycle has not ended; leave no task."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_pump()
+        if self._sub is not None:
+            self._sub.close()
+        repeats = [task for _, task in self._repeats.values()]
+        for replay, task in list(self._repeats.values()):
+            replay.close()
+            task.cancel()
+        releases = []
+        for request in list(self._requests.values()):
+            if request.lease is not None:
+                releases.append(request.lease.release(cancel=not request.finished))
+        self._requests.clear()
+        results = await asyncio.gather(*releases, *repeats, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("gateway_release_failed", error=repr(result))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,308 @@
+"""A gateway apart from the core: the backend of ``nexus gateway --nexus HOST:PORT``.
+
+:class:`RemoteBackend` relays a remote Nexus over gRPC and presents the same subscriptions as the in-process
+bus, so a gateway process serves many browsers with one upstream stream:
+
+- one ``SubscribeEventBatches(">")`` call mirrors every event (heartbeats included) into a local history ring
+  of ``history_size`` events and hands it to the local fan-out (the bus's own :class:`~nexus.bus.base.Fanout`:
+  pattern trie, correlation ids, bounded queues). On start it first fills the ring from the upstream history,
+  so clients that move between gateways resume from their offset. After a cut it resumes from the last offset
+  it mirrored, with ``since_offset`` + ``epoch``: no gap, no duplicate. If the upstream lost that history (it
+  restarted: a new epoch), every connection is closed with 1012 so that clients resume and are told
+  ``recovered: false``.
+- publishing uses ``EmitEvent``; a request uses ``RequestEvent``, whose call is the requester's lease: ending
+  it before the terminal event (the socket closed) makes the server cancel the stream. ``cancel`` frames use
+  ``CancelStream``. The lifecycle itself reaches the connection through the mirror, in offset order with
+  everything else it follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Final
+
+import grpc
+import structlog
+
+from nexus.bus.base import DEFAULT_MAX_PENDING, Fanout, Subscription
+from nexus.client import NexusClient, error_from_rpc
+from nexus.errors import Unavailable
+from nexus.events import Event, JSONObject
+from nexus.grpc.convert import event_from_response, event_to_request
+from nexus.patterns import parse_pattern
+from nexus.v1 import nexus_pb2
+
+from .backend import Backend, RequestLease, Stored
+from .protocol import GatewayCode
+
+DEFAULT_HISTORY_SIZE: Final = 10_000
+FEED_BATCH: Final = 1_000
+LEASE_LINGER_S: Final = 5.0
+
+log = structlog.get_logger("nexus.gateway.remote")
+
+
+class _RemoteLease(RequestLease):
+    """A ``RequestEvent`` call kept open, read to its end; cancelling it before the end cancels the stream."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._reader = asyncio.get_running_loop().create_task(self._drain(), name="nexus-gateway-request")
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            async for _ in self._call:
+                pass
+
+    async def release(self, *, cancel: bool) -> None:
+        if not cancel:
+            # The lifecycle ended: the server ends the call after the terminal event.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), LEASE_LINGER_S)
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class RemoteBackend(Backend):
+    """Relays the Nexus at ``target`` (``host:port``)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        metadata: Iterable[tuple[str, str]] = (),
+        connect_timeout: float = 10.0,
+        max_retry_delay: float = 5.0,
+    ) -> None:
+        if history_size < 1:
+            raise ValueError("history_size must be at least 1")
+        self.target = target
+        self.client = NexusClient(target, metadata=metadata)
+        self.history_size = history_size
+        self.connect_timeout = connect_timeout
+        self.max_retry_delay = max_retry_delay
+        self._fanout = Fanout()
+        self._ring: deque[Event] = deque(maxlen=history_size)
+        self._head = 0
+        self._floor = 0  # every stored offset in (floor, head] is in the ring
+        self._epoch = ""
+        self._connected = False
+        self._ready = asyncio.Event()
+        self._feed_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._reset_subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self.resets = 0
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def healthy(self) -> bool:
+        return self._connected and not self._closed
+
+    def subscription_lost(self, sub: Subscription) -> str | None:
+        return GatewayCode.HISTORY_RESET if sub in self._reset_subs else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "RemoteBackend", "nexus": self.target, "epoch": self._epoch}
+
+    # --- the mirror -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and fill the history; raises :class:`Unavailable` if the upstream cannot be reached in time."""
+        self._feed_task = asyncio.get_running_loop().create_task(self._feed(), name="nexus-gateway-feed")
+        ready = asyncio.ensure_future(self._ready.wait())
+        done, _ = await asyncio.wait(
+            {ready, self._feed_task}, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if ready not in done:
+            ready.cancel()
+            failure = self._feed_task.exception() if self._feed_task in done else None
+            await self.close()
+            if failure is not None:
+                raise failure
+            raise Unavailable(f"could not reach the Nexus at {self.target} within {self.connect_timeout:g}s")
+
+    async def _open(self, since_offset: int, epoch: str) -> tuple[Any, dict[str, str]]:
+        request = nexus_pb2.SubscribeEventBatchesRequest(
+            event_types=[">"], since_offset=since_offset, epoch=epoch, max_batch_size=FEED_BATCH
+        )
+        call = self.client.stub.SubscribeEventBatches(request, metadata=self.client.metadata)
+        try:
+            initial = {str(k): str(v) for k, v in (await call.initial_metadata() or ())}
+        except BaseException:
+            call.cancel()
+            raise
+        return call, initial
+
+    async def _connect(self) -> Any:
+        """Open the mirror stream, resuming from the head when there is one; returns the call."""
+        if not self._epoch:
+            # First connection: learn the head, then ask for the history before it.
+            probe, initial = await self._open(0, "")
+            probe.cancel()
+            head = int(initial.get("nexus-head-offset", "0"))
+            since = max(1, head - self.history_size)
+            call, initial = await self._open(since, initial.get("nexus-epoch", ""))
+            self._epoch = initial.get("nexus-epoch", "")
+            upstream_head = int(initial.get("nexus-head-offset", "0"))
+            recovered = initial.get("nexus-recovered") == "true"
+            self._head = self._floor = since if recovered else upstream_head
+            return call
+        call, initial = await self._open(self._head, self._epoch)
+        epoch = initial.get("nexus-epoch", "")
+        if initial.get("nexus-recovered") != "true" or epoch != self._epoch:
+            self._reset(epoch, int(initial.get("nexus-head-offset", "0")))
+        return call
+
+    def _reset(self, epoch: str, head: int) -> None:
+        """The upstream no longer holds what follows our head: end every subscription (their connections close
+        with 1012 and resume), and start a new history."""
+        log.warning("gateway_upstream_history_lost", old_epoch=self._epoch, epoch=epoch, head=self._head)
+        self.resets += 1
+        self._reset_subs.update(self._fanout.subscriptions)
+        self._fanout.close_all()
+        self._ring.clear()
+        self._epoch = epoch
+        self._head = self._floor = head
+
+    async def _feed(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            call: Any = None
+            try:
+                call = await self._connect()
+                self._connected = True
+                self._ready.set()
+                delay = 0.05
+                log.info("gateway_upstream_connected", nexus=self.target, epoch=self._epoch, head=self._head)
+                async for message in call:
+                    self._ingest([event_from_response(item) for item in message.events])
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "the stream ended"
+                )
+            except grpc.aio.AioRpcError as error:
+                if self._closed:
+                    return
+                self._connected = False
+                log.warning("gateway_upstream_lost", nexus=self.target, code=error.code().name, head=self._head)
+            finally:
+                if call is not None:
+                    call.cancel()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.max_retry_delay)
+
+    def _ingest(self, events: list[Event]) -> None:
+        """Store and hand out a batch of mirrored events (synchronous, in offset order)."""
+        fresh: list[Event] = []
+        ring = self._ring
+        for event in events:
+            if event.offset:
+                if event.offset <= self._head:
+                    continue  # already mirrored
+                self._head = event.offset
+                if len(ring) == ring.maxlen:
+                    self._floor = ring[0].offset
+                ring.append(event)
+            fresh.append(event)
+        if fresh:
+            self._fanout.deliver(fresh, to_groups=False)
+
+    # --- Backend ----------------------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed or not self._epoch:
+            raise Unavailable(f"not connected to the Nexus at {self.target}")
+
+    async def subscribe(
+        self,
+        patterns: Iterable[str] = (),
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        correlation_ids: Iterable[str] = (),
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Subscription:
+        self._check()
+        patterns = list(patterns)
+        for pattern in patterns:
+            parse_pattern(pattern)
+        since_offset = max(0, since_offset)
+        recovered: bool | None = None
+        if since_offset > 0 or epoch:
+            recovered = (not epoch or epoch == self._epoch) and self._floor <= since_offset <= self._head
+        sub = Subscription(
+            self._fanout,
+            patterns=patterns,
+            correlation_ids=correlation_ids,
+            max_pending=max_pending,
+            start_after=self._head,
+            epoch=self._epoch,
+            recovered=recovered,
+        )
+        if recovered and since_offset > 0 and self._ring:
+            start = max(0, since_offset - self._ring[0].offset + 1)
+            sub.push([e for e in itertools.islice(self._ring, start, None) if sub.wants(e)], replay=True)
+        self._fanout.register(sub)
+        return sub
+
+    async def head_offset(self) -> int:
+        return self._head
+
+    async def publish(self, event: Event) -> Stored:
+        self._check()
+        try:
+            response = await self.client.stub.EmitEvent(event_to_request(event), metadata=self.client.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+        return Stored(event_from_response(response), response.message == "duplicate")
+
+    async def request(self, event: Event) -> tuple[Stored, RequestLease]:
+        self._check()
+        call = self.client.stub.RequestEvent(
+            nexus_pb2.RequestEventRequest(event=event_to_request(event)), metadata=self.client.metadata
+        )
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as error:
+            call.cancel()
+            raise error_from_rpc(error) from None
+        except BaseException:
+            call.cancel()
+            raise
+        if first is grpc.aio.EOF:
+            call.cancel()
+            raise Unavailable("the request call ended before the request was stored")
+        stored = Stored(event_from_response(first.event), first.event.message == "duplicate")
+        return stored, _RemoteLease(call)
+
+    async def cancel(self, correlation_id: str, reason: str) -> bool:
+        return await self.client.cancel(correlation_id, reason)
+
+    async def streams(self) -> list[JSONObject]:
+        return await self.client.streams()
+
+    async def handlers(self) -> list[JSONObject]:
+        return await self.client.handlers()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._connected = False
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed_task
+        self._fanout.close_all()
+        await self.client.close()

@@ -1,0 +1,349 @@
+"""The WebSocket gateway server: ``ws://HOST:PORT/ws`` and the operator page at ``/`` on the same port.
+
+Built on ``websockets.asyncio.server``. HTTP requests that are not a WebSocket upgrade of ``/ws`` are answered
+by ``process_request``: the page (``/``), its static files (``/static/...``, with their Content-Type), a health
+check (``/healthz``) and two small JSON listings the page reads (``/api/streams``, ``/api/handlers``).
+
+::
+
+    gateway = GatewayServer(LocalBackend(server.bus, server.provider), GatewaySettings(port=0))
+    await gateway.start()        # gateway.port is the bound port
+    ...
+    await gateway.stop()         # writes what is queued, then closes every socket with 1001
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import http
+import json
+import socket
+import uuid
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from nexus.errors import NexusError
+
+from .auth import Authenticator, Credentials, allow_all, token_from
+from .backend import Backend
+from .connection import ConnectionLimits, GatewayConnection, GatewayStats
+from .protocol import SUBPROTOCOL, EventFrameCache, ProtocolError, close_reason, encode_protocol_error, error_spec
+
+WS_PATH: Final = "/ws"
+DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
+
+CONTENT_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".txt": "text/plain; charset=utf-8",
+}
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+log = structlog.get_logger("nexus.gateway")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """How the gateway listens and how much it holds per connection."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    """0 picks a free port (``GatewayServer.port`` tells which)."""
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    """Largest frame a client may send; a larger one closes the connection with 1009."""
+    max_payload_bytes: int = 1024 * 1024
+    queue_frames: int = 10_000
+    """Frames queued for one connection before it is closed with 4008 (too slow)."""
+    queue_bytes: int = 16 * 1024 * 1024
+    """Bytes queued for one connection before it is closed with 4008."""
+    write_limit: int = 64 * 1024
+    """Bytes in a socket's write buffer above which its writer waits for it to drain."""
+    send_buffer_bytes: int | None = None
+    """The kernel send buffer of each connection (SO_SNDBUF); None leaves the system's autotuning, which lets
+    a stalled client hold a few MiB of kernel memory before its outgoing queue starts to fill."""
+    subscriber_queue: int = 10_000
+    max_frames_per_s: float = 2_000.0
+    """Frames per second one connection may send on average (bursts of as many); faster ones are paced."""
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    close_timeout: float = 10.0
+    shutdown_grace_s: float = 5.0
+
+
+def _static_files() -> dict[str, tuple[bytes, str]]:
+    """The page and its assets, read once: name -> (body, Content-Type)."""
+    files: dict[str, tuple[bytes, str]] = {}
+    root = resources.files(__package__ or "nexus.gateway").joinpath("static")
+    for entry in root.iterdir():
+        if not entry.is_file():
+            continue
+        suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
+        content_type = CONTENT_TYPES.get(suffix)
+        if content_type is not None:
+            files[entry.name] = (entry.read_bytes(), content_type)
+    return files
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str, **extra: str) -> Response:
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Content-Type-Options"] = "nosniff"
+    for name, value in extra.items():
+        headers[name.replace("_", "-")] = value
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json_response(data: Any, status: http.HTTPStatus = http.HTTPStatus.OK) -> Response:
+    body = json.dumps(data, separators=(",", ":"), allow_nan=False, default=str).encode()
+    return _response(status, body, "application/json")
+
+
+def _text_response(status: http.HTTPStatus, text: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+def _address(connection: ServerConnection) -> str:
+    remote = connection.remote_address
+    return f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) and len(remote) >= 2 else ""
+
+
+def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Select ``nexus.v1`` when offered (Chromium aborts a handshake whose offer is not answered); a client that
+    offers subprotocols without it is refused; one that offers none proceeds without."""
+    if SUBPROTOCOL in offered:
+        return Subprotocol(SUBPROTOCOL)
+    if offered:
+        raise NegotiationError(f"offer the {SUBPROTOCOL} subprotocol (a token may follow it)")
+    return None
+
+
+class GatewayServer:
+    """Serves the WebSocket protocol of DESIGN.md §5 and the operator page."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: GatewaySettings | None = None,
+        *,
+        authenticator: Authenticator = allow_all,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings or GatewaySettings()
+        self.authenticator = authenticator
+        self.stats = GatewayStats()
+        self.frames = EventFrameCache()
+        self.connections: dict[str, GatewayConnection] = {}
+        self.port = 0
+        self._server: Server | None = None
+        self._static = _static_files()
+        self._stopping = False
+        s = self.settings
+        self._limits = ConnectionLimits(
+            queue_frames=s.queue_frames,
+            queue_bytes=s.queue_bytes,
+            write_limit=s.write_limit,
+            max_payload_bytes=s.max_payload_bytes,
+            subscriber_queue=s.subscriber_queue,
+            max_frames_per_s=s.max_frames_per_s,
+        )
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/ws`` clients connect to."""
+        return f"ws://{self._client_host}:{self.port}{WS_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port/``, the page."""
+        return f"http://{self._client_host}:{self.port}/"
+
+    @property
+    def _client_host(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
+
+    async def start(self) -> None:
+        """Bind and serve; ``port`` is the bound port."""
+        s = self.settings
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            select_subprotocol=select_subprotocol,
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            # Per-message compression would compress every frame once per connection, undoing the single
+            # encoding of each event; frames go out as they are.
+            compression=None,
+            max_size=s.max_frame_bytes,
+            write_limit=s.write_limit,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            close_timeout=s.close_timeout,
+            server_header=None,
+        )
+        sockets = self._server.sockets
+        self.port = int(sockets[0].getsockname()[1]) if sockets else s.port
+        log.info("gateway_started", url=self.url, page=self.http_url, **self.backend.describe())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting; write what each connection still has to get (bounded by ``grace``), close every
+        socket with 1001 (going away), and wait until every connection's tasks have ended."""
+        if self._stopping or self._server is None:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        server = self._server
+        server.close(close_connections=False)
+        spec = error_spec("going_away")
+        code = spec.close_code or 1001
+        await asyncio.gather(
+            *(c.finish(code, "server shutting down", grace) for c in list(self.connections.values())),
+            return_exceptions=True,
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace + self.settings.close_timeout):
+                await server.wait_closed()
+        log.info("gateway_stopped", **dataclasses.asdict(self.stats))
+
+    # --- HTTP -------------------------------------------------------------------------------------------------
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == WS_PATH:
+            if self._stopping:
+                return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is shutting down\n")
+            return None  # the WebSocket handshake goes on
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return _text_response(http.HTTPStatus.NOT_FOUND, f"WebSocket connections go to {WS_PATH}\n")
+        if path in ("/", "/index.html"):
+            return self._static_response("index.html")
+        if path.startswith("/static/"):
+            return self._static_response(path.removeprefix("/static/"))
+        if path == "/healthz":
+            if self.backend.healthy and not self._stopping:
+                return _text_response(http.HTTPStatus.OK, "ok\n")
+            return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        if path in ("/api/streams", "/api/handlers"):
+            refusal = await self._authorize_http(connection, request)
+            if refusal is not None:
+                return refusal
+            return await self._api(self.backend.streams if path == "/api/streams" else self.backend.handlers)
+        return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _authorize_http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The listings go through the same hook as WebSockets (token: ``?token=`` or ``Authorization: Bearer``)."""
+        token = token_from(request.path, ())
+        authorization = request.headers.get("Authorization", "")
+        if token is None and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip() or None
+        credentials = Credentials(token, request.path, _address(connection), dict(request.headers.raw_items()))
+        try:
+            await self.authenticator(credentials)
+        except NexusError as exc:
+            denied = exc.code.value == "permission_denied"
+            status = http.HTTPStatus.FORBIDDEN if denied else http.HTTPStatus.UNAUTHORIZED
+            return _json_response({"error": exc.code.value, "message": exc.message}, status)
+        return None
+
+    def _static_response(self, name: str) -> Response:
+        entry = self._static.get(name)
+        if entry is None:
+            return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
+        body, content_type = entry
+        extra = {"Content_Security_Policy": CONTENT_SECURITY_POLICY} if content_type.startswith("text/html") else {}
+        return _response(http.HTTPStatus.OK, body, content_type, **extra)
+
+    async def _api(self, fetch: Any) -> Response:
+        try:
+            data = await fetch()
+        except NexusError as exc:
+            return _json_response({"error": exc.code.value, "message": exc.message}, http.HTTPStatus.BAD_GATEWAY)
+        return _json_response(data)
+
+    # --- WebSocket ---------------------------------------------------------------------------------------------
+
+    async def _authenticate(self, ws: ServerConnection) -> tuple[bool, str | None]:
+        request = ws.request
+        assert request is not None
+        offered = [
+            entry.strip()
+            for header in request.headers.get_all("Sec-WebSocket-Protocol")
+            for entry in header.split(",")
+            if entry.strip()
+        ]
+        credentials = Credentials(
+            token=token_from(request.path, offered),
+            path=request.path,
+            remote_address=_address(ws),
+            headers=dict(request.headers.raw_items()),
+            subprotocols=tuple(offered),
+        )
+        try:
+            return True, await self.authenticator(credentials)
+        except NexusError as exc:
+            error = ProtocolError.from_error(exc)
+        except Exception as exc:
+            log.exception("gateway_authenticator_failed", error=repr(exc))
+            error = ProtocolError("unauthenticated", "the credentials could not be checked")
+        if not error.spec.fatal:
+            error = ProtocolError("unauthenticated", error.message)
+        self.stats.auth_refused += 1
+        log.info("gateway_auth_refused", code=error.code, remote=credentials.remote_address)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode_protocol_error(error), text=True)
+            await ws.close(error.spec.close_code or 1008, close_reason(error.message))
+        return False, None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        if self.settings.send_buffer_bytes is not None:
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer_bytes)
+        accepted, user_id = await self._authenticate(ws)
+        if not accepted:
+            return
+        connection_id = uuid.uuid4().hex[:16]
+        connection = GatewayConnection(
+            ws,
+            self.backend,
+            connection_id=connection_id,
+            user_id=user_id,
+            limits=self._limits,
+            frames=self.frames,
+            stats=self.stats,
+        )
+        self.connections[connection_id] = connection
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        connection.log.debug("gateway_connected", user_id=user_id)
+        try:
+            await connection.run()
+        finally:
+            del self.connections[connection_id]
+            self.stats.connections -= 1
+            connection.log.debug("gateway_disconnected", close=connection.closing, last_offset=connection.last_offset)

@@ -1,0 +1,360 @@
+// The operator page: live events with a pattern filter, active streams, events/s, and a request form.
+// Everything goes through nexus-client.js over the gateway's WebSocket; /api/streams and /api/handlers
+// fill in what was running before the page opened and the request types the server handles.
+(function () {
+  "use strict";
+
+  const MAX_ROWS = 500;
+  const RATE_WINDOW_S = 5;
+  const SPARK_BARS = 30;
+  const TERMINAL = new Set(["success", "failed", "timeout", "cancelled"]);
+  const KNOWN_STATES = new Set(["requested", "started", "stream", "heartbeat", ...TERMINAL]);
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, className, text) => {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const stateOf = (type) => type.slice(type.lastIndexOf(":") + 1);
+  const baseOf = (type) => type.slice(0, type.lastIndexOf(":"));
+  const short = (id) => (id ? id.slice(0, 8) : "");
+  const badge = (state) => el("span", "badge state-" + (KNOWN_STATES.has(state) ? state : "other"), state);
+  const compact = (value) => {
+    const text = JSON.stringify(value);
+    return text.length > 240 ? text.slice(0, 240) + "…" : text;
+  };
+  const timeOf = (timestamp) => {
+    const date = timestamp ? new Date(timestamp) : new Date();
+    return date.toLocaleTimeString([], { hour12: false }) + "." + String(date.getMilliseconds()).padStart(3, "0");
+  };
+  const age = (seconds) => {
+    if (seconds < 60) return seconds.toFixed(1) + "s";
+    const m = Math.floor(seconds / 60);
+    return m < 60 ? `${m}m ${Math.floor(seconds % 60)}s` : `${Math.floor(m / 60)}h ${m % 60}m`;
+  };
+
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const token = new URLSearchParams(location.search).get("token") || undefined;
+  const api = (path) => fetch(path, { cache: "no-store", headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  let pattern = ">";
+  const client = new NexusClient(`${scheme}//${location.host}/ws`, { patterns: [pattern], token });
+  window.nexus = client; // handy from the devtools console
+
+  // --- status -------------------------------------------------------------------------------------------
+
+  client.on("status", ({ state, code, reason }) => {
+    const status = $("status");
+    if (state === "open") {
+      status.dataset.state = "connected";
+      $("status-text").textContent = "connected";
+    } else if (state === "connecting") {
+      status.dataset.state = "connecting";
+      $("status-text").textContent = "connecting";
+    } else {
+      status.dataset.state = "offline";
+      $("status-text").textContent = code === 1008 ? "refused" : "reconnecting";
+      if (code === 1008) showNotice(`The server refused this connection: ${reason || "authentication"}.`);
+      if (code === 4008) showNotice("The page fell behind the event rate; it reconnected and resumed where it was.");
+    }
+  });
+  client.on("connection", (frame) => setEpoch(frame.epoch));
+  client.on("gap", ({ epoch }) => {
+    setEpoch(epoch);
+    showNotice("Some events could not be replayed after the reconnection (the server's history no longer " +
+      "holds them); the table continues live.");
+  });
+  client.on("error", (frame) => showNotice(`${frame.code}: ${frame.message}`));
+
+  function setEpoch(epoch) {
+    $("epoch").textContent = "epoch " + (epoch || "–");
+    $("epoch").title = epoch || "";
+  }
+
+  let noticeTimer = null;
+  function showNotice(text) {
+    const notice = $("notice");
+    notice.textContent = text;
+    notice.hidden = false;
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => { notice.hidden = true; }, 12000);
+  }
+
+  // --- events table and rate ----------------------------------------------------------------------------
+
+  const tbody = $("events").querySelector("tbody");
+  let total = 0;
+  const arrivals = []; // arrival times (ms) inside the rate window
+  const perSecond = new Array(SPARK_BARS).fill(0);
+  let currentSecond = Math.floor(Date.now() / 1000);
+
+  client.on("event", (event) => {
+    total += 1;
+    arrivals.push(Date.now());
+    perSecond[perSecond.length - 1] += 1;
+    trackStream(event);
+    if (event.offset > 0) $("offset").textContent = String(event.offset);
+    if (!$("pause").checked) addRow(event);
+    scheduleRender();
+  });
+
+  let renderQueued = false;
+  function scheduleRender() {
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(() => {
+      renderQueued = false;
+      renderRate();
+      renderStreams();
+    });
+  }
+
+  function rowVisible(row) {
+    const heartbeat = row.dataset.state === "heartbeat";
+    return NexusClient.matchPattern(pattern, row.dataset.type) && (!heartbeat || $("show-heartbeats").checked);
+  }
+
+  function addRow(event) {
+    const state = stateOf(event.type);
+    const row = el("tr", "fresh");
+    row.dataset.type = event.type;
+    row.dataset.state = state;
+    row.dataset.offset = String(event.offset);
+    const correlation = (event.metadata && event.metadata.correlation_id) || "";
+    row.append(
+      el("td", "time", timeOf(event.timestamp)),
+      el("td", "offset", event.offset ? String(event.offset) : "–"),
+      el("td", "type", baseOf(event.type)),
+    );
+    const stateCell = el("td", "state");
+    stateCell.append(badge(state));
+    const corrCell = el("td", "corr", short(correlation));
+    corrCell.title = correlation;
+    const payloadCell = el("td", "payload", compact(event.payload));
+    payloadCell.title = JSON.stringify(event.payload, null, 2);
+    row.append(stateCell, corrCell, payloadCell);
+    row.hidden = !rowVisible(row);
+    tbody.prepend(row);
+    while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(tbody.rows.length - 1);
+    $("events-empty").hidden = tbody.querySelector("tr:not([hidden])") !== null;
+  }
+
+  function refilter() {
+    for (const row of tbody.rows) row.hidden = !rowVisible(row);
+    $("empty-pattern").textContent = pattern;
+    $("events-empty").hidden = tbody.querySelector("tr:not([hidden])") !== null;
+  }
+
+  $("filter-form").addEventListener("submit", async (submit) => {
+    submit.preventDefault();
+    const input = $("filter");
+    const next = input.value.trim() || ">";
+    if (next === pattern) return;
+    input.classList.remove("invalid");
+    try {
+      await client.subscribe([next]);
+    } catch (err) {
+      input.classList.add("invalid");
+      showNotice(`Pattern refused: ${err.message}`);
+      return;
+    }
+    const previous = pattern;
+    pattern = next;
+    if (previous !== next) client.unsubscribe([previous]).catch(() => {});
+    refilter();
+  });
+  $("show-heartbeats").addEventListener("change", refilter);
+  $("clear").addEventListener("click", () => {
+    tbody.replaceChildren();
+    refilter();
+  });
+
+  function renderRate() {
+    const now = Date.now();
+    while (arrivals.length && arrivals[0] < now - RATE_WINDOW_S * 1000) arrivals.shift();
+    const rate = arrivals.length / RATE_WINDOW_S;
+    $("rate").textContent = rate >= 100 ? String(Math.round(rate)) : rate.toFixed(1);
+    $("total").textContent = String(total);
+    const second = Math.floor(now / 1000);
+    while (currentSecond < second) {
+      perSecond.shift();
+      perSecond.push(0);
+      currentSecond += 1;
+    }
+    const spark = $("spark");
+    const peak = Math.max(1, ...perSecond);
+    if (spark.children.length !== SPARK_BARS) {
+      spark.replaceChildren(...perSecond.map(() => el("span")));
+    }
+    perSecond.forEach((count, i) => {
+      spark.children[i].style.height = Math.round((count / peak) * 34) + "px";
+    });
+  }
+
+  // --- active streams -----------------------------------------------------------------------------------
+
+  const streams = new Map(); // correlation_id -> {type, count, startedAt (ms), state}
+
+  function trackStream(event) {
+    const correlation = event.metadata && event.metadata.correlation_id;
+    if (!correlation) return;
+    const state = stateOf(event.type);
+    let entry = streams.get(correlation);
+    if (state === "started") {
+      streams.set(correlation, { type: baseOf(event.type), count: 0, startedAt: Date.parse(event.timestamp) || Date.now() });
+      return;
+    }
+    if (!entry) {
+      if (state !== "stream" && state !== "heartbeat") return;
+      entry = { type: baseOf(event.type), count: 0, startedAt: Date.now() };
+      streams.set(correlation, entry);
+    }
+    if (state === "stream") entry.count += 1;
+    else if (state === "heartbeat" && typeof event.payload.stream_count === "number") {
+      entry.count = Math.max(entry.count, event.payload.stream_count);
+    } else if (TERMINAL.has(state)) streams.delete(correlation);
+  }
+
+  async function refreshStreams() {
+    try {
+      const response = await api("/api/streams");
+      if (!response.ok) return;
+      const live = await response.json();
+      const seen = new Set();
+      for (const info of live) {
+        if (info.state === "requested") continue; // queued, not started yet
+        seen.add(info.correlation_id);
+        const entry = streams.get(info.correlation_id);
+        const startedAt = Date.now() - (info.age_s || 0) * 1000;
+        if (entry) entry.count = Math.max(entry.count, info.stream_count || 0);
+        else streams.set(info.correlation_id, { type: baseOf(info.event_type), count: info.stream_count || 0, startedAt });
+      }
+      for (const [correlation, entry] of streams) {
+        if (!seen.has(correlation) && Date.now() - entry.startedAt > 10000) streams.delete(correlation);
+      }
+    } catch (err) {
+      // The listing is a convenience: the table keeps following events.
+    }
+  }
+
+  function renderStreams() {
+    const body = $("streams").querySelector("tbody");
+    const now = Date.now();
+    const rows = [...streams.entries()]
+      .sort((a, b) => a[1].startedAt - b[1].startedAt)
+      .map(([correlation, entry]) => {
+        const row = el("tr");
+        row.dataset.correlation = correlation;
+        const type = el("td", "type", entry.type);
+        type.title = entry.type;
+        const corr = el("td", "corr", short(correlation));
+        corr.title = correlation;
+        row.append(type, corr, el("td", "count", String(entry.count)), el("td", "age", age(Math.max(0, (now - entry.startedAt) / 1000))));
+        return row;
+      });
+    body.replaceChildren(...rows);
+    $("streams-empty").hidden = rows.length > 0;
+    $("active-count").textContent = String(rows.length);
+  }
+
+  // --- the request form ---------------------------------------------------------------------------------
+
+  const log = $("request-log");
+  let current = null;
+
+  function logLine(className, node) {
+    const item = el("li", className);
+    item.append(...node);
+    log.append(item);
+    log.scrollTop = log.scrollHeight;
+    return item;
+  }
+
+  function parsePayload() {
+    const area = $("request-payload");
+    const text = area.value.trim() || "{}";
+    try {
+      const value = JSON.parse(text);
+      if (value === null || typeof value !== "object" || Array.isArray(value)) throw new Error("the payload must be a JSON object");
+      area.classList.remove("invalid");
+      $("payload-error").textContent = "";
+      return value;
+    } catch (err) {
+      area.classList.add("invalid");
+      $("payload-error").textContent = err.message;
+      return null;
+    }
+  }
+  $("request-payload").addEventListener("input", parsePayload);
+
+  $("request-form").addEventListener("submit", (submit) => {
+    submit.preventDefault();
+    const type = $("request-type").value.trim();
+    const payload = parsePayload();
+    if (!type || payload === null) return;
+    log.replaceChildren();
+    const request = client.request(type, payload, {
+      onEvent: (event) => {
+        const state = stateOf(event.type);
+        if (state === "heartbeat" && !$("show-heartbeats").checked) return;
+        const item = logLine("", [badge(state), el("span", "detail", compact(event.payload))]);
+        item.dataset.state = state;
+      },
+    });
+    current = request;
+    $("request-cancel").disabled = false;
+    logLine("info", [el("span", "detail", `sending ${type} (event_id ${short(request.eventId)}…)`)]);
+    request.published.then(
+      (frame) => {
+        const note = frame.duplicate ? " (a repeat: the original's lifecycle follows)" : "";
+        logLine("info", [el("span", "detail", `published at offset ${frame.offset}${note}`)]);
+      },
+      (err) => logLine("error", [el("span", "detail", `${err.code || "error"}: ${err.message}`)]),
+    );
+    request.done.then(
+      () => {},
+      () => {},
+    ).finally(() => {
+      if (current === request) {
+        current = null;
+        $("request-cancel").disabled = true;
+      }
+    });
+  });
+
+  $("request-cancel").addEventListener("click", () => {
+    if (current) current.cancel("cancelled from the page");
+  });
+
+  async function loadHandlers() {
+    try {
+      const response = await api("/api/handlers");
+      if (!response.ok) return;
+      const handlers = await response.json();
+      const options = handlers.map((handler) => {
+        const parts = String(handler.event_type).split(":");
+        const type = parts.length === 3 ? `${handler.event_type}:requested` : `${handler.event_type}:v1:requested`;
+        const option = el("option");
+        option.value = type;
+        option.label = handler.streaming ? "streaming" : "plain";
+        return option;
+      });
+      $("handler-types").replaceChildren(...options);
+      if (!$("request-type").value && options.length) $("request-type").value = options[0].value;
+    } catch (err) {
+      // No suggestions: the field still takes any event type.
+    }
+  }
+
+  // --- start ----------------------------------------------------------------------------------------------
+
+  client.connect();
+  loadHandlers();
+  refreshStreams();
+  setInterval(renderRate, 500);
+  setInterval(renderStreams, 1000);
+  setInterval(refreshStreams, 5000);
+  renderRate();
+  renderStreams();
+})();

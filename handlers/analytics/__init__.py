@@ -1,0 +1,1 @@
+"""The analytics plugin: event-time windows with watermarks and threshold alerts, and live bus statistics."""

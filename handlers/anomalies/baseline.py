@@ -1,0 +1,384 @@
+"""Baseline deviation: Mahalanobis distance to a baseline, chi-square thresholds, rolling health.
+Pure: no I/O, no asyncio.
+
+A baseline is a set of ``n`` points of dimension ``d`` (``n >= d + 2``): its mean and its sample covariance
+(divided by ``n - 1``). A point's distance is the Mahalanobis distance ``sqrt((x - mean)^T S^-1 (x - mean))``.
+When the covariance is singular (numerical rank below ``d``: a coordinate that never varied, or points on a
+line), and only then, it is regularised with a ridge ``S + lambda I``, ``lambda = ridge x trace(S) / d``
+(``ridge`` alone when the trace is 0), so a deviation off the degenerate subspace is far, not invisible.
+
+For normal data the squared distance follows a chi-square distribution with ``d`` degrees of freedom, so the
+threshold is ``sqrt(chi2.ppf(confidence, d))``, in the same units as the distance (2-D at 0.99: 3.0349). A
+point farther than the threshold is an anomaly. The rolling share of anomalies over the last
+``health_window`` monitored points gives a health label: ``failing`` at 15 % or more, ``deteriorating`` at
+5 % or more, else ``healthy``.
+
+Memory per baseline: the mean, the covariance and its inverse, ``(2 d^2 + d) x 8`` bytes plus about 1 KB
+(2-D: about 1 KB; 64-D, the default maximum: about 66 KB); per health window about 1 KB with the default 100
+points. Stores keep at most ``max_baselines`` (default 10,000), least recently used evicted first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from scipy import special
+
+HEALTHY: Final = "healthy"
+DETERIORATING: Final = "deteriorating"
+FAILING: Final = "failing"
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class BaselineError(ValueError):
+    """Points or a point that cannot be used; the message says why."""
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+
+def _number(config: Mapping[str, Any], key: str, default: float, low: float, high: float | None = None) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"anomalies setting {key!r} must be a finite number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+        raise ValueError(f"anomalies setting {key!r} must be {bounds}, got {value!r}")
+    return float(value)
+
+
+def _integer(config: Mapping[str, Any], key: str, default: int, low: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"anomalies setting {key!r} must be an integer of at least {low}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineSettings:
+    """Baseline settings (``[handlers.anomalies]``)."""
+
+    confidence: float = 0.99
+    """Chi-square confidence of the threshold, when set_baseline does not give one."""
+    ridge: float = 1e-6
+    """Relative size of the ridge added to a singular covariance."""
+    max_dimension: int = 64
+    max_baselines: int = 10_000
+    health_window: int = 100
+    """Monitored points the rolling anomaly percentage is taken over."""
+    failing_pct: float = 15.0
+    deteriorating_pct: float = 5.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> BaselineSettings:
+        """Read the settings from a ``ctx.config`` mapping; raises ValueError naming a bad key."""
+        settings = cls(
+            confidence=_number(config, "confidence", cls.confidence, 0.0, 1.0),
+            ridge=_number(config, "ridge", cls.ridge, 0.0),
+            max_dimension=_integer(config, "max_dimension", cls.max_dimension, 1),
+            max_baselines=_integer(config, "max_baselines", cls.max_baselines, 1),
+            health_window=_integer(config, "health_window", cls.health_window, 1),
+            failing_pct=_number(config, "failing_pct", cls.failing_pct, 0.0, 100.0),
+            deteriorating_pct=_number(config, "deteriorating_pct", cls.deteriorating_pct, 0.0, 100.0),
+        )
+        if not 0.0 < settings.confidence < 1.0:
+            raise ValueError(f"anomalies setting 'confidence' must be between 0 and 1, got {settings.confidence}")
+        if settings.ridge <= 0:
+            raise ValueError(f"anomalies setting 'ridge' must be more than 0, got {settings.ridge}")
+        if settings.deteriorating_pct > settings.failing_pct:
+            raise ValueError("anomalies setting 'deteriorating_pct' must not exceed 'failing_pct'")
+        return settings
+
+
+# --- chi-square -------------------------------------------------------------------------------------------
+
+
+def chi2_quantile(dof: int, probability: float) -> float:
+    """The chi-square quantile: ``x`` with ``P(X <= x) = probability`` for ``dof`` degrees of freedom."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {dof}")
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must be between 0 and 1, got {probability}")
+    return float(special.chdtri(dof, 1.0 - probability))
+
+
+def threshold(dimension: int, confidence: float) -> float:
+    """The distance threshold: ``sqrt`` of the chi-square quantile at ``confidence`` for ``dimension``."""
+    return math.sqrt(chi2_quantile(dimension, confidence))
+
+
+# --- baselines --------------------------------------------------------------------------------------------
+
+
+def _finite_vector(value: Any, what: str) -> list[float]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BaselineError(f"{what} must be a non-empty array of numbers")
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise BaselineError(f"{what}[{index}] must be a number, got {item!r}")
+        if not math.isfinite(item):
+            raise BaselineError(f"{what}[{index}] must be a finite number, got {item!r}")
+    return [float(item) for item in value]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Baseline:
+    """A fitted baseline: mean, covariance (possibly with a ridge) and the threshold at its confidence."""
+
+    baseline_id: str
+    count: int
+    mean: FloatArray
+    covariance: FloatArray
+    """The sample covariance, without the ridge."""
+    ridge: float
+    """The ridge added to the covariance's diagonal (0.0 when it was not singular)."""
+    confidence: float
+    threshold: float
+    precision: FloatArray = dataclasses.field(repr=False)
+    """The inverse of ``covariance + ridge I``."""
+
+    @property
+    def dimension(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def regularised(self) -> bool:
+        return self.ridge > 0.0
+
+    @classmethod
+    def fit(
+        cls,
+        baseline_id: str,
+        points: Sequence[Sequence[float]],
+        *,
+        confidence: float = 0.99,
+        ridge: float = 1e-6,
+        max_dimension: int | None = None,
+    ) -> Baseline:
+        """Fit a baseline; raises :class:`BaselineError` naming what is wrong with the points."""
+        if not isinstance(points, (list, tuple)) or not points:
+            raise BaselineError("points must be a non-empty array of points")
+        rows = [_finite_vector(point, f"points[{index}]") for index, point in enumerate(points)]
+        dimension = len(rows[0])
+        for index, row in enumerate(rows):
+            if len(row) != dimension:
+                raise BaselineError(
+                    f"points[{index}] has {len(row)} coordinates but points[0] has {dimension}: "
+                    "every point needs the same dimension"
+                )
+        if max_dimension is not None and dimension > max_dimension:
+            raise BaselineError(f"points have {dimension} coordinates, more than max_dimension {max_dimension}")
+        if len(rows) < dimension + 2:
+            raise BaselineError(
+                f"a {dimension}-dimensional baseline needs at least {dimension + 2} points "
+                f"(dimension + 2), got {len(rows)}"
+            )
+        if not 0.0 < confidence < 1.0:
+            raise BaselineError(f"confidence must be between 0 and 1, got {confidence}")
+        data = np.asarray(rows, dtype=np.float64)
+        mean = data.mean(axis=0)
+        covariance = np.atleast_2d(np.cov(data, rowvar=False, ddof=1))
+        if not np.all(np.isfinite(covariance)):
+            raise BaselineError("the points are too large: their covariance overflows")
+        return cls.from_parts(baseline_id, len(rows), mean, covariance, confidence=confidence, ridge=ridge)
+
+    @classmethod
+    def from_parts(
+        cls,
+        baseline_id: str,
+        count: int,
+        mean: FloatArray,
+        covariance: FloatArray,
+        *,
+        confidence: float,
+        ridge: float = 1e-6,
+        applied_ridge: float | None = None,
+    ) -> Baseline:
+        """A baseline from its mean and covariance; the ridge is decided here unless ``applied_ridge`` is given."""
+        dimension = int(mean.shape[0])
+        if applied_ridge is None:
+            applied_ridge = 0.0
+            if _is_singular(covariance):
+                scale = float(np.trace(covariance)) / dimension
+                applied_ridge = ridge * scale if scale > 0 else ridge
+        regularised = covariance + applied_ridge * np.eye(dimension)
+        precision = np.asarray(np.linalg.inv(regularised), dtype=np.float64)
+        return cls(
+            baseline_id=baseline_id,
+            count=count,
+            mean=mean,
+            covariance=covariance,
+            ridge=applied_ridge,
+            confidence=confidence,
+            threshold=threshold(dimension, confidence),
+            precision=precision,
+        )
+
+    def distance(self, point: Sequence[float]) -> float:
+        """The Mahalanobis distance of ``point``; raises :class:`BaselineError` for a point that does not fit."""
+        values = _finite_vector(point, "point")
+        if len(values) != self.dimension:
+            raise BaselineError(
+                f"point has {len(values)} coordinates but baseline {self.baseline_id!r} has dimension {self.dimension}"
+            )
+        diff = np.asarray(values, dtype=np.float64) - self.mean
+        squared = float(diff @ self.precision @ diff)
+        return math.sqrt(max(squared, 0.0))
+
+    def to_payload(self) -> dict[str, Any]:
+        """A JSON description other nodes rebuild the baseline from (:meth:`from_payload`)."""
+        return {
+            "baseline_id": self.baseline_id,
+            "dimension": self.dimension,
+            "count": self.count,
+            "mean": [float(v) for v in self.mean],
+            "covariance": [[float(v) for v in row] for row in self.covariance],
+            "ridge": self.ridge,
+            "confidence": self.confidence,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Baseline:
+        """Rebuild a baseline published with :meth:`to_payload`; raises BaselineError or KeyError."""
+        mean = np.asarray(_finite_vector(payload["mean"], "mean"), dtype=np.float64)
+        rows = payload["covariance"]
+        if not isinstance(rows, list) or len(rows) != mean.shape[0]:
+            raise BaselineError("covariance must be a square array matching the mean")
+        covariance = np.asarray(
+            [_finite_vector(row, f"covariance[{i}]") for i, row in enumerate(rows)], dtype=np.float64
+        )
+        if covariance.shape != (mean.shape[0], mean.shape[0]):
+            raise BaselineError("covariance must be a square array matching the mean")
+        return cls.from_parts(
+            str(payload["baseline_id"]),
+            int(payload["count"]),
+            mean,
+            covariance,
+            confidence=float(payload["confidence"]),
+            applied_ridge=float(payload["ridge"]),
+        )
+
+
+def _is_singular(covariance: FloatArray) -> bool:
+    """Numerically rank-deficient, with numpy's ``matrix_rank`` tolerance."""
+    return bool(np.linalg.matrix_rank(covariance, hermitian=True) < covariance.shape[0])
+
+
+class BaselineStore:
+    """Baselines by id, at most ``max_baselines`` (least recently used evicted first)."""
+
+    def __init__(self, max_baselines: int = 10_000) -> None:
+        self.max_baselines = max_baselines
+        self._baselines: OrderedDict[str, Baseline] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._baselines)
+
+    def __contains__(self, baseline_id: object) -> bool:
+        return baseline_id in self._baselines
+
+    def put(self, baseline: Baseline) -> None:
+        """Add or replace a baseline."""
+        self._baselines[baseline.baseline_id] = baseline
+        self._baselines.move_to_end(baseline.baseline_id)
+        while len(self._baselines) > self.max_baselines:
+            self._baselines.popitem(last=False)
+
+    def get(self, baseline_id: str) -> Baseline | None:
+        """The baseline, marked as recently used; None when unknown."""
+        baseline = self._baselines.get(baseline_id)
+        if baseline is not None:
+            self._baselines.move_to_end(baseline_id)
+        return baseline
+
+
+# --- health -----------------------------------------------------------------------------------------------
+
+
+def health_label(anomaly_pct: float, *, failing_pct: float = 15.0, deteriorating_pct: float = 5.0) -> str:
+    """``failing`` at ``failing_pct`` or more, ``deteriorating`` at ``deteriorating_pct`` or more, else healthy."""
+    if anomaly_pct >= failing_pct:
+        return FAILING
+    if anomaly_pct >= deteriorating_pct:
+        return DETERIORATING
+    return HEALTHY
+
+
+class HealthWindow:
+    """Whether each of the last ``size`` monitored points was an anomaly."""
+
+    __slots__ = ("_flags", "anomalies")
+
+    def __init__(self, size: int = 100) -> None:
+        self._flags: deque[bool] = deque(maxlen=size)
+        self.anomalies = 0
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def add(self, is_anomaly: bool) -> None:
+        """Record one monitored point."""
+        if len(self._flags) == self._flags.maxlen and self._flags[0]:
+            self.anomalies -= 1
+        self._flags.append(is_anomaly)
+        if is_anomaly:
+            self.anomalies += 1
+
+    @property
+    def anomaly_pct(self) -> float:
+        """Anomalies among the recorded points, in percent (0.0 with none recorded)."""
+        return 100.0 * self.anomalies / len(self._flags) if self._flags else 0.0
+
+
+class HealthStore:
+    """A :class:`HealthWindow` per known baseline, at most ``max_baselines`` (LRU)."""
+
+    def __init__(self, settings: BaselineSettings | None = None) -> None:
+        self.settings = settings or BaselineSettings()
+        self._windows: OrderedDict[str, HealthWindow] = OrderedDict()
+
+    def __contains__(self, baseline_id: object) -> bool:
+        return baseline_id in self._windows
+
+    def reset(self, baseline_id: str) -> None:
+        """A baseline was (re)set: its window starts empty."""
+        self._windows[baseline_id] = HealthWindow(self.settings.health_window)
+        self._windows.move_to_end(baseline_id)
+        while len(self._windows) > self.settings.max_baselines:
+            self._windows.popitem(last=False)
+
+    def record(self, baseline_id: str, is_anomaly: bool) -> dict[str, Any] | None:
+        """Record a monitored point of a known baseline; its new health, or None when unknown."""
+        window = self._windows.get(baseline_id)
+        if window is None:
+            return None
+        self._windows.move_to_end(baseline_id)
+        window.add(is_anomaly)
+        return self.health(baseline_id)
+
+    def health(self, baseline_id: str) -> dict[str, Any] | None:
+        """``{baseline_id, anomaly_pct, health, anomalies, samples, window}``, or None when unknown."""
+        window = self._windows.get(baseline_id)
+        if window is None:
+            return None
+        pct = window.anomaly_pct
+        return {
+            "baseline_id": baseline_id,
+            "anomaly_pct": pct,
+            "health": health_label(
+                pct, failing_pct=self.settings.failing_pct, deteriorating_pct=self.settings.deteriorating_pct
+            ),
+            "anomalies": window.anomalies,
+            "samples": len(window),
+            "window": self.settings.health_window,
+        }

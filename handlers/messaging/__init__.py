@@ -1,0 +1,1 @@
+"""The messaging plugin: conversations with persistent messages, typing indicators and presence."""

@@ -1,0 +1,751 @@
+"""The messaging plugin's handlers: messages, typing indicators and presence per conversation.
+
+Entry points (``[project.entry-points."nexus.handlers"]``): ``messaging.send_message``,
+``messaging.stream_messages``, ``messaging.set_typing``, ``messaging.stream_typing``,
+``messaging.stream_presence``. The state and its rules are the pure :mod:`.conversations`; messages persist in
+the SQLite :mod:`.store`, which is only ever called from a worker thread (``anyio.to_thread``, one call at a
+time per connection), never on the event loop.
+
+Everything live follows the bus, not in-process callbacks, so it works whichever node a request reached:
+
+- ``stream_messages`` streams on every node follow ``messaging:send_message:v1:success``. One follower per
+  node stores each message it sees in the node's database (idempotent by ``message_id``, so a message sent
+  through another node is in this node's history too) and only then hands it to the node's streams of that
+  conversation. A stream registers for live messages *before* it reads its history, and skips live messages
+  with a ``seq`` it already read, so nothing is missed or repeated between the two.
+- ``set_typing`` publishes ``messaging:typing:v1:changed``; each node's ``stream_typing`` follower keeps the
+  indicators and expires them ``ttl_s`` later on its own monotonic clock.
+- Presence is read from the lifecycle of the conversation's streams (``stream_messages``, ``stream_typing``,
+  ``stream_presence``): a user joins when their first stream in the conversation is ``started`` and leaves
+  when their last one reaches a terminal state (``cancelled`` is how a dropped connection shows).
+  A node knows the streams that started while it was running; one that restarts does not see users whose
+  streams began before it, until those streams end or start again.
+
+Who acts is ``metadata.user_id`` (the authenticated user) when the request carries one; otherwise the
+payload's optional ``user_id``, otherwise ``anonymous_user``.
+
+Configuration (``[handlers.messaging]``, shared by the five handlers):
+
+- ``data_dir`` (``$XDG_DATA_HOME/nexus``, else ``~/.local/share/nexus``), ``db_path``
+  (``<data_dir>/messaging.sqlite3``): the database. Nodes may share one file on one machine (WAL mode), or
+  keep one each: every node stores the messages it sees on the bus.
+- ``synchronous`` (``NORMAL``): SQLite's ``PRAGMA synchronous`` (``FULL`` survives power loss too).
+- ``history_limit`` (500): the most history messages a stream sends (the most recent ones).
+- ``max_text_length`` (10000): characters in a message.
+- ``live_queue`` (1000): live items a stream may have waiting; past that it ends with ``failed`` and the
+  client resumes with ``since`` = the last message id it got.
+- ``typing_ttl_s`` (5): how long a typing indicator lasts unless set again.
+- ``max_typing_conversations`` (10000), ``max_tracked_streams`` (100000): memory bounds of the typing and
+  presence boards (see :mod:`.conversations`).
+- ``anonymous_user`` (``anonymous``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from nexus import (
+    Event,
+    EventHandler,
+    EventSpec,
+    HandlerContext,
+    InvalidPayload,
+    Stream,
+    StreamingEventHandler,
+    parse_time,
+)
+
+from .conversations import (
+    InvalidRequest,
+    Message,
+    PresenceBoard,
+    PresenceChange,
+    TypingBoard,
+    TypingChange,
+    actor,
+    new_message_id,
+    parse_since,
+    rfc3339,
+)
+from .store import MessageStore
+
+T = TypeVar("T")
+
+SENT: Final = "messaging:send_message:v1:success"
+TYPING_CHANGED: Final = "messaging:typing:v1:changed"
+STREAMING_ACTIONS: Final = ("stream_messages", "stream_typing", "stream_presence")
+LIFECYCLE_PATTERNS: Final = tuple(
+    f"messaging:{action}:v1:{state}"
+    for action in STREAMING_ACTIONS
+    for state in ("requested", "started", "success", "failed", "timeout", "cancelled")
+)
+MAX_TYPING_TTL_S: Final = 3600.0
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "nexus"
+
+
+def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"[handlers.messaging] {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"[handlers.messaging] {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _text(config: Mapping[str, Any], key: str, default: str) -> str:
+    value = config.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"[handlers.messaging] {key} must be a non-empty string, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The plugin's configuration, checked (a bad key stops the server at start-up, naming it)."""
+
+    db_path: Path
+    synchronous: str = "NORMAL"
+    history_limit: int = 500
+    max_text_length: int = 10_000
+    live_queue: int = 1000
+    typing_ttl_s: float = 5.0
+    max_typing_conversations: int = 10_000
+    max_tracked_streams: int = 100_000
+    anonymous_user: str = "anonymous"
+
+    @classmethod
+    def read(cls, config: Mapping[str, Any]) -> Settings:
+        data_dir = Path(_text(config, "data_dir", str(_default_data_dir()))).expanduser()
+        db_path = Path(_text(config, "db_path", str(data_dir / "messaging.sqlite3"))).expanduser()
+        return cls(
+            db_path=db_path,
+            synchronous=_text(config, "synchronous", "NORMAL"),
+            history_limit=_positive_int(config, "history_limit", 500),
+            max_text_length=_positive_int(config, "max_text_length", 10_000),
+            live_queue=_positive_int(config, "live_queue", 1000),
+            typing_ttl_s=_positive_number(config, "typing_ttl_s", 5.0),
+            max_typing_conversations=_positive_int(config, "max_typing_conversations", 10_000),
+            max_tracked_streams=_positive_int(config, "max_tracked_streams", 100_000),
+            anonymous_user=_text(config, "anonymous_user", "anonymous"),
+        )
+
+
+# --- plumbing: the store off the loop, bus followers, per-conversation fan-out ----------------------------------
+
+
+class _Database:
+    """A :class:`MessageStore` used from a worker thread, one call at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = MessageStore(settings.db_path, synchronous=settings.synchronous)
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+
+    async def open(self) -> None:
+        await self.run(self.store.open)
+
+    async def close(self) -> None:
+        await self.run(self.store.close)
+
+
+class FellBehind(Exception):
+    """A stream's client did not keep up with the live items of its conversation."""
+
+
+class _Inbox(Generic[T]):
+    """A stream's live items, bounded: past ``capacity`` waiting items :meth:`get` raises :class:`FellBehind`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.overflowed = False
+        self._items: deque[T] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: T) -> None:
+        if self.overflowed:
+            return
+        if len(self._items) >= self.capacity:
+            self.overflowed = True
+            self._items.clear()
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> T:
+        while True:
+            if self.overflowed:
+                raise FellBehind(f"more than {self.capacity} live items waited for this stream")
+            if self._items:
+                return self._items.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class _Rooms(Generic[T]):
+    """The inboxes of this node's streams, by conversation."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, set[_Inbox[T]]] = {}
+
+    @contextlib.contextmanager
+    def joined(self, conversation_id: str, inbox: _Inbox[T]) -> Iterator[None]:
+        self._rooms.setdefault(conversation_id, set()).add(inbox)
+        try:
+            yield
+        finally:
+            room = self._rooms.get(conversation_id)
+            if room is not None:
+                room.discard(inbox)
+                if not room:
+                    del self._rooms[conversation_id]
+
+    def publish(self, conversation_id: str, item: T) -> None:
+        for inbox in self._rooms.get(conversation_id, ()):
+            inbox.put(item)
+
+    def __len__(self) -> int:
+        return sum(len(room) for room in self._rooms.values())
+
+
+class _Follower:
+    """Follows bus events in a background task from ``setup`` to ``teardown``.
+
+    If the subscription breaks (it fell behind, the bus hiccuped), it resubscribes after the last offset it
+    handled, so the bus replays what it missed while that is still in its history.
+    """
+
+    def __init__(
+        self, ctx: HandlerContext, patterns: tuple[str, ...], on_event: Callable[[Event], Awaitable[None]], name: str
+    ) -> None:
+        self._ctx = ctx
+        self._patterns = patterns
+        self._on_event = on_event
+        self._name = name
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_offset = 0
+
+    async def start(self) -> None:
+        """Start following; returns once the subscription is live."""
+        self._task = asyncio.create_task(self._run(), name=self._name)
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._task.done():
+            self._task.result()
+            raise RuntimeError(f"{self._name}: the subscription ended as it started")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                async with self._ctx.subscribe(*self._patterns, since_offset=self.last_offset) as events:
+                    self._ready.set()
+                    delay = 0.05
+                    async for event in events:
+                        try:
+                            await self._on_event(event)
+                        except Exception as exc:
+                            self._ctx.log.exception(f"{self._name}_event_failed", error=str(exc))
+                        if event.offset:
+                            self.last_offset = event.offset
+                return  # the bus closed the subscription: the node is stopping
+            except Exception as exc:
+                if not self._ready.is_set():
+                    raise
+                self._ctx.log.warning(
+                    f"{self._name}_resubscribing", error=f"{type(exc).__name__}: {exc}", after_offset=self.last_offset
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _conversation(event: Event) -> str:
+    return str(event.payload["conversation_id"])
+
+
+def _invalid(event: Event, problem: str) -> InvalidPayload:
+    return InvalidPayload(f"{event.event_type} payload.{problem}")
+
+
+# --- schemas ----------------------------------------------------------------------------------------------------
+
+_CONVERSATION_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "The conversation."}
+_USER_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 256,
+    "description": "Who acts, used only when the request carries no authenticated metadata.user_id.",
+}
+_MESSAGE_PROPERTIES: dict[str, Any] = {
+    "message_id": {"type": "string", "description": "The message's id (a ULID: unique, sortable by time)."},
+    "conversation_id": {"type": "string", "description": "The conversation."},
+    "sender": {"type": "string", "description": "Who sent it (metadata.user_id of the request when there is one)."},
+    "text": {"type": "string", "description": "The text."},
+    "sent_at": {"type": "string", "description": "When the node stored it (RFC 3339 UTC)."},
+}
+_MESSAGE_EXAMPLE: Final = {
+    "message_id": "01JGZ8Q4V6M3T0D1XH2B7C9KEF",
+    "conversation_id": "team-42",
+    "sender": "ada",
+    "text": "Standup in 5 minutes",
+    "sent_at": "2025-01-06T08:55:02.118000Z",
+}
+
+
+# --- handlers ---------------------------------------------------------------------------------------------------
+
+
+class SendMessage(EventHandler):
+    """Stores a message in its conversation and returns it; every ``stream_messages`` of the conversation, on
+    any node, delivers it live."""
+
+    event_type = "messaging:send_message:v1"
+    ordering_key = "conversation_id"
+    takes = EventSpec(
+        "messaging:send_message:v1:requested",
+        "Send a message to a conversation. The sender is the authenticated user (metadata.user_id).",
+        {
+            "type": "object",
+            "required": ["conversation_id", "text"],
+            "properties": {
+                "conversation_id": _CONVERSATION_ID,
+                "text": {"type": "string", "minLength": 1, "description": "The message (at most max_text_length)."},
+                "user_id": _USER_ID,
+            },
+        },
+        example={"conversation_id": "team-42", "text": "Standup in 5 minutes"},
+    )
+    emits = (
+        EventSpec(
+            SENT,
+            "The stored message. Streams of the conversation follow these events, whichever node sent it.",
+            {
+                "type": "object",
+                "required": list(_MESSAGE_PROPERTIES),
+                "properties": _MESSAGE_PROPERTIES,
+            },
+            example=_MESSAGE_EXAMPLE,
+        ),
+    )
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self._settings = Settings.read(ctx.config)
+        self._db = _Database(self._settings)
+        await self._db.open()
+        ctx.log.info("message_store_open", path=str(self._settings.db_path))
+
+    async def teardown(self) -> None:
+        await self._db.close()
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        text = str(event.payload["text"])
+        if len(text) > self._settings.max_text_length:
+            raise _invalid(
+                event, f"text: {len(text)} characters, more than max_text_length ({self._settings.max_text_length})"
+            )
+        now = parse_time(rfc3339(time.time()))
+        message = Message(
+            message_id=new_message_id(now, os.urandom(10)),
+            conversation_id=_conversation(event),
+            sender=actor(event.metadata, event.payload, self._settings.anonymous_user),
+            text=text,
+            sent_at=rfc3339(now),
+            sent_ts=now,
+        )
+        await self._db.run(self._db.store.add, message)
+        return message.to_payload()
+
+
+class StreamMessages(StreamingEventHandler):
+    """Streams a conversation's messages: its history first, then live ones, until cancelled."""
+
+    event_type = "messaging:stream_messages:v1"
+    stream_timeout = None
+    takes = EventSpec(
+        "messaging:stream_messages:v1:requested",
+        "Stream a conversation's messages, one `stream` event each: the history first (all of it, or what "
+        "came after `since`; at most the most recent history_limit), then every new message live, until "
+        "cancelled. No message is missed or repeated between the two.",
+        {
+            "type": "object",
+            "required": ["conversation_id"],
+            "properties": {
+                "conversation_id": _CONVERSATION_ID,
+                "since": {
+                    "type": ["string", "number"],
+                    "description": "A message id (history after it) or a time, RFC 3339 or epoch seconds "
+                    "(history sent at or after it). Absent: all the history.",
+                },
+                "limit": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "The most history messages to send (at most config history_limit, 500).",
+                },
+                "user_id": _USER_ID,
+            },
+        },
+        example={"conversation_id": "team-42", "since": "2025-01-06T08:00:00Z"},
+    )
+    emits = (
+        EventSpec(
+            "messaging:stream_messages:v1:stream",
+            "One message of the conversation; `live` is false for history, true for messages sent since.",
+            {
+                "type": "object",
+                "required": [*_MESSAGE_PROPERTIES, "live"],
+                "properties": {
+                    **_MESSAGE_PROPERTIES,
+                    "live": {"type": "boolean", "description": "False for history, true for a new message."},
+                },
+            },
+            example={**_MESSAGE_EXAMPLE, "live": True},
+        ),
+    )
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self._settings = Settings.read(ctx.config)
+        self._db = _Database(self._settings)
+        await self._db.open()
+        self._rooms: _Rooms[tuple[int | None, Message]] = _Rooms()
+        self._follower = _Follower(ctx, (SENT,), self._on_sent, "messages_follower")
+        await self._follower.start()
+
+    async def teardown(self) -> None:
+        await self._follower.stop()
+        await self._db.close()
+
+    async def _on_sent(self, event: Event) -> None:
+        """Store a message seen on the bus (from any node), then hand it to this node's streams."""
+        try:
+            message = Message.from_payload(event.payload)
+        except InvalidRequest as exc:
+            self.ctx.log.warning("sent_message_unreadable", error=str(exc), event_id=event.event_id)
+            return
+        seq: int | None
+        try:
+            seq = await self._db.run(self._db.store.add, message)
+        except Exception as exc:  # deliver it live all the same; it is not in the history either
+            self.ctx.log.error("message_store_failed", error=f"{type(exc).__name__}: {exc}")
+            seq = None
+        self._rooms.publish(message.conversation_id, (seq, message))
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        conversation_id = _conversation(event)
+        try:
+            since = parse_since(event.payload.get("since"))
+        except InvalidRequest as exc:
+            raise _invalid(event, str(exc)) from None
+        limit = min(int(event.payload.get("limit", self._settings.history_limit)), self._settings.history_limit)
+        inbox: _Inbox[tuple[int | None, Message]] = _Inbox(self._settings.live_queue)
+        last_id = ""
+        # Live first, then history: what is stored after the history read arrives live, with a greater seq.
+        with self._rooms.joined(conversation_id, inbox):
+            try:
+                history, head = await self._db.run(self._db.store.history, conversation_id, since, limit)
+            except InvalidRequest as exc:
+                raise _invalid(event, str(exc)) from None
+            for _, message in history:
+                await stream.send({**message.to_payload(), "live": False})
+                last_id = message.message_id
+            while True:
+                try:
+                    seq, message = await inbox.get()
+                except FellBehind as exc:
+                    resume = f"since={last_id!r}" if last_id else "the same request"
+                    raise FellBehind(f"{exc}: the client reads too slowly; resume with {resume}") from None
+                if seq is not None and seq <= head:
+                    continue  # already sent as history
+                await stream.send({**message.to_payload(), "live": True})
+                last_id = message.message_id
+
+
+class SetTyping(EventHandler):
+    """Shows or clears the requester's typing indicator in a conversation; it expires by itself."""
+
+    event_type = "messaging:set_typing:v1"
+    ordering_key = "conversation_id"
+    takes = EventSpec(
+        "messaging:set_typing:v1:requested",
+        "Say that the requester is typing (or stopped). An indicator lasts typing_ttl_s (5 s) unless set again.",
+        {
+            "type": "object",
+            "required": ["conversation_id", "typing"],
+            "properties": {
+                "conversation_id": _CONVERSATION_ID,
+                "typing": {"type": "boolean", "description": "True while typing; false to clear it at once."},
+                "user_id": _USER_ID,
+            },
+        },
+        example={"conversation_id": "team-42", "typing": True},
+    )
+    emits = (
+        EventSpec(
+            "messaging:set_typing:v1:success",
+            "The indicator as set.",
+            {
+                "type": "object",
+                "required": ["conversation_id", "user_id", "typing", "expires_at"],
+                "properties": {
+                    "conversation_id": {"type": "string", "description": "The conversation."},
+                    "user_id": {"type": "string", "description": "Who is typing."},
+                    "typing": {"type": "boolean", "description": "Whether they are."},
+                    "expires_at": {
+                        "type": ["string", "null"],
+                        "description": "When the indicator lapses unless set again (RFC 3339); null when cleared.",
+                    },
+                },
+            },
+            example={
+                "conversation_id": "team-42",
+                "user_id": "ada",
+                "typing": True,
+                "expires_at": "2025-01-06T08:55:07.118000Z",
+            },
+        ),
+        EventSpec(
+            TYPING_CHANGED,
+            "A typing indicator was set or cleared; every node's typing streams follow these events.",
+            {
+                "type": "object",
+                "required": ["conversation_id", "user_id", "typing", "ttl_s"],
+                "properties": {
+                    "conversation_id": {"type": "string", "description": "The conversation."},
+                    "user_id": {"type": "string", "description": "Who is typing."},
+                    "typing": {"type": "boolean", "description": "Whether they are."},
+                    "ttl_s": {"type": "number", "description": "Seconds the indicator lasts unless set again."},
+                },
+            },
+            example={"conversation_id": "team-42", "user_id": "ada", "typing": True, "ttl_s": 5.0},
+        ),
+    )
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self._settings = Settings.read(ctx.config)
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        conversation_id = _conversation(event)
+        user_id = actor(event.metadata, event.payload, self._settings.anonymous_user)
+        typing = bool(event.payload["typing"])
+        ttl = self._settings.typing_ttl_s
+        await self.ctx.publish(
+            TYPING_CHANGED, {"conversation_id": conversation_id, "user_id": user_id, "typing": typing, "ttl_s": ttl}
+        )
+        expires_at = rfc3339(time.time() + ttl) if typing else None
+        return {"conversation_id": conversation_id, "user_id": user_id, "typing": typing, "expires_at": expires_at}
+
+
+def _typing_chunk(conversation_id: str, users: tuple[str, ...], change: TypingChange | None) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "users": list(users),
+        "change": "snapshot" if change is None else change.reason,
+        "user_id": None if change is None else change.user_id,
+    }
+
+
+class StreamTyping(StreamingEventHandler):
+    """Streams who is typing in a conversation: a snapshot, then every change, until cancelled."""
+
+    event_type = "messaging:stream_typing:v1"
+    stream_timeout = None
+    takes = EventSpec(
+        "messaging:stream_typing:v1:requested",
+        "Stream the typing indicators of a conversation: who types now, then each change (someone started, "
+        "stopped, or their indicator expired).",
+        {
+            "type": "object",
+            "required": ["conversation_id"],
+            "properties": {"conversation_id": _CONVERSATION_ID, "user_id": _USER_ID},
+        },
+        example={"conversation_id": "team-42"},
+    )
+    emits = (
+        EventSpec(
+            "messaging:stream_typing:v1:stream",
+            "Who is typing after a change (the first chunk is the snapshot).",
+            {
+                "type": "object",
+                "required": ["conversation_id", "users", "change", "user_id"],
+                "properties": {
+                    "conversation_id": {"type": "string", "description": "The conversation."},
+                    "users": {"type": "array", "items": {"type": "string"}, "description": "Who types, sorted."},
+                    "change": {
+                        "enum": ["snapshot", "typing", "stopped", "expired"],
+                        "description": "What happened: the first chunk, someone started, stopped, or timed out.",
+                    },
+                    "user_id": {"type": ["string", "null"], "description": "Whose indicator changed (null first)."},
+                },
+            },
+            example={"conversation_id": "team-42", "users": ["ada"], "change": "typing", "user_id": "ada"},
+        ),
+    )
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self._settings = Settings.read(ctx.config)
+        self._board = TypingBoard(max_conversations=self._settings.max_typing_conversations)
+        self._rooms: _Rooms[TypingChange] = _Rooms()
+        self._wake = asyncio.Event()
+        self._follower = _Follower(ctx, (TYPING_CHANGED,), self._on_changed, "typing_follower")
+        await self._follower.start()
+        self._timer = asyncio.create_task(self._expire_indicators(), name="typing-expiry")
+
+    async def teardown(self) -> None:
+        self._timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._timer
+        await self._follower.stop()
+
+    async def _on_changed(self, event: Event) -> None:
+        payload = event.payload
+        conversation_id, user_id = payload.get("conversation_id"), payload.get("user_id")
+        typing, ttl = payload.get("typing"), payload.get("ttl_s")
+        if (
+            not isinstance(conversation_id, str)
+            or not isinstance(user_id, str)
+            or not isinstance(typing, bool)
+            or isinstance(ttl, bool)
+            or not isinstance(ttl, (int, float))
+            or not 0 < ttl <= MAX_TYPING_TTL_S
+        ):
+            self.ctx.log.warning("typing_event_unreadable", event_id=event.event_id)
+            return
+        change = self._board.set(conversation_id, user_id, typing, float(ttl), time.monotonic())
+        if change is not None:
+            self._rooms.publish(conversation_id, change)
+        self._wake.set()
+
+    def _expire_now(self) -> None:
+        for change in self._board.expire(time.monotonic()):
+            self._rooms.publish(change.conversation_id, change)
+
+    async def _expire_indicators(self) -> None:
+        """Expire indicators when their time comes (monotonic clock), whether or not anything else happens."""
+        while True:
+            self._wake.clear()
+            deadline = self._board.next_expiry()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._expire_now()
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        conversation_id = _conversation(event)
+        inbox: _Inbox[TypingChange] = _Inbox(self._settings.live_queue)
+        self._expire_now()
+        with self._rooms.joined(conversation_id, inbox):
+            await stream.send(_typing_chunk(conversation_id, self._board.typing(conversation_id), None))
+            while True:
+                change = await inbox.get()
+                await stream.send(_typing_chunk(conversation_id, change.users, change))
+
+
+def _presence_chunk(conversation_id: str, present: tuple[str, ...], change: PresenceChange | None) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "present": list(present),
+        "change": "snapshot" if change is None else change.status,
+        "user_id": None if change is None else change.user_id,
+    }
+
+
+class StreamPresence(StreamingEventHandler):
+    """Streams who is present in a conversation: a snapshot, then each join and leave, until cancelled."""
+
+    event_type = "messaging:stream_presence:v1"
+    stream_timeout = None
+    takes = EventSpec(
+        "messaging:stream_presence:v1:requested",
+        "Stream who is present in a conversation. A user joins when they start any stream in it "
+        "(stream_messages, stream_typing, stream_presence) and leaves when their last one ends, including by "
+        "their connection dropping.",
+        {
+            "type": "object",
+            "required": ["conversation_id"],
+            "properties": {"conversation_id": _CONVERSATION_ID, "user_id": _USER_ID},
+        },
+        example={"conversation_id": "team-42"},
+    )
+    emits = (
+        EventSpec(
+            "messaging:stream_presence:v1:stream",
+            "Who is present after a change (the first chunk is the snapshot).",
+            {
+                "type": "object",
+                "required": ["conversation_id", "present", "change", "user_id"],
+                "properties": {
+                    "conversation_id": {"type": "string", "description": "The conversation."},
+                    "present": {"type": "array", "items": {"type": "string"}, "description": "Who is, sorted."},
+                    "change": {"enum": ["snapshot", "joined", "left"], "description": "What happened."},
+                    "user_id": {"type": ["string", "null"], "description": "Who joined or left (null first)."},
+                },
+            },
+            example={"conversation_id": "team-42", "present": ["ada", "bob"], "change": "joined", "user_id": "bob"},
+        ),
+    )
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self._settings = Settings.read(ctx.config)
+        self._board = PresenceBoard(max_streams=self._settings.max_tracked_streams)
+        self._rooms: _Rooms[PresenceChange] = _Rooms()
+        self._follower = _Follower(ctx, LIFECYCLE_PATTERNS, self._on_lifecycle, "presence_follower")
+        await self._follower.start()
+
+    async def teardown(self) -> None:
+        await self._follower.stop()
+
+    async def _on_lifecycle(self, event: Event) -> None:
+        state = event.event_type.rsplit(":", 1)[-1]
+        if state == "requested":
+            conversation_id = event.payload.get("conversation_id")
+            if isinstance(conversation_id, str) and conversation_id:
+                user_id = actor(event.metadata, event.payload, self._settings.anonymous_user)
+                self._board.requested(event.event_id, conversation_id, user_id)
+            return
+        correlation_id = event.metadata.get("correlation_id", "")
+        changes = self._board.started(correlation_id) if state == "started" else self._board.ended(correlation_id)
+        for change in changes:
+            self._rooms.publish(change.conversation_id, change)
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        conversation_id = _conversation(event)
+        inbox: _Inbox[PresenceChange] = _Inbox(self._settings.live_queue)
+        with self._rooms.joined(conversation_id, inbox):
+            await stream.send(_presence_chunk(conversation_id, self._board.present(conversation_id), None))
+            while True:
+                change = await inbox.get()
+                await stream.send(_presence_chunk(conversation_id, change.present, change))

@@ -1,0 +1,1064 @@
+"""The NATS JetStream bus: several Nexus nodes share one stream.
+
+Every event is stored in one JetStream stream (a Limits stream: history is kept, so any node can replay it) on
+the subject ``<prefix>.<service>.<action>.v<N>.<state>``; its offset is the stream sequence, the same on every
+node, and the epoch names the stream instance (its name and creation time). Client ``event_id``s are
+deduplicated by JetStream through ``Nats-Msg-Id``.
+
+Each node follows the whole stream through ONE ordered push consumer on ``<prefix>.>`` (:class:`_Tail`; the
+Debian nats-server 2.9 has no multi-filter consumers), matches events locally with the shared
+:class:`~nexus.bus.base.Fanout` and hands them to its subscribers in batches: no task and no await per event per
+subscriber. A subscriber resuming from an offset gets a replay read from the stream by a short-lived consumer,
+then the live tail from exactly where the replay stopped (the subscription's ``start_after`` mark).
+
+Heartbeats (:meth:`NatsBus.publish_live`) and control messages travel on plain NATS subjects outside the stream
+(``<prefix>_live.…``, ``<prefix>_ctl.…``): never stored, delivered by every node to its own subscribers.
+
+``requested`` events are shared out by :mod:`nexus.bus.nats_requests` through durable pull consumers.
+
+The connection reconnects by itself. While it is down, publishes fail at once with
+:class:`~nexus.errors.BusUnavailable` (nats-py would otherwise buffer them), :attr:`NatsBus.healthy` is False and
+health callbacks hear it; once back, the node checks the stream, and the tail resumes after the last event it
+delivered, so subscribers see no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext, api
+
+from nexus.bus.base import (
+    DEFAULT_MAX_PENDING,
+    Bus,
+    BusStats,
+    ControlCallback,
+    Fanout,
+    HealthCallback,
+    Published,
+    RequestRoute,
+    Subscription,
+)
+from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S
+from nexus.bus.nats_codec import (
+    ENVELOPE_RESERVE,
+    MSG_ID_HEADER,
+    Subjects,
+    SubjectTypes,
+    control_body,
+    decode_event,
+    encode_event,
+    event_msg_id,
+    filter_for_patterns,
+    parse_ack_reply,
+    read_control,
+    stream_epoch,
+    terminal_msg_id,
+)
+from nexus.bus.nats_requests import RequestRouter
+from nexus.errors import BusUnavailable, NexusError, PayloadTooLarge
+from nexus.events import STARTED, STREAM, TERMINAL_STATES, Event, JSONObject, parse_time
+from nexus.metrics import Metrics
+from nexus.patterns import parse_pattern
+
+if TYPE_CHECKING:
+    from nexus.config import Settings
+
+TAIL_HEARTBEAT_S: Final = 0.5
+"""Idle heartbeat of the tail consumer; three missed ones make the node re-create it."""
+TAIL_INACTIVE_S: Final = 30.0
+"""A tail or replay consumer nobody reads is removed by the server after this long (a node that died)."""
+REPLAY_BATCH: Final = 500
+REPLAY_STEP_TIMEOUT_S: Final = 5.0
+RECONNECT_WAIT_S: Final = 0.5
+CONNECT_TIMEOUT_S: Final = 5.0
+API_TIMEOUT_S: Final = 5.0
+RECOVERY_TIMEOUT_S: Final = 1.0
+RECENT_TERMINALS: Final = 100_000
+TRACKED_STREAMS: Final = 100_000
+PENDING_MSGS_LIMIT: Final = 1_000_000
+PENDING_BYTES_LIMIT: Final = 1024 * 1024 * 1024
+
+log = structlog.get_logger("nexus.bus.nats")
+
+
+class NatsSetupError(ValueError):
+    """The NATS server or the stream cannot be used as configured (raised at start-up, with what to change)."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+class _Tail:
+    """The node's one ordered push consumer on every Nexus subject: how a node sees every stored event.
+
+    Ack-less, flow-controlled and heart-beating, like nats-py's ordered consumer, but explicit about what a
+    node needs: every message is checked against the consumer sequence, and on a gap, a missed heartbeat or a
+    reconnection the consumer is re-created from the stream sequence after the last event delivered.
+    """
+
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+        self.generation = 0
+        self.consumer = ""
+        self.consumer_seq = 0
+        self.last_activity = time.monotonic()
+        self._sub: NatsSubscription | None = None
+        self._lock = asyncio.Lock()
+        self._reset: asyncio.Task[None] | None = None
+        self._wanted: str | None = None
+
+    async def start(self, start_seq: int) -> None:
+        await self._create(start_seq)
+
+    def request_reset(self, reason: str) -> None:
+        """Re-create the consumer after the last delivered event (in the background, retrying; one at a time)."""
+        if self.bus.closing:
+            return
+        self._wanted = reason
+        if self._reset is None or self._reset.done():
+            self._reset = self.bus.spawn(self._reset_loop(), "nexus-nats-tail-reset")
+
+    async def _reset_loop(self) -> None:
+        delay = 0.1
+        while self._wanted is not None and not self.bus.closing:
+            reason, self._wanted = self._wanted, None
+            await self.bus.wait_connected()
+            try:
+                # The stream may have been re-created meanwhile: then offsets start again (a new epoch).
+                await self.bus.ensure_stream(timeout=RECOVERY_TIMEOUT_S)
+                await self._create(self.bus.received + 1, timeout=RECOVERY_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("tail_reset_failed", reason=reason, error=_describe(exc), retry_in_s=delay)
+                self._wanted = self._wanted or reason
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            log.info("tail_resumed", reason=reason, after_offset=self.bus.received, consumer=self.consumer)
+
+    async def _create(self, start_seq: int, timeout: float = API_TIMEOUT_S) -> None:
+        bus = self.bus
+        nc, js = bus.connection()
+        async with self._lock:
+            old_sub, old_consumer = self._sub, self.consumer
+            self.generation += 1
+            generation = self.generation
+            inbox = nc.new_inbox()
+
+            async def on_message(msg: Msg) -> None:
+                await self._on_message(generation, msg)
+
+            sub = await nc.subscribe(
+                inbox, cb=on_message, pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT
+            )
+            config = api.ConsumerConfig(
+                deliver_subject=inbox,
+                filter_subject=bus.subjects.events,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=max(start_seq, 1),
+                ack_policy=api.AckPolicy.NONE,
+                max_deliver=1,
+                flow_control=True,
+                idle_heartbeat=TAIL_HEARTBEAT_S,
+                mem_storage=True,
+                num_replicas=1,
+                inactive_threshold=TAIL_INACTIVE_S,
+                description=f"nexus node {bus.node_id}: tail",
+            )
+            try:
+                info = await js.add_consumer(bus.stream, config, timeout=timeout)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                raise
+            self._sub, self.consumer, self.consumer_seq = sub, info.name, 0
+            self.last_activity = time.monotonic()
+        if old_sub is not None:
+            with contextlib.suppress(Exception):
+                await old_sub.unsubscribe()
+        if old_consumer:
+            bus.spawn(bus.delete_consumer(old_consumer), "nexus-nats-delete-consumer")
+
+    async def _on_message(self, generation: int, msg: Msg) -> None:
+        if generation != self.generation:
+            return  # from a consumer that was replaced
+        self.last_activity = time.monotonic()
+        reply = msg.reply or ""
+        if not reply.startswith("$JS.ACK."):
+            await self._on_status(msg)
+            return
+        info = parse_ack_reply(reply)
+        if info is None:
+            return
+        if info.consumer_seq <= self.consumer_seq:
+            return  # delivered again (a consumer leader changed): already handled
+        if info.consumer_seq != self.consumer_seq + 1:
+            self.request_reset(f"consumer sequence {info.consumer_seq} after {self.consumer_seq}")
+            return
+        self.consumer_seq = info.consumer_seq
+        self.bus.on_stored(msg, info.stream_seq)
+
+    async def _on_status(self, msg: Msg) -> None:
+        nc, _ = self.bus.connection()
+        headers = msg.headers or {}
+        if msg.reply:  # a flow-control request: everything before it was handled
+            await nc.publish(msg.reply)
+        stalled = headers.get("Nats-Consumer-Stalled")
+        if stalled:
+            await nc.publish(stalled)
+        last = headers.get("Nats-Last-Consumer")
+        if last is not None and last.isdigit() and int(last) != self.consumer_seq:
+            self.request_reset(f"heartbeat says consumer sequence {last}, this node has {self.consumer_seq}")
+
+    async def stop(self) -> None:
+        if self._reset is not None:
+            self._reset.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self.consumer:
+            # Best effort: an unread ephemeral consumer also goes away by itself after TAIL_INACTIVE_S.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.bus.delete_consumer(self.consumer), 1.0)
+            self.consumer = ""
+
+
+class _RangeReader:
+    """Reads stored messages from ``start`` up to ``end`` (inclusive) through an ephemeral pull consumer."""
+
+    def __init__(self, bus: NatsBus, filter_subject: str, start: int, end: int) -> None:
+        self.bus = bus
+        self.filter_subject = filter_subject
+        self.start = start
+        self.end = end
+
+    async def read(self, deliver: Callable[[list[Event]], Awaitable[None]]) -> None:
+        """Hand every event in the range to ``deliver``, in order, a batch at a time."""
+        bus = self.bus
+        nc, js = bus.connection()
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.start,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=self.filter_subject,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=TAIL_INACTIVE_S,
+            description=f"nexus node {bus.node_id}: replay",
+        )
+        info = await js.add_consumer(bus.stream, config, timeout=API_TIMEOUT_S)
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus.stream}.{info.name}"
+        request = control_body({"batch": REPLAY_BATCH, "no_wait": True})
+        try:
+            while True:
+                messages = await self._pull(nc, next_subject, request)
+                events: list[Event] = []
+                finished = True
+                for msg in messages:
+                    ack = parse_ack_reply(msg.reply or "")
+                    if ack is None or ack.stream_seq > self.end:
+                        break  # this pull is over: nothing more is stored now, or the range is done
+                    event = bus.decode(msg, ack.stream_seq)
+                    if event is not None:
+                        events.append(event)
+                    finished = ack.stream_seq >= self.end or ack.pending == 0
+                if events:
+                    await deliver(events)
+                if finished:
+                    return
+        finally:
+            bus.spawn(bus.delete_consumer(info.name), "nexus-nats-delete-consumer")
+
+    @staticmethod
+    async def _pull(nc: NatsClient, next_subject: str, request: bytes) -> list[Msg]:
+        """One ``no_wait`` pull on its own inbox (so a late status of an earlier pull cannot end it)."""
+        messages: list[Msg] = []
+        done = asyncio.Event()
+
+        async def on_message(msg: Msg) -> None:
+            messages.append(msg)
+            if not (msg.reply or "").startswith("$JS.ACK.") or len(messages) >= REPLAY_BATCH:
+                done.set()
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_message, pending_msgs_limit=0, pending_bytes_limit=0)
+        try:
+            await nc.publish(next_subject, request, reply=inbox)
+            await asyncio.wait_for(done.wait(), REPLAY_STEP_TIMEOUT_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return messages
+
+
+class NatsBus(Bus):
+    """A bus shared by every Nexus node connected to one NATS JetStream stream."""
+
+    def __init__(
+        self, settings: Settings, *, node_id: str | None = None, connect_timeout_s: float = CONNECT_TIMEOUT_S
+    ) -> None:
+        self.settings = settings
+        self.connect_timeout_s = connect_timeout_s
+        self.servers = [part.strip() for part in settings.bus.split(",") if part.strip()]
+        self.stream = settings.nats_stream
+        self.subjects = Subjects(settings.nats_subject_prefix)
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.epoch = ""
+        self.ack_timeout = settings.nats_ack_timeout_s
+        self.dedupe = settings.dedupe_window_s > 0
+        duplicate_window = settings.dedupe_window_s if self.dedupe else DEFAULT_DEDUPE_WINDOW_S
+        if settings.nats_max_age_s > 0:
+            duplicate_window = min(duplicate_window, settings.nats_max_age_s)
+        self.duplicate_window = duplicate_window
+        self.closing = False
+        self.received = 0
+        """The stream sequence of the last event this node's tail handed to local delivery."""
+        self._fanout = Fanout()
+        self._types = SubjectTypes(self.subjects)
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._started = False
+        self._closed = False
+        self._ready = False
+        self._connected = asyncio.Event()
+        self._max_message = 0
+        self._head = 0
+        self._first_offset = 1
+        self._pending: list[Event] = []
+        self._flush_scheduled = False
+        self._progress = asyncio.Event()
+        self._control: list[ControlCallback] = []
+        self._health: list[HealthCallback] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._core_subs: list[NatsSubscription] = []
+        self._published = 0
+        self._duplicates = 0
+        self._terminals: OrderedDict[str, str] = OrderedDict()
+        self._streams: OrderedDict[str, list[float]] = OrderedDict()
+        self._last_error = ""
+        self._recovery: asyncio.Task[None] | None = None
+        self._tail = _Tail(self)
+        self.router = RequestRouter(self)
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    def connection(self) -> tuple[NatsClient, JetStreamContext]:
+        """The NATS connection and its JetStream context (raises BusUnavailable before start or after close)."""
+        if self._nc is None or self._js is None or self._closed:
+            raise BusUnavailable("the bus is closed" if self._closed else "the bus is not started")
+        return self._nc, self._js
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected and not self._closed
+
+    async def wait_connected(self) -> None:
+        """Wait until the NATS connection is up (returns at once when it is)."""
+        while not self.connected:
+            if self.closing:
+                raise asyncio.CancelledError
+            self._connected.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 1.0)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coroutine`` in a task the bus cancels when it closes."""
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self.closing:
+            log.error("nats_task_failed", task=task.get_name(), error=_describe(task.exception() or Exception()))
+
+    async def delete_consumer(self, name: str) -> None:
+        """Remove a consumer, ignoring errors (it may be gone, or the server unreachable)."""
+        if not self.connected:
+            return
+        with contextlib.suppress(Exception):
+            _, js = self.connection()
+            await js.delete_consumer(self.stream, name)
+
+    def _set_health(self, healthy: bool) -> None:
+        for callback in list(self._health):
+            try:
+                callback(healthy)
+            except Exception as exc:
+                log.error("health_callback_failed", error=_describe(exc))
+
+    # --- start and stop -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        nc = NatsClient()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=self.servers,
+                    name=f"nexus {self.node_id}",
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=cast(int, RECONNECT_WAIT_S),  # annotated int; seconds as float work
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                ),
+                self.connect_timeout_s,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            detail = self._last_error or _describe(exc)
+            raise BusUnavailable(
+                f"cannot connect to NATS at {', '.join(self.servers)} within {self.connect_timeout_s:g}s ({detail})"
+            ) from None
+        self._nc = nc
+        self._js = nc.jetstream(timeout=API_TIMEOUT_S)
+        self._connected.set()
+        try:
+            await self._check_server()
+            info = await self.ensure_stream()
+            self.received = info.state.last_seq
+            self._head = info.state.last_seq
+            for subject, handler in (
+                (self.subjects.live, self._on_live),
+                (self.subjects.control + ".>", self._on_control),
+            ):
+                self._core_subs.append(await nc.subscribe(subject, cb=handler))
+            await self._tail.start(self.received + 1)
+            self._started = True
+            self._ready = True
+            await self.router.start()
+        except BaseException:
+            self.closing = True
+            with contextlib.suppress(Exception):
+                await nc.close()
+            self._nc = self._js = None
+            raise
+        self.spawn(self._watch_tail(), "nexus-nats-tail-watch")
+        log.info(
+            "nats_bus_started",
+            servers=self.servers,
+            stream=self.stream,
+            subjects=self.subjects.events,
+            epoch=self.epoch,
+            head_offset=self._head,
+            node=self.node_id,
+        )
+
+    async def _check_server(self) -> None:
+        nc, js = self.connection()
+        url = self._url()
+        try:
+            await js.account_info()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise NatsSetupError(
+                f"JetStream is not enabled on the NATS server at {url}: start nats-server with -js "
+                "(or 'jetstream: enabled' in its configuration)"
+            ) from None
+        limit = self.settings.max_payload_bytes + ENVELOPE_RESERVE
+        self._max_message = nc.max_payload
+        if nc.max_payload < limit:
+            raise NatsSetupError(
+                f"the NATS server at {url} accepts messages up to {nc.max_payload} bytes (its max_payload), but an "
+                f"event needs max_payload_bytes ({self.settings.max_payload_bytes}) plus {ENVELOPE_RESERVE} bytes "
+                f"for its id, timestamp and metadata: set 'max_payload: {limit}' in the nats-server configuration, "
+                f"or lower max_payload_bytes to {nc.max_payload - ENVELOPE_RESERVE} "
+                "(--max-payload-bytes, NEXUS_MAX_PAYLOAD_BYTES)"
+            )
+
+    def _url(self) -> str:
+        if self._nc is not None and self._nc.connected_url is not None:
+            return self._nc.connected_url.geturl()
+        return ", ".join(self.servers)
+
+    def _stream_config(self) -> api.StreamConfig:
+        settings = self.settings
+        return api.StreamConfig(
+            name=self.stream,
+            description="Nexus events",
+            subjects=[self.subjects.events],
+            retention=api.RetentionPolicy(settings.nats_retention),
+            storage=api.StorageType(settings.nats_storage),
+            num_replicas=settings.nats_replicas,
+            max_msgs=settings.history_size,
+            max_age=settings.nats_max_age_s or None,
+            duplicate_window=self.duplicate_window,
+            discard=api.DiscardPolicy.OLD,
+        )
+
+    async def ensure_stream(self, timeout: float = API_TIMEOUT_S) -> api.StreamInfo:
+        """Create the stream, or bring its settings in line; set the epoch from its creation time.
+
+        A stream re-created since (another creation time) is another history: see :meth:`_replace_history`.
+        """
+        nc, _ = self.connection()
+        js = nc.jetstream(timeout=timeout)
+        wanted = self._stream_config()
+        try:
+            try:
+                info = await js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                try:
+                    info = await js.add_stream(wanted)
+                    log.info(
+                        "stream_created", stream=self.stream, subjects=wanted.subjects, replicas=wanted.num_replicas
+                    )
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != 10058:  # created by another node meanwhile
+                        raise
+                    info = await js.stream_info(self.stream)
+            changes = self._stream_changes(info.config, wanted)
+            if changes:
+                info = await js.update_stream(wanted)
+                log.info("stream_updated", stream=self.stream, changes=changes)
+        except nats.js.errors.APIError as exc:
+            raise NatsSetupError(
+                f"cannot use the JetStream stream {self.stream!r} on {self._url()}: {exc.description} "
+                f"(error {exc.err_code}); check --nats-stream, --nats-subject-prefix and --nats-replicas "
+                "(a cluster needs at least as many JetStream servers as replicas)"
+            ) from None
+        created = info.created or datetime.fromtimestamp(0, UTC)
+        epoch = stream_epoch(self.stream, created)
+        if self.epoch and epoch != self.epoch:
+            self._replace_history(epoch)
+        self.epoch = epoch
+        self._first_offset = info.state.first_seq or info.state.last_seq + 1
+        self._head = max(self._head, info.state.last_seq)
+        return info
+
+    @staticmethod
+    def _stream_changes(current: api.StreamConfig, wanted: api.StreamConfig) -> dict[str, Any]:
+        changes: dict[str, Any] = {}
+        for field in ("subjects", "num_replicas", "max_msgs", "max_age", "duplicate_window", "retention", "storage"):
+            have, want = getattr(current, field), getattr(wanted, field)
+            if field == "max_age":
+                have, want = have or 0, want or 0
+            if field in ("retention", "storage"):
+                have, want = str(getattr(have, "value", have)), str(getattr(want, "value", want))
+            if field in ("max_age", "duplicate_window"):
+                if abs(float(have or 0) - float(want or 0)) < 1e-6:
+                    continue
+            elif have == want:
+                continue
+            changes[field] = {"from": have, "to": want}
+        return changes
+
+    def _replace_history(self, epoch: str) -> None:
+        """The stream was re-created: offsets restart, so every subscriber must resume and be told."""
+        log.warning("stream_replaced", stream=self.stream, old_epoch=self.epoch, new_epoch=epoch)
+        self.received = 0
+        self._head = 0
+        self._fanout.close_all()
+        self.router.forget_consumers()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self.closing = True
+        if self._started:
+            await self._await_own_events()
+            await self.router.stop()
+            await self._tail.stop()
+        self._flush()
+        self._fanout.close_all()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self._closed = True
+        self._ready = False
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        log.info("nats_bus_closed", node=self.node_id, stream=self.stream)
+
+    async def _await_own_events(self, timeout: float = 2.0) -> None:
+        """Let local subscribers receive what this node stored (a shutdown's ``cancelled`` events) first."""
+        deadline = time.monotonic() + timeout
+        while self.received < self._head and self.connected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        self._flush()
+
+    # --- connection events ----------------------------------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = _describe(exc)
+        if isinstance(exc, (OSError, nats.errors.StaleConnectionError, nats.errors.UnexpectedEOF)):
+            log.debug("nats_connection_error", error=self._last_error)
+        else:
+            log.warning("nats_error", error=self._last_error)
+
+    async def _on_disconnected(self) -> None:
+        self._connected.clear()
+        if self.closing:
+            return
+        self._ready = False
+        log.warning("nats_disconnected", servers=self.servers, node=self.node_id)
+        self._set_health(False)
+
+    async def _on_reconnected(self) -> None:
+        self._connected.set()
+        if self.closing:
+            return
+        log.info("nats_reconnected", server=self._url(), node=self.node_id)
+        self._start_recovery()
+
+    def _start_recovery(self) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._recovery = self.spawn(self._recover(), "nexus-nats-recover")
+
+    async def _on_closed(self) -> None:
+        if not self.closing:
+            log.error("nats_connection_closed", servers=self.servers, node=self.node_id)
+            self._ready = False
+            self._set_health(False)
+
+    async def _recover(self) -> None:
+        """After a reconnection: make sure the stream is there, resume the tail, then report healthy."""
+        delay = 0.1
+        while not self.closing:
+            await self.wait_connected()
+            try:
+                # A short timeout: during a cluster's leader election an attempt may go unanswered; try again.
+                await self.ensure_stream(timeout=RECOVERY_TIMEOUT_S)
+                break
+            except Exception as exc:
+                log.warning("nats_recovery_failed", error=_describe(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        else:
+            return
+        self._tail.request_reset("reconnected")
+        self._ready = True
+        self._set_health(True)
+        self.router.on_reconnected()
+        log.info("nats_recovered", epoch=self.epoch, after_offset=self.received, node=self.node_id)
+
+    async def _watch_tail(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(TAIL_HEARTBEAT_S)
+            if self.connected and time.monotonic() - self._tail.last_activity > 3 * TAIL_HEARTBEAT_S:
+                self._tail.request_reset("no heartbeat from the tail consumer")
+                self._tail.last_activity = time.monotonic()
+
+    # --- Bus ------------------------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._started and self._ready and self.connected
+
+    def on_health(self, callback: HealthCallback) -> None:
+        self._health.append(callback)
+
+    def _check_ready(self) -> None:
+        if self._closed or self.closing:
+            raise BusUnavailable("the bus is closed")
+        if not self._started:
+            raise BusUnavailable("the bus is not started")
+        if not self.healthy:
+            raise BusUnavailable(
+                f"the connection to NATS ({', '.join(self.servers)}) is down; reconnecting. Nothing was stored"
+            )
+
+    def _message(self, event: Event, msg_id: str | None = None) -> tuple[str, bytes, dict[str, str] | None]:
+        data = encode_event(event)
+        msg_id = msg_id or self.router.terminal_msg_id(event)
+        if msg_id is None and self.dedupe:
+            msg_id = event_msg_id(event.event_id)
+        # Headers count against max_payload too: "NATS/1.0", Nats-Msg-Id and Nats-Expected-Stream, CRLFs.
+        headers_size = 12 + len("Nats-Expected-Stream: \r\n") + len(self.stream)
+        if msg_id:
+            headers_size += len(f"{MSG_ID_HEADER}: \r\n".encode()) + len(msg_id.encode())
+        size = len(data) + headers_size
+        if size > self._max_message:
+            raise PayloadTooLarge(
+                f"the event is {size} bytes with its id, timestamp and metadata, over the "
+                f"{self._max_message} bytes the NATS server accepts (max_payload)"
+            )
+        return self.subjects.for_type(event.event_type), data, ({MSG_ID_HEADER: msg_id} if msg_id else None)
+
+    async def publish(self, event: Event) -> Published:
+        return await self._store(event)
+
+    async def publish_terminal(self, event: Event, correlation_id: str) -> Published:
+        """Store the terminal event of a request another node held: one per request, whoever tries."""
+        return await self._store(event, terminal_msg_id(correlation_id))
+
+    async def _store(self, event: Event, msg_id: str | None = None) -> Published:
+        if self._closed or self.closing or not self._started:
+            self._check_ready()
+        subject, data, headers = self._message(event, msg_id)
+        try:
+            self._check_ready()
+            _, js = self.connection()
+            ack = await js.publish(subject, data, timeout=self.ack_timeout, stream=self.stream, headers=headers)
+        except Exception as exc:
+            error = self._publish_error(exc)
+            self.router.publish_failed(event, error)
+            raise error from None
+        return await self._published_as(event, ack)
+
+    async def publish_many(self, events: Sequence[Event]) -> list[Published]:
+        if len(events) <= 1:
+            return [await self.publish(event) for event in events]
+        self._check_ready()
+        messages = [self._message(event) for event in events]
+        _, js = self.connection()
+        futures: list[asyncio.Future[api.PubAck]] = []
+        try:
+            for subject, data, headers in messages:
+                futures.append(await js.publish_async(subject, data, stream=self.stream, headers=headers))
+            acks = await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
+        except Exception as exc:
+            for future in futures:
+                future.cancel()
+            raise self._publish_error(exc) from None
+        return [await self._published_as(event, ack) for event, ack in zip(events, acks, strict=True)]
+
+    def _publish_error(self, exc: BaseException) -> NexusError:
+        if isinstance(exc, NexusError):
+            return exc
+        if isinstance(exc, (TimeoutError, nats.errors.TimeoutError)):
+            return BusUnavailable(
+                f"JetStream did not acknowledge the event within {self.ack_timeout:g}s; it may or may not be "
+                "stored: publish it again with the same event_id to be sure"
+            )
+        if isinstance(exc, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
+            self._start_recovery()
+            return BusUnavailable(f"no JetStream stream answers for {self.subjects.events} on NATS; nothing was stored")
+        if isinstance(exc, nats.js.errors.APIError):
+            description = exc.description or ""
+            if "maximum" in description.lower() and "payload" in description.lower():
+                return PayloadTooLarge(f"the NATS server refused the event: {description}")
+            return BusUnavailable(f"JetStream refused the event: {description} (error {exc.err_code})")
+        return BusUnavailable(f"could not store the event on NATS: {_describe(exc)}")
+
+    async def _published_as(self, event: Event, ack: api.PubAck) -> Published:
+        self._head = max(self._head, ack.seq)
+        if ack.duplicate:
+            self._duplicates += 1
+            original = await self.fetch(ack.seq)
+            self.router.published(event, ack.seq, duplicate=True)
+            if original is None:
+                log.warning("duplicate_original_missing", event_id=event.event_id, offset=ack.seq)
+                original = event.stored(ack.seq, self.epoch)
+            return Published(original, duplicate=True)
+        self._published += 1
+        self.router.published(event, ack.seq, duplicate=False)
+        return Published(event.stored(ack.seq, self.epoch))
+
+    async def fetch(self, offset: int) -> Event | None:
+        """The stored event at ``offset``, or None when the stream no longer holds it."""
+        _, js = self.connection()
+        try:
+            raw = await js.get_msg(self.stream, offset)
+        except nats.js.errors.NotFoundError:
+            return None
+        except Exception as exc:
+            raise self._publish_error(exc) from None
+        event_type = self._types.event_type(raw.subject or "")
+        if event_type is None:
+            return None
+        headers = raw.headers or {}
+        return decode_event(
+            event_type,
+            raw.data or b"",
+            offset=offset,
+            epoch=self.epoch,
+            msg_id=headers.get(MSG_ID_HEADER),
+            stored_at=raw.time,
+        )
+
+    async def publish_live(self, event: Event) -> None:
+        self._check_ready()
+        nc, _ = self.connection()
+        try:
+            await nc.publish(self.subjects.live_for_type(event.event_type), encode_event(event))
+        except Exception as exc:
+            raise BusUnavailable(f"could not send a live event over NATS: {_describe(exc)}") from None
+
+    # --- local delivery -------------------------------------------------------------------------------------
+
+    def decode(self, msg: Msg, offset: int) -> Event | None:
+        """The event a stream message holds (None for a message on a subject that is no event type)."""
+        event_type = self._types.event_type(msg.subject)
+        if event_type is None:
+            return None
+        headers = msg.headers or {}
+        return decode_event(event_type, msg.data, offset=offset, epoch=self.epoch, msg_id=headers.get(MSG_ID_HEADER))
+
+    def on_stored(self, msg: Msg, offset: int) -> None:
+        """A stored event from the tail (in stream order): queue it for local delivery."""
+        if offset <= self.received:
+            return
+        if self.received and offset > self.received + 1:
+            log.warning("history_gap", missing_from=self.received + 1, missing_to=offset - 1, stream=self.stream)
+            # Events this node never saw: subscribers here must resume from their last offset and be told.
+            self._flush()
+            self._fanout.close_all()
+        self.received = offset
+        self._head = max(self._head, offset)
+        event = self.decode(msg, offset)
+        if event is not None:
+            self._pending.append(event)
+            self._schedule_flush()
+
+    async def _on_live(self, msg: Msg) -> None:
+        event_type = self._types.event_type(msg.subject)
+        if event_type is None:
+            return
+        event = decode_event(event_type, msg.data, offset=0, epoch=self.epoch)
+        if event is not None:
+            self._pending.append(event)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self._progress.set()
+        self._observe(pending)
+        self._fanout.deliver(pending, to_groups=False)
+
+    def _observe(self, events: Iterable[Event]) -> None:
+        """Follow requests' lifecycles: streams' chunk counts, and which requests have ended."""
+        streams = self._streams
+        for event in events:
+            correlation_id = event.metadata.get("correlation_id")
+            if not correlation_id or not event.offset:
+                continue
+            state = event.state
+            if state == STARTED:
+                streams[correlation_id] = [_seconds(event.timestamp), 0.0]
+                if len(streams) > TRACKED_STREAMS:
+                    streams.popitem(last=False)
+            elif state == STREAM:
+                tracked = streams.get(correlation_id)
+                if tracked is not None:
+                    tracked[1] += 1
+            elif state in TERMINAL_STATES:
+                streams.pop(correlation_id, None)
+                self._terminals[correlation_id] = event.event_id
+                if len(self._terminals) > RECENT_TERMINALS:
+                    self._terminals.popitem(last=False)
+                self.router.ended(correlation_id, event.event_id)
+
+    def terminal_seen(self, correlation_id: str) -> bool:
+        """Whether this node saw the terminal event of the request ``correlation_id`` (recently)."""
+        return correlation_id in self._terminals
+
+    def stream_progress(self, correlation_id: str) -> tuple[float, int] | None:
+        """``(started_at, chunks)`` of a stream this node saw start and not end (epoch seconds, count)."""
+        tracked = self._streams.get(correlation_id)
+        return None if tracked is None else (tracked[0], int(tracked[1]))
+
+    async def subscribe(
+        self,
+        patterns: Iterable[str] = (),
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        correlation_ids: Iterable[str] = (),
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Subscription:
+        if self._closed or self.closing:
+            raise BusUnavailable("the bus is closed")
+        if not self._started:
+            raise BusUnavailable("the bus is not started")
+        patterns = list(patterns)
+        for pattern in patterns:
+            parse_pattern(pattern)
+        since_offset = max(since_offset, 0)
+        correlation_ids = list(correlation_ids)
+        recovered: bool | None = None
+        head = max(self._head, self.received)
+        if since_offset > 0 or epoch:
+            self._check_ready()
+            first, head = await self.stream_bounds()
+            recovered = (not epoch or epoch == self.epoch) and first - 1 <= since_offset <= head
+        sub = Subscription(
+            self._fanout,
+            patterns=patterns,
+            correlation_ids=correlation_ids,
+            max_pending=max_pending,
+            start_after=self.received,
+            epoch=self.epoch,
+            recovered=recovered,
+        )
+        sub.head_offset = head
+        if recovered and since_offset < self.received:
+            filter_subject = filter_for_patterns(self.subjects, patterns, bool(correlation_ids))
+            self.spawn(self._hand_over(sub, since_offset, filter_subject), "nexus-nats-replay")
+        else:
+            if recovered:
+                sub.start_after = max(self.received, since_offset)
+            self._fanout.register(sub)
+        return sub
+
+    async def stream_bounds(self) -> tuple[int, int]:
+        """The first and last offsets the stream holds now."""
+        _, js = self.connection()
+        try:
+            info = await js.stream_info(self.stream)
+        except Exception as exc:
+            raise BusUnavailable(f"could not read the stream's state from NATS: {_describe(exc)}") from None
+        self._first_offset = info.state.first_seq or info.state.last_seq + 1
+        self._head = max(self._head, info.state.last_seq)
+        return self._first_offset, info.state.last_seq
+
+    async def _hand_over(self, sub: Subscription, since_offset: int, filter_subject: str) -> None:
+        """Replay from the stream up to what the tail delivered, then join the live delivery right there.
+
+        The check and the registration happen in one synchronous step, so each event after ``since_offset``
+        reaches the subscriber exactly once: from the replay up to ``start_after``, live after it.
+        """
+        cursor = since_offset
+
+        async def deliver(events: list[Event]) -> None:
+            wanted = [event for event in events if sub.wants(event)]
+            sub.push(wanted, replay=True)
+            # Read no further ahead of the subscriber than its queue bound (it has no event to wait on).
+            while not sub.closed and sub.pending > max(sub.max_pending, REPLAY_BATCH):  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+
+        try:
+            while not sub.closed:
+                target = self.received
+                if cursor >= target:
+                    sub.start_after = cursor
+                    self._fanout.register(sub)
+                    return
+                await _RangeReader(self, filter_subject, cursor + 1, target).read(deliver)
+                cursor = target
+        except asyncio.CancelledError:
+            sub.close()
+            raise
+        except Exception as exc:
+            log.warning("replay_failed", since_offset=since_offset, error=_describe(exc))
+            sub.close()
+
+    async def consume_requests(
+        self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
+    ) -> Subscription:
+        self._check_ready()
+        sub = Subscription(
+            self._fanout, max_pending=max_pending, start_after=self.received, epoch=self.epoch, group=group
+        )
+        await self.router.serve(sub, routes)
+        return sub
+
+    async def head_offset(self) -> int:
+        self._check_ready()
+        _, head = await self.stream_bounds()
+        return head
+
+    # --- control --------------------------------------------------------------------------------------------
+
+    async def send_control(self, message: JSONObject) -> None:
+        self._check_ready()
+        nc, _ = self.connection()
+        await nc.publish(self.subjects.messages, control_body(message))
+
+    def on_control(self, callback: ControlCallback) -> None:
+        self._control.append(callback)
+
+    def control_local(self, message: JSONObject) -> None:
+        """Hand a control message to this node's callbacks only."""
+        loop = asyncio.get_running_loop()
+        for callback in list(self._control):
+            loop.call_soon(callback, dict(message))
+
+    async def publish_control(self, subject: str, message: JSONObject) -> None:
+        """Send a control message on a subject under ``<prefix>_ctl`` (nothing when disconnected)."""
+        if not self.connected:
+            return
+        nc, _ = self.connection()
+        with contextlib.suppress(Exception):
+            await nc.publish(subject, control_body(message))
+
+    async def _on_control(self, msg: Msg) -> None:
+        message = read_control(msg.data)
+        if message is None:
+            return
+        if msg.subject == self.subjects.messages:
+            self.control_local(message)
+        else:
+            self.router.on_control(msg.subject, message)
+
+    # --- stats ----------------------------------------------------------------------------------------------
+
+    def stats(self) -> BusStats:
+        return BusStats(
+            head_offset=max(self._head, self.received),
+            first_offset=self._first_offset,
+            epoch=self.epoch,
+            subscribers=len(self._fanout.subscriptions),
+            published=self._published,
+            duplicates=self._duplicates,
+            slow_consumers=self._fanout.slow_consumers,
+        )
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._fanout.metrics
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "bus": "nats",
+            "epoch": self.epoch,
+            "servers": self.servers,
+            "stream": self.stream,
+            "subjects": self.subjects.events,
+            "node": self.node_id,
+        }
+
+
+def _seconds(timestamp: str) -> float:
+    try:
+        return parse_time(timestamp)
+    except NexusError:
+        return time.time()

@@ -1,0 +1,282 @@
+"""How Nexus events sit in NATS: subjects, message bodies, ids and names. Pure: no I/O, no nats-py.
+
+An event type's four tokens become a subject under a prefix: ``demo:stream_x:v1:started`` is stored on
+``nexus.demo.stream_x.v1.started``, so NATS tools and wildcards see the same structure (``nexus.demo.>``,
+``nexus.*.*.*.requested``). A pattern maps the same way (``demo:*:v1:*`` → ``nexus.demo.*.v1.*``).
+
+The message body is a compact JSON envelope ``{"v": 1, "id", "ts", "payload", "metadata"}``; the type is the
+subject and the offset the stream sequence, so neither is repeated. A message another tool published on a
+Nexus subject with a plain JSON object body is read as an event whose payload is that object.
+
+``Nats-Msg-Id`` carries the deduplication key: ``e:<event_id>`` for an event, ``t:<correlation_id>`` for the
+terminal event of a request, so at most one terminal event per request is stored inside the duplicate window
+however many nodes try (the driving node, or every survivor that saw it die).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from nexus.errors import InvalidPattern
+from nexus.events import Event, EventType, JSONObject, format_timestamp
+from nexus.patterns import parse_pattern
+
+DEFAULT_STREAM: Final = "NEXUS"
+DEFAULT_SUBJECT_PREFIX: Final = "nexus"
+ENVELOPE_VERSION: Final = 1
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+EVENT_ID_PREFIX: Final = "e:"
+TERMINAL_ID_PREFIX: Final = "t:"
+ENVELOPE_RESERVE: Final = 32 * 1024
+"""Bytes a NATS message needs beyond the payload limit: the event's id, timestamp, headers and metadata."""
+
+_STREAM_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_PREFIX_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]+\Z")
+_TYPE_CACHE_LIMIT: Final = 10_000
+
+
+def check_stream_name(name: str) -> str | None:
+    """Why ``name`` cannot name a JetStream stream, or None."""
+    if not _STREAM_NAME_RE.match(name):
+        return f"a stream name is 1 to 64 of A-Z, a-z, 0-9, '_' and '-', got {name!r}"
+    return None
+
+
+def check_subject_prefix(prefix: str) -> str | None:
+    """Why ``prefix`` cannot prefix Nexus subjects (dot-separated tokens, no wildcards), or None."""
+    tokens = prefix.split(".")
+    if not prefix or any(not _PREFIX_TOKEN_RE.match(token) for token in tokens):
+        return f"a subject prefix is one or more '.'-separated tokens of A-Z, a-z, 0-9, '_' and '-', got {prefix!r}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Subjects:
+    """The subjects of one Nexus installation on NATS, derived from its prefix.
+
+    ``events`` (``<prefix>.>``) is what the stream stores. Heartbeats go to ``<prefix>_live.…`` and control
+    messages to ``<prefix>_ctl.…``: plain NATS subjects outside the stream, so they are never stored.
+    """
+
+    prefix: str = DEFAULT_SUBJECT_PREFIX
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.>"
+
+    @property
+    def requests(self) -> str:
+        """Every ``requested`` event."""
+        return f"{self.prefix}.*.*.*.requested"
+
+    @property
+    def live(self) -> str:
+        return f"{self.prefix}_live.>"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}_ctl"
+
+    @property
+    def presence(self) -> str:
+        return f"{self.prefix}_ctl.presence"
+
+    @property
+    def claims(self) -> str:
+        return f"{self.prefix}_ctl.claims"
+
+    @property
+    def messages(self) -> str:
+        """Control messages between providers (cancels)."""
+        return f"{self.prefix}_ctl.msg"
+
+    def for_type(self, event_type: str) -> str:
+        """The stream subject of an event type."""
+        return f"{self.prefix}.{event_type.replace(':', '.')}"
+
+    def live_for_type(self, event_type: str) -> str:
+        """The live-only subject of an event type (heartbeats)."""
+        return f"{self.prefix}_live.{event_type.replace(':', '.')}"
+
+    def requests_for(self, service_action: str) -> str:
+        """Every ``requested`` event of ``service:action``, whatever its version."""
+        service, action = service_action.split(":")
+        return f"{self.prefix}.{service}.{action}.*.requested"
+
+    def for_pattern(self, pattern: str) -> str:
+        """The subject filter selecting what ``pattern`` matches (validated first)."""
+        parse_pattern(pattern)
+        return f"{self.prefix}.{pattern.replace(':', '.')}"
+
+
+class SubjectTypes:
+    """Turns stream or live subjects back into event types, validating each distinct subject once."""
+
+    def __init__(self, subjects: Subjects) -> None:
+        self._stream_prefix = subjects.prefix + "."
+        self._live_prefix = subjects.prefix + "_live."
+        self._cache: dict[str, str | None] = {}
+
+    def event_type(self, subject: str) -> str | None:
+        """The event type of a stream or live subject, or None when the subject is not a valid one."""
+        found = self._cache.get(subject, "")
+        if found != "":
+            return found
+        result: str | None = None
+        for prefix in (self._stream_prefix, self._live_prefix):
+            if subject.startswith(prefix):
+                candidate = subject[len(prefix) :].replace(".", ":")
+                try:
+                    EventType.parse(candidate)
+                except Exception:
+                    break
+                result = candidate
+                break
+        if len(self._cache) >= _TYPE_CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[subject] = result
+        return result
+
+
+def event_msg_id(event_id: str) -> str:
+    """The ``Nats-Msg-Id`` that deduplicates a client's event id."""
+    return EVENT_ID_PREFIX + event_id
+
+
+def terminal_msg_id(correlation_id: str) -> str:
+    """The ``Nats-Msg-Id`` that lets one terminal event per request be stored."""
+    return TERMINAL_ID_PREFIX + correlation_id
+
+
+def encode_event(event: Event) -> bytes:
+    """The message body of ``event``."""
+    body = {
+        "v": ENVELOPE_VERSION,
+        "id": event.event_id,
+        "ts": event.timestamp,
+        "payload": event.payload,
+        "metadata": event.metadata,
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def decode_event(
+    event_type: str,
+    data: bytes,
+    *,
+    offset: int,
+    epoch: str,
+    msg_id: str | None = None,
+    stored_at: datetime | None = None,
+) -> Event | None:
+    """The event in a message body, or None when the body is not a JSON object.
+
+    A body without the envelope (published by another tool) becomes the payload; its id is the message's
+    ``Nats-Msg-Id`` (without Nexus's ``e:`` prefix) or ``nats-<offset>``, its time the time NATS stored it.
+    """
+    try:
+        body: Any = json.loads(data) if data else {}
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    if body.get("v") == ENVELOPE_VERSION and isinstance(body.get("payload"), dict):
+        metadata = body.get("metadata")
+        return Event(
+            event_type=event_type,
+            payload=body["payload"],
+            event_id=str(body.get("id") or f"nats-{offset}"),
+            metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+            timestamp=str(body.get("ts") or _timestamp(stored_at)),
+            offset=offset,
+            epoch=epoch,
+        )
+    event_id = msg_id.removeprefix(EVENT_ID_PREFIX) if msg_id else f"nats-{offset}"
+    return Event(
+        event_type=event_type,
+        payload=body,
+        event_id=event_id,
+        metadata={},
+        timestamp=_timestamp(stored_at),
+        offset=offset,
+        epoch=epoch,
+    )
+
+
+def _timestamp(moment: datetime | None) -> str:
+    return format_timestamp(moment or datetime.now(UTC))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AckInfo:
+    """What a JetStream message's reply subject says about it."""
+
+    stream: str
+    consumer: str
+    delivered: int
+    stream_seq: int
+    consumer_seq: int
+    timestamp_ns: int
+    pending: int
+
+
+def parse_ack_reply(reply: str) -> AckInfo | None:
+    """Read ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`` (and the longer form with a
+    domain and account), or None when ``reply`` is not a JetStream ack subject."""
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    base = 2 if len(tokens) == 9 else 4
+    try:
+        return AckInfo(
+            stream=tokens[base],
+            consumer=tokens[base + 1],
+            delivered=int(tokens[base + 2]),
+            stream_seq=int(tokens[base + 3]),
+            consumer_seq=int(tokens[base + 4]),
+            timestamp_ns=int(tokens[base + 5]),
+            pending=int(tokens[base + 6]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def stream_epoch(stream: str, created: datetime) -> str:
+    """The epoch of a stream instance: its name and creation time, so a re-created stream has a new one."""
+    return f"{stream}@{created.astimezone(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}"
+
+
+def request_consumer_name(stream: str, service_action: str | None) -> str:
+    """The durable consumer shared by the nodes for one handler's requests (None: every request)."""
+    if service_action is None:
+        return f"{stream}_requests"
+    service, action = service_action.split(":")
+    return f"{stream}_req_{service}_{action}"
+
+
+def filter_for_patterns(subjects: Subjects, patterns: list[str], following: bool) -> str:
+    """The narrowest single subject filter covering ``patterns`` (a replay reads only that), else everything."""
+    if len(patterns) == 1 and not following:
+        try:
+            return subjects.for_pattern(patterns[0])
+        except InvalidPattern:
+            pass
+    return subjects.events
+
+
+def control_body(message: JSONObject) -> bytes:
+    """A control message as JSON bytes."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def read_control(data: bytes) -> JSONObject | None:
+    """A control message from JSON bytes, or None when it is not a JSON object."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

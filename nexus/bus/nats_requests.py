@@ -1,0 +1,701 @@
+"""How the nodes of a NATS bus share out ``requested`` events: each is handled by exactly one node.
+
+Consumers (durable pull consumers on the Limits stream; a work-queue stream would forbid the overlapping
+consumers that replay needs):
+
+- ``<stream>_req_<service>_<action>`` per handled ``service:action`` (filter
+  ``<prefix>.<service>.<action>.*.requested``), created by the first node that serves it, starting after the
+  stream's head. Every node serving it pulls from it; an *ordered* handler (one with an ``ordering_key``) is
+  pulled by its one active node only (see :mod:`nexus.bus.nats_members`), so per-key order holds across nodes.
+- ``<stream>_requests`` (filter ``<prefix>.*.*.*.requested``): every node pulls it to find the requests no live
+  node serves. A request that a handler's consumer holds is left to it; one that no consumer holds is taken by
+  the node that pulled it, whose provider runs it if it can and otherwise answers ``no_handler``. A request
+  waiting in the consumer of a handler whose nodes are all gone is drained and answered ``no_handler`` too.
+
+A node *claims* a request by acknowledging it (synchronously, before its provider sees it), so the ack wait
+never hands a long stream to a second node. It announces its claims at once and in every node heartbeat; when
+a node is lost (or leaves with requests unfinished), every survivor publishes ``failed``/``node_lost`` for each
+of its claims with the deterministic ``Nats-Msg-Id`` ``t:<correlation_id>``: JetStream stores one, however
+many survivors try, and the dead node's own terminal event (had it been sent) would have been the one kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import api
+
+from nexus.bus.base import RequestRoute, Subscription
+from nexus.bus.nats_codec import control_body, parse_ack_reply, request_consumer_name, terminal_msg_id
+from nexus.bus.nats_members import Claim, Member, Membership, presence_message
+from nexus.detect import StreamingDetector
+from nexus.errors import BusUnavailable, NexusError, StreamErrorType
+from nexus.events import TERMINAL_STATES, Event, EventType, JSONObject, parse_time
+from nexus.lifecycle import Lifecycle
+
+if TYPE_CHECKING:
+    from nexus.bus.nats import NatsBus
+
+PULL_BATCH: Final = 64
+PULL_EXPIRES_S: Final = 5.0
+PULL_HEARTBEAT_S: Final = 1.0
+ACK_WAIT_S: Final = 10.0
+CLAIM_TIMEOUT_S: Final = 2.0
+
+log = structlog.get_logger("nexus.bus.nats")
+
+Handle = Callable[["Puller", list[Msg]], Awaitable[None]]
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+def _service_action(event_type: str) -> str:
+    parsed = EventType.parse(event_type)
+    return f"{parsed.service}:{parsed.action}"
+
+
+@dataclasses.dataclass(slots=True)
+class _LocalClaim:
+    claim: Claim
+    terminal_id: str | None = None
+    """The event id of the terminal event this node is publishing for it."""
+
+
+class Puller:
+    """Pulls one durable consumer: keeps a pull request open, hands the messages over in batches.
+
+    With ``drain`` it takes what is there (``no_wait``) and stops. After :meth:`stop` it hands back (NAKs) what
+    still arrives for its last pull request, so another node gets it at once.
+    """
+
+    def __init__(self, router: RequestRouter, service_action: str | None, handle: Handle, *, drain: bool) -> None:
+        self.router = router
+        self.bus = router.bus
+        self.service_action = service_action
+        self.consumer = request_consumer_name(self.bus.stream, service_action)
+        self.drain = drain
+        self.stopped = False
+        self._handle = handle
+        self._buffer: list[Msg] = []
+        self._wake = asyncio.Event()
+        self._request_done = asyncio.Event()
+        self._remaining = 0
+        self._empty = False
+        self._last_activity = time.monotonic()
+        self._sub: NatsSubscription | None = None
+        self._inbox = ""
+        self.finished = asyncio.Event()
+        self._worker = self.bus.spawn(self._work(), f"nexus-nats-pull-work-{self.consumer}")
+        self._runner = self.bus.spawn(self._run(), f"nexus-nats-pull-{self.consumer}")
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._last_activity = time.monotonic()
+        if (msg.reply or "").startswith("$JS.ACK."):
+            self._remaining -= 1
+            if self._remaining <= 0:
+                self._request_done.set()
+            if self.stopped:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                return
+            self._buffer.append(msg)
+            self._wake.set()
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "100":
+            return  # the pull request is alive
+        if status in ("404", "408"):
+            self._empty = True
+        elif status == "409" and "deleted" in str(headers.get("Description", "")).lower():
+            self.router.forget_consumer(self.consumer)
+        self._request_done.set()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        try:
+            while not self.stopped:
+                try:
+                    await self.bus.wait_connected()
+                    await self.router.ensure_consumer(self.service_action)
+                    nc, _ = self.bus.connection()
+                    if self._sub is None:
+                        self._inbox = nc.new_inbox()
+                        self._sub = await nc.subscribe(
+                            self._inbox, cb=self._on_message, pending_msgs_limit=0, pending_bytes_limit=0
+                        )
+                    self._request_done.clear()
+                    self._empty = False
+                    self._remaining = PULL_BATCH
+                    self._last_activity = time.monotonic()
+                    body: JSONObject = {"batch": PULL_BATCH}
+                    if self.drain:
+                        body["no_wait"] = True
+                    else:
+                        body["expires"] = _ns(PULL_EXPIRES_S)
+                        body["idle_heartbeat"] = _ns(PULL_HEARTBEAT_S)
+                    await nc.publish(
+                        f"$JS.API.CONSUMER.MSG.NEXT.{self.bus.stream}.{self.consumer}",
+                        control_body(body),
+                        reply=self._inbox,
+                    )
+                    while not self._request_done.is_set() and not self.stopped:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._request_done.wait(), PULL_HEARTBEAT_S)
+                        if not self.bus.connected:
+                            break  # the pull request went with the connection: ask again
+                        if time.monotonic() - self._last_activity > 3 * PULL_HEARTBEAT_S:
+                            # No heartbeat: the server lost the request, or the consumer is gone. Check it.
+                            self.router.forget_consumer(self.consumer)
+                            break
+                    delay = 0.1
+                    if self.drain and self._empty:
+                        return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self.stopped or self.bus.closing:
+                        return
+                    log.warning("request_pull_failed", consumer=self.consumer, error=str(exc), retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            self.finished.set()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            messages, self._buffer = self._buffer, []
+            if not messages:
+                continue
+            if self.stopped:
+                for msg in messages:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                continue
+            try:
+                await self._handle(self, messages)
+            except Exception as exc:
+                log.error("request_handling_failed", consumer=self.consumer, error=str(exc))
+
+    def stop(self) -> None:
+        """Stop pulling; what still arrives is handed back; the subscription ends when the last pull expires."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self._request_done.set()
+        self._wake.set()
+        self.bus.spawn(self._linger(), f"nexus-nats-pull-linger-{self.consumer}")
+
+    async def _linger(self) -> None:
+        try:
+            await asyncio.sleep(0 if self.drain else PULL_EXPIRES_S)
+        finally:
+            self._runner.cancel()
+            self._worker.cancel()
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+
+
+class RequestRouter:
+    """This node's part in sharing out requests: its consumers, its claims and the cluster's membership."""
+
+    def __init__(self, bus: NatsBus) -> None:
+        self.bus = bus
+        settings = bus.settings
+        self.interval = settings.nats_node_heartbeat_s
+        self.membership = Membership(bus.node_id, since=time.time(), interval=self.interval)
+        self.detector = StreamingDetector(settings.streaming_rules)
+        self.group: Subscription | None = None
+        self.routes: tuple[RequestRoute, ...] = ()
+        self.claims: dict[str, _LocalClaim] = {}
+        self.outbox: dict[str, Event] = {}
+        self._pullers: dict[str | None, Puller] = {}
+        self._drains: dict[str, Puller] = {}
+        self._consumer_starts: dict[str, int] = {}
+        self._failures: list[tuple[Claim, str, str]] = []
+        self._listening_since = time.monotonic()
+        self._quiet_until = 0.0
+        self._last_announced = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening to the other nodes and announce this one."""
+        self._listening_since = time.monotonic()
+        self._quiet_until = self._listening_since + self.membership.timeout
+        await self._announce(hello=True)
+        self._task = self.bus.spawn(self._beat(), "nexus-nats-node-heartbeat")
+
+    async def serve(self, group: Subscription, routes: Sequence[RequestRoute]) -> None:
+        """Hand this node's share of the requests to ``group`` (the provider's consumer-group member)."""
+        self.group = group
+        self.routes = tuple(routes)
+        self.membership.own.routes = self.routes
+        for service_action in sorted({route.service_action for route in self.routes}):
+            await self.ensure_consumer(service_action)
+        await self.ensure_consumer(None)
+        await self._announce()
+        self._update_pullers()
+
+    async def stop(self) -> None:
+        """Stop taking requests and tell the others this node leaves (they end what it still holds)."""
+        for puller in [*self._pullers.values(), *self._drains.values()]:
+            puller.stop()
+        self._pullers.clear()
+        self._drains.clear()
+        self.membership.own.active = frozenset()
+        if self._task is not None:
+            self._task.cancel()
+        await self._announce(leaving=True)
+
+    def on_reconnected(self) -> None:
+        """The connection is back: the others may have been silent for us, and consumers may have changed."""
+        now = time.monotonic()
+        self.membership.forget_silence(now)
+        self._quiet_until = now + self.membership.timeout
+        self._consumer_starts.clear()
+        self.bus.spawn(self._after_reconnection(), "nexus-nats-rejoin")
+
+    async def _after_reconnection(self) -> None:
+        await self._announce(hello=True)
+        await self._flush_outbox()
+
+    # --- node heartbeats ------------------------------------------------------------------------------------
+
+    async def _announce(self, *, leaving: bool = False, hello: bool = False) -> None:
+        if not self.bus.connected:
+            return
+        claims = [local.claim for local in self.claims.values()]
+        message, extra = presence_message(self.membership.own, claims, leaving=leaving, hello=hello)
+        await self.bus.publish_control(self.bus.subjects.presence, message)
+        for item in extra:
+            await self.bus.publish_control(self.bus.subjects.claims, item)
+        self._last_announced = time.monotonic()
+
+    async def _beat(self) -> None:
+        membership = self.membership
+        last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            if now - last_tick > self.interval * (membership.misses - 1):
+                # This node's loop stalled: the others' heartbeats were not read, so they cannot count as missed.
+                membership.forget_silence(now)
+                self._quiet_until = now + membership.timeout
+            last_tick = now
+            if not self.bus.connected:
+                continue
+            if self._last_announced and now - self._last_announced > membership.timeout:
+                self._rejoin(now)
+            await self._announce()
+            if now >= self._quiet_until:
+                for member in membership.expire(now):
+                    log.warning(
+                        "node_lost", node=member.node, requests=len(member.claims), node_heartbeat_s=self.interval
+                    )
+                    self.bus.spawn(self._fail_claims(member, "lost"), "nexus-nats-node-lost")
+            await self._retry()
+            self._update_pullers()
+
+    def _rejoin(self, now: float) -> None:
+        """This node was silent as long as the others wait: they counted it lost and failed what it held.
+
+        It comes back as a newcomer: no longer the active node of its ordered handlers (another one may have
+        taken over), and not counting the others lost for the silence it could not hear through either.
+        """
+        membership = self.membership
+        log.warning("node_rejoined", node=membership.node, silent_s=round(now - self._last_announced, 3))
+        membership.own.since = time.time()
+        membership.own.active = frozenset()
+        membership.forget_silence(now)
+        self._quiet_until = now + membership.timeout
+        for service_action in list(self._pullers):
+            if service_action is not None and membership.exclusive(service_action):
+                self._pullers.pop(service_action).stop()
+
+    def on_control(self, subject: str, message: JSONObject) -> None:
+        """A message from another node: a heartbeat or a claim announcement."""
+        now = time.monotonic()
+        subjects = self.bus.subjects
+        if subject == subjects.presence:
+            known = {member.node for member in self.membership.others}
+            left = self.membership.observe(message, now)
+            node = message.get("node")
+            if node == self.membership.node:
+                return
+            if left is not None:
+                log.info("node_left", node=left.node, requests=len(left.claims))
+                self.bus.spawn(self._fail_claims(left, "left"), "nexus-nats-node-left")
+            if message.get("hello") is True or (isinstance(node, str) and node not in known and left is None):
+                self.bus.spawn(self._announce(), "nexus-nats-announce")
+            self._update_pullers()
+        elif subject == subjects.claims:
+            self.membership.add_claims(message, now)
+
+    # --- consumers ------------------------------------------------------------------------------------------
+
+    async def ensure_consumer(self, service_action: str | None) -> None:
+        """Create the durable consumer for ``service_action``'s requests (None: all requests) if missing."""
+        name = request_consumer_name(self.bus.stream, service_action)
+        if name in self._consumer_starts:
+            return
+        _, js = self.bus.connection()
+        try:
+            info = await js.consumer_info(self.bus.stream, name)
+        except nats.js.errors.NotFoundError:
+            subject = (
+                self.bus.subjects.requests if service_action is None else self.bus.subjects.requests_for(service_action)
+            )
+            _, head = await self.bus.stream_bounds()
+            config = api.ConsumerConfig(
+                name=name,
+                durable_name=name,
+                description="nexus: requests shared by the nodes",
+                filter_subject=subject,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=head + 1,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT_S,
+                max_deliver=-1,
+                max_ack_pending=10_000,
+            )
+            try:
+                info = await js.add_consumer(self.bus.stream, config)
+                log.info("request_consumer_created", consumer=name, filter=subject, start_offset=head + 1)
+            except nats.js.errors.APIError:
+                info = await js.consumer_info(self.bus.stream, name)  # another node created it meanwhile
+        self._consumer_starts[name] = _first_covered(info)
+
+    def forget_consumer(self, name: str) -> None:
+        """Check again, before the next pull, that a consumer exists (it was deleted, or may have been)."""
+        self._consumer_starts.pop(name, None)
+
+    def forget_consumers(self) -> None:
+        """The stream was re-created: every consumer is gone, and so are the requests this node held."""
+        self._consumer_starts.clear()
+        self.claims.clear()
+        self.outbox.clear()
+
+    async def _covers(self, service_action: str, offset: int) -> bool:
+        """Whether a handler's consumer holds the request at ``offset`` (it existed when it was stored)."""
+        name = request_consumer_name(self.bus.stream, service_action)
+        start = self._consumer_starts.get(name)
+        if start is None:
+            _, js = self.bus.connection()
+            try:
+                info = await js.consumer_info(self.bus.stream, name)
+            except nats.js.errors.NotFoundError:
+                return False
+            start = _first_covered(info)
+            self._consumer_starts[name] = start
+        return offset >= start
+
+    def _update_pullers(self) -> None:
+        if self.bus.closing:
+            return
+        group = self.group
+        if group is None or group.closed:
+            for puller in self._pullers.values():
+                puller.stop()
+            self._pullers.clear()
+            return
+        membership = self.membership
+        # Until the others had a chance to answer this node's hello, it does not know who serves what.
+        ready = time.monotonic() - self._listening_since >= self.interval
+        wanted: set[str | None] = {None} if ready else set()
+        active: set[str] = set()
+        for service_action in {route.service_action for route in self.routes}:
+            if membership.exclusive(service_action):
+                if not ready or membership.active(service_action) != membership.node:
+                    continue
+                active.add(service_action)
+            wanted.add(service_action)
+        membership.own.active = frozenset(active)
+        for key in list(self._pullers):
+            if key not in wanted:
+                self._pullers.pop(key).stop()
+        for key in wanted:
+            if key not in self._pullers:
+                handle = self._on_requests if key is None else self._on_handler_requests
+                self._pullers[key] = Puller(self, key, handle, drain=False)
+        for key, drain in list(self._drains.items()):
+            if drain.finished.is_set():
+                del self._drains[key]
+
+    def _drain(self, service_action: str) -> None:
+        """Answer what waits in the consumer of a handler no live node serves (its nodes are gone)."""
+        if service_action in self._drains or service_action in self._pullers:
+            return
+        log.info("draining_unserved_requests", event_type=service_action)
+        self._drains[service_action] = Puller(self, service_action, self._on_unserved_requests, drain=True)
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def _read(self, msg: Msg) -> tuple[Event, int] | None:
+        """The request in a message and how often it was delivered; None when it needs no one (any more)."""
+        ack = parse_ack_reply(msg.reply or "")
+        if ack is None:
+            return None
+        event = self.bus.decode(msg, ack.stream_seq)
+        if event is None or self._taken(event.event_id, ack.delivered):
+            return None
+        return event, ack.delivered
+
+    def _taken(self, correlation_id: str, delivered: int) -> bool:
+        """Whether a request already ended, or (delivered again) a live node holds it."""
+        if self.bus.terminal_seen(correlation_id) or correlation_id in self.claims:
+            return True
+        return delivered > 1 and self.membership.holder(correlation_id) is not None
+
+    async def _on_handler_requests(self, puller: Puller, messages: list[Msg]) -> None:
+        """Requests from a handler's consumer: take those this node can route (or that nobody can)."""
+        take: list[tuple[Msg, Event]] = []
+        for msg in messages:
+            read = self._read(msg)
+            if read is None:
+                await _settle(msg.ack())
+                continue
+            event = read[0]
+            if self._routes(event.event_type) or not self.membership.serves(event.event_type):
+                take.append((msg, event))
+            else:
+                await _settle(msg.nak(delay=self.interval))  # another node serves this version
+        await self._claim(take)
+
+    async def _on_requests(self, puller: Puller, messages: list[Msg]) -> None:
+        """Every request passes here once (on one node): take it when no handler's consumer holds it."""
+        take: list[tuple[Msg, Event]] = []
+        for msg in messages:
+            read = self._read(msg)
+            if read is None:
+                await _settle(msg.ack())
+                continue
+            event, delivered = read
+            service_action = _service_action(event.event_type)
+            covered = await self._covers(service_action, event.offset)
+            if covered and self.membership.serves_action(service_action):
+                await _settle(msg.ack())  # its handler's consumer has it
+            elif covered:
+                if delivered <= 1:
+                    # Its nodes may be starting or silent: look again after a node-loss timeout.
+                    await _settle(msg.nak(delay=self.membership.timeout))
+                else:
+                    await _settle(msg.ack())
+                    self._drain(service_action)
+            else:
+                take.append((msg, event))
+        await self._claim(take)
+
+    async def _on_unserved_requests(self, puller: Puller, messages: list[Msg]) -> None:
+        """Requests drained from the consumer of a handler no live node serves: this node answers them."""
+        take: list[tuple[Msg, Event]] = []
+        for msg in messages:
+            read = self._read(msg)
+            if read is None:
+                await _settle(msg.ack())
+                continue
+            if puller.service_action is not None and self.membership.serves_action(puller.service_action):
+                await _settle(msg.nak())  # a node serving it is back
+                puller.stop()
+                continue
+            take.append((msg, read[0]))
+        await self._claim(take)
+
+    def _routes(self, event_type: str) -> bool:
+        return any(route.matches(event_type) for route in self.routes)
+
+    async def _claim(self, items: list[tuple[Msg, Event]]) -> None:
+        """Acknowledge requests (each one on the server before the provider sees it), then hand them over."""
+        if not items:
+            return
+        group = self.group
+        if group is None or group.closed or self.bus.closing:
+            for msg, _ in items:
+                await _settle(msg.nak())
+            return
+        results = await asyncio.gather(*(self._acknowledge(msg) for msg, _ in items))
+        claimed: list[Event] = []
+        for (_, event), acknowledged in zip(items, results, strict=True):
+            if not acknowledged:
+                continue  # redelivered after the ack wait, to this node or another
+            claim = Claim(event.event_id, event.offset, self.detector.is_streaming(event.event_type))
+            self.claims[event.event_id] = _LocalClaim(claim)
+            claimed.append(event)
+        if not claimed:
+            return
+        await self.bus.publish_control(
+            self.bus.subjects.claims,
+            {"node": self.membership.node, "claims": [self.claims[e.event_id].claim.as_list() for e in claimed]},
+        )
+        group.push(claimed)
+
+    async def _acknowledge(self, msg: Msg) -> bool:
+        """Acknowledge a request on the server; False when it stays with the server (redelivered later).
+
+        Unanswered while connected, the ack may well have been applied: the request is taken then, as nobody
+        else would get it (its claim, announced at once, keeps a redelivery from running it twice).
+        """
+        if not self.bus.connected:
+            return False
+        try:
+            await msg.ack_sync(timeout=CLAIM_TIMEOUT_S)
+        except nats.errors.TimeoutError:
+            log.warning("request_claim_unconfirmed", timeout_s=CLAIM_TIMEOUT_S)
+            return self.bus.connected
+        except Exception as exc:
+            log.warning("request_claim_failed", error=str(exc) or type(exc).__name__)
+            return False
+        return True
+
+    # --- terminal events ------------------------------------------------------------------------------------
+
+    def terminal_msg_id(self, event: Event) -> str | None:
+        """The ``Nats-Msg-Id`` of the terminal event of a request this node holds (None for other events)."""
+        if event.state not in TERMINAL_STATES:
+            return None
+        correlation_id = event.metadata.get("correlation_id", "")
+        local = self.claims.get(correlation_id)
+        if local is None:
+            return None
+        local.terminal_id = event.event_id
+        return terminal_msg_id(correlation_id)
+
+    def published(self, event: Event, offset: int, *, duplicate: bool) -> None:
+        """An event was stored (or its terminal id was already taken): a held request may be done."""
+        if event.state in TERMINAL_STATES:
+            correlation_id = event.metadata.get("correlation_id", "")
+            local = self.claims.get(correlation_id)
+            if local is not None and local.terminal_id == event.event_id:
+                del self.claims[correlation_id]
+                self.outbox.pop(correlation_id, None)
+
+    def publish_failed(self, event: Event, error: NexusError) -> None:
+        """Keep the terminal event of a held request that could not be stored, to store it once NATS is back."""
+        if event.state in TERMINAL_STATES and isinstance(error, BusUnavailable):
+            correlation_id = event.metadata.get("correlation_id", "")
+            if correlation_id in self.claims:
+                self.outbox[correlation_id] = event
+                log.warning("terminal_kept_for_retry", correlation_id=correlation_id, event_type=event.event_type)
+
+    def ended(self, correlation_id: str, terminal_id: str) -> None:
+        """The stream holds a request's terminal event (seen by this node's tail)."""
+        self.membership.ended(correlation_id)
+        local = self.claims.pop(correlation_id, None)
+        self.outbox.pop(correlation_id, None)
+        if local is not None and local.terminal_id != terminal_id:
+            # Another node ended a request this node still holds: it counted this node lost. Let it go.
+            self.bus.control_local(
+                {
+                    "type": "abandon",
+                    "correlation_id": correlation_id,
+                    "reason": "another node ended this request (it counted this node lost)",
+                }
+            )
+
+    async def _flush_outbox(self) -> None:
+        for correlation_id, event in list(self.outbox.items()):
+            if correlation_id not in self.claims:
+                self.outbox.pop(correlation_id, None)
+                continue
+            try:
+                await self.bus.publish(event)
+            except NexusError:
+                return
+            log.info("terminal_stored_after_retry", correlation_id=correlation_id, event_type=event.event_type)
+
+    async def _fail_claims(self, member: Member, why: str) -> None:
+        """End every request a lost (or departed) node held with ``failed``/``node_lost``."""
+        for claim in list(member.claims.values()):
+            if self.bus.terminal_seen(claim.correlation_id):
+                continue
+            try:
+                await self._fail(claim, member.node, why)
+            except NexusError as exc:
+                log.warning("node_lost_publish_failed", correlation_id=claim.correlation_id, error=exc.message)
+                self._failures.append((claim, member.node, why))
+
+    async def _retry(self) -> None:
+        if not self.bus.connected:
+            return
+        failures, self._failures = self._failures, []
+        for claim, node, why in failures:
+            if self.bus.terminal_seen(claim.correlation_id):
+                continue
+            try:
+                await self._fail(claim, node, why)
+            except NexusError:
+                self._failures.append((claim, node, why))
+        await self._flush_outbox()
+
+    async def _fail(self, claim: Claim, node: str, why: str) -> None:
+        request = await self.bus.fetch(claim.offset)
+        if request is None or request.event_id != claim.correlation_id:
+            log.warning("node_lost_request_missing", correlation_id=claim.correlation_id, offset=claim.offset)
+            return
+        if why == "left":
+            message = f"the node driving this request ({node}) shut down before it ended"
+        else:
+            message = (
+                f"the node driving this request ({node}) was lost: no node heartbeat for {self.membership.timeout:g}s"
+            )
+        event = node_lost_event(
+            request,
+            streaming=claim.streaming,
+            progress=self.bus.stream_progress(claim.correlation_id),
+            message=message,
+        )
+        published = await self.bus.publish_terminal(event, claim.correlation_id)
+        if not published.duplicate:
+            log.warning(
+                "request_failed_node_lost",
+                correlation_id=claim.correlation_id,
+                event_type=request.event_type,
+                node=node,
+                offset=published.event.offset,
+            )
+
+
+def node_lost_event(request: Event, *, streaming: bool, progress: tuple[float, int] | None, message: str) -> Event:
+    """The ``failed``/``node_lost`` event of ``request``, with the stream's chunk count and age when known."""
+    now = time.time()
+    if progress is not None:
+        since = progress[0]
+    else:
+        try:
+            since = parse_time(request.timestamp)
+        except NexusError:
+            since = now
+    lifecycle = Lifecycle(request, streaming=streaming, now=0.0)
+    if streaming and progress is not None:
+        lifecycle.start(0.0)
+        lifecycle.stream_count = progress[1]
+    return lifecycle.fail(max(now - since, 0.0), StreamErrorType.NODE_LOST, message)
+
+
+def _first_covered(info: api.ConsumerInfo) -> int:
+    config = info.config
+    if config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE and config.opt_start_seq:
+        return int(config.opt_start_seq)
+    return 1
+
+
+async def _settle(action: Awaitable[None]) -> None:
+    """Send an ack, nak or term, ignoring a connection that just went away (the ack wait covers it)."""
+    with contextlib.suppress(nats.errors.Error, OSError):
+        await action

@@ -1,0 +1,235 @@
+"""NATS for tests: the shared server (``NEXUS_TEST_NATS_URL``) and private ``nats-server`` processes.
+
+Tests on the shared server isolate themselves with a unique stream name and subject prefix, and delete their
+stream afterwards. Tests that restart, kill or cluster servers start their own processes on free ports with
+their own store directories. Without NATS a test is skipped, or fails when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+
+from nexus.bus.nats import NatsBus
+from nexus.config import Settings
+from nexus.testing import TestServer
+
+NATS_URL = os.environ.get("NEXUS_TEST_NATS_URL", "").strip() or "nats://127.0.0.1:4222"
+GUARD = 20.0
+"""Seconds any awaited condition may take before a test fails (a guard, not a measurement)."""
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test, or fail it when ``CI`` is set (CI must run every test)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI runs every test, so NATS must be available (bash scripts/test starts one)")
+    pytest.skip(reason)
+
+
+def reachable(url: str) -> bool:
+    """Whether something accepts TCP connections at the URL's host and port."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def shared_nats_url() -> str:
+    """The shared NATS server's URL, or skip/fail when nothing answers there."""
+    if not reachable(NATS_URL):
+        unavailable(f"no NATS server answers at {NATS_URL} (set NEXUS_TEST_NATS_URL, or run bash scripts/test)")
+    return NATS_URL
+
+
+def nats_server_binary() -> str:
+    """The ``nats-server`` executable, or skip/fail when it is not installed."""
+    found = shutil.which("nats-server") or ("/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else "")
+    if not found:
+        unavailable("nats-server is not installed (apt-get install nats-server)")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def unique_names(tag: str = "") -> tuple[str, str]:
+    """A stream name and a subject prefix no other test uses."""
+    token = uuid.uuid4().hex[:10]
+    return f"T{tag.upper()}_{token}", f"t{tag.lower()}{token}"
+
+
+def nats_settings(url: str, stream: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings for a node of a test's bus: memory storage, fast node heartbeats."""
+    fields: dict[str, Any] = {
+        "bus": url,
+        "nats_stream": stream,
+        "nats_subject_prefix": prefix,
+        "nats_storage": "memory",
+        "nats_node_heartbeat_s": 0.25,
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "gateway": False,
+        "load_entry_points": False,
+    }
+    fields.update(overrides)
+    return Settings(**fields)
+
+
+async def delete_stream(url: str, stream: str) -> None:
+    """Remove a test's stream (and with it every consumer on it); ignore a stream or server that is gone."""
+    with contextlib.suppress(Exception):
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream().delete_stream(stream)
+        finally:
+            await nc.close()
+
+
+async def stream_leader(url: str, stream: str) -> str:
+    """The name of the NATS server leading ``stream``'s replicas."""
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    finally:
+        await nc.close()
+    assert info.cluster is not None, f"{stream} is not clustered"
+    assert info.cluster.leader, f"{stream} has no leader"
+    return info.cluster.leader
+
+
+async def until(what: str, condition: Callable[[], bool | Awaitable[bool]], timeout: float = GUARD) -> None:
+    """Poll ``condition`` (plain or async) until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        await asyncio.sleep(0.02)
+
+
+def nats_bus_of(server: TestServer) -> NatsBus:
+    """The NATS bus of a test server (for what only it has: its router and membership)."""
+    bus = server.bus
+    assert isinstance(bus, NatsBus), f"{server.address} does not run on NATS"
+    return bus
+
+
+def peers(server: TestServer) -> int:
+    """How many other nodes this node currently counts live."""
+    return len(nats_bus_of(server).router.membership.others)
+
+
+async def wait_for_jetstream(url: str, timeout: float = GUARD) -> None:
+    """Wait until JetStream answers at ``url`` (a cluster has elected its meta leader)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if reachable(url):
+            try:
+                nc = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=0, allow_reconnect=False)
+                try:
+                    await nc.jetstream().account_info()
+                    return
+                finally:
+                    await nc.close()
+            except Exception as exc:
+                last = repr(exc)
+        await asyncio.sleep(0.1)
+    pytest.fail(f"JetStream did not come up at {url} within {timeout}s ({last})")
+
+
+@dataclasses.dataclass
+class NatsProcess:
+    """A ``nats-server`` with JetStream that one test owns: start, stop, kill and restart it."""
+
+    directory: Path
+    name: str = "n1"
+    port: int = dataclasses.field(default_factory=free_port)
+    cluster_port: int | None = None
+    routes: Sequence[int] = ()
+    cluster_name: str = "nexus-test"
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        command = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.directory / f"{self.name}-store"),
+            "-n",
+            self.name,
+        ]
+        if self.cluster_port is not None:
+            routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes if port != self.cluster_port)
+            command += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--cluster_name", self.cluster_name]
+            if routes:
+                command += ["--routes", routes]
+        return command
+
+    def start(self) -> None:
+        """Start the process (again, after a stop, on the same port and store)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+
+    async def wait_listening(self, timeout: float = GUARD) -> None:
+        """Wait until the client port accepts connections."""
+        deadline = time.monotonic() + timeout
+        while not reachable(self.url):
+            if self.process is not None and self.process.poll() is not None:
+                pytest.fail(f"nats-server {self.name} exited: {self.log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"nats-server {self.name} did not listen on {self.url} within {timeout}s")
+            await asyncio.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the process with ``sig`` (SIGKILL: no goodbye to clients or peers) and reap it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=GUARD)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

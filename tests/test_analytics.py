@@ -1,0 +1,253 @@
+"""The analytics plugin end to end: window definitions, metric values, closed windows, alerts, live bus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from nexus.handlers.analytics.plugin import DefineWindow, RecordMetric, StreamMetrics
+
+from nexus import Event, parse_time
+from nexus.plugins import HandlerSpec, discover
+from nexus.testing import TestServer, run_server
+
+GUARD = 10.0
+DEFINE = "analytics:define_window:v1:requested"
+RECORD = "analytics:record_metric:v1:requested"
+CLOSED = "analytics:window:v1:closed"
+CROSSED = "analytics:threshold:v1:crossed"
+T0 = 1736150400  # 2025-01-06T08:00:00Z
+
+
+def analytics_handlers() -> list[HandlerSpec]:
+    """Fresh instances of the three handlers, named as their entry points."""
+    return [
+        HandlerSpec("analytics.define_window", DefineWindow(), "test"),
+        HandlerSpec("analytics.record_metric", RecordMetric(), "test"),
+        HandlerSpec("analytics.stream_metrics", StreamMetrics(), "test"),
+    ]
+
+
+async def call(nexus: TestServer, event_type: str, payload: dict[str, Any]) -> Event:
+    return await asyncio.wait_for(nexus.client.call(event_type, payload), GUARD)
+
+
+async def record(nexus: TestServer, metric: str, value: float, at: float | str) -> Event:
+    done = await call(nexus, RECORD, {"metric": metric, "value": value, "timestamp": at})
+    assert done.state == "success", done.payload
+    return done
+
+
+PARKING = {
+    "name": "free_1m",
+    "metric": "parking.free",
+    "kind": "tumbling",
+    "size_s": 60,
+    "agg": "mean",
+    "grace_s": 10,
+    "thresholds": {"low": 40, "critical": 20},
+}
+
+
+async def test_window_closes_at_the_watermark_and_alerts_only_on_crossings() -> None:
+    """Per-minute means 50, 35, 30, 15, 45 close five windows and raise exactly four alerts (two down, two up)."""
+    async with run_server(*analytics_handlers()) as nexus:
+        defined = await call(nexus, DEFINE, PARKING)
+        assert defined.state == "success"
+        assert defined.payload == {**PARKING, "tags": {}, "replaced": False}
+        events = await nexus.record(CLOSED, CROSSED)
+        # two values per minute (means: 50, 35, 30, 15, 45), then one at minute 6 + 10 s to close minute 4
+        for minute, (a, b) in enumerate([(40, 60), (30, 40), (20, 40), (10, 20), (40, 50)]):
+            await record(nexus, "parking.free", a, T0 + minute * 60 + 5)
+            await record(nexus, "parking.free", b, T0 + minute * 60 + 50)
+        # each minute closed when the watermark (greatest time - 10 s) passed its end; the last value, at
+        # 4:50, left the watermark at 4:40, so minute 4 is still open
+        await events.wait_for(lambda evs: sum(e.event_type == CLOSED for e in evs) == 4)
+        last = await record(nexus, "parking.free", 45, T0 + 6 * 60 + 10)  # watermark 6:00 closes minute 4
+        assert last.payload["closed"] == 1
+        assert last.payload["alerts"] == 2  # 45 recovers from critical and from low
+        await events.wait_for(lambda evs: sum(e.event_type == CLOSED for e in evs) == 5)
+        closed = [e.payload for e in events.events if e.event_type == CLOSED]
+        assert [(c["value"], c["count"]) for c in closed] == [(50, 2), (35, 2), (30, 2), (15, 2), (45, 2)]
+        assert [parse_time(c["start"]) - T0 for c in closed] == [0, 60, 120, 180, 240]
+        assert [parse_time(c["end"]) - T0 for c in closed] == [60, 120, 180, 240, 300]
+        assert closed[0] == {
+            "name": "free_1m",
+            "metric": "parking.free",
+            "kind": "tumbling",
+            "agg": "mean",
+            "start": "2025-01-06T08:00:00Z",
+            "end": "2025-01-06T08:01:00Z",
+            "value": 50,
+            "count": 2,
+            "late": 0,
+            "early": False,
+        }
+        await events.wait_for(lambda evs: sum(e.event_type == CROSSED for e in evs) == 4)
+        alerts = [e.payload for e in events.events if e.event_type == CROSSED]
+        assert [(a["level"], a["direction"], a["state"], a["value"], a["threshold"]) for a in alerts] == [
+            ("low", "down", "breached", 35, 40),
+            ("critical", "down", "breached", 15, 20),
+            ("critical", "up", "recovered", 45, 20),
+            ("low", "up", "recovered", 45, 40),
+        ]
+        assert all(a["name"] == "free_1m" for a in alerts)
+        await events.stop()
+
+
+async def test_late_value_is_counted_and_reported_not_mixed_in() -> None:
+    """A value for a closed window is reported late in the reply and in the next closed window, not aggregated."""
+    async with run_server(*analytics_handlers()) as nexus:
+        await call(nexus, DEFINE, {**PARKING, "agg": "sum", "thresholds": {}})
+        events = await nexus.record(CLOSED)
+        await record(nexus, "parking.free", 1, T0 + 30)
+        await record(nexus, "parking.free", 2, T0 + 75)  # watermark 65 closes minute 0
+        late = await record(nexus, "parking.free", 1000, "2025-01-06T08:00:59Z")
+        assert late.payload["late"] == ["free_1m"]
+        assert late.payload["windows"] == []
+        within_grace = await record(nexus, "parking.free", 4, T0 + 70)  # behind 75 but its window is open
+        assert (within_grace.payload["windows"], within_grace.payload["late"]) == (["free_1m"], [])
+        await record(nexus, "parking.free", 0, T0 + 130)  # closes minute 1
+        await events.wait_count(2)
+        assert [(e.payload["value"], e.payload["late"]) for e in events.events] == [(1, 0), (6, 1)]
+        await events.stop()
+
+
+async def test_session_window_closes_when_no_further_value_arrives() -> None:
+    """A session whose metric falls silent is closed by the plugin's timer and published, with no other value."""
+    async with run_server(*analytics_handlers(), handler_config={"analytics": {"session_check_s": 0.02}}) as nexus:
+        await call(nexus, DEFINE, {"name": "visit", "metric": "door", "kind": "session", "gap_s": 0.3, "agg": "count"})
+        events = await nexus.record(CLOSED)
+        await call(nexus, RECORD, {"metric": "door", "value": 1})
+        await call(nexus, RECORD, {"metric": "door", "value": 1})
+        [closed] = await events.wait_count(1)
+        assert (closed.payload["name"], closed.payload["count"], closed.payload["value"]) == ("visit", 2, 2)
+        assert parse_time(closed.payload["end"]) - parse_time(closed.payload["start"]) >= 0.3
+        await events.stop()
+
+
+async def test_sliding_and_tag_filtered_definitions() -> None:
+    """A sliding p95 over tagged values closes each overlapping window with its own percentile."""
+    async with run_server(*analytics_handlers()) as nexus:
+        definition = {
+            "name": "north_p95",
+            "metric": "latency",
+            "kind": "sliding",
+            "size_s": 20,
+            "slide_s": 10,
+            "agg": "p95",
+            "tags": {"zone": "north"},
+        }
+        assert (await call(nexus, DEFINE, definition)).state == "success"
+        events = await nexus.record(CLOSED)
+        for i in range(1, 11):  # values 1..10 at T0+1..T0+10 s; [T0, T0+10) holds 1..9, [T0-10, T0+10) too
+            await call(nexus, RECORD, {"metric": "latency", "value": i, "timestamp": T0 + i, "tags": {"zone": "north"}})
+        skipped = await call(nexus, RECORD, {"metric": "latency", "value": 999, "timestamp": T0 + 5, "tags": {}})
+        assert skipped.payload["windows"] == []
+        await call(nexus, RECORD, {"metric": "latency", "value": 0, "timestamp": T0 + 40, "tags": {"zone": "north"}})
+        await events.wait_count(3)
+        windows = [(parse_time(e.payload["start"]) - T0, e.payload["count"], e.payload["value"]) for e in events.events]
+        # [T0-10, T0+10): 1..9 -> rank 8 * .95 = 7.6 -> 8 + .6 = 8.6; [T0, T0+20): 1..10 -> 9.55;
+        # [T0+10, T0+30): just 10
+        assert windows == [(-10, 9, pytest.approx(8.6)), (0, 10, pytest.approx(9.55)), (10, 1, 10)]
+        await events.stop()
+
+
+async def test_stream_metrics_streams_the_bus_statistics_every_interval() -> None:
+    """stream_metrics sends events/s by service, active streams, subscribers and latency percentiles, repeatedly."""
+    async with run_server(*analytics_handlers()) as nexus:
+        for i in range(5):
+            await call(nexus, RECORD, {"metric": "m", "value": i})
+        stream = nexus.client.request("analytics:stream_metrics:v1:requested", {"interval_s": 0.1}, heartbeats=False)
+        chunks: list[dict[str, Any]] = []
+
+        async def take_two() -> None:
+            async for event in stream:
+                if event.state == "stream":
+                    chunks.append(event.payload)
+                    if len(chunks) == 2:
+                        await stream.cancel()
+
+        await asyncio.wait_for(take_two(), GUARD)
+        assert stream.terminal is not None
+        assert stream.terminal.state == "cancelled"
+        first = chunks[0]
+        assert first["events_per_s_by_service"]["analytics"] > 0
+        assert first["active_streams"] == 1  # this one
+        assert first["subscribers"] >= 1
+        assert set(first["delivery_latency_ms"]) >= {"p50", "p95", "p99"}
+        assert parse_time(chunks[1]["at"]) >= parse_time(first["at"])
+        assert StreamMetrics.emits[0].example_errors() == []
+        for chunk in chunks:
+            StreamMetrics.emits[0].validate(chunk)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "payload", "message"),
+    [
+        (DEFINE, {**PARKING, "kind": "hourly"}, "payload.kind: 'hourly' is not one of"),
+        (DEFINE, {**PARKING, "kind": "sliding"}, "slide_s is required"),
+        (DEFINE, {**PARKING, "kind": "session"}, "gap_s is required"),
+        (DEFINE, {**PARKING, "thresholds": {"low": 10, "critical": 30}}, "must not be above thresholds.low"),
+        (DEFINE, {**PARKING, "size_s": -5}, "payload.size_s: -5 is less than or equal to the minimum of 0"),
+        (DEFINE, {"metric": "m", "kind": "tumbling", "size_s": 1, "agg": "sum"}, "'name' is a required property"),
+        (RECORD, {"metric": "parking.free", "value": "full"}, "payload.value: 'full' is not of type 'number'"),
+        (RECORD, {"metric": "parking.free"}, "'value' is a required property"),
+        (RECORD, {"metric": "parking.free", "value": 1, "timestamp": "soon"}, "'soon' is not RFC 3339 text"),
+        (RECORD, {"metric": "parking.free", "value": 1, "timestamp": 4e9}, "ahead of this node's clock"),
+        (RECORD, {"metric": "parking.free", "value": 1, "tags": {"a": [1]}}, "payload.tags.a: [1] is not of type"),
+        ("analytics:stream_metrics:v1:requested", {"interval_s": 0.001}, "outside 0.1 to 3600"),
+        ("analytics:stream_metrics:v1:requested", {"interval_s": "fast"}, "is not of type 'number'"),
+    ],
+)
+async def test_bad_payloads_fail_clearly_and_keep_the_windows(
+    event_type: str, payload: dict[str, Any], message: str
+) -> None:
+    """A bad request ends with failed/invalid_payload naming the problem; the defined window keeps its state."""
+    async with run_server(*analytics_handlers()) as nexus:
+        await call(nexus, DEFINE, {**PARKING, "agg": "count", "thresholds": {}})
+        await record(nexus, "parking.free", 1, T0 + 1)
+        bad = await call(nexus, event_type, payload)
+        assert bad.state == "failed"
+        assert bad.payload["error"]["type"] == "invalid_payload"
+        assert message in bad.payload["error"]["message"]
+        events = await nexus.record(CLOSED)
+        await record(nexus, "parking.free", 1, T0 + 2)
+        await record(nexus, "parking.free", 1, T0 + 75)
+        [closed] = await events.wait_count(1)
+        assert (closed.payload["name"], closed.payload["count"]) == ("free_1m", 2)
+        await events.stop()
+
+
+async def test_windows_from_the_config_are_defined_at_start_up() -> None:
+    """Definitions listed under windows in the plugin's config exist as soon as the server runs."""
+    settings = {"analytics": {"windows": [{**PARKING, "agg": "max"}], "default_grace_s": 0}}
+    async with run_server(*analytics_handlers(), handler_config=settings) as nexus:
+        events = await nexus.record(CLOSED)
+        assert (await record(nexus, "parking.free", 7, T0)).payload["windows"] == ["free_1m"]
+        await record(nexus, "parking.free", 3, T0 + 71)
+        [closed] = await events.wait_count(1)
+        assert closed.payload["value"] == 7
+        await events.stop()
+
+
+async def test_a_bad_window_in_the_config_stops_the_server_at_start_up() -> None:
+    """A definition in the config that does not fit is refused at start-up, naming its index and field."""
+    settings = {"analytics": {"windows": [PARKING, {**PARKING, "kind": "sliding"}]}}
+    with pytest.raises(ValueError, match=r"windows\[1\]: slide_s is required"):
+        async with run_server(*analytics_handlers(), handler_config=settings):
+            pass
+
+
+async def test_entry_point_handlers_share_one_engine_per_node() -> None:
+    """Loaded through the entry points, define_window and record_metric share windows; another server does not."""
+    specs = [s for s in discover(True, (), ()) if s.name.startswith("analytics.")]
+    assert sorted(s.name for s in specs) == [s.name for s in analytics_handlers()]
+    async with run_server(*specs) as nexus, run_server(*analytics_handlers()) as other:
+        await call(nexus, DEFINE, PARKING)
+        assert (await record(nexus, "parking.free", 50, T0)).payload["windows"] == ["free_1m"]
+        assert (await record(other, "parking.free", 50, T0)).payload["windows"] == []
+    async with run_server(*analytics_handlers()) as restarted:
+        # definitions made with define_window do not persist
+        assert (await record(restarted, "parking.free", 50, T0)).payload["windows"] == []

@@ -1,0 +1,356 @@
+"""One conformance suite for every bus: the memory bus and the NATS JetStream bus behave the same.
+
+Each test gets a :class:`Harness` for one history. ``await harness.node()`` is a bus on that history: on the
+memory bus always the same instance (one process), on NATS a new node on the test's own stream. So "publish on
+one node, subscribe on another" is the same test for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import anyio
+import pytest
+from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+
+from nexus import Event, InvalidPattern
+from nexus.bus import Bus, MemoryBus, RequestRoute, Subscription
+from nexus.errors import BusUnavailable, SlowConsumer
+
+GUARD = 10.0
+
+
+@dataclasses.dataclass
+class Harness:
+    """The buses of one test, on one history."""
+
+    kind: str
+    url: str = ""
+    stream: str = ""
+    prefix: str = ""
+    buses: list[Bus] = dataclasses.field(default_factory=list)
+    _memory: MemoryBus | None = None
+
+    async def node(self, **settings: Any) -> Bus:
+        """A started bus on this test's history (memory: the one bus, or a new one when settings are given)."""
+        if self.kind == "memory":
+            if settings or self._memory is None:
+                bus = MemoryBus(**{k: v for k, v in settings.items() if k in ("dedupe_window_s", "history_size")})
+                await bus.start()
+                self.buses.append(bus)
+                if self._memory is None:
+                    self._memory = bus
+                return bus
+            return self._memory
+        from nexus.bus.nats import NatsBus
+
+        nats_bus = NatsBus(nats_settings(self.url, self.stream, self.prefix, **settings))
+        await nats_bus.start()
+        self.buses.append(nats_bus)
+        return nats_bus
+
+    async def close(self) -> None:
+        for bus in self.buses:
+            await bus.close()
+        if self.kind == "nats":
+            await delete_stream(self.url, self.stream)
+
+
+@pytest.fixture(params=["memory", "nats"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """A harness for the bus named by the parameter; NATS tests get their own stream and subject prefix."""
+    kind = str(request.param)
+    if kind == "nats":
+        stream, prefix = unique_names("conf")
+        instance = Harness(kind, url=shared_nats_url(), stream=stream, prefix=prefix)
+    else:
+        instance = Harness(kind)
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+def _event(event_type: str = "demo:thing:v1:made", **payload: Any) -> Event:
+    return Event.create(event_type, payload)
+
+
+async def _publish(bus: Bus, types: Iterable[str]) -> list[Event]:
+    return [(await bus.publish(_event(event_type, n=n))).event for n, event_type in enumerate(types)]
+
+
+async def _take(sub: Subscription, count: int) -> list[Event]:
+    """Take ``count`` events, failing if the subscription ends first or the guard runs out."""
+    events: list[Event] = []
+    with anyio.fail_after(GUARD):
+        while len(events) < count:
+            batch = await sub.next_batch()
+            assert batch, f"the subscription ended after {len(events)} events"
+            events.extend(batch)
+    return events
+
+
+async def _take_until(sub: Subscription, last_offset: int) -> list[Event]:
+    """Take events until one with ``last_offset`` arrived (heartbeats included)."""
+    events: list[Event] = []
+    with anyio.fail_after(GUARD):
+        while not events or events[-1].offset < last_offset:
+            batch = await sub.next_batch()
+            assert batch, f"the subscription ended after {len(events)} events"
+            events.extend(batch)
+    return events
+
+
+async def _read_to_the_end(sub: Subscription) -> None:
+    """Read until the subscription ends (raising what ended it)."""
+    with anyio.fail_after(GUARD):
+        while await sub.next_batch():
+            pass
+
+
+async def _settle(*subs: Subscription) -> list[list[Event]]:
+    """What else arrives after the sentinel each subscriber waited for (nothing, if the bus is right)."""
+    await asyncio.sleep(0.05)
+    return [sub.take_nowait() for sub in subs]
+
+
+# --- storing ------------------------------------------------------------------------------------------------
+
+
+async def test_offsets_start_after_the_head_and_grow_by_one(harness: Harness) -> None:
+    """Each stored event gets the next offset (1 on an empty history) in the bus's epoch."""
+    bus = await harness.node()
+    assert await bus.head_offset() == 0
+    stored = await _publish(bus, ["demo:thing:v1:made"] * 5)
+    assert [event.offset for event in stored] == [1, 2, 3, 4, 5]
+    assert {event.epoch for event in stored} == {bus.epoch}
+    assert await bus.head_offset() == 5
+
+
+async def test_nodes_of_one_history_share_offsets_and_epoch(harness: Harness) -> None:
+    """Two nodes on one history report the same epoch and head, and offsets continue across them."""
+    first, second = await harness.node(), await harness.node()
+    assert first.epoch == second.epoch
+    one = (await first.publish(_event())).event
+    two = (await second.publish(_event())).event
+    assert (one.offset, two.offset) == (1, 2)
+    assert await first.head_offset() == await second.head_offset() == 2
+
+
+async def test_one_publishers_events_reach_another_nodes_subscriber_in_order_once(harness: Harness) -> None:
+    """Everything one publisher stores, one at a time or in a batch, reaches a subscriber elsewhere in order, once."""
+    publisher, reader = await harness.node(), await harness.node()
+    sub = await reader.subscribe([">"])
+    single = await _publish(publisher, ["demo:thing:v1:made"] * 40)
+    batch = [result.event for result in await publisher.publish_many([_event(n=n) for n in range(40, 80)])]
+    expected = [event.offset for event in single + batch]
+    assert expected == list(range(1, 81))
+    received = await _take(sub, 80)
+    assert [event.offset for event in received] == expected
+    assert [event.payload["n"] for event in received] == list(range(40)) + list(range(40, 80))
+    assert await _settle(sub) == [[]]
+
+
+async def test_a_repeated_event_id_returns_the_stored_original(harness: Harness) -> None:
+    """Publishing an event id again inside the window stores nothing and returns the original, from any node."""
+    first_node, second_node = await harness.node(), await harness.node()
+    sub = await first_node.subscribe([">"])
+    first = await first_node.publish(Event.create("demo:pay:v1:made", {"v": 1}, event_id="same"))
+    again = await second_node.publish(Event.create("demo:pay:v1:made", {"v": 2}, event_id="same"))
+    assert again.duplicate
+    assert (again.event.offset, again.event.payload, again.event.event_id) == (1, {"v": 1}, "same")
+    assert again.event.timestamp == first.event.timestamp
+    other = await first_node.publish(Event.create("demo:pay:v1:made", {"v": 3}, event_id="other"))
+    assert (other.duplicate, other.event.offset) == (False, 2)
+    assert [event.event_id for event in await _take(sub, 2)] == ["same", "other"]
+    assert await _settle(sub) == [[]]
+
+
+async def test_a_zero_dedupe_window_stores_every_publish(harness: Harness) -> None:
+    """With deduplication off, a repeated event id is stored again."""
+    bus = await harness.node(dedupe_window_s=0.0)
+    await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
+    second = await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
+    assert (second.duplicate, second.event.offset) == (False, 2)
+
+
+# --- delivery -----------------------------------------------------------------------------------------------
+
+
+async def test_patterns_select_exactly_the_matching_events(harness: Harness) -> None:
+    """A subscriber receives exactly what its patterns match, once even when several match, in offset order."""
+    publisher, reader = await harness.node(), await harness.node()
+    sub = await reader.subscribe(["demo:*:v1:made", "places:>", "demo:a:v1:*"])
+    types = ["demo:a:v1:made", "other:a:v1:made", "places:x:v2:moved", "demo:b:v1:gone", "demo:a:v1:gone"] * 6
+    stored = await _publish(publisher, types)
+    expected = [
+        event.offset
+        for event in stored
+        if event.event_type.startswith("places:")
+        or (event.event_type.endswith(":v1:made") and event.event_type.startswith("demo:"))
+        or event.event_type.startswith("demo:a:v1:")
+    ]
+    received = await _take(sub, len(expected))
+    assert [event.offset for event in received] == expected
+    assert await _settle(sub) == [[]]
+
+
+async def test_invalid_pattern_is_refused(harness: Harness) -> None:
+    """A subscription with an invalid pattern raises InvalidPattern."""
+    bus = await harness.node()
+    with pytest.raises(InvalidPattern):
+        await bus.subscribe(["demo:>", "Bad:>"])
+
+
+async def test_replay_from_an_offset_then_live_without_gap_or_duplicate(harness: Harness) -> None:
+    """A subscriber resuming from offset N gets every matching event after N exactly once, while others publish."""
+    publisher, reader = await harness.node(), await harness.node()
+    before = await _publish(publisher, ["demo:a:v1:s", "skip:a:v1:s"] * 30)
+    publishing = asyncio.create_task(_publish(publisher, ["demo:a:v1:s", "skip:a:v1:s"] * 30))
+    await asyncio.sleep(0)
+    sub = await reader.subscribe(["demo:>"], since_offset=10, epoch=reader.epoch)
+    assert sub.recovered is True
+    after = await publishing
+    last = after[-2].offset
+    expected = [e.offset for e in before + after if e.event_type.startswith("demo") and e.offset > 10]
+    received = await _take_until(sub, last)
+    assert [event.offset for event in received] == expected
+    assert await _settle(sub) == [[]]
+
+
+async def test_recovered_says_whether_the_gap_was_replayed(harness: Harness) -> None:
+    """recovered is None without an offset, True inside the history, False for another epoch or ahead of the head."""
+    bus = await harness.node()
+    await _publish(bus, ["demo:a:v1:s"] * 3)
+    assert (await bus.subscribe([">"])).recovered is None
+    assert (await bus.subscribe([">"], since_offset=3, epoch=bus.epoch)).recovered is True
+    assert (await bus.subscribe([">"], since_offset=1)).recovered is True
+    other_epoch = await bus.subscribe([">"], since_offset=1, epoch="another-history")
+    ahead = await bus.subscribe([">"], since_offset=4)
+    assert (other_epoch.recovered, ahead.recovered) == (False, False)
+    newest = (await bus.publish(_event("demo:a:v1:s"))).event
+    for sub in (other_epoch, ahead):
+        assert [event.offset for event in await _take(sub, 1)] == [newest.offset]
+
+
+async def test_following_a_correlation_id_replays_and_continues_live(harness: Harness) -> None:
+    """A subscriber following a correlation id gets that request's stored and later events, once, and no others."""
+    publisher, reader = await harness.node(), await harness.node()
+    request = (await publisher.publish(Event.create("demo:a:v1:requested", event_id="c1"))).event
+    await publisher.publish(Event.create("demo:a:v1:started", metadata={"correlation_id": "c1"}))
+    await publisher.publish(Event.create("demo:a:v1:started", metadata={"correlation_id": "c2"}))
+    sub = await reader.subscribe(correlation_ids=["c1"], since_offset=request.offset, epoch=request.epoch)
+    assert sub.recovered is True
+    await publisher.publish(Event.create("other:b:v1:success", metadata={"correlation_id": "c1"}))
+    received = await _take(sub, 2)
+    assert [(event.event_type, event.offset) for event in received] == [
+        ("demo:a:v1:started", 2),
+        ("other:b:v1:success", 4),
+    ]
+    assert await _settle(sub) == [[]]
+
+
+async def test_heartbeats_are_live_only(harness: Harness) -> None:
+    """publish_live reaches subscribers on every node with offset 0, is never stored and never replayed."""
+    publisher, reader = await harness.node(), await harness.node()
+    await publisher.publish(_event("demo:stream_x:v1:started"))
+    sub = await reader.subscribe(["demo:>"])
+    await publisher.publish_live(_event("demo:stream_x:v1:heartbeat", n=1))
+    received = await _take(sub, 1)
+    assert [(event.state, event.offset, event.epoch) for event in received] == [("heartbeat", 0, reader.epoch)]
+    chunk = (await publisher.publish(_event("demo:stream_x:v1:stream", n=2))).event
+    assert chunk.offset == 2
+    assert [event.offset for event in await _take(sub, 1)] == [2]
+    late = await reader.subscribe(["demo:>"], since_offset=1, epoch=reader.epoch)
+    assert [(event.state, event.offset) for event in await _take(late, 1)] == [("stream", 2)]
+    assert await _settle(late) == [[]]
+
+
+async def test_a_slow_subscriber_is_cut_off_and_the_others_are_not(harness: Harness) -> None:
+    """A subscriber whose queue overflows ends with SlowConsumer naming its last offset; others get everything."""
+    publisher, reader = await harness.node(), await harness.node()
+    slow = await reader.subscribe([">"], max_pending=5)
+    fast = await reader.subscribe([">"])
+    await _publish(publisher, ["demo:a:v1:s"] * 3)
+    assert [event.offset for event in await _take(slow, 3)] == [1, 2, 3]
+    await _publish(publisher, ["demo:a:v1:s"] * 30)
+    assert [event.offset for event in await _take(fast, 33)] == list(range(1, 34))
+    with pytest.raises(SlowConsumer) as caught:
+        await _read_to_the_end(slow)
+    assert caught.value.last_offset == 3
+    assert slow.closed
+
+
+# --- requests and control -----------------------------------------------------------------------------------
+
+
+async def test_each_request_goes_to_exactly_one_group_member(harness: Harness) -> None:
+    """Every requested event reaches exactly one member of a consumer group, members share them, nothing else."""
+    first, second = await harness.node(), await harness.node()
+    routes = [RequestRoute("demo:work")]
+    members = [
+        await first.consume_requests("workers", routes=routes),
+        await second.consume_requests("workers", routes=routes),
+    ]
+    requests = []
+    for n in range(60):
+        publisher = first if n % 2 else second
+        requests.append((await publisher.publish(_event("demo:work:v1:requested", n=n))).event.event_id)
+        await publisher.publish(_event("demo:work:v1:started", n=n))
+    got: list[list[Event]] = [[], []]
+    with anyio.fail_after(GUARD):
+        while sum(map(len, got)) < len(requests):
+            await asyncio.sleep(0.01)
+            for index, member in enumerate(members):
+                got[index] += member.take_nowait()
+    await asyncio.sleep(0.1)
+    for index, member in enumerate(members):
+        got[index] += member.take_nowait()
+    ids = [[event.event_id for event in events] for events in got]
+    assert all(ids), "both members take a share"
+    assert sorted(ids[0] + ids[1]) == sorted(requests)
+    assert all(event.state == "requested" for events in got for event in events)
+    for events in got:
+        assert [event.offset for event in events] == sorted(event.offset for event in events)
+
+
+async def test_control_messages_reach_every_node(harness: Harness) -> None:
+    """A control message sent on one node is handed to the callbacks of every node."""
+    first, second = await harness.node(), await harness.node()
+    nodes = [first] if second is first else [first, second]
+    seen: list[list[dict[str, object]]] = [[] for _ in nodes]
+    arrived = asyncio.Event()
+
+    def receiver(index: int) -> Callable[[dict[str, object]], None]:
+        def receive(message: dict[str, object]) -> None:
+            seen[index].append(message)
+            arrived.set()
+
+        return receive
+
+    for index, node in enumerate(nodes):
+        node.on_control(receiver(index))
+    message: dict[str, object] = {"type": "cancel", "correlation_id": "c", "reason": "test"}
+    await second.send_control(message)
+    with anyio.fail_after(GUARD):
+        while not all(seen):
+            arrived.clear()
+            await arrived.wait()
+    assert seen == [[message] for _ in nodes]
+
+
+async def test_a_closed_bus_refuses_to_publish_and_ends_subscriptions(harness: Harness) -> None:
+    """After close, publishes and subscriptions raise BusUnavailable and open subscriptions end."""
+    bus = await harness.node()
+    sub = await bus.subscribe([">"])
+    await bus.close()
+    assert not bus.healthy
+    with pytest.raises(BusUnavailable):
+        await bus.publish(_event())
+    with pytest.raises(BusUnavailable):
+        await bus.subscribe([">"])
+    with anyio.fail_after(GUARD):
+        assert await sub.next_batch() == []

@@ -1,0 +1,452 @@
+"""What only the NATS bus does: subjects and bodies, node membership, the stream's settings, limits and recovery.
+
+The codec and the membership table are pure and tested without a server; the rest runs against the shared NATS
+server (its own stream per test) or, for outages, a private ``nats-server`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import pytest
+from nats_support import (
+    GUARD,
+    NatsProcess,
+    delete_stream,
+    free_port,
+    nats_bus_of,
+    nats_server_binary,
+    nats_settings,
+    peers,
+    shared_nats_url,
+    unique_names,
+    until,
+    wait_for_jetstream,
+)
+
+from nexus import Event, EventHandler, Stream, StreamingEventHandler
+from nexus.bus import RequestRoute, Subscription
+from nexus.bus.nats import NatsBus, NatsSetupError
+from nexus.bus.nats_codec import (
+    Subjects,
+    SubjectTypes,
+    decode_event,
+    encode_event,
+    event_msg_id,
+    filter_for_patterns,
+    parse_ack_reply,
+    request_consumer_name,
+    terminal_msg_id,
+)
+from nexus.bus.nats_members import Claim, Membership, presence_message
+from nexus.errors import BusUnavailable, PayloadTooLarge
+from nexus.events import TERMINAL_STATES
+from nexus.testing import run_server
+
+# --- subjects and bodies (pure) -----------------------------------------------------------------------------
+
+
+def test_event_types_and_patterns_map_to_subjects_token_by_token() -> None:
+    """An event type's tokens become subject tokens under the prefix; heartbeats and control stay outside."""
+    subjects = Subjects("acme.nexus")
+    assert subjects.events == "acme.nexus.>"
+    assert subjects.for_type("demo:stream_x:v1:started") == "acme.nexus.demo.stream_x.v1.started"
+    assert subjects.for_pattern("demo:*:v1:*") == "acme.nexus.demo.*.v1.*"
+    assert subjects.for_pattern(">") == "acme.nexus.>"
+    assert subjects.requests == "acme.nexus.*.*.*.requested"
+    assert subjects.requests_for("demo:echo") == "acme.nexus.demo.echo.*.requested"
+    assert subjects.live_for_type("demo:x:v1:heartbeat") == "acme.nexus_live.demo.x.v1.heartbeat"
+    assert not subjects.live.startswith(subjects.events[:-1])
+    assert not subjects.control.startswith(subjects.events[:-1])
+    assert filter_for_patterns(subjects, ["places:>"], False) == "acme.nexus.places.>"
+    assert filter_for_patterns(subjects, ["places:>", "demo:>"], False) == "acme.nexus.>"
+    assert filter_for_patterns(subjects, ["places:>"], True) == "acme.nexus.>"
+    assert request_consumer_name("NEXUS", "demo:echo") == "NEXUS_req_demo_echo"
+    assert request_consumer_name("NEXUS", None) == "NEXUS_requests"
+
+
+def test_subjects_read_back_as_event_types_and_foreign_ones_do_not() -> None:
+    """Stream and live subjects turn back into event types; subjects that are no event type give None."""
+    types = SubjectTypes(Subjects("nexus"))
+    assert types.event_type("nexus.demo.echo.v2.success") == "demo:echo:v2:success"
+    assert types.event_type("nexus_live.demo.echo.v2.heartbeat") == "demo:echo:v2:heartbeat"
+    assert types.event_type("nexus.Demo.echo.v2.success") is None
+    assert types.event_type("nexus.demo.echo.success") is None
+    assert types.event_type("other.demo.echo.v2.success") is None
+
+
+def test_an_event_round_trips_through_its_message_body() -> None:
+    """An event's body keeps its id, time, payload and metadata; type and offset come from subject and stream."""
+    event = Event.create("demo:x:v1:made", {"n": 1, "s": "é"}, event_id="e1", metadata={"user_id": "u"})
+    body = encode_event(event)
+    assert json.loads(body) == {
+        "v": 1,
+        "id": "e1",
+        "ts": event.timestamp,
+        "payload": event.payload,
+        "metadata": {"user_id": "u"},
+    }
+    back = decode_event("demo:x:v1:made", body, offset=7, epoch="E")
+    assert back == event.stored(7, "E")
+
+
+def test_a_plain_json_object_from_another_tool_is_read_as_a_payload() -> None:
+    """A body without the envelope becomes the payload; its id is the Nats-Msg-Id or derived from the offset."""
+    foreign = decode_event("demo:x:v1:made", b'{"temperature": 21}', offset=9, epoch="E", msg_id="sensor-1")
+    assert foreign is not None
+    assert (foreign.payload, foreign.event_id, foreign.offset) == ({"temperature": 21}, "sensor-1", 9)
+    assert foreign.timestamp.endswith("Z")
+    unnamed = decode_event("demo:x:v1:made", b"{}", offset=3, epoch="E")
+    assert unnamed is not None
+    assert unnamed.event_id == "nats-3"
+    assert decode_event("demo:x:v1:made", b"[1, 2]", offset=1, epoch="E") is None
+    assert decode_event("demo:x:v1:made", b"not json", offset=1, epoch="E") is None
+
+
+def test_ack_subjects_and_message_ids() -> None:
+    """Ack subjects give stream and consumer sequences (both forms); ids for events and terminals differ."""
+    short = parse_ack_reply("$JS.ACK.S.C.2.15.7.1700000000000000000.3")
+    assert short is not None
+    assert (short.stream, short.consumer, short.delivered, short.stream_seq, short.consumer_seq, short.pending) == (
+        "S",
+        "C",
+        2,
+        15,
+        7,
+        3,
+    )
+    long = parse_ack_reply("$JS.ACK.domain.account.S.C.1.16.8.1700000000000000000.0.token")
+    assert long is not None
+    assert (long.stream, long.stream_seq, long.consumer_seq) == ("S", 16, 8)
+    assert parse_ack_reply("_INBOX.abc") is None
+    assert event_msg_id("abc") != terminal_msg_id("abc")
+
+
+# --- membership (pure) --------------------------------------------------------------------------------------
+
+
+def _presence(node: str, since: float, *, routes: Any = (), claims: Any = (), **extra: Any) -> dict[str, Any]:
+    return {
+        "node": node,
+        "since": since,
+        "routes": [list(route) for route in routes],
+        "claims": [list(claim) for claim in claims],
+        "claims_total": len(claims),
+        **extra,
+    }
+
+
+def test_a_node_is_lost_after_missing_three_heartbeats() -> None:
+    """A node not heard from for three intervals is lost, with the requests it held."""
+    table = Membership("me", since=0.0, interval=1.0)
+    table.observe(_presence("a", 1.0, claims=[("c1", 5, True)]), now=10.0)
+    table.observe(_presence("b", 2.0), now=10.0)
+    assert table.expire(12.9) == []
+    table.observe(_presence("b", 2.0), now=12.0)
+    [lost] = table.expire(13.5)
+    assert lost.node == "a"
+    assert list(lost.claims) == ["c1"]
+    assert [member.node for member in table.others] == ["b"]
+
+
+def test_claims_follow_heartbeats_announcements_and_terminal_events() -> None:
+    """A full heartbeat replaces a node's claims, announcements add, a stored terminal event removes."""
+    table = Membership("me", since=0.0, interval=1.0)
+    table.observe(_presence("a", 1.0, claims=[("c1", 5, True), ("c2", 6, False)]), now=1.0)
+    table.add_claims({"node": "a", "claims": [["c3", 7, False]]}, now=1.0)
+    assert table.holder("c3") == "a"
+    table.ended("c1")
+    assert table.holder("c1") is None
+    table.observe(_presence("a", 1.0, claims=[("c2", 6, False)]), now=2.0)
+    assert sorted(table.others[0].claims) == ["c2"]
+    partial = _presence("a", 1.0, claims=[("c4", 8, False)])
+    partial["claims_total"] = 5
+    table.observe(partial, now=3.0)
+    assert sorted(table.others[0].claims) == ["c2", "c4"]
+
+
+def test_a_node_that_leaves_is_removed_at_once() -> None:
+    """A heartbeat saying 'leaving' removes the node and hands back what it still held."""
+    table = Membership("me", since=0.0, interval=1.0)
+    table.observe(_presence("a", 1.0), now=1.0)
+    left = table.observe(_presence("a", 1.0, claims=[("c9", 3, False)], leaving=True), now=2.0)
+    assert left is not None
+    assert list(left.claims) == ["c9"]
+    assert table.others == []
+
+
+def test_an_ordered_handler_has_one_active_node_that_newcomers_defer_to() -> None:
+    """The oldest node serving an ordered handler is active; a node already active stays so when others join."""
+    table = Membership("me", since=5.0, interval=1.0)
+    table.own.routes = (RequestRoute("demo:keyed", ordered=True),)
+    assert table.exclusive("demo:keyed")
+    assert table.active("demo:keyed") == "me"
+    older = _presence("old", 1.0, routes=[("demo:keyed", True)])
+    table.observe(older, now=1.0)
+    assert table.active("demo:keyed") == "old"
+    table.observe({**older, "active": ["demo:keyed"]}, now=1.0)
+    table.own.active = frozenset()
+    table.observe(_presence("older-still", 0.5, routes=[("demo:keyed", True)]), now=1.0)
+    assert table.active("demo:keyed") == "old"
+    assert table.serves("demo:keyed:v3:requested")
+    assert not table.serves("demo:other:v1:requested")
+
+
+def test_a_heartbeat_lists_claims_that_fit_and_announces_the_rest() -> None:
+    """Claims beyond one message's share go out as announcements; the heartbeat says its list is partial."""
+    table = Membership("me", since=1.0, interval=1.0)
+    claims = [Claim(f"c{n}", n, False) for n in range(4500)]
+    message, extra = presence_message(table.own, claims)
+    assert message["claims_total"] == 4500
+    assert len(message["claims"]) + sum(len(item["claims"]) for item in extra) == 4500
+
+
+# --- against a NATS server ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def names() -> AsyncIterator[tuple[str, str, str]]:
+    """The shared server's URL and a stream and prefix for this test, deleted afterwards."""
+    url = shared_nats_url()
+    stream, prefix = unique_names("nats")
+    try:
+        yield url, stream, prefix
+    finally:
+        await delete_stream(url, stream)
+
+
+async def _take(sub: Subscription, count: int) -> list[Event]:
+    events: list[Event] = []
+    with anyio.fail_after(GUARD):
+        while len(events) < count:
+            batch = await sub.next_batch()
+            assert batch, "the subscription ended"
+            events.extend(batch)
+    return events
+
+
+async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names: tuple[str, str, str]) -> None:
+    """A node creates the stream with its settings; a node started with other settings updates it."""
+    url, stream, prefix = names
+    first = NatsBus(nats_settings(url, stream, prefix, history_size=500, dedupe_window_s=30.0))
+    await first.start()
+    second = NatsBus(nats_settings(url, stream, prefix, history_size=800, nats_max_age_s=3600.0))
+    await second.start()
+    try:
+        nc = await nats.connect(url)
+        info = await nc.jetstream().stream_info(stream)
+        await nc.close()
+        config = info.config
+        assert config.subjects == [f"{prefix}.>"]
+        assert (config.max_msgs, config.max_age, config.num_replicas) == (800, 3600.0, 1)
+        assert str(config.retention) in ("limits", "RetentionPolicy.LIMITS")
+        assert config.duplicate_window == 120.0
+        assert first.epoch == second.epoch
+        assert first.epoch.startswith(f"{stream}@")
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_recreated_stream_is_a_new_epoch(names: tuple[str, str, str]) -> None:
+    """A stream deleted and created again has another epoch, so resuming with the old one says recovered False."""
+    url, stream, prefix = names
+    bus = NatsBus(nats_settings(url, stream, prefix))
+    await bus.start()
+    await bus.publish(Event.create("demo:x:v1:made"))
+    old_epoch = bus.epoch
+    await bus.close()
+    await delete_stream(url, stream)
+    again = NatsBus(nats_settings(url, stream, prefix))
+    await again.start()
+    try:
+        assert again.epoch != old_epoch
+        sub = await again.subscribe([">"], since_offset=1, epoch=old_epoch)
+        assert sub.recovered is False
+    finally:
+        await again.close()
+
+
+async def test_start_fails_clearly_when_nats_cannot_carry_the_payload_limit(names: tuple[str, str, str]) -> None:
+    """A payload limit the server's max_payload cannot carry stops start-up with an error saying what to change."""
+    url, stream, prefix = names
+    bus = NatsBus(nats_settings(url, stream, prefix, max_payload_bytes=1024 * 1024))
+    with pytest.raises(NatsSetupError, match=r"max_payload.*max_payload_bytes \(1048576\)"):
+        await bus.start()
+    assert not bus.healthy
+
+
+async def test_start_fails_with_unavailable_when_nats_does_not_answer() -> None:
+    """With no NATS server at the URL, start raises BusUnavailable naming the URL."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    bus = NatsBus(nats_settings(url, "NOPE", "nope"), connect_timeout_s=0.5)
+    with pytest.raises(BusUnavailable, match=r"cannot connect to NATS at nats://127\.0\.0\.1"):
+        await bus.start()
+
+
+async def test_an_event_too_large_for_nats_is_refused(names: tuple[str, str, str]) -> None:
+    """An event whose payload and metadata together exceed the server's max_payload raises PayloadTooLarge."""
+    url, stream, prefix = names
+    bus = NatsBus(nats_settings(url, stream, prefix))
+    await bus.start()
+    try:
+        event = Event.create("demo:x:v1:made", {"blob": "x" * 999_000}, metadata={"note": "y" * 60_000})
+        with pytest.raises(PayloadTooLarge, match="max_payload"):
+            await bus.publish(event)
+        assert await bus.head_offset() == 0
+    finally:
+        await bus.close()
+
+
+async def test_messages_other_nats_tools_publish_on_nexus_subjects_are_events(names: tuple[str, str, str]) -> None:
+    """A JSON object published with a NATS tool on a Nexus subject reaches subscribers as an event."""
+    url, stream, prefix = names
+    bus = NatsBus(nats_settings(url, stream, prefix))
+    await bus.start()
+    try:
+        sub = await bus.subscribe(["sensors:>"])
+        nc = await nats.connect(url)
+        await nc.jetstream().publish(
+            f"{prefix}.sensors.temp.v1.read", b'{"celsius": 21.5}', headers={"Nats-Msg-Id": "r1"}
+        )
+        await nc.close()
+        [event] = await _take(sub, 1)
+        assert (event.event_type, event.payload, event.event_id, event.offset) == (
+            "sensors:temp:v1:read",
+            {"celsius": 21.5},
+            "r1",
+            1,
+        )
+    finally:
+        await bus.close()
+
+
+class Waiter(EventHandler):
+    """Answers once ``release`` is set."""
+
+    event_type = "nats:wait"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        self.started.set()
+        await self.release.wait()
+        return {"done": True}
+
+
+class Hold(StreamingEventHandler):
+    """Sends one chunk, then runs until cancelled; remembers what was cancelled."""
+
+    event_type = "nodes:stream_hold"
+    stream_timeout = None
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        await stream.send({"i": 0})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(event.event_id)
+            raise
+
+
+class EchoV2(EventHandler):
+    event_type = "nats:echo:v2"
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        return {"version": 2}
+
+
+class EchoAny(EventHandler):
+    event_type = "nats:echo"
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        return {"version": "any"}
+
+
+async def test_a_request_for_a_version_only_another_node_serves_goes_to_it(names: tuple[str, str, str]) -> None:
+    """Nodes serving different versions of one action share its consumer; each version reaches a node serving it."""
+    url, stream, prefix = names
+    settings = nats_settings(url, stream, prefix)
+    async with run_server(EchoV2(), settings=settings) as pinned, run_server(EchoAny(), settings=settings) as anyv:
+        await until("the nodes know each other", lambda: peers(pinned) == 1)
+        for _ in range(6):
+            v1 = await pinned.client.call("nats:echo:v1:requested", {})
+            assert (v1.state, v1.payload) == ("success", {"version": "any"})
+        v3 = await anyv.client.call("nats:echo:v3:requested", {})
+        assert v3.state == "success"
+
+
+async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_back(tmp_path: Path) -> None:
+    """A request that ends while NATS is down gets its terminal event stored, and delivered, after the restart."""
+    nats_server_binary()
+    server = NatsProcess(tmp_path / "nats")
+    server.start()
+    await server.wait_listening()
+    await wait_for_jetstream(server.url)
+    stream, prefix = unique_names("outbox")
+    waiter = Waiter()
+    try:
+        settings = nats_settings(server.url, stream, prefix, nats_storage="file")
+        async with run_server(waiter, settings=settings) as node:
+            request = node.client.request("nats:wait:v1:requested", {})
+            events: list[Event] = []
+
+            async def follow() -> None:
+                async for event in request:
+                    events.append(event)
+
+            following = asyncio.create_task(follow())
+            with anyio.fail_after(GUARD):
+                await waiter.started.wait()
+            server.stop()
+            await until("the node notices", lambda: not node.bus.healthy)
+            waiter.release.set()
+            await asyncio.sleep(0.2)  # the handler ends and its success cannot be stored
+            server.start()
+            with anyio.fail_after(GUARD):
+                await following
+            assert [(event.state, event.payload) for event in events] == [("success", {"done": True})]
+    finally:
+        server.stop()
+
+
+async def test_a_node_counted_lost_lets_its_requests_go(names: tuple[str, str, str]) -> None:
+    """When the others count a silent node lost, they fail its requests once and it publishes nothing more for them."""
+    url, stream, prefix = names
+    settings = nats_settings(url, stream, prefix, heartbeat_interval=0.05)
+    hold = Hold()
+    async with run_server(hold, settings=settings) as silent, run_server(settings=settings) as other:
+        await until("the nodes know each other", lambda: peers(other) == 1)
+        watcher = await other.record("nodes:stream_hold:>")
+        stream_events: list[Event] = []
+        request = other.client.request("nodes:stream_hold:v1:requested", {}, heartbeats=False)
+        async with asyncio.timeout(GUARD):
+            async for event in request:
+                stream_events.append(event)
+                if event.state == "stream":
+
+                    async def quiet(**_: Any) -> None:
+                        return None
+
+                    nats_bus_of(silent).router._announce = quiet  # type: ignore[method-assign]
+        assert [event.state for event in stream_events] == ["started", "stream", "failed"]
+        assert stream_events[-1].payload["error"]["type"] == "node_lost"
+        await until("the silent node let the stream go", lambda: hold.cancelled == [request.correlation_id])
+        await asyncio.sleep(0.3)
+        after = [e for e in watcher.events if e.offset > stream_events[-1].offset or e.state == "heartbeat"]
+        assert [e for e in after if e.correlation_id == request.correlation_id and e.state != "heartbeat"] == []
+        terminals = [e for e in watcher.events if e.state in TERMINAL_STATES]
+        assert len(terminals) == 1
+        assert silent.server.provider.streams() == []
+        await watcher.stop()

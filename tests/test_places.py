@@ -1,0 +1,235 @@
+"""The places plugin end to end: track_location, the encounter and location events, stream_encounters."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from gps_trace import STOP_A, T0, offset, two_stops_trace
+from nexus.handlers.places.plugin import StreamEncounters, TrackLocation, rfc3339
+
+from nexus import Event, InvalidPayload, parse_time
+from nexus.client import RequestStream
+from nexus.plugins import HandlerSpec, discover
+from nexus.testing import TestServer, run_server
+
+GUARD = 10.0
+TRACK = "places:track_location:v1:requested"
+STREAM = "places:stream_encounters:v1:requested"
+
+
+async def track(nexus: TestServer, payload: dict[str, Any]) -> Event:
+    return await asyncio.wait_for(nexus.client.call(TRACK, payload), GUARD)
+
+
+def fix_payload(agent_id: str, latitude: float, longitude: float, time: float | str, **extra: Any) -> dict[str, Any]:
+    return {"agent_id": agent_id, "latitude": latitude, "longitude": longitude, "timestamp": time, **extra}
+
+
+class Follow:
+    """A stream_encounters request consumed in the background; wait for chunks with :meth:`wait_chunks`."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self.stream = stream
+        self.events: list[Event] = []
+        self._changed = asyncio.Event()
+        self.task = asyncio.create_task(self._consume())
+
+    async def _consume(self) -> None:
+        try:
+            async for event in self.stream:
+                self.events.append(event)
+                self._changed.set()
+        finally:
+            self._changed.set()
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        return [e.payload for e in self.events if e.state == "stream"]
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async def wait() -> None:
+            while not predicate():
+                assert not self.task.done(), f"the stream ended first: {self.events[-1:]}"
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), GUARD)
+
+    async def wait_chunks(self, count: int) -> list[dict[str, Any]]:
+        await self.wait_for(lambda: len(self.chunks) >= count)
+        return self.chunks
+
+    async def cancel(self) -> Event:
+        assert await self.stream.cancel()
+        await asyncio.wait_for(self.task, GUARD)
+        return self.events[-1]
+
+
+async def started_stream(nexus: TestServer, payload: dict[str, Any]) -> Follow:
+    """Start a stream_encounters request; returns once its `started` arrived."""
+    follow = Follow(nexus.client.request(STREAM, payload, heartbeats=False))
+    await follow.wait_for(lambda: bool(follow.events))
+    assert follow.events[0].state == "started"
+    return follow
+
+
+async def test_the_acceptance_trace_gives_two_encounters_through_the_server() -> None:
+    """Two stops 1 km apart and a spike, sent as requests, publish exactly two started/completed encounter pairs."""
+    fixes, expected = two_stops_trace()
+    async with run_server(TrackLocation(), StreamEncounters()) as nexus:
+        encounters = await nexus.record("places:encounter:v1:*")
+        locations = await nexus.record("places:location:v1:updated")
+        stream = await started_stream(nexus, {"agent_id": "courier"})
+        states = []
+        for fix in fixes:
+            done = await track(nexus, fix_payload("courier", fix.latitude, fix.longitude, rfc3339(fix.time)))
+            assert done.state == "success", done.payload
+            states.append(done.payload["state"])
+        await encounters.wait_count(4)
+        await locations.wait_count(len(fixes))
+        chunks = await stream.wait_chunks(4)
+
+        assert [e.event_type for e in encounters.events] == [
+            "places:encounter:v1:started",
+            "places:encounter:v1:completed",
+        ] * 2
+        completed = [e.payload for e in encounters.events if e.state == "completed"]
+        for got, want in zip(completed, expected, strict=True):
+            assert got["latitude"] == pytest.approx(want.latitude, abs=1e-7)
+            assert got["longitude"] == pytest.approx(want.longitude, abs=1e-7)
+            assert parse_time(got["start_time"]) == want.start_time
+            assert parse_time(got["end_time"]) == want.end_time
+            assert got["duration_s"] == want.duration_s
+            assert got["point_count"] == want.point_count
+            assert got["reason"] == "left"
+        started = [e.payload for e in encounters.events if e.state == "started"]
+        assert [s["encounter_id"] for s in started] == [c["encounter_id"] for c in completed]
+        # The state is dwelling from the fix that made a dwell last 120 s until the fix that ended it.
+        assert states[3] == "moving"
+        assert states[4] == "dwelling"
+        assert states[-1] == "moving"
+        # Every fix is on the map, and the stream carried the same four encounter events in order.
+        assert [e.payload["timestamp"] for e in locations.events] == [rfc3339(f.time) for f in fixes]
+        assert [c["phase"] for c in chunks] == ["started", "completed", "started", "completed"]
+        assert [{k: v for k, v in c.items() if k != "phase"} for c in chunks] == [e.payload for e in encounters.events]
+        assert (await stream.cancel()).state == "cancelled"
+        await encounters.stop()
+        await locations.stop()
+
+
+async def test_stream_encounters_follows_one_agent_or_all() -> None:
+    """A stream with agent_id gets only that agent's encounters; one without gets every agent's."""
+    async with run_server(TrackLocation(), StreamEncounters()) as nexus:
+        only_b = await started_stream(nexus, {"agent_id": "b"})
+        everyone = await started_stream(nexus, {})
+        for agent, origin in (("a", STOP_A), ("b", offset(STOP_A, 5000, 0))):
+            for i in range(5):
+                await track(nexus, fix_payload(agent, *origin, T0 + 30 * i))
+        assert [c["agent_id"] for c in await everyone.wait_chunks(2)] == ["a", "b"]
+        assert [(c["agent_id"], c["phase"]) for c in await only_b.wait_chunks(1)] == [("b", "started")]
+        await everyone.cancel()
+        await only_b.cancel()
+        assert len(only_b.chunks) == 1
+
+
+async def test_dropped_fixes_are_reported_and_counted() -> None:
+    """An out-of-order or inaccurate fix succeeds with accepted false, the reason, the counts, and no map update."""
+    async with run_server(TrackLocation()) as nexus:
+        locations = await nexus.record("places:location:v1:updated")
+        first = await track(nexus, fix_payload("a", *STOP_A, "2025-03-01T08:00:00Z", accuracy_m=5))
+        assert first.payload == {
+            "agent_id": "a",
+            "state": "moving",
+            "accepted": True,
+            "encounter_id": None,
+            "dropped_out_of_order": 0,
+            "dropped_poor_accuracy": 0,
+        }
+        late = await track(nexus, fix_payload("a", *STOP_A, "2025-03-01T07:59:00Z"))
+        assert (late.payload["accepted"], late.payload["dropped"], late.payload["dropped_out_of_order"]) == (
+            False,
+            "out_of_order",
+            1,
+        )
+        blurry = await track(nexus, fix_payload("a", *STOP_A, "2025-03-01T08:01:00Z", accuracy_m=500))
+        assert (blurry.payload["dropped"], blurry.payload["dropped_poor_accuracy"]) == ("poor_accuracy", 1)
+        await track(nexus, fix_payload("a", *STOP_A, "2025-03-01T08:02:00Z"))
+        await locations.wait_count(2)
+        assert [e.payload["timestamp"] for e in locations.events] == ["2025-03-01T08:00:00Z", "2025-03-01T08:02:00Z"]
+        assert locations.events[0].payload["accuracy_m"] == 5
+        await locations.stop()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"latitude": 1.0, "longitude": 2.0, "timestamp": T0}, "'agent_id' is a required property"),
+        ({"agent_id": "a", "longitude": 2.0, "timestamp": T0}, "'latitude' is a required property"),
+        ({"agent_id": "a", "latitude": "48.1", "longitude": 2.0, "timestamp": T0}, "payload.latitude: '48.1' is not"),
+        (
+            {"agent_id": "a", "latitude": 91.0, "longitude": 2.0, "timestamp": T0},
+            "payload.latitude: 91 is greater than the maximum of 90",
+        ),
+        ({"agent_id": "a", "latitude": 1.0, "longitude": -181, "timestamp": T0}, "payload.longitude: -181 is less"),
+        ({"agent_id": "a", "latitude": 1.0, "longitude": 2.0, "timestamp": "yesterday"}, "'yesterday' is not RFC 3339"),
+        ({"agent_id": "a", "latitude": 1.0, "longitude": 2.0, "timestamp": T0, "accuracy_m": -1}, "accuracy_m"),
+        ({"agent_id": 7, "latitude": 1.0, "longitude": 2.0, "timestamp": T0}, "payload.agent_id: 7 is not"),
+    ],
+)
+async def test_bad_payloads_fail_and_the_agents_state_is_kept(payload: dict[str, Any], message: str) -> None:
+    """Each bad fix ends failed/invalid_payload with a clear message; the dwelling agent stays dwelling."""
+    async with run_server(TrackLocation()) as nexus:
+        for i in range(5):
+            await track(nexus, fix_payload("a", *STOP_A, T0 + 30 * i))
+        bad = await track(nexus, payload)
+        assert bad.state == "failed"
+        assert bad.payload["error"]["type"] == "invalid_payload"
+        assert message in bad.payload["error"]["message"]
+        good = await track(nexus, fix_payload("a", *STOP_A, T0 + 150))
+        assert (good.payload["state"], good.payload["dropped_out_of_order"]) == ("dwelling", 0)
+
+
+async def test_nan_coordinates_that_reach_the_handler_fail_cleanly() -> None:
+    """NaN is not JSON (clients refuse to send it), and one published straight onto the bus still ends failed."""
+    async with run_server(TrackLocation()) as nexus:
+        with pytest.raises(InvalidPayload):
+            await nexus.client.call(TRACK, fix_payload("a", math.nan, 2.0, T0))
+        terminal = await nexus.record("places:track_location:v1:failed")
+        request = Event(event_type=TRACK, payload=fix_payload("a", math.nan, 2.0, T0))
+        await nexus.bus.publish(request)
+        (failed,) = await terminal.wait_count(1)
+        assert failed.correlation_id == request.event_id
+        assert failed.payload["error"] == {
+            "type": "invalid_payload",
+            "message": "latitude must be a finite number, got nan",
+        }
+        await terminal.stop()
+        ok = await track(nexus, fix_payload("a", *STOP_A, T0))
+        assert ok.state == "success"
+
+
+async def test_settings_come_from_the_plugin_section() -> None:
+    """[handlers.places] sets the detector: min_dwell_s 30 starts an encounter after two fixes 30 s apart."""
+    spec = HandlerSpec("places.track_location", TrackLocation(), "--handler")
+    async with run_server(spec, handler_config={"places": {"min_dwell_s": 30, "dwell_radius_m": 20}}) as nexus:
+        assert (await track(nexus, fix_payload("a", *STOP_A, T0))).payload["state"] == "moving"
+        assert (await track(nexus, fix_payload("a", *STOP_A, T0 + 30))).payload["state"] == "dwelling"
+
+
+async def test_a_bad_setting_stops_the_server_from_starting() -> None:
+    """A setting of the wrong type is refused at start-up, naming the handler and the key."""
+    spec = HandlerSpec("places.track_location", TrackLocation(), "--handler")
+    with pytest.raises(ValueError, match=r"places\.track_location: places setting 'exit_points' must be at least 1"):
+        async with run_server(spec, handler_config={"places": {"exit_points": 0}}):
+            pass
+
+
+def test_the_plugin_registers_through_entry_points() -> None:
+    """Both places handlers are found as entry points named places.<handler>."""
+    found = {spec.name: type(spec.handler) for spec in discover(True, (), ())}
+    assert found["places.track_location"] is TrackLocation
+    assert found["places.stream_encounters"] is StreamEncounters
