@@ -382,17 +382,19 @@ async def test_stream_health_streams_the_rolling_anomaly_percentage_and_label() 
             "window": 20,
         }
 
-        async def monitor(point: list[float], expected_samples: int) -> None:
+        async def monitor(point: list[float], samples: int, anomalies: int) -> None:
             await call(nexus, "monitor", {"baseline_id": "pump", "point": point})
-            await health.wait_for(lambda: health.chunks[-1]["samples"] == expected_samples)
+            await health.wait_for(
+                lambda: (health.chunks[-1]["samples"], health.chunks[-1]["anomalies"]) == (samples, anomalies)
+            )
 
         for i in range(19):
-            await monitor([1, 1], i + 1)
+            await monitor([1, 1], i + 1, 0)
         assert health.chunks[-1]["health"] == "healthy"
-        await monitor([9, 9], 20)
+        await monitor([9, 9], 20, 1)
         assert (health.chunks[-1]["anomaly_pct"], health.chunks[-1]["health"]) == (5.0, "deteriorating")
-        await monitor([9, -9], 20)
-        await monitor([-9, 9], 20)
+        await monitor([9, -9], 20, 2)
+        await monitor([-9, 9], 20, 3)
         assert health.chunks[-1] == {
             **health.chunks[0],
             "anomaly_pct": 15.0,

@@ -380,10 +380,11 @@ async def test_a_request_for_a_version_only_another_node_serves_goes_to_it(names
     settings = nats_settings(url, stream, prefix)
     async with run_server(EchoV2(), settings=settings) as pinned, run_server(EchoAny(), settings=settings) as anyv:
         await until("the nodes know each other", lambda: peers(pinned) == 1)
-        for _ in range(6):
-            v1 = await pinned.client.call("nats:echo:v1:requested", {})
-            assert (v1.state, v1.payload) == ("success", {"version": "any"})
-        v3 = await anyv.client.call("nats:echo:v3:requested", {})
+        async with asyncio.timeout(GUARD):
+            for _ in range(6):
+                v1 = await pinned.client.call("nats:echo:v1:requested", {})
+                assert (v1.state, v1.payload) == ("success", {"version": "any"})
+            v3 = await anyv.client.call("nats:echo:v3:requested", {})
         assert v3.state == "success"
 
 

@@ -279,6 +279,12 @@ async def health(address: str) -> int:
         await channel.close()
 
 
+async def call(client: NexusClient, event_type: str, payload: dict[str, Any]) -> Event:
+    """Send a request and return its terminal event (failing after the guard rather than hanging)."""
+    async with asyncio.timeout(GUARD):
+        return await client.call(event_type, payload)
+
+
 async def lifecycle(client: NexusClient, event_type: str, payload: dict[str, Any]) -> list[Event]:
     """Send a request and collect its lifecycle (without heartbeats) to the terminal event."""
     async with asyncio.timeout(GUARD):
@@ -341,13 +347,13 @@ async def test_a_request_reaches_the_node_with_the_handler_and_no_handler_only_w
     async with node(shared) as bare:
         async with node(shared, Echo("a")):
             await until("the nodes know each other", lambda: peers(bare) == 1)
-            done = await bare.client.call("nodes:echo:v1:requested", {"x": 1})
+            done = await call(bare.client, "nodes:echo:v1:requested", {"x": 1})
             assert (done.state, done.payload) == ("success", {"echo": {"x": 1}, "node": "a"})
-            missing = await bare.client.call("nodes:absent:v1:requested", {})
+            missing = await call(bare.client, "nodes:absent:v1:requested", {})
             assert missing.state == "failed"
             assert missing.payload["error"]["type"] == "no_handler"
         # Node A left: nobody serves nodes:echo any more.
-        gone = await bare.client.call("nodes:echo:v1:requested", {"x": 2})
+        gone = await call(bare.client, "nodes:echo:v1:requested", {"x": 2})
         assert gone.state == "failed"
         assert gone.payload["error"]["type"] == "no_handler"
 
@@ -394,7 +400,7 @@ async def test_ordering_key_order_holds_across_two_nodes(shared: Cluster) -> Non
     # The active node leaves: the other one takes over.
     survivor_runs: list[Run] = []
     async with node(shared, Keyed("c", survivor_runs, clock)) as c:
-        done = await c.client.call("nodes:keyed:v1:requested", {"agent_id": "agent-0", "n": 99})
+        done = await call(c.client, "nodes:keyed:v1:requested", {"agent_id": "agent-0", "n": 99})
         assert done.state == "success"
         assert [run.node for run in survivor_runs] == ["c"]
     assert active in ("a", "b")
@@ -507,7 +513,7 @@ async def test_nodes_recover_by_themselves_when_the_nats_server_restarts(tmp_pat
                 assert [event.offset for event in events] == [event.offset for event in before + after]
                 assert [event.offset for event in events] == list(range(1, 41))
                 assert {event.epoch for event in events} == {a.bus.epoch}
-                done = await b.client.call("nodes:echo:v1:requested", {"after": "restart"})
+                done = await call(b.client, "nodes:echo:v1:requested", {"after": "restart"})
                 assert done.state == "success"
                 await recorder.stop()
         names = [entry["event"] for entry in logs]

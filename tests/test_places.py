@@ -178,6 +178,10 @@ async def test_dropped_fixes_are_reported_and_counted() -> None:
         ({"agent_id": "a", "latitude": 1.0, "longitude": 2.0, "timestamp": "yesterday"}, "'yesterday' is not RFC 3339"),
         ({"agent_id": "a", "latitude": 1.0, "longitude": 2.0, "timestamp": T0, "accuracy_m": -1}, "accuracy_m"),
         ({"agent_id": 7, "latitude": 1.0, "longitude": 2.0, "timestamp": T0}, "payload.agent_id: 7 is not"),
+        (
+            {"agent_id": "a", "latitude": 1.0, "longitude": 2.0, "timestamp": 1e15},
+            "timestamp 1000000000000000 is out of range",
+        ),
     ],
 )
 async def test_bad_payloads_fail_and_the_agents_state_is_kept(payload: dict[str, Any], message: str) -> None:
@@ -218,6 +222,20 @@ async def test_settings_come_from_the_plugin_section() -> None:
     async with run_server(spec, handler_config={"places": {"min_dwell_s": 30, "dwell_radius_m": 20}}) as nexus:
         assert (await track(nexus, fix_payload("a", *STOP_A, T0))).payload["state"] == "moving"
         assert (await track(nexus, fix_payload("a", *STOP_A, T0 + 30))).payload["state"] == "dwelling"
+
+
+async def test_an_agent_that_falls_silent_has_its_encounter_completed_as_idle() -> None:
+    """With idle_ttl_s and sweep_interval_s small, a silent agent is forgotten and its open encounter completes."""
+    spec = HandlerSpec("places.track_location", TrackLocation(), "--handler")
+    settings = {"places": {"min_dwell_s": 0, "idle_ttl_s": 0.05, "sweep_interval_s": 0.02}}
+    async with run_server(spec, handler_config=settings) as nexus:
+        completed = await nexus.record("places:encounter:v1:completed")
+        started = await track(nexus, fix_payload("a", *STOP_A, T0))
+        assert started.payload["state"] == "dwelling"
+        (done,) = await completed.wait_count(1)
+        assert done.payload["encounter_id"] == started.payload["encounter_id"]
+        assert (done.payload["reason"], done.payload["point_count"], done.payload["duration_s"]) == ("idle", 1, 0)
+        await completed.stop()
 
 
 async def test_a_bad_setting_stops_the_server_from_starting() -> None:

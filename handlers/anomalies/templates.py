@@ -33,8 +33,9 @@ WILDCARD: Final = "<*>"
 _MASKS: Final[tuple[tuple[re.Pattern[str], str], ...]] = tuple(
     (re.compile(pattern), placeholder)
     for pattern, placeholder in (
-        (r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>]+", "<URL>"),
-        (r"\b[\w.+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+\b", "<EMAIL>"),
+        # Bounded repetitions before a literal keep every pattern linear on hostile lines ("a-a-a-...").
+        (r"\b[A-Za-z][A-Za-z0-9+.\-]{0,31}://[^\s\"'<>]+", "<URL>"),
+        (r"\b[\w.+\-]{1,64}@[A-Za-z0-9\-]{1,63}(?:\.[A-Za-z0-9\-]{1,63}){1,8}\b", "<EMAIL>"),
         (r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b", "<UUID>"),
         (
             r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)?(?:Z|[+\-]\d{2}:?\d{2})?(?![\w:])",

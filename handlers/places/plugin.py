@@ -271,8 +271,11 @@ class TrackLocation(EventHandler):
         agent_id = payload["agent_id"]
         try:
             fix_time = parse_time(payload["timestamp"])
+            fix_text = rfc3339(fix_time)
         except InvalidPayload as exc:
             raise InvalidPayload(f"timestamp: {exc.message}") from None
+        except (ValueError, OverflowError, OSError):
+            raise InvalidPayload(f"timestamp {payload['timestamp']!r} is out of range") from None
         accuracy = payload.get("accuracy_m")
         now = time.monotonic()
         try:
@@ -288,7 +291,7 @@ class TrackLocation(EventHandler):
                 "agent_id": agent_id,
                 "latitude": payload["latitude"],
                 "longitude": payload["longitude"],
-                "timestamp": rfc3339(fix_time),
+                "timestamp": fix_text,
                 "state": result.state,
             }
             if accuracy is not None:

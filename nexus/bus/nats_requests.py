@@ -47,10 +47,13 @@ if TYPE_CHECKING:
     from nexus.bus.nats import NatsBus
 
 PULL_BATCH: Final = 64
-PULL_EXPIRES_S: Final = 5.0
-PULL_HEARTBEAT_S: Final = 1.0
-ACK_WAIT_S: Final = 10.0
+PULL_EXPIRES_S: Final = 2.0
+"""How long one pull request waits on the server: a node that dies leaves one behind for at most this long."""
+PULL_HEARTBEAT_S: Final = 0.5
+ACK_WAIT_S: Final = 5.0
+"""A request delivered to a pull request nobody reads any more (its node died) is delivered again after this."""
 CLAIM_TIMEOUT_S: Final = 2.0
+DRAIN_RECHECK_S: Final = 0.5
 
 log = structlog.get_logger("nexus.bus.nats")
 
@@ -161,7 +164,7 @@ class Puller:
                             self.router.forget_consumer(self.consumer)
                             break
                     delay = 0.1
-                    if self.drain and self._empty:
+                    if self.drain and self._empty and await self._drained():
                         return
                 except asyncio.CancelledError:
                     raise
@@ -173,6 +176,19 @@ class Puller:
                     delay = min(delay * 2, 2.0)
         finally:
             self.finished.set()
+
+    async def _drained(self) -> bool:
+        """Whether nothing is left for a drain, not even a request out with a dead node's pull (ack pending).
+
+        Such a request comes back after the ack wait; until then the drain waits for it.
+        """
+        await asyncio.sleep(0)  # let the worker take what arrived
+        _, js = self.bus.connection()
+        info = await js.consumer_info(self.bus.stream, self.consumer)
+        if not info.num_pending and not info.num_ack_pending and not self._buffer:
+            return True
+        await asyncio.sleep(DRAIN_RECHECK_S)
+        return False
 
     async def _work(self) -> None:
         while True:
