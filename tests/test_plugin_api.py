@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -147,3 +148,16 @@ def test_takes_must_describe_the_handlers_own_request() -> None:
         provider.register(Wrong())
     with pytest.raises(HandlerConfigError, match="example of takes does not fit"):
         provider.register(BadExample())
+
+
+async def test_request_put_on_the_bus_with_nan_fails_before_the_handler_runs() -> None:
+    """A request that reached the bus without the ingress checks still cannot hand NaN to a handler."""
+    greet = Greet()
+    async with run_server(greet) as nexus:
+        recorder = await nexus.record("demo:greet:v1:failed")
+        await nexus.bus.publish(Event("demo:greet:v1:requested", {"name": "Ada", "times": math.nan}))
+        [failed] = await recorder.wait_count(1)
+        assert failed.payload["error"]["type"] == "invalid_payload"
+        assert "NaN" in failed.payload["error"]["message"]
+        assert greet.calls == 0
+        await recorder.stop()
