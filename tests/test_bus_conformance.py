@@ -59,7 +59,7 @@ class Harness:
             await delete_stream(self.url, self.stream)
 
 
-@pytest.fixture(params=["memory", "nats"])
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """A harness for the bus named by the parameter; NATS tests get their own stream and subject prefix."""
     kind = str(request.param)
@@ -234,6 +234,17 @@ async def test_recovered_says_whether_the_gap_was_replayed(harness: Harness) -> 
     newest = (await bus.publish(_event("demo:a:v1:s"))).event
     for sub in (other_epoch, ahead):
         assert [event.offset for event in await _take(sub, 1)] == [newest.offset]
+
+
+async def test_offset_zero_with_the_epoch_replays_everything_retained(harness: Harness) -> None:
+    """since_offset 0 with the current epoch means nothing seen yet: the whole history is replayed, then live."""
+    publisher, reader = await harness.node(), await harness.node()
+    await _publish(publisher, ["demo:a:v1:s"] * 3)
+    sub = await reader.subscribe([">"], since_offset=0, epoch=reader.epoch)
+    assert sub.recovered is True
+    await publisher.publish(_event("demo:a:v1:s"))
+    assert [event.offset for event in await _take(sub, 4)] == [1, 2, 3, 4]
+    assert await _settle(sub) == [[]]
 
 
 async def test_following_a_correlation_id_replays_and_continues_live(harness: Harness) -> None:

@@ -231,6 +231,7 @@ async def _take(sub: Subscription, count: int) -> list[Event]:
     return events
 
 
+@pytest.mark.nats
 async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names: tuple[str, str, str]) -> None:
     """A node creates the stream with its settings; a node started with other settings updates it."""
     url, stream, prefix = names
@@ -254,6 +255,7 @@ async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names
         await second.close()
 
 
+@pytest.mark.nats
 async def test_a_recreated_stream_is_a_new_epoch(names: tuple[str, str, str]) -> None:
     """A stream deleted and created again has another epoch, so resuming with the old one says recovered False."""
     url, stream, prefix = names
@@ -273,6 +275,7 @@ async def test_a_recreated_stream_is_a_new_epoch(names: tuple[str, str, str]) ->
         await again.close()
 
 
+@pytest.mark.nats
 async def test_start_fails_clearly_when_nats_cannot_carry_the_payload_limit(names: tuple[str, str, str]) -> None:
     """A payload limit the server's max_payload cannot carry stops start-up with an error saying what to change."""
     url, stream, prefix = names
@@ -282,6 +285,7 @@ async def test_start_fails_clearly_when_nats_cannot_carry_the_payload_limit(name
     assert not bus.healthy
 
 
+@pytest.mark.nats
 async def test_start_fails_with_unavailable_when_nats_does_not_answer() -> None:
     """With no NATS server at the URL, start raises BusUnavailable naming the URL."""
     url = f"nats://127.0.0.1:{free_port()}"
@@ -290,6 +294,7 @@ async def test_start_fails_with_unavailable_when_nats_does_not_answer() -> None:
         await bus.start()
 
 
+@pytest.mark.nats
 async def test_an_event_too_large_for_nats_is_refused(names: tuple[str, str, str]) -> None:
     """An event whose payload and metadata together exceed the server's max_payload raises PayloadTooLarge."""
     url, stream, prefix = names
@@ -304,6 +309,7 @@ async def test_an_event_too_large_for_nats_is_refused(names: tuple[str, str, str
         await bus.close()
 
 
+@pytest.mark.nats
 async def test_messages_other_nats_tools_publish_on_nexus_subjects_are_events(names: tuple[str, str, str]) -> None:
     """A JSON object published with a NATS tool on a Nexus subject reaches subscribers as an event."""
     url, stream, prefix = names
@@ -374,6 +380,7 @@ class EchoAny(EventHandler):
         return {"version": "any"}
 
 
+@pytest.mark.nats
 async def test_a_request_for_a_version_only_another_node_serves_goes_to_it(names: tuple[str, str, str]) -> None:
     """Nodes serving different versions of one action share its consumer; each version reaches a node serving it."""
     url, stream, prefix = names
@@ -388,6 +395,7 @@ async def test_a_request_for_a_version_only_another_node_serves_goes_to_it(names
         assert v3.state == "success"
 
 
+@pytest.mark.nats
 async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_back(tmp_path: Path) -> None:
     """A request that ends while NATS is down gets its terminal event stored, and delivered, after the restart."""
     nats_server_binary()
@@ -413,7 +421,7 @@ async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_
             server.stop()
             await until("the node notices", lambda: not node.bus.healthy)
             waiter.release.set()
-            await asyncio.sleep(0.2)  # the handler ends and its success cannot be stored
+            await until("the handler's success waits to be stored", lambda: bool(nats_bus_of(node).router.outbox))
             server.start()
             with anyio.fail_after(GUARD):
                 await following
@@ -422,6 +430,7 @@ async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_
         server.stop()
 
 
+@pytest.mark.nats
 async def test_a_node_counted_lost_lets_its_requests_go(names: tuple[str, str, str]) -> None:
     """When the others count a silent node lost, they fail its requests once and it publishes nothing more for them."""
     url, stream, prefix = names

@@ -519,6 +519,7 @@ async def test_nodes_recover_by_themselves_when_the_nats_server_restarts(tmp_pat
         names = [entry["event"] for entry in logs]
         assert "nats_disconnected" in names
         assert "nats_reconnected" in names
+        assert "nats_recovered" in names
     finally:
         server.stop()
 
@@ -531,6 +532,7 @@ async def _both_serving(*addresses: str) -> bool:
     return all([await _is(address, "SERVING") for address in addresses])
 
 
+@pytest.mark.slow
 async def test_a_three_server_nats_cluster_survives_losing_one_server(tmp_path: Path) -> None:
     """With replicas 3, killing one of three NATS servers loses no acknowledged event."""
     nats_server_binary()

@@ -209,7 +209,7 @@ async def test_nan_coordinates_that_reach_the_handler_fail_cleanly() -> None:
         assert failed.correlation_id == request.event_id
         assert failed.payload["error"] == {
             "type": "invalid_payload",
-            "message": "latitude must be a finite number, got nan",
+            "message": "payload.latitude is nan: NaN and Infinity are not valid JSON",
         }
         await terminal.stop()
         ok = await track(nexus, fix_payload("a", *STOP_A, T0))

@@ -437,8 +437,10 @@ class NatsBus(Bus):
                 self.connect_timeout_s,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            self.closing = True  # quiet: no disconnection to report for a connection that never was
             with contextlib.suppress(Exception):
                 await nc.close()
+            self.closing = False
             detail = self._last_error or _describe(exc)
             raise BusUnavailable(
                 f"cannot connect to NATS at {', '.join(self.servers)} within {self.connect_timeout_s:g}s ({detail})"
@@ -984,6 +986,11 @@ class NatsBus(Bus):
     async def consume_requests(
         self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
     ) -> Subscription:
+        """This node's member of the consumer group shared by all nodes (one per node: its provider's).
+
+        It receives the requests for ``routes`` this node takes, and those no live node serves (to answer them
+        ``no_handler``); a later call replaces the member.
+        """
         self._check_ready()
         sub = Subscription(
             self._fanout, max_pending=max_pending, start_after=self.received, epoch=self.epoch, group=group

@@ -15,8 +15,9 @@ consumers that replay needs):
 A node *claims* a request by acknowledging it (synchronously, before its provider sees it), so the ack wait
 never hands a long stream to a second node. It announces its claims at once and in every node heartbeat; when
 a node is lost (or leaves with requests unfinished), every survivor publishes ``failed``/``node_lost`` for each
-of its claims with the deterministic ``Nats-Msg-Id`` ``t:<correlation_id>``: JetStream stores one, however
-many survivors try, and the dead node's own terminal event (had it been sent) would have been the one kept.
+of its claims. Every terminal event of a claimed request carries the deterministic ``Nats-Msg-Id``
+``t:<correlation_id>``, so JetStream stores the first one per request, however many nodes try (the survivors,
+or the node itself if it was only cut off), and drops the others as duplicates.
 """
 
 from __future__ import annotations
@@ -305,29 +306,35 @@ class RequestRouter:
         self._last_announced = time.monotonic()
 
     async def _beat(self) -> None:
-        membership = self.membership
         last_tick = time.monotonic()
         while True:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
-            if now - last_tick > self.interval * (membership.misses - 1):
-                # This node's loop stalled: the others' heartbeats were not read, so they cannot count as missed.
-                membership.forget_silence(now)
-                self._quiet_until = now + membership.timeout
+            stalled = now - last_tick > self.interval * (self.membership.misses - 1)
             last_tick = now
-            if not self.bus.connected:
-                continue
-            if self._last_announced and now - self._last_announced > membership.timeout:
-                self._rejoin(now)
-            await self._announce()
-            if now >= self._quiet_until:
-                for member in membership.expire(now):
-                    log.warning(
-                        "node_lost", node=member.node, requests=len(member.claims), node_heartbeat_s=self.interval
-                    )
-                    self.bus.spawn(self._fail_claims(member, "lost"), "nexus-nats-node-lost")
-            await self._retry()
-            self._update_pullers()
+            try:
+                await self._tick(now, stalled=stalled)
+            except Exception as exc:
+                # The heartbeat must go on: without it the other nodes would count this one lost.
+                log.error("node_heartbeat_failed", error=str(exc) or type(exc).__name__)
+
+    async def _tick(self, now: float, *, stalled: bool) -> None:
+        membership = self.membership
+        if stalled:
+            # This node's loop stalled: the others' heartbeats were not read, so they cannot count as missed.
+            membership.forget_silence(now)
+            self._quiet_until = now + membership.timeout
+        if not self.bus.connected:
+            return
+        if self._last_announced and now - self._last_announced > membership.timeout:
+            self._rejoin(now)
+        await self._announce()
+        if now >= self._quiet_until:
+            for member in membership.expire(now):
+                log.warning("node_lost", node=member.node, requests=len(member.claims), node_heartbeat_s=self.interval)
+                self.bus.spawn(self._fail_claims(member, "lost"), "nexus-nats-node-lost")
+        await self._retry()
+        self._update_pullers()
 
     def _rejoin(self, now: float) -> None:
         """This node was silent as long as the others wait: they counted it lost and failed what it held.
