@@ -34,6 +34,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from nexus.errors import NexusError
+from nexus.provider import DEFAULT_MAX_PAYLOAD_BYTES
 
 from .auth import Authenticator, Credentials, allow_all, token_from
 from .backend import Backend
@@ -71,7 +72,7 @@ class GatewaySettings:
     """0 picks a free port (``GatewayServer.port`` tells which)."""
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     """Largest frame a client may send; a larger one closes the connection with 1009."""
-    max_payload_bytes: int = 1024 * 1024
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     queue_frames: int = 10_000
     """Frames queued for one connection before it is closed with 4008 (too slow)."""
     queue_bytes: int = 16 * 1024 * 1024
