@@ -1,13 +1,19 @@
-"""Test helpers for plugin authors: an in-process server on a free port, a client, and a recorder.
+"""Test helpers for plugin authors: an in-process server on a free port, a client, a recorder of subscribed
+events and a follower of streaming requests.
 
 ::
 
-    from nexus.testing import run_server
+    from nexus.testing import StreamFollower, run_server
 
     async def test_echo() -> None:
-        async with run_server(Echo()) as nexus:
+        async with run_server(Echo(), Ticks()) as nexus:
             done = await nexus.client.call("demo:echo:v1:requested", {"x": 1})
             assert done.payload == {"echo": {"x": 1}}
+
+            ticks = StreamFollower(nexus.client.request("demo:ticks:v1:requested", {}, heartbeats=False))
+            await ticks.started()
+            chunks = await ticks.wait_for(lambda chunks: len(chunks) >= 2)
+            assert (await ticks.cancel()).state == "cancelled"
 
 Works with pytest-asyncio or anyio's pytest plugin (asyncio backend).
 """
@@ -24,9 +30,9 @@ from typing import Any
 
 from nexus.api import AnyHandler
 from nexus.bus.base import Bus
-from nexus.client import NexusClient, Subscription
+from nexus.client import NexusClient, RequestStream, Subscription
 from nexus.config import Settings
-from nexus.events import Event
+from nexus.events import STARTED, STREAM, Event, JSONObject
 from nexus.plugins import HandlerSpec
 from nexus.server import NexusServer
 
@@ -102,6 +108,102 @@ class Recorder:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+
+
+class StreamEnded(AssertionError):
+    """A followed stream ended (or its connection failed) before what the test waited for happened."""
+
+
+class StreamFollower:
+    """Consumes a streaming request in the background; wait for the chunks you expect with :meth:`wait_for`.
+
+    Made from a :class:`~nexus.client.RequestStream` (``client.request(...)``; pass ``heartbeats=False`` unless
+    the test wants them) inside a running event loop, it starts iterating the request at once. ``events`` holds
+    the lifecycle events so far (``started``, ``stream``..., then the terminal one) and ``chunks`` the payloads of
+    the ``stream`` events. Every wait takes a ``timeout`` in seconds (TimeoutError, naming the last events) and
+    raises :class:`StreamEnded` when the stream is over first; an error of the stream itself (the connection
+    went away) is kept in ``error`` and is the StreamEnded's cause. End a stream a test leaves running with
+    :meth:`cancel` (the server cancels it) or :meth:`stop` (the client lets go of it).
+    """
+
+    def __init__(self, stream: RequestStream) -> None:
+        self.stream = stream
+        self.events: list[Event] = []
+        self.error: Exception | None = None
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        try:
+            async for event in self.stream:
+                self.events.append(event)
+                self._changed.set()
+        except Exception as exc:  # kept for the waiters, so the task never fails unobserved
+            self.error = exc
+        finally:
+            self._changed.set()
+
+    @property
+    def chunks(self) -> list[JSONObject]:
+        """The payloads of the ``stream`` events so far, in order."""
+        return [e.payload for e in self.events if e.state == STREAM]
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream is over (its terminal event arrived, it failed, or it was stopped)."""
+        return self._task.done()
+
+    async def wait_for(self, predicate: Callable[[list[JSONObject]], bool], timeout: float = 10.0) -> list[JSONObject]:
+        """Wait until ``predicate(chunks)`` holds; returns the chunks."""
+        await self._until(lambda: predicate(self.chunks), "the condition", timeout)
+        return self.chunks
+
+    async def started(self, timeout: float = 10.0) -> Event:
+        """Wait for the first event and return it; raises :class:`StreamEnded` unless it is ``started``."""
+        await self._until(lambda: bool(self.events), "its first event", timeout)
+        first = self.events[0]
+        if first.state != STARTED:
+            raise StreamEnded(f"the stream did not start: its first event is {first.event_type} {first.payload}")
+        return first
+
+    async def ended(self, timeout: float = 10.0) -> Event:
+        """Wait for the terminal event (``success``, ``failed``, ``timeout`` or ``cancelled``) and return it."""
+        await self._until(lambda: self.stream.terminal is not None, "its terminal event", timeout)
+        assert self.stream.terminal is not None
+        return self.stream.terminal
+
+    async def cancel(self, reason: str = "cancelled by requester", timeout: float = 10.0) -> Event:
+        """Ask the server to cancel the request (wherever it runs) and return the terminal event it ends with.
+
+        ``await follower.stream.cancel()`` answers whether the server it was sent to runs the stream itself.
+        """
+        await self.stream.cancel(reason)
+        return await self.ended(timeout)
+
+    async def stop(self) -> None:
+        """Stop consuming: the client drops the request's call (the server sees its requester go away)."""
+        self._task.cancel()
+        await asyncio.wait({self._task})
+
+    async def _until(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        async def wait() -> None:
+            while not condition():
+                if self._task.done():
+                    raise StreamEnded(
+                        f"the stream ended while waiting for {what}: {self._last_events()}"
+                    ) from self.error
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"waited {timeout}s for {what}; last events: {self._last_events()}") from None
+
+    def _last_events(self) -> str:
+        shown = [f"{e.event_type} {e.payload}" if e.state != STREAM else e.event_type for e in self.events[-5:]]
+        error = f"; error: {self.error!r}" if self.error is not None else ""
+        return f"{shown}{error}"
 
 
 @dataclasses.dataclass

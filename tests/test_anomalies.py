@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ from test_anomalies_logs import CYCLE, cycle_lines
 
 from nexus import Event
 from nexus.cli import SERVE_FIELDS, _overrides, build_parser
-from nexus.client import RequestStream
 from nexus.config import ConfigError, load_settings
 from nexus.plugins import HandlerSpec, config_for, discover
-from nexus.testing import TestServer, run_server
+from nexus.testing import StreamFollower, TestServer, run_server
 
 GUARD = 10.0
 
@@ -26,48 +24,8 @@ async def call(nexus: TestServer, action: str, payload: dict[str, Any]) -> Event
     return await asyncio.wait_for(nexus.client.call(f"anomalies:{action}:v1:requested", payload), GUARD)
 
 
-class Follow:
-    """A streaming request consumed in the background; wait for what you expect with :meth:`wait_for`."""
-
-    def __init__(self, stream: RequestStream) -> None:
-        self.stream = stream
-        self.events: list[Event] = []
-        self._changed = asyncio.Event()
-        self.task = asyncio.create_task(self._consume())
-
-    async def _consume(self) -> None:
-        try:
-            async for event in self.stream:
-                self.events.append(event)
-                self._changed.set()
-        finally:
-            self._changed.set()
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        return [e.payload for e in self.events if e.state == "stream"]
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async def wait() -> None:
-            while not predicate():
-                assert not self.task.done(), f"the stream ended first: {self.events[-1:]}"
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), GUARD)
-
-    async def started(self) -> None:
-        await self.wait_for(lambda: bool(self.events))
-        assert self.events[0].state == "started", self.events[0]
-
-    async def ended(self) -> Event:
-        await asyncio.wait_for(self.task, GUARD)
-        assert self.events[-1].state in ("success", "failed", "timeout", "cancelled")
-        return self.events[-1]
-
-
-def follow(nexus: TestServer, action: str, payload: dict[str, Any]) -> Follow:
-    return Follow(nexus.client.request(f"anomalies:{action}:v1:requested", payload, heartbeats=False))
+def follow(nexus: TestServer, action: str, payload: dict[str, Any]) -> StreamFollower:
+    return StreamFollower(nexus.client.request(f"anomalies:{action}:v1:requested", payload, heartbeats=False))
 
 
 def anomalies_spec(handler: Any, name: str) -> HandlerSpec:
@@ -175,15 +133,15 @@ async def test_stream_log_follows_a_file_across_rotation_and_truncation(tmp_path
         await tail.started()
         with log.open("a") as file:
             file.write("worker 1 started\nworker 2 started\n")
-        await tail.wait_for(lambda: len(tail.chunks) == 2)
+        await tail.wait_for(lambda chunks: len(chunks) == 2)
         log.rename(tmp_path / "svc" / "app.log.1")
         log.write_text("worker 3 started\n")
-        await tail.wait_for(lambda: len(tail.chunks) == 3)
+        await tail.wait_for(lambda chunks: len(chunks) == 3)
         with log.open("r+") as file:
             file.truncate(0)
         with log.open("a") as file:
             file.write("w4 stopped\n")  # shorter than what was read: as with tail -F, that is what shows a truncation
-        await tail.wait_for(lambda: len(tail.chunks) == 4)
+        await tail.wait_for(lambda chunks: len(chunks) == 4)
         assert [c["line"] for c in tail.chunks] == [
             "worker 1 started",
             "worker 2 started",
@@ -213,10 +171,10 @@ async def test_stream_log_scores_like_score_log_and_raises_alerts(tmp_path: Path
     ) as nexus:
         alerts = await nexus.record("anomalies:alert:v1:raised")
         tail = follow(nexus, "stream_log", {"path": str(log), "from_start": True, "source": "payments"})
-        await tail.wait_for(lambda: len(tail.chunks) == 150)
+        await tail.wait_for(lambda chunks: len(chunks) == 150)
         with log.open("a") as file:
             file.write("fatal: ledger checksum mismatch on page 12\n")
-        await tail.wait_for(lambda: len(tail.chunks) == 151)
+        await tail.wait_for(lambda chunks: len(chunks) == 151)
         assert {c["severity"] for c in tail.chunks[50:150]} == {"NONE"}
         assert tail.chunks[-1]["severity"] == "HIGH"
         (alert,) = await alerts.wait_count(1)
@@ -224,8 +182,7 @@ async def test_stream_log_scores_like_score_log_and_raises_alerts(tmp_path: Path
             "payments",
             "fatal: ledger checksum mismatch on page 12",
         )
-        await tail.stream.cancel()
-        await tail.ended()
+        await tail.cancel()
         await alerts.stop()
 
 
@@ -372,7 +329,7 @@ async def test_stream_health_streams_the_rolling_anomaly_percentage_and_label() 
     async with run_server(*handlers, handler_config={"anomalies": {"health_window": 20}}) as nexus:
         await call(nexus, "set_baseline", {"baseline_id": "pump", "points": SQUARE})
         health = follow(nexus, "stream_health", {"baseline_id": "pump"})
-        await health.wait_for(lambda: len(health.chunks) == 1)
+        await health.wait_for(lambda chunks: len(chunks) == 1)
         assert health.chunks[0] == {
             "baseline_id": "pump",
             "anomaly_pct": 0.0,
@@ -385,7 +342,7 @@ async def test_stream_health_streams_the_rolling_anomaly_percentage_and_label() 
         async def monitor(point: list[float], samples: int, anomalies: int) -> None:
             await call(nexus, "monitor", {"baseline_id": "pump", "point": point})
             await health.wait_for(
-                lambda: (health.chunks[-1]["samples"], health.chunks[-1]["anomalies"]) == (samples, anomalies)
+                lambda chunks: (chunks[-1]["samples"], chunks[-1]["anomalies"]) == (samples, anomalies)
             )
 
         for i in range(19):
@@ -405,15 +362,14 @@ async def test_stream_health_streams_the_rolling_anomaly_percentage_and_label() 
         for chunk in health.chunks:
             assert chunk["anomaly_pct"] == pytest.approx(100 * chunk["anomalies"] / max(chunk["samples"], 1))
         await call(nexus, "set_baseline", {"baseline_id": "pump", "points": SQUARE})
-        await health.wait_for(lambda: health.chunks[-1]["samples"] == 0)
+        await health.wait_for(lambda chunks: chunks[-1]["samples"] == 0)
         assert health.chunks[-1]["health"] == "healthy"
         unknown = await follow(nexus, "stream_health", {"baseline_id": "nope"}).ended()
         assert unknown.payload["error"] == {
             "type": "invalid_payload",
             "message": "unknown baseline 'nope': set it first with anomalies:set_baseline",
         }
-        await health.stream.cancel()
-        assert (await health.ended()).state == "cancelled"
+        assert (await health.cancel()).state == "cancelled"
 
 
 def test_every_anomalies_handler_registers_through_entry_points() -> None:

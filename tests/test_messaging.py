@@ -37,9 +37,8 @@ from nexus.handlers.messaging.store import MessageStore, UnknownMessage
 
 from nexus import Event, HandlerContext, NexusError, parse_time
 from nexus.bus.memory import MemoryBus
-from nexus.client import RequestStream
 from nexus.plugins import HandlerSpec, discover
-from nexus.testing import TestServer, run_server
+from nexus.testing import StreamFollower, TestServer, run_server
 
 GUARD = 10.0
 SEND = "messaging:send_message:v1:requested"
@@ -269,53 +268,9 @@ def config(tmp_path: Path, **extra: Any) -> dict[str, dict[str, Any]]:
     return {"messaging": {"db_path": str(tmp_path / "messages.sqlite3"), **extra}}
 
 
-class Follow:
-    """Iterates one request's lifecycle in the background, collecting its events."""
-
-    def __init__(self, stream: RequestStream) -> None:
-        self.stream = stream
-        self.events: list[Event] = []
-        self.error: Exception | None = None
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._collect())
-
-    async def _collect(self) -> None:
-        try:
-            async for event in self.stream:
-                self.events.append(event)
-                self._changed.set()
-        except Exception as exc:  # the client's connection went away
-            self.error = exc
-            self._changed.set()
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        return [e.payload for e in self.events if e.state == "stream"]
-
-    async def until(self, predicate: Any) -> list[dict[str, Any]]:
-        async def wait() -> None:
-            while not predicate(self.chunks):
-                if self._task.done():
-                    raise AssertionError(f"the stream ended: {[e.event_type for e in self.events]}")
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), GUARD)
-        return self.chunks
-
-    async def cancel(self) -> Event:
-        await self.stream.cancel()
-        await asyncio.wait_for(self._task, GUARD)
-        return self.events[-1]
-
-    async def end(self) -> Event:
-        await asyncio.wait_for(self._task, GUARD)
-        return self.events[-1]
-
-
-def follow(nexus: TestServer, event_type: str, payload: dict[str, Any], user: str | None = None) -> Follow:
+def follow(nexus: TestServer, event_type: str, payload: dict[str, Any], user: str | None = None) -> StreamFollower:
     metadata = {"user_id": user} if user else None
-    return Follow(nexus.client.request(event_type, payload, metadata=metadata, heartbeats=False))
+    return StreamFollower(nexus.client.request(event_type, payload, metadata=metadata, heartbeats=False))
 
 
 async def send(nexus: TestServer, conversation: str, text: str, user: str = "ada") -> Event:
@@ -350,9 +305,9 @@ async def test_stream_messages_sends_history_then_live_messages(tmp_path: Path) 
         old = [(await send(nexus, "team", f"old {i}")).payload for i in range(3)]
         await send(nexus, "elsewhere", "not this conversation")
         stream = follow(nexus, STREAM, {"conversation_id": "team"})
-        await stream.until(lambda chunks: len(chunks) == 3)
+        await stream.wait_for(lambda chunks: len(chunks) == 3)
         new = [(await send(nexus, "team", f"new {i}")).payload for i in range(2)]
-        chunks = await stream.until(lambda chunks: len(chunks) == 5)
+        chunks = await stream.wait_for(lambda chunks: len(chunks) == 5)
         assert [c["message_id"] for c in chunks] == [m["message_id"] for m in old + new]
         assert [c["live"] for c in chunks] == [False, False, False, True, True]
         assert chunks[0] == {**old[0], "live": False}
@@ -369,12 +324,12 @@ async def test_no_gap_or_duplicate_between_history_and_live(tmp_path: Path) -> N
         second = [asyncio.create_task(send(nexus, "race", f"n{i}")) for i in range(15)]
         sent = [task.result().payload["message_id"] for task in await asyncio.wait_for(_all(first + second), GUARD)]
         last = (await send(nexus, "race", "last")).payload["message_id"]
-        chunks = await stream.until(lambda chunks: any(c["message_id"] == last for c in chunks))
+        chunks = await stream.wait_for(lambda chunks: any(c["message_id"] == last for c in chunks))
         ids = [c["message_id"] for c in chunks]
         assert len(ids) == len(set(ids)) == 31
         assert set(ids) == {*sent, last}
         history = follow(nexus, STREAM, {"conversation_id": "race"})
-        stored = await history.until(lambda chunks: len(chunks) == 31)
+        stored = await history.wait_for(lambda chunks: len(chunks) == 31)
         assert [c["message_id"] for c in stored] == ids  # live order = store order
         await stream.cancel()
         await history.cancel()
@@ -394,7 +349,7 @@ async def test_stream_messages_since_an_id_a_time_and_the_limit(tmp_path: Path) 
 
         async def history(payload: dict[str, Any], count: int) -> list[str]:
             stream = follow(nexus, STREAM, {"conversation_id": "team", **payload})
-            chunks = await stream.until(lambda chunks: len(chunks) >= count)
+            chunks = await stream.wait_for(lambda chunks: len(chunks) >= count)
             await stream.cancel()
             assert len(stream.chunks) == count
             return [c["text"] for c in chunks]
@@ -406,7 +361,7 @@ async def test_stream_messages_since_an_id_a_time_and_the_limit(tmp_path: Path) 
         assert await history({"limit": 1}, 1) == ["m4"]
         stream = follow(nexus, STREAM, {"conversation_id": "team", "since": sent[4]["message_id"]})
         await send(nexus, "team", "after")
-        assert [c["text"] for c in await stream.until(lambda chunks: len(chunks) == 1)] == ["after"]
+        assert [c["text"] for c in await stream.wait_for(lambda chunks: len(chunks) == 1)] == ["after"]
         await stream.cancel()
 
 
@@ -434,9 +389,9 @@ async def test_message_sent_through_another_node_arrives_live_and_is_kept(tmp_pa
     ):
         stream = follow(node_a, STREAM, {"conversation_id": "team"})
         marker = (await send(node_a, "team", "marker")).payload["message_id"]
-        await stream.until(lambda chunks: len(chunks) == 1)  # from now on the stream is live
+        await stream.wait_for(lambda chunks: len(chunks) == 1)  # from now on the stream is live
         sent = [(await send(node_a, "team", f"m{i}")).payload["message_id"] for i in range(6)]
-        chunks = await stream.until(lambda chunks: len(chunks) == 7)
+        chunks = await stream.wait_for(lambda chunks: len(chunks) == 7)
         assert [c["message_id"] for c in chunks] == [marker, *sent]
         assert all(c["live"] for c in chunks[1:])
         sent.insert(0, marker)
@@ -458,7 +413,7 @@ async def test_a_success_event_published_by_another_node_is_streamed_and_replica
     async with run_server(*messaging_handlers(), handler_config=config(tmp_path), heartbeat_interval=0) as nexus:
         stream = follow(nexus, STREAM, {"conversation_id": "team"})
         marker = (await send(nexus, "team", "marker")).payload
-        await stream.until(lambda chunks: len(chunks) == 1)  # from now on the stream is live
+        await stream.wait_for(lambda chunks: len(chunks) == 1)  # from now on the stream is live
         remote = {
             "message_id": new_message_id(1736150400, os.urandom(10)),
             "conversation_id": "team",
@@ -468,10 +423,10 @@ async def test_a_success_event_published_by_another_node_is_streamed_and_replica
         }
         await nexus.client.emit("messaging:send_message:v1:success", remote)
         await nexus.client.emit("messaging:send_message:v1:success", {"conversation_id": "team", "text": 3})
-        live = await stream.until(lambda chunks: len(chunks) == 2)
+        live = await stream.wait_for(lambda chunks: len(chunks) == 2)
         assert live[1] == {**remote, "live": True}  # the malformed one is skipped
         later = follow(nexus, STREAM, {"conversation_id": "team"})
-        stored = await later.until(lambda chunks: len(chunks) == 2)
+        stored = await later.wait_for(lambda chunks: len(chunks) == 2)
         assert stored == [{**marker, "live": False}, {**remote, "live": False}]
         await stream.cancel()
         await later.cancel()
@@ -486,10 +441,10 @@ async def test_messages_survive_a_restart(tmp_path: Path) -> None:
     specs = [s for s in discover(True, (), ()) if s.name.startswith("messaging.")]  # new instances
     async with run_server(*specs, handler_config=config(tmp_path), heartbeat_interval=0) as second:
         stream = follow(second, STREAM, {"conversation_id": "team"})
-        chunks = await stream.until(lambda chunks: len(chunks) == 3)
+        chunks = await stream.wait_for(lambda chunks: len(chunks) == 3)
         assert [{k: v for k, v in c.items() if k != "live"} for c in chunks] == sent
         await send(second, "team", "after restart")
-        chunks = await stream.until(lambda chunks: len(chunks) == 4)
+        chunks = await stream.wait_for(lambda chunks: len(chunks) == 4)
         assert chunks[-1]["text"] == "after restart"
         await stream.cancel()
 
@@ -508,7 +463,7 @@ async def test_typing_indicators_stream_and_expire_by_themselves(tmp_path: Path)
         assert (done.payload["user_id"], done.payload["typing"]) == ("ada", True)
         assert parse_time(done.payload["expires_at"]) > parse_time(done.timestamp)
         stream = follow(nexus, "messaging:stream_typing:v1:requested", {"conversation_id": "team"}, user="cy")
-        await stream.until(lambda chunks: any(c["change"] == "expired" for c in chunks))
+        await stream.wait_for(lambda chunks: any(c["change"] == "expired" for c in chunks))
         await nexus.client.call(
             "messaging:set_typing:v1:requested",
             {"conversation_id": "team", "typing": True},
@@ -520,7 +475,7 @@ async def test_typing_indicators_stream_and_expire_by_themselves(tmp_path: Path)
             metadata={"user_id": "bob"},
         )
         assert cleared.payload["expires_at"] is None
-        chunks = await stream.until(lambda chunks: any(c["change"] == "stopped" for c in chunks))
+        chunks = await stream.wait_for(lambda chunks: any(c["change"] == "stopped" for c in chunks))
         # the snapshot may or may not catch ada before her indicator lapses, so start from her expiry
         assert chunks[0]["change"] == "snapshot"
         tail = chunks[[c["change"] for c in chunks].index("expired") :]
@@ -536,15 +491,15 @@ async def test_presence_follows_streams_starting_ending_and_connections_dropping
     """A user joins when they start any stream in the conversation and leaves when it ends or their client drops."""
     async with run_server(*messaging_handlers(), handler_config=config(tmp_path), heartbeat_interval=0) as nexus:
         watcher = follow(nexus, "messaging:stream_presence:v1:requested", {"conversation_id": "team"}, user="ada")
-        await watcher.until(lambda chunks: bool(chunks) and chunks[-1]["present"] == ["ada"])
+        await watcher.wait_for(lambda chunks: bool(chunks) and chunks[-1]["present"] == ["ada"])
         bob = follow(nexus, STREAM, {"conversation_id": "team"}, user="bob")
-        await watcher.until(lambda chunks: chunks[-1]["present"] == ["ada", "bob"])
+        await watcher.wait_for(lambda chunks: chunks[-1]["present"] == ["ada", "bob"])
         bob_typing = follow(nexus, "messaging:stream_typing:v1:requested", {"conversation_id": "team"}, user="bob")
-        await bob_typing.until(lambda chunks: len(chunks) == 1)
+        await bob_typing.wait_for(lambda chunks: len(chunks) == 1)
         await bob.cancel()  # bob still has his typing stream: still present
         # cy connects with a client of her own, then the connection drops
         client = await nexus.client_for()
-        cy = Follow(
+        cy = StreamFollower(
             client.request(
                 "messaging:stream_typing:v1:requested",
                 {"conversation_id": "team"},
@@ -552,12 +507,12 @@ async def test_presence_follows_streams_starting_ending_and_connections_dropping
                 heartbeats=False,
             )
         )
-        await watcher.until(lambda chunks: "cy" in chunks[-1]["present"])
+        await watcher.wait_for(lambda chunks: "cy" in chunks[-1]["present"])
         await client.close()
-        await watcher.until(lambda chunks: chunks[-1]["present"] == ["ada", "bob"])
+        await watcher.wait_for(lambda chunks: chunks[-1]["present"] == ["ada", "bob"])
         assert cy.events[0].state == "started"  # her stream ran; it ended (cancelled) when her client went
         await bob_typing.cancel()
-        chunks = await watcher.until(lambda chunks: chunks[-1]["present"] == ["ada"])
+        chunks = await watcher.wait_for(lambda chunks: chunks[-1]["present"] == ["ada"])
         changes = [(c["change"], c["user_id"]) for c in chunks if c["change"] != "snapshot"]
         assert [c for c in changes if c[1] != "ada"] == [
             ("joined", "bob"),
@@ -572,9 +527,9 @@ async def test_presence_of_another_conversation_is_not_shown(tmp_path: Path) -> 
     """Streams in one conversation do not make anyone present in another."""
     async with run_server(*messaging_handlers(), handler_config=config(tmp_path), heartbeat_interval=0) as nexus:
         other = follow(nexus, "messaging:stream_typing:v1:requested", {"conversation_id": "elsewhere"}, user="bob")
-        await other.until(lambda chunks: len(chunks) == 1)
+        await other.wait_for(lambda chunks: len(chunks) == 1)
         watcher = follow(nexus, "messaging:stream_presence:v1:requested", {"conversation_id": "team"}, user="ada")
-        chunks = await watcher.until(lambda chunks: bool(chunks) and chunks[-1]["present"] == ["ada"])
+        chunks = await watcher.wait_for(lambda chunks: bool(chunks) and chunks[-1]["present"] == ["ada"])
         assert all("bob" not in c["present"] for c in chunks)
         await other.cancel()
         await watcher.cancel()
@@ -609,7 +564,7 @@ async def test_bad_payloads_fail_clearly_and_leave_the_conversation_intact(
         assert bad.payload["error"]["type"] == "invalid_payload"
         assert message in bad.payload["error"]["message"]
         stream = follow(nexus, STREAM, {"conversation_id": "c"})
-        [chunk] = await stream.until(lambda chunks: len(chunks) == 1)
+        [chunk] = await stream.wait_for(lambda chunks: len(chunks) == 1)
         assert chunk == {**kept, "live": False}
         await stream.cancel()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,9 +11,8 @@ from gps_trace import STOP_A, T0, offset, two_stops_trace
 from nexus.handlers.places.plugin import StreamEncounters, TrackLocation, rfc3339
 
 from nexus import Event, InvalidPayload, parse_time
-from nexus.client import RequestStream
 from nexus.plugins import HandlerSpec, discover
-from nexus.testing import TestServer, run_server
+from nexus.testing import StreamFollower, TestServer, run_server
 
 GUARD = 10.0
 TRACK = "places:track_location:v1:requested"
@@ -29,51 +27,10 @@ def fix_payload(agent_id: str, latitude: float, longitude: float, time: float | 
     return {"agent_id": agent_id, "latitude": latitude, "longitude": longitude, "timestamp": time, **extra}
 
 
-class Follow:
-    """A stream_encounters request consumed in the background; wait for chunks with :meth:`wait_chunks`."""
-
-    def __init__(self, stream: RequestStream) -> None:
-        self.stream = stream
-        self.events: list[Event] = []
-        self._changed = asyncio.Event()
-        self.task = asyncio.create_task(self._consume())
-
-    async def _consume(self) -> None:
-        try:
-            async for event in self.stream:
-                self.events.append(event)
-                self._changed.set()
-        finally:
-            self._changed.set()
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        return [e.payload for e in self.events if e.state == "stream"]
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async def wait() -> None:
-            while not predicate():
-                assert not self.task.done(), f"the stream ended first: {self.events[-1:]}"
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), GUARD)
-
-    async def wait_chunks(self, count: int) -> list[dict[str, Any]]:
-        await self.wait_for(lambda: len(self.chunks) >= count)
-        return self.chunks
-
-    async def cancel(self) -> Event:
-        assert await self.stream.cancel()
-        await asyncio.wait_for(self.task, GUARD)
-        return self.events[-1]
-
-
-async def started_stream(nexus: TestServer, payload: dict[str, Any]) -> Follow:
+async def started_stream(nexus: TestServer, payload: dict[str, Any]) -> StreamFollower:
     """Start a stream_encounters request; returns once its `started` arrived."""
-    follow = Follow(nexus.client.request(STREAM, payload, heartbeats=False))
-    await follow.wait_for(lambda: bool(follow.events))
-    assert follow.events[0].state == "started"
+    follow = StreamFollower(nexus.client.request(STREAM, payload, heartbeats=False))
+    await follow.started()
     return follow
 
 
@@ -91,7 +48,7 @@ async def test_the_acceptance_trace_gives_two_encounters_through_the_server() ->
             states.append(done.payload["state"])
         await encounters.wait_count(4)
         await locations.wait_count(len(fixes))
-        chunks = await stream.wait_chunks(4)
+        chunks = await stream.wait_for(lambda chunks: len(chunks) >= 4)
 
         assert [e.event_type for e in encounters.events] == [
             "places:encounter:v1:started",
@@ -116,7 +73,8 @@ async def test_the_acceptance_trace_gives_two_encounters_through_the_server() ->
         assert [e.payload["timestamp"] for e in locations.events] == [rfc3339(f.time) for f in fixes]
         assert [c["phase"] for c in chunks] == ["started", "completed", "started", "completed"]
         assert [{k: v for k, v in c.items() if k != "phase"} for c in chunks] == [e.payload for e in encounters.events]
-        assert (await stream.cancel()).state == "cancelled"
+        assert await stream.stream.cancel()
+        assert (await stream.ended()).state == "cancelled"
         await encounters.stop()
         await locations.stop()
 
@@ -129,10 +87,14 @@ async def test_stream_encounters_follows_one_agent_or_all() -> None:
         for agent, origin in (("a", STOP_A), ("b", offset(STOP_A, 5000, 0))):
             for i in range(5):
                 await track(nexus, fix_payload(agent, *origin, T0 + 30 * i))
-        assert [c["agent_id"] for c in await everyone.wait_chunks(2)] == ["a", "b"]
-        assert [(c["agent_id"], c["phase"]) for c in await only_b.wait_chunks(1)] == [("b", "started")]
-        await everyone.cancel()
-        await only_b.cancel()
+        to_everyone = await everyone.wait_for(lambda chunks: len(chunks) >= 2)
+        assert [c["agent_id"] for c in to_everyone] == ["a", "b"]
+        to_b = await only_b.wait_for(lambda chunks: len(chunks) >= 1)
+        assert [(c["agent_id"], c["phase"]) for c in to_b] == [("b", "started")]
+        assert await everyone.stream.cancel()
+        await everyone.ended()
+        assert await only_b.stream.cancel()
+        await only_b.ended()
         assert len(only_b.chunks) == 1
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -53,6 +52,7 @@ from nexus import (
     parse_time,
 )
 
+from ..settings import read_int, read_number
 from .windows import AGGREGATES, KINDS, ClosedWindow, Engine, InvalidInput, Limits, WindowSpec, check_tags, rfc3339
 
 WINDOW_CLOSED: Final = "analytics:window:v1:closed"
@@ -63,19 +63,12 @@ THRESHOLD_CROSSED: Final = "analytics:threshold:v1:crossed"
 
 
 def _config_number(config: Mapping[str, Any], key: str, default: float, *, minimum: float = 0.0) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"[handlers.analytics] {key} must be a number of at least {minimum:g}, got {value!r}")
-    return float(value)
+    must_be = f"a number of at least {minimum:g}"
+    return read_number(config, key, default, plugin="analytics", table=True, minimum=minimum, must_be=must_be)
 
 
 def _config_int(config: Mapping[str, Any], key: str, default: int) -> int:
-    value = config.get(key, default)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"[handlers.analytics] {key} must be a positive integer, got {value!r}")
-    return value
+    return read_int(config, key, default, plugin="analytics", table=True, minimum=1, must_be="a positive integer")
 
 
 def _limits(config: Mapping[str, Any]) -> Limits:

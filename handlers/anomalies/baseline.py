@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
+from ..settings import read_int, read_number
+
 HEALTHY: Final = "healthy"
 DETERIORATING: Final = "deteriorating"
 FAILING: Final = "failing"
@@ -43,24 +45,8 @@ class BaselineError(ValueError):
 
 # --- settings ---------------------------------------------------------------------------------------------
 
-
-def _number(config: Mapping[str, Any], key: str, default: float, low: float, high: float | None = None) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"anomalies setting {key!r} must be a finite number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
-        raise ValueError(f"anomalies setting {key!r} must be {bounds}, got {value!r}")
-    return float(value)
-
-
-def _integer(config: Mapping[str, Any], key: str, default: int, low: int) -> int:
-    value = config.get(key, default)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"anomalies setting {key!r} must be an integer of at least {low}, got {value!r}")
-    return value
+_PLUGIN: Final = "anomalies"
+_POSITIVE_INT: Final = "an integer of at least 1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +68,21 @@ class BaselineSettings:
     def from_config(cls, config: Mapping[str, Any]) -> BaselineSettings:
         """Read the settings from a ``ctx.config`` mapping; raises ValueError naming a bad key."""
         settings = cls(
-            confidence=_number(config, "confidence", cls.confidence, 0.0, 1.0),
-            ridge=_number(config, "ridge", cls.ridge, 0.0),
-            max_dimension=_integer(config, "max_dimension", cls.max_dimension, 1),
-            max_baselines=_integer(config, "max_baselines", cls.max_baselines, 1),
-            health_window=_integer(config, "health_window", cls.health_window, 1),
-            failing_pct=_number(config, "failing_pct", cls.failing_pct, 0.0, 100.0),
-            deteriorating_pct=_number(config, "deteriorating_pct", cls.deteriorating_pct, 0.0, 100.0),
+            confidence=read_number(config, "confidence", cls.confidence, plugin=_PLUGIN, minimum=0.0, maximum=1.0),
+            ridge=read_number(config, "ridge", cls.ridge, plugin=_PLUGIN, minimum=0.0),
+            max_dimension=read_int(
+                config, "max_dimension", cls.max_dimension, plugin=_PLUGIN, minimum=1, must_be=_POSITIVE_INT
+            ),
+            max_baselines=read_int(
+                config, "max_baselines", cls.max_baselines, plugin=_PLUGIN, minimum=1, must_be=_POSITIVE_INT
+            ),
+            health_window=read_int(
+                config, "health_window", cls.health_window, plugin=_PLUGIN, minimum=1, must_be=_POSITIVE_INT
+            ),
+            failing_pct=read_number(config, "failing_pct", cls.failing_pct, plugin=_PLUGIN, minimum=0.0, maximum=100.0),
+            deteriorating_pct=read_number(
+                config, "deteriorating_pct", cls.deteriorating_pct, plugin=_PLUGIN, minimum=0.0, maximum=100.0
+            ),
         )
         if not 0.0 < settings.confidence < 1.0:
             raise ValueError(f"anomalies setting 'confidence' must be between 0 and 1, got {settings.confidence}")

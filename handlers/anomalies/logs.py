@@ -40,6 +40,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any, Final
 
+from ..settings import read_int, read_number
 from .templates import Drain
 
 LEARNING: Final = "LEARNING"
@@ -55,26 +56,7 @@ TEMPLATE_PREFIX: Final = "T"
 
 # --- settings ---------------------------------------------------------------------------------------------
 
-
-def _read(config: Mapping[str, Any], key: str, default: float, *, low: float, high: float | None = None) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"anomalies setting {key!r} must be a finite number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
-        raise ValueError(f"anomalies setting {key!r} must be {bounds}, got {value!r}")
-    return float(value)
-
-
-def _read_int(config: Mapping[str, Any], key: str, default: int, *, low: int) -> int:
-    value = config.get(key, default)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"anomalies setting {key!r} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"anomalies setting {key!r} must be at least {low}, got {value!r}")
-    return value
+_PLUGIN: Final = "anomalies"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,21 +88,31 @@ class LogSettings:
     def from_config(cls, config: Mapping[str, Any]) -> LogSettings:
         """Read the settings from a ``ctx.config`` mapping; raises ValueError naming a bad key."""
         settings = cls(
-            order=_read_int(config, "order", cls.order, low=1),
-            top_k=_read_int(config, "top_k", cls.top_k, low=0),
-            warmup_lines=_read_int(config, "warmup_lines", cls.warmup_lines, low=1),
-            score_window=_read_int(config, "score_window", cls.score_window, low=10),
-            low_percentile=_read(config, "low_percentile", cls.low_percentile, low=0, high=100),
-            med_percentile=_read(config, "med_percentile", cls.med_percentile, low=0, high=100),
-            high_percentile=_read(config, "high_percentile", cls.high_percentile, low=0, high=100),
-            max_sources=_read_int(config, "max_sources", cls.max_sources, low=1),
-            source_ttl_s=_read(config, "source_ttl_s", cls.source_ttl_s, low=0),
-            max_templates=_read_int(config, "max_templates", cls.max_templates, low=1),
-            max_ngrams=_read_int(config, "max_ngrams", cls.max_ngrams, low=1),
-            drain_depth=_read_int(config, "drain_depth", cls.drain_depth, low=3),
-            drain_similarity=_read(config, "drain_similarity", cls.drain_similarity, low=0, high=1),
-            drain_max_children=_read_int(config, "drain_max_children", cls.drain_max_children, low=2),
-            max_line_chars=_read_int(config, "max_line_chars", cls.max_line_chars, low=1),
+            order=read_int(config, "order", cls.order, plugin=_PLUGIN, minimum=1),
+            top_k=read_int(config, "top_k", cls.top_k, plugin=_PLUGIN, minimum=0),
+            warmup_lines=read_int(config, "warmup_lines", cls.warmup_lines, plugin=_PLUGIN, minimum=1),
+            score_window=read_int(config, "score_window", cls.score_window, plugin=_PLUGIN, minimum=10),
+            low_percentile=read_number(
+                config, "low_percentile", cls.low_percentile, plugin=_PLUGIN, minimum=0, maximum=100
+            ),
+            med_percentile=read_number(
+                config, "med_percentile", cls.med_percentile, plugin=_PLUGIN, minimum=0, maximum=100
+            ),
+            high_percentile=read_number(
+                config, "high_percentile", cls.high_percentile, plugin=_PLUGIN, minimum=0, maximum=100
+            ),
+            max_sources=read_int(config, "max_sources", cls.max_sources, plugin=_PLUGIN, minimum=1),
+            source_ttl_s=read_number(config, "source_ttl_s", cls.source_ttl_s, plugin=_PLUGIN, minimum=0),
+            max_templates=read_int(config, "max_templates", cls.max_templates, plugin=_PLUGIN, minimum=1),
+            max_ngrams=read_int(config, "max_ngrams", cls.max_ngrams, plugin=_PLUGIN, minimum=1),
+            drain_depth=read_int(config, "drain_depth", cls.drain_depth, plugin=_PLUGIN, minimum=3),
+            drain_similarity=read_number(
+                config, "drain_similarity", cls.drain_similarity, plugin=_PLUGIN, minimum=0, maximum=1
+            ),
+            drain_max_children=read_int(
+                config, "drain_max_children", cls.drain_max_children, plugin=_PLUGIN, minimum=2
+            ),
+            max_line_chars=read_int(config, "max_line_chars", cls.max_line_chars, plugin=_PLUGIN, minimum=1),
         )
         if not settings.low_percentile <= settings.med_percentile <= settings.high_percentile:
             raise ValueError(

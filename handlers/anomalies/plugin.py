@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from typing import Any
 
 from nexus import Event, EventHandler, EventSpec, HandlerContext, InvalidPayload, Stream, StreamingEventHandler
 
+from ..settings import read_number
 from .baseline import Baseline, BaselineError, BaselineSettings, BaselineStore, HealthStore
 from .follow import DEFAULT_MAX_LINE_BYTES, FileFollower, PathNotAllowed
 from .logs import LogScore, LogScorer, LogSettings, LogSource
@@ -39,10 +39,7 @@ HEALTH_REQUESTED = "anomalies:stream_health:v1:requested"
 
 
 def _plugin_number(config: Mapping[str, Any], key: str, default: float) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"anomalies setting {key!r} must be a positive number, got {value!r}")
-    return float(value)
+    return read_number(config, key, default, plugin="anomalies", minimum=0, strict=True, must_be="a positive number")
 
 
 def _settings(ctx: HandlerContext, read: Callable[[Mapping[str, Any]], Any]) -> Any:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import os
 import time
 from collections import deque
@@ -67,6 +66,7 @@ from nexus import (
     parse_time,
 )
 
+from ..settings import read_int, read_number
 from .conversations import (
     InvalidRequest,
     Message,
@@ -103,19 +103,13 @@ def _default_data_dir() -> Path:
 
 
 def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
-    value = config.get(key, default)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"[handlers.messaging] {key} must be a positive integer, got {value!r}")
-    return value
+    return read_int(config, key, default, plugin="messaging", table=True, minimum=1, must_be="a positive integer")
 
 
 def _positive_number(config: Mapping[str, Any], key: str, default: float) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"[handlers.messaging] {key} must be a positive number, got {value!r}")
-    return float(value)
+    return read_number(
+        config, key, default, plugin="messaging", table=True, minimum=0, strict=True, must_be="a positive number"
+    )
 
 
 def _text(config: Mapping[str, Any], key: str, default: str) -> str:

@@ -35,6 +35,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
+from ..settings import read_int, read_number
+
 EARTH_RADIUS_M: Final = 6_371_008.8
 """Mean Earth radius (IUGG), in metres."""
 
@@ -58,26 +60,7 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 # --- settings ---------------------------------------------------------------------------------------------
 
-
-def _read_number(config: Mapping[str, Any], key: str, default: float, *, minimum: float, strict: bool) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"places setting {key!r} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        bound = f"more than {minimum:g}" if strict else f"at least {minimum:g}"
-        raise ValueError(f"places setting {key!r} must be {bound}, got {value!r}")
-    return float(value)
-
-
-def _read_int(config: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
-    value = config.get(key, default)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"places setting {key!r} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"places setting {key!r} must be at least {minimum}, got {value!r}")
-    return value
+_PLUGIN: Final = "places"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +88,20 @@ class PlacesSettings:
     def from_config(cls, config: Mapping[str, Any]) -> PlacesSettings:
         """Read the settings from a ``ctx.config`` mapping; raises ValueError naming a bad key."""
         return cls(
-            dwell_radius_m=_read_number(config, "dwell_radius_m", cls.dwell_radius_m, minimum=0, strict=True),
-            min_dwell_s=_read_number(config, "min_dwell_s", cls.min_dwell_s, minimum=0, strict=False),
-            exit_points=_read_int(config, "exit_points", cls.exit_points, minimum=1),
-            max_gap_s=_read_number(config, "max_gap_s", cls.max_gap_s, minimum=0, strict=True),
-            max_accuracy_m=_read_number(config, "max_accuracy_m", cls.max_accuracy_m, minimum=0, strict=True),
-            max_agents=_read_int(config, "max_agents", cls.max_agents, minimum=1),
-            idle_ttl_s=_read_number(config, "idle_ttl_s", cls.idle_ttl_s, minimum=0, strict=False),
-            sweep_interval_s=_read_number(config, "sweep_interval_s", cls.sweep_interval_s, minimum=0, strict=True),
+            dwell_radius_m=read_number(
+                config, "dwell_radius_m", cls.dwell_radius_m, plugin=_PLUGIN, minimum=0, strict=True
+            ),
+            min_dwell_s=read_number(config, "min_dwell_s", cls.min_dwell_s, plugin=_PLUGIN, minimum=0),
+            exit_points=read_int(config, "exit_points", cls.exit_points, plugin=_PLUGIN, minimum=1),
+            max_gap_s=read_number(config, "max_gap_s", cls.max_gap_s, plugin=_PLUGIN, minimum=0, strict=True),
+            max_accuracy_m=read_number(
+                config, "max_accuracy_m", cls.max_accuracy_m, plugin=_PLUGIN, minimum=0, strict=True
+            ),
+            max_agents=read_int(config, "max_agents", cls.max_agents, plugin=_PLUGIN, minimum=1),
+            idle_ttl_s=read_number(config, "idle_ttl_s", cls.idle_ttl_s, plugin=_PLUGIN, minimum=0),
+            sweep_interval_s=read_number(
+                config, "sweep_interval_s", cls.sweep_interval_s, plugin=_PLUGIN, minimum=0, strict=True
+            ),
         )
 
 
