@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from .conversations import AfterMessage, Cursor, InvalidRequest, Message, SinceTime
 
@@ -46,10 +48,29 @@ class UnknownMessage(InvalidRequest):
     """``since`` names a message this conversation does not have."""
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _serialized(method: Callable[Concatenate[MessageStore, _P], _R]) -> Callable[Concatenate[MessageStore, _P], _R]:
+    """Run the method under the store's lock."""
+
+    def locked(self: MessageStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    locked.__name__ = method.__name__
+    locked.__doc__ = method.__doc__
+    return locked
+
+
 class MessageStore:
     """Messages in one SQLite file."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", busy_timeout_s: float = 5.0):
+        # One call at a time, whatever thread makes it: a worker thread may still be inside add() when a
+        # cancelled caller has already moved on and another thread closes the connection.
+        self._lock = threading.Lock()
         mode = synchronous.upper()
         if mode not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}")
@@ -58,6 +79,7 @@ class MessageStore:
         self._busy_timeout_s = busy_timeout_s
         self._db: sqlite3.Connection | None = None
 
+    @_serialized
     def open(self) -> None:
         """Create the directory and the schema when missing; open the connection."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +100,7 @@ class MessageStore:
             raise
         self._db = db
 
+    @_serialized
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -89,6 +112,7 @@ class MessageStore:
             raise RuntimeError("the message store is not open")
         return self._db
 
+    @_serialized
     def add(self, message: Message) -> int:
         """Store ``message`` unless its id is already stored; returns its ``seq`` either way."""
         db = self.db
@@ -106,6 +130,7 @@ class MessageStore:
         row = db.execute("SELECT seq FROM messages WHERE message_id = ?", (message.message_id,)).fetchone()
         return int(row[0])
 
+    @_serialized
     def history(self, conversation_id: str, since: Cursor, limit: int) -> tuple[list[tuple[int, Message]], int]:
         """The conversation's messages after ``since`` (at most the ``limit`` most recent, oldest first), and the
         greatest ``seq`` the conversation had when they were read (0 for none).
@@ -140,6 +165,7 @@ class MessageStore:
         messages = [(int(row[0]), Message(*row[1:])) for row in reversed(rows)]
         return messages, int(head)
 
+    @_serialized
     def count(self, conversation_id: str | None = None) -> int:
         """Messages stored (in one conversation, or in all)."""
         if conversation_id is None:
