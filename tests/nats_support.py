@@ -27,6 +27,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from nexus import Event, Stream, StreamingEventHandler
 from nexus.bus.nats import NatsBus
 from nexus.config import Settings
 from nexus.testing import TestServer
@@ -233,3 +234,21 @@ class NatsProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class Hold(StreamingEventHandler):
+    """Sends one chunk, then runs until cancelled; remembers how it ended."""
+
+    event_type = "nodes:stream_hold"
+    stream_timeout = None
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        await stream.send({"i": 0})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(event.event_id)
+            raise

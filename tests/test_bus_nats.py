@@ -17,6 +17,7 @@ import nats
 import pytest
 from nats_support import (
     GUARD,
+    Hold,
     NatsProcess,
     delete_stream,
     free_port,
@@ -30,7 +31,7 @@ from nats_support import (
     wait_for_jetstream,
 )
 
-from nexus import Event, EventHandler, Stream, StreamingEventHandler
+from nexus import Event, EventHandler
 from nexus.bus import RequestRoute, Subscription
 from nexus.bus.nats import NatsBus, NatsSetupError
 from nexus.bus.nats_codec import (
@@ -346,24 +347,6 @@ class Waiter(EventHandler):
         self.started.set()
         await self.release.wait()
         return {"done": True}
-
-
-class Hold(StreamingEventHandler):
-    """Sends one chunk, then runs until cancelled; remembers what was cancelled."""
-
-    event_type = "nodes:stream_hold"
-    stream_timeout = None
-
-    def __init__(self) -> None:
-        self.cancelled: list[str] = []
-
-    async def handle_stream(self, event: Event, stream: Stream) -> None:
-        await stream.send({"i": 0})
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(event.event_id)
-            raise
 
 
 class EchoV2(EventHandler):

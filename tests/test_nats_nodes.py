@@ -28,6 +28,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats_support import (
     GUARD,
+    Hold,
     NatsProcess,
     delete_stream,
     free_port,
@@ -95,24 +96,6 @@ class Countdown(StreamingEventHandler):
         for i in range(int(event.payload["n"])):
             await stream.send({"i": i})
             await asyncio.sleep(0.01)
-
-
-class Hold(StreamingEventHandler):
-    """Sends one chunk, then runs until cancelled; remembers how it ended."""
-
-    event_type = "nodes:stream_hold"
-    stream_timeout = None
-
-    def __init__(self) -> None:
-        self.cancelled: list[str] = []
-
-    async def handle_stream(self, event: Event, stream: Stream) -> None:
-        await stream.send({"i": 0})
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(event.event_id)
-            raise
 
 
 class Echo(EventHandler):
