@@ -67,10 +67,7 @@ class Metrics:
 
     def record_event(self, event_type: str) -> None:
         """Count one event, by its service (the first token of its type)."""
-        counts = self._bucket(self._clock())
-        service = event_type.split(":", 1)[0]
-        counts[service] = counts.get(service, 0) + 1
-        self.total_events += 1
+        self.record_events([event_type])
 
     def record_events(self, event_types: list[str]) -> None:
         """Count a batch of events (one clock reading for all)."""

@@ -23,7 +23,6 @@ from nexus.grpc.convert import (
     event_to_response,
     passthrough_serializer,
 )
-from nexus.patterns import parse_pattern
 from nexus.provider import Provider
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
@@ -135,8 +134,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             if not patterns:
                 raise InvalidArgument("subscribe needs at least one pattern in event_types, such as '>'")
-            for pattern in patterns:
-                parse_pattern(pattern)
+            # The bus validates every pattern before it registers anything.
             sub = await self.bus.subscribe(
                 patterns, since_offset=since_offset, epoch=epoch or None, max_pending=self.subscriber_queue
             )
