@@ -26,8 +26,8 @@ from websockets.exceptions import ConnectionClosed
 
 from nexus.errors import NexusError
 from nexus.events import REQUESTED, Event
+from nexus.node import Node, Published
 
-from .backend import Backend, Stored
 from .flow import Outbox, RateLimiter
 from .link import Link, SubscribeResult
 from .protocol import (
@@ -93,7 +93,7 @@ class GatewayConnection:
     def __init__(
         self,
         ws: ServerConnection,
-        backend: Backend,
+        node: Node,
         *,
         connection_id: str,
         user_id: str | None,
@@ -102,7 +102,7 @@ class GatewayConnection:
         stats: GatewayStats,
     ) -> None:
         self.ws = ws
-        self.backend = backend
+        self.node = node
         self.id = connection_id
         self.user_id = user_id
         self.limits = limits
@@ -110,7 +110,7 @@ class GatewayConnection:
         self._stats = stats
         self.outbox = Outbox(limits.queue_frames, limits.queue_bytes)
         self.link = Link(
-            backend,
+            node,
             self.deliver,
             self._free_room,
             self._wait_room,
@@ -141,7 +141,7 @@ class GatewayConnection:
     async def run(self) -> None:
         """Serve the connection until it closes; cancels the streams it started and leaves no task behind."""
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="nexus-gateway-writer")
-        self.enqueue(encode_connection(self.id, self.backend.epoch))
+        self.enqueue(encode_connection(self.id, self.node.epoch))
         try:
             await self._read_loop()
         finally:
@@ -207,7 +207,7 @@ class GatewayConnection:
         """Close gracefully: write what the bus still delivers (bounded by ``grace``), then close with ``code``."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                if not self.backend.healthy:
+                if not self.node.healthy:
                     await self.link.wait_delivered()
                 await self._flushed.wait()
         self.close(code, reason)
@@ -365,8 +365,8 @@ class GatewayConnection:
             )
         )
 
-    def _published(self, stored: Stored) -> None:
-        self.enqueue(encode_published(stored.event, duplicate=stored.duplicate))
+    def _published(self, published: Published) -> None:
+        self.enqueue(encode_published(published.event, duplicate=published.duplicate))
 
     async def _publish(self, command: Publish) -> None:
         event = command.event

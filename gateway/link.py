@@ -1,6 +1,6 @@
-"""One WebSocket connection's view of the bus: its subscription, its requests and their leases.
+"""One WebSocket connection's view of the bus: its subscription and its requests.
 
-A connection has ONE subscription on the backend, created by its first ``subscribe`` (or its first request):
+A connection has ONE subscription on the node, created by its first ``subscribe`` (or its first request):
 its patterns and the correlation ids of the requests it sent (``Subscription.follow``) share one ordered queue,
 so every event reaches the connection once, in offset order, whatever the overlap of its patterns, its
 subscribe frames and its requests' lifecycles. A task (the pump) moves each batch the bus queued to the
@@ -9,12 +9,13 @@ connection's ``deliver`` callback, which never awaits.
 - The first ``subscribe`` with ``since_offset``/``epoch`` replays what came after it (``recovered``); later
   ``subscribe`` frames add patterns live (a ``since_offset`` on them is answered ``recovered: false``: the
   connection's stream has already started; resume by reconnecting with one frame holding every pattern).
-- A request follows its correlation id *before* it is published, so no lifecycle event can slip by; events
-  that arrive while its publish is under way are held back, so ``published`` comes first.
+- Each request is a :class:`~nexus.session.RequestSession` following the connection's subscription: the
+  correlation id is followed *before* the request is published, so no lifecycle event can slip by; events that
+  arrive while its publish is under way are held back, so ``published`` comes first.
 - A repeated request (an ``event_id`` the bus already stored) replays the original's lifecycle from its own
-  offset, as gRPC ``RequestEvent`` does.
-- :meth:`Link.close` releases the leases of requests whose lifecycle has not ended: their streams end with
-  ``cancelled`` (``reason: requester disconnected``).
+  offset through its session's own subscription, as gRPC ``RequestEvent`` does.
+- :meth:`Link.close` closes the sessions: requests whose lifecycle has not ended are cancelled
+  (``reason: requester disconnected``).
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ import asyncio
 import contextlib
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import structlog
 
-from nexus.bus.base import DEFAULT_MAX_PENDING, Subscription
 from nexus.errors import InvalidArgument, NotFound, SlowConsumer
-from nexus.events import TERMINAL_STATES, Event
+from nexus.events import Event
+from nexus.node import DEFAULT_MAX_PENDING, LostReason, Node, Published, RequestSession, SessionState, Subscription
 
-from .backend import Backend, RequestLease, Stored
 from .protocol import GatewayCode
 
 MAX_BATCH: Final = 1024
@@ -49,6 +49,9 @@ WaitRoom = Callable[[], Awaitable[None]]
 """Waits until the outgoing queue has room again."""
 OnEnd = Callable[[str | None], None]
 
+LOST_CODES: Final[dict[LostReason, str]] = {LostReason.HISTORY_RESET: GatewayCode.HISTORY_RESET}
+"""The gateway error a subscription the node ended by itself closes its connection with."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubscribeResult:
@@ -60,31 +63,16 @@ class SubscribeResult:
     head_offset: int
 
 
-@dataclasses.dataclass(slots=True)
-class _Request:
-    """A request this connection sent whose lifecycle it follows."""
-
-    correlation_id: str
-    base: str
-    lease: RequestLease | None = None
-    last_offset: int = 0
-    finished: bool = False
-
-
-def _base(event_type: str) -> str:
-    return event_type.rsplit(":", 1)[0]
-
-
 class Link:
     """The bus side of one connection. ``deliver`` takes events in order (as many as its outgoing queue has room
     for; ``wait_room`` waits for more room, so a replay of any length flows through a bounded queue, while live
     events that pile up overflow the subscription's ``max_pending`` instead); ``on_end`` hears that the
-    subscription ended by itself, with the error code to close the connection with (``too_slow``, or what
-    :meth:`Backend.subscription_lost` says), or None when the backend is shutting down."""
+    subscription ended by itself, with the error code to close the connection with (``too_slow``, or the code
+    for what :meth:`Node.subscription_lost` says), or None when the node is shutting down."""
 
     def __init__(
         self,
-        backend: Backend,
+        node: Node,
         deliver: Deliver,
         room: Room,
         wait_room: WaitRoom,
@@ -92,7 +80,7 @@ class Link:
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
-        self.backend = backend
+        self.node = node
         self._deliver = deliver
         self._free = room
         self._wait_room = wait_room
@@ -100,15 +88,14 @@ class Link:
         self.max_pending = max_pending
         self._sub: Subscription | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._requests: dict[str, _Request] = {}
-        self._repeats: dict[str, tuple[Subscription, asyncio.Task[None]]] = {}
+        self._requests: dict[str, RequestSession] = {}
+        self._repeats: dict[str, tuple[RequestSession, asyncio.Task[None]]] = {}
         self._repeats_done: OrderedDict[str, None] = OrderedDict()
         self._skip_through: dict[str, int] = {}
         self._holding = 0
         self._released = asyncio.Event()
         self._released.set()
         self._leftover: list[Event] = []  # filtered, not yet taken by deliver (the outgoing queue was full)
-        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # --- state ------------------------------------------------------------------------------------------------
@@ -133,7 +120,7 @@ class Link:
         resume = since_offset > 0 or bool(epoch)
         sub = self._sub
         if sub is None:
-            sub = await self.backend.subscribe(
+            sub = await self.node.subscribe(
                 patterns, since_offset=since_offset, epoch=epoch, max_pending=self.max_pending
             )
             self._attach(sub)
@@ -144,7 +131,7 @@ class Link:
             await self._resubscribe(sub, patterns, since_offset, epoch, announce)
             return
         sub.add_patterns(patterns)
-        head = await self.backend.head_offset()
+        head = await self.node.head_offset()
         announce(SubscribeResult(tuple(patterns), False if resume else None, sub.epoch, head))
 
     async def _resubscribe(
@@ -161,7 +148,7 @@ class Link:
         a prefix in offset order, so remembering the last offset delivered is enough).
         """
         await self._stop_pump()
-        new = await self.backend.subscribe(
+        new = await self.node.subscribe(
             patterns,
             since_offset=since_offset,
             epoch=epoch,
@@ -180,6 +167,7 @@ class Link:
         await self._push([*pending, *self._filter(leftover)], new)
         for correlation_id, request in self._requests.items():
             self._skip_through[correlation_id] = request.last_offset
+            request.follow = new
         self._attach(new)
         announce(SubscribeResult(tuple(patterns), new.recovered, new.epoch, new.head_offset))
         self._start_pump(new)
@@ -195,7 +183,7 @@ class Link:
 
     async def _ensure_subscription(self) -> Subscription:
         if self._sub is None:
-            sub = await self.backend.subscribe((), max_pending=self.max_pending)
+            sub = await self.node.subscribe((), max_pending=self.max_pending)
             self._attach(sub)
             self._start_pump(sub)
             return sub
@@ -233,7 +221,8 @@ class Link:
                 self._on_end(GatewayCode.TOO_SLOW)
             return
         if not self._closed and self._sub is sub:
-            self._on_end(self.backend.subscription_lost(sub))
+            reason = self.node.subscription_lost(sub)
+            self._on_end(LOST_CODES[reason] if reason is not None else None)
 
     async def _room(self, sub: Subscription) -> int:
         """Room in the outgoing queue, waiting for it if there is none. The subscription cannot tell when it
@@ -280,61 +269,43 @@ class Link:
                 if skip is not None and 0 < event.offset <= skip:
                     continue
                 request = requests.get(correlation_id)
-                if request is not None:
-                    if event.offset:
-                        request.last_offset = event.offset
-                    if event.state in TERMINAL_STATES and _base(event.event_type) == request.base:
-                        request.finished = True
-                        if request.lease is not None:
-                            self._finish(request)
+                if request is not None and request.observe(event) and request.state is SessionState.FINISHED:
+                    self._finish(request)
             out.append(event)
         return out
 
-    def _finish(self, request: _Request) -> None:
-        """The lifecycle ended: stop following it and let go of its lease."""
+    def _finish(self, request: RequestSession) -> None:
+        """The lifecycle ended (the session has let go of it): forget it."""
         self._requests.pop(request.correlation_id, None)
         self._skip_through.pop(request.correlation_id, None)
-        if self._sub is not None:
-            self._sub.unfollow(request.correlation_id)
-        if request.lease is not None:
-            self._spawn(request.lease.release(cancel=False))
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     # --- publishing -------------------------------------------------------------------------------------------
 
-    async def publish(self, event: Event) -> Stored:
+    async def publish(self, event: Event) -> Published:
         """Store an event that is not a request."""
         self._check_open()
-        return await self.backend.publish(event)
+        return await self.node.publish(event)
 
-    async def request(self, event: Event, *, announce: Callable[[Stored], None]) -> None:
+    async def request(self, event: Event, *, announce: Callable[[Published], None]) -> None:
         """Publish a ``requested`` event; its lifecycle follows ``announce`` (the ``published`` frame)."""
         self._check_open()
         correlation_id = event.event_id
         if correlation_id in self._requests or correlation_id in self._repeats:
             raise InvalidArgument(f"a request with event_id {correlation_id!r} is already live on this connection")
         sub = await self._ensure_subscription()
-        request = _Request(correlation_id, _base(event.event_type))
+        request = self.node.open_request(event, follow=sub)  # follows before publishing: nothing slips by
         self._requests[correlation_id] = request
-        sub.follow(correlation_id)  # before publishing: no lifecycle event can slip by
         self._hold()
         try:
             try:
-                stored, lease = await self.backend.request(event)
+                published = await request.start(max_pending=self.max_pending)
             except BaseException:
                 self._requests.pop(correlation_id, None)
-                if self._sub is not None:
-                    self._sub.unfollow(correlation_id)
                 raise
-            if stored.duplicate:
-                await self._repeat(request, stored, lease, announce)
+            if published.duplicate:
+                self._repeat(request, published, announce)
                 return
-            request.lease = lease
-            announce(stored)
+            announce(published)
         finally:
             self._unhold()
         if request.finished and self._requests.get(correlation_id) is request:
@@ -349,59 +320,38 @@ class Link:
         if not self._holding:
             self._released.set()
 
-    async def _repeat(
-        self, request: _Request, stored: Stored, lease: RequestLease, announce: Callable[[Stored], None]
-    ) -> None:
-        """A repeated request: replay the original's lifecycle from its offset, once."""
+    def _repeat(self, request: RequestSession, published: Published, announce: Callable[[Published], None]) -> None:
+        """A repeated request: its session replays the original's lifecycle from its offset, once."""
         correlation_id = request.correlation_id
         self._requests.pop(correlation_id, None)
-        if self._sub is not None:
-            self._sub.unfollow(correlation_id)
         # Lifecycle events delivered before the publish answered are not replayed; those the pump holds back
         # are dropped by it (the correlation id is a repeat now): the replay carries them, in order.
         skip_through = request.last_offset
-        original = stored.event
-        replay = await self.backend.subscribe(
-            correlation_ids=[correlation_id],
-            since_offset=original.offset,
-            epoch=original.epoch or None,
-            max_pending=self.max_pending,
-        )
-        if replay.recovered is False:
-            replay.close()
-            await lease.release(cancel=False)
-            raise InvalidArgument(
-                f"event_id {correlation_id!r} repeats a request whose lifecycle is no longer in the history; "
-                "use a fresh event_id for a new request"
-            )
-        announce(stored)
+        announce(published)
         task = asyncio.get_running_loop().create_task(
-            self._run_repeat(correlation_id, replay, lease, skip_through), name="nexus-gateway-repeat"
+            self._run_repeat(request, skip_through), name="nexus-gateway-repeat"
         )
-        self._repeats[correlation_id] = (replay, task)
+        self._repeats[correlation_id] = (request, task)
 
-    async def _run_repeat(self, correlation_id: str, replay: Subscription, lease: RequestLease, skip: int) -> None:
+    async def _run_repeat(self, request: RequestSession, skip: int) -> None:
+        replay = request.subscription
+        assert replay is not None
         try:
             while True:
                 room = await self._room(replay)
-                batch = await replay.next_batch(min(MAX_BATCH, room))
+                batch = await request.next_batch(min(MAX_BATCH, room))
                 if not batch:
                     return
-                out = [event for event in batch if not 0 < event.offset <= skip]
-                await self._push(out, replay)
-                if any(event.state in TERMINAL_STATES for event in out):
-                    return
+                await self._push([event for event in batch if not 0 < event.offset <= skip], replay)
         except SlowConsumer:
             if not self._closed:
                 self._on_end(GatewayCode.TOO_SLOW)
         finally:
-            replay.close()
-            self._repeats.pop(correlation_id, None)
-            self._repeats_done[correlation_id] = None
+            request.close()
+            self._repeats.pop(request.correlation_id, None)
+            self._repeats_done[request.correlation_id] = None
             while len(self._repeats_done) > RECENT_REPEATS:
                 self._repeats_done.popitem(last=False)
-            with contextlib.suppress(Exception):
-                await lease.release(cancel=False)
 
     async def cancel(self, correlation_id: str, reason: str) -> bool:
         """Cancel a stream this connection started; raises :class:`NotFound` for any other."""
@@ -409,7 +359,7 @@ class Link:
         request = self._requests.get(correlation_id)
         if request is None or request.finished:
             raise NotFound(f"no live stream started by this connection has correlation_id {correlation_id!r}")
-        return await self.backend.cancel(correlation_id, reason)
+        return await self.node.cancel(correlation_id, reason)
 
     async def wait_delivered(self) -> None:
         """Wait until the subscription has ended (the backend closed it) and everything it held was delivered."""
@@ -433,17 +383,10 @@ class Link:
         if self._sub is not None:
             self._sub.close()
         repeats = [task for _, task in self._repeats.values()]
-        for replay, task in list(self._repeats.values()):
-            replay.close()
+        for request, task in list(self._repeats.values()):
+            request.close()
             task.cancel()
-        releases = []
         for request in list(self._requests.values()):
-            if request.lease is not None:
-                releases.append(request.lease.release(cancel=not request.finished))
+            request.close()  # cancels the streams whose lifecycle has not ended
         self._requests.clear()
-        results = await asyncio.gather(*releases, *repeats, return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                log.warning("gateway_release_failed", error=repr(result))
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*repeats, return_exceptions=True)

@@ -6,7 +6,7 @@ check (``/healthz``) and two small JSON listings the page reads (``/api/streams`
 
 ::
 
-    gateway = GatewayServer(LocalBackend(server.bus, server.provider), GatewaySettings(port=0))
+    gateway = GatewayServer(server.node, GatewaySettings(port=0))
     await gateway.start()        # gateway.port is the bound port
     ...
     await gateway.stop()         # writes what is queued, then closes every socket with 1001
@@ -33,11 +33,12 @@ from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from nexus.config import Settings
 from nexus.errors import NexusError
-from nexus.provider import DEFAULT_MAX_PAYLOAD_BYTES
+from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
+from nexus.node import Node
 
 from .auth import Authenticator, Credentials, allow_all, token_from
-from .backend import Backend
 from .connection import ConnectionLimits, GatewayConnection, GatewayStats
 from .protocol import SUBPROTOCOL, EventFrameCache, ProtocolError, close_reason, encode_protocol_error, error_spec
 
@@ -89,6 +90,18 @@ class GatewaySettings:
     ping_timeout: float | None = 20.0
     close_timeout: float = 10.0
     shutdown_grace_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GatewaySettings:
+        """The gateway part of the server's settings (``nexus serve`` and ``nexus gateway`` alike)."""
+        return cls(
+            host=settings.host,
+            port=settings.ws_port,
+            max_frame_bytes=settings.ws_max_frame_bytes,
+            max_payload_bytes=settings.max_payload_bytes,
+            subscriber_queue=settings.subscriber_queue,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        )
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -145,12 +158,12 @@ class GatewayServer:
 
     def __init__(
         self,
-        backend: Backend,
+        node: Node,
         settings: GatewaySettings | None = None,
         *,
         authenticator: Authenticator = allow_all,
     ) -> None:
-        self.backend = backend
+        self.node = node
         self.settings = settings or GatewaySettings()
         self.authenticator = authenticator
         self.stats = GatewayStats()
@@ -209,7 +222,7 @@ class GatewayServer:
         )
         sockets = self._server.sockets
         self.port = int(sockets[0].getsockname()[1]) if sockets else s.port
-        log.info("gateway_started", url=self.url, page=self.http_url, **self.backend.describe())
+        log.info("gateway_started", url=self.url, page=self.http_url, **self.node.describe())
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting; write what each connection still has to get (bounded by ``grace``), close every
@@ -246,14 +259,14 @@ class GatewayServer:
         if path.startswith("/static/"):
             return self._static_response(path.removeprefix("/static/"))
         if path == "/healthz":
-            if self.backend.healthy and not self._stopping:
+            if self.node.healthy and not self._stopping:
                 return _text_response(http.HTTPStatus.OK, "ok\n")
             return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
         if path in ("/api/streams", "/api/handlers"):
             refusal = await self._authorize_http(connection, request)
             if refusal is not None:
                 return refusal
-            return await self._api(self.backend.streams if path == "/api/streams" else self.backend.handlers)
+            return await self._api(self.node.streams if path == "/api/streams" else self.node.handlers)
         return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     async def _authorize_http(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -331,7 +344,7 @@ class GatewayServer:
         connection_id = uuid.uuid4().hex[:16]
         connection = GatewayConnection(
             ws,
-            self.backend,
+            self.node,
             connection_id=connection_id,
             user_id=user_id,
             limits=self._limits,

@@ -299,31 +299,21 @@ GATEWAY_FIELDS = ("host", "ws_port", "ws_max_frame_bytes", "log_format", "log_le
 
 async def _gateway(args: argparse.Namespace) -> int:
     from nexus.config import load_settings
-    from nexus.gateway.remote import DEFAULT_HISTORY_SIZE, RemoteBackend
     from nexus.gateway.server import GatewayServer, GatewaySettings
     from nexus.logs import configure_logging
+    from nexus.node_remote import DEFAULT_HISTORY_SIZE, RemoteNode
 
     settings = load_settings(args.config, os.environ, _overrides(args, GATEWAY_FIELDS))
     configure_logging(settings.log_format, settings.log_level)
     if args.history_size is not None and args.history_size < 1:
         raise CliError("--history-size must be at least 1")
-    backend = RemoteBackend(args.nexus, history_size=args.history_size or DEFAULT_HISTORY_SIZE)
-    await backend.start()
-    gateway = GatewayServer(
-        backend,
-        GatewaySettings(
-            host=settings.host,
-            port=settings.ws_port,
-            max_frame_bytes=settings.ws_max_frame_bytes,
-            max_payload_bytes=settings.max_payload_bytes,
-            subscriber_queue=settings.subscriber_queue,
-            shutdown_grace_s=settings.shutdown_grace_s,
-        ),
-    )
+    node = RemoteNode(args.nexus, history_size=args.history_size or DEFAULT_HISTORY_SIZE)
+    await node.start()
+    gateway = GatewayServer(node, GatewaySettings.from_settings(settings))
     try:
         await gateway.start()
     except BaseException:
-        await backend.close()
+        await node.close()
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -336,8 +326,8 @@ async def _gateway(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     await stop.wait()
-    # The backend first: every subscription ends after what it holds, then sockets close with 1001.
-    await backend.close()
+    # The node first: every subscription ends after what it holds, then sockets close with 1001.
+    await node.close()
     await gateway.stop()
     return 0
 

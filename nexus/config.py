@@ -38,12 +38,12 @@ from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.detect import DEFAULT_RULES, Rule
 from nexus.errors import HandlerConfigError, InvalidArgument
+from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.plugins import split_spec
 from nexus.provider import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_STREAM_TIMEOUT,
     ProviderSettings,
 )

@@ -44,6 +44,7 @@ from nexus.errors import (
     StreamErrorType,
 )
 from nexus.events import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
     REQUESTED,
     Event,
     EventType,
@@ -58,9 +59,6 @@ from nexus.schema import EventSpec
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
 DEFAULT_BUFFER_SIZE: Final = 100
-DEFAULT_MAX_PAYLOAD_BYTES: Final = 1_000_000
-"""One limit for every bus: a default NATS server carries messages up to 1 MiB, which must also hold the event's
-id, timestamp and metadata (``nexus.bus.nats`` checks the server's limit at start-up)."""
 REQUEST_GROUP: Final = "nexus-handlers"
 REQUEST_QUEUE: Final = 1_000_000
 MAX_CHUNKS_PER_PUBLISH: Final = 256

@@ -1,4 +1,5 @@
-"""The Nexus server: a bus, a provider and a gRPC server (health and reflection included) put together.
+"""The Nexus server: a :class:`~nexus.node_local.LocalNode` (a bus and a provider) and the transports that adapt
+it: the gRPC server (health and reflection included) and, when on, the WebSocket gateway.
 
 :class:`NexusServer` is the one object ``nexus serve``, ``nexus.testing`` and embedding applications start::
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 import grpc
 import structlog
@@ -24,6 +25,7 @@ from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
 from nexus.errors import HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
+from nexus.node_local import LocalNode
 from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
 from nexus.v1 import nexus_pb2
@@ -44,15 +46,20 @@ def make_bus(settings: Settings) -> Bus:
     raise HandlerConfigError(f"unknown bus {settings.bus!r}: use 'memory' or a nats:// URL")
 
 
-class _StartedSignal:
-    """A TaskStatus for :meth:`Provider.run` running in a plain asyncio task."""
+class WebTransport(Protocol):
+    """A transport served over HTTP beside gRPC (the WebSocket gateway): started and stopped with the server."""
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self._future = future
+    port: int
 
-    def started(self, value: Any = None) -> None:
-        if not self._future.done():
-            self._future.set_result(None)
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def http_url(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float | None = None) -> None: ...
 
 
 class NexusServer:
@@ -74,18 +81,17 @@ class NexusServer:
         for item in handlers:
             if not isinstance(item, HandlerSpec):
                 self.provider.register(item, config=dict(defaults))
+        self.node = LocalNode(self.bus, self.provider, shutdown_grace_s=self.settings.shutdown_grace_s)
         self.servicer = NexusServicer(
-            self.bus,
-            self.provider,
+            self.node,
             subscriber_queue=self.settings.subscriber_queue,
             max_payload_bytes=self.settings.max_payload_bytes,
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.ws_port = 0
-        self.gateway: Any = None  # nexus.gateway.server.GatewayServer when settings.gateway is on
+        self.gateway: WebTransport | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._provider_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -99,17 +105,8 @@ class NexusServer:
         return f"{host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        """Start the bus, the provider (handlers' ``setup`` runs here) and the gRPC server."""
-        await self.bus.start()
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        self._provider_task = asyncio.create_task(
-            self.provider.run(task_status=_StartedSignal(started)), name="nexus-provider"
-        )
-        done, _ = await asyncio.wait({started, self._provider_task}, return_when=asyncio.FIRST_COMPLETED)
-        if self._provider_task in done:
-            self._provider_task.result()  # raises what setup raised
-            raise RuntimeError("the provider stopped during start-up")
+        """Start the node (the bus, then the provider: handlers' ``setup`` runs here) and the transports."""
+        await self.node.start()
         max_message = self.settings.max_payload_bytes + 64 * 1024
         server = grpc.aio.server(
             options=[
@@ -133,8 +130,8 @@ class NexusServer:
         self._grpc = server
         if self.settings.gateway:
             await self._start_gateway()
-        self.bus.on_health(self._on_bus_health)
-        await self._set_health(self.bus.healthy)
+        self.node.on_health(self._on_node_health)
+        await self._set_health(self.node.healthy)
         log.info(
             "server_started",
             grpc=f"{self.settings.host}:{port}",
@@ -145,21 +142,10 @@ class NexusServer:
         )
 
     async def _start_gateway(self) -> None:
-        """The WebSocket gateway and its page on ``settings.ws_port``, over this node's bus and provider."""
-        from nexus.gateway.backend import LocalBackend
+        """The WebSocket gateway and its page on ``settings.ws_port``, over this server's node."""
         from nexus.gateway.server import GatewayServer, GatewaySettings
 
-        gateway = GatewayServer(
-            LocalBackend(self.bus, self.provider),
-            GatewaySettings(
-                host=self.settings.host,
-                port=self.settings.ws_port,
-                max_frame_bytes=self.settings.ws_max_frame_bytes,
-                max_payload_bytes=self.settings.max_payload_bytes,
-                subscriber_queue=self.settings.subscriber_queue,
-                shutdown_grace_s=self.settings.shutdown_grace_s,
-            ),
-        )
+        gateway: WebTransport = GatewayServer(self.node, GatewaySettings.from_settings(self.settings))
         try:
             await gateway.start()
         except OSError as exc:
@@ -176,15 +162,15 @@ class NexusServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    def _on_bus_health(self, healthy: bool) -> None:
+    def _on_node_health(self, healthy: bool) -> None:
         """The bus lost or regained its backend (NATS): NOT_SERVING while it cannot store events."""
-        task = asyncio.get_running_loop().create_task(self._apply_bus_health())
+        task = asyncio.get_running_loop().create_task(self._apply_node_health())
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
 
-    async def _apply_bus_health(self) -> None:
-        if not self._stopping:  # the bus's state now, whatever order the callbacks' tasks run in
-            await self._set_health(self.bus.healthy)
+    async def _apply_node_health(self) -> None:
+        if not self._stopping:  # the node's state now, whatever order the callbacks' tasks run in
+            await self._set_health(self.node.healthy)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: live streams end with ``cancelled``, subscribers get what is queued, then close."""
@@ -197,17 +183,9 @@ class NexusServer:
         try:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            await self.provider.stop("server_shutdown")
-            if self._provider_task is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._provider_task), timeout=grace + 1)
-                except TimeoutError:
-                    self._provider_task.cancel()
-                except Exception as exc:
-                    log.error("provider_failed", error=repr(exc))
-            # Closing the bus ends every subscription after its queued events: subscribers drain, then the
-            # calls end with OK; new calls get UNAVAILABLE.
-            await self.bus.close()
+            # Live streams end 'cancelled'; then closing the bus ends every subscription after its queued
+            # events: subscribers drain, then the calls end with OK; new calls get UNAVAILABLE.
+            await self.node.close(grace)
             if self.gateway is not None:
                 # After the bus closed: each socket gets what was queued for it (the streams' `cancelled`
                 # events included), then is closed with 1001.

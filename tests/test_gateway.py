@@ -14,8 +14,6 @@ from typing import Any
 
 import pytest
 from nexus.gateway.auth import Credentials
-from nexus.gateway.backend import Backend, LocalBackend
-from nexus.gateway.remote import RemoteBackend
 from nexus.gateway.server import GatewayServer, GatewaySettings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -23,6 +21,8 @@ from websockets.typing import Subprotocol
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.errors import Unauthenticated
+from nexus.node import Node
+from nexus.node_remote import RemoteNode
 from nexus.testing import Recorder, TestServer, run_server
 
 NEXUS_V1 = [Subprotocol("nexus.v1")]
@@ -100,16 +100,16 @@ async def nexus(handlers: Handlers) -> AsyncIterator[TestServer]:
 
 @contextlib.asynccontextmanager
 async def gateway_for(
-    server: TestServer, backend: Backend | None = None, **settings: Any
+    server: TestServer, *, node: Node | None = None, **settings: Any
 ) -> AsyncIterator[GatewayServer]:
-    """A gateway with custom settings over ``server`` (in process unless ``backend`` is given); stopped after."""
+    """A gateway with custom settings over ``server`` (in process unless ``node`` is given); stopped after."""
     authenticator = settings.pop("authenticator", None)
     gateway_settings = GatewaySettings(host="127.0.0.1", port=0, **settings)
-    backend = backend or LocalBackend(server.bus, server.server.provider)
+    node = node or server.server.node
     gateway = (
-        GatewayServer(backend, gateway_settings, authenticator=authenticator)
+        GatewayServer(node, gateway_settings, authenticator=authenticator)
         if authenticator is not None
-        else GatewayServer(backend, gateway_settings)
+        else GatewayServer(node, gateway_settings)
     )
     await gateway.start()
     try:
@@ -423,7 +423,7 @@ async def test_closing_the_socket_cancels_its_streams_and_leaves_no_task(
         assert sorted(e.correlation_id for e in events) == ["leave-0", "leave-1", "leave-2"]
         assert {e.payload["reason"] for e in events} == {"requester disconnected"}
         assert sorted(handlers.hold.cancelled) == ["leave-0", "leave-1", "leave-2"]
-        gateway = nexus.server.gateway
+        gateway: GatewayServer = nexus.server.gateway
         await wait_until(lambda: not gateway.connections)
         assert gateway_tasks() == []
         assert nexus.server.provider.streams() == []
@@ -445,7 +445,7 @@ async def test_ping_is_answered_by_pong(nexus: TestServer) -> None:
 
 async def test_protocol_keepalive_drops_a_dead_peer(nexus: TestServer) -> None:
     """The server pings at the protocol level and closes a connection whose peer stopped answering."""
-    settings = {"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 0.2}
+    settings: dict[str, Any] = {"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 0.2}
     async with gateway_for(nexus, **settings) as gateway, peer(gateway.url) as client:
         await wait_until(lambda: len(gateway.connections) == 1)
         client.ws.transport.pause_reading()  # the peer goes silent: no pong any more
@@ -607,7 +607,7 @@ async def test_stalled_client_is_closed_with_4008_while_100_others_receive_every
     every event in order; the stalled one then reads what it was sent, the close, and resumes without loss."""
     total = 300
     payload = {"blob": "x" * 2048}
-    limits = {
+    limits: dict[str, Any] = {
         "queue_frames": 100,
         "queue_bytes": 128 * 1024,
         "write_limit": 16 * 1024,
@@ -799,11 +799,11 @@ async def test_remote_gateway_relays_a_server_over_grpc(nexus: TestServer, handl
     """`nexus gateway` against a server over gRPC: resume into history from before it started, requests with
     their lifecycle, cancel, and the streams of a closed socket cancelled."""
     before = [await nexus.client.emit("demo:tick:v1:happened", {"n": n}) for n in range(3)]
-    backend = RemoteBackend(nexus.address, history_size=100)
-    await backend.start()
+    node = RemoteNode(nexus.address, history_size=100)
+    await node.start()
     try:
-        assert backend.epoch == nexus.bus.epoch
-        async with gateway_for(nexus, backend=backend) as gateway:
+        assert node.epoch == nexus.bus.epoch
+        async with gateway_for(nexus, node=node) as gateway:
             async with peer(gateway.url) as client:
                 answer = await client.subscribe("demo:tick:>", since_offset=before[0].offset, epoch=nexus.bus.epoch)
                 assert answer["recovered"] is True
@@ -837,7 +837,7 @@ async def test_remote_gateway_relays_a_server_over_grpc(nexus: TestServer, handl
                 await recorder.stop()
             await wait_until(lambda: not gateway.connections)
     finally:
-        await backend.close()
+        await node.close()
     assert gateway_tasks() == []
 
 
@@ -846,22 +846,22 @@ async def test_remote_gateway_closes_with_1012_when_the_upstream_history_is_lost
     client that resumes is told recovered: false."""
     async with run_server(handlers.echo) as first:
         port = first.server.grpc_port
-        backend = RemoteBackend(first.address, max_retry_delay=0.2)
-        await backend.start()
-        old_epoch = backend.epoch
+        node = RemoteNode(first.address, max_retry_delay=0.2)
+        await node.start()
+        old_epoch = node.epoch
     try:
-        async with gateway_for(first, backend=backend) as gateway, peer(gateway.url) as client:
+        async with gateway_for(first, node=node) as gateway, peer(gateway.url) as client:
             await client.subscribe(">")
             async with run_server(handlers.echo, grpc_port=port) as second:
                 assert await client.closed_code() == 1012
-                await wait_until(lambda: backend.epoch == second.bus.epoch)
+                await wait_until(lambda: node.epoch == second.bus.epoch)
                 async with peer(gateway.url) as again:
                     answer = await again.subscribe(">", since_offset=1, epoch=old_epoch)
                     assert answer["recovered"] is False
                     event = await second.client.emit("demo:tick:v1:happened")
                     assert (await again.recv())["offset"] == event.offset
     finally:
-        await backend.close()
+        await node.close()
 
 
 async def test_nexus_gateway_command_serves_a_remote_nexus(nexus: TestServer) -> None:

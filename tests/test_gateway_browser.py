@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nexus.gateway.server import GatewayServer
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.testing import TestServer, run_server
@@ -101,7 +102,7 @@ async def wait_js(page: Page, expression: str) -> None:
 
 
 def page_url(nexus: TestServer) -> str:
-    gateway = nexus.server.gateway
+    gateway: GatewayServer = nexus.server.gateway
     assert gateway is not None
     return str(gateway.http_url)
 
@@ -273,7 +274,7 @@ async def test_nexus_client_js_reconnects_and_resumes_without_loss_or_duplicates
     page, errors = await open_page(browser, page_url(nexus))
     await page.wait_for_selector("#status[data-state=connected]", timeout=GUARD_MS)
     first_connection = await page.evaluate(JS_CLIENT_RESUME, [0])
-    gateway = nexus.server.gateway
+    gateway: GatewayServer = nexus.server.gateway
     assert gateway is not None
 
     before = [await nexus.client.emit("demo:tick:v1:happened", {"n": n}) for n in range(3)]

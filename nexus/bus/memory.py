@@ -9,10 +9,9 @@ restarted server tells resuming clients that their offsets belong to a history t
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -28,6 +27,7 @@ from nexus.bus.base import (
 )
 from nexus.errors import BusUnavailable
 from nexus.events import Event, JSONObject
+from nexus.history import History
 from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
 
@@ -88,10 +88,9 @@ class MemoryBus(Bus):
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
-        self.epoch = uuid.uuid4().hex[:16]
         self.history_size = history_size
-        self._ring: deque[Event] = deque(maxlen=history_size)
-        self._head = 0
+        self.epoch = uuid.uuid4().hex[:16]
+        self._history = History(history_size, epoch=self.epoch)
         self._dedupe = DedupeWindow(dedupe_window_s, max_entries=dedupe_max_entries, clock=clock)
         self._fanout = Fanout()
         self._pending: list[Event] = []
@@ -128,9 +127,9 @@ class MemoryBus(Bus):
         if original is not None:
             self._duplicates += 1
             return Published(original, duplicate=True)
-        self._head += 1
-        stored = event.stored(self._head, self.epoch)
-        self._ring.append(stored)
+        history = self._history
+        stored = event.stored(history.head + 1, history.epoch)
+        history.append(stored)
         self._dedupe.remember(stored)
         self._published += 1
         self._pending.append(stored)
@@ -170,19 +169,7 @@ class MemoryBus(Bus):
     @property
     def first_offset(self) -> int:
         """The oldest offset still in the history ring (head + 1 when the ring is empty)."""
-        return self._ring[0].offset if self._ring else self._head + 1
-
-    def _replayable(self, since_offset: int, epoch: str | None) -> bool:
-        if epoch and epoch != self.epoch:
-            return False
-        if since_offset > self._head:
-            return False
-        return since_offset >= self.first_offset - 1
-
-    def _replay(self, sub: Subscription, since_offset: int) -> None:
-        start = since_offset - self.first_offset + 1
-        batch = [event for event in itertools.islice(self._ring, start, None) if sub.wants(event)]
-        sub.push(batch, replay=True)
+        return self._history.first_offset
 
     async def subscribe(
         self,
@@ -199,9 +186,10 @@ class MemoryBus(Bus):
             parse_pattern(pattern)
         if since_offset < 0:
             since_offset = 0
+        history = self._history
         recovered: bool | None = None
         if since_offset > 0 or epoch:
-            recovered = self._replayable(since_offset, epoch)
+            recovered = history.recovered(since_offset, epoch)
         # Snapshot and registration happen in one synchronous step: nothing is published in between, and
         # events stored before this point but not yet flushed are skipped by ``start_after``.
         sub = Subscription(
@@ -209,12 +197,12 @@ class MemoryBus(Bus):
             patterns=patterns,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
-            start_after=self._head,
-            epoch=self.epoch,
+            start_after=history.head,
+            epoch=history.epoch,
             recovered=recovered,
         )
         if recovered:  # since_offset 0 with an epoch: everything of that epoch, when the ring still holds it all
-            self._replay(sub, since_offset)
+            sub.push(history.after(since_offset, sub.wants), replay=True)
         self._fanout.register(sub)
         return sub
 
@@ -224,16 +212,18 @@ class MemoryBus(Bus):
         # One process: every member gets its share of every request; the provider routes them (``routes``
         # matter only to a bus shared by several nodes).
         self._check_open()
-        sub = Subscription(self._fanout, max_pending=max_pending, start_after=self._head, epoch=self.epoch, group=group)
+        sub = Subscription(
+            self._fanout, max_pending=max_pending, start_after=self._history.head, epoch=self.epoch, group=group
+        )
         self._fanout.register(sub)
         return sub
 
     async def head_offset(self) -> int:
-        return self._head
+        return self._history.head
 
     def history(self, since_offset: int = 0) -> list[Event]:
         """Stored events after ``since_offset`` still in the ring (for tests and tools)."""
-        return [event for event in self._ring if event.offset > since_offset]
+        return self._history.after(since_offset)
 
     # --- control ------------------------------------------------------------------------------------------
 
@@ -252,7 +242,7 @@ class MemoryBus(Bus):
 
     def stats(self) -> BusStats:
         return BusStats(
-            head_offset=self._head,
+            head_offset=self._history.head,
             first_offset=self.first_offset,
             epoch=self.epoch,
             subscribers=len(self._fanout.subscriptions),

@@ -1,4 +1,4 @@
-"""The gRPC servicer: a thin adapter that feeds requests to the bus and provider and writes what they return.
+"""The gRPC servicer: a thin adapter that feeds requests to a :class:`~nexus.node.Node` and writes what it returns.
 
 Subscriber streams write pre-serialized bytes (each event serialized once for all subscribers); register the
 servicer with :func:`add_to_server`, which lets bytes through the response serializers.
@@ -6,16 +6,13 @@ servicer with :func:`add_to_server`, which lets bytes through the response seria
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
 import structlog
 
-from nexus.bus.base import Bus, Subscription
 from nexus.errors import InvalidArgument, NexusError, SlowConsumer
-from nexus.events import REQUESTED, TERMINAL_STATES, Event
 from nexus.grpc.convert import (
     STATUS_FOR_CODE,
     EncodeCache,
@@ -23,7 +20,7 @@ from nexus.grpc.convert import (
     event_to_response,
     passthrough_serializer,
 )
-from nexus.provider import Provider
+from nexus.node import Node, Subscription
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 DEFAULT_BATCH_SIZE = 500
@@ -69,22 +66,19 @@ def add_to_server(servicer: NexusServicer, server: grpc.aio.Server) -> None:
 
 
 class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
-    """Implements ``nexus.v1.NexusService`` over a :class:`Bus` and a :class:`Provider`."""
+    """Implements ``nexus.v1.NexusService`` over a :class:`~nexus.node.Node`."""
 
     def __init__(
         self,
-        bus: Bus,
-        provider: Provider,
+        node: Node,
         *,
         subscriber_queue: int = 10_000,
         max_payload_bytes: int = 1024 * 1024,
     ) -> None:
-        self.bus = bus
-        self.provider = provider
+        self.node = node
         self.subscriber_queue = subscriber_queue
         self.max_payload_bytes = max_payload_bytes
         self._encode = EncodeCache()
-        self._background: set[asyncio.Task[bool]] = set()
 
     # --- publishing ---------------------------------------------------------------------------------------
 
@@ -93,7 +87,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.EventResponse:
         try:
             event = event_from_request(request, max_payload_bytes=self.max_payload_bytes)
-            published = await self.bus.publish(event)
+            published = await self.node.publish(event)
         except NexusError as error:
             await abort(context, error)
         return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
@@ -108,7 +102,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         async for item in request_iterator:
             try:
                 event = event_from_request(item.event, max_payload_bytes=self.max_payload_bytes)
-                published = await self.bus.publish(event)
+                published = await self.node.publish(event)
             except NexusError as error:
                 error.message = f"event {index} (after {stored} stored): {error.message}"
                 await abort(context, error)
@@ -119,7 +113,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 stored += 1
                 last_offset = published.event.offset
         return nexus_pb2.PublishEventsResponse(
-            stored=stored, duplicates=duplicates, last_offset=last_offset, epoch=self.bus.epoch
+            stored=stored, duplicates=duplicates, last_offset=last_offset, epoch=self.node.epoch
         )
 
     # --- subscribing --------------------------------------------------------------------------------------
@@ -135,7 +129,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             if not patterns:
                 raise InvalidArgument("subscribe needs at least one pattern in event_types, such as '>'")
             # The bus validates every pattern before it registers anything.
-            sub = await self.bus.subscribe(
+            sub = await self.node.subscribe(
                 patterns, since_offset=since_offset, epoch=epoch or None, max_pending=self.subscriber_queue
             )
         except NexusError as error:
@@ -196,64 +190,28 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> AsyncIterator[nexus_pb2.RequestEventResponse]:
         try:
             event = event_from_request(request.event, max_payload_bytes=self.max_payload_bytes)
-            if event.state != REQUESTED:
-                raise InvalidArgument(f"RequestEvent needs a '...:requested' event type, not {event.event_type!r}")
-            published = await self.bus.publish(event)
-            stored: Event = published.event
-            if published.duplicate and stored.event_type != event.event_type:
-                raise InvalidArgument(
-                    f"event_id {stored.event_id!r} already names a {stored.event_type} event; "
-                    "use a fresh event_id for a new request"
-                )
-            # Replay from the request's own offset: nothing of its lifecycle can slip between publish and
-            # subscribe, and a repeated request sees the lifecycle of the original.
-            sub = await self.bus.subscribe(
-                correlation_ids=[stored.event_id],
-                since_offset=stored.offset,
-                epoch=stored.epoch or None,
-                max_pending=self.subscriber_queue,
-            )
-            if published.duplicate and sub.recovered is False:
-                sub.close()
-                raise InvalidArgument(
-                    f"event_id {stored.event_id!r} repeats a request whose lifecycle is no longer in the "
-                    "history; use a fresh event_id for a new request"
-                )
+            session = self.node.open_request(event)
+            published = await session.start(max_pending=self.subscriber_queue)
         except NexusError as error:
             await abort(context, error)
-        message = "duplicate" if published.duplicate else "stored"
-        finished = False
         try:
-            yield nexus_pb2.RequestEventResponse(event=event_to_response(stored, message=message))
-            while not finished:
-                batch = await sub.next_batch()
-                if not batch:
-                    return
-                for item in batch:
-                    yield nexus_pb2.RequestEventResponse(event=event_to_response(item))
-                    if item.state in TERMINAL_STATES:
-                        finished = True
-                        break
+            message = "duplicate" if published.duplicate else "stored"
+            yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
+            async for item in session.events():
+                yield nexus_pb2.RequestEventResponse(event=event_to_response(item))
         except SlowConsumer as error:
             await abort(context, error)
         finally:
-            sub.close()
-            if not finished and not published.duplicate:
-                # The requester left before the end (cancelled call, failed send, too slow): its stream goes
-                # too. This runs on every exit path, including a generator closed by GeneratorExit.
-                self._cancel_soon(stored.event_id, "requester disconnected")
-
-    def _cancel_soon(self, correlation_id: str, reason: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.provider.cancel(correlation_id, reason))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            # The requester left before the end (cancelled call, failed send, too slow): its stream goes too.
+            # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
+            session.close()
 
     async def CancelStream(
         self, request: nexus_pb2.CancelStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.CancelStreamResponse:
         if not request.correlation_id:
             await abort(context, InvalidArgument("correlation_id is required"))
-        found = await self.provider.cancel(request.correlation_id, request.reason or "cancelled by requester")
+        found = await self.node.cancel(request.correlation_id, request.reason or "cancelled by requester")
         return nexus_pb2.CancelStreamResponse(cancelled=found)
 
     # --- listings -----------------------------------------------------------------------------------------
@@ -263,14 +221,14 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.ListHandlersResponse:
         handlers = [
             nexus_pb2.HandlerInfo(
-                name=r.name,
-                event_type=r.service_action,
-                streaming=r.streaming,
-                ordering_key=r.ordering_key or "",
-                stream_timeout_s=r.stream_timeout or 0.0,
-                class_path=r.class_path,
+                name=str(info["name"]),
+                event_type=str(info["event_type"]),
+                streaming=bool(info["streaming"]),
+                ordering_key=str(info["ordering_key"] or ""),
+                stream_timeout_s=float(info["stream_timeout_s"] or 0.0),
+                class_path=str(info["class_path"]),
             )
-            for r in sorted(self.provider.registrations.values(), key=lambda r: r.service_action)
+            for info in await self.node.handlers()
         ]
         return nexus_pb2.ListHandlersResponse(handlers=handlers)
 
@@ -286,6 +244,6 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 age_s=float(info["age_s"]),
                 state=str(info["state"]),
             )
-            for info in self.provider.streams()
+            for info in await self.node.streams()
         ]
         return nexus_pb2.ListStreamsResponse(streams=streams)

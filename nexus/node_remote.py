@@ -1,59 +1,58 @@
-"""A gateway apart from the core: the backend of ``nexus gateway --nexus HOST:PORT``.
+"""A node that relays a remote Nexus over gRPC: what ``nexus gateway --nexus HOST:PORT`` serves.
 
-:class:`RemoteBackend` relays a remote Nexus over gRPC and presents the same subscriptions as the in-process
-bus, so a gateway process serves many browsers with one upstream stream:
+:class:`RemoteNode` presents a remote Nexus as a :class:`~nexus.node.Node`, so a gateway process serves many
+browsers with one upstream stream:
 
-- one ``SubscribeEventBatches(">")`` call mirrors every event (heartbeats included) into a local history ring
-  of ``history_size`` events and hands it to the local fan-out (the bus's own :class:`~nexus.bus.base.Fanout`:
-  pattern trie, correlation ids, bounded queues). On start it first fills the ring from the upstream history,
-  so clients that move between gateways resume from their offset. After a cut it resumes from the last offset
-  it mirrored, with ``since_offset`` + ``epoch``: no gap, no duplicate. If the upstream lost that history (it
-  restarted: a new epoch), every connection is closed with 1012 so that clients resume and are told
-  ``recovered: false``.
-- publishing uses ``EmitEvent``; a request uses ``RequestEvent``, whose call is the requester's lease: ending
-  it before the terminal event (the socket closed) makes the server cancel the stream. ``cancel`` frames use
-  ``CancelStream``. The lifecycle itself reaches the connection through the mirror, in offset order with
-  everything else it follows.
+- one ``SubscribeEventBatches(">")`` call mirrors every event (heartbeats included) into a local
+  :class:`~nexus.history.History` of ``history_size`` events and hands it to a local fan-out (the bus's own
+  :class:`~nexus.bus.base.Fanout`: pattern trie, correlation ids, bounded queues). On start it first fills the
+  history from the upstream's, so clients that move between gateways resume from their offset. After a cut it
+  resumes from the last offset it mirrored, with ``since_offset`` + ``epoch``: no gap, no duplicate. If the
+  upstream lost that history (it restarted on a memory bus: a new epoch), every subscription is ended with
+  :attr:`~nexus.node.LostReason.HISTORY_RESET`, so that clients resume and are told ``recovered: false``.
+- publishing uses ``EmitEvent``; a request uses ``RequestEvent``, whose call is the requester's lease: ending it
+  before the terminal event (the requester left) makes the server cancel the stream, even if this process dies.
+  ``cancel`` uses ``CancelStream``. The lifecycle itself reaches subscribers through the mirror, in offset order
+  with everything else they follow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 import weakref
-from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
 
 import grpc
 import structlog
 
-from nexus.bus.base import DEFAULT_MAX_PENDING, Fanout, Subscription
+from nexus.bus.base import DEFAULT_MAX_PENDING, Fanout, Published, Subscription
 from nexus.client import NexusClient, error_from_rpc
 from nexus.errors import Unavailable
 from nexus.events import Event, JSONObject
 from nexus.grpc.convert import event_from_response, event_to_request
+from nexus.history import History
+from nexus.node import LostReason, Node
 from nexus.patterns import parse_pattern
+from nexus.session import Lease
 from nexus.v1 import nexus_pb2
-
-from .backend import Backend, RequestLease, Stored
-from .protocol import GatewayCode
 
 DEFAULT_HISTORY_SIZE: Final = 10_000
 FEED_BATCH: Final = 1_000
 LEASE_LINGER_S: Final = 5.0
+MIRROR_WAIT_S: Final = 5.0
 
-log = structlog.get_logger("nexus.gateway.remote")
+log = structlog.get_logger("nexus.remote")
 
 
-class _RemoteLease(RequestLease):
+class _CallLease(Lease):
     """A ``RequestEvent`` call kept open, read to its end; cancelling it before the end cancels the stream."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
-        self._reader = asyncio.get_running_loop().create_task(self._drain(), name="nexus-gateway-request")
+        self._reader = asyncio.get_running_loop().create_task(self._drain(), name="nexus-remote-request")
 
     async def _drain(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
@@ -71,7 +70,7 @@ class _RemoteLease(RequestLease):
             await self._reader
 
 
-class RemoteBackend(Backend):
+class RemoteNode(Node):
     """Relays the Nexus at ``target`` (``host:port``)."""
 
     def __init__(
@@ -83,20 +82,16 @@ class RemoteBackend(Backend):
         connect_timeout: float = 10.0,
         max_retry_delay: float = 5.0,
     ) -> None:
-        if history_size < 1:
-            raise ValueError("history_size must be at least 1")
+        super().__init__()
         self.target = target
         self.client = NexusClient(target, metadata=metadata)
-        self.history_size = history_size
+        self.history = History(history_size)
         self.connect_timeout = connect_timeout
         self.max_retry_delay = max_retry_delay
         self._fanout = Fanout()
-        self._ring: deque[Event] = deque(maxlen=history_size)
-        self._head = 0
-        self._floor = 0  # every stored offset in (floor, head] is in the ring
-        self._epoch = ""
         self._connected = False
         self._ready = asyncio.Event()
+        self._advanced = asyncio.Event()
         self._feed_task: asyncio.Task[None] | None = None
         self._closed = False
         self._reset_subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -104,23 +99,28 @@ class RemoteBackend(Backend):
 
     @property
     def epoch(self) -> str:
-        return self._epoch
+        return self.history.epoch
 
     @property
     def healthy(self) -> bool:
         return self._connected and not self._closed
 
-    def subscription_lost(self, sub: Subscription) -> str | None:
-        return GatewayCode.HISTORY_RESET if sub in self._reset_subs else None
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            self._health_changed(self.healthy)
+
+    def subscription_lost(self, sub: Subscription) -> LostReason | None:
+        return LostReason.HISTORY_RESET if sub in self._reset_subs else None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "RemoteBackend", "nexus": self.target, "epoch": self._epoch}
+        return {"node": "RemoteNode", "nexus": self.target, "epoch": self.epoch}
 
     # --- the mirror -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect and fill the history; raises :class:`Unavailable` if the upstream cannot be reached in time."""
-        self._feed_task = asyncio.get_running_loop().create_task(self._feed(), name="nexus-gateway-feed")
+        self._feed_task = asyncio.get_running_loop().create_task(self._feed(), name="nexus-remote-feed")
         ready = asyncio.ensure_future(self._ready.wait())
         done, _ = await asyncio.wait(
             {ready, self._feed_task}, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED
@@ -147,34 +147,32 @@ class RemoteBackend(Backend):
 
     async def _connect(self) -> Any:
         """Open the mirror stream, resuming from the head when there is one; returns the call."""
-        if not self._epoch:
+        history = self.history
+        if not history.epoch:
             # First connection: learn the head, then ask for the history before it.
             probe, initial = await self._open(0, "")
             probe.cancel()
             head = int(initial.get("nexus-head-offset", "0"))
-            since = max(1, head - self.history_size)
+            since = max(1, head - history.max_events)
             call, initial = await self._open(since, initial.get("nexus-epoch", ""))
-            self._epoch = initial.get("nexus-epoch", "")
             upstream_head = int(initial.get("nexus-head-offset", "0"))
             recovered = initial.get("nexus-recovered") == "true"
-            self._head = self._floor = since if recovered else upstream_head
+            history.reset(initial.get("nexus-epoch", ""), since if recovered else upstream_head)
             return call
-        call, initial = await self._open(self._head, self._epoch)
+        call, initial = await self._open(history.head, history.epoch)
         epoch = initial.get("nexus-epoch", "")
-        if initial.get("nexus-recovered") != "true" or epoch != self._epoch:
+        if initial.get("nexus-recovered") != "true" or epoch != history.epoch:
             self._reset(epoch, int(initial.get("nexus-head-offset", "0")))
         return call
 
     def _reset(self, epoch: str, head: int) -> None:
-        """The upstream no longer holds what follows our head: end every subscription (their connections close
-        with 1012 and resume), and start a new history."""
-        log.warning("gateway_upstream_history_lost", old_epoch=self._epoch, epoch=epoch, head=self._head)
+        """The upstream no longer holds what follows our head: end every subscription (their clients resume),
+        and start a new history."""
+        log.warning("remote_history_lost", old_epoch=self.history.epoch, epoch=epoch, head=self.history.head)
         self.resets += 1
         self._reset_subs.update(self._fanout.subscriptions)
         self._fanout.close_all()
-        self._ring.clear()
-        self._epoch = epoch
-        self._head = self._floor = head
+        self.history.reset(epoch, head)
 
     async def _feed(self) -> None:
         delay = 0.05
@@ -182,10 +180,10 @@ class RemoteBackend(Backend):
             call: Any = None
             try:
                 call = await self._connect()
-                self._connected = True
+                self._set_connected(True)
                 self._ready.set()
                 delay = 0.05
-                log.info("gateway_upstream_connected", nexus=self.target, epoch=self._epoch, head=self._head)
+                log.info("remote_connected", nexus=self.target, epoch=self.epoch, head=self.history.head)
                 async for message in call:
                     self._ingest([event_from_response(item) for item in message.events])
                 raise grpc.aio.AioRpcError(
@@ -194,8 +192,8 @@ class RemoteBackend(Backend):
             except grpc.aio.AioRpcError as error:
                 if self._closed:
                     return
-                self._connected = False
-                log.warning("gateway_upstream_lost", nexus=self.target, code=error.code().name, head=self._head)
+                self._set_connected(False)
+                log.warning("remote_lost", nexus=self.target, code=error.code().name, head=self.history.head)
             finally:
                 if call is not None:
                     call.cancel()
@@ -203,25 +201,25 @@ class RemoteBackend(Backend):
             delay = min(delay * 2, self.max_retry_delay)
 
     def _ingest(self, events: list[Event]) -> None:
-        """Store and hand out a batch of mirrored events (synchronous, in offset order)."""
-        fresh: list[Event] = []
-        ring = self._ring
-        for event in events:
-            if event.offset:
-                if event.offset <= self._head:
-                    continue  # already mirrored
-                self._head = event.offset
-                if len(ring) == ring.maxlen:
-                    self._floor = ring[0].offset
-                ring.append(event)
-            fresh.append(event)
+        """Keep and hand out a batch of mirrored events (synchronous, in offset order)."""
+        history = self.history
+        fresh = [event for event in events if not event.offset or history.append(event)]
         if fresh:
             self._fanout.deliver(fresh, to_groups=False)
+            self._advanced.set()
 
-    # --- Backend ----------------------------------------------------------------------------------------------
+    async def _mirrored(self, offset: int) -> None:
+        """Wait (a short while) until the mirror has reached ``offset``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MIRROR_WAIT_S):
+                while self.history.head < offset and not self._closed:
+                    self._advanced.clear()
+                    await self._advanced.wait()
+
+    # --- Node -------------------------------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._closed or not self._epoch:
+        if self._closed or not self.history.epoch:
             raise Unavailable(f"not connected to the Nexus at {self.target}")
 
     async def subscribe(
@@ -238,36 +236,36 @@ class RemoteBackend(Backend):
         for pattern in patterns:
             parse_pattern(pattern)
         since_offset = max(0, since_offset)
+        history = self.history
         recovered: bool | None = None
         if since_offset > 0 or epoch:
-            recovered = (not epoch or epoch == self._epoch) and self._floor <= since_offset <= self._head
+            recovered = history.recovered(since_offset, epoch)
         sub = Subscription(
             self._fanout,
             patterns=patterns,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
-            start_after=self._head,
-            epoch=self._epoch,
+            start_after=history.head,
+            epoch=history.epoch,
             recovered=recovered,
         )
-        if recovered and since_offset > 0 and self._ring:
-            start = max(0, since_offset - self._ring[0].offset + 1)
-            sub.push([e for e in itertools.islice(self._ring, start, None) if sub.wants(e)], replay=True)
+        if recovered:
+            sub.push(history.after(since_offset, sub.wants), replay=True)
         self._fanout.register(sub)
         return sub
 
     async def head_offset(self) -> int:
-        return self._head
+        return self.history.head
 
-    async def publish(self, event: Event) -> Stored:
+    async def publish(self, event: Event) -> Published:
         self._check()
         try:
             response = await self.client.stub.EmitEvent(event_to_request(event), metadata=self.client.metadata)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from None
-        return Stored(event_from_response(response), response.message == "duplicate")
+        return Published(event_from_response(response), response.message == "duplicate")
 
-    async def request(self, event: Event) -> tuple[Stored, RequestLease]:
+    async def submit(self, event: Event) -> tuple[Published, Lease]:
         self._check()
         call = self.client.stub.RequestEvent(
             nexus_pb2.RequestEventRequest(event=event_to_request(event)), metadata=self.client.metadata
@@ -283,10 +281,14 @@ class RemoteBackend(Backend):
         if first is grpc.aio.EOF:
             call.cancel()
             raise Unavailable("the request call ended before the request was stored")
-        stored = Stored(event_from_response(first.event), first.event.message == "duplicate")
-        return stored, _RemoteLease(call)
+        published = Published(event_from_response(first.event), first.event.message == "duplicate")
+        lease = _CallLease(call)
+        # Replies to the request come through the mirror: let it reach the request's own offset first, so a
+        # replay from that offset is exact.
+        await self._mirrored(published.event.offset)
+        return published, lease
 
-    async def cancel(self, correlation_id: str, reason: str) -> bool:
+    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
         return await self.client.cancel(correlation_id, reason)
 
     async def streams(self) -> list[JSONObject]:
@@ -305,4 +307,5 @@ class RemoteBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feed_task
         self._fanout.close_all()
+        await self._drain_background()
         await self.client.close()

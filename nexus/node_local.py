@@ -1,0 +1,130 @@
+"""A node in this process: a bus and the provider that drives its handlers (what ``nexus serve`` runs).
+
+:class:`LocalNode` owns the lifetime of both: :meth:`LocalNode.start` starts the bus, then the provider (the
+handlers' ``setup`` runs there, and a failing setup fails the start); :meth:`LocalNode.close` stops the provider
+(live streams end ``cancelled``), then closes the bus, whose subscriptions end after what they hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from nexus.bus.base import DEFAULT_MAX_PENDING, Bus, Published, Subscription
+from nexus.events import Event, JSONObject
+from nexus.node import Node
+from nexus.provider import Provider
+from nexus.session import DISCONNECTED, Lease
+
+
+class _LocalLease(Lease):
+    def __init__(self, provider: Provider, correlation_id: str) -> None:
+        self._provider = provider
+        self._correlation_id = correlation_id
+
+    async def release(self, *, cancel: bool) -> None:
+        if cancel:
+            await self._provider.cancel(self._correlation_id, DISCONNECTED)
+
+
+class _Started:
+    """The ``task_status`` of :meth:`Provider.run` when it runs in a plain asyncio task."""
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+
+    def started(self, value: Any = None) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+
+class LocalNode(Node):
+    """A bus and a provider in this process."""
+
+    def __init__(self, bus: Bus, provider: Provider, *, shutdown_grace_s: float = 5.0) -> None:
+        super().__init__()
+        self.bus = bus
+        self.provider = provider
+        self.shutdown_grace_s = shutdown_grace_s
+        self._provider_task: asyncio.Task[None] | None = None
+        bus.on_health(self._health_changed)
+
+    @property
+    def epoch(self) -> str:
+        return self.bus.epoch
+
+    @property
+    def healthy(self) -> bool:
+        return self.bus.healthy
+
+    def describe(self) -> dict[str, Any]:
+        return self.bus.describe()
+
+    async def start(self) -> None:
+        """Start the bus, then the provider; raises what a handler's ``setup`` raised."""
+        await self.bus.start()
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._provider_task = asyncio.create_task(
+            self.provider.run(task_status=_Started(started)), name="nexus-provider"
+        )
+        done, _ = await asyncio.wait({started, self._provider_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._provider_task in done:
+            self._provider_task.result()  # raises what setup raised
+            raise RuntimeError("the provider stopped during start-up")
+
+    async def close(self, grace: float | None = None) -> None:
+        """Cancel live streams (``server_shutdown``), wait up to ``grace`` for their ends, then close the bus."""
+        grace = self.shutdown_grace_s if grace is None else grace
+        await self.provider.stop("server_shutdown")
+        task = self._provider_task
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=grace + 1)
+            except TimeoutError:
+                task.cancel()
+            except Exception as exc:
+                self.provider.log.error("provider_failed", error=repr(exc))
+        await self._drain_background()
+        # Closing the bus ends every subscription after its queued events.
+        await self.bus.close()
+
+    async def publish(self, event: Event) -> Published:
+        return await self.bus.publish(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> list[Published]:
+        return await self.bus.publish_many(events)
+
+    async def subscribe(
+        self,
+        patterns: Iterable[str] = (),
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        correlation_ids: Iterable[str] = (),
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Subscription:
+        return await self.bus.subscribe(
+            patterns,
+            since_offset=since_offset,
+            epoch=epoch,
+            correlation_ids=correlation_ids,
+            max_pending=max_pending,
+        )
+
+    async def head_offset(self) -> int:
+        return await self.bus.head_offset()
+
+    async def submit(self, event: Event) -> tuple[Published, Lease]:
+        published = await self.bus.publish(event)
+        return published, _LocalLease(self.provider, published.event.event_id)
+
+    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
+        return await self.provider.cancel(correlation_id, reason)
+
+    async def handlers(self) -> list[JSONObject]:
+        registrations = sorted(self.provider.registrations.values(), key=lambda r: r.service_action)
+        return [registration.describe() for registration in registrations]
+
+    async def streams(self) -> list[JSONObject]:
+        return self.provider.streams()
