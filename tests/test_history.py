@@ -1,0 +1,99 @@
+"""The history ring behind replay, tested without an event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from nexus.events import Event
+from nexus.history import History
+
+
+def stored(offset: int, event_type: str = "demo:thing:v1:made") -> Event:
+    return Event.create(event_type, {"n": offset}).stored(offset, "epoch-a")
+
+
+def fill(history: History, first: int, last: int) -> None:
+    for offset in range(first, last + 1):
+        assert history.append(stored(offset))
+
+
+def test_an_empty_history_recovers_only_from_its_head() -> None:
+    """Nothing stored yet: resuming from 0 is exact, anything ahead of the head is not."""
+    history = History(3, epoch="epoch-a")
+    assert history.recovered(0, "epoch-a")
+    assert history.recovered(0, None)
+    assert not history.recovered(1, "epoch-a")
+    assert history.after(0) == []
+    assert history.first_offset == 1
+
+
+def test_replay_slices_what_came_after_an_offset() -> None:
+    """after(n) holds every held event with an offset above n, oldest first."""
+    history = History(10, epoch="epoch-a")
+    fill(history, 1, 5)
+    assert [e.offset for e in history.after(2)] == [3, 4, 5]
+    assert [e.offset for e in history.after(0)] == [1, 2, 3, 4, 5]
+    assert history.after(5) == []
+    assert [e.offset for e in history.after(1, lambda e: e.offset % 2 == 0)] == [2, 4]
+
+
+def test_a_full_ring_drops_the_oldest_and_refuses_to_replay_across_the_gap() -> None:
+    """Past max_events the oldest go; an offset whose successor is gone is no longer recoverable."""
+    history = History(3, epoch="epoch-a")
+    fill(history, 1, 5)
+    assert len(history) == 3
+    assert history.first_offset == 3
+    assert history.floor == 2
+    assert history.recovered(2, "epoch-a")
+    assert not history.recovered(1, "epoch-a")
+    assert [e.offset for e in history.after(2)] == [3, 4, 5]
+
+
+def test_another_epoch_or_an_offset_ahead_is_never_recovered() -> None:
+    """Offsets of another history, or ones the history never reached, are refused."""
+    history = History(3, epoch="epoch-a")
+    fill(history, 1, 2)
+    assert not history.recovered(1, "epoch-b")
+    assert not history.recovered(3, "epoch-a")
+    assert history.recovered(1, "")
+
+
+def test_old_repeated_and_unstored_events_are_not_kept() -> None:
+    """An event at or below the head (a repeat) or with offset 0 (a heartbeat) is not appended."""
+    history = History(5, epoch="epoch-a")
+    fill(history, 1, 2)
+    assert not history.append(stored(2))
+    assert not history.append(Event.create("demo:thing:v1:heartbeat"))
+    assert [e.offset for e in history.events()] == [1, 2]
+    assert [e.offset for e in history.extend([stored(2), stored(3), stored(4)])] == [3, 4]
+
+
+def test_a_jump_starts_the_held_run_again() -> None:
+    """A history that missed offsets (a jump) only vouches for what follows the jump."""
+    history = History(10, epoch="epoch-a")
+    fill(history, 1, 3)
+    assert history.append(stored(7))
+    assert history.floor == 6
+    assert not history.recovered(3, "epoch-a")
+    assert history.recovered(6, "epoch-a")
+    assert [e.offset for e in history.after(0)] == [7]
+
+
+def test_a_history_mirrored_from_an_offset_starts_there() -> None:
+    """A mirror that starts at head N vouches for resumes from N on, and resets to a new epoch."""
+    history = History(10, epoch="epoch-a", head=40)
+    assert history.recovered(40, "epoch-a")
+    assert not history.recovered(39, "epoch-a")
+    history.append(stored(41))
+    assert [e.offset for e in history.after(40)] == [41]
+    history.reset("epoch-b", 3)
+    assert history.epoch == "epoch-b"
+    assert len(history) == 0
+    assert history.recovered(3, "epoch-b")
+    assert not history.recovered(41, "epoch-a")
+
+
+def test_a_history_holds_at_least_one_event() -> None:
+    """max_events below 1 is refused."""
+    with pytest.raises(ValueError, match="at least one"):
+        History(0)
