@@ -103,7 +103,10 @@ class Node(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, event: Event) -> Published:
-        """Store ``event``; a repeated ``event_id`` inside the dedupe window returns the stored original."""
+        """Store ``event``; a repeated ``event_id`` inside the dedupe window returns the stored original.
+
+        Once it returns, :meth:`head_offset` includes the event (a later ``subscribe`` starts after it).
+        """
 
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
         """Store several events in order."""

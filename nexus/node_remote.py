@@ -263,7 +263,10 @@ class RemoteNode(Node):
             response = await self.client.stub.EmitEvent(event_to_request(event), metadata=self.client.metadata)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from None
-        return Published(event_from_response(response), response.message == "duplicate")
+        published = Published(event_from_response(response), response.message == "duplicate")
+        # Read your writes: once publish returns, the mirror's head includes the event, as on a local node.
+        await self._mirrored(published.event.offset)
+        return published
 
     async def submit(self, event: Event) -> tuple[Published, Lease]:
         self._check()
@@ -283,8 +286,7 @@ class RemoteNode(Node):
             raise Unavailable("the request call ended before the request was stored")
         published = Published(event_from_response(first.event), first.event.message == "duplicate")
         lease = _CallLease(call)
-        # Replies to the request come through the mirror: let it reach the request's own offset first, so a
-        # replay from that offset is exact.
+        # The lifecycle comes through the mirror: let it reach the request's own offset first, as publish does.
         await self._mirrored(published.event.offset)
         return published, lease
 
