@@ -371,9 +371,10 @@ class GatewayConnection:
     async def _publish(self, command: Publish) -> None:
         event = command.event
         # The user id is the authenticated one, never what the client wrote.
-        event.metadata.pop("user_id", None)
+        metadata = {key: value for key, value in event.metadata.items() if key != "user_id"}
         if self.user_id:
-            event.metadata["user_id"] = self.user_id
+            metadata["user_id"] = self.user_id
+        event = event.evolve(metadata=metadata)
         if event.state == REQUESTED:
             await self.link.request(event, announce=self._published)
         else:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from nexus import __version__
-from nexus.errors import HandlerConfigError, NexusError
+from nexus.errors import ConfigurationError, NexusError
 from nexus.events import Event
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
-class CliError(Exception):
+class CliError(ConfigurationError):
     """A usage problem reported as ``nexus: error: ...`` with exit code 2."""
 
 
@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (CliError, HandlerConfigError, ValueError) as exc:
+    except ValueError as exc:  # ConfigurationError (CliError, ConfigError, HandlerConfigError, ...) included
         print(f"nexus: error: {exc}", file=sys.stderr)
         return 2
     except NexusError as exc:

@@ -318,7 +318,7 @@ class NexusClient:
         """Publish a ``requested`` event and iterate its lifecycle until the terminal event."""
         event = Event(event_type=event_type, payload=validate_payload(payload), metadata=validate_metadata(metadata))
         if event_id:
-            event.event_id = event_id
+            event = event.evolve(event_id=event_id)
         return RequestStream(self, event, heartbeats=heartbeats)
 
     async def call(self, event_type: str, payload: JSONObject | None = None, **kwargs: Any) -> Event:

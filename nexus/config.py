@@ -37,7 +37,7 @@ from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
 from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.detect import DEFAULT_RULES, Rule
-from nexus.errors import HandlerConfigError, InvalidArgument
+from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
 from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.plugins import split_spec
@@ -57,7 +57,7 @@ PLUGIN_DEFAULT_FIELDS: Final = ("log_dir",)
 """Settings handed to every plugin as a default ``ctx.config`` key of the same name."""
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError):
     """A setting that cannot be used; ``field`` and ``source`` say which one and where it came from."""
 
     def __init__(self, problem: str, *, field: str | None = None, source: str) -> None:
@@ -141,7 +141,7 @@ class Settings:
 # --- converters: (value, from_text) -> checked value; raise _Invalid with the problem -------------------------
 
 
-class _Invalid(Exception):
+class _Invalid(ConfigurationError):
     pass
 
 

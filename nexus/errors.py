@@ -18,8 +18,15 @@ the code once: ``nexus.grpc`` to a gRPC status, the gateway to a WebSocket error
     ├── NotFound              NOT_FOUND          e.g. no live stream with that correlation id
     ├── Unauthenticated       UNAUTHENTICATED
     ├── PermissionDenied      PERMISSION_DENIED
-    └── InvalidState          FAILED_PRECONDITION an operation on a stream or bus in the wrong state
-        └── StreamClosed                          Stream.send() after the stream ended
+    ├── InvalidState          FAILED_PRECONDITION an operation on a stream or bus in the wrong state
+    │   └── StreamClosed                          Stream.send() after the stream ended
+    └── ConfigurationError    INVALID_ARGUMENT   at start-up: something that cannot be used as configured
+        ├── HandlerConfigError                    a handler that cannot be registered
+        ├── ConfigError (nexus.config)            a setting, naming where it came from
+        ├── NatsSetupError (nexus.bus.nats)       a NATS server or stream that cannot be used as configured
+        └── CliError (nexus.cli)                  a command line that cannot be used
+
+``ConfigurationError`` is also a ``ValueError``: a value that cannot be used.
 
 Stream failures reported inside ``failed`` events use :class:`StreamErrorType` instead: they are part of an
 event's payload, not of a call's status.
@@ -145,11 +152,14 @@ class StreamClosed(InvalidState):
     """``Stream.send()`` after the stream reached its terminal event."""
 
 
-class HandlerConfigError(Exception):
-    """A handler that cannot be registered (bad event_type, kind disagreeing with the streaming rules, ...).
+class ConfigurationError(NexusError, ValueError):
+    """Something that cannot be used as configured; raised at start-up, never while serving."""
 
-    Raised at start-up, never while serving.
-    """
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class HandlerConfigError(ConfigurationError):
+    """A handler that cannot be registered (bad event_type, kind disagreeing with the streaming rules, ...)."""
 
 
 _BY_CODE: dict[ErrorCode, type[NexusError]] = {

@@ -213,12 +213,14 @@ def parse_time(value: Any) -> float:
     raise InvalidPayload(f"time must be RFC 3339 text or epoch seconds, not {type(value).__name__}")
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Event:
     """One event (contract): what handlers receive and clients see.
 
-    ``offset`` and ``epoch`` are set once the bus stores the event; ``offset`` is 0 for an event that is not
-    stored (a heartbeat) or not stored yet.
+    ``offset`` and ``epoch`` are set once the bus stores the event (:meth:`stored` returns a copy carrying them);
+    ``offset`` is 0 for an event that is not stored (a heartbeat) or not stored yet. An event is a value: its
+    fields cannot be reassigned (``dataclasses.replace`` makes a changed copy), and code that builds an event
+    from another builds new ``payload`` / ``metadata`` dicts rather than changing the original's.
     """
 
     event_type: str
@@ -228,11 +230,16 @@ class Event:
     timestamp: str = dataclasses.field(default_factory=now_timestamp)
     offset: int = 0
     epoch: str = ""
+    _parsed: EventType | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def type(self) -> EventType:
-        """The parsed event type."""
-        return EventType.parse(self.event_type)
+        """The parsed event type (parsed once per event, then kept)."""
+        parsed = self._parsed
+        if parsed is None:
+            parsed = EventType.parse(self.event_type)
+            object.__setattr__(self, "_parsed", parsed)  # a cache: the value it derives from never changes
+        return parsed
 
     @property
     def state(self) -> str:
@@ -246,7 +253,14 @@ class Event:
 
     def stored(self, offset: int, epoch: str) -> Event:
         """A copy carrying the offset and epoch the bus gave it."""
-        return dataclasses.replace(self, offset=offset, epoch=epoch)
+        return self.evolve(offset=offset, epoch=epoch)
+
+    def evolve(self, **changes: Any) -> Event:
+        """A copy with ``changes`` (field names and new values); the parsed type is kept when the type is."""
+        copy = dataclasses.replace(self, **changes)
+        if copy.event_type == self.event_type:
+            object.__setattr__(copy, "_parsed", self._parsed)
+        return copy
 
     def to_dict(self) -> JSONObject:
         """A JSON-ready dict, as the CLI prints and the gateway sends it."""
@@ -271,14 +285,16 @@ class Event:
         max_payload_bytes: int | None = None,
     ) -> Event:
         """Build a validated event; raises :class:`InvalidEventType` or :class:`InvalidPayload`."""
-        validate_event_type(event_type)
+        parsed = EventType.parse(event_type)
         if event_id is not None and not isinstance(event_id, str):
             raise InvalidPayload("event_id must be a string")
         if event_id is not None and len(event_id) > 256:
             raise InvalidPayload("event_id is longer than 256 characters")
-        return cls(
+        event = cls(
             event_type=event_type,
             payload=validate_payload(payload, max_bytes=max_payload_bytes),
             event_id=event_id or new_event_id(),
             metadata=validate_metadata(metadata),
         )
+        object.__setattr__(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
+        return event

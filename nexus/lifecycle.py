@@ -30,7 +30,6 @@ from nexus.events import (
     SUCCESS,
     TIMEOUT,
     Event,
-    EventType,
     JSONObject,
     new_event_id,
     now_timestamp,
@@ -64,7 +63,7 @@ class Lifecycle:
     """
 
     def __init__(self, request: Event, *, streaming: bool, now: float) -> None:
-        parsed = EventType.parse(request.event_type)
+        parsed = request.type
         if parsed.state != REQUESTED:
             raise InvalidState(f"a lifecycle starts from a 'requested' event, not {request.event_type!r}")
         self.request = request

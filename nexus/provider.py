@@ -144,6 +144,13 @@ class _Context(HandlerContext):
         metadata: dict[str, str] | None = None,
         event_id: str | None = None,
     ) -> Event:
+        request = _current_request.get()
+        if request is not None:
+            inherited = {"causation_id": request.event_id}
+            for key in ("traceparent", "tracestate"):
+                if key in request.metadata:
+                    inherited[key] = request.metadata[key]
+            metadata = {**inherited, **(metadata or {})}
         event = Event.create(
             event_type,
             payload,
@@ -151,12 +158,6 @@ class _Context(HandlerContext):
             metadata=metadata,
             max_payload_bytes=self._provider.settings.max_payload_bytes,
         )
-        request = _current_request.get()
-        if request is not None:
-            event.metadata.setdefault("causation_id", request.event_id)
-            for key in ("traceparent", "tracestate"):
-                if key in request.metadata:
-                    event.metadata.setdefault(key, request.metadata[key])
         return (await self._provider.bus.publish(event)).event
 
     @contextlib.asynccontextmanager
@@ -320,9 +321,9 @@ class Provider:
         self._routes[service_action] = registration
         return registration
 
-    def route(self, event_type: str) -> Registration | None:
+    def route(self, event_type: str | EventType) -> Registration | None:
         """The handler for a ``requested`` event type: pinned ``svc:act:vN`` first, then ``svc:act``."""
-        parsed = EventType.parse(event_type)
+        parsed = event_type if isinstance(event_type, EventType) else EventType.parse(event_type)
         return self._routes.get(parsed.base) or self._routes.get(f"{parsed.service}:{parsed.action}")
 
     # --- running --------------------------------------------------------------------------------------------
@@ -481,14 +482,14 @@ class Provider:
     def _dispatch(self, request: Event) -> None:
         assert self._task_group is not None
         try:
-            parsed = EventType.parse(request.event_type)
+            parsed = request.type  # parsed once: the route and the lifecycle read the same parse
         except InvalidEventType:
             return
         if parsed.state != REQUESTED:
             return
         if request.event_id in self._runs:
             return  # already running: a redelivery
-        registration = self.route(request.event_type)
+        registration = self.route(parsed)
         streaming = self.detector.is_streaming(request.event_type)
         if registration is None:
             run = _Run(None, request, None, streaming=streaming)

@@ -32,6 +32,7 @@ from nexus.api import AnyHandler
 from nexus.bus.base import Bus
 from nexus.client import NexusClient, RequestStream, Subscription
 from nexus.config import Settings
+from nexus.errors import InvalidState
 from nexus.events import STARTED, STREAM, Event, JSONObject
 from nexus.plugins import HandlerSpec
 from nexus.server import NexusServer
@@ -110,7 +111,7 @@ class Recorder:
                 await self._task
 
 
-class StreamEnded(AssertionError):
+class StreamEnded(InvalidState, AssertionError):
     """A followed stream ended (or its connection failed) before what the test waited for happened."""
 
 

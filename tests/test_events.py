@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 import re
 from datetime import UTC, datetime
@@ -378,3 +380,45 @@ def test_event_accessors_and_stored_copy() -> None:
         "offset": 7,
         "epoch": "ep",
     }
+
+
+def test_an_event_is_a_value_that_cannot_be_reassigned() -> None:
+    """Fields of an event cannot be reassigned; evolve() and stored() return changed copies."""
+    event = Event.create("demo:echo:v1:requested", {"a": 1}, event_id="e1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.event_id = "other"  # type: ignore[misc]
+    renamed = event.evolve(event_id="e2", metadata={"user_id": "u"})
+    assert (renamed.event_id, renamed.metadata) == ("e2", {"user_id": "u"})
+    assert (event.event_id, event.metadata) == ("e1", {})
+    assert renamed == event.evolve(event_id="e2", metadata={"user_id": "u"})
+
+
+def test_a_request_type_is_parsed_once_on_its_way_through_a_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building, storing, routing and driving a request parses its type once (the edge's check)."""
+    calls: list[str] = []
+    original = EventType.parse.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[EventType], text: str) -> EventType:
+        calls.append(text)
+        return original(cls, text)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(EventType, "parse", classmethod(counting))
+
+    async def run() -> list[str]:
+        from nexus import EventHandler
+        from nexus.testing import run_server
+
+        class Echo(EventHandler):
+            event_type = "demo:echo"
+
+            async def handle(self, request: Event) -> dict[str, Any]:
+                return {"type": request.type.action}
+
+        async with run_server(Echo()) as server:
+            calls.clear()
+            session = await server.server.node.request(Event.create("demo:echo:v1:requested", {"x": 1}))
+            events = [event async for event in session.events()]
+            assert events[-1].payload == {"type": "echo"}
+        return [text for text in calls if text == "demo:echo:v1:requested"]
+
+    assert asyncio.run(run()) == ["demo:echo:v1:requested"]

@@ -72,7 +72,7 @@ from nexus.bus.nats_codec import (
     terminal_msg_id,
 )
 from nexus.bus.nats_requests import RequestRouter
-from nexus.errors import BusUnavailable, NexusError, PayloadTooLarge
+from nexus.errors import BusUnavailable, ConfigurationError, NexusError, PayloadTooLarge
 from nexus.events import STARTED, STREAM, TERMINAL_STATES, Event, JSONObject, parse_time
 from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
@@ -98,7 +98,7 @@ PENDING_BYTES_LIMIT: Final = 1024 * 1024 * 1024
 log = structlog.get_logger("nexus.bus.nats")
 
 
-class NatsSetupError(ValueError):
+class NatsSetupError(ConfigurationError):
     """The NATS server or the stream cannot be used as configured (raised at start-up, with what to change)."""
 
 
