@@ -50,9 +50,10 @@ from nexus import (
     Stream,
     StreamingEventHandler,
     parse_time,
+    read_int,
+    read_number,
 )
 
-from ..settings import read_int, read_number
 from .windows import AGGREGATES, KINDS, ClosedWindow, Engine, InvalidInput, Limits, WindowSpec, check_tags, rfc3339
 
 WINDOW_CLOSED: Final = "analytics:window:v1:closed"

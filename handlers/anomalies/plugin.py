@@ -24,9 +24,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from nexus import Event, EventHandler, EventSpec, HandlerContext, InvalidPayload, Stream, StreamingEventHandler
+from nexus import (
+    Event,
+    EventHandler,
+    EventSpec,
+    HandlerContext,
+    InvalidPayload,
+    Stream,
+    StreamingEventHandler,
+    read_number,
+)
 
-from ..settings import read_number
 from .baseline import Baseline, BaselineError, BaselineSettings, BaselineStore, HealthStore
 from .follow import DEFAULT_MAX_LINE_BYTES, FileFollower, PathNotAllowed
 from .logs import LogScore, LogScorer, LogSettings, LogSource
