@@ -7,7 +7,6 @@ from typing import Any, Final
 from nexus import EventSpec
 
 SENT: Final = "messaging:send_message:v1:success"
-
 TYPING_CHANGED: Final = "messaging:typing:v1:changed"
 
 _CONVERSATION_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "The conversation."}
