@@ -1,4 +1,4 @@
-"""The built-in plugins' settings readers (nexus.settings, public API): what they accept, refuse and say."""
+"""The settings readers plugins use (nexus.settings, public API): what they accept, refuse and say."""
 
 from __future__ import annotations
 
