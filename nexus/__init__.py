@@ -3,9 +3,21 @@
 The public API plugin authors import::
 
     from nexus import Event, EventHandler, HandlerContext, Stream, StreamingEventHandler
+
+and what a plugin needs from the server: ``ctx.follow`` (a :class:`Follower`), ``ctx.shared``,
+``ctx.start_soon``, and the settings readers :func:`read_number` / :func:`read_int`. A plugin imports nothing
+else from ``nexus``.
 """
 
-from nexus.api import SERVER_DEFAULT, EventHandler, HandlerContext, Stream, StreamingEventHandler
+from nexus.api import (
+    DEFAULT_FOLLOW_MAX_PENDING,
+    SERVER_DEFAULT,
+    EventHandler,
+    Follower,
+    HandlerContext,
+    Stream,
+    StreamingEventHandler,
+)
 from nexus.errors import (
     ErrorCode,
     InvalidEventType,
@@ -17,16 +29,19 @@ from nexus.errors import (
 )
 from nexus.events import Event, EventType, parse_time
 from nexus.schema import EventSpec
+from nexus.settings import read_int, read_number, setting_name
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_FOLLOW_MAX_PENDING",
     "SERVER_DEFAULT",
     "ErrorCode",
     "Event",
     "EventHandler",
     "EventSpec",
     "EventType",
+    "Follower",
     "HandlerContext",
     "InvalidEventType",
     "InvalidPattern",
@@ -38,4 +53,7 @@ __all__ = [
     "StreamingEventHandler",
     "__version__",
     "parse_time",
+    "read_int",
+    "read_number",
+    "setting_name",
 ]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 import structlog
 
@@ -39,12 +39,66 @@ SERVER_DEFAULT: Final = _ServerDefault.SERVER_DEFAULT
 
 Timeout = float | None | _ServerDefault
 
+T = TypeVar("T")
+
+DEFAULT_FOLLOW_MAX_PENDING: Final = 10_000
+"""Events a follower may have waiting before its subscription is dropped and resumed (see ``ctx.follow``)."""
+
+
+class Follower(abc.ABC):
+    """A running :meth:`HandlerContext.follow`: applies matching bus events in offset order until the server stops.
+
+    Each event is applied once, in order. When its subscription ends while the server runs (it fell more than
+    ``max_pending`` events behind, the bus hiccuped), the follower subscribes again after the last offset it
+    applied, so the bus replays what it missed while its history still holds it; :attr:`recovered` says
+    whether it did.
+    """
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The name its log lines carry (``follow(..., name=...)``, by default the handler's name)."""
+
+    @property
+    @abc.abstractmethod
+    def offset(self) -> int:
+        """The bus offset applied up to: every matching event after the starting point and up to it was applied.
+
+        A follower started live (no ``since_offset``) starts at the bus's head offset at that moment.
+        """
+
+    @property
+    @abc.abstractmethod
+    def recovered(self) -> bool | None:
+        """Of its latest subscription: None when it started live, True when every matching event after the
+        offset asked for was replayed, False when part of that gap was no longer in the bus's history (or the
+        history is another one: its epoch changed) and the follower went on live from there."""
+
+    @property
+    @abc.abstractmethod
+    def restarts(self) -> int:
+        """How many times its subscription ended and it subscribed again."""
+
+    @abc.abstractmethod
+    async def reached(self, offset: int, timeout: float | None = None) -> bool:
+        """Wait until the events up to ``offset`` are applied; False when ``timeout`` seconds pass first.
+
+        Only matching events move the follower, so follow something that marks the spot: to wait for "the bus
+        as it was when this request was published", include the handler's own ``requested`` events in the
+        patterns and wait for ``event.offset``.
+        """
+
 
 class HandlerContext(abc.ABC):
-    """What a handler gets in ``setup()`` (and as ``self.ctx``): its config, a logger, and ``publish``."""
+    """What a handler gets in ``setup()`` (and as ``self.ctx``): its config, a logger, ``publish``, and what a
+    plugin needs from the server: following the bus, state shared by its handlers, and background tasks."""
 
     name: str
     """The handler's registration name (its entry-point name, or ``module:Class``)."""
+    plugin: str
+    """The plugin the handler belongs to: its registration name up to the first ``.`` (``analytics`` for the
+    entry point ``analytics.define_window``, ``my_plugin`` for ``--handler my_plugin.handlers:Countdown``). The
+    handlers of one plugin read the same ``[handlers.<plugin>]`` config section and share :meth:`shared`."""
     config: dict[str, Any]
     """The plugin's own configuration section (from the config file or flags)."""
     log: structlog.stdlib.BoundLogger
@@ -74,6 +128,48 @@ class HandlerContext(abc.ABC):
                     ...
 
         Live from now, or replayed after ``since_offset`` first. The subscription ends with the block.
+        """
+
+    @abc.abstractmethod
+    async def follow(
+        self,
+        *patterns: str,
+        on_event: Callable[[Event], Awaitable[None] | None],
+        since_offset: int | None = None,
+        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
+        name: str | None = None,
+    ) -> Follower:
+        """Apply every bus event matching ``patterns`` with ``on_event`` (a function or a coroutine function),
+        one at a time in offset order, in the background until the server stops::
+
+            async def setup(self, ctx: HandlerContext) -> None:
+                self.baselines: dict[str, Any] = {}
+                self.follower = await ctx.follow("demo:baseline:v1:set", on_event=self.apply, since_offset=0)
+
+        Returns once the subscription is live: an event published after that is applied. ``since_offset`` None
+        follows live from now; an offset first replays every stored matching event after it (0: the whole
+        history, while the bus still holds it all). An exception from ``on_event`` is logged and the event
+        skipped. When the subscription ends while the server runs (more than ``max_pending`` events waiting,
+        a bus hiccup), the follower resubscribes after the last offset it applied (see :class:`Follower`).
+        Raises :class:`~nexus.errors.InvalidPattern` for a bad pattern.
+        """
+
+    @abc.abstractmethod
+    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
+        """The one object of class ``kind`` that the handlers of this plugin share on this server.
+
+        The first call makes it with ``factory()`` (``kind()`` when no factory is given); every later call by
+        any handler of the same :attr:`plugin` returns that object. It lives as long as the server's provider:
+        another server, in this process or elsewhere, has its own. When the provider stops, after every
+        handler's ``teardown``, an object with an ``aclose()`` coroutine method is closed with it.
+        """
+
+    @abc.abstractmethod
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        """Run ``await function(*args)`` in the background, in the provider's task group.
+
+        Cancelled when the server stops, before ``teardown``. An exception it raises is logged (with ``name``)
+        and ends only that task, never the server. Call it from ``setup`` or later.
         """
 
     @abc.abstractmethod

@@ -158,6 +158,16 @@ def discover(
     return specs
 
 
+def plugin_name(name: str) -> str:
+    """The plugin a handler registered as ``name`` belongs to: ``name`` up to its first ``.``.
+
+    ``analytics`` for the entry point ``analytics.define_window``, ``my_plugin`` for ``--handler
+    my_plugin.handlers:Countdown``. A plugin's handlers share its ``[handlers.<plugin>]`` config section and
+    its ``ctx.shared`` objects.
+    """
+    return name.split(".", 1)[0]
+
+
 def config_for(
     name: str, handler_config: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -168,7 +178,7 @@ def config_for(
     (TOML: a nested table) or ``[handlers."<name>"]`` laid over it. Everything is laid over ``defaults``: the
     server settings shared with plugins (:meth:`nexus.config.Settings.plugin_defaults`, e.g. ``log_dir``).
     """
-    plugin = name.split(".", 1)[0]
+    plugin = plugin_name(name)
     config: dict[str, Any] = dict(defaults or {})
     shared = handler_config.get(plugin, {})
     config.update({k: v for k, v in shared.items() if not isinstance(v, Mapping)})
@@ -181,7 +191,7 @@ def config_for(
 
 
 def _section_used(section: str, names: Iterable[str]) -> bool:
-    return any(section == name or section == name.split(".", 1)[0] for name in names)
+    return any(section in (name, plugin_name(name)) for name in names)
 
 
 def register_all(

@@ -15,8 +15,8 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
 
 import anyio
 import structlog
@@ -24,9 +24,11 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from nexus.api import (
+    DEFAULT_FOLLOW_MAX_PENDING,
     SERVER_DEFAULT,
     AnyHandler,
     EventHandler,
+    Follower,
     HandlerContext,
     Stream,
     StreamingEventHandler,
@@ -54,6 +56,8 @@ from nexus.events import (
     validate_payload,
 )
 from nexus.lifecycle import Lifecycle
+from nexus.plugin_runtime import PluginRuntime
+from nexus.plugins import plugin_name
 from nexus.schema import EventSpec
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
@@ -62,6 +66,8 @@ DEFAULT_BUFFER_SIZE: Final = 100
 REQUEST_GROUP: Final = "nexus-handlers"
 REQUEST_QUEUE: Final = 1_000_000
 MAX_CHUNKS_PER_PUBLISH: Final = 256
+
+T = TypeVar("T")
 
 _current_request: contextvars.ContextVar[Event | None] = contextvars.ContextVar("nexus_current_request", default=None)
 
@@ -133,6 +139,7 @@ class _Context(HandlerContext):
     def __init__(self, provider: Provider, registration: Registration) -> None:
         self._provider = provider
         self.name = registration.name
+        self.plugin = plugin_name(registration.name)
         self.config = registration.config
         self.log = structlog.get_logger("nexus.handler").bind(handler=registration.name)
 
@@ -167,6 +174,24 @@ class _Context(HandlerContext):
             yield subscription.events()
         finally:
             subscription.close()
+
+    async def follow(
+        self,
+        *patterns: str,
+        on_event: Callable[[Event], Awaitable[None] | None],
+        since_offset: int | None = None,
+        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
+        name: str | None = None,
+    ) -> Follower:
+        return await self._provider.plugins.follow(
+            self.log, patterns, on_event, since_offset=since_offset, max_pending=max_pending, name=name or self.name
+        )
+
+    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
+        return self._provider.plugins.shared(self.plugin, kind, factory)
+
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        self._provider.plugins.start_soon(self.log, function, *args, name=name)
 
     def stats(self) -> JSONObject:
         return self._provider.stats()
@@ -244,6 +269,8 @@ class Provider:
         self.detector = StreamingDetector(self.settings.streaming_rules)
         self.log = structlog.get_logger("nexus.provider")
         self.registrations: dict[str, Registration] = {}
+        self.plugins = PluginRuntime(bus)
+        """The handlers' background tasks, followers and shared objects (``ctx.start_soon``, ...)."""
         self._routes: dict[str, Registration] = {}
         self._runs: dict[str, _Run] = {}
         self._key_queues: dict[tuple[str, Any], deque[_Run]] = {}
@@ -329,10 +356,16 @@ class Provider:
     # --- running --------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Set up handlers, then route requests until :meth:`stop`. Handlers are torn down at the end."""
+        """Set up handlers, then route requests until :meth:`stop`. Handlers are torn down at the end.
+
+        The handlers' background tasks and followers (:attr:`plugins`) run from the first ``setup`` until the
+        requests are over, and are cancelled before the first ``teardown``; shared objects are closed last.
+        """
         self._started = True
         set_up: list[Registration] = []
+        background = contextlib.AsyncExitStack()
         try:
+            await background.enter_async_context(self.plugins.running())
             for registration in self.registrations.values():
                 context = _Context(self, registration)
                 registration.handler.ctx = context
@@ -371,11 +404,13 @@ class Provider:
                 task_group.cancel_scope.cancel()
         finally:
             self._task_group = None
+            await background.aclose()  # the handlers' background tasks and followers end before any teardown
             for registration in reversed(set_up):
                 try:
                     await registration.handler.teardown()
                 except Exception as exc:
                     self.log.error("handler_teardown_failed", handler=registration.name, error=describe_exception(exc))
+            await self.plugins.close(self.log)
             self.log.info("provider_stopped", completed=self.completed)
 
     async def stop(self, reason: str = "server_shutdown") -> None:

@@ -1,4 +1,4 @@
-"""The built-in plugins' settings readers (nexus.handlers.settings): what they accept, refuse and say."""
+"""The settings readers plugins use (nexus.settings, public API): what they accept, refuse and say."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 import pytest
-from nexus.handlers.settings import read_int, read_number, setting_name
+
+from nexus import read_int, read_number, setting_name
 
 
 def exactly(message: str) -> str:

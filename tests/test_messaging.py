@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from nexus.handlers.messaging.conversations import (
     AfterMessage,
     InvalidRequest,
@@ -30,12 +27,11 @@ from nexus.handlers.messaging.plugin import (
     StreamMessages,
     StreamPresence,
     StreamTyping,
-    _Follower,
     _Inbox,
 )
 from nexus.handlers.messaging.store import MessageStore, UnknownMessage
 
-from nexus import Event, HandlerContext, NexusError, parse_time
+from nexus import Event, parse_time
 from nexus.bus.memory import MemoryBus
 from nexus.plugins import HandlerSpec, discover
 from nexus.testing import StreamFollower, TestServer, run_server
@@ -198,55 +194,6 @@ async def test_inbox_ends_a_stream_that_falls_behind() -> None:
     inbox.put(4)  # 2, 3 wait: full
     with pytest.raises(FellBehind):
         await inbox.get()
-
-
-class BrokenOnce(HandlerContext):
-    """A context whose first subscription breaks after two events, as a subscriber that fell behind does."""
-
-    def __init__(self) -> None:
-        self.name = "test"
-        self.config = {}
-        self.log = structlog.get_logger("test")
-        self.since: list[int] = []
-
-    async def publish(self, event_type: str, payload: Any = None, **kwargs: Any) -> Event:
-        raise NotImplementedError
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, *patterns: str, since_offset: int = 0) -> AsyncIterator[AsyncIterator[Event]]:
-        self.since.append(since_offset)
-        first = len(self.since) == 1
-
-        async def events() -> AsyncIterator[Event]:
-            offsets = (1, 2) if first else (3,)
-            for offset in offsets:
-                yield Event("demo:note:v1:written", {"n": offset}, offset=offset)
-            if first:
-                raise NexusError("subscriber fell behind")
-
-        yield events()
-
-
-async def test_follower_resubscribes_after_the_last_offset_it_handled() -> None:
-    """When its subscription breaks, a follower resumes after the last event it handled, so none is lost."""
-    ctx = BrokenOnce()
-    seen: list[int] = []
-    done = asyncio.Event()
-
-    async def on_event(event: Event) -> None:
-        seen.append(event.offset)
-        if event.offset == 3:
-            done.set()
-
-    follower = _Follower(ctx, ("demo:>",), on_event, "test_follower")
-    await follower.start()
-    await asyncio.wait_for(done.wait(), GUARD)
-    await follower.stop()
-    assert seen == [1, 2, 3]
-    assert ctx.since == [0, 2]
 
 
 # --- end to end ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from ..settings import read_int, read_number
+from nexus import read_int, read_number
 
 HEALTHY: Final = "healthy"
 DETERIORATING: Final = "deteriorating"

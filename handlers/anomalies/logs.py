@@ -40,7 +40,8 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ..settings import read_int, read_number
+from nexus import read_int, read_number
+
 from .templates import Drain
 
 LEARNING: Final = "LEARNING"

@@ -12,30 +12,35 @@ Baselines travel on the bus: set_baseline publishes ``anomalies:baseline:v1:set`
 covariance, and monitor and stream_health follow those events (and monitor's results), so every node of a
 cluster knows every baseline and every health window. A handler waits until its follower has seen the bus up
 to the request's own offset before it looks a baseline up, so a monitor sent right after set_baseline's
-``success`` always finds it.
+``success`` always finds it. The followers (``ctx.follow``) start from the whole history the bus still holds,
+so a node that starts late learns the earlier baselines. What each handler takes and emits is declared in
+:mod:`.specs`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from nexus import Event, EventHandler, EventSpec, HandlerContext, InvalidPayload, Stream, StreamingEventHandler
+from nexus import (
+    Event,
+    EventHandler,
+    Follower,
+    HandlerContext,
+    InvalidPayload,
+    Stream,
+    StreamingEventHandler,
+    read_number,
+)
 
-from ..settings import read_number
+from . import specs
 from .baseline import Baseline, BaselineError, BaselineSettings, BaselineStore, HealthStore
 from .follow import DEFAULT_MAX_LINE_BYTES, FileFollower, PathNotAllowed
 from .logs import LogScore, LogScorer, LogSettings, LogSource
-
-ALERT = "anomalies:alert:v1:raised"
-BASELINE_SET = "anomalies:baseline:v1:set"
-MONITOR_REQUESTED = "anomalies:monitor:v1:requested"
-MONITOR_SUCCESS = "anomalies:monitor:v1:success"
-HEALTH_REQUESTED = "anomalies:stream_health:v1:requested"
+from .specs import ALERT, BASELINE_SET, HEALTH_REQUESTED, MONITOR_REQUESTED, MONITOR_SUCCESS
 
 
 def _plugin_number(config: Mapping[str, Any], key: str, default: float) -> float:
@@ -47,94 +52,6 @@ def _settings(ctx: HandlerContext, read: Callable[[Mapping[str, Any]], Any]) -> 
         return read(ctx.config)
     except ValueError as exc:
         raise ValueError(f"{ctx.name}: {exc}") from None
-
-
-# --- schemas ----------------------------------------------------------------------------------------------
-
-_SOURCE = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Whose logs: a service, host or file."}
-_BASELINE_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Names the baseline."}
-_SEVERITY = {
-    "enum": ["LEARNING", "NONE", "LOW", "MED", "HIGH"],
-    "description": "By the source's own score percentiles, strictly above: > p99.9 HIGH, > p99 MED, > p95 "
-    "LOW, else NONE; a predicted template is at most LOW; LEARNING during the warm-up.",
-}
-_SCORE_FIELDS: dict[str, Any] = {
-    "source": {"type": "string", "description": "The source."},
-    "template_id": {"type": "string", "description": "The template's id (T<n> when mined here)."},
-    "template": {"type": "string", "description": "The template, variable parts masked (<NUM>, <IP>, <*>)."},
-    "score": {"type": "number", "minimum": 0, "description": "-ln P(template | previous h templates)."},
-    "severity": _SEVERITY,
-    "predicted": {
-        "type": "boolean",
-        "description": "DeepLog's check: the template is among the top_k seen after its context.",
-    },
-    "rank": {
-        "type": ["integer", "null"],
-        "description": "The template's rank after its context (1 = most frequent); null when never seen there.",
-    },
-    "lines_seen": {"type": "integer", "description": "Lines this source has scored, this one included."},
-    "new_template": {"type": "boolean", "description": "The line founded a new template."},
-}
-_SCORE_EXAMPLE: dict[str, Any] = {
-    "source": "payments-api",
-    "template_id": "T17",
-    "template": "connection to <IP> refused after <NUM> ms",
-    "score": 9.53,
-    "severity": "HIGH",
-    "predicted": False,
-    "rank": None,
-    "lines_seen": 5231,
-    "new_template": True,
-}
-
-ALERT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["kind"],
-    "properties": {
-        "kind": {"enum": ["log", "baseline"], "description": "What raised it: a log line or a baseline monitor."},
-        "source": {"type": "string", "description": "log: the source."},
-        "score": {"type": "number", "description": "log: the line's score."},
-        "severity": {"enum": ["MED", "HIGH"], "description": "log: the line's severity."},
-        "template": {"type": "string", "description": "log: the line's template."},
-        "template_id": {"type": "string", "description": "log: the template's id."},
-        "line": {"type": ["string", "null"], "description": "log: the line (null when scored by template_id)."},
-        "baseline_id": {"type": "string", "description": "baseline: the baseline."},
-        "distance": {"type": "number", "description": "baseline: the point's Mahalanobis distance."},
-        "threshold": {"type": "number", "description": "baseline: the distance threshold it exceeded."},
-        "point": {"type": "array", "items": {"type": "number"}, "description": "baseline: the point."},
-    },
-    "allOf": [
-        {
-            "if": {"properties": {"kind": {"const": "log"}}},
-            "then": {"required": ["source", "score", "severity", "template", "line"]},
-        },
-        {
-            "if": {"properties": {"kind": {"const": "baseline"}}},
-            "then": {"required": ["baseline_id", "distance", "threshold"]},
-        },
-    ],
-}
-LOG_ALERT_SPEC = EventSpec(
-    ALERT,
-    "A log line scored MED or HIGH (kind log), or a monitored point was farther than the threshold (kind baseline).",
-    ALERT_SCHEMA,
-    example={
-        "kind": "log",
-        "source": "payments-api",
-        "score": 9.53,
-        "severity": "HIGH",
-        "template": "connection to <IP> refused after <NUM> ms",
-        "template_id": "T17",
-        "line": "connection to 10.2.0.7 refused after 30 ms",
-    },
-)
-BASELINE_ALERT_SPEC = EventSpec(
-    ALERT,
-    "A monitored point was farther from its baseline than the threshold (kind baseline), or a log line scored "
-    "MED or HIGH (kind log).",
-    ALERT_SCHEMA,
-    example={"kind": "baseline", "baseline_id": "pump-3", "distance": 4.21, "threshold": 3.0349, "point": [7.9, 1.2]},
-)
 
 
 def _score_payload(result: LogScore) -> dict[str, Any]:
@@ -177,49 +94,8 @@ class ScoreLog(EventHandler):
 
     event_type = "anomalies:score_log:v1"
     ordering_key = "source"
-    takes = EventSpec(
-        "anomalies:score_log:v1:requested",
-        "One log line of a source, or the id of a template the caller parsed itself (give one of the two).",
-        {
-            "type": "object",
-            "required": ["source"],
-            "properties": {
-                "source": _SOURCE,
-                "line": {"type": "string", "description": "The raw log line."},
-                "template_id": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": 256,
-                    "description": "Instead of line: a template id (one returned earlier, or your own).",
-                },
-            },
-        },
-        example={"source": "payments-api", "line": "connection to 10.2.0.7 refused after 30 ms"},
-    )
-    emits = (
-        EventSpec(
-            "anomalies:score_log:v1:success",
-            "How the line scored; thresholds are the source's percentiles it was compared with.",
-            {
-                "type": "object",
-                "required": ["source", "template_id", "template", "score", "severity", "predicted", "lines_seen"],
-                "properties": {
-                    **_SCORE_FIELDS,
-                    "thresholds": {
-                        "type": ["object", "null"],
-                        "description": "The source's p95, p99 and p99.9 scores (null while learning).",
-                        "properties": {
-                            "p95": {"type": "number", "description": "Above it: LOW."},
-                            "p99": {"type": "number", "description": "Above it: MED."},
-                            "p99_9": {"type": "number", "description": "Above it: HIGH."},
-                        },
-                    },
-                },
-            },
-            example={**_SCORE_EXAMPLE, "thresholds": {"p95": 0.41, "p99": 2.2, "p99_9": 6.9}},
-        ),
-        LOG_ALERT_SPEC,
-    )
+    takes = specs.SCORE_LOG_TAKES
+    emits = specs.SCORE_LOG_EMITS
 
     def __init__(self) -> None:
         self.scorer = LogScorer()
@@ -271,50 +147,8 @@ class StreamLog(StreamingEventHandler):
 
     event_type = "anomalies:stream_log:v1"
     stream_timeout = None
-    takes = EventSpec(
-        "anomalies:stream_log:v1:requested",
-        "Follow a file in the server's log directory (log_dir; nexus serve --log-dir) until cancelled.",
-        {
-            "type": "object",
-            "required": ["path"],
-            "properties": {
-                "path": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": 4096,
-                    "description": "The file: relative to the log directory, or absolute inside it.",
-                },
-                "source": {**_SOURCE, "description": "The source its lines are scored as (default: the path)."},
-                "from_start": {
-                    "type": "boolean",
-                    "description": "Score the lines already in the file first (default false: only new ones).",
-                },
-            },
-        },
-        example={"path": "payments/api.log"},
-    )
-    emits = (
-        EventSpec(
-            "anomalies:stream_log:v1:stream",
-            "One line of the file and how it scored.",
-            {
-                "type": "object",
-                "required": ["path", "line", "source", "template_id", "template", "score", "severity"],
-                "properties": {
-                    "path": {"type": "string", "description": "The file, relative to the log directory."},
-                    "line": {"type": "string", "description": "The line, without its newline."},
-                    **_SCORE_FIELDS,
-                },
-            },
-            example={
-                "path": "payments/api.log",
-                "line": "connection to 10.2.0.7 refused after 30 ms",
-                **_SCORE_EXAMPLE,
-                "source": "payments/api.log",
-            },
-        ),
-        LOG_ALERT_SPEC,
-    )
+    takes = specs.STREAM_LOG_TAKES
+    emits = specs.STREAM_LOG_EMITS
 
     def __init__(self) -> None:
         self.settings = LogSettings()
@@ -391,96 +225,8 @@ class SetBaseline(EventHandler):
 
     event_type = "anomalies:set_baseline:v1"
     ordering_key = "baseline_id"
-    takes = EventSpec(
-        "anomalies:set_baseline:v1:requested",
-        "Points of normal behaviour: any dimension d >= 1 (at most max_dimension), at least d + 2 points.",
-        {
-            "type": "object",
-            "required": ["baseline_id", "points"],
-            "properties": {
-                "baseline_id": _BASELINE_ID,
-                "points": {
-                    "type": "array",
-                    "description": "The points, each an array of d numbers (d >= 1, the same for every point); "
-                    "at least d + 2 of them.",
-                    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
-                },
-                "confidence": {
-                    "type": "number",
-                    "exclusiveMinimum": 0,
-                    "exclusiveMaximum": 1,
-                    "description": "Chi-square confidence of the threshold (default the setting, 0.99).",
-                },
-            },
-        },
-        example={"baseline_id": "pump-3", "points": [[1.0, 2.0], [2.0, 1.0], [3.0, 4.0], [4.0, 3.0], [2.5, 2.5]]},
-    )
-    emits = (
-        EventSpec(
-            "anomalies:set_baseline:v1:success",
-            "The fitted baseline.",
-            {
-                "type": "object",
-                "required": ["baseline_id", "dimension", "count", "threshold", "confidence", "regularised"],
-                "properties": {
-                    "baseline_id": {"type": "string", "description": "The baseline."},
-                    "dimension": {"type": "integer", "description": "d."},
-                    "count": {"type": "integer", "description": "Points it was fitted on."},
-                    "mean": {"type": "array", "items": {"type": "number"}, "description": "The mean point."},
-                    "threshold": {
-                        "type": "number",
-                        "description": "sqrt of the chi-square quantile at confidence for d (2-D, 0.99: 3.0349).",
-                    },
-                    "confidence": {"type": "number", "description": "The confidence used."},
-                    "regularised": {
-                        "type": "boolean",
-                        "description": "The covariance was singular and got a ridge.",
-                    },
-                },
-            },
-            example={
-                "baseline_id": "pump-3",
-                "dimension": 2,
-                "count": 5,
-                "mean": [2.5, 2.5],
-                "threshold": 3.0348542587702925,
-                "confidence": 0.99,
-                "regularised": False,
-            },
-        ),
-        EventSpec(
-            BASELINE_SET,
-            "A baseline was set: what every node rebuilds it from.",
-            {
-                "type": "object",
-                "required": ["baseline_id", "dimension", "count", "mean", "covariance", "ridge", "confidence"],
-                "properties": {
-                    "baseline_id": {"type": "string", "description": "The baseline."},
-                    "dimension": {"type": "integer", "description": "d."},
-                    "count": {"type": "integer", "description": "Points it was fitted on."},
-                    "mean": {"type": "array", "items": {"type": "number"}, "description": "The mean point."},
-                    "covariance": {
-                        "type": "array",
-                        "items": {"type": "array", "items": {"type": "number"}},
-                        "description": "The sample covariance (n - 1), d x d.",
-                    },
-                    "ridge": {"type": "number", "description": "Added to the diagonal (0 unless singular)."},
-                    "confidence": {"type": "number", "description": "The threshold's confidence."},
-                    "threshold": {"type": "number", "description": "The distance threshold."},
-                },
-            },
-            example={
-                "baseline_id": "pump-3",
-                "dimension": 2,
-                "count": 5,
-                "mean": [2.5, 2.5],
-                "covariance": [[1.375, 1.125], [1.125, 1.375]],
-                "ridge": 0.0,
-                "confidence": 0.99,
-                "threshold": 3.0348542587702925,
-            },
-        ),
-    )
+    takes = specs.SET_BASELINE_TAKES
+    emits = specs.SET_BASELINE_EMITS
 
     def __init__(self) -> None:
         self.settings = BaselineSettings()
@@ -513,76 +259,6 @@ class SetBaseline(EventHandler):
         }
 
 
-# --- following the bus ------------------------------------------------------------------------------------
-
-
-class BusFollower:
-    """Applies the events matching ``patterns`` to local state in offset order, in a background task.
-
-    :meth:`reached` waits until every matching event up to an offset has been applied. It subscribes from
-    offset 1, so while the bus still holds its whole history a node that starts late replays it and learns the
-    earlier baselines; otherwise it follows live. After an error it resubscribes from the last offset applied.
-    """
-
-    def __init__(self, ctx: HandlerContext, patterns: tuple[str, ...], apply: Callable[[Event], None]) -> None:
-        self._ctx = ctx
-        self._patterns = patterns
-        self._apply = apply
-        self.offset = 0
-        self._advanced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"{self._ctx.name}-follower")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        delay = 0.05
-        while True:
-            try:
-                async with self._ctx.subscribe(*self._patterns, since_offset=max(self.offset, 1)) as events:
-                    async for event in events:
-                        try:
-                            self._apply(event)
-                        except Exception as exc:  # one malformed event must not stop the follower
-                            self._ctx.log.warning(
-                                "follower_skipped_event",
-                                event_type=event.event_type,
-                                offset=event.offset,
-                                error=str(exc),
-                            )
-                        if event.offset > self.offset:
-                            self.offset = event.offset
-                            self._advanced.set()
-                            self._advanced = asyncio.Event()
-                        delay = 0.05
-                return  # the bus closed the subscription: the server is stopping
-            except Exception as exc:  # resubscribe from the last offset seen: nothing is skipped
-                self._ctx.log.warning(
-                    "follower_resubscribing", error=f"{type(exc).__name__}: {exc}", offset=self.offset
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def reached(self, offset: int, timeout: float) -> bool:
-        """Wait until events up to ``offset`` are applied; False after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while self.offset < offset:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            waiter = self._advanced
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), remaining)
-        return True
-
-
 def _unknown_baseline(baseline_id: str) -> InvalidPayload:
     return InvalidPayload(f"unknown baseline {baseline_id!r}: set it first with anomalies:set_baseline")
 
@@ -598,59 +274,20 @@ class Monitor(EventHandler):
 
     event_type = "anomalies:monitor:v1"
     ordering_key = "baseline_id"
-    takes = EventSpec(
-        "anomalies:monitor:v1:requested",
-        "One observation to compare with a baseline set earlier.",
-        {
-            "type": "object",
-            "required": ["baseline_id", "point"],
-            "properties": {
-                "baseline_id": _BASELINE_ID,
-                "point": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {"type": "number"},
-                    "description": "The observation: d numbers, d the baseline's dimension.",
-                },
-            },
-        },
-        example={"baseline_id": "pump-3", "point": [7.9, 1.2]},
-    )
-    emits = (
-        EventSpec(
-            MONITOR_SUCCESS,
-            "The point's distance to the baseline and whether it is an anomaly (distance > threshold).",
-            {
-                "type": "object",
-                "required": ["baseline_id", "distance", "threshold", "is_anomaly"],
-                "properties": {
-                    "baseline_id": {"type": "string", "description": "The baseline."},
-                    "distance": {"type": "number", "minimum": 0, "description": "The Mahalanobis distance."},
-                    "threshold": {"type": "number", "description": "sqrt(chi2.ppf(confidence, d))."},
-                    "is_anomaly": {"type": "boolean", "description": "distance > threshold."},
-                },
-            },
-            example={"baseline_id": "pump-3", "distance": 4.21, "threshold": 3.0348542587702925, "is_anomaly": True},
-        ),
-        BASELINE_ALERT_SPEC,
-    )
+    takes = specs.MONITOR_TAKES
+    emits = specs.MONITOR_EMITS
 
     def __init__(self) -> None:
         self.settings = BaselineSettings()
         self.store = BaselineStore()
         self.sync_timeout_s = 5.0
-        self._follower: BusFollower | None = None
+        self._follower: Follower | None = None
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.settings = _settings(ctx, BaselineSettings.from_config)
         self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
         self.store = BaselineStore(self.settings.max_baselines)
-        self._follower = BusFollower(ctx, (BASELINE_SET, MONITOR_REQUESTED), self._apply)
-        self._follower.start()
-
-    async def teardown(self) -> None:
-        if self._follower is not None:
-            await self._follower.stop()
+        self._follower = await ctx.follow(BASELINE_SET, MONITOR_REQUESTED, on_event=self._apply, since_offset=0)
 
     def _apply(self, event: Event) -> None:
         if event.event_type == BASELINE_SET:
@@ -708,62 +345,21 @@ class StreamHealth(StreamingEventHandler):
 
     event_type = "anomalies:stream_health:v1"
     stream_timeout = None
-    takes = EventSpec(
-        "anomalies:stream_health:v1:requested",
-        "Follow the health of a baseline set earlier.",
-        {"type": "object", "required": ["baseline_id"], "properties": {"baseline_id": _BASELINE_ID}},
-        example={"baseline_id": "pump-3"},
-    )
-    emits = (
-        EventSpec(
-            "anomalies:stream_health:v1:stream",
-            "The baseline's rolling anomaly percentage and health label.",
-            {
-                "type": "object",
-                "required": ["baseline_id", "anomaly_pct", "health", "anomalies", "samples", "window"],
-                "properties": {
-                    "baseline_id": {"type": "string", "description": "The baseline."},
-                    "anomaly_pct": {
-                        "type": "number",
-                        "minimum": 0,
-                        "maximum": 100,
-                        "description": "Anomalies among the last monitored points, in percent.",
-                    },
-                    "health": {
-                        "enum": ["healthy", "deteriorating", "failing"],
-                        "description": ">= failing_pct (15) failing, >= deteriorating_pct (5) deteriorating.",
-                    },
-                    "anomalies": {"type": "integer", "description": "Anomalies in the window."},
-                    "samples": {"type": "integer", "description": "Monitored points in the window."},
-                    "window": {"type": "integer", "description": "The window's size (health_window)."},
-                },
-            },
-            example={
-                "baseline_id": "pump-3",
-                "anomaly_pct": 6.0,
-                "health": "deteriorating",
-                "anomalies": 6,
-                "samples": 100,
-                "window": 100,
-            },
-        ),
-    )
+    takes = specs.STREAM_HEALTH_TAKES
+    emits = specs.STREAM_HEALTH_EMITS
 
     def __init__(self) -> None:
         self.health = HealthStore()
         self.sync_timeout_s = 5.0
-        self._follower: BusFollower | None = None
+        self._follower: Follower | None = None
         self._listeners: dict[str, set[_Listener]] = {}
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.health = HealthStore(_settings(ctx, BaselineSettings.from_config))
         self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
-        self._follower = BusFollower(ctx, (BASELINE_SET, MONITOR_SUCCESS, HEALTH_REQUESTED), self._apply)
-        self._follower.start()
-
-    async def teardown(self) -> None:
-        if self._follower is not None:
-            await self._follower.stop()
+        self._follower = await ctx.follow(
+            BASELINE_SET, MONITOR_SUCCESS, HEALTH_REQUESTED, on_event=self._apply, since_offset=0
+        )
 
     def _apply(self, event: Event) -> None:
         baseline_id = event.payload.get("baseline_id")

@@ -2,9 +2,11 @@
 
 Entry points (``[project.entry-points."nexus.handlers"]``): ``messaging.send_message``,
 ``messaging.stream_messages``, ``messaging.set_typing``, ``messaging.stream_typing``,
-``messaging.stream_presence``. The state and its rules are the pure :mod:`.conversations`; messages persist in
-the SQLite :mod:`.store`, which is only ever called from a worker thread (``anyio.to_thread``, one call at a
-time per connection), never on the event loop.
+``messaging.stream_presence``. The state and its rules are the pure :mod:`.conversations`; what each handler
+takes and emits is declared in :mod:`.specs`; messages persist in the SQLite :mod:`.store`, which is only ever
+called from a worker thread (``anyio.to_thread``, one call at a time per connection), never on the event loop.
+Each follower (``ctx.follow``) and the typing expiry timer (``ctx.start_soon``) run in the server's task group
+until it stops.
 
 Everything live follows the bus, not in-process callbacks, so it works whichever node a request reached:
 
@@ -48,7 +50,7 @@ import dataclasses
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
@@ -58,15 +60,16 @@ import anyio.to_thread
 from nexus import (
     Event,
     EventHandler,
-    EventSpec,
     HandlerContext,
     InvalidPayload,
     Stream,
     StreamingEventHandler,
     parse_time,
+    read_int,
+    read_number,
 )
 
-from ..settings import read_int, read_number
+from . import specs
 from .conversations import (
     InvalidRequest,
     Message,
@@ -79,12 +82,11 @@ from .conversations import (
     parse_since,
     rfc3339,
 )
+from .specs import SENT, TYPING_CHANGED
 from .store import MessageStore
 
 T = TypeVar("T")
 
-SENT: Final = "messaging:send_message:v1:success"
-TYPING_CHANGED: Final = "messaging:typing:v1:changed"
 STREAMING_ACTIONS: Final = ("stream_messages", "stream_typing", "stream_presence")
 LIFECYCLE_PATTERNS: Final = tuple(
     f"messaging:{action}:v1:{state}"
@@ -150,7 +152,7 @@ class Settings:
         )
 
 
-# --- plumbing: the store off the loop, bus followers, per-conversation fan-out ----------------------------------
+# --- plumbing: the store off the loop, per-conversation fan-out ----------------------------------
 
 
 class _Database:
@@ -229,96 +231,12 @@ class _Rooms(Generic[T]):
         return sum(len(room) for room in self._rooms.values())
 
 
-class _Follower:
-    """Follows bus events in a background task from ``setup`` to ``teardown``.
-
-    If the subscription breaks (it fell behind, the bus hiccuped), it resubscribes after the last offset it
-    handled, so the bus replays what it missed while that is still in its history.
-    """
-
-    def __init__(
-        self, ctx: HandlerContext, patterns: tuple[str, ...], on_event: Callable[[Event], Awaitable[None]], name: str
-    ) -> None:
-        self._ctx = ctx
-        self._patterns = patterns
-        self._on_event = on_event
-        self._name = name
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.last_offset = 0
-
-    async def start(self) -> None:
-        """Start following; returns once the subscription is live."""
-        self._task = asyncio.create_task(self._run(), name=self._name)
-        ready = asyncio.ensure_future(self._ready.wait())
-        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if self._task.done():
-            self._task.result()
-            raise RuntimeError(f"{self._name}: the subscription ended as it started")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        delay = 0.05
-        while True:
-            try:
-                async with self._ctx.subscribe(*self._patterns, since_offset=self.last_offset) as events:
-                    self._ready.set()
-                    delay = 0.05
-                    async for event in events:
-                        try:
-                            await self._on_event(event)
-                        except Exception as exc:
-                            self._ctx.log.exception(f"{self._name}_event_failed", error=str(exc))
-                        if event.offset:
-                            self.last_offset = event.offset
-                return  # the bus closed the subscription: the node is stopping
-            except Exception as exc:
-                if not self._ready.is_set():
-                    raise
-                self._ctx.log.warning(
-                    f"{self._name}_resubscribing", error=f"{type(exc).__name__}: {exc}", after_offset=self.last_offset
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-
 def _conversation(event: Event) -> str:
     return str(event.payload["conversation_id"])
 
 
 def _invalid(event: Event, problem: str) -> InvalidPayload:
     return InvalidPayload(f"{event.event_type} payload.{problem}")
-
-
-# --- schemas ----------------------------------------------------------------------------------------------------
-
-_CONVERSATION_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "The conversation."}
-_USER_ID = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 256,
-    "description": "Who acts, used only when the request carries no authenticated metadata.user_id.",
-}
-_MESSAGE_PROPERTIES: dict[str, Any] = {
-    "message_id": {"type": "string", "description": "The message's id (a ULID: unique, sortable by time)."},
-    "conversation_id": {"type": "string", "description": "The conversation."},
-    "sender": {"type": "string", "description": "Who sent it (metadata.user_id of the request when there is one)."},
-    "text": {"type": "string", "description": "The text."},
-    "sent_at": {"type": "string", "description": "When the node stored it (RFC 3339 UTC)."},
-}
-_MESSAGE_EXAMPLE: Final = {
-    "message_id": "01JGZ8Q4V6M3T0D1XH2B7C9KEF",
-    "conversation_id": "team-42",
-    "sender": "ada",
-    "text": "Standup in 5 minutes",
-    "sent_at": "2025-01-06T08:55:02.118000Z",
-}
 
 
 # --- handlers ---------------------------------------------------------------------------------------------------
@@ -330,32 +248,8 @@ class SendMessage(EventHandler):
 
     event_type = "messaging:send_message:v1"
     ordering_key = "conversation_id"
-    takes = EventSpec(
-        "messaging:send_message:v1:requested",
-        "Send a message to a conversation. The sender is the authenticated user (metadata.user_id).",
-        {
-            "type": "object",
-            "required": ["conversation_id", "text"],
-            "properties": {
-                "conversation_id": _CONVERSATION_ID,
-                "text": {"type": "string", "minLength": 1, "description": "The message (at most max_text_length)."},
-                "user_id": _USER_ID,
-            },
-        },
-        example={"conversation_id": "team-42", "text": "Standup in 5 minutes"},
-    )
-    emits = (
-        EventSpec(
-            SENT,
-            "The stored message. Streams of the conversation follow these events, whichever node sent it.",
-            {
-                "type": "object",
-                "required": list(_MESSAGE_PROPERTIES),
-                "properties": _MESSAGE_PROPERTIES,
-            },
-            example=_MESSAGE_EXAMPLE,
-        ),
-    )
+    takes = specs.SEND_MESSAGE_TAKES
+    emits = specs.SEND_MESSAGE_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
@@ -390,57 +284,17 @@ class StreamMessages(StreamingEventHandler):
 
     event_type = "messaging:stream_messages:v1"
     stream_timeout = None
-    takes = EventSpec(
-        "messaging:stream_messages:v1:requested",
-        "Stream a conversation's messages, one `stream` event each: the history first (all of it, or what "
-        "came after `since`; at most the most recent history_limit), then every new message live, until "
-        "cancelled. No message is missed or repeated between the two.",
-        {
-            "type": "object",
-            "required": ["conversation_id"],
-            "properties": {
-                "conversation_id": _CONVERSATION_ID,
-                "since": {
-                    "type": ["string", "number"],
-                    "description": "A message id (history after it) or a time, RFC 3339 or epoch seconds "
-                    "(history sent at or after it). Absent: all the history.",
-                },
-                "limit": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "description": "The most history messages to send (at most config history_limit, 500).",
-                },
-                "user_id": _USER_ID,
-            },
-        },
-        example={"conversation_id": "team-42", "since": "2025-01-06T08:00:00Z"},
-    )
-    emits = (
-        EventSpec(
-            "messaging:stream_messages:v1:stream",
-            "One message of the conversation; `live` is false for history, true for messages sent since.",
-            {
-                "type": "object",
-                "required": [*_MESSAGE_PROPERTIES, "live"],
-                "properties": {
-                    **_MESSAGE_PROPERTIES,
-                    "live": {"type": "boolean", "description": "False for history, true for a new message."},
-                },
-            },
-            example={**_MESSAGE_EXAMPLE, "live": True},
-        ),
-    )
+    takes = specs.STREAM_MESSAGES_TAKES
+    emits = specs.STREAM_MESSAGES_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
         self._db = _Database(self._settings)
         await self._db.open()
         self._rooms: _Rooms[tuple[int | None, Message]] = _Rooms()
-        self._follower = _Follower(ctx, (SENT,), self._on_sent, "messages_follower")
-        await self._follower.start()
+        await ctx.follow(SENT, on_event=self._on_sent, name="messages_follower")
 
     async def teardown(self) -> None:
-        await self._follower.stop()
         await self._db.close()
 
     async def _on_sent(self, event: Event) -> None:
@@ -493,60 +347,8 @@ class SetTyping(EventHandler):
 
     event_type = "messaging:set_typing:v1"
     ordering_key = "conversation_id"
-    takes = EventSpec(
-        "messaging:set_typing:v1:requested",
-        "Say that the requester is typing (or stopped). An indicator lasts typing_ttl_s (5 s) unless set again.",
-        {
-            "type": "object",
-            "required": ["conversation_id", "typing"],
-            "properties": {
-                "conversation_id": _CONVERSATION_ID,
-                "typing": {"type": "boolean", "description": "True while typing; false to clear it at once."},
-                "user_id": _USER_ID,
-            },
-        },
-        example={"conversation_id": "team-42", "typing": True},
-    )
-    emits = (
-        EventSpec(
-            "messaging:set_typing:v1:success",
-            "The indicator as set.",
-            {
-                "type": "object",
-                "required": ["conversation_id", "user_id", "typing", "expires_at"],
-                "properties": {
-                    "conversation_id": {"type": "string", "description": "The conversation."},
-                    "user_id": {"type": "string", "description": "Who is typing."},
-                    "typing": {"type": "boolean", "description": "Whether they are."},
-                    "expires_at": {
-                        "type": ["string", "null"],
-                        "description": "When the indicator lapses unless set again (RFC 3339); null when cleared.",
-                    },
-                },
-            },
-            example={
-                "conversation_id": "team-42",
-                "user_id": "ada",
-                "typing": True,
-                "expires_at": "2025-01-06T08:55:07.118000Z",
-            },
-        ),
-        EventSpec(
-            TYPING_CHANGED,
-            "A typing indicator was set or cleared; every node's typing streams follow these events.",
-            {
-                "type": "object",
-                "required": ["conversation_id", "user_id", "typing", "ttl_s"],
-                "properties": {
-                    "conversation_id": {"type": "string", "description": "The conversation."},
-                    "user_id": {"type": "string", "description": "Who is typing."},
-                    "typing": {"type": "boolean", "description": "Whether they are."},
-                    "ttl_s": {"type": "number", "description": "Seconds the indicator lasts unless set again."},
-                },
-            },
-            example={"conversation_id": "team-42", "user_id": "ada", "typing": True, "ttl_s": 5.0},
-        ),
-    )
+    takes = specs.SET_TYPING_TAKES
+    emits = specs.SET_TYPING_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
@@ -577,52 +379,16 @@ class StreamTyping(StreamingEventHandler):
 
     event_type = "messaging:stream_typing:v1"
     stream_timeout = None
-    takes = EventSpec(
-        "messaging:stream_typing:v1:requested",
-        "Stream the typing indicators of a conversation: who types now, then each change (someone started, "
-        "stopped, or their indicator expired).",
-        {
-            "type": "object",
-            "required": ["conversation_id"],
-            "properties": {"conversation_id": _CONVERSATION_ID, "user_id": _USER_ID},
-        },
-        example={"conversation_id": "team-42"},
-    )
-    emits = (
-        EventSpec(
-            "messaging:stream_typing:v1:stream",
-            "Who is typing after a change (the first chunk is the snapshot).",
-            {
-                "type": "object",
-                "required": ["conversation_id", "users", "change", "user_id"],
-                "properties": {
-                    "conversation_id": {"type": "string", "description": "The conversation."},
-                    "users": {"type": "array", "items": {"type": "string"}, "description": "Who types, sorted."},
-                    "change": {
-                        "enum": ["snapshot", "typing", "stopped", "expired"],
-                        "description": "What happened: the first chunk, someone started, stopped, or timed out.",
-                    },
-                    "user_id": {"type": ["string", "null"], "description": "Whose indicator changed (null first)."},
-                },
-            },
-            example={"conversation_id": "team-42", "users": ["ada"], "change": "typing", "user_id": "ada"},
-        ),
-    )
+    takes = specs.STREAM_TYPING_TAKES
+    emits = specs.STREAM_TYPING_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
         self._board = TypingBoard(max_conversations=self._settings.max_typing_conversations)
         self._rooms: _Rooms[TypingChange] = _Rooms()
         self._wake = asyncio.Event()
-        self._follower = _Follower(ctx, (TYPING_CHANGED,), self._on_changed, "typing_follower")
-        await self._follower.start()
-        self._timer = asyncio.create_task(self._expire_indicators(), name="typing-expiry")
-
-    async def teardown(self) -> None:
-        self._timer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._timer
-        await self._follower.stop()
+        await ctx.follow(TYPING_CHANGED, on_event=self._on_changed, name="typing_follower")
+        ctx.start_soon(self._expire_indicators, name="typing-expiry")
 
     async def _on_changed(self, event: Event) -> None:
         payload = event.payload
@@ -682,45 +448,14 @@ class StreamPresence(StreamingEventHandler):
 
     event_type = "messaging:stream_presence:v1"
     stream_timeout = None
-    takes = EventSpec(
-        "messaging:stream_presence:v1:requested",
-        "Stream who is present in a conversation. A user joins when they start any stream in it "
-        "(stream_messages, stream_typing, stream_presence) and leaves when their last one ends, including by "
-        "their connection dropping.",
-        {
-            "type": "object",
-            "required": ["conversation_id"],
-            "properties": {"conversation_id": _CONVERSATION_ID, "user_id": _USER_ID},
-        },
-        example={"conversation_id": "team-42"},
-    )
-    emits = (
-        EventSpec(
-            "messaging:stream_presence:v1:stream",
-            "Who is present after a change (the first chunk is the snapshot).",
-            {
-                "type": "object",
-                "required": ["conversation_id", "present", "change", "user_id"],
-                "properties": {
-                    "conversation_id": {"type": "string", "description": "The conversation."},
-                    "present": {"type": "array", "items": {"type": "string"}, "description": "Who is, sorted."},
-                    "change": {"enum": ["snapshot", "joined", "left"], "description": "What happened."},
-                    "user_id": {"type": ["string", "null"], "description": "Who joined or left (null first)."},
-                },
-            },
-            example={"conversation_id": "team-42", "present": ["ada", "bob"], "change": "joined", "user_id": "bob"},
-        ),
-    )
+    takes = specs.STREAM_PRESENCE_TAKES
+    emits = specs.STREAM_PRESENCE_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
         self._board = PresenceBoard(max_streams=self._settings.max_tracked_streams)
         self._rooms: _Rooms[PresenceChange] = _Rooms()
-        self._follower = _Follower(ctx, LIFECYCLE_PATTERNS, self._on_lifecycle, "presence_follower")
-        await self._follower.start()
-
-    async def teardown(self) -> None:
-        await self._follower.stop()
+        await ctx.follow(*LIFECYCLE_PATTERNS, on_event=self._on_lifecycle, name="presence_follower")
 
     async def _on_lifecycle(self, event: Event) -> None:
         state = event.event_type.rsplit(":", 1)[-1]

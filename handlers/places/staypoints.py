@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
-from ..settings import read_int, read_number
+from nexus import read_int, read_number
 
 EARTH_RADIUS_M: Final = 6_371_008.8
 """Mean Earth radius (IUGG), in metres."""

@@ -1,12 +1,19 @@
-"""Readers for the built-in plugins' settings (``ctx.config``, a ``[handlers.<plugin>]`` table), checked as read.
+"""Readers for a plugin's settings (``ctx.config``, its ``[handlers.<plugin>]`` table), checked as read.
+
+Public API (``from nexus import read_int, read_number, setting_name``): a plugin reads each setting once in
+``setup`` and lets the ValueError stop the server at start-up, naming the setting and the value::
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self.interval = read_number(ctx.config, "interval_s", 1.0, plugin=ctx.plugin, minimum=0, strict=True)
+        self.limit = read_int(ctx.config, "limit", 100, plugin=ctx.plugin, minimum=1)
 
 Pure: no I/O, nothing from the core. A reader takes the mapping, the key and its default, and returns the
 value, or raises ValueError naming the plugin, the key and the value:
 
 - :func:`read_number`: a finite int or float (never a bool), returned as a float; ``minimum`` is inclusive, or
   exclusive with ``strict=True``; ``maximum`` is inclusive.
-- :func:`read_int`: an int (never a bool) or a float with no fractional part (``10.0`` reads as ``10``), of at
-  least ``minimum``.
+- :func:`read_int`: an int (never a bool) or a float with no fractional part (``10.0`` reads as ``10``: numbers
+  that travelled as JSON or protobuf doubles), of at least ``minimum``.
 
 The message says ``<setting> must be <what>, got <value>``. The setting is named ``places setting
 'exit_points'``, or with ``table=True`` as it stands in the config file: ``[handlers.messaging] history_limit``.

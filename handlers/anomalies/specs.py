@@ -1,0 +1,367 @@
+"""The anomalies plugin's events: what each handler takes and emits, with payload schemas and examples."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from nexus import EventSpec
+
+ALERT: Final = "anomalies:alert:v1:raised"
+BASELINE_SET: Final = "anomalies:baseline:v1:set"
+MONITOR_REQUESTED: Final = "anomalies:monitor:v1:requested"
+MONITOR_SUCCESS: Final = "anomalies:monitor:v1:success"
+HEALTH_REQUESTED: Final = "anomalies:stream_health:v1:requested"
+
+_SOURCE = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Whose logs: a service, host or file."}
+
+_BASELINE_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Names the baseline."}
+
+_SEVERITY = {
+    "enum": ["LEARNING", "NONE", "LOW", "MED", "HIGH"],
+    "description": "By the source's own score percentiles, strictly above: > p99.9 HIGH, > p99 MED, > p95 "
+    "LOW, else NONE; a predicted template is at most LOW; LEARNING during the warm-up.",
+}
+
+_SCORE_FIELDS: dict[str, Any] = {
+    "source": {"type": "string", "description": "The source."},
+    "template_id": {"type": "string", "description": "The template's id (T<n> when mined here)."},
+    "template": {"type": "string", "description": "The template, variable parts masked (<NUM>, <IP>, <*>)."},
+    "score": {"type": "number", "minimum": 0, "description": "-ln P(template | previous h templates)."},
+    "severity": _SEVERITY,
+    "predicted": {
+        "type": "boolean",
+        "description": "DeepLog's check: the template is among the top_k seen after its context.",
+    },
+    "rank": {
+        "type": ["integer", "null"],
+        "description": "The template's rank after its context (1 = most frequent); null when never seen there.",
+    },
+    "lines_seen": {"type": "integer", "description": "Lines this source has scored, this one included."},
+    "new_template": {"type": "boolean", "description": "The line founded a new template."},
+}
+
+_SCORE_EXAMPLE: dict[str, Any] = {
+    "source": "payments-api",
+    "template_id": "T17",
+    "template": "connection to <IP> refused after <NUM> ms",
+    "score": 9.53,
+    "severity": "HIGH",
+    "predicted": False,
+    "rank": None,
+    "lines_seen": 5231,
+    "new_template": True,
+}
+
+ALERT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind"],
+    "properties": {
+        "kind": {"enum": ["log", "baseline"], "description": "What raised it: a log line or a baseline monitor."},
+        "source": {"type": "string", "description": "log: the source."},
+        "score": {"type": "number", "description": "log: the line's score."},
+        "severity": {"enum": ["MED", "HIGH"], "description": "log: the line's severity."},
+        "template": {"type": "string", "description": "log: the line's template."},
+        "template_id": {"type": "string", "description": "log: the template's id."},
+        "line": {"type": ["string", "null"], "description": "log: the line (null when scored by template_id)."},
+        "baseline_id": {"type": "string", "description": "baseline: the baseline."},
+        "distance": {"type": "number", "description": "baseline: the point's Mahalanobis distance."},
+        "threshold": {"type": "number", "description": "baseline: the distance threshold it exceeded."},
+        "point": {"type": "array", "items": {"type": "number"}, "description": "baseline: the point."},
+    },
+    "allOf": [
+        {
+            "if": {"properties": {"kind": {"const": "log"}}},
+            "then": {"required": ["source", "score", "severity", "template", "line"]},
+        },
+        {
+            "if": {"properties": {"kind": {"const": "baseline"}}},
+            "then": {"required": ["baseline_id", "distance", "threshold"]},
+        },
+    ],
+}
+
+LOG_ALERT_SPEC = EventSpec(
+    ALERT,
+    "A log line scored MED or HIGH (kind log), or a monitored point was farther than the threshold (kind baseline).",
+    ALERT_SCHEMA,
+    example={
+        "kind": "log",
+        "source": "payments-api",
+        "score": 9.53,
+        "severity": "HIGH",
+        "template": "connection to <IP> refused after <NUM> ms",
+        "template_id": "T17",
+        "line": "connection to 10.2.0.7 refused after 30 ms",
+    },
+)
+
+BASELINE_ALERT_SPEC = EventSpec(
+    ALERT,
+    "A monitored point was farther from its baseline than the threshold (kind baseline), or a log line scored "
+    "MED or HIGH (kind log).",
+    ALERT_SCHEMA,
+    example={"kind": "baseline", "baseline_id": "pump-3", "distance": 4.21, "threshold": 3.0349, "point": [7.9, 1.2]},
+)
+
+SCORE_LOG_TAKES = EventSpec(
+    "anomalies:score_log:v1:requested",
+    "One log line of a source, or the id of a template the caller parsed itself (give one of the two).",
+    {
+        "type": "object",
+        "required": ["source"],
+        "properties": {
+            "source": _SOURCE,
+            "line": {"type": "string", "description": "The raw log line."},
+            "template_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 256,
+                "description": "Instead of line: a template id (one returned earlier, or your own).",
+            },
+        },
+    },
+    example={"source": "payments-api", "line": "connection to 10.2.0.7 refused after 30 ms"},
+)
+
+SCORE_LOG_EMITS = (
+    EventSpec(
+        "anomalies:score_log:v1:success",
+        "How the line scored; thresholds are the source's percentiles it was compared with.",
+        {
+            "type": "object",
+            "required": ["source", "template_id", "template", "score", "severity", "predicted", "lines_seen"],
+            "properties": {
+                **_SCORE_FIELDS,
+                "thresholds": {
+                    "type": ["object", "null"],
+                    "description": "The source's p95, p99 and p99.9 scores (null while learning).",
+                    "properties": {
+                        "p95": {"type": "number", "description": "Above it: LOW."},
+                        "p99": {"type": "number", "description": "Above it: MED."},
+                        "p99_9": {"type": "number", "description": "Above it: HIGH."},
+                    },
+                },
+            },
+        },
+        example={**_SCORE_EXAMPLE, "thresholds": {"p95": 0.41, "p99": 2.2, "p99_9": 6.9}},
+    ),
+    LOG_ALERT_SPEC,
+)
+
+STREAM_LOG_TAKES = EventSpec(
+    "anomalies:stream_log:v1:requested",
+    "Follow a file in the server's log directory (log_dir; nexus serve --log-dir) until cancelled.",
+    {
+        "type": "object",
+        "required": ["path"],
+        "properties": {
+            "path": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 4096,
+                "description": "The file: relative to the log directory, or absolute inside it.",
+            },
+            "source": {**_SOURCE, "description": "The source its lines are scored as (default: the path)."},
+            "from_start": {
+                "type": "boolean",
+                "description": "Score the lines already in the file first (default false: only new ones).",
+            },
+        },
+    },
+    example={"path": "payments/api.log"},
+)
+
+STREAM_LOG_EMITS = (
+    EventSpec(
+        "anomalies:stream_log:v1:stream",
+        "One line of the file and how it scored.",
+        {
+            "type": "object",
+            "required": ["path", "line", "source", "template_id", "template", "score", "severity"],
+            "properties": {
+                "path": {"type": "string", "description": "The file, relative to the log directory."},
+                "line": {"type": "string", "description": "The line, without its newline."},
+                **_SCORE_FIELDS,
+            },
+        },
+        example={
+            "path": "payments/api.log",
+            "line": "connection to 10.2.0.7 refused after 30 ms",
+            **_SCORE_EXAMPLE,
+            "source": "payments/api.log",
+        },
+    ),
+    LOG_ALERT_SPEC,
+)
+
+SET_BASELINE_TAKES = EventSpec(
+    "anomalies:set_baseline:v1:requested",
+    "Points of normal behaviour: any dimension d >= 1 (at most max_dimension), at least d + 2 points.",
+    {
+        "type": "object",
+        "required": ["baseline_id", "points"],
+        "properties": {
+            "baseline_id": _BASELINE_ID,
+            "points": {
+                "type": "array",
+                "description": "The points, each an array of d numbers (d >= 1, the same for every point); "
+                "at least d + 2 of them.",
+                "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+            },
+            "confidence": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 1,
+                "description": "Chi-square confidence of the threshold (default the setting, 0.99).",
+            },
+        },
+    },
+    example={"baseline_id": "pump-3", "points": [[1.0, 2.0], [2.0, 1.0], [3.0, 4.0], [4.0, 3.0], [2.5, 2.5]]},
+)
+
+SET_BASELINE_EMITS = (
+    EventSpec(
+        "anomalies:set_baseline:v1:success",
+        "The fitted baseline.",
+        {
+            "type": "object",
+            "required": ["baseline_id", "dimension", "count", "threshold", "confidence", "regularised"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "dimension": {"type": "integer", "description": "d."},
+                "count": {"type": "integer", "description": "Points it was fitted on."},
+                "mean": {"type": "array", "items": {"type": "number"}, "description": "The mean point."},
+                "threshold": {
+                    "type": "number",
+                    "description": "sqrt of the chi-square quantile at confidence for d (2-D, 0.99: 3.0349).",
+                },
+                "confidence": {"type": "number", "description": "The confidence used."},
+                "regularised": {
+                    "type": "boolean",
+                    "description": "The covariance was singular and got a ridge.",
+                },
+            },
+        },
+        example={
+            "baseline_id": "pump-3",
+            "dimension": 2,
+            "count": 5,
+            "mean": [2.5, 2.5],
+            "threshold": 3.0348542587702925,
+            "confidence": 0.99,
+            "regularised": False,
+        },
+    ),
+    EventSpec(
+        BASELINE_SET,
+        "A baseline was set: what every node rebuilds it from.",
+        {
+            "type": "object",
+            "required": ["baseline_id", "dimension", "count", "mean", "covariance", "ridge", "confidence"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "dimension": {"type": "integer", "description": "d."},
+                "count": {"type": "integer", "description": "Points it was fitted on."},
+                "mean": {"type": "array", "items": {"type": "number"}, "description": "The mean point."},
+                "covariance": {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "number"}},
+                    "description": "The sample covariance (n - 1), d x d.",
+                },
+                "ridge": {"type": "number", "description": "Added to the diagonal (0 unless singular)."},
+                "confidence": {"type": "number", "description": "The threshold's confidence."},
+                "threshold": {"type": "number", "description": "The distance threshold."},
+            },
+        },
+        example={
+            "baseline_id": "pump-3",
+            "dimension": 2,
+            "count": 5,
+            "mean": [2.5, 2.5],
+            "covariance": [[1.375, 1.125], [1.125, 1.375]],
+            "ridge": 0.0,
+            "confidence": 0.99,
+            "threshold": 3.0348542587702925,
+        },
+    ),
+)
+
+MONITOR_TAKES = EventSpec(
+    "anomalies:monitor:v1:requested",
+    "One observation to compare with a baseline set earlier.",
+    {
+        "type": "object",
+        "required": ["baseline_id", "point"],
+        "properties": {
+            "baseline_id": _BASELINE_ID,
+            "point": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "number"},
+                "description": "The observation: d numbers, d the baseline's dimension.",
+            },
+        },
+    },
+    example={"baseline_id": "pump-3", "point": [7.9, 1.2]},
+)
+
+MONITOR_EMITS = (
+    EventSpec(
+        MONITOR_SUCCESS,
+        "The point's distance to the baseline and whether it is an anomaly (distance > threshold).",
+        {
+            "type": "object",
+            "required": ["baseline_id", "distance", "threshold", "is_anomaly"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "distance": {"type": "number", "minimum": 0, "description": "The Mahalanobis distance."},
+                "threshold": {"type": "number", "description": "sqrt(chi2.ppf(confidence, d))."},
+                "is_anomaly": {"type": "boolean", "description": "distance > threshold."},
+            },
+        },
+        example={"baseline_id": "pump-3", "distance": 4.21, "threshold": 3.0348542587702925, "is_anomaly": True},
+    ),
+    BASELINE_ALERT_SPEC,
+)
+
+STREAM_HEALTH_TAKES = EventSpec(
+    "anomalies:stream_health:v1:requested",
+    "Follow the health of a baseline set earlier.",
+    {"type": "object", "required": ["baseline_id"], "properties": {"baseline_id": _BASELINE_ID}},
+    example={"baseline_id": "pump-3"},
+)
+
+STREAM_HEALTH_EMITS = (
+    EventSpec(
+        "anomalies:stream_health:v1:stream",
+        "The baseline's rolling anomaly percentage and health label.",
+        {
+            "type": "object",
+            "required": ["baseline_id", "anomaly_pct", "health", "anomalies", "samples", "window"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "anomaly_pct": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 100,
+                    "description": "Anomalies among the last monitored points, in percent.",
+                },
+                "health": {
+                    "enum": ["healthy", "deteriorating", "failing"],
+                    "description": ">= failing_pct (15) failing, >= deteriorating_pct (5) deteriorating.",
+                },
+                "anomalies": {"type": "integer", "description": "Anomalies in the window."},
+                "samples": {"type": "integer", "description": "Monitored points in the window."},
+                "window": {"type": "integer", "description": "The window's size (health_window)."},
+            },
+        },
+        example={
+            "baseline_id": "pump-3",
+            "anomaly_pct": 6.0,
+            "health": "deteriorating",
+            "anomalies": 6,
+            "samples": 100,
+            "window": 100,
+        },
+    ),
+)

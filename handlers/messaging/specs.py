@@ -1,0 +1,225 @@
+"""The messaging plugin's events: what each handler takes and emits, with payload schemas and examples."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from nexus import EventSpec
+
+SENT: Final = "messaging:send_message:v1:success"
+TYPING_CHANGED: Final = "messaging:typing:v1:changed"
+
+_CONVERSATION_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "The conversation."}
+
+_USER_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 256,
+    "description": "Who acts, used only when the request carries no authenticated metadata.user_id.",
+}
+
+_MESSAGE_PROPERTIES: dict[str, Any] = {
+    "message_id": {"type": "string", "description": "The message's id (a ULID: unique, sortable by time)."},
+    "conversation_id": {"type": "string", "description": "The conversation."},
+    "sender": {"type": "string", "description": "Who sent it (metadata.user_id of the request when there is one)."},
+    "text": {"type": "string", "description": "The text."},
+    "sent_at": {"type": "string", "description": "When the node stored it (RFC 3339 UTC)."},
+}
+
+_MESSAGE_EXAMPLE: Final = {
+    "message_id": "01JGZ8Q4V6M3T0D1XH2B7C9KEF",
+    "conversation_id": "team-42",
+    "sender": "ada",
+    "text": "Standup in 5 minutes",
+    "sent_at": "2025-01-06T08:55:02.118000Z",
+}
+
+SEND_MESSAGE_TAKES = EventSpec(
+    "messaging:send_message:v1:requested",
+    "Send a message to a conversation. The sender is the authenticated user (metadata.user_id).",
+    {
+        "type": "object",
+        "required": ["conversation_id", "text"],
+        "properties": {
+            "conversation_id": _CONVERSATION_ID,
+            "text": {"type": "string", "minLength": 1, "description": "The message (at most max_text_length)."},
+            "user_id": _USER_ID,
+        },
+    },
+    example={"conversation_id": "team-42", "text": "Standup in 5 minutes"},
+)
+
+SEND_MESSAGE_EMITS = (
+    EventSpec(
+        SENT,
+        "The stored message. Streams of the conversation follow these events, whichever node sent it.",
+        {
+            "type": "object",
+            "required": list(_MESSAGE_PROPERTIES),
+            "properties": _MESSAGE_PROPERTIES,
+        },
+        example=_MESSAGE_EXAMPLE,
+    ),
+)
+
+STREAM_MESSAGES_TAKES = EventSpec(
+    "messaging:stream_messages:v1:requested",
+    "Stream a conversation's messages, one `stream` event each: the history first (all of it, or what "
+    "came after `since`; at most the most recent history_limit), then every new message live, until "
+    "cancelled. No message is missed or repeated between the two.",
+    {
+        "type": "object",
+        "required": ["conversation_id"],
+        "properties": {
+            "conversation_id": _CONVERSATION_ID,
+            "since": {
+                "type": ["string", "number"],
+                "description": "A message id (history after it) or a time, RFC 3339 or epoch seconds "
+                "(history sent at or after it). Absent: all the history.",
+            },
+            "limit": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "The most history messages to send (at most config history_limit, 500).",
+            },
+            "user_id": _USER_ID,
+        },
+    },
+    example={"conversation_id": "team-42", "since": "2025-01-06T08:00:00Z"},
+)
+
+STREAM_MESSAGES_EMITS = (
+    EventSpec(
+        "messaging:stream_messages:v1:stream",
+        "One message of the conversation; `live` is false for history, true for messages sent since.",
+        {
+            "type": "object",
+            "required": [*_MESSAGE_PROPERTIES, "live"],
+            "properties": {
+                **_MESSAGE_PROPERTIES,
+                "live": {"type": "boolean", "description": "False for history, true for a new message."},
+            },
+        },
+        example={**_MESSAGE_EXAMPLE, "live": True},
+    ),
+)
+
+SET_TYPING_TAKES = EventSpec(
+    "messaging:set_typing:v1:requested",
+    "Say that the requester is typing (or stopped). An indicator lasts typing_ttl_s (5 s) unless set again.",
+    {
+        "type": "object",
+        "required": ["conversation_id", "typing"],
+        "properties": {
+            "conversation_id": _CONVERSATION_ID,
+            "typing": {"type": "boolean", "description": "True while typing; false to clear it at once."},
+            "user_id": _USER_ID,
+        },
+    },
+    example={"conversation_id": "team-42", "typing": True},
+)
+
+SET_TYPING_EMITS = (
+    EventSpec(
+        "messaging:set_typing:v1:success",
+        "The indicator as set.",
+        {
+            "type": "object",
+            "required": ["conversation_id", "user_id", "typing", "expires_at"],
+            "properties": {
+                "conversation_id": {"type": "string", "description": "The conversation."},
+                "user_id": {"type": "string", "description": "Who is typing."},
+                "typing": {"type": "boolean", "description": "Whether they are."},
+                "expires_at": {
+                    "type": ["string", "null"],
+                    "description": "When the indicator lapses unless set again (RFC 3339); null when cleared.",
+                },
+            },
+        },
+        example={
+            "conversation_id": "team-42",
+            "user_id": "ada",
+            "typing": True,
+            "expires_at": "2025-01-06T08:55:07.118000Z",
+        },
+    ),
+    EventSpec(
+        TYPING_CHANGED,
+        "A typing indicator was set or cleared; every node's typing streams follow these events.",
+        {
+            "type": "object",
+            "required": ["conversation_id", "user_id", "typing", "ttl_s"],
+            "properties": {
+                "conversation_id": {"type": "string", "description": "The conversation."},
+                "user_id": {"type": "string", "description": "Who is typing."},
+                "typing": {"type": "boolean", "description": "Whether they are."},
+                "ttl_s": {"type": "number", "description": "Seconds the indicator lasts unless set again."},
+            },
+        },
+        example={"conversation_id": "team-42", "user_id": "ada", "typing": True, "ttl_s": 5.0},
+    ),
+)
+
+STREAM_TYPING_TAKES = EventSpec(
+    "messaging:stream_typing:v1:requested",
+    "Stream the typing indicators of a conversation: who types now, then each change (someone started, "
+    "stopped, or their indicator expired).",
+    {
+        "type": "object",
+        "required": ["conversation_id"],
+        "properties": {"conversation_id": _CONVERSATION_ID, "user_id": _USER_ID},
+    },
+    example={"conversation_id": "team-42"},
+)
+
+STREAM_TYPING_EMITS = (
+    EventSpec(
+        "messaging:stream_typing:v1:stream",
+        "Who is typing after a change (the first chunk is the snapshot).",
+        {
+            "type": "object",
+            "required": ["conversation_id", "users", "change", "user_id"],
+            "properties": {
+                "conversation_id": {"type": "string", "description": "The conversation."},
+                "users": {"type": "array", "items": {"type": "string"}, "description": "Who types, sorted."},
+                "change": {
+                    "enum": ["snapshot", "typing", "stopped", "expired"],
+                    "description": "What happened: the first chunk, someone started, stopped, or timed out.",
+                },
+                "user_id": {"type": ["string", "null"], "description": "Whose indicator changed (null first)."},
+            },
+        },
+        example={"conversation_id": "team-42", "users": ["ada"], "change": "typing", "user_id": "ada"},
+    ),
+)
+
+STREAM_PRESENCE_TAKES = EventSpec(
+    "messaging:stream_presence:v1:requested",
+    "Stream who is present in a conversation. A user joins when they start any stream in it "
+    "(stream_messages, stream_typing, stream_presence) and leaves when their last one ends, including by "
+    "their connection dropping.",
+    {
+        "type": "object",
+        "required": ["conversation_id"],
+        "properties": {"conversation_id": _CONVERSATION_ID, "user_id": _USER_ID},
+    },
+    example={"conversation_id": "team-42"},
+)
+
+STREAM_PRESENCE_EMITS = (
+    EventSpec(
+        "messaging:stream_presence:v1:stream",
+        "Who is present after a change (the first chunk is the snapshot).",
+        {
+            "type": "object",
+            "required": ["conversation_id", "present", "change", "user_id"],
+            "properties": {
+                "conversation_id": {"type": "string", "description": "The conversation."},
+                "present": {"type": "array", "items": {"type": "string"}, "description": "Who is, sorted."},
+                "change": {"enum": ["snapshot", "joined", "left"], "description": "What happened."},
+                "user_id": {"type": ["string", "null"], "description": "Who joined or left (null first)."},
+            },
+        },
+        example={"conversation_id": "team-42", "present": ["ada", "bob"], "change": "joined", "user_id": "bob"},
+    ),
+)

@@ -1,0 +1,255 @@
+"""What a provider keeps for its plugins: their background tasks, their shared objects and their bus followers.
+
+The provider owns one :class:`PluginRuntime`; each handler's context reaches it through ``ctx.start_soon``,
+``ctx.shared`` and ``ctx.follow`` (the public API in :mod:`nexus.api`). Lifetime, in :meth:`Provider.run
+<nexus.provider.Provider.run>`::
+
+    running() entered ─ handlers' setup ─ requests ... stop ─ running() left ─ handlers' teardown ─ close()
+                        └──────── background tasks and followers run ────────┘ (cancelled)
+
+So a task or follower never outlives the provider, teardown never races one, and shared objects (one per
+plugin and class, never per process) are dropped with the provider that made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from nexus.api import Follower
+from nexus.bus.base import Bus, Subscription
+from nexus.events import Event
+
+T = TypeVar("T")
+
+RETRY_FIRST_S: Final = 0.05
+RETRY_MAX_S: Final = 5.0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PluginRuntime:
+    """Background tasks, shared objects and bus followers of one provider's handlers."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._group: TaskGroup | None = None
+        self._shared: dict[tuple[str, type[Any]], Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Background tasks may start inside this block; every one still running is cancelled as it ends.
+
+        An exception from the block leaves it as it was raised (not wrapped in an exception group), so a
+        handler's failing ``setup`` reaches the server unchanged.
+        """
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            self._group = group
+            try:
+                yield
+            except Exception as exc:
+                failure = exc
+            finally:
+                self._group = None
+                group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    def start_soon(
+        self,
+        log: structlog.stdlib.BoundLogger,
+        function: Callable[..., Awaitable[Any]],
+        *args: Any,
+        name: str | None = None,
+    ) -> None:
+        """Run ``await function(*args)`` until it returns or the provider stops; log what it raises."""
+        if self._group is None:
+            raise RuntimeError("background tasks start while the server runs: from setup() on, until it stops")
+        label: str = name or getattr(function, "__qualname__", None) or repr(function)
+        self._group.start_soon(self._guarded, log, label, function, args, name=label)
+
+    @staticmethod
+    async def _guarded(
+        log: structlog.stdlib.BoundLogger, label: str, function: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> None:
+        try:
+            await function(*args)
+        except Exception as exc:  # one plugin's task must never take the server down
+            log.exception("background_task_failed", task=label, error=_describe(exc))
+
+    def shared(self, plugin: str, kind: type[T], factory: Callable[[], T] | None = None) -> T:
+        """The one object of class ``kind`` of ``plugin``, made by ``factory()`` (or ``kind()``) on first use."""
+        key: tuple[str, type[Any]] = (plugin, kind)
+        if key in self._shared:
+            found = self._shared[key]
+            assert isinstance(found, kind)
+            return found
+        made = factory() if factory is not None else kind()
+        if not isinstance(made, kind):
+            raise TypeError(f"the factory of the shared {kind.__qualname__} returned a {type(made).__qualname__}")
+        self._shared[key] = made
+        return made
+
+    async def close(self, log: structlog.stdlib.BoundLogger) -> None:
+        """Forget every shared object, newest first, awaiting ``aclose()`` of those that have one."""
+        shared, self._shared = self._shared, {}
+        for (plugin, kind), value in reversed(shared.items()):
+            aclose = getattr(value, "aclose", None)
+            if aclose is None or not inspect.iscoroutinefunction(aclose):
+                continue
+            try:
+                await aclose()
+            except Exception as exc:
+                log.error("shared_close_failed", plugin=plugin, kind=kind.__qualname__, error=_describe(exc))
+
+    async def follow(
+        self,
+        log: structlog.stdlib.BoundLogger,
+        patterns: tuple[str, ...],
+        on_event: Callable[[Event], Awaitable[None] | None],
+        *,
+        since_offset: int | None,
+        max_pending: int,
+        name: str,
+    ) -> Follower:
+        """Subscribe now (a bad pattern raises here), then apply events in a background task."""
+        if max_pending < 1:
+            raise ValueError(f"follow(): max_pending must be at least 1, got {max_pending}")
+        follower = _BusFollower(self.bus, patterns, on_event, log.bind(follower=name), name, max_pending)
+        subscription = await follower.subscribe_first(since_offset)
+        try:
+            self.start_soon(follower.log, follower.run, subscription, name=f"{name}-follower")
+        except BaseException:
+            subscription.close()
+            raise
+        return follower
+
+
+class _BusFollower(Follower):
+    def __init__(
+        self,
+        bus: Bus,
+        patterns: tuple[str, ...],
+        on_event: Callable[[Event], Awaitable[None] | None],
+        log: structlog.stdlib.BoundLogger,
+        name: str,
+        max_pending: int,
+    ) -> None:
+        self._bus = bus
+        self._patterns = patterns
+        self._on_event = on_event
+        self.log = log
+        self._name = name
+        self._max_pending = max_pending
+        self._offset = 0
+        self._epoch: str | None = None
+        self._recovered: bool | None = None
+        self._restarts = 0
+        self._advanced = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def recovered(self) -> bool | None:
+        return self._recovered
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    async def subscribe_first(self, since_offset: int | None) -> Subscription:
+        if since_offset is None:
+            subscription = await self._bus.subscribe(self._patterns, max_pending=self._max_pending)
+            self._offset = subscription.start_after
+        else:
+            since = max(since_offset, 0)
+            # Offset 0 with the bus's epoch asks for the whole history (0 alone would mean "live").
+            epoch = self._bus.epoch if since == 0 else None
+            subscription = await self._bus.subscribe(
+                self._patterns, since_offset=since, epoch=epoch, max_pending=self._max_pending
+            )
+            # Without the replay (recovered False) it goes on live from the bus's head.
+            self._offset = since if subscription.recovered else max(since, subscription.start_after)
+        self._epoch = subscription.epoch
+        self._recovered = subscription.recovered
+        return subscription
+
+    async def _resubscribe(self) -> Subscription:
+        """After the last offset applied, in the history the follower started in."""
+        subscription = await self._bus.subscribe(
+            self._patterns, since_offset=self._offset, epoch=self._epoch, max_pending=self._max_pending
+        )
+        self._restarts += 1
+        self._recovered = subscription.recovered
+        if subscription.recovered is False:
+            self.log.warning("follower_gap", after_offset=self._offset, epoch=subscription.epoch)
+            self._epoch = subscription.epoch
+            self._offset = max(self._offset, subscription.start_after)
+        else:
+            self.log.info("follower_resumed", after_offset=self._offset)
+        return subscription
+
+    async def run(self, subscription: Subscription) -> None:
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                try:
+                    while batch := await subscription.next_batch():
+                        for event in batch:
+                            await self._apply(event)
+                        delay = RETRY_FIRST_S
+                finally:
+                    subscription.close()
+                reason = "the subscription ended"
+            except Exception as exc:  # fell behind (SlowConsumer), the bus went away: resume below
+                reason = _describe(exc)
+            self.log.warning("follower_resubscribing", reason=reason, after_offset=self._offset)
+            while True:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                try:
+                    subscription = await self._resubscribe()
+                    break
+                except Exception as exc:
+                    self.log.warning("follower_resubscribe_failed", error=_describe(exc), after_offset=self._offset)
+
+    async def _apply(self, event: Event) -> None:
+        if event.offset and event.offset <= self._offset:
+            return  # applied already (a replay that overlaps what the previous subscription delivered)
+        try:
+            result = self._on_event(event)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # one event the plugin cannot apply must not stop the follower
+            self.log.exception(
+                "follower_event_failed", event_type=event.event_type, offset=event.offset, error=_describe(exc)
+            )
+        if event.offset > self._offset:
+            self._offset = event.offset
+            advanced, self._advanced = self._advanced, asyncio.Event()
+            advanced.set()
+
+    async def reached(self, offset: int, timeout: float | None = None) -> bool:
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            while self._offset < offset:
+                await self._advanced.wait()
+            return True
+        return False
