@@ -216,7 +216,7 @@ class RemoteBackend(Backend):
                 ring.append(event)
             fresh.append(event)
         if fresh:
-            self._fanout.deliver(fresh, to_groups=False)
+            self._fanout.deliver(fresh)
 
     # --- Backend ----------------------------------------------------------------------------------------------
 

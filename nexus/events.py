@@ -20,6 +20,9 @@ from nexus.errors import InvalidEventType, InvalidPayload, PayloadTooLarge
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]*\Z")
 VERSION_RE: Final = re.compile(r"v[1-9][0-9]*\Z")
 MAX_TOKEN_LENGTH: Final = 128
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1_000_000
+"""One payload limit for every bus: a default NATS server carries messages up to 1 MiB, which must also hold the
+event's id, timestamp and metadata (``nexus.bus.nats`` checks the server's limit at start-up)."""
 
 # Lifecycle states (contract).
 REQUESTED: Final = "requested"

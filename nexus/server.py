@@ -1,4 +1,4 @@
-"""The Nexus server: a bus, a provider and a gRPC server (health and reflection included) put together.
+"""The Nexus server: a bus, a request queue, a provider and a gRPC server (health and reflection) put together.
 
 :class:`NexusServer` is the one object ``nexus serve``, ``nexus.testing`` and embedding applications start::
 
@@ -26,6 +26,8 @@ from nexus.errors import HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
 from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
+from nexus.queue.base import RequestQueue
+from nexus.queue.memory import MemoryRequestQueue
 from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
@@ -40,8 +42,22 @@ def make_bus(settings: Settings) -> Bus:
     if settings.bus.startswith(("nats://", "tls://")):
         from nexus.bus.nats import NatsBus  # imported here: a memory-bus node never loads nats-py
 
-        return NatsBus(settings)
+        return NatsBus(settings.nats_bus_settings())
     raise HandlerConfigError(f"unknown bus {settings.bus!r}: use 'memory' or a nats:// URL")
+
+
+def make_request_queue(settings: Settings, bus: Bus) -> RequestQueue:
+    """The request queue for ``bus``: this process's consumers on the memory bus, every node's on NATS."""
+    if settings.bus in ("", "memory"):
+        return MemoryRequestQueue(bus)
+    from nexus.bus.nats import NatsBus
+    from nexus.queue.nats import NatsRequestQueue
+
+    if not isinstance(bus, NatsBus):
+        raise HandlerConfigError(f"the bus {settings.bus!r} needs a NatsBus, got {type(bus).__name__}")
+    return NatsRequestQueue(
+        bus, node_heartbeat_s=settings.nats_node_heartbeat_s, streaming_rules=settings.streaming_rules
+    )
 
 
 class _StartedSignal:
@@ -63,11 +79,13 @@ class NexusServer:
         settings: Settings | None = None,
         *,
         bus: Bus | None = None,
+        queue: RequestQueue | None = None,
         handlers: Sequence[HandlerSpec | AnyHandler] = (),
     ) -> None:
         self.settings = settings or Settings()
         self.bus = bus if bus is not None else make_bus(self.settings)
-        self.provider = Provider(self.bus, self.settings.provider_settings())
+        self.queue = queue if queue is not None else make_request_queue(self.settings, self.bus)
+        self.provider = Provider(self.bus, self.settings.provider_settings(), queue=self.queue)
         defaults = self.settings.plugin_defaults()
         specs = [h for h in handlers if isinstance(h, HandlerSpec)]
         register_all(self.provider, specs, self.settings.handler_config, defaults)
@@ -99,8 +117,9 @@ class NexusServer:
         return f"{host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        """Start the bus, the provider (handlers' ``setup`` runs here) and the gRPC server."""
+        """Start the bus, the request queue, the provider (handlers' ``setup`` runs here) and the gRPC server."""
         await self.bus.start()
+        await self.queue.start()
         loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
         self._provider_task = asyncio.create_task(
@@ -205,8 +224,9 @@ class NexusServer:
                     self._provider_task.cancel()
                 except Exception as exc:
                     log.error("provider_failed", error=repr(exc))
-            # Closing the bus ends every subscription after its queued events: subscribers drain, then the
-            # calls end with OK; new calls get UNAVAILABLE.
+            # The queue first (on NATS the node says it leaves), then the bus: that ends every subscription after
+            # its queued events, subscribers drain, then the calls end with OK; new calls get UNAVAILABLE.
+            await self.queue.close()
             await self.bus.close()
             if self.gateway is not None:
                 # After the bus closed: each socket gets what was queued for it (the streams' `cancelled`

@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from nexus.bus.base import RequestRoute
 from nexus.events import JSONObject, check_name_token, check_version_token
+from nexus.queue.base import RequestRoute
 
 DEFAULT_MISSES: Final = 3
 MAX_CLAIMS_PER_ANNOUNCEMENT: Final = 2_000
