@@ -250,3 +250,13 @@ class StreamingEventHandler(_BaseHandler):
 
 
 AnyHandler = EventHandler | StreamingEventHandler
+
+
+def plugin_name(name: str) -> str:
+    """The plugin a handler registered as ``name`` belongs to: ``name`` up to its first ``.``.
+
+    ``analytics`` for the entry point ``analytics.define_window``, ``my_plugin`` for ``--handler
+    my_plugin.handlers:Countdown``. A plugin's handlers share its ``[handlers.<plugin>]`` config section and
+    its ``ctx.shared`` objects.
+    """
+    return name.split(".", 1)[0]

@@ -36,6 +36,7 @@ from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_SIZE
 from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
 from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
+from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, NatsBusSettings
 from nexus.detect import DEFAULT_RULES, Rule
 from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
 from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
@@ -100,7 +101,7 @@ class Settings:
     nats_storage: str = "file"
     nats_max_age_s: float = 0.0
     """Seconds the stream keeps an event; ``0`` keeps it until ``history_size`` newer ones push it out."""
-    nats_ack_timeout_s: float = 2.0
+    nats_ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     """Seconds a publish waits for JetStream's acknowledgement before it fails with UNAVAILABLE."""
     nats_node_heartbeat_s: float = 1.0
     """Seconds between node heartbeats; a node silent for three of them is lost and its requests fail."""
@@ -135,6 +136,22 @@ class Settings:
             max_payload_bytes=self.max_payload_bytes,
             streaming_rules=tuple(self.streaming_rules),
             shutdown_grace_s=self.shutdown_grace_s,
+        )
+
+    def nats_bus_settings(self) -> NatsBusSettings:
+        """The part of these settings the NATS bus reads (``bus`` holds its comma-separated server URLs)."""
+        return NatsBusSettings(
+            servers=tuple(part.strip() for part in self.bus.split(",") if part.strip()),
+            stream=self.nats_stream,
+            subject_prefix=self.nats_subject_prefix,
+            retention=self.nats_retention,
+            storage=self.nats_storage,
+            replicas=self.nats_replicas,
+            max_age_s=self.nats_max_age_s,
+            history_size=self.history_size,
+            dedupe_window_s=self.dedupe_window_s,
+            ack_timeout_s=self.nats_ack_timeout_s,
+            max_payload_bytes=self.max_payload_bytes,
         )
 
 

@@ -1,8 +1,9 @@
-"""A node in this process: a bus and the provider that drives its handlers (what ``nexus serve`` runs).
+"""A node in this process: a bus, its request queue and the provider that drives the handlers (``nexus serve``).
 
-:class:`LocalNode` owns the lifetime of both: :meth:`LocalNode.start` starts the bus, then the provider (the
-handlers' ``setup`` runs there, and a failing setup fails the start); :meth:`LocalNode.close` stops the provider
-(live streams end ``cancelled``), then closes the bus, whose subscriptions end after what they hold.
+:class:`LocalNode` owns the lifetime of all three: :meth:`LocalNode.start` starts the bus, the queue, then the
+provider (the handlers' ``setup`` runs there, and a failing setup fails the start); :meth:`LocalNode.close` stops
+the provider (live streams end ``cancelled``), closes the queue (on NATS the node says it leaves), then the bus,
+whose subscriptions end after what they hold.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from nexus.bus.base import DEFAULT_MAX_PENDING, Bus, Published, Subscription
 from nexus.events import Event, JSONObject
 from nexus.node import Node
 from nexus.provider import Provider
+from nexus.queue.base import RequestQueue
 from nexus.session import DISCONNECTED, Lease
 
 
@@ -40,12 +42,15 @@ class _Started:
 
 
 class LocalNode(Node):
-    """A bus and a provider in this process."""
+    """A bus, its request queue and a provider in this process (the provider's own queue unless one is given)."""
 
-    def __init__(self, bus: Bus, provider: Provider, *, shutdown_grace_s: float = 5.0) -> None:
+    def __init__(
+        self, bus: Bus, provider: Provider, *, queue: RequestQueue | None = None, shutdown_grace_s: float = 5.0
+    ) -> None:
         super().__init__()
         self.bus = bus
         self.provider = provider
+        self.queue = queue if queue is not None else provider.queue
         self.shutdown_grace_s = shutdown_grace_s
         self._provider_task: asyncio.Task[None] | None = None
         bus.on_health(self._health_changed)
@@ -62,8 +67,9 @@ class LocalNode(Node):
         return self.bus.describe()
 
     async def start(self) -> None:
-        """Start the bus, then the provider; raises what a handler's ``setup`` raised."""
+        """Start the bus, the queue, then the provider; raises what a handler's ``setup`` raised."""
         await self.bus.start()
+        await self.queue.start()
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._provider_task = asyncio.create_task(
             self.provider.run(task_status=_Started(started)), name="nexus-provider"
@@ -86,7 +92,9 @@ class LocalNode(Node):
             except Exception as exc:
                 self.provider.log.error("provider_failed", error=repr(exc))
         await self._drain_background()
-        # Closing the bus ends every subscription after its queued events.
+        # The queue first (on NATS the node says it leaves), then the bus: every subscription ends after its
+        # queued events.
+        await self.queue.close()
         await self.bus.close()
 
     async def publish(self, event: Event) -> Published:

@@ -205,7 +205,7 @@ class RemoteNode(Node):
         history = self.history
         fresh = [event for event in events if not event.offset or history.append(event)]
         if fresh:
-            self._fanout.deliver(fresh, to_groups=False)
+            self._fanout.deliver(fresh)
             self._advanced.set()
 
     async def _mirrored(self, offset: int) -> None:

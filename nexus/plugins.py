@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from nexus.api import AnyHandler, EventHandler, StreamingEventHandler
+from nexus.api import AnyHandler, EventHandler, StreamingEventHandler, plugin_name
 from nexus.errors import HandlerConfigError
 
 if TYPE_CHECKING:
@@ -156,16 +156,6 @@ def discover(
                 f"two handlers are named {item.name!r}: one from {other.source}, one from {item.source}"
             )
     return specs
-
-
-def plugin_name(name: str) -> str:
-    """The plugin a handler registered as ``name`` belongs to: ``name`` up to its first ``.``.
-
-    ``analytics`` for the entry point ``analytics.define_window``, ``my_plugin`` for ``--handler
-    my_plugin.handlers:Countdown``. A plugin's handlers share its ``[handlers.<plugin>]`` config section and
-    its ``ctx.shared`` objects.
-    """
-    return name.split(".", 1)[0]
 
 
 def config_for(

@@ -32,8 +32,9 @@ from nexus.api import (
     HandlerContext,
     Stream,
     StreamingEventHandler,
+    plugin_name,
 )
-from nexus.bus.base import Bus, RequestRoute, Subscription
+from nexus.bus.base import Bus, Subscription
 from nexus.detect import DEFAULT_RULES, StreamingDetector
 from nexus.errors import (
     BusUnavailable,
@@ -57,13 +58,13 @@ from nexus.events import (
 )
 from nexus.lifecycle import Lifecycle
 from nexus.plugin_runtime import PluginRuntime
-from nexus.plugins import plugin_name
+from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
+from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
 DEFAULT_BUFFER_SIZE: Final = 100
-REQUEST_GROUP: Final = "nexus-handlers"
 REQUEST_QUEUE: Final = 1_000_000
 MAX_CHUNKS_PER_PUBLISH: Final = 256
 
@@ -81,7 +82,6 @@ class ProviderSettings:
     buffer_size: int = DEFAULT_BUFFER_SIZE
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     streaming_rules: tuple[str, ...] = DEFAULT_RULES
-    request_group: str = REQUEST_GROUP
     shutdown_grace_s: float = 5.0
 
 
@@ -261,10 +261,17 @@ class _StreamImpl(Stream):
 
 
 class Provider:
-    """Routes ``requested`` events to handlers and drives each request's lifecycle."""
+    """Routes ``requested`` events to handlers and drives each request's lifecycle.
 
-    def __init__(self, bus: Bus, settings: ProviderSettings | None = None) -> None:
+    It takes its requests from ``queue`` (by default a :class:`~nexus.queue.memory.MemoryRequestQueue` over
+    ``bus``: the requests of this process) and publishes everything else on ``bus``.
+    """
+
+    def __init__(
+        self, bus: Bus, settings: ProviderSettings | None = None, *, queue: RequestQueue | None = None
+    ) -> None:
         self.bus = bus
+        self.queue = queue if queue is not None else MemoryRequestQueue(bus)
         self.settings = settings or ProviderSettings()
         self.detector = StreamingDetector(self.settings.streaming_rules)
         self.log = structlog.get_logger("nexus.provider")
@@ -372,10 +379,8 @@ class Provider:
                 await registration.handler.setup(context)
                 set_up.append(registration)
             routes = self.request_routes()
-            self._requests = await self.bus.consume_requests(
-                self.settings.request_group, max_pending=REQUEST_QUEUE, routes=routes
-            )
-            self.bus.on_control(self._on_control)
+            self._requests = await self.queue.consume(routes, max_pending=REQUEST_QUEUE)
+            self.queue.on_control(self._on_control)
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
                 self.log.info(
@@ -392,9 +397,7 @@ class Provider:
                         # Requests are dispatched without awaiting, so this needs a starved event loop; say so
                         # loudly and keep consuming rather than stop handling requests altogether.
                         self.log.error("request_queue_overflow", limit=exc.limit, last_offset=exc.last_offset)
-                        self._requests = await self.bus.consume_requests(
-                            self.settings.request_group, max_pending=REQUEST_QUEUE, routes=routes
-                        )
+                        self._requests = await self.queue.consume(routes, max_pending=REQUEST_QUEUE)
                         continue
                     if not batch:
                         break
@@ -436,24 +439,20 @@ class Provider:
             await self._idle.wait()
 
     def request_routes(self) -> list[RequestRoute]:
-        """The handlers this provider serves, as the bus's consumer group sees them."""
+        """The handlers this provider serves, as the request queue sees them."""
         return [RequestRoute(r.service_action, ordered=r.ordering_key is not None) for r in self.registrations.values()]
 
-    def _on_control(self, message: JSONObject) -> None:
-        kind = message.get("type")
-        if kind in ("cancel", "abandon"):
-            correlation_id = str(message.get("correlation_id", ""))
-            reason = str(message.get("reason") or "cancelled by requester")
-            if kind == "abandon":
-                self.abandon_local(correlation_id, reason)
-            else:
-                self.cancel_local(correlation_id, reason)
+    def _on_control(self, message: ControlMessage) -> None:
+        if isinstance(message, AbandonRequest):
+            self.abandon_local(message.correlation_id, message.reason)
+        else:
+            self.cancel_local(message.correlation_id, message.reason)
 
     def abandon_local(self, correlation_id: str, reason: str) -> bool:
         """Stop a request whose terminal event another node already published, publishing nothing more for it.
 
         A node cut off from the bus longer than its peers wait is declared lost, and they end its requests with
-        ``failed``/``node_lost``; when it comes back, its bus tells the provider to let those requests go.
+        ``failed``/``node_lost``; when it comes back, its request queue tells the provider to let them go.
         """
         run = self._runs.get(correlation_id)
         if run is None:
@@ -479,14 +478,14 @@ class Provider:
         return True
 
     async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
-        """Cancel a request wherever it runs: here, or on another node through the bus's control channel.
+        """Cancel a request wherever it runs: here, or on another node through the request queue.
 
         Returns whether it was found on this node.
         """
         if self.cancel_local(correlation_id, reason):
             return True
         with contextlib.suppress(BusUnavailable):
-            await self.bus.send_control({"type": "cancel", "correlation_id": correlation_id, "reason": reason})
+            await self.queue.cancel(CancelRequest(correlation_id, reason))
         return False
 
     def stats(self) -> JSONObject:
@@ -758,7 +757,7 @@ class Provider:
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self.bus.publish(event)
+                await self.queue.publish_terminal(event)
             except NexusError as exc:
                 self.log.error("terminal_publish_failed", error=exc.message, **fields)
                 return

@@ -1,5 +1,5 @@
-"""The Nexus server: a :class:`~nexus.node_local.LocalNode` (a bus and a provider) and the transports that adapt
-it: the gRPC server (health and reflection included) and, when on, the WebSocket gateway.
+"""The Nexus server: a :class:`~nexus.node_local.LocalNode` (a bus, a request queue and a provider) and the
+transports that adapt it: the gRPC server (health and reflection included) and, when on, the WebSocket gateway.
 
 :class:`NexusServer` is the one object ``nexus serve``, ``nexus.testing`` and embedding applications start::
 
@@ -28,6 +28,8 @@ from nexus.grpc.servicer import NexusServicer, add_to_server
 from nexus.node_local import LocalNode
 from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
+from nexus.queue.base import RequestQueue
+from nexus.queue.memory import MemoryRequestQueue
 from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
@@ -42,8 +44,22 @@ def make_bus(settings: Settings) -> Bus:
     if settings.bus.startswith(("nats://", "tls://")):
         from nexus.bus.nats import NatsBus  # imported here: a memory-bus node never loads nats-py
 
-        return NatsBus(settings)
+        return NatsBus(settings.nats_bus_settings())
     raise HandlerConfigError(f"unknown bus {settings.bus!r}: use 'memory' or a nats:// URL")
+
+
+def make_request_queue(settings: Settings, bus: Bus) -> RequestQueue:
+    """The request queue for ``bus``: this process's consumers on the memory bus, every node's on NATS."""
+    if settings.bus in ("", "memory"):
+        return MemoryRequestQueue(bus)
+    from nexus.bus.nats import NatsBus
+    from nexus.queue.nats import NatsRequestQueue
+
+    if not isinstance(bus, NatsBus):
+        raise HandlerConfigError(f"the bus {settings.bus!r} needs a NatsBus, got {type(bus).__name__}")
+    return NatsRequestQueue(
+        bus, node_heartbeat_s=settings.nats_node_heartbeat_s, streaming_rules=settings.streaming_rules
+    )
 
 
 class WebTransport(Protocol):
@@ -70,18 +86,22 @@ class NexusServer:
         settings: Settings | None = None,
         *,
         bus: Bus | None = None,
+        queue: RequestQueue | None = None,
         handlers: Sequence[HandlerSpec | AnyHandler] = (),
     ) -> None:
         self.settings = settings or Settings()
         self.bus = bus if bus is not None else make_bus(self.settings)
-        self.provider = Provider(self.bus, self.settings.provider_settings())
+        self.queue = queue if queue is not None else make_request_queue(self.settings, self.bus)
+        self.provider = Provider(self.bus, self.settings.provider_settings(), queue=self.queue)
         defaults = self.settings.plugin_defaults()
         specs = [h for h in handlers if isinstance(h, HandlerSpec)]
         register_all(self.provider, specs, self.settings.handler_config, defaults)
         for item in handlers:
             if not isinstance(item, HandlerSpec):
                 self.provider.register(item, config=dict(defaults))
-        self.node = LocalNode(self.bus, self.provider, shutdown_grace_s=self.settings.shutdown_grace_s)
+        self.node = LocalNode(
+            self.bus, self.provider, queue=self.queue, shutdown_grace_s=self.settings.shutdown_grace_s
+        )
         self.servicer = NexusServicer(
             self.node,
             subscriber_queue=self.settings.subscriber_queue,

@@ -35,6 +35,7 @@ from nexus.config import Settings
 from nexus.errors import InvalidState
 from nexus.events import STARTED, STREAM, Event, JSONObject
 from nexus.plugins import HandlerSpec
+from nexus.queue.base import RequestQueue
 from nexus.server import NexusServer
 
 
@@ -245,9 +246,13 @@ async def run_server(
     *handlers: AnyHandler | HandlerSpec,
     settings: Settings | None = None,
     bus: Bus | None = None,
+    queue: RequestQueue | None = None,
     **overrides: Any,
 ) -> AsyncIterator[TestServer]:
     """Start a server on 127.0.0.1 and a free port with ``handlers``; stop it afterwards.
+
+    ``bus`` and ``queue`` put the server on a given bus and request queue (two servers sharing a memory bus share
+    its queue too, so each request runs once).
 
     ``overrides`` set :class:`~nexus.config.Settings` fields (``heartbeat_interval=0.05``, ...). Entry points
     are not loaded: a test names its handlers. The WebSocket gateway is off unless ``gateway=True`` (it then
@@ -262,7 +267,7 @@ async def run_server(
         "load_entry_points": False,
     }
     fields.update(overrides)
-    server = NexusServer(dataclasses.replace(base, **fields), bus=bus, handlers=list(handlers))
+    server = NexusServer(dataclasses.replace(base, **fields), bus=bus, queue=queue, handlers=list(handlers))
     await server.start()
     client = NexusClient(server.address)
     try:

@@ -30,6 +30,7 @@ import pytest
 from nexus import Event, Stream, StreamingEventHandler
 from nexus.bus.nats import NatsBus
 from nexus.config import Settings
+from nexus.queue.nats import NatsRequestQueue
 from nexus.testing import TestServer
 
 NATS_URL = os.environ.get("NEXUS_TEST_NATS_URL", "").strip() or "nats://127.0.0.1:4222"
@@ -138,15 +139,22 @@ async def until(what: str, condition: Callable[[], bool | Awaitable[bool]], time
 
 
 def nats_bus_of(server: TestServer) -> NatsBus:
-    """The NATS bus of a test server (for what only it has: its router and membership)."""
+    """The NATS bus of a test server."""
     bus = server.bus
     assert isinstance(bus, NatsBus), f"{server.address} does not run on NATS"
     return bus
 
 
+def nats_queue_of(server: TestServer) -> NatsRequestQueue:
+    """The NATS request queue of a test server (for what only it has: its claims, outbox and membership)."""
+    queue = server.server.queue
+    assert isinstance(queue, NatsRequestQueue), f"{server.address} does not share requests over NATS"
+    return queue
+
+
 def peers(server: TestServer) -> int:
     """How many other nodes this node currently counts live."""
-    return len(nats_bus_of(server).router.membership.others)
+    return len(nats_queue_of(server).membership.others)
 
 
 async def wait_for_jetstream(url: str, timeout: float = GUARD) -> None:

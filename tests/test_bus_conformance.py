@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import anyio
@@ -17,7 +17,7 @@ import pytest
 from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
 
 from nexus import Event, InvalidPattern
-from nexus.bus import Bus, MemoryBus, RequestRoute, Subscription
+from nexus.bus import Bus, MemoryBus, Subscription
 from nexus.errors import BusUnavailable, SlowConsumer
 
 GUARD = 10.0
@@ -47,7 +47,7 @@ class Harness:
             return self._memory
         from nexus.bus.nats import NatsBus
 
-        nats_bus = NatsBus(nats_settings(self.url, self.stream, self.prefix, **settings))
+        nats_bus = NatsBus(nats_settings(self.url, self.stream, self.prefix, **settings).nats_bus_settings())
         await nats_bus.start()
         self.buses.append(nats_bus)
         return nats_bus
@@ -293,64 +293,6 @@ async def test_a_slow_subscriber_is_cut_off_and_the_others_are_not(harness: Harn
         await _read_to_the_end(slow)
     assert caught.value.last_offset == 3
     assert slow.closed
-
-
-# --- requests and control -----------------------------------------------------------------------------------
-
-
-async def test_each_request_goes_to_exactly_one_group_member(harness: Harness) -> None:
-    """Every requested event reaches exactly one member of a consumer group, members share them, nothing else."""
-    first, second = await harness.node(), await harness.node()
-    routes = [RequestRoute("demo:work")]
-    members = [
-        await first.consume_requests("workers", routes=routes),
-        await second.consume_requests("workers", routes=routes),
-    ]
-    requests = []
-    for n in range(60):
-        publisher = first if n % 2 else second
-        requests.append((await publisher.publish(_event("demo:work:v1:requested", n=n))).event.event_id)
-        await publisher.publish(_event("demo:work:v1:started", n=n))
-    got: list[list[Event]] = [[], []]
-    with anyio.fail_after(GUARD):
-        while sum(map(len, got)) < len(requests):
-            await asyncio.sleep(0.01)
-            for index, member in enumerate(members):
-                got[index] += member.take_nowait()
-    await asyncio.sleep(0.1)
-    for index, member in enumerate(members):
-        got[index] += member.take_nowait()
-    ids = [[event.event_id for event in events] for events in got]
-    assert all(ids), "both members take a share"
-    assert sorted(ids[0] + ids[1]) == sorted(requests)
-    assert all(event.state == "requested" for events in got for event in events)
-    for events in got:
-        assert [event.offset for event in events] == sorted(event.offset for event in events)
-
-
-async def test_control_messages_reach_every_node(harness: Harness) -> None:
-    """A control message sent on one node is handed to the callbacks of every node."""
-    first, second = await harness.node(), await harness.node()
-    nodes = [first] if second is first else [first, second]
-    seen: list[list[dict[str, object]]] = [[] for _ in nodes]
-    arrived = asyncio.Event()
-
-    def receiver(index: int) -> Callable[[dict[str, object]], None]:
-        def receive(message: dict[str, object]) -> None:
-            seen[index].append(message)
-            arrived.set()
-
-        return receive
-
-    for index, node in enumerate(nodes):
-        node.on_control(receiver(index))
-    message: dict[str, object] = {"type": "cancel", "correlation_id": "c", "reason": "test"}
-    await second.send_control(message)
-    with anyio.fail_after(GUARD):
-        while not all(seen):
-            arrived.clear()
-            await arrived.wait()
-    assert seen == [[message] for _ in nodes]
 
 
 async def test_a_closed_bus_refuses_to_publish_and_ends_subscriptions(harness: Harness) -> None:

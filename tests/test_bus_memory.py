@@ -426,61 +426,6 @@ async def test_close_delivers_what_was_published(bus: MemoryBus) -> None:
     assert [event.offset async for event in sub.events()] == [1, 2, 3]
 
 
-# --- consumer groups ------------------------------------------------------------------------------------------
-
-
-async def test_consume_requests_one_member_each(bus: MemoryBus) -> None:
-    """Each requested event goes to exactly one member of a group, the members share the work, and other events
-    go to none."""
-    first = await bus.consume_requests("workers")
-    second = await bus.consume_requests("workers")
-    observer = await bus.subscribe([">"])
-    requests: list[str] = []
-    for n in range(100):
-        requests.append((await bus.publish(_event("demo:a:v1:requested", n=n))).event.event_id)
-        await bus.publish(_event("demo:a:v1:started", n=n))
-        await bus.publish(_event("demo:a:v1:success", n=n))
-        if n % 7 == 0:
-            await _flush()
-    got: dict[str, list[Event]] = {"first": [], "second": []}
-    with anyio.fail_after(5):
-        while len(got["first"]) + len(got["second"]) < 100:
-            await asyncio.sleep(0)
-            got["first"] += first.take_nowait()
-            got["second"] += second.take_nowait()
-    await _flush()
-    got["first"] += first.take_nowait()
-    got["second"] += second.take_nowait()
-    ids_first = [event.event_id for event in got["first"]]
-    ids_second = [event.event_id for event in got["second"]]
-    assert set(ids_first) & set(ids_second) == set()
-    assert ids_first
-    assert ids_second
-    assert sorted(ids_first + ids_second) == sorted(requests)
-    assert len(ids_first) + len(ids_second) == 100
-    assert all(event.state == "requested" for event in got["first"] + got["second"])
-    assert [e.offset for e in got["first"]] == sorted(e.offset for e in got["first"])
-    assert len(await _collect(observer, 300)) == 300
-
-
-async def test_groups_are_independent(bus: MemoryBus) -> None:
-    """Two different groups each get every requested event once."""
-    group_a = await bus.consume_requests("a")
-    group_b = await bus.consume_requests("b")
-    await _publish(bus, ["demo:a:v1:requested"] * 5)
-    assert [event.offset for event in await _collect(group_a, 5)] == [1, 2, 3, 4, 5]
-    assert [event.offset for event in await _collect(group_b, 5)] == [1, 2, 3, 4, 5]
-
-
-async def test_group_member_leaving_hands_over(bus: MemoryBus) -> None:
-    """After a member closes, the remaining member gets every request."""
-    leaving = await bus.consume_requests("g")
-    staying = await bus.consume_requests("g")
-    leaving.close()
-    await _publish(bus, ["demo:a:v1:requested"] * 4)
-    assert [event.offset for event in await _collect(staying, 4)] == [1, 2, 3, 4]
-
-
 # --- live-only events -----------------------------------------------------------------------------------------
 
 
@@ -501,17 +446,6 @@ async def test_heartbeats_are_live_only(bus: MemoryBus) -> None:
     await _flush()
     replayed += late.take_nowait()
     assert [(event.state, event.offset) for event in replayed] == [("stream", 2)]
-
-
-async def test_control_messages_reach_callbacks(bus: MemoryBus) -> None:
-    """A control message is handed to every registered callback as a copy."""
-    seen: list[dict[str, object]] = []
-    bus.on_control(seen.append)
-    message: dict[str, object] = {"type": "cancel", "correlation_id": "c"}
-    await bus.send_control(message)
-    await _flush()
-    assert seen == [message]
-    assert seen[0] is not message
 
 
 async def test_offset_zero_with_the_epoch_replays_the_whole_history() -> None:

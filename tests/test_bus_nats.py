@@ -21,7 +21,7 @@ from nats_support import (
     NatsProcess,
     delete_stream,
     free_port,
-    nats_bus_of,
+    nats_queue_of,
     nats_server_binary,
     nats_settings,
     peers,
@@ -32,7 +32,7 @@ from nats_support import (
 )
 
 from nexus import Event, EventHandler
-from nexus.bus import RequestRoute, Subscription
+from nexus.bus import Subscription
 from nexus.bus.nats import NatsBus, NatsSetupError
 from nexus.bus.nats_codec import (
     Subjects,
@@ -45,9 +45,10 @@ from nexus.bus.nats_codec import (
     request_consumer_name,
     terminal_msg_id,
 )
-from nexus.bus.nats_members import Claim, Membership, presence_message
 from nexus.errors import BusUnavailable, PayloadTooLarge
 from nexus.events import TERMINAL_STATES
+from nexus.queue import RequestRoute
+from nexus.queue.nats_members import Claim, Membership, presence_message
 from nexus.testing import run_server
 
 # --- subjects and bodies (pure) -----------------------------------------------------------------------------
@@ -236,9 +237,9 @@ async def _take(sub: Subscription, count: int) -> list[Event]:
 async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names: tuple[str, str, str]) -> None:
     """A node creates the stream with its settings; a node started with other settings updates it."""
     url, stream, prefix = names
-    first = NatsBus(nats_settings(url, stream, prefix, history_size=500, dedupe_window_s=30.0))
+    first = NatsBus(nats_settings(url, stream, prefix, history_size=500, dedupe_window_s=30.0).nats_bus_settings())
     await first.start()
-    second = NatsBus(nats_settings(url, stream, prefix, history_size=800, nats_max_age_s=3600.0))
+    second = NatsBus(nats_settings(url, stream, prefix, history_size=800, nats_max_age_s=3600.0).nats_bus_settings())
     await second.start()
     try:
         nc = await nats.connect(url)
@@ -260,13 +261,13 @@ async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names
 async def test_a_recreated_stream_is_a_new_epoch(names: tuple[str, str, str]) -> None:
     """A stream deleted and created again has another epoch, so resuming with the old one says recovered False."""
     url, stream, prefix = names
-    bus = NatsBus(nats_settings(url, stream, prefix))
+    bus = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
     await bus.start()
     await bus.publish(Event.create("demo:x:v1:made"))
     old_epoch = bus.epoch
     await bus.close()
     await delete_stream(url, stream)
-    again = NatsBus(nats_settings(url, stream, prefix))
+    again = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
     await again.start()
     try:
         assert again.epoch != old_epoch
@@ -280,7 +281,7 @@ async def test_a_recreated_stream_is_a_new_epoch(names: tuple[str, str, str]) ->
 async def test_start_fails_clearly_when_nats_cannot_carry_the_payload_limit(names: tuple[str, str, str]) -> None:
     """A payload limit the server's max_payload cannot carry stops start-up with an error saying what to change."""
     url, stream, prefix = names
-    bus = NatsBus(nats_settings(url, stream, prefix, max_payload_bytes=1024 * 1024))
+    bus = NatsBus(nats_settings(url, stream, prefix, max_payload_bytes=1024 * 1024).nats_bus_settings())
     with pytest.raises(NatsSetupError, match=r"max_payload.*max_payload_bytes \(1048576\)"):
         await bus.start()
     assert not bus.healthy
@@ -290,7 +291,7 @@ async def test_start_fails_clearly_when_nats_cannot_carry_the_payload_limit(name
 async def test_start_fails_with_unavailable_when_nats_does_not_answer() -> None:
     """With no NATS server at the URL, start raises BusUnavailable naming the URL."""
     url = f"nats://127.0.0.1:{free_port()}"
-    bus = NatsBus(nats_settings(url, "NOPE", "nope"), connect_timeout_s=0.5)
+    bus = NatsBus(nats_settings(url, "NOPE", "nope").nats_bus_settings(), connect_timeout_s=0.5)
     with pytest.raises(BusUnavailable, match=r"cannot connect to NATS at nats://127\.0\.0\.1"):
         await bus.start()
 
@@ -299,7 +300,7 @@ async def test_start_fails_with_unavailable_when_nats_does_not_answer() -> None:
 async def test_an_event_too_large_for_nats_is_refused(names: tuple[str, str, str]) -> None:
     """An event whose payload and metadata together exceed the server's max_payload raises PayloadTooLarge."""
     url, stream, prefix = names
-    bus = NatsBus(nats_settings(url, stream, prefix))
+    bus = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
     await bus.start()
     try:
         event = Event.create("demo:x:v1:made", {"blob": "x" * 999_000}, metadata={"note": "y" * 60_000})
@@ -314,7 +315,7 @@ async def test_an_event_too_large_for_nats_is_refused(names: tuple[str, str, str
 async def test_messages_other_nats_tools_publish_on_nexus_subjects_are_events(names: tuple[str, str, str]) -> None:
     """A JSON object published with a NATS tool on a Nexus subject reaches subscribers as an event."""
     url, stream, prefix = names
-    bus = NatsBus(nats_settings(url, stream, prefix))
+    bus = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
     await bus.start()
     try:
         sub = await bus.subscribe(["sensors:>"])
@@ -404,7 +405,7 @@ async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_
             server.stop()
             await until("the node notices", lambda: not node.bus.healthy)
             waiter.release.set()
-            await until("the handler's success waits to be stored", lambda: bool(nats_bus_of(node).router.outbox))
+            await until("the handler's success waits to be stored", lambda: bool(nats_queue_of(node).outbox))
             server.start()
             with anyio.fail_after(GUARD):
                 await following
@@ -432,7 +433,7 @@ async def test_a_node_counted_lost_lets_its_requests_go(names: tuple[str, str, s
                     async def quiet(**_: Any) -> None:
                         return None
 
-                    nats_bus_of(silent).router._announce = quiet  # type: ignore[method-assign]
+                    nats_queue_of(silent)._announce = quiet  # type: ignore[method-assign]
         assert [event.state for event in stream_events] == ["started", "stream", "failed"]
         assert stream_events[-1].payload["error"]["type"] == "node_lost"
         await until("the silent node let the stream go", lambda: hold.cancelled == [request.correlation_id])

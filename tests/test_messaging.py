@@ -34,6 +34,7 @@ from nexus.handlers.messaging.store import MessageStore, UnknownMessage
 from nexus import Event, parse_time
 from nexus.bus.memory import MemoryBus
 from nexus.plugins import HandlerSpec, discover
+from nexus.queue import MemoryRequestQueue
 from nexus.testing import StreamFollower, TestServer, run_server
 
 GUARD = 10.0
@@ -338,6 +339,7 @@ async def test_message_sent_through_another_node_arrives_live_and_is_kept(tmp_pa
             return await super().handle(event)
 
     bus = MemoryBus()
+    queue = MemoryRequestQueue(bus)  # one queue for both nodes: they share its requests
     nodes = []
     for name in ("a", "b"):
         specs = messaging_handlers()
@@ -345,8 +347,8 @@ async def test_message_sent_through_another_node_arrives_live_and_is_kept(tmp_pa
         nodes.append((specs[0].handler, {"messaging": {"db_path": str(tmp_path / f"{name}.sqlite3")}}, specs))
     (send_a, config_a, specs_a), (send_b, config_b, specs_b) = nodes
     async with (
-        run_server(*specs_a, handler_config=config_a, bus=bus, heartbeat_interval=0) as node_a,
-        run_server(*specs_b, handler_config=config_b, bus=bus, heartbeat_interval=0),
+        run_server(*specs_a, handler_config=config_a, bus=bus, queue=queue, heartbeat_interval=0) as node_a,
+        run_server(*specs_b, handler_config=config_b, bus=bus, queue=queue, heartbeat_interval=0),
     ):
         stream = follow(node_a, STREAM, {"conversation_id": "team"})
         marker = (await send(node_a, "team", "marker")).payload["message_id"]

@@ -26,6 +26,7 @@ from nexus.bus import MemoryBus, Published, Subscription
 from nexus.errors import HandlerConfigError
 from nexus.events import TERMINAL_STATES, JSONObject
 from nexus.provider import Provider, ProviderSettings
+from nexus.queue import CancelRequest
 
 QUIET = ProviderSettings(heartbeat_interval=0)
 
@@ -450,14 +451,14 @@ async def test_cancel_ends_stream_and_its_tasks(bus: MemoryBus) -> None:
 
 
 async def test_cancel_through_control_channel(bus: MemoryBus) -> None:
-    """A cancel sent as a bus control message (from another node) cancels the stream with its reason."""
+    """A cancel sent through the request queue (as from another node) cancels the stream with its reason."""
     handler = Waiter()
-    async with serving(bus, handler):
+    async with serving(bus, handler) as provider:
         recorder = await record(bus)
         request = await send(bus, "demo:stream_wait:v1:requested")
         with anyio.fail_after(5):
             await handler.all_started.wait()
-        await bus.send_control({"type": "cancel", "correlation_id": request.event_id, "reason": "remote"})
+        await provider.queue.cancel(CancelRequest(request.event_id, "remote"))
         end = await recorder.terminal(request.event_id)
     assert (end.state, end.payload["reason"]) == ("cancelled", "remote")
 

@@ -1,7 +1,8 @@
 """The bus interface every backend implements, and the local fan-out they share.
 
-A bus stores events (giving each an offset in one epoch), hands them to subscribers in batches, replays
-history from an offset, and gives each ``requested`` event to one member of a consumer group. Delivery is
+A bus stores events (giving each an offset in one epoch), hands them to subscribers in batches and replays
+history from an offset; who handles each ``requested`` event is the request queue's job (:mod:`nexus.queue`,
+which uses a bus; a bus never uses it). Delivery is
 synchronous and batched: the bus calls :meth:`Subscription.push` once per subscriber per batch, which never
 awaits; a subscriber whose bounded queue overflows is ended with :class:`~nexus.errors.SlowConsumer`, so it
 never slows the others.
@@ -16,36 +17,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.errors import SlowConsumer
-from nexus.events import REQUESTED, Event, EventType, JSONObject
+from nexus.events import Event
 from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
 DEFAULT_MAX_PENDING: Final = 10_000
-ControlCallback = Callable[[JSONObject], None]
 HealthCallback = Callable[[bool], None]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RequestRoute:
-    """A handler a consumer-group member serves: ``service:action`` (any version) or ``service:action:vN``.
-
-    ``ordered`` says the handler has an ``ordering_key``; a bus shared by several nodes then lets one node at a
-    time take that handler's requests, so per-key order holds across nodes.
-    """
-
-    route: str
-    ordered: bool = False
-
-    @property
-    def service_action(self) -> str:
-        """``service:action``, the part shared by every version."""
-        service, action = self.route.split(":")[:2]
-        return f"{service}:{action}"
-
-    def matches(self, event_type: str) -> bool:
-        """Whether a ``requested`` event of ``event_type`` is for this handler (a pinned version or any)."""
-        parsed = EventType.parse(event_type)
-        return self.route in (parsed.base, f"{parsed.service}:{parsed.action}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +63,6 @@ class Subscription:
         start_after: int,
         epoch: str,
         recovered: bool | None = None,
-        group: str | None = None,
     ) -> None:
         self._fanout = fanout
         self.patterns = PatternSet(patterns)
@@ -96,7 +72,6 @@ class Subscription:
         self.head_offset = start_after
         self.epoch = epoch
         self.recovered = recovered
-        self.group = group
         self.last_offset = 0
         self.closed = False
         self._pending: list[Event] = []
@@ -242,7 +217,7 @@ class Subscription:
 
 
 class Fanout:
-    """Matches events to subscriptions (pattern trie, correlation ids, consumer groups) and pushes batches.
+    """Matches events to subscriptions (pattern trie, correlation ids) and pushes batches.
 
     Shared by every bus backend: a backend decides what is stored and when it is delivered, the fan-out
     decides to whom.
@@ -251,8 +226,6 @@ class Fanout:
     def __init__(self) -> None:
         self._index: PatternIndex[Subscription] = PatternIndex()
         self._by_correlation: dict[str, set[Subscription]] = {}
-        self._groups: dict[str, list[Subscription]] = {}
-        self._group_turn: dict[str, int] = {}
         self._match_cache: dict[str, frozenset[Subscription]] = {}
         self.subscriptions: set[Subscription] = set()
         self.slow_consumers = 0
@@ -261,8 +234,6 @@ class Fanout:
     def register(self, sub: Subscription) -> None:
         """Start delivering to ``sub``."""
         self.subscriptions.add(sub)
-        if sub.group is not None:
-            self._groups.setdefault(sub.group, []).append(sub)
         for pattern in sub.patterns:
             self._index.add(pattern, sub)
         for correlation_id in sub.correlation_ids:
@@ -274,12 +245,6 @@ class Fanout:
         if sub not in self.subscriptions:
             return
         self.subscriptions.discard(sub)
-        if sub.group is not None:
-            members = self._groups.get(sub.group, [])
-            if sub in members:
-                members.remove(sub)
-            if not members:
-                self._groups.pop(sub.group, None)
         for pattern in sub.patterns:
             self._index.remove(pattern, sub)
         for correlation_id in sub.correlation_ids:
@@ -307,10 +272,6 @@ class Fanout:
             if not subs:
                 del self._by_correlation[correlation_id]
 
-    def has_group(self, group: str) -> bool:
-        """Whether any member of ``group`` is subscribed."""
-        return bool(self._groups.get(group))
-
     def _match(self, event_type: str) -> frozenset[Subscription]:
         found = self._match_cache.get(event_type)
         if found is None:
@@ -320,11 +281,10 @@ class Fanout:
             self._match_cache[event_type] = found
         return found
 
-    def deliver(self, events: Sequence[Event], *, to_groups: bool = True) -> None:
+    def deliver(self, events: Sequence[Event]) -> None:
         """Push ``events`` (in order) to every subscription that wants them: one batch per subscriber.
 
         An event already covered by a subscriber's replay (offset at or below its ``start_after``) is skipped.
-        With ``to_groups``, each ``requested`` event also goes to one member of each consumer group.
         """
         batches: dict[Subscription, list[Event]] = {}
         by_correlation = self._by_correlation
@@ -337,21 +297,13 @@ class Fanout:
                     targets = set(targets) | followers
             offset = event.offset
             for sub in targets:
-                if sub.group is not None or (offset and offset <= sub.start_after):
+                if offset and offset <= sub.start_after:
                     continue
                 batch = batches.get(sub)
                 if batch is None:
                     batches[sub] = [event]
                 else:
                     batch.append(event)
-            if to_groups and self._groups and event.event_type.endswith(":" + REQUESTED):
-                for group, members in self._groups.items():
-                    turn = self._group_turn.get(group, 0)
-                    member = members[turn % len(members)]
-                    self._group_turn[group] = turn + 1
-                    if offset and offset <= member.start_after:
-                        continue
-                    batches.setdefault(member, []).append(event)
         for sub, batch in batches.items():
             sub.push(batch)
 
@@ -410,27 +362,8 @@ class Bus(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def consume_requests(
-        self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
-    ) -> Subscription:
-        """Receive ``requested`` events live; each goes to exactly one member of ``group``.
-
-        ``routes`` are the handlers this member serves. A bus shared by several nodes gives a member the
-        requests for its routes, and the requests no live member serves (so it can answer ``no_handler``); a
-        single-process bus gives it every request.
-        """
-
-    @abc.abstractmethod
     async def head_offset(self) -> int:
         """The offset of the newest stored event (0 when none)."""
-
-    @abc.abstractmethod
-    async def send_control(self, message: JSONObject) -> None:
-        """Send a control message (a cancel, for one) to every node, outside the event stream."""
-
-    @abc.abstractmethod
-    def on_control(self, callback: ControlCallback) -> None:
-        """Call ``callback`` with every control message."""
 
     @abc.abstractmethod
     def stats(self) -> BusStats:

@@ -19,14 +19,12 @@ from nexus.bus.base import (
     DEFAULT_MAX_PENDING,
     Bus,
     BusStats,
-    ControlCallback,
     Fanout,
     Published,
-    RequestRoute,
     Subscription,
 )
 from nexus.errors import BusUnavailable
-from nexus.events import Event, JSONObject
+from nexus.events import Event
 from nexus.history import History
 from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
@@ -95,7 +93,6 @@ class MemoryBus(Bus):
         self._fanout = Fanout()
         self._pending: list[Event] = []
         self._flush_scheduled = False
-        self._control: list[ControlCallback] = []
         self._open = False
         self._closed = False
         self._published = 0
@@ -206,35 +203,12 @@ class MemoryBus(Bus):
         self._fanout.register(sub)
         return sub
 
-    async def consume_requests(
-        self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
-    ) -> Subscription:
-        # One process: every member gets its share of every request; the provider routes them (``routes``
-        # matter only to a bus shared by several nodes).
-        self._check_open()
-        sub = Subscription(
-            self._fanout, max_pending=max_pending, start_after=self._history.head, epoch=self.epoch, group=group
-        )
-        self._fanout.register(sub)
-        return sub
-
     async def head_offset(self) -> int:
         return self._history.head
 
     def history(self, since_offset: int = 0) -> list[Event]:
         """Stored events after ``since_offset`` still in the ring (for tests and tools)."""
         return self._history.after(since_offset)
-
-    # --- control ------------------------------------------------------------------------------------------
-
-    async def send_control(self, message: JSONObject) -> None:
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        for callback in list(self._control):
-            loop.call_soon(callback, dict(message))
-
-    def on_control(self, callback: ControlCallback) -> None:
-        self._control.append(callback)
 
     @property
     def metrics(self) -> Metrics:

@@ -11,10 +11,12 @@ Debian nats-server 2.9 has no multi-filter consumers), matches events locally wi
 subscriber. A subscriber resuming from an offset gets a replay read from the stream by a short-lived consumer,
 then the live tail from exactly where the replay stopped (the subscription's ``start_after`` mark).
 
-Heartbeats (:meth:`NatsBus.publish_live`) and control messages travel on plain NATS subjects outside the stream
-(``<prefix>_live.…``, ``<prefix>_ctl.…``): never stored, delivered by every node to its own subscribers.
+Heartbeats (:meth:`NatsBus.publish_live`) travel on plain NATS subjects outside the stream (``<prefix>_live.…``):
+never stored, delivered by every node to its own subscribers.
 
-``requested`` events are shared out by :mod:`nexus.bus.nats_requests` through durable pull consumers.
+The bus knows nothing of requests: :class:`~nexus.queue.nats.NatsRequestQueue` shares ``requested`` events out
+among the nodes on top of it, through its connection (:meth:`NatsBus.connection`), :meth:`NatsBus.publish_once`
+(one terminal event per request) and the batches the tail delivers (:meth:`NatsBus.on_delivery`).
 
 The connection reconnects by itself. While it is down, publishes fail at once with
 :class:`~nexus.errors.BusUnavailable` (nats-py would otherwise buffer them), :attr:`NatsBus.healthy` is False and
@@ -30,10 +32,9 @@ import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 import nats
 import nats.errors
@@ -48,11 +49,9 @@ from nexus.bus.base import (
     DEFAULT_MAX_PENDING,
     Bus,
     BusStats,
-    ControlCallback,
     Fanout,
     HealthCallback,
     Published,
-    RequestRoute,
     Subscription,
 )
 from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S
@@ -67,18 +66,13 @@ from nexus.bus.nats_codec import (
     event_msg_id,
     filter_for_patterns,
     parse_ack_reply,
-    read_control,
     stream_epoch,
-    terminal_msg_id,
 )
-from nexus.bus.nats_requests import RequestRouter
+from nexus.bus.nats_settings import NatsBusSettings
 from nexus.errors import BusUnavailable, ConfigurationError, NexusError, PayloadTooLarge
-from nexus.events import STARTED, STREAM, TERMINAL_STATES, Event, JSONObject, parse_time
+from nexus.events import Event
 from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
-
-if TYPE_CHECKING:
-    from nexus.config import Settings
 
 TAIL_HEARTBEAT_S: Final = 0.5
 """Idle heartbeat of the tail consumer; three missed ones make the node re-create it."""
@@ -90,12 +84,13 @@ RECONNECT_WAIT_S: Final = 0.5
 CONNECT_TIMEOUT_S: Final = 5.0
 API_TIMEOUT_S: Final = 5.0
 RECOVERY_TIMEOUT_S: Final = 1.0
-RECENT_TERMINALS: Final = 100_000
-TRACKED_STREAMS: Final = 100_000
 PENDING_MSGS_LIMIT: Final = 1_000_000
 PENDING_BYTES_LIMIT: Final = 1024 * 1024 * 1024
 
 log = structlog.get_logger("nexus.bus.nats")
+
+DeliveryCallback = Callable[[Sequence[Event]], None]
+EpochCallback = Callable[[str], None]
 
 
 class NatsSetupError(ConfigurationError):
@@ -319,20 +314,25 @@ class NatsBus(Bus):
     """A bus shared by every Nexus node connected to one NATS JetStream stream."""
 
     def __init__(
-        self, settings: Settings, *, node_id: str | None = None, connect_timeout_s: float = CONNECT_TIMEOUT_S
+        self,
+        settings: NatsBusSettings | None = None,
+        *,
+        node_id: str | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
+        settings = settings or NatsBusSettings()
         self.settings = settings
         self.connect_timeout_s = connect_timeout_s
-        self.servers = [part.strip() for part in settings.bus.split(",") if part.strip()]
-        self.stream = settings.nats_stream
-        self.subjects = Subjects(settings.nats_subject_prefix)
+        self.servers = [server.strip() for server in settings.servers if server.strip()]
+        self.stream = settings.stream
+        self.subjects = Subjects(settings.subject_prefix)
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.epoch = ""
-        self.ack_timeout = settings.nats_ack_timeout_s
+        self.ack_timeout = settings.ack_timeout_s
         self.dedupe = settings.dedupe_window_s > 0
         duplicate_window = settings.dedupe_window_s if self.dedupe else DEFAULT_DEDUPE_WINDOW_S
-        if settings.nats_max_age_s > 0:
-            duplicate_window = min(duplicate_window, settings.nats_max_age_s)
+        if settings.max_age_s > 0:
+            duplicate_window = min(duplicate_window, settings.max_age_s)
         self.duplicate_window = duplicate_window
         self.closing = False
         self.received = 0
@@ -351,18 +351,16 @@ class NatsBus(Bus):
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._progress = asyncio.Event()
-        self._control: list[ControlCallback] = []
         self._health: list[HealthCallback] = []
+        self._delivery: list[DeliveryCallback] = []
+        self._epoch_callbacks: list[EpochCallback] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._core_subs: list[NatsSubscription] = []
         self._published = 0
         self._duplicates = 0
-        self._terminals: OrderedDict[str, str] = OrderedDict()
-        self._streams: OrderedDict[str, list[float]] = OrderedDict()
         self._last_error = ""
         self._recovery: asyncio.Task[None] | None = None
         self._tail = _Tail(self)
-        self.router = RequestRouter(self)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -453,15 +451,10 @@ class NatsBus(Bus):
             info = await self.ensure_stream()
             self.received = info.state.last_seq
             self._head = info.state.last_seq
-            for subject, handler in (
-                (self.subjects.live, self._on_live),
-                (self.subjects.control + ".>", self._on_control),
-            ):
-                self._core_subs.append(await nc.subscribe(subject, cb=handler))
+            self._core_subs.append(await nc.subscribe(self.subjects.live, cb=self._on_live))
             await self._tail.start(self.received + 1)
             self._started = True
             self._ready = True
-            await self.router.start()
         except BaseException:
             self.closing = True
             with contextlib.suppress(Exception):
@@ -511,11 +504,11 @@ class NatsBus(Bus):
             name=self.stream,
             description="Nexus events",
             subjects=[self.subjects.events],
-            retention=api.RetentionPolicy(settings.nats_retention),
-            storage=api.StorageType(settings.nats_storage),
-            num_replicas=settings.nats_replicas,
+            retention=api.RetentionPolicy(settings.retention),
+            storage=api.StorageType(settings.storage),
+            num_replicas=settings.replicas,
             max_msgs=settings.history_size,
-            max_age=settings.nats_max_age_s or None,
+            max_age=settings.max_age_s or None,
             duplicate_window=self.duplicate_window,
             discard=api.DiscardPolicy.OLD,
         )
@@ -583,15 +576,15 @@ class NatsBus(Bus):
         self.received = 0
         self._head = 0
         self._fanout.close_all()
-        self.router.forget_consumers()
+        for callback in list(self._epoch_callbacks):
+            callback(epoch)
 
     async def close(self) -> None:
         if self._closed:
             return
         self.closing = True
         if self._started:
-            await self._await_own_events()
-            await self.router.stop()
+            await self.wait_delivered()
             await self._tail.stop()
         self._flush()
         self._fanout.close_all()
@@ -607,8 +600,11 @@ class NatsBus(Bus):
                 await self._nc.close()
         log.info("nats_bus_closed", node=self.node_id, stream=self.stream)
 
-    async def _await_own_events(self, timeout: float = 2.0) -> None:
-        """Let local subscribers receive what this node stored (a shutdown's ``cancelled`` events) first."""
+    async def wait_delivered(self, timeout: float = 2.0) -> None:
+        """Wait (at most ``timeout`` seconds) until the tail has delivered what this node stored.
+
+        Before closing, so that local subscribers receive a shutdown's ``cancelled`` events first.
+        """
         deadline = time.monotonic() + timeout
         while self.received < self._head and self.connected:
             remaining = deadline - time.monotonic()
@@ -671,7 +667,6 @@ class NatsBus(Bus):
         self._tail.request_reset("reconnected")
         self._ready = True
         self._set_health(True)
-        self.router.on_reconnected()
         log.info("nats_recovered", epoch=self.epoch, after_offset=self.received, node=self.node_id)
 
     async def _watch_tail(self) -> None:
@@ -690,6 +685,17 @@ class NatsBus(Bus):
     def on_health(self, callback: HealthCallback) -> None:
         self._health.append(callback)
 
+    def on_delivery(self, callback: DeliveryCallback) -> None:
+        """Call ``callback`` with each batch the node delivers, before its subscribers get it; synchronously.
+
+        A batch holds stored events in offset order (and live ones, offset 0): what the tail read.
+        """
+        self._delivery.append(callback)
+
+    def on_epoch(self, callback: EpochCallback) -> None:
+        """Call ``callback(epoch)`` when the stream was found re-created: offsets restart, in a new epoch."""
+        self._epoch_callbacks.append(callback)
+
     def _check_ready(self) -> None:
         if self._closed or self.closing:
             raise BusUnavailable("the bus is closed")
@@ -702,7 +708,6 @@ class NatsBus(Bus):
 
     def _message(self, event: Event, msg_id: str | None = None) -> tuple[str, bytes, dict[str, str] | None]:
         data = encode_event(event)
-        msg_id = msg_id or self.router.terminal_msg_id(event)
         if msg_id is None and self.dedupe:
             msg_id = event_msg_id(event.event_id)
         # Headers count against max_payload too: "NATS/1.0", Nats-Msg-Id and Nats-Expected-Stream, CRLFs.
@@ -720,9 +725,13 @@ class NatsBus(Bus):
     async def publish(self, event: Event) -> Published:
         return await self._store(event)
 
-    async def publish_terminal(self, event: Event, correlation_id: str) -> Published:
-        """Store the terminal event of a request another node held: one per request, whoever tries."""
-        return await self._store(event, terminal_msg_id(correlation_id))
+    async def publish_once(self, event: Event, msg_id: str) -> Published:
+        """Store ``event`` deduplicated by ``msg_id`` (its ``Nats-Msg-Id``) rather than by its ``event_id``.
+
+        The first event stored with ``msg_id`` inside the duplicate window wins, whichever node sends it; a
+        later one is answered with that original (``duplicate``).
+        """
+        return await self._store(event, msg_id)
 
     async def _store(self, event: Event, msg_id: str | None = None) -> Published:
         if self._closed or self.closing or not self._started:
@@ -733,9 +742,7 @@ class NatsBus(Bus):
             _, js = self.connection()
             ack = await js.publish(subject, data, timeout=self.ack_timeout, stream=self.stream, headers=headers)
         except Exception as exc:
-            error = self._publish_error(exc)
-            self.router.publish_failed(event, error)
-            raise error from None
+            raise self._publish_error(exc) from None
         return await self._published_as(event, ack)
 
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
@@ -778,13 +785,11 @@ class NatsBus(Bus):
         if ack.duplicate:
             self._duplicates += 1
             original = await self.fetch(ack.seq)
-            self.router.published(event, ack.seq, duplicate=True)
             if original is None:
                 log.warning("duplicate_original_missing", event_id=event.event_id, offset=ack.seq)
                 original = event.stored(ack.seq, self.epoch)
             return Published(original, duplicate=True)
         self._published += 1
-        self.router.published(event, ack.seq, duplicate=False)
         return Published(event.stored(ack.seq, self.epoch))
 
     async def fetch(self, offset: int) -> Event | None:
@@ -863,40 +868,9 @@ class NatsBus(Bus):
             return
         pending, self._pending = self._pending, []
         self._progress.set()
-        self._observe(pending)
-        self._fanout.deliver(pending, to_groups=False)
-
-    def _observe(self, events: Iterable[Event]) -> None:
-        """Follow requests' lifecycles: streams' chunk counts, and which requests have ended."""
-        streams = self._streams
-        for event in events:
-            correlation_id = event.metadata.get("correlation_id")
-            if not correlation_id or not event.offset:
-                continue
-            state = event.state
-            if state == STARTED:
-                streams[correlation_id] = [_seconds(event.timestamp), 0.0]
-                if len(streams) > TRACKED_STREAMS:
-                    streams.popitem(last=False)
-            elif state == STREAM:
-                tracked = streams.get(correlation_id)
-                if tracked is not None:
-                    tracked[1] += 1
-            elif state in TERMINAL_STATES:
-                streams.pop(correlation_id, None)
-                self._terminals[correlation_id] = event.event_id
-                if len(self._terminals) > RECENT_TERMINALS:
-                    self._terminals.popitem(last=False)
-                self.router.ended(correlation_id, event.event_id)
-
-    def terminal_seen(self, correlation_id: str) -> bool:
-        """Whether this node saw the terminal event of the request ``correlation_id`` (recently)."""
-        return correlation_id in self._terminals
-
-    def stream_progress(self, correlation_id: str) -> tuple[float, int] | None:
-        """``(started_at, chunks)`` of a stream this node saw start and not end (epoch seconds, count)."""
-        tracked = self._streams.get(correlation_id)
-        return None if tracked is None else (tracked[0], int(tracked[1]))
+        for callback in list(self._delivery):
+            callback(pending)
+        self._fanout.deliver(pending)
 
     async def subscribe(
         self,
@@ -983,58 +957,10 @@ class NatsBus(Bus):
             log.warning("replay_failed", since_offset=since_offset, error=_describe(exc))
             sub.close()
 
-    async def consume_requests(
-        self, group: str, *, max_pending: int = DEFAULT_MAX_PENDING, routes: Sequence[RequestRoute] = ()
-    ) -> Subscription:
-        """This node's member of the consumer group shared by all nodes (one per node: its provider's).
-
-        It receives the requests for ``routes`` this node takes, and those no live node serves (to answer them
-        ``no_handler``); a later call replaces the member.
-        """
-        self._check_ready()
-        sub = Subscription(
-            self._fanout, max_pending=max_pending, start_after=self.received, epoch=self.epoch, group=group
-        )
-        await self.router.serve(sub, routes)
-        return sub
-
     async def head_offset(self) -> int:
         self._check_ready()
         _, head = await self.stream_bounds()
         return head
-
-    # --- control --------------------------------------------------------------------------------------------
-
-    async def send_control(self, message: JSONObject) -> None:
-        self._check_ready()
-        nc, _ = self.connection()
-        await nc.publish(self.subjects.messages, control_body(message))
-
-    def on_control(self, callback: ControlCallback) -> None:
-        self._control.append(callback)
-
-    def control_local(self, message: JSONObject) -> None:
-        """Hand a control message to this node's callbacks only."""
-        loop = asyncio.get_running_loop()
-        for callback in list(self._control):
-            loop.call_soon(callback, dict(message))
-
-    async def publish_control(self, subject: str, message: JSONObject) -> None:
-        """Send a control message on a subject under ``<prefix>_ctl`` (nothing when disconnected)."""
-        if not self.connected:
-            return
-        nc, _ = self.connection()
-        with contextlib.suppress(Exception):
-            await nc.publish(subject, control_body(message))
-
-    async def _on_control(self, msg: Msg) -> None:
-        message = read_control(msg.data)
-        if message is None:
-            return
-        if msg.subject == self.subjects.messages:
-            self.control_local(message)
-        else:
-            self.router.on_control(msg.subject, message)
 
     # --- stats ----------------------------------------------------------------------------------------------
 
@@ -1062,10 +988,3 @@ class NatsBus(Bus):
             "subjects": self.subjects.events,
             "node": self.node_id,
         }
-
-
-def _seconds(timestamp: str) -> float:
-    try:
-        return parse_time(timestamp)
-    except NexusError:
-        return time.time()

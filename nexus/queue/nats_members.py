@@ -3,7 +3,7 @@
 Every node announces itself every ``interval`` seconds (a *node heartbeat* on a control subject outside the
 stream): its id, when it joined, its handler routes and the requests it holds (claimed, queued or running).
 A node not heard from for ``misses`` intervals is lost; the survivors then end the requests it held with
-``failed``/``node_lost``. :class:`Membership` keeps that table; the NATS bus feeds it messages and time.
+``failed``/``node_lost``. :class:`Membership` keeps that table; the NATS request queue feeds it messages and time.
 
 Ordered handlers (with an ``ordering_key``) have one *active* node at a time. A node that takes a handler's
 requests says so in its heartbeats, and stays active until it leaves or is lost; newcomers defer to it. When no
@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from nexus.bus.base import RequestRoute
 from nexus.events import JSONObject, check_name_token, check_version_token
+from nexus.queue.base import RequestRoute
 
 DEFAULT_MISSES: Final = 3
 MAX_CLAIMS_PER_ANNOUNCEMENT: Final = 2_000

@@ -1,4 +1,7 @@
-"""How the nodes of a NATS bus share out ``requested`` events: each is handled by exactly one node.
+"""The request queue of a NATS bus shared by several nodes: each ``requested`` event is handled by exactly one.
+
+:class:`NatsRequestQueue` uses the node's :class:`~nexus.bus.nats.NatsBus` (its connection, its stream, its
+tail), which knows nothing of requests.
 
 Consumers (durable pull consumers on the Limits stream; a work-queue stream would forbid the overlapping
 consumers that replay needs):
@@ -6,7 +9,7 @@ consumers that replay needs):
 - ``<stream>_req_<service>_<action>`` per handled ``service:action`` (filter
   ``<prefix>.<service>.<action>.*.requested``), created by the first node that serves it, starting after the
   stream's head. Every node serving it pulls from it; an *ordered* handler (one with an ``ordering_key``) is
-  pulled by its one active node only (see :mod:`nexus.bus.nats_members`), so per-key order holds across nodes.
+  pulled by its one active node only (see :mod:`nexus.queue.nats_members`), so per-key order holds across nodes.
 - ``<stream>_requests`` (filter ``<prefix>.*.*.*.requested``): every node pulls it to find the requests no live
   node serves. A request that a handler's consumer holds is left to it; one that no consumer holds is taken by
   the node that pulled it, whose provider runs it if it can and otherwise answers ``no_handler``. A request
@@ -18,6 +21,12 @@ a node is lost (or leaves with requests unfinished), every survivor publishes ``
 of its claims. Every terminal event of a claimed request carries the deterministic ``Nats-Msg-Id``
 ``t:<correlation_id>``, so JetStream stores the first one per request, however many nodes try (the survivors,
 or the node itself if it was only cut off), and drops the others as duplicates.
+
+The queue follows every lifecycle event the node's tail delivers (which requests have ended, how many chunks a
+stream has sent), so a survivor's ``node_lost`` event carries the stream's count, and a node that was only cut
+off learns that another node ended a request it holds: it tells its provider to let it go
+(:class:`~nexus.queue.base.AbandonRequest`). Cancels travel to every node on ``<prefix>_ctl.msg`` as JSON,
+decoded here into :class:`~nexus.queue.base.CancelRequest`.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import nats.errors
 import nats.js.errors
@@ -36,16 +46,23 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 
-from nexus.bus.base import RequestRoute, Subscription
-from nexus.bus.nats_codec import control_body, parse_ack_reply, request_consumer_name, terminal_msg_id
-from nexus.bus.nats_members import Claim, Member, Membership, presence_message
-from nexus.detect import StreamingDetector
+from nexus.bus.base import DEFAULT_MAX_PENDING, Fanout, Published, Subscription
+from nexus.bus.nats import NatsBus
+from nexus.bus.nats_codec import control_body, parse_ack_reply, read_control, request_consumer_name, terminal_msg_id
+from nexus.detect import DEFAULT_RULES, StreamingDetector
 from nexus.errors import BusUnavailable, NexusError, StreamErrorType
-from nexus.events import TERMINAL_STATES, Event, EventType, JSONObject, parse_time
+from nexus.events import STARTED, STREAM, TERMINAL_STATES, Event, EventType, JSONObject, parse_time
 from nexus.lifecycle import Lifecycle
-
-if TYPE_CHECKING:
-    from nexus.bus.nats import NatsBus
+from nexus.queue.base import (
+    DEFAULT_CANCEL_REASON,
+    AbandonRequest,
+    CancelRequest,
+    ControlCallback,
+    ControlMessage,
+    RequestQueue,
+    RequestRoute,
+)
+from nexus.queue.nats_members import Claim, Member, Membership, presence_message
 
 PULL_BATCH: Final = 64
 PULL_EXPIRES_S: Final = 2.0
@@ -55,8 +72,11 @@ ACK_WAIT_S: Final = 5.0
 """A request delivered to a pull request nobody reads any more (its node died) is delivered again after this."""
 CLAIM_TIMEOUT_S: Final = 2.0
 DRAIN_RECHECK_S: Final = 0.5
+DEFAULT_NODE_HEARTBEAT_S: Final = 1.0
+RECENT_TERMINALS: Final = 100_000
+TRACKED_STREAMS: Final = 100_000
 
-log = structlog.get_logger("nexus.bus.nats")
+log = structlog.get_logger("nexus.queue.nats")
 
 Handle = Callable[["Puller", list[Msg]], Awaitable[None]]
 
@@ -84,9 +104,9 @@ class Puller:
     still arrives for its last pull request, so another node gets it at once.
     """
 
-    def __init__(self, router: RequestRouter, service_action: str | None, handle: Handle, *, drain: bool) -> None:
-        self.router = router
-        self.bus = router.bus
+    def __init__(self, queue: NatsRequestQueue, service_action: str | None, handle: Handle, *, drain: bool) -> None:
+        self.queue = queue
+        self.bus = queue.bus
         self.service_action = service_action
         self.consumer = request_consumer_name(self.bus.stream, service_action)
         self.drain = drain
@@ -124,7 +144,7 @@ class Puller:
         if status in ("404", "408"):
             self._empty = True
         elif status == "409" and "deleted" in str(headers.get("Description", "")).lower():
-            self.router.forget_consumer(self.consumer)
+            self.queue.forget_consumer(self.consumer)
         self._request_done.set()
 
     async def _run(self) -> None:
@@ -133,7 +153,7 @@ class Puller:
             while not self.stopped:
                 try:
                     await self.bus.wait_connected()
-                    await self.router.ensure_consumer(self.service_action)
+                    await self.queue.ensure_consumer(self.service_action)
                     nc, _ = self.bus.connection()
                     if self._sub is None:
                         self._inbox = nc.new_inbox()
@@ -162,7 +182,7 @@ class Puller:
                             break  # the pull request went with the connection: ask again
                         if time.monotonic() - self._last_activity > 3 * PULL_HEARTBEAT_S:
                             # No heartbeat: the server lost the request, or the consumer is gone. Check it.
-                            self.router.forget_consumer(self.consumer)
+                            self.queue.forget_consumer(self.consumer)
                             break
                     delay = 0.1
                     if self.drain and self._empty and await self._drained():
@@ -228,16 +248,26 @@ class Puller:
                     await self._sub.unsubscribe()
 
 
-class RequestRouter:
-    """This node's part in sharing out requests: its consumers, its claims and the cluster's membership."""
+class NatsRequestQueue(RequestQueue):
+    """This node's part in sharing out requests: its consumers, its claims and the cluster's membership.
 
-    def __init__(self, bus: NatsBus) -> None:
+    ``node_heartbeat_s`` is the interval of node heartbeats (a node silent for three is lost);
+    ``streaming_rules`` tell which requests are streams (a lost stream's ``failed`` event counts its chunks).
+    """
+
+    def __init__(
+        self,
+        bus: NatsBus,
+        *,
+        node_heartbeat_s: float = DEFAULT_NODE_HEARTBEAT_S,
+        streaming_rules: Sequence[str] = DEFAULT_RULES,
+    ) -> None:
         self.bus = bus
-        settings = bus.settings
-        self.interval = settings.nats_node_heartbeat_s
+        self.interval = node_heartbeat_s
         self.membership = Membership(bus.node_id, since=time.time(), interval=self.interval)
-        self.detector = StreamingDetector(settings.streaming_rules)
+        self.detector = StreamingDetector(tuple(streaming_rules))
         self.group: Subscription | None = None
+        """This node's consumer (its provider's): the requests the node takes go there."""
         self.routes: tuple[RequestRoute, ...] = ()
         self.claims: dict[str, _LocalClaim] = {}
         self.outbox: dict[str, Event] = {}
@@ -249,19 +279,45 @@ class RequestRouter:
         self._quiet_until = 0.0
         self._last_announced = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._consumers = Fanout()
+        """The consumers' own fan-out: nothing is matched there, the queue pushes claimed requests itself."""
+        self._control: list[ControlCallback] = []
+        self._control_sub: NatsSubscription | None = None
+        self._terminals: OrderedDict[str, str] = OrderedDict()
+        self._streams: OrderedDict[str, list[float]] = OrderedDict()
+        self.closing = False
+        bus.on_delivery(self._observe)
+        bus.on_health(self._on_health)
+        bus.on_epoch(self._on_epoch)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start listening to the other nodes and announce this one."""
+        nc, _ = self.bus.connection()
+        self._control_sub = await nc.subscribe(self.bus.subjects.control + ".>", cb=self._on_control)
         self._listening_since = time.monotonic()
         self._quiet_until = self._listening_since + self.membership.timeout
         await self._announce(hello=True)
         self._task = self.bus.spawn(self._beat(), "nexus-nats-node-heartbeat")
 
-    async def serve(self, group: Subscription, routes: Sequence[RequestRoute]) -> None:
-        """Hand this node's share of the requests to ``group`` (the provider's consumer-group member)."""
-        self.group = group
+    async def consume(
+        self, routes: Sequence[RequestRoute] = (), *, max_pending: int = DEFAULT_MAX_PENDING
+    ) -> Subscription:
+        """This node's consumer of the requests shared by all nodes (one per node: its provider's).
+
+        It receives the requests for ``routes`` this node takes, and those no live node serves (to answer them
+        ``no_handler``); a later call replaces the consumer.
+        """
+        if self.closing:
+            raise BusUnavailable("the request queue is closed")
+        if not self.bus.healthy:
+            raise BusUnavailable("the connection to NATS is down; reconnecting")
+        sub = Subscription(
+            self._consumers, max_pending=max_pending, start_after=self.bus.received, epoch=self.bus.epoch
+        )
+        self._consumers.register(sub)
+        self.group = sub
         self.routes = tuple(routes)
         self.membership.own.routes = self.routes
         for service_action in sorted({route.service_action for route in self.routes}):
@@ -269,9 +325,15 @@ class RequestRouter:
         await self.ensure_consumer(None)
         await self._announce()
         self._update_pullers()
+        return sub
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop taking requests and tell the others this node leaves (they end what it still holds)."""
+        if self.closing:
+            return
+        # The terminal events this node stored (a shutdown's ``cancelled``) end its claims as the tail sees them.
+        await self.bus.wait_delivered()
+        self.closing = True
         for puller in [*self._pullers.values(), *self._drains.values()]:
             puller.stop()
         self._pullers.clear()
@@ -280,8 +342,23 @@ class RequestRouter:
         if self._task is not None:
             self._task.cancel()
         await self._announce(leaving=True)
+        if self._control_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._control_sub.unsubscribe()
+            self._control_sub = None
+        self._consumers.close_all()
 
-    def on_reconnected(self) -> None:
+    def _on_health(self, healthy: bool) -> None:
+        if healthy and not self.closing:
+            self._on_reconnected()
+
+    def _on_epoch(self, epoch: str) -> None:
+        """The stream was re-created: every consumer is gone, and so are the requests this node held."""
+        self._consumer_starts.clear()
+        self.claims.clear()
+        self.outbox.clear()
+
+    def _on_reconnected(self) -> None:
         """The connection is back: the others may have been silent for us, and consumers may have changed."""
         now = time.monotonic()
         self.membership.forget_silence(now)
@@ -300,10 +377,18 @@ class RequestRouter:
             return
         claims = [local.claim for local in self.claims.values()]
         message, extra = presence_message(self.membership.own, claims, leaving=leaving, hello=hello)
-        await self.bus.publish_control(self.bus.subjects.presence, message)
+        await self._send(self.bus.subjects.presence, message)
         for item in extra:
-            await self.bus.publish_control(self.bus.subjects.claims, item)
+            await self._send(self.bus.subjects.claims, item)
         self._last_announced = time.monotonic()
+
+    async def _send(self, subject: str, message: JSONObject) -> None:
+        """Send a node-to-node message on a subject under ``<prefix>_ctl`` (nothing when disconnected)."""
+        if not self.bus.connected:
+            return
+        nc, _ = self.bus.connection()
+        with contextlib.suppress(Exception):
+            await nc.publish(subject, control_body(message))
 
     async def _beat(self) -> None:
         last_tick = time.monotonic()
@@ -352,11 +437,19 @@ class RequestRouter:
             if service_action is not None and membership.exclusive(service_action):
                 self._pullers.pop(service_action).stop()
 
-    def on_control(self, subject: str, message: JSONObject) -> None:
-        """A message from another node: a heartbeat or a claim announcement."""
+    async def _on_control(self, msg: Msg) -> None:
+        """A message from a node (this one included): a heartbeat, a claim announcement or a cancel."""
+        message = read_control(msg.data)
+        if message is None or self.closing:
+            return
         now = time.monotonic()
+        subject = msg.subject
         subjects = self.bus.subjects
-        if subject == subjects.presence:
+        if subject == subjects.messages:
+            cancel = read_cancel(message)
+            if cancel is not None:
+                self._hand_out(cancel)
+        elif subject == subjects.presence:
             known = {member.node for member in self.membership.others}
             left = self.membership.observe(message, now)
             node = message.get("node")
@@ -409,12 +502,6 @@ class RequestRouter:
         """Check again, before the next pull, that a consumer exists (it was deleted, or may have been)."""
         self._consumer_starts.pop(name, None)
 
-    def forget_consumers(self) -> None:
-        """The stream was re-created: every consumer is gone, and so are the requests this node held."""
-        self._consumer_starts.clear()
-        self.claims.clear()
-        self.outbox.clear()
-
     async def _covers(self, service_action: str, offset: int) -> bool:
         """Whether a handler's consumer holds the request at ``offset`` (it existed when it was stored)."""
         name = request_consumer_name(self.bus.stream, service_action)
@@ -430,7 +517,7 @@ class RequestRouter:
         return offset >= start
 
     def _update_pullers(self) -> None:
-        if self.bus.closing:
+        if self.bus.closing or self.closing:
             return
         group = self.group
         if group is None or group.closed:
@@ -482,7 +569,7 @@ class RequestRouter:
 
     def _taken(self, correlation_id: str, delivered: int) -> bool:
         """Whether a request already ended, or (delivered again) a live node holds it."""
-        if self.bus.terminal_seen(correlation_id) or correlation_id in self.claims:
+        if self.terminal_seen(correlation_id) or correlation_id in self.claims:
             return True
         return delivered > 1 and self.membership.holder(correlation_id) is not None
 
@@ -548,7 +635,7 @@ class RequestRouter:
         if not items:
             return
         group = self.group
-        if group is None or group.closed or self.bus.closing:
+        if group is None or group.closed or self.bus.closing or self.closing:
             for msg, _ in items:
                 await _settle(msg.nak())
             return
@@ -562,7 +649,7 @@ class RequestRouter:
             claimed.append(event)
         if not claimed:
             return
-        await self.bus.publish_control(
+        await self._send(
             self.bus.subjects.claims,
             {"node": self.membership.node, "claims": [self.claims[e.event_id].claim.as_list() for e in claimed]},
         )
@@ -588,47 +675,71 @@ class RequestRouter:
 
     # --- terminal events ------------------------------------------------------------------------------------
 
-    def terminal_msg_id(self, event: Event) -> str | None:
-        """The ``Nats-Msg-Id`` of the terminal event of a request this node holds (None for other events)."""
-        if event.state not in TERMINAL_STATES:
-            return None
+    async def publish_terminal(self, event: Event) -> Published:
+        """Store a request's terminal event; for a request this node holds, under ``Nats-Msg-Id: t:<id>``.
+
+        The first terminal event per request is stored, whichever node sends it; a later one is answered with
+        that original (``duplicate``). One that cannot be stored now is kept, and stored once NATS is back.
+        """
         correlation_id = event.metadata.get("correlation_id", "")
-        local = self.claims.get(correlation_id)
+        local = self.claims.get(correlation_id) if event.state in TERMINAL_STATES else None
         if local is None:
-            return None
+            return await self.bus.publish(event)
         local.terminal_id = event.event_id
-        return terminal_msg_id(correlation_id)
-
-    def published(self, event: Event, offset: int, *, duplicate: bool) -> None:
-        """An event was stored (or its terminal id was already taken): a held request may be done."""
-        if event.state in TERMINAL_STATES:
-            correlation_id = event.metadata.get("correlation_id", "")
-            local = self.claims.get(correlation_id)
-            if local is not None and local.terminal_id == event.event_id:
-                del self.claims[correlation_id]
-                self.outbox.pop(correlation_id, None)
-
-    def publish_failed(self, event: Event, error: NexusError) -> None:
-        """Keep the terminal event of a held request that could not be stored, to store it once NATS is back."""
-        if event.state in TERMINAL_STATES and isinstance(error, BusUnavailable):
-            correlation_id = event.metadata.get("correlation_id", "")
+        try:
+            published = await self.bus.publish_once(event, terminal_msg_id(correlation_id))
+        except BusUnavailable:
             if correlation_id in self.claims:
                 self.outbox[correlation_id] = event
                 log.warning("terminal_kept_for_retry", correlation_id=correlation_id, event_type=event.event_type)
+            raise
+        # Stored, or the request's terminal id was already taken: either way this node holds it no more.
+        if self.claims.get(correlation_id) is local and local.terminal_id == event.event_id:
+            del self.claims[correlation_id]
+            self.outbox.pop(correlation_id, None)
+        return published
 
-    def ended(self, correlation_id: str, terminal_id: str) -> None:
+    def terminal_seen(self, correlation_id: str) -> bool:
+        """Whether this node saw the terminal event of the request ``correlation_id`` (recently)."""
+        return correlation_id in self._terminals
+
+    def stream_progress(self, correlation_id: str) -> tuple[float, int] | None:
+        """``(started_at, chunks)`` of a stream this node saw start and not end (epoch seconds, count)."""
+        tracked = self._streams.get(correlation_id)
+        return None if tracked is None else (tracked[0], int(tracked[1]))
+
+    def _observe(self, events: Sequence[Event]) -> None:
+        """Follow requests' lifecycles on the tail: streams' chunk counts, and which requests have ended."""
+        streams = self._streams
+        for event in events:
+            correlation_id = event.metadata.get("correlation_id")
+            if not correlation_id or not event.offset:
+                continue
+            state = event.state
+            if state == STARTED:
+                streams[correlation_id] = [_seconds(event.timestamp), 0.0]
+                if len(streams) > TRACKED_STREAMS:
+                    streams.popitem(last=False)
+            elif state == STREAM:
+                tracked = streams.get(correlation_id)
+                if tracked is not None:
+                    tracked[1] += 1
+            elif state in TERMINAL_STATES:
+                streams.pop(correlation_id, None)
+                self._terminals[correlation_id] = event.event_id
+                if len(self._terminals) > RECENT_TERMINALS:
+                    self._terminals.popitem(last=False)
+                self._ended(correlation_id, event.event_id)
+
+    def _ended(self, correlation_id: str, terminal_id: str) -> None:
         """The stream holds a request's terminal event (seen by this node's tail)."""
         self.membership.ended(correlation_id)
         local = self.claims.pop(correlation_id, None)
         self.outbox.pop(correlation_id, None)
         if local is not None and local.terminal_id != terminal_id:
             # Another node ended a request this node still holds: it counted this node lost. Let it go.
-            self.bus.control_local(
-                {
-                    "type": "abandon",
-                    "correlation_id": correlation_id,
-                    "reason": "another node ended this request (it counted this node lost)",
-                }
+            self._hand_out(
+                AbandonRequest(correlation_id, "another node ended this request (it counted this node lost)")
             )
 
     async def _flush_outbox(self) -> None:
@@ -637,7 +748,7 @@ class RequestRouter:
                 self.outbox.pop(correlation_id, None)
                 continue
             try:
-                await self.bus.publish(event)
+                await self.publish_terminal(event)
             except NexusError:
                 return
             log.info("terminal_stored_after_retry", correlation_id=correlation_id, event_type=event.event_type)
@@ -645,7 +756,7 @@ class RequestRouter:
     async def _fail_claims(self, member: Member, why: str) -> None:
         """End every request a lost (or departed) node held with ``failed``/``node_lost``."""
         for claim in list(member.claims.values()):
-            if self.bus.terminal_seen(claim.correlation_id):
+            if self.terminal_seen(claim.correlation_id):
                 continue
             try:
                 await self._fail(claim, member.node, why)
@@ -658,7 +769,7 @@ class RequestRouter:
             return
         failures, self._failures = self._failures, []
         for claim, node, why in failures:
-            if self.bus.terminal_seen(claim.correlation_id):
+            if self.terminal_seen(claim.correlation_id):
                 continue
             try:
                 await self._fail(claim, node, why)
@@ -680,10 +791,10 @@ class RequestRouter:
         event = node_lost_event(
             request,
             streaming=claim.streaming,
-            progress=self.bus.stream_progress(claim.correlation_id),
+            progress=self.stream_progress(claim.correlation_id),
             message=message,
         )
-        published = await self.bus.publish_terminal(event, claim.correlation_id)
+        published = await self.bus.publish_once(event, terminal_msg_id(claim.correlation_id))
         if not published.duplicate:
             log.warning(
                 "request_failed_node_lost",
@@ -692,6 +803,44 @@ class RequestRouter:
                 node=node,
                 offset=published.event.offset,
             )
+
+    # --- control --------------------------------------------------------------------------------------------
+
+    async def cancel(self, message: CancelRequest) -> None:
+        if self.closing or not self.bus.healthy:
+            raise BusUnavailable("the connection to NATS is down; the cancel was not sent")
+        nc, _ = self.bus.connection()
+        await nc.publish(self.bus.subjects.messages, control_body(cancel_message(message)))
+
+    def on_control(self, callback: ControlCallback) -> None:
+        self._control.append(callback)
+
+    def _hand_out(self, message: ControlMessage) -> None:
+        """Hand a control message to this node's callbacks (soon: never inside the caller)."""
+        loop = asyncio.get_running_loop()
+        for callback in list(self._control):
+            loop.call_soon(callback, message)
+
+
+def cancel_message(cancel: CancelRequest) -> JSONObject:
+    """A cancel as the JSON object sent to every node."""
+    return {"type": "cancel", "correlation_id": cancel.correlation_id, "reason": cancel.reason}
+
+
+def read_cancel(message: JSONObject) -> CancelRequest | None:
+    """The cancel in a message from another node, or None when it is none."""
+    correlation_id = message.get("correlation_id")
+    if message.get("type") != "cancel" or not isinstance(correlation_id, str) or not correlation_id:
+        return None
+    reason = message.get("reason")
+    return CancelRequest(correlation_id, str(reason) if reason else DEFAULT_CANCEL_REASON)
+
+
+def _seconds(timestamp: str) -> float:
+    try:
+        return parse_time(timestamp)
+    except NexusError:
+        return time.time()
 
 
 def node_lost_event(request: Event, *, streaming: bool, progress: tuple[float, int] | None, message: str) -> Event:

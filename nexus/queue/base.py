@@ -1,0 +1,108 @@
+"""The request queue interface: who handles each ``requested`` event, and the messages about requests.
+
+A bus stores and delivers events; a :class:`RequestQueue` on top of it gives each ``requested`` event to exactly
+one consumer (one provider), wherever it runs. On one process that is a turn among the local consumers
+(:mod:`nexus.queue.memory`); on a NATS bus shared by several nodes it also means claims, node heartbeats, failing
+the requests of a lost node with ``node_lost`` and storing one terminal event per request
+(:mod:`nexus.queue.nats`).
+
+Control messages between a queue and its consumers are frozen dataclasses: a :class:`CancelRequest` goes to every
+consumer's node (the one driving the request cancels it), an :class:`AbandonRequest` tells a consumer to let a
+request go silently (another node already ended it).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription
+from nexus.events import Event, EventType
+
+REQUESTS_PATTERN: Final = "*:*:*:requested"
+"""The pattern of every ``requested`` event."""
+DEFAULT_CANCEL_REASON: Final = "cancelled by requester"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestRoute:
+    """A handler a consumer serves: ``service:action`` (any version) or ``service:action:vN``.
+
+    ``ordered`` says the handler has an ``ordering_key``; a queue shared by several nodes then lets one node at a
+    time take that handler's requests, so per-key order holds across nodes.
+    """
+
+    route: str
+    ordered: bool = False
+
+    @property
+    def service_action(self) -> str:
+        """``service:action``, the part shared by every version."""
+        service, action = self.route.split(":")[:2]
+        return f"{service}:{action}"
+
+    def matches(self, event_type: str) -> bool:
+        """Whether a ``requested`` event of ``event_type`` is for this handler (a pinned version or any)."""
+        parsed = EventType.parse(event_type)
+        return self.route in (parsed.base, f"{parsed.service}:{parsed.action}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Cancel the request ``correlation_id`` (the ``event_id`` of its ``requested`` event) wherever it runs."""
+
+    correlation_id: str
+    reason: str = DEFAULT_CANCEL_REASON
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AbandonRequest:
+    """Stop the request ``correlation_id`` and publish nothing more for it: another node already ended it."""
+
+    correlation_id: str
+    reason: str
+
+
+ControlMessage = CancelRequest | AbandonRequest
+ControlCallback = Callable[[ControlMessage], None]
+
+
+class RequestQueue(abc.ABC):
+    """Gives each ``requested`` event of a bus to exactly one consumer, and carries messages about requests."""
+
+    async def start(self) -> None:
+        """Join (after the bus has started): a queue shared by several nodes announces this one."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave (before the bus closes): consumers end; a shared queue tells the others this node is gone."""
+
+    @abc.abstractmethod
+    async def consume(
+        self, routes: Sequence[RequestRoute] = (), *, max_pending: int = DEFAULT_MAX_PENDING
+    ) -> Subscription:
+        """Receive ``requested`` events stored from now on; each goes to exactly one consumer.
+
+        ``routes`` are the handlers this consumer serves. A queue shared by several nodes gives a consumer the
+        requests for its routes, and the requests no live node serves (so it can answer ``no_handler``); a
+        single-process queue gives its consumers every request, in turn.
+        """
+
+    @abc.abstractmethod
+    async def publish_terminal(self, event: Event) -> Published:
+        """Store the terminal event of a request a consumer took; the request is then done.
+
+        A shared queue stores at most one terminal event per request, whichever node sends it. Raises
+        :class:`~nexus.errors.BusUnavailable` when it cannot be stored now (a shared queue keeps it and stores it
+        once the bus is back).
+        """
+
+    @abc.abstractmethod
+    async def cancel(self, message: CancelRequest) -> None:
+        """Send a cancel to every consumer's node, outside the event stream (the one driving it acts)."""
+
+    @abc.abstractmethod
+    def on_control(self, callback: ControlCallback) -> None:
+        """Call ``callback`` with every control message for this node's consumers (soon, never inline)."""
