@@ -35,7 +35,6 @@ from nexus.events import Event, JSONObject
 from nexus.grpc.convert import event_from_response, event_to_request
 from nexus.history import History
 from nexus.node import LostReason, Node
-from nexus.patterns import parse_pattern
 from nexus.session import Lease
 from nexus.v1 import nexus_pb2
 
@@ -232,27 +231,14 @@ class RemoteNode(Node):
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> Subscription:
         self._check()
-        patterns = list(patterns)
-        for pattern in patterns:
-            parse_pattern(pattern)
-        since_offset = max(0, since_offset)
-        history = self.history
-        recovered: bool | None = None
-        if since_offset > 0 or epoch:
-            recovered = history.recovered(since_offset, epoch)
-        sub = Subscription(
-            self._fanout,
-            patterns=patterns,
+        return self._fanout.open(
+            self.history,
+            patterns,
+            since_offset=since_offset,
+            epoch=epoch,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
-            start_after=history.head,
-            epoch=history.epoch,
-            recovered=recovered,
         )
-        if recovered:
-            sub.push(history.after(since_offset, sub.wants), replay=True)
-        self._fanout.register(sub)
-        return sub
 
     async def head_offset(self) -> int:
         return self.history.head

@@ -30,7 +30,7 @@ import enum
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any, Protocol
 
-from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription
+from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, each_event
 from nexus.errors import InvalidArgument, InvalidState
 from nexus.events import REQUESTED, TERMINAL_STATES, Event
 
@@ -205,11 +205,6 @@ class RequestSession:
                 return batch[: index + 1]
         return batch
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Event]:
         """Every lifecycle event, one at a time, through the terminal one."""
-        while True:
-            batch = await self.next_batch()
-            if not batch:
-                return
-            for event in batch:
-                yield event
+        return each_event(self.next_batch)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.errors import SlowConsumer
 from nexus.events import Event
+from nexus.history import History
 from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
@@ -198,14 +199,9 @@ class Subscription:
                 return
             yield batch
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Event]:
         """Every event, one at a time (convenience over :meth:`next_batch`)."""
-        while True:
-            batch = await self.next_batch()
-            if not batch:
-                return
-            for event in batch:
-                yield event
+        return each_event(self.next_batch)
 
     def close(self) -> None:
         """Stop receiving; a waiting :meth:`next_batch` returns what is left, then ``[]``."""
@@ -230,6 +226,44 @@ class Fanout:
         self.subscriptions: set[Subscription] = set()
         self.slow_consumers = 0
         self.metrics = Metrics()
+
+    def open(
+        self,
+        history: History,
+        patterns: Iterable[str] = (),
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        correlation_ids: Iterable[str] = (),
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Subscription:
+        """A subscription over ``history``, registered: ``Bus.subscribe`` of every bus that keeps its history here.
+
+        Patterns are validated before anything is registered. With ``since_offset`` (or an epoch), ``recovered``
+        says whether ``history`` still holds everything after it; if so, that replay is queued first. The
+        snapshot and the registration are one synchronous step: nothing is stored in between, and events stored
+        before it but not yet delivered are skipped by ``start_after``.
+        """
+        patterns = list(patterns)
+        for pattern in patterns:
+            parse_pattern(pattern)
+        since_offset = max(0, since_offset)
+        recovered: bool | None = None
+        if since_offset > 0 or epoch:
+            recovered = history.recovered(since_offset, epoch)
+        sub = Subscription(
+            self,
+            patterns=patterns,
+            correlation_ids=correlation_ids,
+            max_pending=max_pending,
+            start_after=history.head,
+            epoch=history.epoch,
+            recovered=recovered,
+        )
+        if recovered:  # since_offset 0 with an epoch: everything of that epoch, when the history holds it all
+            sub.push(history.after(since_offset, sub.wants), replay=True)
+        self.register(sub)
+        return sub
 
     def register(self, sub: Subscription) -> None:
         """Start delivering to ``sub``."""
@@ -383,3 +417,13 @@ class Bus(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """A short description for logs."""
         return {"bus": type(self).__name__, "epoch": self.epoch}
+
+
+async def each_event(next_batch: Callable[[], Awaitable[list[Event]]]) -> AsyncIterator[Event]:
+    """The events of successive batches, one at a time, until a batch comes back empty."""
+    while True:
+        batch = await next_batch()
+        if not batch:
+            return
+        for event in batch:
+            yield event

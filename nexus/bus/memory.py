@@ -27,7 +27,6 @@ from nexus.errors import BusUnavailable
 from nexus.events import Event
 from nexus.history import History
 from nexus.metrics import Metrics
-from nexus.patterns import parse_pattern
 
 DEFAULT_HISTORY_SIZE: Final = 100_000
 DEFAULT_DEDUPE_WINDOW_S: Final = 120.0
@@ -178,30 +177,14 @@ class MemoryBus(Bus):
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> Subscription:
         self._check_open()
-        patterns = list(patterns)
-        for pattern in patterns:
-            parse_pattern(pattern)
-        if since_offset < 0:
-            since_offset = 0
-        history = self._history
-        recovered: bool | None = None
-        if since_offset > 0 or epoch:
-            recovered = history.recovered(since_offset, epoch)
-        # Snapshot and registration happen in one synchronous step: nothing is published in between, and
-        # events stored before this point but not yet flushed are skipped by ``start_after``.
-        sub = Subscription(
-            self._fanout,
-            patterns=patterns,
+        return self._fanout.open(
+            self._history,
+            patterns,
+            since_offset=since_offset,
+            epoch=epoch,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
-            start_after=history.head,
-            epoch=history.epoch,
-            recovered=recovered,
         )
-        if recovered:  # since_offset 0 with an epoch: everything of that epoch, when the ring still holds it all
-            sub.push(history.after(since_offset, sub.wants), replay=True)
-        self._fanout.register(sub)
-        return sub
 
     async def head_offset(self) -> int:
         return self._history.head
