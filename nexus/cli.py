@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--subscriber-queue", type=int, help="events queued per subscriber before it is cut off")
     serve.add_argument("--max-payload-bytes", help="largest event payload, on every bus (1000000)")
+    serve.add_argument("--max-event-bytes", help="largest event: type, id, payload and metadata (1048576)")
+    serve.add_argument("--max-payload-depth", help="objects and arrays nested in a payload (32)")
+    serve.add_argument("--max-metadata-entries", help="metadata entries of one event (64)")
     nats_options = serve.add_argument_group("NATS bus (--bus nats://...)")
     nats_options.add_argument("--nats-stream", metavar="NAME", help="the JetStream stream all nodes share (NEXUS)")
     nats_options.add_argument("--nats-subject-prefix", metavar="PREFIX", help="events go to PREFIX.<type> (nexus)")
@@ -236,6 +239,9 @@ SERVE_FIELDS = (
     "history_size",
     "subscriber_queue",
     "max_payload_bytes",
+    "max_event_bytes",
+    "max_payload_depth",
+    "max_metadata_entries",
     "nats_stream",
     "nats_subject_prefix",
     "nats_replicas",

@@ -39,7 +39,13 @@ from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, NatsBusSettings
 from nexus.detect import DEFAULT_RULES, Rule
 from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
-from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
+from nexus.events import (
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_MAX_METADATA_ENTRIES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_PAYLOAD_DEPTH,
+    EventLimits,
+)
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.plugins import split_spec
 from nexus.provider import (
@@ -89,6 +95,11 @@ class Settings:
     dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S
     """Seconds a repeated ``event_id`` is recognised; ``0`` turns deduplication off."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    """The whole event a client may send: type, id, payload and metadata as compact UTF-8 JSON."""
+    max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH
+    """Objects and arrays nested in a payload (the payload object itself is level 1)."""
+    max_metadata_entries: int = DEFAULT_MAX_METADATA_ENTRIES
     subscriber_queue: int = DEFAULT_MAX_PENDING
     nats_stream: str = DEFAULT_NATS_STREAM
     """The JetStream stream every node shares (created or updated at start-up)."""
@@ -126,6 +137,15 @@ class Settings:
         """
         defaults = {name: getattr(self, name) for name in PLUGIN_DEFAULT_FIELDS}
         return {name: value for name, value in defaults.items() if value is not None}
+
+    def event_limits(self) -> EventLimits:
+        """What one event may hold, checked where events enter Nexus."""
+        return EventLimits(
+            max_event_bytes=self.max_event_bytes,
+            max_payload_bytes=self.max_payload_bytes,
+            max_payload_depth=self.max_payload_depth,
+            max_metadata_entries=self.max_metadata_entries,
+        )
 
     def provider_settings(self) -> ProviderSettings:
         """The part of these settings that drives handlers."""
@@ -386,6 +406,9 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "history_size": _POSITIVE,
     "dedupe_window_s": _seconds(allow_zero=True),
     "max_payload_bytes": _POSITIVE,
+    "max_event_bytes": _POSITIVE,
+    "max_payload_depth": _integer(1, 1000),
+    "max_metadata_entries": _integer(0, 100_000),
     "subscriber_queue": _POSITIVE,
     "nats_stream": _nats_name(check_stream_name),
     "nats_subject_prefix": _nats_name(check_subject_prefix),

@@ -20,9 +20,17 @@ from nexus.errors import InvalidEventType, InvalidPayload, PayloadTooLarge
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]*\Z")
 VERSION_RE: Final = re.compile(r"v[1-9][0-9]*\Z")
 MAX_TOKEN_LENGTH: Final = 128
+MAX_VERSION: Final = 2**31 - 1
+"""Versions fit 31 bits (a signed 32-bit integer in every client language)."""
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1_000_000
 """One payload limit for every bus and transport: a default NATS server carries messages up to 1 MiB, which must
 also hold the event's id, timestamp and metadata (the NATS bus checks the server's limit at start-up)."""
+DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
+DEFAULT_MAX_PAYLOAD_DEPTH: Final = 32
+DEFAULT_MAX_METADATA_ENTRIES: Final = 64
+MAX_EVENT_ID_CHARS: Final = 256
+QUOTE_CHARS: Final = 100
+"""At most this many characters of a client's input are repeated in an error message."""
 
 # Lifecycle states (contract).
 REQUESTED: Final = "requested"
@@ -42,6 +50,42 @@ _MAX_DOUBLE_INT: Final = 2**1024
 JSONObject = dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventLimits:
+    """What one event may hold; checked once, where an event enters Nexus (every transport, the NATS tail)."""
+
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    """The whole event: type, id, payload and metadata as compact UTF-8 JSON."""
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH
+    """Objects and arrays nested inside the payload object (the payload itself is depth 1)."""
+    max_metadata_entries: int = DEFAULT_MAX_METADATA_ENTRIES
+
+
+DEFAULT_LIMITS: Final = EventLimits()
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters, so an error never repeats a whole oversized input.
+
+    ``repr`` escapes what cannot be sent as UTF-8 (a lone surrogate becomes ``\\ud800``).
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (a lone surrogate), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds {text[exc.start]!r} at character {exc.start}, a lone surrogate (not valid Unicode)"
+    return None
+
+
 def check_name_token(value: str, what: str) -> str | None:
     """Return why ``value`` is not a valid ``what`` token (service, action or state), or None."""
     if not value:
@@ -49,14 +93,16 @@ def check_name_token(value: str, what: str) -> str | None:
     if len(value) > MAX_TOKEN_LENGTH:
         return f"{what} is longer than {MAX_TOKEN_LENGTH} characters"
     if not NAME_RE.match(value):
-        return f"{what} {value!r} must match [a-z][a-z0-9_]*"
+        return f"{what} {quote(value)} must match [a-z][a-z0-9_]*"
     return None
 
 
 def check_version_token(value: str) -> str | None:
     """Return why ``value`` is not a valid version token (``v1``, ``v2``, ...), or None."""
     if not VERSION_RE.match(value):
-        return f"version {value!r} must be 'v' followed by a positive integer, like 'v1'"
+        return f"version {quote(value)} must be 'v' followed by a positive integer, like 'v1'"
+    if len(value) > 11 or int(value[1:]) > MAX_VERSION:
+        return f"version {quote(value)} is over v{MAX_VERSION}"
     return None
 
 
@@ -81,16 +127,17 @@ class EventType:
         """Parse ``text`` or raise :class:`InvalidEventType` naming the bad token."""
         if not isinstance(text, str):
             raise InvalidEventType(f"event type must be a string, not {type(text).__name__}")
-        tokens = text.split(":")
+        tokens = text.split(":", 4)
         if len(tokens) != 4:
+            count = text.count(":") + 1
             raise InvalidEventType(
-                f"invalid event type {text!r}: expected 4 ':'-separated tokens "
-                f"<service>:<action>:v<N>:<state>, got {len(tokens)}"
+                f"invalid event type {quote(text)}: expected 4 ':'-separated tokens "
+                f"<service>:<action>:v<N>:<state>, got {count}"
             )
         for index, token in enumerate(tokens):
             problem = check_token(index, token)
             if problem is not None:
-                raise InvalidEventType(f"invalid event type {text!r}: {problem}")
+                raise InvalidEventType(f"invalid event type {quote(text, 60)}: {problem}")
         return cls(tokens[0], tokens[1], int(tokens[2][1:]), tokens[3])
 
     @property
@@ -112,61 +159,121 @@ def validate_event_type(text: str) -> str:
     return text
 
 
-def _check_json(value: Any, path: str) -> None:
+def _check_json(value: Any, path: str, depth: int, max_depth: int) -> None:
     if value is None or isinstance(value, (bool, str)):
         return
     if isinstance(value, int):
         if abs(value) >= _MAX_DOUBLE_INT:
-            raise InvalidPayload(f"payload{path} is an integer too large for a JSON number (a double)")
+            raise InvalidPayload(f"payload{cut_path(path)} is an integer too large for a JSON number (a double)")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise InvalidPayload(f"payload{path} is {value!r}: NaN and Infinity are not valid JSON")
+            raise InvalidPayload(f"payload{cut_path(path)} is {value!r}: NaN and Infinity are not valid JSON")
         return
+    if isinstance(value, (Mapping, list, tuple)):
+        if depth >= max_depth:
+            raise InvalidPayload(f"payload{cut_path(path)} nests deeper than {max_depth} levels")
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InvalidPayload(f"payload{cut_path(path)} has a non-string key {cut_path(repr(key))}")
+                _check_json(item, f"{path}.{key}", depth + 1, max_depth)
+        else:
+            for index, item in enumerate(value):
+                _check_json(item, f"{path}[{index}]", depth + 1, max_depth)
+        return
+    raise InvalidPayload(f"payload{cut_path(path)} holds a {type(value).__name__}, which is not JSON")
+
+
+def cut_path(path: str) -> str:
+    """A payload path as an error message shows it (keys come from the client: never all of a long one)."""
+    return path if len(path) <= QUOTE_CHARS else f"{path[:QUOTE_CHARS]}..."
+
+
+def _find_bad_text(value: Any, path: str) -> str | None:
+    """The path of the first key or string in ``value`` that is not valid Unicode (only called on failure)."""
+    if isinstance(value, str):
+        return path if unicode_problem(value) else None
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if not isinstance(key, str):
-                raise InvalidPayload(f"payload{path} has a non-string key {key!r}")
-            _check_json(item, f"{path}.{key}")
-        return
-    if isinstance(value, (list, tuple)):
+            if unicode_problem(key):
+                return f"{path} (a key)"
+            found = _find_bad_text(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check_json(item, f"{path}[{index}]")
-        return
-    raise InvalidPayload(f"payload{path} holds a {type(value).__name__}, which is not JSON")
+            found = _find_bad_text(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
-def validate_payload(payload: Any, *, max_bytes: int | None = None) -> JSONObject:
+def json_size(value: Any, what: str) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON; raises :class:`InvalidPayload` for text that is not valid Unicode."""
+    try:
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        where = _find_bad_text(value, "") or ""
+        raise InvalidPayload(f"{what}{cut_path(where)} holds a lone surrogate: not valid Unicode text") from None
+
+
+def validate_payload(
+    payload: Any, *, max_bytes: int | None = None, max_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH
+) -> JSONObject:
     """Return ``payload`` as a JSON object, or raise :class:`InvalidPayload` naming the problem.
 
-    ``None`` stands for the empty object. With ``max_bytes``, a payload whose compact JSON encoding is
-    larger raises :class:`PayloadTooLarge`.
+    ``None`` stands for the empty object. Objects and arrays nest at most ``max_depth`` levels (the payload
+    itself is the first), every key and string is valid Unicode. With ``max_bytes``, a payload whose compact
+    JSON encoding is larger raises :class:`PayloadTooLarge`.
     """
     if payload is None:
         return {}
     if not isinstance(payload, Mapping):
         raise InvalidPayload(f"payload must be a JSON object, not {type(payload).__name__}")
-    _check_json(payload, "")
+    _check_json(payload, "", 0, max_depth)
     result = dict(payload)
-    if max_bytes is not None:
-        size = len(json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode())
-        if size > max_bytes:
-            raise PayloadTooLarge(f"payload is {size} bytes, over the limit of {max_bytes} bytes")
+    size = json_size(result, "payload")
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLarge(f"payload is {size} bytes, over the limit of {max_bytes} bytes")
     return result
 
 
-def validate_metadata(metadata: Any) -> dict[str, str]:
-    """Return ``metadata`` as a string map, or raise :class:`InvalidPayload`."""
+def validate_metadata(metadata: Any, *, max_entries: int = DEFAULT_MAX_METADATA_ENTRIES) -> dict[str, str]:
+    """Return ``metadata`` as a string map of valid Unicode text, at most ``max_entries`` entries, or raise
+    :class:`InvalidPayload`."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
         raise InvalidPayload(f"metadata must be an object of strings, not {type(metadata).__name__}")
+    if len(metadata) > max_entries:
+        raise InvalidPayload(f"metadata has {len(metadata)} entries, over the limit of {max_entries}")
     result: dict[str, str] = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidPayload(f"metadata entry {key!r} must map a string to a string")
+            raise InvalidPayload(f"metadata entry {cut_path(repr(key))} must map a string to a string")
+        if not key:
+            raise InvalidPayload("metadata keys must not be empty")
+        problem = unicode_problem(key) or unicode_problem(value)
+        if problem is not None:
+            raise InvalidPayload(f"metadata entry {quote(key, 40)} {problem}")
         result[key] = value
     return result
+
+
+def validate_event_id(event_id: Any) -> str:
+    """Return ``event_id`` if it is at most 256 printable characters, else raise :class:`InvalidPayload`."""
+    if not isinstance(event_id, str):
+        raise InvalidPayload("event_id must be a string")
+    if len(event_id) > MAX_EVENT_ID_CHARS:
+        raise InvalidPayload(f"event_id is longer than {MAX_EVENT_ID_CHARS} characters")
+    if not event_id.isprintable():
+        bad = next(char for char in event_id if not char.isprintable())
+        raise InvalidPayload(
+            f"event_id {quote(event_id, 40)} holds {bad!r}: ids are printable text (no control characters, "
+            "line breaks or lone surrogates)"
+        )
+    return event_id
 
 
 def new_event_id() -> str:
@@ -262,6 +369,11 @@ class Event:
             object.__setattr__(copy, "_parsed", self._parsed)
         return copy
 
+    def size(self) -> int:
+        """Bytes of the event's type, id, payload and metadata as compact UTF-8 JSON (what a limit counts)."""
+        body = {"t": self.event_type, "i": self.event_id, "p": self.payload, "m": self.metadata}
+        return json_size(body, "event")
+
     def to_dict(self) -> JSONObject:
         """A JSON-ready dict, as the CLI prints and the gateway sends it."""
         return {
@@ -283,18 +395,32 @@ class Event:
         event_id: str | None = None,
         metadata: Any = None,
         max_payload_bytes: int | None = None,
+        limits: EventLimits | None = None,
     ) -> Event:
-        """Build a validated event; raises :class:`InvalidEventType` or :class:`InvalidPayload`."""
+        """Build a validated event; raises :class:`InvalidEventType`, :class:`InvalidPayload` or
+        :class:`PayloadTooLarge` (``limits``: :data:`DEFAULT_LIMITS` unless given; ``max_payload_bytes``
+        overrides its payload limit)."""
+        limits = limits or DEFAULT_LIMITS
         parsed = EventType.parse(event_type)
-        if event_id is not None and not isinstance(event_id, str):
-            raise InvalidPayload("event_id must be a string")
-        if event_id is not None and len(event_id) > 256:
-            raise InvalidPayload("event_id is longer than 256 characters")
+        if event_id is not None:
+            validate_event_id(event_id)
+        checked = validate_payload(
+            payload,
+            max_bytes=max_payload_bytes if max_payload_bytes is not None else limits.max_payload_bytes,
+            max_depth=limits.max_payload_depth,
+        )
+        meta = validate_metadata(metadata, max_entries=limits.max_metadata_entries)
         event = cls(
             event_type=event_type,
-            payload=validate_payload(payload, max_bytes=max_payload_bytes),
+            payload=checked,
             event_id=event_id or new_event_id(),
-            metadata=validate_metadata(metadata),
+            metadata=meta,
         )
+        size = event.size()
+        if size > limits.max_event_bytes:
+            raise PayloadTooLarge(
+                f"the event is {size} bytes (type, id, payload and metadata), over the limit of "
+                f"{limits.max_event_bytes} bytes"
+            )
         object.__setattr__(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
         return event

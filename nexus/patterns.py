@@ -13,7 +13,7 @@ from collections.abc import Hashable, Iterable, Iterator
 from typing import Final, Generic, TypeVar
 
 from nexus.errors import InvalidPattern
-from nexus.events import check_token
+from nexus.events import check_token, quote
 
 STAR: Final = "*"
 REST: Final = ">"
@@ -25,22 +25,22 @@ def parse_pattern(text: str) -> tuple[str, ...]:
     """Split and validate a pattern; raise :class:`InvalidPattern` naming the bad token."""
     if not isinstance(text, str):
         raise InvalidPattern(f"pattern must be a string, not {type(text).__name__}")
-    tokens = tuple(text.split(":"))
+    tokens = tuple(text.split(":", 4))
     if len(tokens) > 4:
-        raise InvalidPattern(f"invalid pattern {text!r}: more than 4 ':'-separated tokens")
+        raise InvalidPattern(f"invalid pattern {quote(text, 60)}: more than 4 ':'-separated tokens")
     for index, token in enumerate(tokens):
         if token == REST:
             if index != len(tokens) - 1:
-                raise InvalidPattern(f"invalid pattern {text!r}: '>' may only be the last token")
+                raise InvalidPattern(f"invalid pattern {quote(text, 60)}: '>' may only be the last token")
             continue
         if token == STAR:
             continue
         problem = check_token(index, token)
         if problem is not None:
-            raise InvalidPattern(f"invalid pattern {text!r}: {problem} (or '*' / '>')")
+            raise InvalidPattern(f"invalid pattern {quote(text, 60)}: {problem} (or '*' / '>')")
     if len(tokens) < 4 and tokens[-1] != REST:
         raise InvalidPattern(
-            f"invalid pattern {text!r}: {len(tokens)} tokens; a pattern has 4 tokens "
+            f"invalid pattern {quote(text, 60)}: {len(tokens)} tokens; a pattern has 4 tokens "
             "<service>:<action>:v<N>:<state>, or fewer ending in '>'"
         )
     return tokens

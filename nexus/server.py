@@ -105,7 +105,7 @@ class NexusServer:
         self.servicer = NexusServicer(
             self.node,
             subscriber_queue=self.settings.subscriber_queue,
-            max_payload_bytes=self.settings.max_payload_bytes,
+            limits=self.settings.event_limits(),
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -127,7 +127,7 @@ class NexusServer:
     async def start(self) -> None:
         """Start the node (the bus, then the provider: handlers' ``setup`` runs here) and the transports."""
         await self.node.start()
-        max_message = self.settings.max_payload_bytes + 64 * 1024
+        max_message = self.settings.max_event_bytes + 64 * 1024
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max(max_message, 4 * 1024 * 1024)),

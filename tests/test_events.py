@@ -18,6 +18,8 @@ from nexus.errors import ErrorCode, PayloadTooLarge
 from nexus.events import (
     LIFECYCLE_STATES,
     TERMINAL_STATES,
+    EventLimits,
+    quote,
     validate_event_type,
     validate_metadata,
     validate_payload,
@@ -422,3 +424,80 @@ def test_a_request_type_is_parsed_once_on_its_way_through_a_node(monkeypatch: py
         return [text for text in calls if text == "demo:echo:v1:requested"]
 
     assert asyncio.run(run()) == ["demo:echo:v1:requested"]
+
+
+@pytest.mark.parametrize(
+    ("what", "build"),
+    [
+        ("a payload string", lambda: Event.create("a:b:v1:c", {"k": "x\ud800"})),
+        ("a payload key", lambda: Event.create("a:b:v1:c", {"k\udfff": 1})),
+        ("a nested string", lambda: Event.create("a:b:v1:c", {"a": [{"b": "\ud800"}]})),
+        ("a metadata value", lambda: Event.create("a:b:v1:c", metadata={"k": "\ud800"})),
+        ("a metadata key", lambda: Event.create("a:b:v1:c", metadata={"\ud800": "v"})),
+        ("an event id", lambda: Event.create("a:b:v1:c", event_id="id\ud800")),
+    ],
+)
+def test_lone_surrogates_are_refused_everywhere(what: str, build: Any) -> None:
+    """Text that is not valid Unicode (a lone surrogate, which JSON's \\u escapes can carry) is refused in every
+    string of an event, and the message itself is valid UTF-8."""
+    with pytest.raises(InvalidPayload) as caught:
+        build()
+    caught.value.message.encode("utf-8")
+
+
+@pytest.mark.parametrize("depth", [33, 34, 100, 10_000])
+def test_payloads_nest_at_most_32_levels(depth: int) -> None:
+    """Objects and arrays nest at most 32 levels (the payload is level 1); deeper ones are refused, however deep."""
+    value: Any = 1
+    for level in range(depth - 1):
+        value = {"n": value} if level % 2 else [value]
+    with pytest.raises(InvalidPayload, match="deeper than 32"):
+        Event.create("a:b:v1:c", {"n": value})
+
+
+def test_payloads_at_32_levels_are_accepted() -> None:
+    """32 levels is within the limit; a configured limit moves it."""
+    value: Any = {"leaf": True}
+    for _ in range(30):
+        value = {"n": value}
+    assert Event.create("a:b:v1:c", {"n": value}).payload["n"] == value
+    with pytest.raises(InvalidPayload, match="deeper than 3 levels"):
+        Event.create("a:b:v1:c", {"a": {"b": {"c": {}}}}, limits=EventLimits(max_payload_depth=3))
+
+
+def test_versions_fit_31_bits_and_huge_ones_are_refused_quickly() -> None:
+    """v2147483647 is the largest version; more digits are refused without converting them."""
+    assert EventType.parse("a:b:v2147483647:c").version == 2**31 - 1
+    for version in ("v2147483648", "v99999999999999999999999", "v" + "9" * 5000):
+        with pytest.raises(InvalidEventType, match="is over v2147483647") as caught:
+            EventType.parse(f"a:b:{version}:c")
+        assert len(caught.value.message) < 300
+
+
+def test_metadata_entries_and_whole_event_size_are_bounded() -> None:
+    """At most 64 metadata entries; the whole event (ids, payload, metadata) at most max_event_bytes."""
+    Event.create("a:b:v1:c", metadata={f"k{i}": "v" for i in range(64)})
+    with pytest.raises(InvalidPayload, match="65 entries, over the limit of 64"):
+        Event.create("a:b:v1:c", metadata={f"k{i}": "v" for i in range(65)})
+    with pytest.raises(PayloadTooLarge, match="over the limit of 1048576 bytes"):
+        Event.create("a:b:v1:c", {"p": "x" * 900_000}, metadata={"m": "y" * 200_000})
+    small = EventLimits(max_event_bytes=200)
+    with pytest.raises(PayloadTooLarge, match="over the limit of 200 bytes"):
+        Event.create("a:b:v1:c", metadata={"m": "y" * 200}, limits=small)
+
+
+@pytest.mark.parametrize("event_id", ["a\nb", "a\x00b", "tab\there", "x" * 257])
+def test_event_ids_are_short_printable_text(event_id: str) -> None:
+    """Event ids are at most 256 printable characters: no line breaks, NUL or other control characters."""
+    with pytest.raises(InvalidPayload, match="event_id"):
+        Event.create("a:b:v1:c", event_id=event_id)
+
+
+def test_errors_quote_at_most_about_100_characters_of_the_input() -> None:
+    """However long the bad input, an error repeats only its start and says how long it was."""
+    for bad in ("X" * 100_000, "a:b:v1:" + "Y" * 100_000, "a:" * 50_000):
+        with pytest.raises(InvalidEventType) as caught:
+            EventType.parse(bad)
+        assert len(caught.value.message) < 300
+    assert quote("z" * 1000).endswith("(1000 characters)")
+    assert quote("\ud800") == "'\\ud800'"

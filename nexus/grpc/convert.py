@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from nexus.errors import ErrorCode, InvalidPayload
-from nexus.events import Event, JSONObject
+from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_DEPTH, Event, EventLimits, JSONObject, cut_path
 from nexus.v1 import nexus_pb2
 
 STATUS_FOR_CODE: Final[dict[ErrorCode, grpc.StatusCode]] = {
@@ -36,15 +36,17 @@ def payload_to_struct(payload: JSONObject) -> struct_pb2.Struct:
 
 
 _MAX_EXACT_INT: Final = 2**53
+_ANY_DEPTH: Final = 10_000
+"""What a client reads back: protobuf's own parser stops far earlier (100 levels)."""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _from_value(value: struct_pb2.Value, path: str) -> Any:
+def _from_value(value: struct_pb2.Value, path: str, depth: int, max_depth: int) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         number = value.number_value
         if not math.isfinite(number):
-            raise InvalidPayload(f"payload{path} is {number!r}: NaN and Infinity are not valid JSON")
+            raise InvalidPayload(f"payload{cut_path(path)} is {number!r}: NaN and Infinity are not valid JSON")
         # Struct numbers are doubles; a whole number within the exact range reads back as an int.
         if number.is_integer() and abs(number) < _MAX_EXACT_INT:
             return int(number)
@@ -54,23 +56,31 @@ def _from_value(value: struct_pb2.Value, path: str) -> Any:
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
-        return _from_struct(value.struct_value, path)
+        return _from_struct(value.struct_value, path, depth + 1, max_depth)
     if kind == "list_value":
-        return [_from_value(item, f"{path}[{index}]") for index, item in enumerate(value.list_value.values)]
+        if depth + 1 > max_depth:
+            raise InvalidPayload(f"payload{cut_path(path)} nests deeper than {max_depth} levels")
+        return [
+            _from_value(item, f"{path}[{index}]", depth + 1, max_depth)
+            for index, item in enumerate(value.list_value.values)
+        ]
     return None
 
 
-def _from_struct(struct: struct_pb2.Struct, path: str) -> JSONObject:
-    return {key: _from_value(item, f"{path}.{key}") for key, item in struct.fields.items()}
+def _from_struct(struct: struct_pb2.Struct, path: str, depth: int, max_depth: int) -> JSONObject:
+    if depth > max_depth:
+        raise InvalidPayload(f"payload{cut_path(path)} nests deeper than {max_depth} levels")
+    return {key: _from_value(item, f"{path}.{key}", depth, max_depth) for key, item in struct.fields.items()}
 
 
-def struct_to_payload(struct: struct_pb2.Struct) -> JSONObject:
-    """A ``Struct`` as a JSON object. Raises :class:`InvalidPayload` for NaN or Infinity.
+def struct_to_payload(struct: struct_pb2.Struct, max_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH) -> JSONObject:
+    """A ``Struct`` as a JSON object. Raises :class:`InvalidPayload` for NaN or Infinity, or for objects and
+    arrays nested deeper than ``max_depth`` (the payload itself is level 1).
 
     Struct numbers are doubles: whole numbers below 2**53 come back as ``int``, so ``{"n": 3}`` sent by any
     client reads as ``3`` in a handler; other numbers stay ``float``.
     """
-    return _from_struct(struct, "")
+    return _from_struct(struct, "", 1, max_depth)
 
 
 def timestamp_to_proto(text: str) -> timestamp_pb2.Timestamp:
@@ -97,15 +107,19 @@ def timestamp_from_proto(stamp: timestamp_pb2.Timestamp) -> str:
     return text
 
 
-def event_from_request(request: nexus_pb2.EventRequest, *, max_payload_bytes: int | None) -> Event:
+def event_from_request(request: nexus_pb2.EventRequest, *, limits: EventLimits = DEFAULT_LIMITS) -> Event:
     """A validated :class:`Event` from an ``EventRequest``; raises a ``NexusError`` for bad input."""
-    payload: Any = struct_to_payload(request.payload) if request.HasField("payload") else {}
+    if len(request.metadata) > limits.max_metadata_entries:
+        raise InvalidPayload(
+            f"metadata has {len(request.metadata)} entries, over the limit of {limits.max_metadata_entries}"
+        )
+    payload: Any = struct_to_payload(request.payload, limits.max_payload_depth) if request.HasField("payload") else {}
     return Event.create(
         request.event_type,
         payload,
         event_id=request.event_id or None,
         metadata=dict(request.metadata),
-        max_payload_bytes=max_payload_bytes,
+        limits=limits,
     )
 
 
@@ -140,7 +154,7 @@ def event_from_response(response: nexus_pb2.EventResponse) -> Event:
     """An :class:`Event` from an ``EventResponse`` (client side)."""
     return Event(
         event_type=response.event_type,
-        payload=struct_to_payload(response.payload),
+        payload=struct_to_payload(response.payload, max_depth=_ANY_DEPTH),  # the server checked it
         event_id=response.event_id,
         metadata=dict(response.metadata),
         timestamp=timestamp_from_proto(response.timestamp),

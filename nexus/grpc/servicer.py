@@ -7,12 +7,13 @@ servicer with :func:`add_to_server`, which lets bytes through the response seria
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 import structlog
 
 from nexus.errors import InvalidArgument, NexusError, SlowConsumer
+from nexus.events import DEFAULT_LIMITS, EventLimits
 from nexus.grpc.convert import (
     STATUS_FOR_CODE,
     EncodeCache,
@@ -29,9 +30,19 @@ MAX_BATCH_SIZE = 10_000
 log = structlog.get_logger("nexus.grpc")
 
 
+MAX_STATUS_MESSAGE: Final = 512
+
+
+def status_message(message: str) -> str:
+    """``message`` as a status detail: valid UTF-8 (anything else escaped) and short enough for any client."""
+    if len(message) > MAX_STATUS_MESSAGE:
+        message = message[: MAX_STATUS_MESSAGE - 3] + "..."
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: NexusError) -> NoReturn:
     """End the call with the status code the error table gives ``error``."""
-    await context.abort(STATUS_FOR_CODE[error.code], error.message)
+    await context.abort(STATUS_FOR_CODE[error.code], status_message(error.message))
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
@@ -73,11 +84,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         node: Node,
         *,
         subscriber_queue: int = 10_000,
-        max_payload_bytes: int = 1024 * 1024,
+        limits: EventLimits = DEFAULT_LIMITS,
     ) -> None:
         self.node = node
         self.subscriber_queue = subscriber_queue
-        self.max_payload_bytes = max_payload_bytes
+        self.limits = limits
         self._encode = EncodeCache()
 
     # --- publishing ---------------------------------------------------------------------------------------
@@ -86,7 +97,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self, request: nexus_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.EventResponse:
         try:
-            event = event_from_request(request, max_payload_bytes=self.max_payload_bytes)
+            event = event_from_request(request, limits=self.limits)
             published = await self.node.publish(event)
         except NexusError as error:
             await abort(context, error)
@@ -101,7 +112,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         index = 0
         async for item in request_iterator:
             try:
-                event = event_from_request(item.event, max_payload_bytes=self.max_payload_bytes)
+                event = event_from_request(item.event, limits=self.limits)
                 published = await self.node.publish(event)
             except NexusError as error:
                 error.message = f"event {index} (after {stored} stored): {error.message}"
@@ -189,7 +200,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self, request: nexus_pb2.RequestEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[nexus_pb2.RequestEventResponse]:
         try:
-            event = event_from_request(request.event, max_payload_bytes=self.max_payload_bytes)
+            event = event_from_request(request.event, limits=self.limits)
             session = self.node.open_request(event)
             published = await session.start(max_pending=self.subscriber_queue)
         except NexusError as error:
