@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--history-size", type=int, help="events kept for replay: the memory ring, the NATS stream's max (100000)"
     )
+    serve.add_argument(
+        "--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)"
+    )
     serve.add_argument("--subscriber-queue", type=int, help="events queued per subscriber before it is cut off")
     serve.add_argument("--max-payload-bytes", help="largest event payload, on every bus (1000000)")
     serve.add_argument("--max-event-bytes", help="largest event: type, id, payload and metadata (1048576)")
@@ -237,6 +240,7 @@ SERVE_FIELDS = (
     "heartbeat_interval",
     "buffer_size",
     "history_size",
+    "history_max_bytes",
     "subscriber_queue",
     "max_payload_bytes",
     "max_event_bytes",

@@ -32,7 +32,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from nexus.bus.base import DEFAULT_MAX_PENDING
-from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_SIZE
+from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_MAX_BYTES, DEFAULT_HISTORY_SIZE
 from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
 from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
@@ -92,6 +92,9 @@ class Settings:
     """Seconds a stream may run; ``None`` = no timeout (``0`` or ``none`` in the file, environment or flags)."""
     buffer_size: int = DEFAULT_BUFFER_SIZE
     history_size: int = DEFAULT_HISTORY_SIZE
+    history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
+    """Bytes of events (type, id, payload, metadata) the history keeps: the memory ring, the NATS stream's
+    max_bytes."""
     dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S
     """Seconds a repeated ``event_id`` is recognised; ``0`` turns deduplication off."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -169,6 +172,7 @@ class Settings:
             replicas=self.nats_replicas,
             max_age_s=self.nats_max_age_s,
             history_size=self.history_size,
+            history_max_bytes=self.history_max_bytes,
             dedupe_window_s=self.dedupe_window_s,
             ack_timeout_s=self.nats_ack_timeout_s,
             max_payload_bytes=self.max_payload_bytes,
@@ -404,6 +408,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "stream_timeout": _timeout,
     "buffer_size": _POSITIVE,
     "history_size": _POSITIVE,
+    "history_max_bytes": _POSITIVE,
     "dedupe_window_s": _seconds(allow_zero=True),
     "max_payload_bytes": _POSITIVE,
     "max_event_bytes": _POSITIVE,

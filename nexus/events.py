@@ -338,6 +338,7 @@ class Event:
     offset: int = 0
     epoch: str = ""
     _parsed: EventType | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _size: int = dataclasses.field(default=-1, init=False, repr=False, compare=False)
 
     @property
     def type(self) -> EventType:
@@ -363,16 +364,25 @@ class Event:
         return self.evolve(offset=offset, epoch=epoch)
 
     def evolve(self, **changes: Any) -> Event:
-        """A copy with ``changes`` (field names and new values); the parsed type is kept when the type is."""
+        """A copy with ``changes`` (field names and new values); what was derived from unchanged fields is kept."""
         copy = dataclasses.replace(self, **changes)
         if copy.event_type == self.event_type:
             object.__setattr__(copy, "_parsed", self._parsed)
+        if not changes.keys() & {"event_type", "event_id", "payload", "metadata"}:
+            object.__setattr__(copy, "_size", self._size)
         return copy
 
     def size(self) -> int:
-        """Bytes of the event's type, id, payload and metadata as compact UTF-8 JSON (what a limit counts)."""
-        body = {"t": self.event_type, "i": self.event_id, "p": self.payload, "m": self.metadata}
-        return json_size(body, "event")
+        """Bytes of the event's type, id, payload and metadata as compact UTF-8 JSON (what limits count).
+
+        Computed once per event (the edge's check computes it), then kept.
+        """
+        size = self._size
+        if size < 0:
+            body = {"t": self.event_type, "i": self.event_id, "p": self.payload, "m": self.metadata}
+            size = json_size(body, "event")
+            object.__setattr__(self, "_size", size)  # a cache: the fields it derives from never change
+        return size
 
     def to_dict(self) -> JSONObject:
         """A JSON-ready dict, as the CLI prints and the gateway sends it."""

@@ -1,7 +1,8 @@
 """A bounded history of stored events: the ring behind replay. Pure: no I/O, no asyncio.
 
-:class:`History` keeps the newest ``max_events`` stored events of one epoch in offset order and answers the two
-questions a resuming subscriber asks:
+:class:`History` keeps the newest stored events of one epoch in offset order, at most ``max_events`` of them and
+at most ``max_bytes`` of their :meth:`~nexus.events.Event.size`, and answers the two questions a resuming
+subscriber asks:
 
 - :meth:`History.recovered`: can everything after ``since_offset`` (of ``epoch``) be replayed exactly? Only when
   the epoch is this history's (or none is given), the offset is not ahead of the head, and no stored event after
@@ -25,15 +26,20 @@ from nexus.events import Event
 
 
 class History:
-    """The newest ``max_events`` stored events of one epoch, in offset order."""
+    """The newest stored events of one epoch (at most ``max_events``, at most ``max_bytes``), in offset order."""
 
-    def __init__(self, max_events: int, *, epoch: str = "", head: int = 0) -> None:
+    def __init__(self, max_events: int, *, max_bytes: int | None = None, epoch: str = "", head: int = 0) -> None:
         if max_events < 1:
             raise ValueError("a history holds at least one event")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("a history holds at least one byte")
         self.max_events = max_events
+        self.max_bytes = max_bytes
         self.epoch = epoch
         self.head = head
         self.floor = head
+        self.bytes = 0
+        """The summed :meth:`Event.size` of the held events."""
         self._ring: deque[Event] = deque()
 
     def __len__(self) -> int:
@@ -47,7 +53,8 @@ class History:
     def append(self, event: Event) -> bool:
         """Keep a stored event; returns False (and keeps nothing) for one at or below the head, or unstored.
 
-        The oldest event is dropped once the ring is full; ``floor`` moves up to it.
+        The oldest events are dropped while the ring holds more than ``max_events`` or ``max_bytes`` (the newest
+        event always stays); ``floor`` moves up to the newest dropped.
         """
         offset = event.offset
         if offset <= self.head:
@@ -56,13 +63,21 @@ class History:
         if ring and offset != self.head + 1:
             # A jump (events this history never saw): what it holds no longer runs up to the head.
             ring.clear()
+            self.bytes = 0
             self.floor = offset - 1
         elif not ring:
             self.floor = offset - 1
         ring.append(event)
         self.head = offset
-        while len(ring) > self.max_events:
-            self.floor = ring.popleft().offset
+        if self.max_bytes is None:
+            while len(ring) > self.max_events:
+                self.floor = ring.popleft().offset
+            return True
+        self.bytes += event.size()
+        while len(ring) > 1 and (len(ring) > self.max_events or self.bytes > self.max_bytes):
+            dropped = ring.popleft()
+            self.bytes -= dropped.size()
+            self.floor = dropped.offset
         return True
 
     def extend(self, events: Iterable[Event]) -> list[Event]:
@@ -91,6 +106,7 @@ class History:
     def reset(self, epoch: str, head: int) -> None:
         """Start another history (the one the offsets referred to is gone): nothing held, ``floor = head``."""
         self._ring.clear()
+        self.bytes = 0
         self.epoch = epoch
         self.head = self.floor = head
 

@@ -40,7 +40,11 @@ log = structlog.get_logger("nexus.server")
 def make_bus(settings: Settings) -> Bus:
     """The bus ``settings.bus`` names: ``memory`` (default) or a ``nats://`` URL."""
     if settings.bus in ("", "memory"):
-        return MemoryBus(history_size=settings.history_size, dedupe_window_s=settings.dedupe_window_s)
+        return MemoryBus(
+            history_size=settings.history_size,
+            history_max_bytes=settings.history_max_bytes,
+            dedupe_window_s=settings.dedupe_window_s,
+        )
     if settings.bus.startswith(("nats://", "tls://")):
         from nexus.bus.nats import NatsBus  # imported here: a memory-bus node never loads nats-py
 

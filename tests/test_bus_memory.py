@@ -458,3 +458,20 @@ async def test_offset_zero_with_the_epoch_replays_the_whole_history() -> None:
     assert sub.recovered is True
     assert [e.offset for e in sub.take_nowait()] == [1, 2, 3]
     await bus.close()
+
+
+async def test_history_and_dedupe_window_are_bounded_by_bytes() -> None:
+    """history_max_bytes bounds the ring and the dedupe window alike: big old events are let go (an id repeated
+    after its event left that bound is stored again rather than held forever)."""
+    bus = MemoryBus(history_max_bytes=5_000)
+    await bus.start()
+    big = "x" * 2_000
+    for n in range(5):
+        await bus.publish(Event.create("demo:big:v1:made", {"b": big}, event_id=f"big-{n}"))
+    assert [e.event_id for e in bus.history()] == ["big-3", "big-4"]
+    assert bus.stats().first_offset == 4
+    again = await bus.publish(Event.create("demo:big:v1:made", {"b": big}, event_id="big-0"))
+    assert not again.duplicate
+    recent = await bus.publish(Event.create("demo:big:v1:made", {"b": big}, event_id="big-4"))
+    assert recent.duplicate
+    await bus.close()

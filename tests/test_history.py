@@ -97,3 +97,18 @@ def test_a_history_holds_at_least_one_event() -> None:
     """max_events below 1 is refused."""
     with pytest.raises(ValueError, match="at least one"):
         History(0)
+
+
+def test_a_history_bounded_by_bytes_drops_the_oldest_past_the_bound() -> None:
+    """max_bytes bounds the summed event sizes: the oldest go first, the newest always stays."""
+    big = "x" * 1000
+    history = History(1000, max_bytes=3500, epoch="epoch-a")
+    for offset in range(1, 6):
+        assert history.append(Event.create("demo:thing:v1:made", {"b": big}).stored(offset, "epoch-a"))
+    assert [e.offset for e in history.events()] == [3, 4, 5]
+    assert history.bytes <= 3500
+    assert history.floor == 2
+    assert not history.recovered(1, "epoch-a")
+    huge = Event.create("demo:thing:v1:made", {"b": "y" * 10_000}).stored(6, "epoch-a")
+    history.append(huge)
+    assert [e.offset for e in history.events()] == [6]

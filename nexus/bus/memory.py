@@ -2,8 +2,9 @@
 
 Published events are stored at once and delivered in batches: every publish in one turn of the event loop
 joins one pending list, flushed by a single ``call_soon`` callback, so a burst reaches each subscriber as one
-batch. History lives in a ring of ``history_size`` events; the epoch is new for every bus instance, so a
-restarted server tells resuming clients that their offsets belong to a history that is gone.
+batch. History lives in a ring of at most ``history_size`` events and ``history_max_bytes`` of them (so does the
+dedupe window: what the bus holds is bounded however large the events); the epoch is new for every bus instance,
+so a restarted server tells resuming clients that their offsets belong to a history that is gone.
 """
 
 from __future__ import annotations
@@ -29,32 +30,43 @@ from nexus.history import History
 from nexus.metrics import Metrics
 
 DEFAULT_HISTORY_SIZE: Final = 100_000
+DEFAULT_HISTORY_MAX_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_DEDUPE_WINDOW_S: Final = 120.0
 DEFAULT_DEDUPE_MAX_ENTRIES: Final = 1_000_000
 
 
 class DedupeWindow:
-    """Remembers stored events by ``event_id`` for ``window_s`` seconds (and at most ``max_entries``)."""
+    """Remembers stored events by ``event_id`` for ``window_s`` seconds (and at most ``max_entries`` events of at
+    most ``max_bytes`` in all: past either bound the oldest are forgotten first, which can only let a very old
+    duplicate through, never swallow a different event)."""
 
     def __init__(
         self,
         window_s: float = DEFAULT_DEDUPE_WINDOW_S,
         *,
         max_entries: int = DEFAULT_DEDUPE_MAX_ENTRIES,
+        max_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, Event]] = OrderedDict()
+
+    def _over(self) -> bool:
+        return len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes)
 
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries:
-            event_id, (expires, _) = next(iter(entries.items()))
-            if expires > now and len(entries) <= self.max_entries:
+            event_id, (expires, event) = next(iter(entries.items()))
+            if expires > now and not self._over():
                 break
             del entries[event_id]
+            if self.max_bytes is not None:
+                self.bytes -= event.size()
 
     def get(self, event_id: str) -> Event | None:
         """The stored event with this id, if it is still inside the window."""
@@ -67,6 +79,10 @@ class DedupeWindow:
         if self.window_s <= 0:
             return
         self._entries[event.event_id] = (self._clock() + self.window_s, event)
+        if self.max_bytes is not None:
+            self.bytes += event.size()
+            if self.bytes > self.max_bytes:
+                self._expire(self._clock())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,6 +95,7 @@ class MemoryBus(Bus):
         self,
         *,
         history_size: int = DEFAULT_HISTORY_SIZE,
+        history_max_bytes: int | None = DEFAULT_HISTORY_MAX_BYTES,
         dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S,
         dedupe_max_entries: int = DEFAULT_DEDUPE_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
@@ -87,8 +104,10 @@ class MemoryBus(Bus):
             raise ValueError("history_size must be at least 1")
         self.history_size = history_size
         self.epoch = uuid.uuid4().hex[:16]
-        self._history = History(history_size, epoch=self.epoch)
-        self._dedupe = DedupeWindow(dedupe_window_s, max_entries=dedupe_max_entries, clock=clock)
+        self._history = History(history_size, max_bytes=history_max_bytes, epoch=self.epoch)
+        self._dedupe = DedupeWindow(
+            dedupe_window_s, max_entries=dedupe_max_entries, max_bytes=history_max_bytes, clock=clock
+        )
         self._fanout = Fanout()
         self._pending: list[Event] = []
         self._flush_scheduled = False

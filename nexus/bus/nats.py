@@ -508,6 +508,7 @@ class NatsBus(Bus):
             storage=api.StorageType(settings.storage),
             num_replicas=settings.replicas,
             max_msgs=settings.history_size,
+            max_bytes=settings.history_max_bytes,
             max_age=settings.max_age_s or None,
             duplicate_window=self.duplicate_window,
             discard=api.DiscardPolicy.OLD,
@@ -556,7 +557,16 @@ class NatsBus(Bus):
     @staticmethod
     def _stream_changes(current: api.StreamConfig, wanted: api.StreamConfig) -> dict[str, Any]:
         changes: dict[str, Any] = {}
-        for field in ("subjects", "num_replicas", "max_msgs", "max_age", "duplicate_window", "retention", "storage"):
+        for field in (
+            "subjects",
+            "num_replicas",
+            "max_msgs",
+            "max_bytes",
+            "max_age",
+            "duplicate_window",
+            "retention",
+            "storage",
+        ):
             have, want = getattr(current, field), getattr(wanted, field)
             if field == "max_age":
                 have, want = have or 0, want or 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
-from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_SIZE
+from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_MAX_BYTES, DEFAULT_HISTORY_SIZE
 from nexus.bus.nats_codec import DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX
 from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
 
@@ -37,6 +37,8 @@ class NatsBusSettings:
     """Seconds the stream keeps an event; ``0`` keeps it until ``history_size`` newer ones push it out."""
     history_size: int = DEFAULT_HISTORY_SIZE
     """Events the stream keeps (its ``max_msgs``)."""
+    history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
+    """Bytes the stream keeps (its ``max_bytes``): the oldest events go first past either bound."""
     dedupe_window_s: float = DEFAULT_DEDUPE_WINDOW_S
     """Seconds a repeated ``event_id`` is recognised (the stream's duplicate window); ``0`` turns it off."""
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S

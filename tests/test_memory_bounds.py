@@ -1,0 +1,77 @@
+"""What the server holds stays bounded however large the events: a `nexus serve` process filled with 1 MiB
+events keeps its memory under a bound set by ``history_max_bytes`` (docs/guarantees.md, "Bad input and limits").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from nexus.client import NexusClient
+from nexus.errors import NexusError
+
+HISTORY_MAX_BYTES = 32 * 1024 * 1024
+EVENTS = 300
+EVENT_PAYLOAD = "x" * 999_000
+"""About 1 MiB events: 300 of them is ten times what the history may keep."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+async def test_memory_stays_bounded_while_1_mib_events_fill_the_history() -> None:
+    """With history_max_bytes = 32 MiB, storing 300 events of 1 MiB grows the server's RSS by less than three times
+    that bound, and the second half of the run adds (almost) nothing: old events are let go."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nexus.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+        "--no-gateway",
+        "--history-max-bytes",
+        str(HISTORY_MAX_BYTES),
+        "--log-level",
+        "warning",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with NexusClient(f"127.0.0.1:{port}") as client:
+            for _ in range(200):
+                try:
+                    await client.emit("mem:warm:v1:up")
+                    break
+                except NexusError:
+                    await asyncio.sleep(0.05)
+            base = rss_mib(process.pid)
+            halfway = 0.0
+            for index in range(EVENTS):
+                await client.emit("mem:fill:v1:stored", {"blob": EVENT_PAYLOAD})
+                if index == EVENTS // 2:
+                    halfway = rss_mib(process.pid)
+            end = rss_mib(process.pid)
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+    bound = 3 * HISTORY_MAX_BYTES / (1024 * 1024)
+    assert end - base < bound, f"RSS grew {end - base:.0f} MiB (from {base:.0f}), over {bound:.0f} MiB"
+    assert end - halfway < 16, f"RSS still grew {end - halfway:.0f} MiB in the second half"
