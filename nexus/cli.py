@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)"
     )
+    serve.add_argument(
+        "--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)"
+    )
     serve.add_argument("--subscriber-queue", type=int, help="events queued per subscriber before it is cut off")
     serve.add_argument("--max-payload-bytes", help="largest event payload, on every bus (1000000)")
     serve.add_argument("--max-event-bytes", help="largest event: type, id, payload and metadata (1048576)")
@@ -242,6 +245,7 @@ SERVE_FIELDS = (
     "history_size",
     "history_max_bytes",
     "subscriber_queue",
+    "max_patterns_per_subscription",
     "max_payload_bytes",
     "max_event_bytes",
     "max_payload_depth",

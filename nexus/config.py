@@ -47,6 +47,7 @@ from nexus.events import (
     EventLimits,
 )
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
+from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
 from nexus.plugins import split_spec
 from nexus.provider import (
     DEFAULT_BUFFER_SIZE,
@@ -104,6 +105,8 @@ class Settings:
     """Objects and arrays nested in a payload (the payload object itself is level 1)."""
     max_metadata_entries: int = DEFAULT_MAX_METADATA_ENTRIES
     subscriber_queue: int = DEFAULT_MAX_PENDING
+    max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
+    """Patterns one subscription may follow (a gRPC subscribe, an SSE stream, a WebSocket's subscription)."""
     nats_stream: str = DEFAULT_NATS_STREAM
     """The JetStream stream every node shares (created or updated at start-up)."""
     nats_subject_prefix: str = DEFAULT_NATS_SUBJECT_PREFIX
@@ -415,6 +418,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "max_payload_depth": _integer(1, 1000),
     "max_metadata_entries": _integer(0, 100_000),
     "subscriber_queue": _POSITIVE,
+    "max_patterns_per_subscription": _POSITIVE,
     "nats_stream": _nats_name(check_stream_name),
     "nats_subject_prefix": _nats_name(check_subject_prefix),
     "nats_retention": _retention,

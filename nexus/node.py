@@ -27,13 +27,15 @@ import abc
 import asyncio
 import enum
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription
+from nexus.errors import ResourceExhausted
 from nexus.events import Event, JSONObject
 from nexus.session import Lease, RequestSession, SessionState
 
 HealthCallback = Callable[[bool], None]
+DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = 256
 
 
 class LostReason(enum.StrEnum):
@@ -47,7 +49,8 @@ class LostReason(enum.StrEnum):
 class Node(abc.ABC):
     """A Nexus as a transport sees it. See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION) -> None:
+        self.max_patterns_per_subscription = max_patterns_per_subscription
         self._background: set[asyncio.Task[Any]] = set()
         self._health_callbacks: list[HealthCallback] = []
 
@@ -112,7 +115,6 @@ class Node(abc.ABC):
         """Store several events in order."""
         return [await self.publish(event) for event in events]
 
-    @abc.abstractmethod
     async def subscribe(
         self,
         patterns: Iterable[str] = (),
@@ -124,8 +126,37 @@ class Node(abc.ABC):
     ) -> Subscription:
         """Subscribe; with ``since_offset`` (and ``epoch``), first replay every matching stored event after it.
 
-        Patterns are validated before anything is registered.
+        At most ``max_patterns_per_subscription`` patterns (:class:`~nexus.errors.ResourceExhausted`, counted
+        before any is parsed); patterns are validated before anything is registered.
         """
+        patterns = list(patterns)
+        self.check_pattern_count(len(patterns))
+        return await self._subscribe(
+            patterns,
+            since_offset=since_offset,
+            epoch=epoch,
+            correlation_ids=correlation_ids,
+            max_pending=max_pending,
+        )
+
+    def check_pattern_count(self, count: int) -> None:
+        """Refuse a subscription of ``count`` patterns over this node's limit."""
+        if count > self.max_patterns_per_subscription:
+            raise ResourceExhausted(
+                f"{count} patterns in one subscription, over the limit of {self.max_patterns_per_subscription}"
+            )
+
+    @abc.abstractmethod
+    async def _subscribe(
+        self,
+        patterns: list[str],
+        *,
+        since_offset: int,
+        epoch: str | None,
+        correlation_ids: Iterable[str],
+        max_pending: int,
+    ) -> Subscription:
+        """The node's own subscribe, once the limits are checked."""
 
     @abc.abstractmethod
     async def head_offset(self) -> int:

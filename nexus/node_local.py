@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nexus.bus.base import DEFAULT_MAX_PENDING, Bus, Published, Subscription
+from nexus.bus.base import Bus, Published, Subscription
 from nexus.events import Event, JSONObject
-from nexus.node import Node
+from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, Node
 from nexus.provider import Provider
 from nexus.queue.base import RequestQueue
 from nexus.session import DISCONNECTED, Lease
@@ -45,9 +45,15 @@ class LocalNode(Node):
     """A bus, its request queue and a provider in this process (the provider's own queue unless one is given)."""
 
     def __init__(
-        self, bus: Bus, provider: Provider, *, queue: RequestQueue | None = None, shutdown_grace_s: float = 5.0
+        self,
+        bus: Bus,
+        provider: Provider,
+        *,
+        queue: RequestQueue | None = None,
+        shutdown_grace_s: float = 5.0,
+        max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
     ) -> None:
-        super().__init__()
+        super().__init__(max_patterns_per_subscription=max_patterns_per_subscription)
         self.bus = bus
         self.provider = provider
         self.queue = queue if queue is not None else provider.queue
@@ -103,14 +109,14 @@ class LocalNode(Node):
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
         return await self.bus.publish_many(events)
 
-    async def subscribe(
+    async def _subscribe(
         self,
-        patterns: Iterable[str] = (),
+        patterns: list[str],
         *,
-        since_offset: int = 0,
-        epoch: str | None = None,
-        correlation_ids: Iterable[str] = (),
-        max_pending: int = DEFAULT_MAX_PENDING,
+        since_offset: int,
+        epoch: str | None,
+        correlation_ids: Iterable[str],
+        max_pending: int,
     ) -> Subscription:
         return await self.bus.subscribe(
             patterns,

@@ -28,13 +28,13 @@ from typing import Any, Final
 import grpc
 import structlog
 
-from nexus.bus.base import DEFAULT_MAX_PENDING, Fanout, Published, Subscription
+from nexus.bus.base import Fanout, Published, Subscription
 from nexus.client import NexusClient, error_from_rpc
 from nexus.errors import Unavailable
 from nexus.events import Event, JSONObject
 from nexus.grpc.convert import event_from_response, event_to_request
 from nexus.history import History
-from nexus.node import LostReason, Node
+from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, LostReason, Node
 from nexus.session import Lease
 from nexus.v1 import nexus_pb2
 
@@ -80,8 +80,9 @@ class RemoteNode(Node):
         metadata: Iterable[tuple[str, str]] = (),
         connect_timeout: float = 10.0,
         max_retry_delay: float = 5.0,
+        max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
     ) -> None:
-        super().__init__()
+        super().__init__(max_patterns_per_subscription=max_patterns_per_subscription)
         self.target = target
         self.client = NexusClient(target, metadata=metadata)
         self.history = History(history_size)
@@ -221,14 +222,14 @@ class RemoteNode(Node):
         if self._closed or not self.history.epoch:
             raise Unavailable(f"not connected to the Nexus at {self.target}")
 
-    async def subscribe(
+    async def _subscribe(
         self,
-        patterns: Iterable[str] = (),
+        patterns: list[str],
         *,
-        since_offset: int = 0,
-        epoch: str | None = None,
-        correlation_ids: Iterable[str] = (),
-        max_pending: int = DEFAULT_MAX_PENDING,
+        since_offset: int,
+        epoch: str | None,
+        correlation_ids: Iterable[str],
+        max_pending: int,
     ) -> Subscription:
         self._check()
         return self._fanout.open(

@@ -104,7 +104,11 @@ class NexusServer:
             if not isinstance(item, HandlerSpec):
                 self.provider.register(item, config=dict(defaults))
         self.node = LocalNode(
-            self.bus, self.provider, queue=self.queue, shutdown_grace_s=self.settings.shutdown_grace_s
+            self.bus,
+            self.provider,
+            queue=self.queue,
+            shutdown_grace_s=self.settings.shutdown_grace_s,
+            max_patterns_per_subscription=self.settings.max_patterns_per_subscription,
         )
         self.servicer = NexusServicer(
             self.node,

@@ -141,3 +141,20 @@ async def test_a_bad_pattern_quotes_only_a_little_of_itself(nexus: TestServer) -
         await asyncio.wait_for(call.read(), GUARD)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(caught.value.details() or "") <= 300
+
+
+async def test_a_subscribe_with_100_000_patterns_is_refused_at_once(nexus: TestServer) -> None:
+    """Too many patterns end the call with RESOURCE_EXHAUSTED before any is indexed; others keep being served."""
+    recorder = await nexus.record(">")
+    try:
+        patterns = [f"bad:p{n}:*:*" for n in range(100_000)]
+        call = nexus.client.stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=patterns))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), GUARD)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the limit of 256" in (caught.value.details() or "")
+        after = await nexus.client.emit("bad:thing:v1:made")
+        events = await recorder.wait_for(lambda evs: any(e.offset == after.offset for e in evs), GUARD)
+        assert events[-1].offset == after.offset
+    finally:
+        await recorder.stop()

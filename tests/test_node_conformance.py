@@ -17,7 +17,7 @@ import pytest
 from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names, until
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
-from nexus.errors import InvalidArgument, InvalidPattern, NexusError
+from nexus.errors import InvalidArgument, InvalidPattern, NexusError, ResourceExhausted
 from nexus.events import TERMINAL_STATES
 from nexus.node import Node, RequestSession, SessionState, Subscription
 from nexus.node_remote import RemoteNode
@@ -320,3 +320,13 @@ async def test_errors_are_nexus_errors(harness: Harness) -> None:
         await harness.node.subscribe(["a:b:c"])
     with pytest.raises(NexusError):
         await harness.node.request(Event.create("conf:echo:v1:started"))
+
+
+async def test_a_subscription_follows_at_most_256_patterns(harness: Harness) -> None:
+    """256 patterns are fine; more are refused with ResourceExhausted before any is parsed or indexed."""
+    sub = await harness.node.subscribe([f"conf:p{n}:*:*" for n in range(256)])
+    sub.close()
+    with pytest.raises(ResourceExhausted, match="257 patterns in one subscription, over the limit of 256"):
+        await harness.node.subscribe([f"conf:p{n}:*:*" for n in range(257)])
+    with pytest.raises(ResourceExhausted):
+        await harness.node.subscribe(["not a pattern"] * 100_000)
