@@ -3,13 +3,16 @@
 - :class:`Outbox`: the bounded outgoing queue between the bus and the connection's writer, bounded in frames
   AND bytes. ``put`` never blocks: it reports an overflow, and the connection is then closed with 4008 (too
   slow) instead of slowing the bus or growing without bound.
-- :class:`RateLimiter`: a token bucket for incoming frames; it answers how long to pause reading, so a client
-  that floods frames is slowed down (TCP pushes back on it) while the others are served.
+- :class:`~nexus.ratelimit.RateLimiter` (from ``nexus.ratelimit``): a token bucket for incoming frames; it answers
+  how long to pause reading, so a client that floods frames is slowed down (TCP pushes back on it) while the
+  others are served.
 """
 
 from __future__ import annotations
 
 from collections import deque
+
+from nexus.ratelimit import RateLimiter
 
 
 class Outbox:
@@ -67,22 +70,4 @@ class Outbox:
         return bool(self._frames)
 
 
-class RateLimiter:
-    """A token bucket: ``rate`` frames per second on average, bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: float, *, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be positive and burst at least 1")
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._last = now
-
-    def acquire(self, now: float) -> float:
-        """Take one token; return how many seconds to wait before acting on the frame (0 when none)."""
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens -= 1
-        if self._tokens >= 0:
-            return 0.0
-        return -self._tokens / self.rate
+__all__ = ["Outbox", "RateLimiter"]

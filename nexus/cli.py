@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)"
     )
+    limits = serve.add_argument_group("limits of one client connection (a WebSocket, an SSE stream, a gRPC peer)")
+    limits.add_argument("--max-patterns-per-connection", type=int, help="patterns over its subscriptions (1024)")
+    limits.add_argument("--max-subscriptions-per-connection", type=int, help="subscriptions open at once (64)")
+    limits.add_argument("--max-requests-per-connection", type=int, help="requests still running (256)")
+    limits.add_argument("--publish-rate-per-s", type=float, help="publishes per second on average (10000)")
+    limits.add_argument("--publish-burst", type=int, help="publishes in one burst (20000)")
     serve.add_argument("--subscriber-queue", type=int, help="events queued per subscriber before it is cut off")
     serve.add_argument("--max-payload-bytes", help="largest event payload, on every bus (1000000)")
     serve.add_argument("--max-event-bytes", help="largest event: type, id, payload and metadata (1048576)")
@@ -246,6 +252,11 @@ SERVE_FIELDS = (
     "history_max_bytes",
     "subscriber_queue",
     "max_patterns_per_subscription",
+    "max_patterns_per_connection",
+    "max_subscriptions_per_connection",
+    "max_requests_per_connection",
+    "publish_rate_per_s",
+    "publish_burst",
     "max_payload_bytes",
     "max_event_bytes",
     "max_payload_depth",

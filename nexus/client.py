@@ -229,6 +229,8 @@ class NexusClient:
                 ("grpc.max_receive_message_length", -1),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.enable_retries", 1),
+                # One client, one connection: the server's per-connection limits then apply per client.
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         self.stub = nexus_pb2_grpc.NexusServiceStub(self.channel)

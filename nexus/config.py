@@ -55,6 +55,14 @@ from nexus.provider import (
     DEFAULT_STREAM_TIMEOUT,
     ProviderSettings,
 )
+from nexus.quota import (
+    DEFAULT_MAX_PATTERNS_PER_CONNECTION,
+    DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_CONNECTION,
+    DEFAULT_PUBLISH_BURST,
+    DEFAULT_PUBLISH_RATE_PER_S,
+    ClientLimits,
+)
 
 ENV_PREFIX: Final = "NEXUS_"
 CONFIG_ENV: Final = "NEXUS_CONFIG"
@@ -107,6 +115,15 @@ class Settings:
     subscriber_queue: int = DEFAULT_MAX_PENDING
     max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
     """Patterns one subscription may follow (a gRPC subscribe, an SSE stream, a WebSocket's subscription)."""
+    max_patterns_per_connection: int = DEFAULT_MAX_PATTERNS_PER_CONNECTION
+    """Patterns over all the subscriptions of one client connection (a WebSocket, a gRPC peer)."""
+    max_subscriptions_per_connection: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_CONNECTION
+    max_requests_per_connection: int = DEFAULT_MAX_REQUESTS_PER_CONNECTION
+    """Requests of one connection whose lifecycle has not ended (its live streams among them)."""
+    publish_rate_per_s: float = DEFAULT_PUBLISH_RATE_PER_S
+    """Publishes (requests included) one connection may make per second on average..."""
+    publish_burst: int = DEFAULT_PUBLISH_BURST
+    """...and in one burst; over it a publish is refused (RESOURCE_EXHAUSTED, error frame ``rate_limited``)."""
     nats_stream: str = DEFAULT_NATS_STREAM
     """The JetStream stream every node shares (created or updated at start-up)."""
     nats_subject_prefix: str = DEFAULT_NATS_SUBJECT_PREFIX
@@ -143,6 +160,16 @@ class Settings:
         """
         defaults = {name: getattr(self, name) for name in PLUGIN_DEFAULT_FIELDS}
         return {name: value for name, value in defaults.items() if value is not None}
+
+    def client_limits(self) -> ClientLimits:
+        """What one client connection may hold and do, on every transport."""
+        return ClientLimits(
+            max_patterns=self.max_patterns_per_connection,
+            max_subscriptions=self.max_subscriptions_per_connection,
+            max_requests=self.max_requests_per_connection,
+            publish_rate_per_s=self.publish_rate_per_s,
+            publish_burst=self.publish_burst,
+        )
 
     def event_limits(self) -> EventLimits:
         """What one event may hold, checked where events enter Nexus."""
@@ -225,6 +252,13 @@ def _to_float(value: Any, text: bool) -> float:
     number = float(value)
     if not math.isfinite(number):
         raise _Invalid(f"must be a finite number, got {value!r}")
+    return number
+
+
+def _positive_number(value: Any, text: bool) -> float:
+    number = _to_float(value, text)
+    if number <= 0:
+        raise _Invalid(f"must be a positive number, got {number:g}")
     return number
 
 
@@ -419,6 +453,11 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "max_metadata_entries": _integer(0, 100_000),
     "subscriber_queue": _POSITIVE,
     "max_patterns_per_subscription": _POSITIVE,
+    "max_patterns_per_connection": _POSITIVE,
+    "max_subscriptions_per_connection": _POSITIVE,
+    "max_requests_per_connection": _POSITIVE,
+    "publish_rate_per_s": _positive_number,
+    "publish_burst": _POSITIVE,
     "nats_stream": _nats_name(check_stream_name),
     "nats_subject_prefix": _nats_name(check_subject_prefix),
     "nats_retention": _retention,

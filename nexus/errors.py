@@ -12,7 +12,8 @@ the code once: ``nexus.grpc`` to a gRPC status, the gateway to a WebSocket error
     ├── InvalidArgument       INVALID_ARGUMENT   any other bad argument
     ├── ResourceExhausted     RESOURCE_EXHAUSTED a limit was reached
     │   ├── PayloadTooLarge                      a payload over the configured limit
-    │   └── SlowConsumer                         a subscriber whose bounded queue overflowed
+    │   ├── SlowConsumer                         a subscriber whose bounded queue overflowed
+    │   └── RateLimited                          a client publishing faster than its connection may
     ├── Unavailable           UNAVAILABLE        the server or bus cannot be reached now
     │   └── BusUnavailable                       the bus cannot store events now
     ├── NotFound              NOT_FOUND          e.g. no live stream with that correlation id
@@ -112,6 +113,10 @@ class SlowConsumer(ResourceExhausted):
         super().__init__(message)
         self.last_offset = last_offset
         self.limit = limit
+
+
+class RateLimited(ResourceExhausted):
+    """A client publishing faster than its connection's rate (a token bucket); slowing down is enough."""
 
 
 class Unavailable(NexusError):

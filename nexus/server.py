@@ -114,6 +114,7 @@ class NexusServer:
             self.node,
             subscriber_queue=self.settings.subscriber_queue,
             limits=self.settings.event_limits(),
+            client_limits=self.settings.client_limits(),
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0

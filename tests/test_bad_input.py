@@ -15,7 +15,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from nexus import Event, EventHandler
+from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.grpc.convert import event_from_response
 from nexus.testing import TestServer, run_server
 from nexus.v1 import nexus_pb2
@@ -158,3 +158,60 @@ async def test_a_subscribe_with_100_000_patterns_is_refused_at_once(nexus: TestS
         assert events[-1].offset == after.offset
     finally:
         await recorder.stop()
+
+
+class Hold(StreamingEventHandler):
+    event_type = "bad:stream_hold"
+
+    async def handle_stream(self, event: Event, stream: Stream) -> None:
+        await stream.send({"held": True})
+        await asyncio.Event().wait()
+
+
+async def test_a_connection_publishing_over_its_rate_is_refused_and_others_are_not() -> None:
+    """Past its burst, a connection's publishes get RESOURCE_EXHAUSTED; another connection still publishes."""
+    async with run_server(Echo(), publish_rate_per_s=0.5, publish_burst=5) as server:
+        for n in range(5):
+            await server.client.emit("bad:thing:v1:made", {"n": n})
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.client.stub.EmitEvent(nexus_pb2.EventRequest(event_type="bad:thing:v1:made"))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "publishes per second on this connection" in (caught.value.details() or "")
+        other = await server.client_for()
+        try:
+            assert (await other.emit("bad:thing:v1:made", {"other": True})).offset > 0
+        finally:
+            await other.close()
+
+
+async def test_a_connection_holds_a_bounded_number_of_subscriptions_and_requests() -> None:
+    """Subscriptions and running requests per connection are bounded; ending one makes room again."""
+    async with run_server(Echo(), Hold(), max_subscriptions_per_connection=2, max_requests_per_connection=1) as server:
+        stub = server.client.stub
+        first = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"]))
+        second = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"]))
+        await first.initial_metadata()
+        await second.initial_metadata()
+        third = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(third.read(), GUARD)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+        await asyncio.sleep(0.1)
+        fourth = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"]))
+        assert dict(await fourth.initial_metadata())["nexus-epoch"]
+        fourth.cancel()
+        second.cancel()
+
+        held = stub.RequestEvent(
+            nexus_pb2.RequestEventRequest(event=nexus_pb2.EventRequest(event_type="bad:stream_hold:v1:requested"))
+        )
+        await asyncio.wait_for(held.read(), GUARD)
+        refused = stub.RequestEvent(
+            nexus_pb2.RequestEventRequest(event=nexus_pb2.EventRequest(event_type="bad:echo:v1:requested"))
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(refused.read(), GUARD)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "still running" in (caught.value.details() or "")
+        held.cancel()

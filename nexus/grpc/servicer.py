@@ -6,6 +6,8 @@ servicer with :func:`add_to_server`, which lets bytes through the response seria
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Final, NoReturn
 
@@ -22,6 +24,7 @@ from nexus.grpc.convert import (
     passthrough_serializer,
 )
 from nexus.node import Node, Subscription
+from nexus.quota import ClientLimits, ClientQuota, ClientQuotas
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 DEFAULT_BATCH_SIZE = 500
@@ -85,11 +88,19 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         *,
         subscriber_queue: int = 10_000,
         limits: EventLimits = DEFAULT_LIMITS,
+        client_limits: ClientLimits | None = None,
     ) -> None:
         self.node = node
         self.subscriber_queue = subscriber_queue
         self.limits = limits
+        self._quotas = ClientQuotas(client_limits or ClientLimits())
         self._encode = EncodeCache()
+
+    # --- the client's quota ---------------------------------------------------------------------------------
+
+    def _quota(self, context: grpc.aio.ServicerContext[Any, Any]) -> ClientQuota:
+        """The quota of the connection this call came on (its peer address)."""
+        return self._quotas.get(_peer(context), asyncio.get_running_loop().time())
 
     # --- publishing ---------------------------------------------------------------------------------------
 
@@ -97,6 +108,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self, request: nexus_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.EventResponse:
         try:
+            self._quota(context).publish(asyncio.get_running_loop().time())
             event = event_from_request(request, limits=self.limits)
             published = await self.node.publish(event)
         except NexusError as error:
@@ -110,8 +122,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.PublishEventsResponse:
         stored = duplicates = last_offset = 0
         index = 0
+        quota = self._quota(context)
+        loop = asyncio.get_running_loop()
         async for item in request_iterator:
             try:
+                quota.publish(loop.time())
                 event = event_from_request(item.event, limits=self.limits)
                 published = await self.node.publish(event)
             except NexusError as error:
@@ -129,83 +144,95 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
 
     # --- subscribing --------------------------------------------------------------------------------------
 
-    async def _open(
+    @contextlib.asynccontextmanager
+    async def _subscription(
         self,
         patterns: list[str],
         since_offset: int,
         epoch: str,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> Subscription:
+    ) -> AsyncIterator[Subscription]:
+        """A subscription for one subscribe call, counted against its connection's quota; the initial metadata
+        is sent once it is live. A slow subscriber's call ends with RESOURCE_EXHAUSTED naming its last offset."""
+        quota = self._quota(context)
         try:
             if not patterns:
                 raise InvalidArgument("subscribe needs at least one pattern in event_types, such as '>'")
-            # The bus validates every pattern before it registers anything.
-            sub = await self.node.subscribe(
-                patterns, since_offset=since_offset, epoch=epoch or None, max_pending=self.subscriber_queue
-            )
+            self.node.check_pattern_count(len(patterns))  # before anything is held or parsed
+            quota.open_subscription()
+            try:
+                quota.add_patterns(len(patterns))
+            except NexusError:
+                quota.close_subscription()
+                raise
         except NexusError as error:
             await abort(context, error)
-        metadata = [("nexus-epoch", sub.epoch), ("nexus-head-offset", str(sub.head_offset))]
-        if sub.recovered is not None:
-            metadata.append(("nexus-recovered", "true" if sub.recovered else "false"))
-        await context.send_initial_metadata(tuple(metadata))
-        log.debug(
-            "subscriber_joined",
-            peer=_peer(context),
-            patterns=patterns,
-            since_offset=since_offset,
-            recovered=sub.recovered,
-        )
-        return sub
+        try:
+            try:
+                # The node validates every pattern before it registers anything.
+                sub = await self.node.subscribe(
+                    patterns, since_offset=since_offset, epoch=epoch or None, max_pending=self.subscriber_queue
+                )
+            except NexusError as error:
+                await abort(context, error)
+            try:
+                metadata = [("nexus-epoch", sub.epoch), ("nexus-head-offset", str(sub.head_offset))]
+                if sub.recovered is not None:
+                    metadata.append(("nexus-recovered", "true" if sub.recovered else "false"))
+                await context.send_initial_metadata(tuple(metadata))
+                log.debug(
+                    "subscriber_joined",
+                    peer=_peer(context),
+                    patterns=len(patterns),
+                    since_offset=since_offset,
+                    recovered=sub.recovered,
+                )
+                yield sub
+            except SlowConsumer as error:
+                log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
+                await abort(context, error)
+            finally:
+                sub.close()
+        finally:
+            quota.remove_patterns(len(patterns))
+            quota.close_subscription()
 
     async def SubscribeEvents(  # type: ignore[override]  # streams with context.write()
         self, request: nexus_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        sub = await self._open(list(request.event_types), request.since_offset, request.epoch, context)
         encode = self._encode.encode
-        try:
-            while True:
-                batch = await sub.next_batch()
-                if not batch:
-                    return
+        async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
+            while batch := await sub.next_batch():
                 for event in batch:
                     await context.write(encode(event))  # pre-serialized bytes
-        except SlowConsumer as error:
-            log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
-            await abort(context, error)
-        finally:
-            sub.close()
 
     async def SubscribeEventBatches(  # type: ignore[override]  # streams with context.write()
         self, request: nexus_pb2.SubscribeEventBatchesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        sub = await self._open(list(request.event_types), request.since_offset, request.epoch, context)
         size = min(request.max_batch_size or DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE)
         encode_batch = self._encode.encode_batch
-        try:
-            while True:
-                batch = await sub.next_batch(size)
-                if not batch:
-                    return
+        async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
+            while batch := await sub.next_batch(size):
                 await context.write(encode_batch(batch))  # pre-serialized bytes
-        except SlowConsumer as error:
-            log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
-            await abort(context, error)
-        finally:
-            sub.close()
 
     # --- requests -----------------------------------------------------------------------------------------
 
     async def RequestEvent(
         self, request: nexus_pb2.RequestEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[nexus_pb2.RequestEventResponse]:
+        quota = self._quota(context)
         try:
+            quota.publish(asyncio.get_running_loop().time())
             event = event_from_request(request.event, limits=self.limits)
             session = self.node.open_request(event)
-            published = await session.start(max_pending=self.subscriber_queue)
+            quota.start_request()
         except NexusError as error:
             await abort(context, error)
         try:
+            try:
+                published = await session.start(max_pending=self.subscriber_queue)
+            except NexusError as error:
+                await abort(context, error)
             message = "duplicate" if published.duplicate else "stored"
             yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
             async for item in session.events():
@@ -216,6 +243,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             # The requester left before the end (cancelled call, failed send, too slow): its stream goes too.
             # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
             session.close()
+            quota.end_request()
 
     async def CancelStream(
         self, request: nexus_pb2.CancelStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
