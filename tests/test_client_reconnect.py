@@ -1,4 +1,5 @@
-"""The SDK's subscription against servers that are down, refuse it, or come back; a server whose start fails."""
+"""Reconnection of the SDK's subscription and of the remote node against servers that are down, refuse a call, or
+come back; a server whose start fails."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nexus.backoff import BackoffPolicy
 from nexus.client import NexusClient, Subscription
 from nexus.config import Settings
 from nexus.errors import ConfigurationError, InvalidArgument, InvalidPattern
+from nexus.node_remote import RemoteNode
 from nexus.server import NexusServer
 from nexus.testing import run_server
 
@@ -130,3 +132,25 @@ async def test_a_port_in_use_is_refused_before_the_node_starts() -> None:
         assert handler.calls == []
         stored = await first.client.emit("demo:still:v1:here")
         assert stored.offset == 1
+
+
+async def test_a_remote_node_keeps_its_history_and_backs_off_while_the_core_is_down() -> None:
+    """A remote node (``nexus gateway``) whose core goes away keeps its epoch and history (no reset closing every
+    client) and retries with growing waits instead of a hot loop."""
+    async with run_server() as nexus:
+        await nexus.client.emit("demo:before:v1:outage")
+        node = RemoteNode(nexus.address)
+        await node.start()
+        epoch = node.epoch
+        assert node.history.head == 1
+    try:
+        await wait_until(lambda: node.backoff.failures >= 3, "three failed reconnections")
+        attempts = node.backoff.attempts
+        await asyncio.sleep(1.0)
+        # Waits of 0.05 s doubling: about 4 more attempts in a second; a hot loop makes dozens.
+        assert node.backoff.attempts - attempts <= 5
+        assert node.resets == 0
+        assert node.epoch == epoch
+        assert node.history.head == 1
+    finally:
+        await node.close()
