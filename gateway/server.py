@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import http
 import json
 import socket
@@ -34,7 +35,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from nexus.config import Settings
-from nexus.errors import NexusError
+from nexus.errors import ConfigurationError, NexusError
 from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
 from nexus.node import Node
 
@@ -201,9 +202,27 @@ class GatewayServer:
         return f"[{host}]" if ":" in host else host
 
     async def start(self) -> None:
-        """Bind and serve; ``port`` is the bound port."""
+        """Bind and serve; ``port`` is the bound port.
+
+        A port that cannot be bound (already in use, say) raises :class:`~nexus.errors.ConfigurationError` naming
+        it and ``--ws-port``.
+        """
         s = self.settings
-        self._server = await serve(
+        try:
+            self._server = await self._serve()
+        except OSError as exc:
+            bind = f"{s.host}:{s.port}"
+            reason = (
+                "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+            )
+            raise ConfigurationError(f"the WebSocket port {bind} {reason}; choose another with --ws-port") from None
+        sockets = self._server.sockets
+        self.port = int(sockets[0].getsockname()[1]) if sockets else s.port
+        log.info("gateway_started", url=self.url, page=self.http_url, **self.node.describe())
+
+    async def _serve(self) -> Server:
+        s = self.settings
+        return await serve(
             self._handle,
             s.host,
             s.port,
@@ -220,9 +239,6 @@ class GatewayServer:
             close_timeout=s.close_timeout,
             server_header=None,
         )
-        sockets = self._server.sockets
-        self.port = int(sockets[0].getsockname()[1]) if sockets else s.port
-        log.info("gateway_started", url=self.url, page=self.http_url, **self.node.describe())
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting; write what each connection still has to get (bounded by ``grace``), close every

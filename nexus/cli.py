@@ -1,4 +1,10 @@
-"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams."""
+"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams.
+
+Output contract of the client commands: stdout carries only the command's data, one JSON object per line;
+every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``) goes to
+stderr. Exit codes: 0 done, 1 the server refused (``nexus: <code>: <message>`` on stderr) or a request did not
+succeed, 2 a usage or start-up error (``nexus: error: <message>``, one line), 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from nexus import __version__
+from nexus.backoff import BackoffPolicy
 from nexus.errors import ConfigurationError, NexusError
 from nexus.events import Event
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_BACKOFF = BackoffPolicy()
 
 
 class CliError(ConfigurationError):
@@ -177,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("NEXUS_SERVER", DEFAULT_SERVER),
             help=f"server address (default $NEXUS_SERVER or {DEFAULT_SERVER})",
         )
+        sub.add_argument(
+            "--log-format", choices=("auto", "json", "console"), help="format of the log lines on stderr (auto)"
+        )
+        sub.add_argument("--log-level", help="log level of the lines on stderr (info)")
         return sub
 
     emit = client_command("emit", "publish one event and print it as stored")
@@ -191,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--epoch", help="the epoch --since-offset belongs to")
     subscribe.add_argument("--count", type=int, help="exit after this many events")
     subscribe.add_argument("--no-heartbeats", action="store_true", help="leave out heartbeat events")
+    subscribe.add_argument(
+        "--reconnect-initial-delay",
+        type=_positive_float,
+        default=DEFAULT_BACKOFF.initial_delay,
+        metavar="SECONDS",
+        help=f"wait before the first reconnection; doubles per failed attempt ({DEFAULT_BACKOFF.initial_delay})",
+    )
+    subscribe.add_argument(
+        "--reconnect-max-delay",
+        type=_positive_float,
+        default=DEFAULT_BACKOFF.max_delay,
+        metavar="SECONDS",
+        help=f"longest wait between reconnection attempts ({DEFAULT_BACKOFF.max_delay})",
+    )
 
     request = client_command("request", "send a request and print its lifecycle as JSON lines")
     request.add_argument("event_type", metavar="TYPE")
@@ -374,15 +400,19 @@ async def _emit(args: argparse.Namespace) -> int:
 async def _subscribe(args: argparse.Namespace) -> int:
     from nexus.client import NexusClient
 
+    if args.reconnect_max_delay < args.reconnect_initial_delay:
+        raise CliError("--reconnect-max-delay must be at least --reconnect-initial-delay")
+    backoff = BackoffPolicy(initial_delay=args.reconnect_initial_delay, max_delay=args.reconnect_max_delay)
     seen = 0
 
     def on_connect(sub: Any) -> None:
+        # Called once the server's initial metadata arrived: never for an attempt that did not connect.
         info: dict[str, Any] = {"epoch": sub.epoch, "head_offset": sub.head_offset}
         if sub.recovered is not None:
             info["recovered"] = sub.recovered
         print("nexus: subscribed " + json.dumps(info), file=sys.stderr, flush=True)
 
-    async with NexusClient(args.server) as client:
+    async with NexusClient(args.server, backoff=backoff) as client:
         subscription = client.subscribe(
             *args.patterns, since_offset=args.since_offset, epoch=args.epoch, on_connect=on_connect
         )
@@ -488,6 +518,24 @@ def _write_or_check(path: Path, text: str, *, check: bool) -> int:
     return 0
 
 
+CLIENT_COMMANDS = ("emit", "subscribe", "request", "cancel", "handlers", "streams", "docs")
+"""Commands whose stdout is data: their log lines must go to stderr (``serve`` and ``gateway`` set up their own)."""
+
+
+def _configure_client_logging(args: argparse.Namespace) -> None:
+    """Structured logs of a client command on stderr, never among the JSON lines of stdout.
+
+    Unconfigured, structlog prints to stdout; this sends Nexus's and the libraries' records through one stderr
+    handler instead. Format and level come from ``--log-format`` / ``--log-level``, else ``$NEXUS_LOG_FORMAT`` /
+    ``$NEXUS_LOG_LEVEL``, else ``auto`` (console on a terminal, JSON otherwise) and ``info``.
+    """
+    from nexus.logs import configure_logging
+
+    fmt = getattr(args, "log_format", None) or os.environ.get("NEXUS_LOG_FORMAT") or "auto"
+    level = getattr(args, "log_level", None) or os.environ.get("NEXUS_LOG_LEVEL") or "info"
+    configure_logging(fmt, level)
+
+
 COMMANDS = {
     "serve": _serve,
     "emit": _emit,
@@ -506,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in CLIENT_COMMANDS:
+            _configure_client_logging(args)
         return asyncio.run(COMMANDS[args.command](args))
     except KeyboardInterrupt:
         return 130

@@ -6,7 +6,7 @@
         stored = await client.emit("demo:ping:v1:happened", {"n": 1})
 
         async for event in client.subscribe("demo:>"):          # reconnects and resumes by itself
-            ...
+            ...                                                  # (jittered backoff: BackoffPolicy)
 
         async for event in client.request("demo:stream_countdown:v1:requested", {"n": 3}):
             print(event.state, event.payload)                    # started, stream..., success
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final
 
 import grpc
 import structlog
 
+from nexus.backoff import Backoff, BackoffPolicy
 from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, validate_metadata, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
@@ -67,7 +67,17 @@ class Subscription:
 
     ``recovered`` tells how the latest (re)connection went: True when the server replayed every event missed,
     False when it could not (another epoch, or history no longer holds the gap), None when nothing was asked.
-    ``on_connect`` (optional) is called after every (re)connection with this subscription.
+    ``on_connect`` (optional) is called after every (re)connection with this subscription, once the server's
+    initial metadata (``nexus-epoch``, ``nexus-head-offset``) has arrived: never for an attempt that did not reach
+    a Nexus server.
+
+    Reconnection waits follow ``backoff`` (a :class:`~nexus.backoff.BackoffPolicy`: from 0.1 s, doubling, up to
+    10 s, with jitter by default). The wait grows with each failed attempt and starts again from the beginning
+    only after a call delivered an event or stayed connected for ``backoff.healthy_after`` seconds, so a server
+    that fails every call is not retried in a hot loop. Errors that retrying cannot mend (``INVALID_ARGUMENT``
+    for a bad pattern, ``UNAUTHENTICATED``, ``PERMISSION_DENIED``, ...) end the iteration with their
+    :class:`~nexus.errors.NexusError`. ``attempts`` counts the calls opened, ``connects`` those the server
+    answered.
     """
 
     def __init__(
@@ -80,7 +90,8 @@ class Subscription:
         reconnect: bool = True,
         max_batch_size: int = 0,
         on_connect: Callable[[Subscription], None] | None = None,
-        max_retry_delay: float = 5.0,
+        max_retry_delay: float | None = None,
+        backoff: BackoffPolicy | None = None,
     ) -> None:
         self._client = client
         self.patterns = list(patterns)
@@ -89,18 +100,42 @@ class Subscription:
         self.reconnect = reconnect
         self.max_batch_size = max_batch_size
         self.on_connect = on_connect
-        self.max_retry_delay = max_retry_delay
+        policy = backoff or client.backoff
+        if max_retry_delay is not None:  # the older spelling of backoff.max_delay
+            policy = dataclasses.replace(
+                policy, max_delay=max_retry_delay, initial_delay=min(policy.initial_delay, max_retry_delay)
+            )
+        self.backoff = Backoff(policy)
         self.recovered: bool | None = None
         self.head_offset = 0
         self.connects = 0
         self._call: Any = None
         self._closed = False
 
+    @property
+    def attempts(self) -> int:
+        """Calls opened so far (the first one included)."""
+        return self.backoff.attempts
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
+    def _connected(self, initial: dict[str, Any]) -> None:
+        self.epoch = str(initial.get("nexus-epoch", self.epoch))
+        self.head_offset = int(initial.get("nexus-head-offset", 0))
+        recovered = initial.get("nexus-recovered")
+        self.recovered = None if recovered is None else recovered == "true"
+        if self.recovered is False:
+            # The gap is gone (another epoch, or older than the history): continue live from the head,
+            # so a later reconnection does not ask for offsets of a history that no longer exists.
+            self.last_offset = self.head_offset
+        self.connects += 1
+        if self.on_connect is not None:
+            self.on_connect(self)
+
     async def _iterate(self) -> AsyncIterator[Event]:
-        delay = 0.05
+        loop = asyncio.get_running_loop()
+        backoff = self.backoff
         while not self._closed:
             request = nexus_pb2.SubscribeEventBatchesRequest(
                 event_types=self.patterns,
@@ -108,23 +143,20 @@ class Subscription:
                 epoch=self.epoch if self.last_offset else "",
                 max_batch_size=self.max_batch_size,
             )
+            backoff.call_opened(loop.time())
             call = self._client.stub.SubscribeEventBatches(request, metadata=self._client.metadata)
             self._call = call
+            ended = "OK"
             try:
+                # A call that fails before the server answers (a closed port) still "returns" empty initial
+                # metadata: only the server's own keys mean the subscription is live.
                 initial = dict(await call.initial_metadata() or ())
-                self.epoch = str(initial.get("nexus-epoch", self.epoch))
-                self.head_offset = int(initial.get("nexus-head-offset", 0))
-                recovered = initial.get("nexus-recovered")
-                self.recovered = None if recovered is None else recovered == "true"
-                if self.recovered is False:
-                    # The gap is gone (another epoch, or older than the history): continue live from the head,
-                    # so a later reconnection does not ask for offsets of a history that no longer exists.
-                    self.last_offset = self.head_offset
-                self.connects += 1
-                if self.on_connect is not None:
-                    self.on_connect(self)
-                delay = 0.05
+                if "nexus-epoch" in initial:
+                    backoff.connected(loop.time())
+                    self._connected(initial)
                 async for message in call:
+                    if message.events:
+                        backoff.delivered()
                     for item in message.events:
                         event = event_from_response(item)
                         if event.offset:
@@ -135,14 +167,22 @@ class Subscription:
                     return
                 if not self.reconnect or error.code() not in RETRYABLE:
                     raise error_from_rpc(error) from None
-                log.info("subscription_reconnecting", code=error.code().name, last_offset=self.last_offset)
+                ended = error.code().name
             finally:
                 call.cancel()
                 self._call = None
             if not self.reconnect or self._closed:
                 return
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self.max_retry_delay)
+            delay = backoff.call_failed(loop.time())
+            log.info(
+                "subscription_reconnecting",
+                code=ended,
+                attempt=backoff.attempts,
+                failures=backoff.failures,
+                delay_s=round(delay, 3),
+                last_offset=self.last_offset,
+            )
+            await asyncio.sleep(delay)
 
     def close(self) -> None:
         """Stop the subscription; the iterator ends."""
@@ -219,9 +259,12 @@ class NexusClient:
         *,
         metadata: Iterable[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
+        backoff: BackoffPolicy | None = None,
     ) -> None:
         self.target = target
         self.metadata = tuple(metadata)
+        self.backoff = backoff or BackoffPolicy()
+        """The reconnection policy of this client's subscriptions (each may override it)."""
         self._own_channel = channel is None
         self.channel = channel or grpc.aio.insecure_channel(
             target,
@@ -231,6 +274,11 @@ class NexusClient:
                 ("grpc.enable_retries", 1),
                 # One client, one connection: the server's per-connection limits then apply per client.
                 ("grpc.use_local_subchannel_pool", 1),
+                # The channel's own reconnection backoff (1 s to 120 s by default) within the subscriptions'
+                # bounds, so a server that comes back is found by the next attempt.
+                ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
+                ("grpc.min_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
+                ("grpc.max_reconnect_backoff_ms", max(1, int(self.backoff.max_delay * 1000))),
             ],
         )
         self.stub = nexus_pb2_grpc.NexusServiceStub(self.channel)
@@ -296,8 +344,13 @@ class NexusClient:
         reconnect: bool = True,
         max_batch_size: int = 0,
         on_connect: Callable[[Subscription], None] | None = None,
+        backoff: BackoffPolicy | None = None,
     ) -> Subscription:
-        """Follow events matching ``patterns``; iterate the result with ``async for``."""
+        """Follow events matching ``patterns``; iterate the result with ``async for``.
+
+        It reconnects by itself and resumes after the last offset it delivered, waiting between attempts as
+        ``backoff`` says (default: the client's); see :class:`Subscription`.
+        """
         return Subscription(
             self,
             patterns,
@@ -306,6 +359,7 @@ class NexusClient:
             reconnect=reconnect,
             max_batch_size=max_batch_size,
             on_connect=on_connect,
+            backoff=backoff,
         )
 
     def request(

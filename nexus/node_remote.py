@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import weakref
 from collections.abc import Iterable
 from typing import Any, Final
@@ -28,6 +27,7 @@ from typing import Any, Final
 import grpc
 import structlog
 
+from nexus.backoff import Backoff, BackoffPolicy
 from nexus.bus.base import Fanout, Published, Subscription
 from nexus.client import NexusClient, error_from_rpc
 from nexus.errors import Unavailable
@@ -88,6 +88,10 @@ class RemoteNode(Node):
         self.history = History(history_size)
         self.connect_timeout = connect_timeout
         self.max_retry_delay = max_retry_delay
+        self.backoff = Backoff(
+            BackoffPolicy(initial_delay=min(0.05, max_retry_delay), max_delay=max_retry_delay, healthy_after=10.0)
+        )
+        """Waits between reconnections to the upstream: they start over only after a call delivered or stayed up."""
         self._fanout = Fanout()
         self._connected = False
         self._ready = asyncio.Event()
@@ -140,6 +144,17 @@ class RemoteNode(Node):
         call = self.client.stub.SubscribeEventBatches(request, metadata=self.client.metadata)
         try:
             initial = {str(k): str(v) for k, v in (await call.initial_metadata() or ())}
+            if "nexus-epoch" not in initial:
+                # The call failed before a Nexus answered (a closed port also "returns" empty metadata): its
+                # status is the error, never an epoch of "" that would reset the mirror.
+                code = await call.code()
+                details = await call.details()
+                raise grpc.aio.AioRpcError(
+                    code if code != grpc.StatusCode.OK else grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details or "the call ended before the server's initial metadata",
+                )
         except BaseException:
             call.cancel()
             raise
@@ -175,16 +190,20 @@ class RemoteNode(Node):
         self.history.reset(epoch, head)
 
     async def _feed(self) -> None:
-        delay = 0.05
+        loop = asyncio.get_running_loop()
+        backoff = self.backoff
         while not self._closed:
             call: Any = None
+            backoff.call_opened(loop.time())
             try:
                 call = await self._connect()
+                backoff.connected(loop.time())
                 self._set_connected(True)
                 self._ready.set()
-                delay = 0.05
                 log.info("remote_connected", nexus=self.target, epoch=self.epoch, head=self.history.head)
                 async for message in call:
+                    if message.events:
+                        backoff.delivered()
                     self._ingest([event_from_response(item) for item in message.events])
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "the stream ended"
@@ -197,8 +216,7 @@ class RemoteNode(Node):
             finally:
                 if call is not None:
                     call.cancel()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self.max_retry_delay)
+            await asyncio.sleep(backoff.call_failed(loop.time()))
 
     def _ingest(self, events: list[Event]) -> None:
         """Keep and hand out a batch of mirrored events (synchronous, in offset order)."""

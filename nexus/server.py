@@ -11,8 +11,10 @@ transports that adapt it: the gRPC server (health and reflection included) and, 
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import grpc
 import structlog
@@ -23,7 +25,7 @@ from nexus.api import AnyHandler
 from nexus.bus.base import Bus
 from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
-from nexus.errors import HandlerConfigError
+from nexus.errors import ConfigurationError, HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
 from nexus.node_local import LocalNode
 from nexus.plugins import HandlerSpec, register_all
@@ -33,6 +35,8 @@ from nexus.queue.memory import MemoryRequestQueue
 from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
+GRPC_PORT_HINT: Final = "choose another with --grpc-port"
+WS_PORT_HINT: Final = "choose another with --ws-port or turn the gateway off with --no-gateway"
 
 log = structlog.get_logger("nexus.server")
 
@@ -64,6 +68,33 @@ def make_request_queue(settings: Settings, bus: Bus) -> RequestQueue:
     return NatsRequestQueue(
         bus, node_heartbeat_s=settings.nats_node_heartbeat_s, streaming_rules=settings.streaming_rules
     )
+
+
+def ensure_port_free(host: str, port: int, *, what: str, hint: str) -> None:
+    """Raise :class:`ConfigurationError` when something already listens on ``host:port``.
+
+    Binds (and closes) a test socket with ``SO_REUSEADDR``, as the servers do, so a port only held by closed
+    connections (``TIME_WAIT``) counts as free. Port 0 (any free port) and addresses that do not resolve are
+    left to the real bind.
+    """
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return
+    for family, kind, proto, _, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # e.g. no IPv6 on this host
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigurationError(f"the {what} port {host}:{port} is already in use; {hint}") from None
 
 
 class WebTransport(Protocol):
@@ -134,8 +165,47 @@ class NexusServer:
         return f"{host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        """Start the node (the bus, then the provider: handlers' ``setup`` runs here) and the transports."""
-        await self.node.start()
+        """Start the node (the bus, then the provider: handlers' ``setup`` runs here) and the transports.
+
+        A port already in use raises :class:`~nexus.errors.ConfigurationError` naming it and the option that
+        changes it, before the node starts when it can be seen beforehand. Whatever fails, what was started is
+        stopped again before the error propagates.
+        """
+        self._check_ports()
+        try:
+            await self.node.start()
+            self._grpc = self._grpc_server()
+            await self._grpc.start()
+            if self.settings.gateway:
+                await self._start_gateway()
+        except BaseException:
+            await self._abort_start()
+            raise
+        self.node.on_health(self._on_node_health)
+        await self._set_health(self.node.healthy)
+        log.info(
+            "server_started",
+            grpc=f"{self.settings.host}:{self.grpc_port}",
+            ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
+            epoch=self.bus.epoch,
+            handlers=sorted(self.provider.registrations),
+            **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
+        )
+
+    def _check_ports(self) -> None:
+        """Refuse ports something already listens on, before anything starts (and logs)."""
+        s = self.settings
+        if s.gateway and s.grpc_port and s.grpc_port == s.ws_port:
+            raise ConfigurationError(
+                f"the gRPC and the WebSocket port are both {s.grpc_port}; give them different ports "
+                "with --grpc-port and --ws-port"
+            )
+        ensure_port_free(s.host, s.grpc_port, what="gRPC", hint=GRPC_PORT_HINT)
+        if s.gateway:
+            ensure_port_free(s.host, s.ws_port, what="WebSocket", hint=WS_PORT_HINT)
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with the Nexus, health and reflection services, bound to ``settings.grpc_port``."""
         max_message = self.settings.max_event_bytes + 64 * 1024
         server = grpc.aio.server(
             options=[
@@ -145,30 +215,39 @@ class NexusServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # No SO_REUSEPORT: with it a second server binds the same port and the kernel splits clients
+                # at random between two unrelated buses.
+                ("grpc.so_reuseport", 0),
             ]
         )
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
-        port = server.add_insecure_port(bind)
+        try:
+            port = server.add_insecure_port(bind)
+        except RuntimeError:  # recent grpcio raises where older versions returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"could not bind the gRPC port {bind}")
+            raise ConfigurationError(
+                f"could not bind the gRPC port {bind} (in use, or not an address of this host); {GRPC_PORT_HINT}"
+            )
         self.grpc_port = port
-        await server.start()
-        self._grpc = server
-        if self.settings.gateway:
-            await self._start_gateway()
-        self.node.on_health(self._on_node_health)
-        await self._set_health(self.node.healthy)
-        log.info(
-            "server_started",
-            grpc=f"{self.settings.host}:{port}",
-            ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
-            epoch=self.bus.epoch,
-            handlers=sorted(self.provider.registrations),
-            **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
-        )
+        return server
+
+    async def _abort_start(self) -> None:
+        """Stop what a failed :meth:`start` had started: the gateway, the gRPC server, the node."""
+        self._stopping = True
+        try:
+            if self.gateway is not None:
+                await self.gateway.stop(0)
+            if self._grpc is not None:
+                await self._grpc.stop(0)
+            await self.node.close(0)
+        except Exception as exc:  # the start-up error matters more than a second one while cleaning up
+            log.warning("start_cleanup_failed", error=repr(exc))
+        finally:
+            self._stopped.set()
 
     async def _start_gateway(self) -> None:
         """The WebSocket gateway and its page on ``settings.ws_port``, over this server's node."""
@@ -177,12 +256,13 @@ class NexusServer:
         gateway: WebTransport = GatewayServer(self.node, GatewaySettings.from_settings(self.settings))
         try:
             await gateway.start()
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc} or turn the gateway off with --no-gateway") from None
         except OSError as exc:
             bind = f"{self.settings.host}:{self.settings.ws_port}"
-            raise OSError(
-                f"could not bind the WebSocket port {bind} ({exc.strerror or exc}); "
-                "choose another with --ws-port or turn the gateway off with --no-gateway"
-            ) from exc
+            raise ConfigurationError(
+                f"could not bind the WebSocket port {bind} ({exc.strerror or exc}); {WS_PORT_HINT}"
+            ) from None
         self.gateway = gateway
         self.ws_port = gateway.port
 

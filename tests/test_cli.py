@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -53,6 +54,7 @@ class Served:
     address: str
     log_path: Path
     env: dict[str, str]
+    ws_port: int
 
     def log_records(self) -> list[dict[str, Any]]:
         """The JSON log lines the server wrote to stderr so far (other lines left out)."""
@@ -89,11 +91,13 @@ def cli_env(handler_dir: Path) -> dict[str, str]:
     return env
 
 
-def start_server(directory: Path) -> Served:
-    """Start ``nexus serve`` on a free port with the test handlers and wait until it accepts connections."""
+def start_server(directory: Path, port: int | None = None) -> Served:
+    """Start ``nexus serve`` on ``port`` (default a free one) with the test handlers and wait until it accepts
+    connections."""
     (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
     env = cli_env(directory)
-    port = free_port()
+    port = port or free_port()
+    ws_port = free_port()
     log_path = directory / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -105,7 +109,7 @@ def start_server(directory: Path) -> Served:
                 "--grpc-port",
                 str(port),
                 "--ws-port",
-                "0",
+                str(ws_port),
                 "--no-entry-points",
                 "--handler",
                 f"{HANDLER_MODULE}:Echo",
@@ -119,7 +123,7 @@ def start_server(directory: Path) -> Served:
             env=env,
             cwd=directory,
         )
-    served = Served(process, f"127.0.0.1:{port}", log_path, env)
+    served = Served(process, f"127.0.0.1:{port}", log_path, env, ws_port)
     deadline = time.monotonic() + GUARD
     while True:
         if process.poll() is not None:
@@ -345,3 +349,164 @@ async def test_serve_logs_streams_as_json_and_stops_on_sigterm(tmp_path: Path) -
     assert ended["stream_count"] == 2
     assert ended["duration_s"] >= 0
     assert "server_stopped" in {record["event"] for record in records}
+
+
+# --- subscribe: reconnection, stdout and stderr -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Background:
+    """A ``nexus`` command running in the background, its stdout and stderr going to files."""
+
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stop(self) -> int:
+        """Interrupt it as Ctrl-C would and return its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(GUARD)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_cli(directory: Path, env: dict[str, str], *args: str) -> Background:
+    """Start ``nexus ARGS`` in the background."""
+    stdout_path, stderr_path = directory / "cli.stdout", directory / "cli.stderr"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nexus.cli", *args], stdout=stdout, stderr=stderr, env=env, cwd=directory
+        )
+    return Background(process, stdout_path, stderr_path)
+
+
+def reconnect_records(stderr: str) -> list[dict[str, Any]]:
+    """The ``subscription_reconnecting`` log records among stderr's lines."""
+    records = []
+    for line in stderr.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == "subscription_reconnecting":
+                records.append(record)
+    return records
+
+
+def wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + GUARD
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_subscribe_against_a_closed_port_backs_off_and_writes_nothing_to_stdout(tmp_path: Path) -> None:
+    """`nexus subscribe` against a closed port retries with growing waits (a handful of attempts in 4 s, not
+    dozens), logs each retry on stderr, never claims it subscribed, and writes nothing to stdout."""
+    env = cli_env(tmp_path)
+    command = start_cli(tmp_path, env, "subscribe", ">", "--server", f"127.0.0.1:{free_port()}", "--log-format", "json")
+    try:
+        time.sleep(4.0)
+    finally:
+        command.stop()
+    assert command.stdout() == ""
+    stderr = command.stderr()
+    assert "nexus: subscribed" not in stderr
+    assert "Traceback" not in stderr
+    records = reconnect_records(stderr)
+    # 0.1 s doubling: attempts at about 0, 0.1, 0.3, 0.7, 1.5, 3.1 s; a reset backoff would make ~70.
+    assert 3 <= len(records) <= 8, stderr
+    assert [r["failures"] for r in records] == list(range(1, len(records) + 1))
+    assert all(r["code"] == "UNAVAILABLE" for r in records)
+    delays = [float(r["delay_s"]) for r in records]
+    assert all(later >= earlier * 1.5 for earlier, later in itertools.pairwise(delays)), delays
+    every_line_on_stderr = [line for line in stderr.splitlines() if line.strip()]
+    assert len(every_line_on_stderr) == len(records), stderr
+
+
+def test_subscribe_says_subscribed_once_connected_and_prints_only_json_events(tmp_path: Path) -> None:
+    """`nexus subscribe` started before its server prints `nexus: subscribed` only once the server answered,
+    then each event as one JSON line on stdout, while its reconnection logs stay on stderr."""
+    port = free_port()
+    env = cli_env(tmp_path)
+    command = start_cli(
+        tmp_path,
+        env,
+        "subscribe",
+        "clidemo:late:>",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--log-format",
+        "json",
+        "--reconnect-max-delay",
+        "0.5",
+    )
+    server: Served | None = None
+    try:
+        wait_for(lambda: len(reconnect_records(command.stderr())) >= 2, "two reconnection attempts")
+        assert "nexus: subscribed" not in command.stderr()
+        server_dir = tmp_path / "server"
+        server_dir.mkdir()
+        server = start_server(server_dir, port)
+        wait_for(lambda: "nexus: subscribed " in command.stderr(), "nexus: subscribed")
+        asyncio.run(_emit_many(server.address, "clidemo:late:v1:done", 3))
+        wait_for(lambda: len(command.stdout().splitlines()) >= 3, "three events on stdout")
+    finally:
+        command.stop()
+        if server is not None:
+            stop_server(server)
+    events = [json.loads(line) for line in command.stdout().splitlines()]
+    assert [e["event_type"] for e in events] == ["clidemo:late:v1:done"] * 3
+    [subscribed] = [line for line in command.stderr().splitlines() if line.startswith("nexus: subscribed ")]
+    assert json.loads(subscribed.removeprefix("nexus: subscribed "))["epoch"] == events[0]["epoch"]
+
+
+async def _emit_many(address: str, event_type: str, count: int) -> list[int]:
+    """Emit ``count`` events through the SDK; returns their offsets."""
+    from nexus.client import NexusClient
+
+    async with NexusClient(address) as client:
+        return [(await client.emit(event_type, {"i": i})).offset for i in range(count)]
+
+
+# --- serve: ports in use ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["grpc", "ws"])
+async def test_serve_refuses_a_port_in_use_in_one_line(served: Served, tmp_path: Path, which: str) -> None:
+    """A second `nexus serve` on the gRPC or WebSocket port of a running one exits 2 with one line naming the port
+    and the option to change, no traceback; the first server keeps every client (consecutive offsets)."""
+    grpc_port = served.address.rsplit(":", 1)[1] if which == "grpc" else "0"
+    ws_port = str(served.ws_port) if which == "ws" else "0"
+    result = await run_cli(
+        served,
+        "serve",
+        "--grpc-port",
+        grpc_port,
+        "--ws-port",
+        ws_port,
+        "--no-entry-points",
+        "--log-format",
+        "json",
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    port, option = (grpc_port, "--grpc-port") if which == "grpc" else (ws_port, "--ws-port")
+    assert line.startswith("nexus: error: "), line
+    assert f":{port} is already in use" in line
+    assert option in line
+    if which == "ws":
+        assert "--no-gateway" in line
+
+    offsets = await _emit_many(served.address, "clidemo:ports:v1:checked", 6)
+    assert offsets == list(range(offsets[0], offsets[0] + 6))
