@@ -402,7 +402,9 @@ class EventStream(asyncio.Protocol):
         return len(chunks)
 
     def _room(self) -> int:
-        return ROOM if self._writable.is_set() and not self._ended.is_set() else 0
+        # 0 exactly while _wait_room would wait (the link polls the two together); once the stream has ended,
+        # _deliver drops what it is given.
+        return ROOM if self._writable.is_set() else 0
 
     async def _wait_room(self) -> None:
         await self._writable.wait()
