@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from nats_support import delete_stream, free_port, nats_settings, shared_nats_url, unique_names
 from nexus.gateway.auth import Credentials
 from nexus.gateway.server import GatewayServer, GatewaySettings
 from nexus.gateway.sse import SseQuery, event_message, parse_request, sse_message
+from test_gateway_browser import CHROMIUM_ARGS, EXECUTABLE, _missing, wait_js
 
 from nexus import Event, Stream, StreamingEventHandler
 from nexus.errors import InvalidArgument, InvalidPattern, PermissionDenied, Unauthenticated
@@ -609,3 +611,75 @@ async def test_a_lost_history_ends_the_stream_and_the_reconnect_is_told_recovere
                     assert (await again.message()).json["offset"] == stored.offset
     finally:
         await node.close()
+
+
+# --- Chromium's own EventSource -------------------------------------------------------------------------------------
+
+RECORD = """(url) => {
+    window.got = [];
+    const source = new EventSource(url);
+    source.onmessage = (message) => window.got.push([message.lastEventId, message.data]);
+}"""
+"""The page's whole client: a plain EventSource and an onmessage that records what arrives."""
+
+
+def _count(kind: str, at_least: int) -> str:
+    """A page expression: at least ``at_least`` messages whose type is ``kind`` (``event``: any event type)."""
+    test = "t.includes(':')" if kind == "event" else f"t === {json.dumps(kind)}"
+    count = f"window.got.filter(([, data]) => {{ const t = JSON.parse(data).type; return {test}; }}).length"
+    return f"{count} >= {at_least}"
+
+
+@pytest.mark.nats
+@pytest.mark.skipif(bool(_missing), reason=f"needs {' and '.join(_missing)}")
+async def test_chromium_eventsource_gets_every_missed_event_once_after_a_restart_on_nats() -> None:
+    """A Chromium page with a plain EventSource receives events; the server stops, another node stores events
+    meanwhile, and the server restarts on the same NATS stream and gateway port: the page reconnects by itself
+    and gets every missed event once, in order, then live ones, with no client code."""
+    from playwright.async_api import async_playwright  # here: without it, the test is skipped, not broken
+
+    url = shared_nats_url()
+    stream, prefix = unique_names("sse")
+    port = free_port()
+    settings = nats_settings(url, stream, prefix, sse_retry_ms=200)
+    offsets: list[int] = []
+
+    async def emit(server: TestServer, numbers: range) -> None:
+        for n in numbers:
+            offsets.append((await server.client.emit("sse:tick:v1:happened", {"n": n})).offset)
+
+    try:
+        async with async_playwright() as playwright:
+            chromium = await playwright.chromium.launch(executable_path=EXECUTABLE, args=CHROMIUM_ARGS)
+            try:
+                page = await chromium.new_page()
+                async with run_server(settings=settings, gateway=True, ws_port=port) as first:
+                    epoch = first.bus.epoch
+                    await page.goto(f"http://127.0.0.1:{port}/healthz")  # same origin, no script of its own
+                    await page.evaluate(RECORD, "/sse?patterns=sse:>")
+                    await wait_js(page, _count("subscribed", 1))
+                    await emit(first, range(5))
+                    await wait_js(page, _count("event", 5))
+                async with run_server(settings=settings) as other:  # the gateway is down; events go on
+                    await emit(other, range(5, 10))
+                async with run_server(settings=settings, gateway=True, ws_port=port) as second:
+                    assert second.bus.epoch == epoch
+                    await wait_js(page, _count("subscribed", 2))
+                    await emit(second, range(10, 12))
+                    await wait_js(page, _count("event", 12))
+                    got: list[list[str]] = await page.evaluate("window.got")
+            finally:
+                await chromium.close()
+    finally:
+        await delete_stream(url, stream)
+
+    messages = [(last_id, json.loads(data)) for last_id, data in got]
+    events = [(last_id, m) for last_id, m in messages if ":" in m["type"]]
+    assert [m["offset"] for _, m in events] == offsets
+    assert [m["payload"]["n"] for _, m in events] == list(range(12))
+    assert [last_id for last_id, _ in events] == [f"{epoch}:{offset}" for offset in offsets]
+    others = [m for _, m in messages if ":" not in m["type"]]
+    assert [m["type"] for m in others] == ["subscribed", "error", "subscribed"]
+    assert "recovered" not in others[0]
+    assert others[1]["code"] == "going_away"
+    assert others[2]["recovered"] is True
