@@ -4,7 +4,8 @@ A browser's plain ``EventSource`` (or ``curl -N``) follows patterns and resumes 
 
     GET /sse?patterns=demo:>,places:*:v1:*     (repeated or comma-separated; ?token= or Authorization: Bearer)
     HTTP/1.1 200 OK                            text/event-stream, Cache-Control: no-cache, Connection: close
-    retry: 2000
+    retry: 2000                                the reconnection delay, in a block of its own
+
     id: <epoch>:<head>                         only when no replay follows (see below)
     data: {"type":"subscribed","event_types":[…],"recovered"?:…,"epoch":…,"head_offset":…}
 
@@ -177,9 +178,9 @@ def resume_id(epoch: str, offset: int) -> str | None:
     return f"{epoch}:{offset}" if _EPOCH.fullmatch(epoch) else str(offset)
 
 
-def sse_message(data: bytes, *, event_id: str | None = None, retry_ms: int | None = None) -> bytes:
-    """One SSE message: ``retry``, ``id`` and ``data`` lines (one per line of ``data``), then a blank line."""
-    lines = [b"retry: %d" % retry_ms] if retry_ms is not None else []
+def sse_message(data: bytes, *, event_id: str | None = None) -> bytes:
+    """One SSE message: an ``id`` line and ``data`` lines (one per line of ``data``), then a blank line."""
+    lines: list[bytes] = []
     if event_id:
         lines.append(b"id: " + event_id.encode())
     lines.extend(b"data: " + line for line in data.splitlines() or [b""])
@@ -310,7 +311,7 @@ class EventStream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if self._limits.send_buffer_bytes is not None and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._limits.send_buffer_bytes)
-        self._write(HEAD)
+        self._write(HEAD + b"retry: %d\n\n" % self._limits.retry_ms)  # before anything that may end the stream
         try:
             if refuse is not None:
                 self.finish(refuse)
@@ -333,7 +334,7 @@ class EventStream(asyncio.Protocol):
         )
         # Without a replay, live delivery starts after start_after: the resume point until the first event.
         event_id = None if result.recovered else resume_id(result.epoch, result.start_after)
-        self._write(sse_message(frame, event_id=event_id, retry_ms=self._limits.retry_ms))
+        self._write(sse_message(frame, event_id=event_id))
 
     async def _keep_alive(self) -> None:
         """Wait for the end; write a comment every ``keepalive_s`` in which nothing else was written."""
@@ -443,6 +444,10 @@ class SseEndpoint:
 
     async def handle(self, connection: ServerConnection, request: Request) -> Response:
         """Answer ``request``: a 4xx response, or (after streaming) a placeholder websockets never sends."""
+        if getattr(request, "method", "GET") != "GET":  # websockets before 16 parses GET requests only
+            response = refusal(http.HTTPStatus.METHOD_NOT_ALLOWED, InvalidArgument(f"{SSE_PATH} answers GET only"))
+            response.headers["Allow"] = "GET"
+            return response
         try:
             query = parse_request(request.path, request.headers.get_all("Last-Event-ID"))
         except (InvalidArgument, InvalidPattern) as exc:

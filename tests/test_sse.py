@@ -21,7 +21,7 @@ from nexus.gateway.sse import SseQuery, event_message, parse_request, sse_messag
 from test_gateway_browser import CHROMIUM_ARGS, EXECUTABLE, _missing, wait_js
 
 from nexus import Event, Stream, StreamingEventHandler
-from nexus.errors import InvalidArgument, InvalidPattern, PermissionDenied, Unauthenticated
+from nexus.errors import InvalidArgument, InvalidPattern, PermissionDenied, Unauthenticated, Unavailable
 from nexus.node_remote import RemoteNode
 from nexus.testing import TestServer, run_server
 
@@ -247,10 +247,7 @@ def test_bad_input_is_refused_with_a_message(target: str, last_event_ids: list[s
 
 def test_a_message_has_one_data_line_per_line_and_offset_zero_has_no_id() -> None:
     """Multi-line data becomes several data lines; a stored event's id is epoch:offset, an offset 0 has none."""
-    assert (
-        sse_message(b'{"a":1}\n{"b":2}', event_id="e:4", retry_ms=10)
-        == b'retry: 10\nid: e:4\ndata: {"a":1}\ndata: {"b":2}\n\n'
-    )
+    assert sse_message(b'{"a":1}\n{"b":2}', event_id="e:4") == b'id: e:4\ndata: {"a":1}\ndata: {"b":2}\n\n'
     stored = Event("demo:tick:v1:happened").stored(4, "ep")
     assert event_message(stored, b"{}") == b"id: ep:4\ndata: {}\n\n"
     assert event_message(Event("demo:stream_x:v1:heartbeat").stored(0, "ep"), b"{}") == b"data: {}\n\n"
@@ -271,8 +268,11 @@ async def test_events_arrive_as_sse_messages_after_a_subscribed_message(nexus: T
         assert client.headers["cache-control"] == "no-cache"
         assert "content-length" not in client.headers
         assert "transfer-encoding" not in client.headers
+        hint = await client.block()
+        assert hint is not None
+        assert hint.retry == 2000
+        assert hint.data is None
         first = await client.message()
-        assert first.retry == 2000
         assert first.id == f"{epoch}:{before[-1]}"  # no replay follows: resume from where live delivery starts
         assert first.json == {
             "type": "subscribed",
@@ -412,8 +412,36 @@ async def test_bad_requests_get_400_with_a_json_error_and_others_are_unaffected(
                 body = json.loads(await client.body())
                 assert body["error"] == code
                 assert body["message"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"POST /sse?patterns=%3E HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        async with asyncio.timeout(GUARD):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 405 ")
+        assert b"\r\nAllow: GET\r\n" in answer
         offsets = await publish(nexus, 3)
         assert [m.json["offset"] for m in await bystander.messages(3)] == offsets
+
+
+async def test_a_node_that_cannot_subscribe_ends_the_stream_with_an_error_the_client_retries_after(
+    nexus: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the node cannot subscribe (its bus is down), the valid request still gets a 200 stream holding the
+    retry hint and a last `unavailable` error, so EventSource tries again instead of giving up."""
+    gateway = gateway_of(nexus)
+
+    async def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise Unavailable("the bus is down")
+
+    monkeypatch.setattr(gateway.node, "subscribe", unavailable)
+    async with sse(gateway.port, "/sse?patterns=%3E") as client:
+        assert client.status == 200
+        blocks = await client.until_end()
+        assert [b.json for b in blocks] == [{"type": "error", "code": "unavailable", "message": "the bus is down"}]
+    async with sse(gateway.port, "/sse?patterns=%3E") as client:
+        first = await client.block()
+        assert first is not None
+        assert first.retry == 2000
 
 
 async def test_the_auth_hook_refuses_with_401_or_403_and_takes_a_token_or_a_bearer(nexus: TestServer) -> None:
