@@ -308,6 +308,9 @@ class EventStream(asyncio.Protocol):
         """Take the connection over, stream until something ends it, then close it (bounded by close_timeout).
         ``refuse``: end at once with that error code (the gateway is shutting down)."""
         transport = self._transport = self._ws.take_over(self)
+        if transport.is_closing():  # the client left while the request was checked: its loss may be told already
+            self._lost.set()
+            self.finish(None)
         sock = transport.get_extra_info("socket")
         if self._limits.send_buffer_bytes is not None and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._limits.send_buffer_bytes)
@@ -366,8 +369,11 @@ class EventStream(asyncio.Protocol):
             async with asyncio.timeout(self._limits.close_timeout):
                 await self._lost.wait()
         except TimeoutError:
-            transport.abort()  # a client that reads nothing
-            await self._lost.wait()
+            transport.abort()  # a client that reads nothing: its loss is told at the next turn of the loop
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._lost.wait()
+            self._lost.set()
 
     async def wait_closed(self) -> None:
         await self._lost.wait()

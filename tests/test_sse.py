@@ -598,6 +598,31 @@ async def test_a_client_that_leaves_releases_its_subscription(nexus: TestServer)
     assert sse_tasks() == []
 
 
+async def test_a_client_that_leaves_while_its_request_is_checked_leaves_nothing_behind(nexus: TestServer) -> None:
+    """A client gone before the auth hook answers ends at once: no stream, task or websockets error remains."""
+    checking = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(credentials: Credentials) -> str | None:
+        checking.set()
+        await release.wait()
+        return None
+
+    with _websockets_errors() as errors:
+        async with gateway_for(nexus, authenticator=slow, close_timeout=30.0) as gateway:
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(b"GET /sse?patterns=%3E HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(GUARD):
+                await checking.wait()
+            writer.close()
+            await asyncio.sleep(0.2)
+            release.set()
+            await asyncio.sleep(0.5)
+            assert not gateway.sse.streams
+    assert errors == []
+    assert sse_tasks() == []
+
+
 @contextlib.contextmanager
 def _websockets_errors() -> Any:
     records: list[logging.LogRecord] = []
