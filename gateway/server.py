@@ -3,7 +3,8 @@
 
 Built on ``websockets.asyncio.server``. HTTP requests that are not a WebSocket upgrade of ``/ws`` are answered
 by ``process_request``: the page (``/``), its static files (``/static/...``, with their Content-Type), a health
-check (``/healthz``) and two small JSON listings the page reads (``/api/streams``, ``/api/handlers``).
+check (``/healthz``), two small JSON listings the page reads (``/api/streams``, ``/api/handlers``) and the
+Server-Sent Events stream ``/sse``, which takes its connection over from websockets (``gateway/sse.py``).
 
 ::
 
