@@ -55,12 +55,14 @@ LOST_CODES: Final[dict[LostReason, str]] = {LostReason.HISTORY_RESET: GatewayCod
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubscribeResult:
-    """What the ``subscribed`` frame reports."""
+    """What the ``subscribed`` frame reports, and ``start_after``: without a replay, every matching event after
+    that offset reaches the subscription live (with one, the replay covers what came before it)."""
 
     patterns: tuple[str, ...]
     recovered: bool | None
     epoch: str
     head_offset: int
+    start_after: int
 
 
 class Link:
@@ -124,7 +126,7 @@ class Link:
                 patterns, since_offset=since_offset, epoch=epoch, max_pending=self.max_pending
             )
             self._attach(sub)
-            announce(SubscribeResult(tuple(patterns), sub.recovered, sub.epoch, sub.head_offset))
+            announce(SubscribeResult(tuple(patterns), sub.recovered, sub.epoch, sub.head_offset, sub.start_after))
             self._start_pump(sub)
             return
         if resume and not sub.patterns:
@@ -132,7 +134,7 @@ class Link:
             return
         sub.add_patterns(patterns)
         head = await self.node.head_offset()
-        announce(SubscribeResult(tuple(patterns), False if resume else None, sub.epoch, head))
+        announce(SubscribeResult(tuple(patterns), False if resume else None, sub.epoch, head, head))
 
     async def _resubscribe(
         self,
@@ -169,7 +171,7 @@ class Link:
             self._skip_through[correlation_id] = request.last_offset
             request.follow = new
         self._attach(new)
-        announce(SubscribeResult(tuple(patterns), new.recovered, new.epoch, new.head_offset))
+        announce(SubscribeResult(tuple(patterns), new.recovered, new.epoch, new.head_offset, new.start_after))
         self._start_pump(new)
 
     async def unsubscribe(self, patterns: Sequence[str]) -> None:

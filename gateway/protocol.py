@@ -22,7 +22,7 @@ import enum
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from nexus.errors import (
@@ -441,11 +441,13 @@ class EventFrameCache:
 
     The bus hands the same :class:`Event` object to every subscriber of a batch, so a recency cache keyed by the
     object's identity turns N encodings into one. An entry holds the event itself, so an ``id()`` is never
-    reused while its entry lives.
+    reused while its entry lives. ``encoder`` makes the bytes (the WebSocket event frame by default; the
+    Server-Sent Events endpoint caches its messages the same way).
     """
 
-    def __init__(self, size: int = 16_384) -> None:
+    def __init__(self, size: int = 16_384, encoder: Callable[[Event], bytes] = encode_event) -> None:
         self._size = size
+        self._encoder = encoder
         self._entries: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -458,7 +460,7 @@ class EventFrameCache:
             self.hits += 1
             return entry[1]
         self.misses += 1
-        data = encode_event(event)
+        data = self._encoder(event)
         self._entries[key] = (event, data)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)

@@ -1,8 +1,10 @@
-"""The WebSocket gateway server: ``ws://HOST:PORT/ws`` and the operator page at ``/`` on the same port.
+"""The WebSocket gateway server: ``ws://HOST:PORT/ws``, Server-Sent Events at ``/sse`` and the operator page at
+``/`` on the same port.
 
 Built on ``websockets.asyncio.server``. HTTP requests that are not a WebSocket upgrade of ``/ws`` are answered
 by ``process_request``: the page (``/``), its static files (``/static/...``, with their Content-Type), a health
-check (``/healthz``) and two small JSON listings the page reads (``/api/streams``, ``/api/handlers``).
+check (``/healthz``), two small JSON listings the page reads (``/api/streams``, ``/api/handlers``) and the
+Server-Sent Events stream ``/sse``, which takes its connection over from websockets (``gateway/sse.py``).
 
 ::
 
@@ -42,6 +44,7 @@ from nexus.node import Node
 from .auth import Authenticator, Credentials, allow_all, token_from
 from .connection import ConnectionLimits, GatewayConnection, GatewayStats
 from .protocol import SUBPROTOCOL, EventFrameCache, ProtocolError, close_reason, encode_protocol_error, error_spec
+from .sse import SSE_PATH, SseEndpoint, SseLimits, handoff_connection
 
 WS_PATH: Final = "/ws"
 DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
@@ -91,6 +94,12 @@ class GatewaySettings:
     ping_timeout: float | None = 20.0
     close_timeout: float = 10.0
     shutdown_grace_s: float = 5.0
+    open_timeout: float | None = 10.0
+    """Seconds a connection may take to send its HTTP request and finish the WebSocket handshake."""
+    sse_keepalive_s: float = 15.0
+    """Seconds of silence after which an ``/sse`` response writes a keep-alive comment."""
+    sse_retry_ms: int = 2_000
+    """The ``retry`` hint of ``/sse`` responses: how long ``EventSource`` waits before it reconnects."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewaySettings:
@@ -102,6 +111,8 @@ class GatewaySettings:
             max_payload_bytes=settings.max_payload_bytes,
             subscriber_queue=settings.subscriber_queue,
             shutdown_grace_s=settings.shutdown_grace_s,
+            sse_keepalive_s=settings.sse_keepalive_s,
+            sse_retry_ms=settings.sse_retry_ms,
         )
 
 
@@ -183,6 +194,10 @@ class GatewayServer:
             subscriber_queue=s.subscriber_queue,
             max_frames_per_s=s.max_frames_per_s,
         )
+        sse_limits = SseLimits(
+            s.subscriber_queue, s.write_limit, s.send_buffer_bytes, s.sse_keepalive_s, s.sse_retry_ms, s.close_timeout
+        )
+        self.sse = SseEndpoint(node, self.frames, sse_limits, authorize=self._authorize_http, stats=self.stats)
 
     @property
     def url(self) -> str:
@@ -238,6 +253,10 @@ class GatewayServer:
             ping_timeout=s.ping_timeout,
             close_timeout=s.close_timeout,
             server_header=None,
+            # /sse responses stream from process_request: the handshake timeout is applied by the connection
+            # class, which lifts it for them (see gateway/sse.py).
+            open_timeout=None,
+            create_connection=handoff_connection(s.open_timeout),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -253,6 +272,7 @@ class GatewayServer:
         code = spec.close_code or 1001
         await asyncio.gather(
             *(c.finish(code, "server shutting down", grace) for c in list(self.connections.values())),
+            self.sse.close(),
             return_exceptions=True,
         )
         with contextlib.suppress(TimeoutError):
@@ -270,6 +290,8 @@ class GatewayServer:
             return None  # the WebSocket handshake goes on
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return _text_response(http.HTTPStatus.NOT_FOUND, f"WebSocket connections go to {WS_PATH}\n")
+        if path == SSE_PATH:
+            return await self.sse.handle(connection, request)
         if path in ("/", "/index.html"):
             return self._static_response("index.html")
         if path.startswith("/static/"):

@@ -148,6 +148,10 @@ class Settings:
     log_level: str = "info"
     streaming_rules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_RULES))
     shutdown_grace_s: float = 5.0
+    sse_keepalive_s: float = 15.0
+    """Seconds of silence after which a gateway ``/sse`` response writes a keep-alive comment."""
+    sse_retry_ms: int = 2_000
+    """The ``retry`` hint of ``/sse`` responses: milliseconds ``EventSource`` waits before reconnecting."""
     log_dir: str | None = None
     """The directory plugins may read log files from (``anomalies:stream_log``); None: none may."""
     handler_config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -473,6 +477,8 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "log_level": _choice(LOG_LEVELS),
     "streaming_rules": _string_list(_rule),
     "shutdown_grace_s": _seconds(allow_zero=True),
+    "sse_keepalive_s": _seconds(allow_zero=False),
+    "sse_retry_ms": _POSITIVE,
     "log_dir": _directory,
     "handler_config": _sections,
 }

@@ -74,6 +74,8 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "NEXUS_LOG_LEVEL": "debug",
         "NEXUS_STREAMING_RULES": "action_prefix:live_,contains::chunks:",
         "NEXUS_SHUTDOWN_GRACE_S": "2.5",
+        "NEXUS_SSE_KEEPALIVE_S": "7.5",
+        "NEXUS_SSE_RETRY_MS": "500",
         "NEXUS_LOG_DIR": str(HERE),
         "NEXUS_HANDLER_CONFIG": '{"countdown": {"max_n": 7}}',
     }
@@ -122,6 +124,8 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         log_level="debug",
         streaming_rules=["action_prefix:live_", "contains::chunks:"],
         shutdown_grace_s=2.5,
+        sse_keepalive_s=7.5,
+        sse_retry_ms=500,
         log_dir=str(HERE),
         handler_config={"countdown": {"max_n": 7}},
     )
