@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -221,3 +223,39 @@ def passthrough_serializer(serializer: Any) -> Any:
         return data
 
     return serialize
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a guarded request deserializer returns for bytes that are not a valid message of its type.
+
+    grpcio answers an exception raised while deserializing with ``UNKNOWN`` and logs its traceback at error
+    level; the handler wrappers of :func:`guard_handler` answer this marker with ``INVALID_ARGUMENT`` instead.
+    """
+
+    message_type: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"the request is not a valid {self.message_type} message ({self.reason}): malformed protobuf, "
+            "a string that is not UTF-8, or fields nested deeper than protobuf's limit of 100 levels"
+        )
+
+
+def guarded_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so that bytes it cannot decode become an :class:`Undecodable`."""
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    message_type = str(getattr(descriptor, "full_name", "") or "request")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, and whatever else a parser may raise on hostile bytes
+            return Undecodable(message_type, type(exc).__name__)
+
+    return deserialize

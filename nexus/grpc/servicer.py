@@ -6,7 +6,9 @@ servicer with :func:`add_to_server`, which lets bytes through the response seria
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, NoReturn
 
 import grpc
@@ -17,10 +19,13 @@ from nexus.events import DEFAULT_LIMITS, EventLimits
 from nexus.grpc.convert import (
     STATUS_FOR_CODE,
     EncodeCache,
+    Undecodable,
     event_from_request,
     event_to_response,
+    guarded_deserializer,
     passthrough_serializer,
 )
+from nexus.logs import LogLimiter
 from nexus.node import Node, Subscription
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
@@ -53,27 +58,103 @@ def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return ""
 
 
-class _Registrar:
-    """Stands in for the server in the generated ``add_..._to_server`` to patch the response serializers."""
+Behaviour = Callable[..., Any]
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+
+class _Registrar:
+    """Stands in for the server in the generated ``add_..._to_server`` to patch each method handler.
+
+    Response serializers let pre-serialized bytes through. Request deserializers never raise: bytes that are not
+    a valid message become an :class:`~nexus.grpc.convert.Undecodable`, which the wrapped behaviours answer with
+    ``INVALID_ARGUMENT`` (grpcio would answer ``UNKNOWN`` and log a traceback at error level).
+    """
+
+    def __init__(self, server: grpc.aio.Server, servicer: NexusServicer) -> None:
         self._server = server
+        self._servicer = servicer
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: :meth:`add_registered_method_handlers` registers the patched handlers both ways."""
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        patched = {
-            name: handler._replace(response_serializer=passthrough_serializer(handler.response_serializer))
-            for name, handler in handlers.items()
-        }
+        patched = {name: self._patch(f"/{service}/{name}", handler) for name, handler in handlers.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, patched),))
         self._server.add_registered_method_handlers(service, patched)
 
+    def _patch(self, method: str, handler: Any) -> Any:
+        changes: dict[str, Any] = {
+            "response_serializer": passthrough_serializer(handler.response_serializer),
+            "request_deserializer": guarded_deserializer(handler.request_deserializer),
+        }
+        refuse = self._servicer.refuse_undecodable
+        for kind in ("unary_unary", "unary_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                changes[kind] = _guard_unary(behaviour, method, refuse)
+        for kind in ("stream_unary", "stream_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                changes[kind] = _guard_stream(behaviour, method, refuse)
+        return handler._replace(**changes)
+
+
+Refuse = Callable[[grpc.aio.ServicerContext[Any, Any], str, Undecodable, int], Awaitable[NoReturn]]
+
+
+def _guard_unary(behaviour: Behaviour, method: str, refuse: Refuse) -> Behaviour:
+    """``behaviour`` answering an undecodable request with ``INVALID_ARGUMENT`` (grpcio tells a coroutine
+    handler from an async generator handler by its function, so the wrapper is of the same kind)."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await refuse(context, method, request, 0)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Undecodable):
+            await refuse(context, method, request, 0)
+        return await behaviour(request, context)
+
+    return call
+
+
+def _guard_stream(behaviour: Behaviour, method: str, refuse: Refuse) -> Behaviour:
+    """``behaviour`` whose request stream ends the call with ``INVALID_ARGUMENT`` at an undecodable message."""
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        index = 0
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                await refuse(context, method, request, index)
+            yield request
+            index += 1
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async with contextlib.aclosing(behaviour(checked(requests, context), context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await behaviour(checked(requests, context), context)
+
+    return call
+
 
 def add_to_server(servicer: NexusServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` on ``server`` (the generated registration, with bytes-aware serializers)."""
-    nexus_pb2_grpc.add_NexusServiceServicer_to_server(servicer, _Registrar(server))
+    """Register ``servicer`` on ``server`` (the generated registration, with bytes-aware serializers and request
+    deserializers that turn undecodable bytes into ``INVALID_ARGUMENT``)."""
+    nexus_pb2_grpc.add_NexusServiceServicer_to_server(servicer, _Registrar(server, servicer))
 
 
 class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
@@ -90,6 +171,21 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.subscriber_queue = subscriber_queue
         self.limits = limits
         self._encode = EncodeCache()
+        self.bad_input = LogLimiter()
+        """Rate-limits the warnings about what clients get wrong."""
+        self.undecodable = 0
+        """Requests refused because their bytes were not a valid message."""
+
+    async def refuse_undecodable(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Undecodable, index: int
+    ) -> NoReturn:
+        """End a call whose request (message ``index`` of a request stream) could not be decoded."""
+        self.undecodable += 1
+        self.bad_input.warning(
+            log, "grpc_undecodable_request", method=method, peer=_peer(context), index=index, error=request.reason
+        )
+        message = request.message if index == 0 else f"message {index} of the stream: {request.message}"
+        await abort(context, InvalidArgument(message))
 
     # --- publishing ---------------------------------------------------------------------------------------
 

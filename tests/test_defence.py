@@ -1,0 +1,200 @@
+"""Defence in depth: bytes no parser accepts get a clear error and a warning (never UNKNOWN, 1011 or a traceback),
+and no single event, however it got onto the bus, stops a delivery loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+
+from nexus import Event, EventHandler
+from nexus.logs import LogLimiter
+from nexus.testing import TestServer, run_server
+from nexus.v1 import nexus_pb2
+
+GUARD = 10.0
+SERVICE = "/nexus.v1.NexusService/"
+
+
+class Echo(EventHandler):
+    event_type = "bad:echo"
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        return {"ok": True}
+
+
+@pytest.fixture
+async def nexus() -> AsyncIterator[TestServer]:
+    async with run_server(Echo()) as server:
+        yield server
+
+
+# --- hand-built protobuf bytes ----------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def deep_struct_request(levels: int) -> bytes:
+    """An EventRequest whose payload Struct nests ``levels`` objects: {"n": {"n": ... {}}}."""
+    struct = b""
+    for _ in range(levels - 1):
+        value = _field(5, struct)  # Value.struct_value
+        entry = _field(1, b"n") + _field(2, value)  # map entry: key, value
+        struct = _field(1, entry)  # Struct.fields
+    return _field(1, b"bad:thing:v1:made") + _field(3, struct)
+
+
+def random_garbage(seed: int) -> bytes:
+    """Random bytes that protobuf refuses as an EventRequest."""
+    rng = random.Random(seed)
+    while True:
+        data = rng.randbytes(64)
+        try:
+            nexus_pb2.EventRequest.FromString(data)
+        except Exception:
+            return data
+
+
+UNDECODABLE: list[tuple[str, bytes]] = [
+    ("random bytes", random_garbage(1)),
+    ("a truncated field", b"\x0a\xff\xff\x03abc"),
+    ("a Struct nested 200 levels", deep_struct_request(200)),
+    ("invalid UTF-8 in event_type", _field(1, b"bad:thing:v1:\xff\xfe")),
+    (
+        "invalid UTF-8 in a metadata key",
+        _field(1, b"bad:thing:v1:made") + _field(4, _field(1, b"\xc3") + _field(2, b"v")),
+    ),
+]
+
+
+async def raw_unary(server: TestServer, method: str, data: bytes) -> grpc.aio.AioRpcError:
+    """Send ``data`` as the request of a unary call with identity serializers; return the error it ends with."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(SERVICE + method)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call(data), GUARD)
+    return caught.value
+
+
+async def raw_stream(server: TestServer, method: str, data: bytes) -> grpc.aio.AioRpcError:
+    """Send ``data`` as the request of a server-streaming call; return the error it ends with."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = channel.unary_stream(SERVICE + method)(data)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), GUARD)
+    return caught.value
+
+
+def assert_clean_refusal(error: grpc.aio.AioRpcError, caplog: pytest.LogCaptureFixture) -> None:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    details = error.details() or ""
+    assert "not a valid nexus.v1." in details, details
+    assert len(details) <= 300
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "an error was logged"
+
+
+@pytest.mark.parametrize(("what", "data"), UNDECODABLE, ids=[u[0] for u in UNDECODABLE])
+async def test_undecodable_bytes_get_invalid_argument_and_one_warning(
+    nexus: TestServer, caplog: pytest.LogCaptureFixture, what: str, data: bytes
+) -> None:
+    """Bytes that are no EventRequest end EmitEvent with INVALID_ARGUMENT naming the message type, log a
+    warning without a traceback (nothing at error level), and the server goes on serving: a subscriber to '>'
+    gets the next valid event."""
+    recorder = await nexus.record(">")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            error = await raw_unary(nexus, "EmitEvent", data)
+        assert_clean_refusal(error, caplog)
+        [warning] = [line for line in logs if line["event"] == "grpc_undecodable_request"]
+        assert warning["log_level"] == "warning"
+        assert warning["method"] == SERVICE + "EmitEvent"
+        assert "exc_info" not in warning
+        after = await nexus.client.emit("bad:thing:v1:made", {"after": what})
+        events = await recorder.wait_for(lambda evs: any(e.offset == after.offset for e in evs), GUARD)
+        assert [e.offset for e in events] == [after.offset]
+    finally:
+        await recorder.stop()
+
+
+@pytest.mark.parametrize("method", ["SubscribeEvents", "SubscribeEventBatches", "RequestEvent"])
+async def test_server_streaming_methods_refuse_undecodable_bytes(
+    nexus: TestServer, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    """Garbage sent to a server-streaming method (handlers written with context.write or as async generators)
+    ends it with INVALID_ARGUMENT too."""
+    error = await raw_stream(nexus, method, deep_struct_request(200) if method == "RequestEvent" else b"\x0a\xff")
+    assert_clean_refusal(error, caplog)
+
+
+async def test_cancel_and_listings_refuse_undecodable_bytes(
+    nexus: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every unary method checks its request, not only the publishing ones."""
+    for method in ("CancelStream", "ListHandlers", "ListStreams"):
+        assert_clean_refusal(await raw_unary(nexus, method, b"\x0a\xff\xff\x03abc"), caplog)
+
+
+async def test_a_publish_stream_stops_at_an_undecodable_message(
+    nexus: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PublishEvents stores what came before a message it cannot decode, then ends with INVALID_ARGUMENT naming
+    the message's index in the stream."""
+    good = nexus_pb2.PublishEventsRequest(
+        event=nexus_pb2.EventRequest(event_type="bad:thing:v1:made", event_id="first")
+    ).SerializeToString()
+    head = await nexus.bus.head_offset()
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield good
+        yield _field(1, deep_struct_request(200))  # PublishEventsRequest.event
+
+    async with grpc.aio.insecure_channel(nexus.address) as channel:
+        call = channel.stream_unary(SERVICE + "PublishEvents")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call(requests()), GUARD)
+    assert_clean_refusal(caught.value, caplog)
+    assert (caught.value.details() or "").startswith("message 1 of the stream")
+    assert await nexus.bus.head_offset() == head + 1
+
+
+# --- rate-limited warnings --------------------------------------------------------------------------------------
+
+
+def test_warnings_of_one_kind_are_rate_limited_and_report_what_was_dropped() -> None:
+    """At most N lines per kind per window; the first line after the window says how many were held back; other
+    kinds are counted apart."""
+    now = [0.0]
+    limiter = LogLimiter(lines=2, window_s=10.0, clock=lambda: now[0])
+    log = structlog.get_logger("test")
+    with structlog.testing.capture_logs() as logs:
+        written = [limiter.warning(log, "bad_frame", code="x") for _ in range(5)]
+        assert limiter.warning(log, "other_kind")
+        now[0] = 10.0
+        assert limiter.warning(log, "bad_frame", code="x")
+    assert written == [True, True, False, False, False]
+    assert [(line["event"], line.get("suppressed")) for line in logs] == [
+        ("bad_frame", None),
+        ("bad_frame", None),
+        ("other_kind", None),
+        ("bad_frame", 3),
+    ]
+    assert all(line["log_level"] == "warning" and "exc_info" not in line for line in logs)
