@@ -22,7 +22,7 @@ import enum
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from nexus.errors import (
@@ -441,24 +441,44 @@ class EventFrameCache:
 
     The bus hands the same :class:`Event` object to every subscriber of a batch, so a recency cache keyed by the
     object's identity turns N encodings into one. An entry holds the event itself, so an ``id()`` is never
-    reused while its entry lives.
+    reused while its entry lives. ``encoder`` makes the bytes (the WebSocket event frame by default).
+
+    An event that cannot be encoded (text that is not valid Unicode, a payload nested past the JSON encoder's
+    recursion limit, NaN: an old event in a NATS stream, say) encodes to None, and every connection skips it and
+    keeps its place; it is counted in :attr:`skipped` and ``on_skip`` hears it (once per event).
     """
 
-    def __init__(self, size: int = 16_384) -> None:
+    def __init__(
+        self,
+        size: int = 16_384,
+        encoder: Callable[[Event], bytes] = encode_event,
+        *,
+        on_skip: Callable[[Event, Exception], None] | None = None,
+    ) -> None:
         self._size = size
-        self._entries: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
+        self._encoder = encoder
+        self._on_skip = on_skip
+        self._entries: OrderedDict[int, tuple[Event, bytes | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.skipped = 0
 
-    def encode(self, event: Event) -> bytes:
-        """The frame of ``event``."""
+    def encode(self, event: Event) -> bytes | None:
+        """The frame of ``event``, or None when it cannot be sent."""
         key = id(event)
         entry = self._entries.get(key)
         if entry is not None and entry[0] is event:
             self.hits += 1
             return entry[1]
         self.misses += 1
-        data = encode_event(event)
+        data: bytes | None
+        try:
+            data = self._encoder(event)
+        except Exception as exc:  # UnicodeEncodeError, RecursionError, ValueError (NaN), TypeError
+            data = None
+            self.skipped += 1
+            if self._on_skip is not None:
+                self._on_skip(event, exc)
         self._entries[key] = (event, data)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)

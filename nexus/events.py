@@ -185,6 +185,34 @@ def _check_json(value: Any, path: str, depth: int, max_depth: int) -> None:
     raise InvalidPayload(f"payload{cut_path(path)} holds a {type(value).__name__}, which is not JSON")
 
 
+def json_shape_problem(value: Any, max_depth: int) -> str | None:
+    """Why ``value`` is no JSON a client can read back — objects and arrays nested deeper than ``max_depth``
+    levels (``value`` itself is the first), or NaN / Infinity — or None.
+
+    Iterative, so any depth is measured, and it looks at nothing but containers and floats: cheap enough for an
+    encoder to run on every event it sends (text that is not valid Unicode fails the encoding itself).
+    """
+    if not isinstance(value, (Mapping, list, tuple)):
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        items = container.values() if isinstance(container, Mapping) else container
+        for item in items:
+            if isinstance(item, (Mapping, list, tuple)):
+                stack.append((item, depth + 1))
+            elif isinstance(item, float) and not math.isfinite(item):
+                return f"holds {item!r}: NaN and Infinity are not valid JSON"
+    return None
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (for log lines: never all of a long input)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def cut_path(path: str) -> str:
     """A payload path as an error message shows it (keys come from the client: never all of a long one)."""
     return path if len(path) <= QUOTE_CHARS else f"{path[:QUOTE_CHARS]}..."

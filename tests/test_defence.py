@@ -5,14 +5,19 @@ and no single event, however it got onto the bus, stops a delivery loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
 import structlog
+from nexus.gateway.server import GatewayServer
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from nexus import Event, EventHandler
 from nexus.logs import LogLimiter
@@ -198,3 +203,102 @@ def test_warnings_of_one_kind_are_rate_limited_and_report_what_was_dropped() -> 
         ("bad_frame", 3),
     ]
     assert all(line["log_level"] == "warning" and "exc_info" not in line for line in logs)
+
+
+# --- one event that cannot be sent never stops a delivery loop ----------------------------------------------------
+
+
+def deep_payload(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"n": value}
+    return value
+
+
+def unsendable_events() -> list[Event]:
+    """Events no edge would accept, built directly (as if read from an old NATS stream) to bypass validation."""
+    return [
+        Event("bad:thing:v1:made", {"s": "x"}, metadata={"k": "\ud800"}),
+        Event("bad:thing:v1:made", {"\udfff": 1}),
+        Event("bad:thing:v1:made", deep_payload(200)),
+        Event("bad:thing:v1:made", {"n": float("nan")}),
+    ]
+
+
+class WsPeer:
+    """A WebSocket client reading JSON frames."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    async def recv(self) -> dict[str, Any]:
+        async with asyncio.timeout(GUARD):
+            data = await self.ws.recv()
+        frame: dict[str, Any] = json.loads(data)
+        return frame
+
+    async def until(self, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        frames = []
+        while True:
+            frames.append(await self.recv())
+            if predicate(frames[-1]):
+                return frames
+
+
+@contextlib.asynccontextmanager
+async def ws_peer(server: TestServer) -> AsyncIterator[WsPeer]:
+    async with connect(server.ws_url, subprotocols=[Subprotocol("nexus.v1")]) as ws:
+        peer = WsPeer(ws)
+        assert (await peer.recv())["type"] == "connection"
+        yield peer
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[TestServer]:
+    async with run_server(Echo(), gateway=True) as server:
+        yield server
+
+
+async def test_subscribers_skip_an_event_they_cannot_be_sent_and_keep_their_place(gateway: TestServer) -> None:
+    """Events holding lone surrogates, a 200-deep payload or NaN, put straight on the bus, are skipped by gRPC
+    subscribers (SubscribeEvents and SubscribeEventBatches) and WebSocket subscribers to '>', each counted once;
+    every valid event before and after them arrives, in order, on the same calls and socket."""
+    bus = gateway.bus
+    recorder = await gateway.record(">")  # the SDK: SubscribeEventBatches
+    single = gateway.client.stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"]))
+    await asyncio.wait_for(single.initial_metadata(), GUARD)
+    try:
+        async with ws_peer(gateway) as peer:
+            await peer.send({"type": "subscribe", "event_types": [">"]})
+            await peer.until(lambda f: f["type"] == "subscribed")
+            before = (await bus.publish(Event("bad:thing:v1:made", {"i": "before"}))).event.offset
+            for bad in unsendable_events():
+                await bus.publish(bad)
+            after = [(await bus.publish(Event("bad:thing:v1:made", {"i": i}))).event.offset for i in range(3)]
+            wanted = [before, *after]
+
+            frames = await peer.until(lambda f: f.get("offset") == after[-1])
+            offsets = [f["offset"] for f in frames if f["type"] == "bad:thing:v1:made"]
+            deep = before + 3  # the 200-deep payload is valid JSON: WebSocket clients get it
+            assert offsets == [before, deep, *after]
+            batched = await recorder.wait_for(lambda evs: any(e.offset == after[-1] for e in evs), GUARD)
+            assert [e.offset for e in batched] == wanted
+            received: list[int] = []
+            while len(received) < len(wanted):
+                reply = await asyncio.wait_for(single.read(), GUARD)
+                received.append(reply.offset)
+            assert received == wanted
+
+            # The socket still works both ways.
+            await peer.send({"type": "ping", "ref": "still-open"})
+            assert (await peer.until(lambda f: f["type"] == "pong"))[-1]["ref"] == "still-open"
+        server = gateway.server
+        assert server.servicer.events_skipped == len(unsendable_events())
+        assert isinstance(server.gateway, GatewayServer)
+        assert server.gateway.stats.events_skipped == 3  # JSON carries a 200-deep payload
+    finally:
+        single.cancel()
+        await recorder.stop()

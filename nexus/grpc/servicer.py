@@ -170,11 +170,16 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.node = node
         self.subscriber_queue = subscriber_queue
         self.limits = limits
-        self._encode = EncodeCache()
         self.bad_input = LogLimiter()
-        """Rate-limits the warnings about what clients get wrong."""
+        """Rate-limits the warnings about what clients get wrong (and events that cannot be sent)."""
+        self._encode = EncodeCache(warnings=self.bad_input)
         self.undecodable = 0
         """Requests refused because their bytes were not a valid message."""
+
+    @property
+    def events_skipped(self) -> int:
+        """Events no subscriber was sent because they could not be encoded (each counted once)."""
+        return self._encode.skipped
 
     async def refuse_undecodable(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Undecodable, index: int
@@ -265,7 +270,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 if not batch:
                     return
                 for event in batch:
-                    await context.write(encode(event))  # pre-serialized bytes
+                    data = encode(event)  # pre-serialized bytes; None for an event no client could read
+                    if data is not None:
+                        await context.write(data)
         except SlowConsumer as error:
             log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
             await abort(context, error)
@@ -283,7 +290,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 batch = await sub.next_batch(size)
                 if not batch:
                     return
-                await context.write(encode_batch(batch))  # pre-serialized bytes
+                data = encode_batch(batch)  # pre-serialized bytes, without events no client could read
+                if data:
+                    await context.write(data)
         except SlowConsumer as error:
             log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
             await abort(context, error)
@@ -305,7 +314,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             message = "duplicate" if published.duplicate else "stored"
             yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
             async for item in session.events():
-                yield nexus_pb2.RequestEventResponse(event=event_to_response(item))
+                data = self._encode.encode_request_event(item)
+                if data is not None:
+                    yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:
             await abort(context, error)
         finally:
