@@ -25,7 +25,7 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 
 from nexus.errors import NexusError
-from nexus.events import REQUESTED, Event
+from nexus.events import REQUESTED, Event, shorten
 from nexus.logs import LogLimiter
 from nexus.node import Node, Published
 
@@ -340,6 +340,14 @@ class GatewayConnection:
         try:
             command = decode_frame(message, max_payload_bytes=self.limits.max_payload_bytes)
         except ProtocolError as error:
+            self._stats.bad_frames += 1
+            self._warnings.warning(
+                self.log,
+                "gateway_bad_frame",
+                kind=f"gateway_bad_frame:{error.code}",
+                code=error.code,
+                message=shorten(error.message),
+            )
             self._error(error)
             return
         try:

@@ -302,3 +302,50 @@ async def test_subscribers_skip_an_event_they_cannot_be_sent_and_keep_their_plac
     finally:
         single.cancel()
         await recorder.stop()
+
+
+# --- the gateway's decoder ----------------------------------------------------------------------------------------
+
+BAD_FRAMES: list[tuple[str, str | bytes, str]] = [
+    ("text that is not JSON", "not json {", "invalid_json"),
+    ("arrays nested 10,000 deep", "[" * 10_000 + "]" * 10_000, "invalid_json"),
+    ("objects nested 10,000 deep", '{"a":' * 10_000 + "1" + "}" * 10_000, "invalid_json"),
+    ("a binary frame that is not UTF-8", b"\xff\xfe\x00garbage", "invalid_json"),
+    ("a binary frame of random bytes", random.Random(7).randbytes(300), "invalid_json"),
+    ("a JSON array", "[1, 2, 3]", "not_an_object"),
+    ("a JSON string", '"subscribe"', "not_an_object"),
+    ("NaN", '{"type":"bad:thing:v1:made","payload":{"x":NaN}}', "invalid_json"),
+    ("1e999 in a payload", '{"type":"bad:thing:v1:made","payload":{"x":1e999}}', "invalid_payload"),
+    ("1e999 as since_offset", '{"type":"subscribe","event_types":[">"],"since_offset":1e999}', "invalid_frame"),
+    ("a 5,000-digit integer", '{"type":"bad:thing:v1:made","payload":{"x":' + "9" * 5000 + "}}", "invalid_json"),
+    ("a lone surrogate in metadata", '{"type":"bad:thing:v1:made","metadata":{"k":"\\ud800"}}', "invalid_payload"),
+    ("a lone surrogate in a payload key", '{"type":"bad:thing:v1:made","payload":{"\\udfff":1}}', "invalid_payload"),
+    ("a lone surrogate in ref", '{"type":"nope","ref":"\\ud800"}', "unknown_type"),
+    ("a lone surrogate in an epoch", '{"type":"subscribe","event_types":[">"],"epoch":"\\ud800"}', "invalid_frame"),
+    ("a lone surrogate in a cancel", '{"type":"cancel","correlation_id":"c","reason":"\\ud800"}', "invalid_frame"),
+]
+
+
+@pytest.mark.parametrize(("what", "frame", "code"), BAD_FRAMES, ids=[b[0] for b in BAD_FRAMES])
+async def test_a_bad_frame_gets_an_error_frame_and_the_connection_stays_open(
+    gateway: TestServer, caplog: pytest.LogCaptureFixture, what: str, frame: str | bytes, code: str
+) -> None:
+    """Each bad frame is answered by an error frame with its stable code and a short message, logged as a
+    warning without a traceback; the socket stays open (no 1011) and still publishes and receives events."""
+    async with ws_peer(gateway) as peer:
+        await peer.send({"type": "subscribe", "event_types": ["bad:>"]})
+        await peer.until(lambda f: f["type"] == "subscribed")
+        with structlog.testing.capture_logs() as logs:
+            await peer.send(frame)
+            [error] = await peer.until(lambda f: f["type"] == "error")
+        assert error["code"] == code, error
+        assert 0 < len(error["message"]) <= 300, error
+        assert "sys.set_int_max_str_digits" not in error["message"]
+        assert [line for line in logs if line["event"] == "gateway_bad_frame"], logs
+        assert not [line for line in logs if line["log_level"] in ("error", "critical") or "exc_info" in line]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+        await peer.send({"type": "bad:thing:v1:made", "payload": {"after": what}})
+        frames = await peer.until(lambda f: f["type"] == "bad:thing:v1:made")
+        assert frames[-1]["payload"] == {"after": what}
+        assert peer.ws.close_code is None

@@ -36,6 +36,7 @@ log = structlog.get_logger("nexus.grpc")
 
 
 MAX_STATUS_MESSAGE: Final = 512
+MAX_CANCEL_REASON: Final = 256
 
 
 def status_message(message: str) -> str:
@@ -329,7 +330,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.CancelStreamResponse:
         if not request.correlation_id:
             await abort(context, InvalidArgument("correlation_id is required"))
-        found = await self.node.cancel(request.correlation_id, request.reason or "cancelled by requester")
+        # The reason is stored in the cancelled event's payload: a client never writes more than a line of it.
+        reason = request.reason[:MAX_CANCEL_REASON] or "cancelled by requester"
+        found = await self.node.cancel(request.correlation_id, reason)
         return nexus_pb2.CancelStreamResponse(cancelled=found)
 
     # --- listings -----------------------------------------------------------------------------------------
