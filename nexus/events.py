@@ -452,3 +452,41 @@ class Event:
             )
         object.__setattr__(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
         return event
+
+
+def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_most: int | None = None) -> Event:
+    """Return ``event`` if it keeps every rule :meth:`Event.create` enforces, else raise
+    :class:`InvalidEventType`, :class:`InvalidPayload` or :class:`PayloadTooLarge`.
+
+    For events built by something that did not validate them: the NATS tail reads what any writer put on a
+    Nexus subject (another Nexus version, a NATS tool). Besides what ``create`` checks, the timestamp must be
+    RFC 3339 text with an offset.
+
+    ``size_at_most``: a bound on :meth:`Event.size` the caller knows, given only when it also knows that all the
+    event's text is valid Unicode (decoded from strict UTF-8 JSON holding no ``\\u`` escape). Under both
+    limits, the event is then not encoded again to be measured.
+    """
+    EventType.parse(event.event_type)
+    validate_event_id(event.event_id)
+    if not isinstance(event.payload, dict):
+        raise InvalidPayload(f"payload must be a JSON object, not {type(event.payload).__name__}")
+    _check_json(event.payload, "", 0, limits.max_payload_depth)
+    validate_metadata(event.metadata, max_entries=limits.max_metadata_entries)
+    if not isinstance(event.timestamp, str) or unicode_problem(event.timestamp) is not None:
+        raise InvalidPayload("timestamp must be RFC 3339 text")
+    parse_time(event.timestamp)
+    if size_at_most is not None and size_at_most <= min(limits.max_event_bytes, limits.max_payload_bytes):
+        return event
+    size = event.size()  # also finds any text that is not valid Unicode
+    if size > limits.max_event_bytes:
+        raise PayloadTooLarge(
+            f"the event is {size} bytes (type, id, payload and metadata), over the limit of "
+            f"{limits.max_event_bytes} bytes"
+        )
+    if size > limits.max_payload_bytes:
+        payload_size = json_size(event.payload, "payload")
+        if payload_size > limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {payload_size} bytes, over the limit of {limits.max_payload_bytes} bytes"
+            )
+    return event

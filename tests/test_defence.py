@@ -13,13 +13,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import nats
 import pytest
 import structlog
+from nats_support import delete_stream, nats_bus_of, nats_settings, shared_nats_url, unique_names
 from nexus.gateway.server import GatewayServer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from nexus import Event, EventHandler
+from nexus.bus.nats_codec import encode_event, read_event
+from nexus.errors import NexusError, PayloadTooLarge
+from nexus.events import EventLimits
 from nexus.logs import LogLimiter
 from nexus.testing import TestServer, run_server
 from nexus.v1 import nexus_pb2
@@ -349,3 +354,116 @@ async def test_a_bad_frame_gets_an_error_frame_and_the_connection_stays_open(
         frames = await peer.until(lambda f: f["type"] == "bad:thing:v1:made")
         assert frames[-1]["payload"] == {"after": what}
         assert peer.ws.close_code is None
+
+
+# --- the NATS tail checks what others wrote -----------------------------------------------------------------------
+
+
+def nats_poison(prefix: str) -> list[tuple[str, bytes]]:
+    """Messages on Nexus subjects that are no valid event, as another writer (an old Nexus, a NATS tool) might
+    leave them in the stream."""
+    subject = f"{prefix}.bad.thing.v1.made"
+
+    def envelope(payload: str = "{}", metadata: str = "{}", ts: str = '"2024-01-01T00:00:00Z"') -> bytes:
+        return f'{{"v":1,"id":"poison","ts":{ts},"payload":{payload},"metadata":{metadata}}}'.encode()
+
+    many = "{" + ",".join(f'"k{i}":"v"' for i in range(65)) + "}"
+    return [
+        (subject, b"not json {"),
+        (subject, b"\xff\xfe not UTF-8"),
+        (subject, b"[1, 2, 3]"),
+        (subject, envelope(payload='{"s":"\\ud800"}')),
+        (subject, envelope(metadata='{"\\udc00":"v"}')),
+        (subject, b'{"\\ud83d": 1}'),
+        (subject, envelope(payload='{"a":' * 200 + "1" + "}" * 200)),
+        (subject, b'{"a":' * 10_000 + b"1" + b"}" * 10_000),
+        (subject, b'{"x": NaN}'),
+        (subject, b'{"x": 1e999}'),
+        (subject, b'{"x": ' + b"9" * 5000 + b"}"),
+        (subject, envelope(metadata=many)),
+        (subject, envelope(ts='"yesterday"')),
+        (f"{prefix}.Bad.thing.v1.made", b"{}"),
+        (f"{prefix}.bad.thing", b"{}"),
+        (f"{prefix}.bad.thing.v99999999999.made", b"{}"),
+    ]
+
+
+async def test_the_nats_tail_quarantines_poison_and_keeps_its_place() -> None:
+    """Messages that are no valid event are skipped by the tail (counted in the bus stats, one warning each, never
+    delivered) while live gRPC and WebSocket subscribers and a subscriber replaying from before them receive every
+    valid event, in order — a plain JSON object from another tool included."""
+    url = shared_nats_url()
+    stream, prefix = unique_names("poison")
+    try:
+        settings = nats_settings(url, stream, prefix)
+        async with run_server(Echo(), settings=settings, gateway=True) as nexus, ws_peer(nexus) as peer:
+            bus = nats_bus_of(nexus)
+            before = await nexus.client.emit("bad:thing:v1:made", {"i": "before"})
+            live = await nexus.record(">")
+            await peer.send({"type": "subscribe", "event_types": [">"]})
+            await peer.until(lambda f: f["type"] == "subscribed")
+            poison = nats_poison(prefix)
+            nc = await nats.connect(url)
+            try:
+                js = nc.jetstream()
+                with structlog.testing.capture_logs() as logs:
+                    for subject, body in poison:
+                        await js.publish(subject, body, stream=stream)
+                    foreign = (await js.publish(f"{prefix}.bad.thing.v1.made", b'{"temperature": 21}')).seq
+                    after = await nexus.client.emit("bad:thing:v1:made", {"i": "after"})
+                    wanted = [foreign, after.offset]
+
+                    events = await live.wait_for(lambda evs: any(e.offset == after.offset for e in evs), GUARD)
+                    assert [e.offset for e in events] == wanted
+                    assert events[0].payload == {"temperature": 21}
+                    frames = await peer.until(lambda f: f.get("offset") == after.offset)
+                    assert [f["offset"] for f in frames if "offset" in f] == wanted
+
+                    replay = await nexus.record(">", since_offset=before.offset)
+                    try:
+                        replayed = await replay.wait_for(lambda evs: any(e.offset == after.offset for e in evs), GUARD)
+                        assert [e.offset for e in replayed] == wanted
+                    finally:
+                        await replay.stop()
+            finally:
+                await nc.close()
+            assert bus.stats().quarantined == len(poison)
+            assert nexus.server.provider.stats()["quarantined"] == len(poison)
+            tail_warnings = [
+                line for line in logs if line["event"] == "nats_message_quarantined" and line["path"] == "tail"
+            ]
+            assert len(tail_warnings) == 5  # rate-limited: the rest are counted, not logged
+            assert all(line["log_level"] == "warning" and "exc_info" not in line for line in tail_warnings)
+            await live.stop()
+    finally:
+        await delete_stream(url, stream)
+
+
+def test_every_poison_body_is_refused_with_a_reason_without_a_server() -> None:
+    """The codec refuses each poison body with a NexusError and a short reason (no NATS needed), and still reads a
+    valid envelope and a plain object from another tool."""
+    for subject, body in nats_poison("p"):
+        if subject != "p.bad.thing.v1.made":
+            continue  # the bus refuses those by subject
+        with pytest.raises(NexusError) as caught:
+            read_event("bad:thing:v1:made", body, offset=1, epoch="E")
+        assert 0 < len(caught.value.message) <= 300
+    event = Event.create("bad:thing:v1:made", {"n": 1}, metadata={"k": "v"})
+    assert read_event("bad:thing:v1:made", encode_event(event), offset=3, epoch="E") == event.stored(3, "E")
+    assert read_event("bad:thing:v1:made", b'{"t": 21}', offset=4, epoch="E").payload == {"t": 21}
+
+
+def test_the_codec_measures_events_that_may_be_over_the_limits() -> None:
+    """A body over the limits is refused as too large, also when its numbers only grow past the limit once
+    re-encoded (1e15 is 1000000000000000.0), and text with escapes is checked for lone surrogates."""
+    limits = EventLimits(max_event_bytes=2_000, max_payload_bytes=1_500)
+    with pytest.raises(PayloadTooLarge):
+        read_event("bad:thing:v1:made", b'{"s": "' + b"x" * 1_600 + b'"}', offset=1, epoch="E", limits=limits)
+    numbers = b'{"a": [' + b",".join([b"1e15"] * 100) + b"]}"  # 500 bytes here, 1,900 re-encoded
+    with pytest.raises(PayloadTooLarge):
+        read_event("bad:thing:v1:made", numbers, offset=1, epoch="E", limits=limits)
+    escaped = b'{"ok": "\\u00e9\\ud83d\\ude00", "bad": "\\ud800"}'
+    with pytest.raises(NexusError, match="surrogate"):
+        read_event("bad:thing:v1:made", escaped, offset=1, epoch="E", limits=limits)
+    fine = read_event("bad:thing:v1:made", b'{"ok": "\\u00e9\\ud83d\\ude00"}', offset=1, epoch="E", limits=limits)
+    assert fine.payload == {"ok": "é😀"}
