@@ -25,7 +25,8 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 
 from nexus.errors import NexusError
-from nexus.events import REQUESTED, Event
+from nexus.events import REQUESTED, Event, shorten
+from nexus.logs import LogLimiter
 from nexus.node import Node, Published
 
 from .flow import Outbox, RateLimiter
@@ -85,6 +86,10 @@ class GatewayStats:
     too_slow: int = 0
     too_large: int = 0
     auth_refused: int = 0
+    bad_frames: int = 0
+    """Client frames refused as undecodable or malformed (answered with an error frame)."""
+    events_skipped: int = 0
+    """Events that could not be encoded for any connection (skipped; each counted once)."""
 
 
 class GatewayConnection:
@@ -100,6 +105,7 @@ class GatewayConnection:
         limits: ConnectionLimits,
         frames: EventFrameCache,
         stats: GatewayStats,
+        warnings: LogLimiter | None = None,
     ) -> None:
         self.ws = ws
         self.node = node
@@ -108,6 +114,7 @@ class GatewayConnection:
         self.limits = limits
         self._frames = frames
         self._stats = stats
+        self._warnings = warnings or LogLimiter()
         self.outbox = Outbox(limits.queue_frames, limits.queue_bytes)
         self.link = Link(
             node,
@@ -241,7 +248,11 @@ class GatewayConnection:
             if outbox and (len(outbox) >= self._soft_frames or outbox.bytes >= self._soft_bytes):
                 self._room.clear()
                 break
-            if not outbox.put(encode(event), event.offset):
+            frame = encode(event)
+            if frame is None:  # an event no client could read: skipped, the connection keeps its place
+                taken += 1
+                continue
+            if not outbox.put(frame, event.offset):
                 self._too_slow()  # one event larger than the whole outbox
                 return len(events)
             taken += 1
@@ -329,6 +340,14 @@ class GatewayConnection:
         try:
             command = decode_frame(message, max_payload_bytes=self.limits.max_payload_bytes)
         except ProtocolError as error:
+            self._stats.bad_frames += 1
+            self._warnings.warning(
+                self.log,
+                "gateway_bad_frame",
+                kind=f"gateway_bad_frame:{error.code}",
+                code=error.code,
+                message=shorten(error.message),
+            )
             self._error(error)
             return
         try:

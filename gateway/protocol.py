@@ -34,7 +34,7 @@ from nexus.errors import (
     PayloadTooLarge,
     SlowConsumer,
 )
-from nexus.events import Event
+from nexus.events import Event, unicode_problem
 from nexus.patterns import parse_pattern
 
 SUBPROTOCOL: Final = "nexus.v1"
@@ -225,10 +225,22 @@ def _parse_json(text: str | bytes) -> Any:
             raise ProtocolError(GatewayCode.INVALID_JSON, "the frame is not UTF-8 text") from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise ProtocolError(GatewayCode.INVALID_JSON, f"the frame is not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(
+            GatewayCode.INVALID_JSON, f"the frame is not valid JSON: {exc.msg} at character {exc.pos}"
+        ) from None
+    except ValueError as exc:  # NaN / Infinity, or an integer over Python's digit limit
+        message = str(exc) if "not valid JSON" in str(exc) else "a number in the frame has too many digits"
+        raise ProtocolError(GatewayCode.INVALID_JSON, f"the frame is not valid JSON: {message}") from None
     except RecursionError:
         raise ProtocolError(GatewayCode.INVALID_JSON, "the frame nests too deeply") from None
+
+
+def _text(value: str) -> str:
+    """``value`` with lone surrogates escaped, so echoing it back cannot break the frame's encoding."""
+    if unicode_problem(value) is None:
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _ref(frame: dict[str, Any]) -> str | None:
@@ -236,7 +248,7 @@ def _ref(frame: dict[str, Any]) -> str | None:
     for key in ("event_id", "ref"):
         value = frame.get(key)
         if isinstance(value, str) and value:
-            return value[:MAX_REF_LENGTH]
+            return _text(value[:MAX_REF_LENGTH])
     return None
 
 
@@ -277,6 +289,9 @@ def _optional_string(frame: dict[str, Any], key: str, ref: str | None) -> str | 
         return None
     if not isinstance(value, str):
         raise ProtocolError(GatewayCode.INVALID_FRAME, f"{key} must be a string", ref)
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise ProtocolError(GatewayCode.INVALID_FRAME, f"{key} {problem}", ref)
     return value
 
 
@@ -303,8 +318,8 @@ def decode_frame(text: str | bytes, *, max_payload_bytes: int | None = None) -> 
     if kind == "ping":
         return Ping(ref)
     if kind == "cancel":
-        correlation_id = frame.get("correlation_id")
-        if not isinstance(correlation_id, str) or not correlation_id:
+        correlation_id = _optional_string(frame, "correlation_id", ref)
+        if correlation_id is None:
             raise ProtocolError(GatewayCode.INVALID_FRAME, "cancel needs a string correlation_id", ref)
         reason = _optional_string(frame, "reason", ref) or "cancelled by requester"
         return Cancel(correlation_id, reason[:256], ref or correlation_id)
@@ -443,24 +458,43 @@ class EventFrameCache:
     object's identity turns N encodings into one. An entry holds the event itself, so an ``id()`` is never
     reused while its entry lives. ``encoder`` makes the bytes (the WebSocket event frame by default; the
     Server-Sent Events endpoint caches its messages the same way).
+
+    An event that cannot be encoded (text that is not valid Unicode, a payload nested past the JSON encoder's
+    recursion limit, NaN: an old event in a NATS stream, say) encodes to None, and every connection skips it and
+    keeps its place; it is counted in :attr:`skipped` and ``on_skip`` hears it (once per event).
     """
 
-    def __init__(self, size: int = 16_384, encoder: Callable[[Event], bytes] = encode_event) -> None:
+    def __init__(
+        self,
+        size: int = 16_384,
+        encoder: Callable[[Event], bytes] = encode_event,
+        *,
+        on_skip: Callable[[Event, Exception], None] | None = None,
+    ) -> None:
         self._size = size
         self._encoder = encoder
-        self._entries: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
+        self._on_skip = on_skip
+        self._entries: OrderedDict[int, tuple[Event, bytes | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.skipped = 0
 
-    def encode(self, event: Event) -> bytes:
-        """The frame of ``event``."""
+    def encode(self, event: Event) -> bytes | None:
+        """The frame of ``event``, or None when it cannot be sent."""
         key = id(event)
         entry = self._entries.get(key)
         if entry is not None and entry[0] is event:
             self.hits += 1
             return entry[1]
         self.misses += 1
-        data = self._encoder(event)
+        data: bytes | None
+        try:
+            data = self._encoder(event)
+        except Exception as exc:  # UnicodeEncodeError, RecursionError, ValueError (NaN), TypeError
+            data = None
+            self.skipped += 1
+            if self._on_skip is not None:
+                self._on_skip(event, exc)
         self._entries[key] = (event, data)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)

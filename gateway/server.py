@@ -38,7 +38,8 @@ from websockets.typing import Subprotocol
 
 from nexus.config import Settings
 from nexus.errors import ConfigurationError, NexusError
-from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
+from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES, Event, shorten
+from nexus.logs import LogLimiter
 from nexus.node import Node
 
 from .auth import Authenticator, Credentials, allow_all, token_from
@@ -179,7 +180,9 @@ class GatewayServer:
         self.settings = settings or GatewaySettings()
         self.authenticator = authenticator
         self.stats = GatewayStats()
-        self.frames = EventFrameCache()
+        self.bad_input = LogLimiter()
+        """Rate-limits the warnings about bad client frames and events that cannot be sent."""
+        self.frames = EventFrameCache(on_skip=self._event_skipped)
         self.connections: dict[str, GatewayConnection] = {}
         self.port = 0
         self._server: Server | None = None
@@ -279,6 +282,18 @@ class GatewayServer:
             async with asyncio.timeout(grace + self.settings.close_timeout):
                 await server.wait_closed()
         log.info("gateway_stopped", **dataclasses.asdict(self.stats))
+
+    def _event_skipped(self, event: Event, error: Exception) -> None:
+        """An event no connection can be sent (each event once, however many connections it was for)."""
+        self.stats.events_skipped += 1
+        self.bad_input.warning(
+            log,
+            "gateway_event_skipped",
+            offset=event.offset,
+            event_type=shorten(event.event_type),
+            event_id=shorten(event.event_id),
+            error=f"{type(error).__name__}: {shorten(str(error))}",
+        )
 
     # --- HTTP -------------------------------------------------------------------------------------------------
 
@@ -388,6 +403,7 @@ class GatewayServer:
             limits=self._limits,
             frames=self.frames,
             stats=self.stats,
+            warnings=self.bad_input,
         )
         self.connections[connection_id] = connection
         self.stats.connections += 1

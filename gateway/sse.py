@@ -193,6 +193,15 @@ def event_message(event: Event, frame: bytes) -> bytes:
     return sse_message(frame, event_id=resume_id(event.epoch, event.offset) if event.offset else None)
 
 
+def _frame(frames: EventFrameCache, event: Event) -> bytes:
+    """The event's JSON from the WebSocket frame cache; raises for one that cannot be encoded (the cache skips
+    it and says so once)."""
+    frame = frames.encode(event)
+    if frame is None:
+        raise ValueError(f"event {event.offset} cannot be encoded")
+    return frame
+
+
 def refusal(status: http.HTTPStatus, error: NexusError) -> Response:
     """A short JSON error response (``{"error","message"}``)."""
     body = json.dumps({"error": code_for_exception(error), "message": error.message}, separators=(",", ":")).encode()
@@ -395,18 +404,23 @@ class EventStream(asyncio.Protocol):
         chunks: list[bytes] = []
         size = 0
         last = self.last_offset
+        taken = 0
         for event in events:
-            message = encode(event)
-            chunks.append(message)
-            size += len(message)
+            taken += 1
             if event.offset:
                 last = event.offset
+            message = encode(event)
+            if message is None:
+                continue  # no client could read it: skipped (and counted, once) by the frame cache
+            chunks.append(message)
+            size += len(message)
             if size >= budget:
                 break
-        self._write(b"".join(chunks))
+        if chunks:
+            self._write(b"".join(chunks))
         self.last_offset = last
         self._stats.events_sent += len(chunks)
-        return len(chunks)
+        return taken
 
     def _room(self) -> int:
         # 0 exactly while _wait_room would wait (the link polls the two together); once the stream has ended,
@@ -444,7 +458,7 @@ class SseEndpoint:
         self.limits = limits
         self._authorize = authorize
         self._stats = stats
-        self.messages = EventFrameCache(encoder=lambda event: event_message(event, frames.encode(event)))
+        self.messages = EventFrameCache(encoder=lambda event: event_message(event, _frame(frames, event)))
         self.streams: set[EventStream] = set()
         self._closing = False
 

@@ -210,6 +210,7 @@ class Settings:
             dedupe_window_s=self.dedupe_window_s,
             ack_timeout_s=self.nats_ack_timeout_s,
             max_payload_bytes=self.max_payload_bytes,
+            limits=self.event_limits(),
         )
 
 

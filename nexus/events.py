@@ -185,6 +185,34 @@ def _check_json(value: Any, path: str, depth: int, max_depth: int) -> None:
     raise InvalidPayload(f"payload{cut_path(path)} holds a {type(value).__name__}, which is not JSON")
 
 
+def json_shape_problem(value: Any, max_depth: int) -> str | None:
+    """Why ``value`` is no JSON a client can read back — objects and arrays nested deeper than ``max_depth``
+    levels (``value`` itself is the first), or NaN / Infinity — or None.
+
+    Iterative, so any depth is measured, and it looks at nothing but containers and floats: cheap enough for an
+    encoder to run on every event it sends (text that is not valid Unicode fails the encoding itself).
+    """
+    if not isinstance(value, (Mapping, list, tuple)):
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        items = container.values() if isinstance(container, Mapping) else container
+        for item in items:
+            if isinstance(item, (Mapping, list, tuple)):
+                stack.append((item, depth + 1))
+            elif isinstance(item, float) and not math.isfinite(item):
+                return f"holds {item!r}: NaN and Infinity are not valid JSON"
+    return None
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (for log lines: never all of a long input)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def cut_path(path: str) -> str:
     """A payload path as an error message shows it (keys come from the client: never all of a long one)."""
     return path if len(path) <= QUOTE_CHARS else f"{path[:QUOTE_CHARS]}..."
@@ -380,7 +408,12 @@ class Event:
         size = self._size
         if size < 0:
             body = {"t": self.event_type, "i": self.event_id, "p": self.payload, "m": self.metadata}
-            size = json_size(body, "event")
+            try:
+                text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+                size = len(text.encode("utf-8", "surrogatepass"))
+            except (ValueError, TypeError, RecursionError):
+                # An event no encoder could send (built without the checks): its size only bounds memory.
+                size = len(repr(body))
             object.__setattr__(self, "_size", size)  # a cache: the fields it derives from never change
         return size
 
@@ -434,3 +467,43 @@ class Event:
             )
         object.__setattr__(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
         return event
+
+
+def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_most: int | None = None) -> Event:
+    """Return ``event`` if it keeps every rule :meth:`Event.create` enforces, else raise
+    :class:`InvalidEventType`, :class:`InvalidPayload` or :class:`PayloadTooLarge`.
+
+    For events built by something that did not validate them: the NATS tail reads what any writer put on a
+    Nexus subject (another Nexus version, a NATS tool). Besides what ``create`` checks, the timestamp must be
+    RFC 3339 text with an offset.
+
+    ``size_at_most``: a bound on :meth:`Event.size` the caller knows, given only when it also knows that all the
+    event's text is valid Unicode (decoded from strict UTF-8 JSON holding no ``\\u`` escape). Under both
+    limits, the event is then not encoded again to be measured.
+    """
+    EventType.parse(event.event_type)
+    validate_event_id(event.event_id)
+    if not isinstance(event.payload, dict):
+        raise InvalidPayload(f"payload must be a JSON object, not {type(event.payload).__name__}")
+    _check_json(event.payload, "", 0, limits.max_payload_depth)
+    validate_metadata(event.metadata, max_entries=limits.max_metadata_entries)
+    if not isinstance(event.timestamp, str) or unicode_problem(event.timestamp) is not None:
+        raise InvalidPayload("timestamp must be RFC 3339 text")
+    parse_time(event.timestamp)
+    if size_at_most is not None and size_at_most <= min(limits.max_event_bytes, limits.max_payload_bytes):
+        return event
+    body = {"t": event.event_type, "i": event.event_id, "p": event.payload, "m": event.metadata}
+    size = json_size(body, "event")  # also finds any text that is not valid Unicode
+    object.__setattr__(event, "_size", size)
+    if size > limits.max_event_bytes:
+        raise PayloadTooLarge(
+            f"the event is {size} bytes (type, id, payload and metadata), over the limit of "
+            f"{limits.max_event_bytes} bytes"
+        )
+    if size > limits.max_payload_bytes:
+        payload_size = json_size(event.payload, "payload")
+        if payload_size > limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {payload_size} bytes, over the limit of {limits.max_payload_bytes} bytes"
+            )
+    return event

@@ -10,14 +10,21 @@ on one stderr handler, so operators read a single format:
   local variables) when there is one;
 - ``console``: structlog's readable :class:`~structlog.dev.ConsoleRenderer`, coloured on a terminal;
 - ``auto``: ``console`` when stderr is a terminal, else ``json``.
+
+What clients or other writers get wrong (undecodable requests, bad frames, poison messages on NATS) is logged at
+warning level without a traceback, through a :class:`LogLimiter` (at most a few lines per kind every 10 s, with
+a ``suppressed`` count). A handler's own exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import sys
-from typing import Final
+import time
+from collections.abc import Callable
+from typing import Any, Final
 
 import structlog
 from structlog.typing import Processor
@@ -132,3 +139,66 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         # Not cached: loggers created before a reconfiguration (or inside capture_logs) follow the new one.
         cache_logger_on_first_use=False,
     )
+
+
+BAD_INPUT_WINDOW_S: Final = 10.0
+BAD_INPUT_LINES: Final = 5
+_MAX_KINDS: Final = 1024
+
+
+@dataclasses.dataclass(slots=True)
+class _Window:
+    start: float
+    lines: int = 0
+    dropped: int = 0
+    """Lines held back since the last one let through."""
+
+
+class LogLimiter:
+    """Lets at most ``lines`` log lines of each kind through in each ``window_s`` seconds.
+
+    For what clients (or other writers) get wrong: a flood of garbage must not become a flood of log lines. The
+    lines held back are counted, and the next line of that kind that gets through reports them as
+    ``suppressed``. The clock is given, so the limiter is tested without waiting.
+    """
+
+    def __init__(
+        self,
+        lines: int = BAD_INPUT_LINES,
+        window_s: float = BAD_INPUT_WINDOW_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lines = lines
+        self.window_s = window_s
+        self._clock = clock
+        self._kinds: dict[str, _Window] = {}
+
+    def allow(self, kind: str) -> int | None:
+        """None when a line of ``kind`` must be dropped now; else how many were dropped before it."""
+        now = self._clock()
+        window = self._kinds.get(kind)
+        if window is None:
+            if len(self._kinds) >= _MAX_KINDS:
+                self._kinds.clear()
+            window = self._kinds[kind] = _Window(now)
+        elif now - window.start >= self.window_s:
+            window.start, window.lines = now, 0
+        if window.lines >= self.lines:
+            window.dropped += 1
+            return None
+        window.lines += 1
+        dropped, window.dropped = window.dropped, 0
+        return dropped
+
+    def warning(self, logger: Any, event: str, kind: str | None = None, **fields: Any) -> bool:
+        """Log ``event`` at warning level, without a traceback, unless its kind (``event`` unless given) is over
+        its rate; ``suppressed`` says how many lines of the kind were dropped since the last. Returns whether
+        the line was written."""
+        suppressed = self.allow(kind or event)
+        if suppressed is None:
+            return False
+        if suppressed:
+            fields["suppressed"] = suppressed
+        logger.warning(event, **fields)
+        return True

@@ -498,6 +498,7 @@ class Provider:
         snapshot["subscribers"] = bus_stats.subscribers
         snapshot["head_offset"] = bus_stats.head_offset
         snapshot["epoch"] = bus_stats.epoch
+        snapshot["quarantined"] = bus_stats.quarantined
         return snapshot
 
     def streams(self) -> list[JSONObject]:

@@ -45,6 +45,8 @@ class BusStats:
     published: int
     duplicates: int
     slow_consumers: int
+    quarantined: int = 0
+    """Messages the bus read but refused as no valid event (the NATS tail): skipped, never delivered."""
 
 
 class Subscription:

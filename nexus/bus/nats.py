@@ -61,16 +61,17 @@ from nexus.bus.nats_codec import (
     Subjects,
     SubjectTypes,
     control_body,
-    decode_event,
     encode_event,
     event_msg_id,
     filter_for_patterns,
     parse_ack_reply,
+    read_event,
     stream_epoch,
 )
 from nexus.bus.nats_settings import NatsBusSettings
-from nexus.errors import BusUnavailable, ConfigurationError, NexusError, PayloadTooLarge
-from nexus.events import Event
+from nexus.errors import BusUnavailable, ConfigurationError, InvalidEventType, NexusError, PayloadTooLarge
+from nexus.events import Event, shorten
+from nexus.logs import LogLimiter
 from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
 
@@ -277,7 +278,7 @@ class _RangeReader:
                     ack = parse_ack_reply(msg.reply or "")
                     if ack is None or ack.stream_seq > self.end:
                         break  # this pull is over: nothing more is stored now, or the range is done
-                    event = bus.decode(msg, ack.stream_seq)
+                    event = bus.decode(msg, ack.stream_seq, path="replay")
                     if event is not None:
                         events.append(event)
                     finished = ack.stream_seq >= self.end or ack.pending == 0
@@ -339,6 +340,9 @@ class NatsBus(Bus):
         """The stream sequence of the last event this node's tail handed to local delivery."""
         self._fanout = Fanout()
         self._types = SubjectTypes(self.subjects)
+        self._warnings = LogLimiter()
+        self.quarantined = 0
+        """Messages this node's tail (or live subscription) refused as no valid event: skipped, each counted once."""
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._started = False
@@ -811,17 +815,14 @@ class NatsBus(Bus):
             return None
         except Exception as exc:
             raise self._publish_error(exc) from None
-        event_type = self._types.event_type(raw.subject or "")
-        if event_type is None:
-            return None
         headers = raw.headers or {}
-        return decode_event(
-            event_type,
+        return self.read(
+            raw.subject or "",
             raw.data or b"",
-            offset=offset,
-            epoch=self.epoch,
+            offset,
             msg_id=headers.get(MSG_ID_HEADER),
             stored_at=raw.time,
+            path="fetch",
         )
 
     async def publish_live(self, event: Event) -> None:
@@ -834,13 +835,52 @@ class NatsBus(Bus):
 
     # --- local delivery -------------------------------------------------------------------------------------
 
-    def decode(self, msg: Msg, offset: int) -> Event | None:
-        """The event a stream message holds (None for a message on a subject that is no event type)."""
-        event_type = self._types.event_type(msg.subject)
-        if event_type is None:
-            return None
+    def decode(self, msg: Msg, offset: int, *, path: str = "read") -> Event | None:
+        """The event a stream message holds, or None when it is no valid event (see :meth:`read`)."""
         headers = msg.headers or {}
-        return decode_event(event_type, msg.data, offset=offset, epoch=self.epoch, msg_id=headers.get(MSG_ID_HEADER))
+        return self.read(msg.subject, msg.data, offset, msg_id=headers.get(MSG_ID_HEADER), path=path)
+
+    def read(
+        self,
+        subject: str,
+        data: bytes,
+        offset: int,
+        *,
+        msg_id: str | None = None,
+        stored_at: datetime | None = None,
+        path: str,
+    ) -> Event | None:
+        """The validated event in a message, or None: anything may write on a Nexus subject, so a message that is
+        no valid event (bad JSON, text that is not valid Unicode, too deep, too large, a subject that is no event
+        type) is quarantined: skipped, never delivered nor retried, logged (rate-limited) and, when the tail
+        meets it, counted in :attr:`quarantined`. ``path`` says who read it: ``tail``, ``replay``, ``fetch``,
+        ``live`` or ``read`` (the request queue)."""
+        event_type = self._types.event_type(subject)
+        try:
+            if event_type is None:
+                raise InvalidEventType(f"subject {shorten(subject)} is not <prefix>.<service>.<action>.v<N>.<state>")
+            return read_event(
+                event_type,
+                data,
+                offset=offset,
+                epoch=self.epoch,
+                msg_id=msg_id,
+                stored_at=stored_at,
+                limits=self.settings.limits,
+            )
+        except NexusError as error:
+            if path in ("tail", "live"):
+                self.quarantined += 1
+            self._warnings.warning(
+                log,
+                "nats_message_quarantined",
+                kind=f"nats_message_quarantined:{path}",
+                path=path,
+                subject=shorten(subject),
+                offset=offset,
+                error=shorten(error.message),
+            )
+            return None
 
     def on_stored(self, msg: Msg, offset: int) -> None:
         """A stored event from the tail (in stream order): queue it for local delivery."""
@@ -853,16 +893,13 @@ class NatsBus(Bus):
             self._fanout.close_all()
         self.received = offset
         self._head = max(self._head, offset)
-        event = self.decode(msg, offset)
+        event = self.decode(msg, offset, path="tail")
         if event is not None:
             self._pending.append(event)
             self._schedule_flush()
 
     async def _on_live(self, msg: Msg) -> None:
-        event_type = self._types.event_type(msg.subject)
-        if event_type is None:
-            return
-        event = decode_event(event_type, msg.data, offset=0, epoch=self.epoch)
+        event = self.read(msg.subject, msg.data, 0, path="live")
         if event is not None:
             self._pending.append(event)
             self._schedule_flush()
@@ -983,6 +1020,7 @@ class NatsBus(Bus):
             published=self._published,
             duplicates=self._duplicates,
             slow_consumers=self._fanout.slow_consumers,
+            quarantined=self.quarantined,
         )
 
     @property

@@ -19,10 +19,18 @@ import dataclasses
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
-from nexus.errors import InvalidPattern
-from nexus.events import Event, EventType, JSONObject, format_timestamp
+from nexus.errors import InvalidPattern, InvalidPayload, NexusError
+from nexus.events import (
+    DEFAULT_LIMITS,
+    Event,
+    EventLimits,
+    EventType,
+    JSONObject,
+    check_event,
+    format_timestamp,
+)
 from nexus.patterns import parse_pattern
 
 DEFAULT_STREAM: Final = "NEXUS"
@@ -173,38 +181,85 @@ def decode_event(
     msg_id: str | None = None,
     stored_at: datetime | None = None,
 ) -> Event | None:
-    """The event in a message body, or None when the body is not a JSON object.
+    """The event in a message body, or None when it is not a valid event (see :func:`read_event`)."""
+    try:
+        return read_event(event_type, data, offset=offset, epoch=epoch, msg_id=msg_id, stored_at=stored_at)
+    except NexusError:
+        return None
 
+
+def read_event(
+    event_type: str,
+    data: bytes,
+    *,
+    offset: int,
+    epoch: str,
+    msg_id: str | None = None,
+    stored_at: datetime | None = None,
+    limits: EventLimits = DEFAULT_LIMITS,
+) -> Event:
+    """The event in a message body, validated as every event entering Nexus is (:func:`~nexus.events.check_event`
+    with ``limits``); raises :class:`~nexus.errors.InvalidPayload` (or another ``NexusError``) saying why not.
+
+    Anything may write on a Nexus subject, so nothing is trusted: the body must be UTF-8 JSON holding an object.
     A body without the envelope (published by another tool) becomes the payload; its id is the message's
     ``Nats-Msg-Id`` (without Nexus's ``e:`` prefix) or ``nats-<offset>``, its time the time NATS stored it.
     """
-    try:
-        body: Any = json.loads(data) if data else {}
-    except ValueError:
-        return None
-    if not isinstance(body, dict):
-        return None
+    text, body = _read_body(data)
     if body.get("v") == ENVELOPE_VERSION and isinstance(body.get("payload"), dict):
+        event_id = body.get("id") or f"nats-{offset}"
+        timestamp = body.get("ts") or _timestamp(stored_at)
         metadata = body.get("metadata")
-        return Event(
+        if not isinstance(event_id, str) or not isinstance(timestamp, str):
+            raise InvalidPayload("the envelope's id and ts must be strings")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InvalidPayload("the envelope's metadata must be an object of strings")
+        event = Event(
             event_type=event_type,
             payload=body["payload"],
-            event_id=str(body.get("id") or f"nats-{offset}"),
-            metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
-            timestamp=str(body.get("ts") or _timestamp(stored_at)),
+            event_id=event_id,
+            metadata=metadata or {},
+            timestamp=timestamp,
             offset=offset,
             epoch=epoch,
         )
-    event_id = msg_id.removeprefix(EVENT_ID_PREFIX) if msg_id else f"nats-{offset}"
-    return Event(
-        event_type=event_type,
-        payload=body,
-        event_id=event_id,
-        metadata={},
-        timestamp=_timestamp(stored_at),
-        offset=offset,
-        epoch=epoch,
-    )
+    else:
+        event = Event(
+            event_type=event_type,
+            payload=body,
+            event_id=msg_id.removeprefix(EVENT_ID_PREFIX) if msg_id else f"nats-{offset}",
+            metadata={},
+            timestamp=_timestamp(stored_at),
+            offset=offset,
+            epoch=epoch,
+        )
+    size_at_most = None
+    if "\\u" not in text:  # strict UTF-8 and no escape: every string is valid Unicode
+        # The event's compact JSON repeats the body's strings and numbers; a number may grow in the re-encoding
+        # (``1e15`` is ``1000000000000000.0``), never by more than five times.
+        size_at_most = 5 * len(data) + len(event.event_type) + len(event.event_id) + 64
+    return check_event(event, limits, size_at_most=size_at_most)
+
+
+def _read_body(data: bytes) -> tuple[str, JSONObject]:
+    """The text of a message body and the JSON object it holds, or :class:`~nexus.errors.InvalidPayload`."""
+    if not data:
+        return "", {}
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPayload("the message body is not UTF-8 text") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidPayload(f"the message body is not JSON: {exc.msg} at character {exc.pos}") from None
+    except ValueError:  # an integer over Python's digit limit
+        raise InvalidPayload("the message body holds a number with too many digits") from None
+    except RecursionError:
+        raise InvalidPayload("the message body nests too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidPayload(f"the message body is JSON but not an object ({type(body).__name__})")
+    return text, body
 
 
 def _timestamp(moment: datetime | None) -> str:

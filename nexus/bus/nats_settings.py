@@ -11,7 +11,7 @@ from typing import Final
 
 from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_MAX_BYTES, DEFAULT_HISTORY_SIZE
 from nexus.bus.nats_codec import DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX
-from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES
+from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, EventLimits
 
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_ACK_TIMEOUT_S: Final = 2.0
@@ -45,3 +45,5 @@ class NatsBusSettings:
     """Seconds a publish waits for JetStream's acknowledgement before it fails with UNAVAILABLE."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     """The largest payload an event may carry; the NATS server must accept it plus the envelope."""
+    limits: EventLimits = DEFAULT_LIMITS
+    """What an event read from the stream may hold: anything may write there, so the tail checks every message."""

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import grpc
+import structlog
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from nexus.errors import ErrorCode, InvalidPayload
-from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_DEPTH, Event, EventLimits, JSONObject, cut_path
+from nexus.events import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_PAYLOAD_DEPTH,
+    Event,
+    EventLimits,
+    JSONObject,
+    cut_path,
+    json_shape_problem,
+    shorten,
+)
+from nexus.logs import LogLimiter
 from nexus.v1 import nexus_pb2
+
+log = structlog.get_logger("nexus.grpc")
 
 STATUS_FOR_CODE: Final[dict[ErrorCode, grpc.StatusCode]] = {
     ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -173,6 +188,12 @@ def _varint(value: int) -> bytes:
 
 
 _EVENTS_FIELD_TAG: Final = b"\x0a"  # SubscribeEventBatchesResponse.events: field 1, length-delimited
+_EVENT_FIELD_TAG: Final = b"\x0a"  # RequestEventResponse.event: field 1, length-delimited
+
+
+PROTOBUF_MAX_PAYLOAD_DEPTH: Final = 33
+"""The deepest payload a protobuf client can still read in an ``EventResponse`` (its parsers stop at 100
+message levels, and each JSON level costs three: Struct, map entry, Value)."""
 
 
 class EncodeCache:
@@ -182,33 +203,70 @@ class EncodeCache:
     the object's identity turns N serializations into one. Entries hold the event itself, so an id is never
     reused while its entry lives. Batches are assembled from the cached bytes: a repeated message field on the
     wire is just tag + length + bytes per element, so no per-subscriber message is built or serialized.
+
+    An event that cannot be sent (text that is not valid Unicode, a payload nested deeper than clients can
+    read: an old event in a NATS stream, say) encodes to None: subscribers skip it and keep their place. It is
+    counted in :attr:`skipped` and logged once (rate-limited), whatever the number of subscribers.
     """
 
-    def __init__(self, size: int = 16_384) -> None:
+    def __init__(self, size: int = 16_384, *, warnings: LogLimiter | None = None) -> None:
         self._size = size
-        self._entries: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[Event, bytes | None]] = OrderedDict()
+        self._warnings = warnings or LogLimiter()
+        self.skipped = 0
+        """Events that could not be encoded for subscribers."""
 
-    def encode(self, event: Event) -> bytes:
-        """The serialized ``EventResponse`` of ``event``."""
+    def encode(self, event: Event) -> bytes | None:
+        """The serialized ``EventResponse`` of ``event``, or None when it cannot be sent."""
         key = id(event)
         entry = self._entries.get(key)
         if entry is not None and entry[0] is event:
             return entry[1]
-        data: bytes = event_to_response(event).SerializeToString()
+        data = self._serialize(event)
         self._entries[key] = (event, data)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return data
 
+    def _serialize(self, event: Event) -> bytes | None:
+        shape = json_shape_problem(event.payload, PROTOBUF_MAX_PAYLOAD_DEPTH)
+        if shape is not None:
+            problem = f"the payload {shape}: clients could not read it"
+        else:
+            try:
+                data: bytes = event_to_response(event).SerializeToString()
+                return data
+            except Exception as exc:  # UnicodeEncodeError, RecursionError, ValueError (a bad timestamp), ...
+                problem = f"{type(exc).__name__}: {shorten(str(exc))}"
+        self.skipped += 1
+        self._warnings.warning(
+            log,
+            "grpc_event_skipped",
+            offset=event.offset,
+            event_type=shorten(event.event_type),
+            event_id=shorten(event.event_id),
+            error=problem,
+        )
+        return None
+
     def encode_batch(self, events: list[Event]) -> bytes:
-        """The serialized ``SubscribeEventBatchesResponse`` carrying ``events``."""
+        """The serialized ``SubscribeEventBatchesResponse`` carrying ``events`` (those that can be sent)."""
         parts: list[bytes] = []
         for event in events:
             data = self.encode(event)
+            if data is None:
+                continue
             parts.append(_EVENTS_FIELD_TAG)
             parts.append(_varint(len(data)))
             parts.append(data)
         return b"".join(parts)
+
+    def encode_request_event(self, event: Event) -> bytes | None:
+        """The serialized ``RequestEventResponse`` carrying ``event``, or None when it cannot be sent."""
+        data = self.encode(event)
+        if data is None:
+            return None
+        return _EVENT_FIELD_TAG + _varint(len(data)) + data
 
 
 def passthrough_serializer(serializer: Any) -> Any:
@@ -221,3 +279,39 @@ def passthrough_serializer(serializer: Any) -> Any:
         return data
 
     return serialize
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a guarded request deserializer returns for bytes that are not a valid message of its type.
+
+    grpcio answers an exception raised while deserializing with ``UNKNOWN`` and logs its traceback at error
+    level; the handler wrappers of :func:`guard_handler` answer this marker with ``INVALID_ARGUMENT`` instead.
+    """
+
+    message_type: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"the request is not a valid {self.message_type} message ({self.reason}): malformed protobuf, "
+            "a string that is not UTF-8, or fields nested deeper than protobuf's limit of 100 levels"
+        )
+
+
+def guarded_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so that bytes it cannot decode become an :class:`Undecodable`."""
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    message_type = str(getattr(descriptor, "full_name", "") or "request")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, and whatever else a parser may raise on hostile bytes
+            return Undecodable(message_type, type(exc).__name__)
+
+    return deserialize

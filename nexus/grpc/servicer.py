@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, NoReturn
 
 import grpc
@@ -19,10 +20,13 @@ from nexus.events import DEFAULT_LIMITS, EventLimits
 from nexus.grpc.convert import (
     STATUS_FOR_CODE,
     EncodeCache,
+    Undecodable,
     event_from_request,
     event_to_response,
+    guarded_deserializer,
     passthrough_serializer,
 )
+from nexus.logs import LogLimiter
 from nexus.node import Node, Subscription
 from nexus.quota import ClientLimits, ClientQuota, ClientQuotas
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -34,6 +38,7 @@ log = structlog.get_logger("nexus.grpc")
 
 
 MAX_STATUS_MESSAGE: Final = 512
+MAX_CANCEL_REASON: Final = 256
 
 
 def status_message(message: str) -> str:
@@ -56,27 +61,103 @@ def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return ""
 
 
-class _Registrar:
-    """Stands in for the server in the generated ``add_..._to_server`` to patch the response serializers."""
+Behaviour = Callable[..., Any]
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+
+class _Registrar:
+    """Stands in for the server in the generated ``add_..._to_server`` to patch each method handler.
+
+    Response serializers let pre-serialized bytes through. Request deserializers never raise: bytes that are not
+    a valid message become an :class:`~nexus.grpc.convert.Undecodable`, which the wrapped behaviours answer with
+    ``INVALID_ARGUMENT`` (grpcio would answer ``UNKNOWN`` and log a traceback at error level).
+    """
+
+    def __init__(self, server: grpc.aio.Server, servicer: NexusServicer) -> None:
         self._server = server
+        self._servicer = servicer
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: :meth:`add_registered_method_handlers` registers the patched handlers both ways."""
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        patched = {
-            name: handler._replace(response_serializer=passthrough_serializer(handler.response_serializer))
-            for name, handler in handlers.items()
-        }
+        patched = {name: self._patch(f"/{service}/{name}", handler) for name, handler in handlers.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, patched),))
         self._server.add_registered_method_handlers(service, patched)
 
+    def _patch(self, method: str, handler: Any) -> Any:
+        changes: dict[str, Any] = {
+            "response_serializer": passthrough_serializer(handler.response_serializer),
+            "request_deserializer": guarded_deserializer(handler.request_deserializer),
+        }
+        refuse = self._servicer.refuse_undecodable
+        for kind in ("unary_unary", "unary_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                changes[kind] = _guard_unary(behaviour, method, refuse)
+        for kind in ("stream_unary", "stream_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                changes[kind] = _guard_stream(behaviour, method, refuse)
+        return handler._replace(**changes)
+
+
+Refuse = Callable[[grpc.aio.ServicerContext[Any, Any], str, Undecodable, int], Awaitable[NoReturn]]
+
+
+def _guard_unary(behaviour: Behaviour, method: str, refuse: Refuse) -> Behaviour:
+    """``behaviour`` answering an undecodable request with ``INVALID_ARGUMENT`` (grpcio tells a coroutine
+    handler from an async generator handler by its function, so the wrapper is of the same kind)."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await refuse(context, method, request, 0)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Undecodable):
+            await refuse(context, method, request, 0)
+        return await behaviour(request, context)
+
+    return call
+
+
+def _guard_stream(behaviour: Behaviour, method: str, refuse: Refuse) -> Behaviour:
+    """``behaviour`` whose request stream ends the call with ``INVALID_ARGUMENT`` at an undecodable message."""
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        index = 0
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                await refuse(context, method, request, index)
+            yield request
+            index += 1
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async with contextlib.aclosing(behaviour(checked(requests, context), context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await behaviour(checked(requests, context), context)
+
+    return call
+
 
 def add_to_server(servicer: NexusServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` on ``server`` (the generated registration, with bytes-aware serializers)."""
-    nexus_pb2_grpc.add_NexusServiceServicer_to_server(servicer, _Registrar(server))
+    """Register ``servicer`` on ``server`` (the generated registration, with bytes-aware serializers and request
+    deserializers that turn undecodable bytes into ``INVALID_ARGUMENT``)."""
+    nexus_pb2_grpc.add_NexusServiceServicer_to_server(servicer, _Registrar(server, servicer))
 
 
 class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
@@ -94,7 +175,27 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.subscriber_queue = subscriber_queue
         self.limits = limits
         self._quotas = ClientQuotas(client_limits or ClientLimits())
-        self._encode = EncodeCache()
+        self.bad_input = LogLimiter()
+        """Rate-limits the warnings about what clients get wrong (and events that cannot be sent)."""
+        self._encode = EncodeCache(warnings=self.bad_input)
+        self.undecodable = 0
+        """Requests refused because their bytes were not a valid message."""
+
+    @property
+    def events_skipped(self) -> int:
+        """Events no subscriber was sent because they could not be encoded (each counted once)."""
+        return self._encode.skipped
+
+    async def refuse_undecodable(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Undecodable, index: int
+    ) -> NoReturn:
+        """End a call whose request (message ``index`` of a request stream) could not be decoded."""
+        self.undecodable += 1
+        self.bad_input.warning(
+            log, "grpc_undecodable_request", method=method, peer=_peer(context), index=index, error=request.reason
+        )
+        message = request.message if index == 0 else f"message {index} of the stream: {request.message}"
+        await abort(context, InvalidArgument(message))
 
     # --- the client's quota ---------------------------------------------------------------------------------
 
@@ -204,7 +305,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch():
                 for event in batch:
-                    await context.write(encode(event))  # pre-serialized bytes
+                    data = encode(event)  # pre-serialized bytes; None for an event no client could read
+                    if data is not None:
+                        await context.write(data)
 
     async def SubscribeEventBatches(  # type: ignore[override]  # streams with context.write()
         self, request: nexus_pb2.SubscribeEventBatchesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -213,7 +316,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         encode_batch = self._encode.encode_batch
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch(size):
-                await context.write(encode_batch(batch))  # pre-serialized bytes
+                data = encode_batch(batch)  # pre-serialized bytes, without events no client could read
+                if data:
+                    await context.write(data)
 
     # --- requests -----------------------------------------------------------------------------------------
 
@@ -236,7 +341,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             message = "duplicate" if published.duplicate else "stored"
             yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
             async for item in session.events():
-                yield nexus_pb2.RequestEventResponse(event=event_to_response(item))
+                data = self._encode.encode_request_event(item)
+                if data is not None:
+                    yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:
             await abort(context, error)
         finally:
@@ -250,7 +357,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.CancelStreamResponse:
         if not request.correlation_id:
             await abort(context, InvalidArgument("correlation_id is required"))
-        found = await self.node.cancel(request.correlation_id, request.reason or "cancelled by requester")
+        # The reason is stored in the cancelled event's payload: a client never writes more than a line of it.
+        reason = request.reason[:MAX_CANCEL_REASON] or "cancelled by requester"
+        found = await self.node.cancel(request.correlation_id, reason)
         return nexus_pb2.CancelStreamResponse(cancelled=found)
 
     # --- listings -----------------------------------------------------------------------------------------
