@@ -25,9 +25,10 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 
 from nexus.errors import NexusError
-from nexus.events import REQUESTED, Event, shorten
+from nexus.events import DEFAULT_LIMITS, REQUESTED, Event, EventLimits, shorten
 from nexus.logs import LogLimiter
 from nexus.node import Node, Published
+from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits, ClientQuota
 
 from .flow import Outbox, RateLimiter
 from .link import Link, SubscribeResult
@@ -72,6 +73,8 @@ class ConnectionLimits:
     max_payload_bytes: int
     subscriber_queue: int
     max_frames_per_s: float
+    event_limits: EventLimits = DEFAULT_LIMITS
+    client_limits: ClientLimits = DEFAULT_CLIENT_LIMITS
 
 
 @dataclasses.dataclass(slots=True)
@@ -132,6 +135,8 @@ class GatewayConnection:
         self._room.set()
         loop = asyncio.get_running_loop()
         self._limiter = RateLimiter(limits.max_frames_per_s, max(limits.max_frames_per_s, 1.0), now=loop.time())
+        self.quota = ClientQuota(limits.client_limits, now=loop.time())
+        """What this connection may hold and do (patterns, running requests, publish rate)."""
         self._wakeup = asyncio.Event()
         self._flushed = asyncio.Event()
         self._flushed.set()
@@ -338,7 +343,12 @@ class GatewayConnection:
 
     async def _handle(self, message: str | bytes) -> None:
         try:
-            command = decode_frame(message, max_payload_bytes=self.limits.max_payload_bytes)
+            command = decode_frame(
+                message,
+                max_payload_bytes=self.limits.max_payload_bytes,
+                limits=self.limits.event_limits,
+                max_patterns=self.node.max_patterns_per_subscription,
+            )
         except ProtocolError as error:
             self._stats.bad_frames += 1
             self._warnings.warning(
@@ -354,6 +364,7 @@ class GatewayConnection:
             if isinstance(command, Publish):
                 await self._publish(command)
             elif isinstance(command, Subscribe):
+                self.quota.check_patterns(len(set(self.link.patterns) | set(command.patterns)))
                 await self.link.subscribe(
                     command.patterns,
                     since_offset=command.since_offset,
@@ -394,7 +405,9 @@ class GatewayConnection:
         if self.user_id:
             metadata["user_id"] = self.user_id
         event = event.evolve(metadata=metadata)
+        self.quota.publish(asyncio.get_running_loop().time())
         if event.state == REQUESTED:
+            self.quota.check_requests(self.link.running_requests)
             await self.link.request(event, announce=self._published)
         else:
             self._published(await self.link.publish(event))

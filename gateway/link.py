@@ -103,6 +103,11 @@ class Link:
     # --- state ------------------------------------------------------------------------------------------------
 
     @property
+    def running_requests(self) -> int:
+        """Requests this connection sent whose lifecycle has not ended (repeats being replayed included)."""
+        return len(self._requests) + len(self._repeats)
+
+    @property
     def patterns(self) -> list[str]:
         """The patterns this connection follows."""
         return list(self._sub.patterns) if self._sub is not None else []

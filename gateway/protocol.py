@@ -32,15 +32,16 @@ from nexus.errors import (
     InvalidPayload,
     NexusError,
     PayloadTooLarge,
+    RateLimited,
     SlowConsumer,
 )
-from nexus.events import Event, unicode_problem
-from nexus.patterns import parse_pattern
+from nexus.events import Event, EventLimits, unicode_problem
+from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
 
 SUBPROTOCOL: Final = "nexus.v1"
 """The WebSocket subprotocol the gateway selects (browsers send it next to the token)."""
 
-MAX_PATTERNS_PER_FRAME: Final = 256
+MAX_PATTERNS_PER_FRAME: Final = DEFAULT_MAX_PATTERNS
 MAX_REF_LENGTH: Final = 256
 MAX_CLOSE_REASON_BYTES: Final = 123  # RFC 6455: a close frame's payload is at most 125 bytes, 2 for the code
 
@@ -69,6 +70,7 @@ class GatewayCode(enum.StrEnum):
     INVALID_PATTERN = "invalid_pattern"
     INVALID_PAYLOAD = "invalid_payload"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"
     FRAME_TOO_LARGE = "frame_too_large"
     TOO_SLOW = "too_slow"
     GOING_AWAY = "going_away"
@@ -98,6 +100,7 @@ ERRORS: Final[dict[str, ErrorSpec]] = {
     GatewayCode.INVALID_PATTERN: ErrorSpec(None, "a subscription pattern has a bad token"),
     GatewayCode.INVALID_PAYLOAD: ErrorSpec(None, "payload or metadata is not what an event carries"),
     GatewayCode.PAYLOAD_TOO_LARGE: ErrorSpec(None, "the payload is over the server's limit"),
+    GatewayCode.RATE_LIMITED: ErrorSpec(None, "publishing faster than this connection may; slow down"),
     # The core's codes (nexus.errors.ErrorCode): the request failed, the connection stays open.
     ErrorCode.INVALID_ARGUMENT: ErrorSpec(None, "the request is not valid"),
     ErrorCode.RESOURCE_EXHAUSTED: ErrorSpec(None, "a limit was reached"),
@@ -133,6 +136,8 @@ def code_for_exception(error: NexusError) -> str:
         return GatewayCode.INVALID_PAYLOAD
     if isinstance(error, SlowConsumer):
         return GatewayCode.TOO_SLOW
+    if isinstance(error, RateLimited):
+        return GatewayCode.RATE_LIMITED
     return error.code.value
 
 
@@ -252,14 +257,16 @@ def _ref(frame: dict[str, Any]) -> str | None:
     return None
 
 
-def _patterns(frame: dict[str, Any], ref: str | None) -> tuple[str, ...]:
+def _patterns(frame: dict[str, Any], ref: str | None, max_patterns: int) -> tuple[str, ...]:
     value = frame.get("event_types")
     if not isinstance(value, list) or not value:
         raise ProtocolError(
             GatewayCode.INVALID_FRAME, "event_types must be a non-empty list of patterns, such as [\">\"]", ref
         )
-    if len(value) > MAX_PATTERNS_PER_FRAME:
-        raise ProtocolError(GatewayCode.INVALID_FRAME, f"at most {MAX_PATTERNS_PER_FRAME} patterns per frame", ref)
+    try:
+        check_pattern_count(len(value), max_patterns)  # before any is parsed
+    except NexusError as exc:
+        raise ProtocolError.from_error(exc, ref) from None
     for item in value:
         if not isinstance(item, str):
             raise ProtocolError(
@@ -295,11 +302,20 @@ def _optional_string(frame: dict[str, Any], key: str, ref: str | None) -> str | 
     return value
 
 
-def decode_frame(text: str | bytes, *, max_payload_bytes: int | None = None) -> Command:
+def decode_frame(
+    text: str | bytes,
+    *,
+    max_payload_bytes: int | None = None,
+    limits: EventLimits | None = None,
+    max_patterns: int = MAX_PATTERNS_PER_FRAME,
+) -> Command:
     """Decode one client frame into a command, or raise :class:`ProtocolError`.
 
-    A ``type`` holding ``:`` is an event type to publish; it is validated with its payload and metadata (a
-    payload over ``max_payload_bytes`` raises ``payload_too_large``).
+    A subscribe or unsubscribe frame carries at most ``max_patterns`` patterns (``resource_exhausted``, counted
+    before any is parsed).
+
+    A ``type`` holding ``:`` is an event type to publish; it is validated with its payload and metadata against
+    ``limits`` (a payload over ``max_payload_bytes``, when given, raises ``payload_too_large``).
     """
     frame = _parse_json(text)
     if not isinstance(frame, dict):
@@ -312,9 +328,9 @@ def decode_frame(text: str | bytes, *, max_payload_bytes: int | None = None) -> 
         raise ProtocolError(GatewayCode.INVALID_FRAME, "every frame needs a string field `type`", ref)
     if kind == "subscribe":
         epoch = _optional_string(frame, "epoch", ref)
-        return Subscribe(_patterns(frame, ref), _offset(frame, ref), epoch, ref)
+        return Subscribe(_patterns(frame, ref, max_patterns), _offset(frame, ref), epoch, ref)
     if kind == "unsubscribe":
-        return Unsubscribe(_patterns(frame, ref), ref)
+        return Unsubscribe(_patterns(frame, ref, max_patterns), ref)
     if kind == "ping":
         return Ping(ref)
     if kind == "cancel":
@@ -330,10 +346,12 @@ def decode_frame(text: str | bytes, *, max_payload_bytes: int | None = None) -> 
             "or an event type <service>:<action>:v<N>:<state> to publish",
             ref,
         )
-    return Publish(_event(frame, kind, ref, max_payload_bytes), ref)
+    return Publish(_event(frame, kind, ref, max_payload_bytes, limits), ref)
 
 
-def _event(frame: dict[str, Any], kind: str, ref: str | None, max_payload_bytes: int | None) -> Event:
+def _event(
+    frame: dict[str, Any], kind: str, ref: str | None, max_payload_bytes: int | None, limits: EventLimits | None
+) -> Event:
     unknown = sorted(set(frame) - _PUBLISH_FIELDS)
     if unknown:
         raise ProtocolError(
@@ -352,6 +370,7 @@ def _event(frame: dict[str, Any], kind: str, ref: str | None, max_payload_bytes:
             event_id=event_id or None,
             metadata=frame.get("metadata"),
             max_payload_bytes=max_payload_bytes,
+            limits=limits,
         )
     except NexusError as exc:
         raise ProtocolError.from_error(exc, ref) from None

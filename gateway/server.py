@@ -38,9 +38,10 @@ from websockets.typing import Subprotocol
 
 from nexus.config import Settings
 from nexus.errors import ConfigurationError, NexusError
-from nexus.events import DEFAULT_MAX_PAYLOAD_BYTES, Event, shorten
+from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, Event, EventLimits, shorten
 from nexus.logs import LogLimiter
 from nexus.node import Node
+from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits
 
 from .auth import Authenticator, Credentials, allow_all, token_from
 from .connection import ConnectionLimits, GatewayConnection, GatewayStats
@@ -89,6 +90,10 @@ class GatewaySettings:
     """The kernel send buffer of each connection (SO_SNDBUF); None leaves the system's autotuning, which lets
     a stalled client hold a few MiB of kernel memory before its outgoing queue starts to fill."""
     subscriber_queue: int = 10_000
+    event_limits: EventLimits = DEFAULT_LIMITS
+    """What one published event may hold (size, depth, metadata entries)."""
+    client_limits: ClientLimits = DEFAULT_CLIENT_LIMITS
+    """What one connection may hold and do: patterns, running requests, publishes per second."""
     max_frames_per_s: float = 2_000.0
     """Frames per second one connection may send on average (bursts of as many); faster ones are paced."""
     ping_interval: float | None = 20.0
@@ -111,6 +116,8 @@ class GatewaySettings:
             max_frame_bytes=settings.ws_max_frame_bytes,
             max_payload_bytes=settings.max_payload_bytes,
             subscriber_queue=settings.subscriber_queue,
+            event_limits=settings.event_limits(),
+            client_limits=settings.client_limits(),
             shutdown_grace_s=settings.shutdown_grace_s,
             sse_keepalive_s=settings.sse_keepalive_s,
             sse_retry_ms=settings.sse_retry_ms,
@@ -196,6 +203,8 @@ class GatewayServer:
             max_payload_bytes=s.max_payload_bytes,
             subscriber_queue=s.subscriber_queue,
             max_frames_per_s=s.max_frames_per_s,
+            event_limits=s.event_limits,
+            client_limits=s.client_limits,
         )
         sse_limits = SseLimits(
             s.subscriber_queue, s.write_limit, s.send_buffer_bytes, s.sse_keepalive_s, s.sse_retry_ms, s.close_timeout

@@ -35,7 +35,7 @@ A browser's plain ``EventSource`` (or ``curl -N``) follows patterns and resumes 
 - **Limits, as for WebSocket.** The response's outbox is the socket's write buffer, bounded by ``write_limit``
   (events are written while it is under the limit, in one write per batch); events that pile up behind a client
   that does not read overflow its subscription's ``max_pending`` (``subscriber_queue``) and the stream ends
-  with ``too_slow`` naming the last offset written. At most :data:`MAX_PATTERNS_PER_FRAME` patterns.
+  with ``too_slow`` naming the last offset written. At most the node's ``max_patterns_per_subscription`` patterns.
 
 **Sharing the port with websockets.** ``websockets`` answers an HTTP request only with a complete
 ``Response`` from ``process_request``, bounds the whole opening handshake with ``open_timeout`` and aborts the
@@ -68,10 +68,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from nexus.errors import ErrorCode, InvalidArgument, InvalidPattern, NexusError
+from nexus.errors import ErrorCode, InvalidArgument, InvalidPattern, NexusError, ResourceExhausted
 from nexus.events import Event
 from nexus.node import Node
-from nexus.patterns import parse_pattern
+from nexus.patterns import check_pattern_count, parse_pattern
 
 from .connection import GatewayStats
 from .link import Link, SubscribeResult
@@ -142,9 +142,12 @@ def _epoch(text: str, what: str) -> str:
     return text
 
 
-def parse_request(target: str, last_event_ids: Sequence[str] = ()) -> SseQuery:
+def parse_request(
+    target: str, last_event_ids: Sequence[str] = (), *, max_patterns: int = MAX_PATTERNS_PER_FRAME
+) -> SseQuery:
     """The query of ``GET /sse?…`` and its ``Last-Event-ID`` headers, validated; raises
-    :class:`InvalidArgument` or :class:`InvalidPattern` with a message for the client."""
+    :class:`InvalidArgument`, :class:`InvalidPattern` or (over ``max_patterns``) ``ResourceExhausted`` with a
+    message for the client."""
     try:
         query = parse_qs(urlsplit(target).query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:
@@ -152,8 +155,7 @@ def parse_request(target: str, last_event_ids: Sequence[str] = ()) -> SseQuery:
     patterns = [p.strip() for value in query.get("patterns", ()) for p in value.split(",") if p.strip()]
     if not patterns:
         raise InvalidArgument("give at least one pattern: /sse?patterns=demo:> (repeated or comma-separated)")
-    if len(patterns) > MAX_PATTERNS_PER_FRAME:
-        raise InvalidArgument(f"at most {MAX_PATTERNS_PER_FRAME} patterns per subscription, not {len(patterns)}")
+    check_pattern_count(len(patterns), max_patterns)
     for pattern in patterns:
         parse_pattern(pattern)
     since = _one(query, "since_offset")
@@ -469,8 +471,12 @@ class SseEndpoint:
             response.headers["Allow"] = "GET"
             return response
         try:
-            query = parse_request(request.path, request.headers.get_all("Last-Event-ID"))
-        except (InvalidArgument, InvalidPattern) as exc:
+            query = parse_request(
+                request.path,
+                request.headers.get_all("Last-Event-ID"),
+                max_patterns=self.node.max_patterns_per_subscription,
+            )
+        except (InvalidArgument, InvalidPattern, ResourceExhausted) as exc:
             return refusal(http.HTTPStatus.BAD_REQUEST, exc)
         refused = await self._authorize(connection, request)
         if refused is not None:

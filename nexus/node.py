@@ -30,12 +30,12 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription
-from nexus.errors import ResourceExhausted
 from nexus.events import Event, JSONObject
+from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count
 from nexus.session import Lease, RequestSession, SessionState
 
 HealthCallback = Callable[[bool], None]
-DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = 256
+DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
 
 
 class LostReason(enum.StrEnum):
@@ -141,10 +141,7 @@ class Node(abc.ABC):
 
     def check_pattern_count(self, count: int) -> None:
         """Refuse a subscription of ``count`` patterns over this node's limit."""
-        if count > self.max_patterns_per_subscription:
-            raise ResourceExhausted(
-                f"{count} patterns in one subscription, over the limit of {self.max_patterns_per_subscription}"
-            )
+        check_pattern_count(count, self.max_patterns_per_subscription)
 
     @abc.abstractmethod
     async def _subscribe(

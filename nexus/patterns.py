@@ -12,13 +12,23 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Final, Generic, TypeVar
 
-from nexus.errors import InvalidPattern
+from nexus.errors import InvalidPattern, ResourceExhausted
 from nexus.events import check_token, quote
 
 STAR: Final = "*"
 REST: Final = ">"
 
 K = TypeVar("K", bound=Hashable)
+
+
+DEFAULT_MAX_PATTERNS: Final = 256
+"""Patterns one subscription may follow unless configured otherwise."""
+
+
+def check_pattern_count(count: int, limit: int = DEFAULT_MAX_PATTERNS) -> None:
+    """Refuse ``count`` patterns for one subscription over ``limit``, before any of them is parsed or indexed."""
+    if count > limit:
+        raise ResourceExhausted(f"{count} patterns in one subscription, over the limit of {limit}")
 
 
 def parse_pattern(text: str) -> tuple[str, ...]:

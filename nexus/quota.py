@@ -37,6 +37,9 @@ class ClientLimits:
     publish_burst: int = DEFAULT_PUBLISH_BURST
 
 
+DEFAULT_CLIENT_LIMITS: Final = ClientLimits()
+
+
 class ClientQuota:
     """One connection's use of its :class:`ClientLimits`."""
 
@@ -54,12 +57,15 @@ class ClientQuota:
                 f"over {self.limits.publish_rate_per_s:g} publishes per second on this connection; slow down"
             )
 
+    def check_patterns(self, total: int) -> None:
+        """Refuse a connection that would follow ``total`` patterns, past its limit."""
+        if total > self.limits.max_patterns:
+            limit = self.limits.max_patterns
+            raise ResourceExhausted(f"{total} patterns on this connection, over the limit of {limit}")
+
     def add_patterns(self, count: int) -> None:
         """Hold ``count`` more patterns; raises :class:`ResourceExhausted` past the connection's limit."""
-        if self.patterns + count > self.limits.max_patterns:
-            raise ResourceExhausted(
-                f"{self.patterns + count} patterns on this connection, over the limit of {self.limits.max_patterns}"
-            )
+        self.check_patterns(self.patterns + count)
         self.patterns += count
 
     def remove_patterns(self, count: int) -> None:
@@ -76,12 +82,16 @@ class ClientQuota:
     def close_subscription(self) -> None:
         self.subscriptions = max(0, self.subscriptions - 1)
 
+    def check_requests(self, running: int) -> None:
+        """Refuse one more request from a connection with ``running`` requests still running, at its limit."""
+        if running >= self.limits.max_requests:
+            raise ResourceExhausted(
+                f"{running} requests of this connection are still running, the limit; wait for one to end"
+            )
+
     def start_request(self) -> None:
         """Hold one more running request; raises :class:`ResourceExhausted` past the limit."""
-        if self.requests >= self.limits.max_requests:
-            raise ResourceExhausted(
-                f"{self.requests} requests of this connection are still running, the limit; wait for one to end"
-            )
+        self.check_requests(self.requests)
         self.requests += 1
 
     def end_request(self) -> None:

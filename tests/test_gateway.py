@@ -23,6 +23,7 @@ from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.errors import Unauthenticated
 from nexus.node import Node
 from nexus.node_remote import RemoteNode
+from nexus.quota import ClientLimits
 from nexus.testing import Recorder, TestServer, run_server
 
 NEXUS_V1 = [Subprotocol("nexus.v1")]
@@ -924,3 +925,61 @@ async def test_run_server_leaves_the_gateway_off_by_default(handlers: Handlers) 
 def recorder_types(recorder: Recorder) -> list[str]:
     """The event types a recorder holds."""
     return [e.event_type for e in recorder.events]
+
+
+# --- limits of one connection -------------------------------------------------------------------------------------
+
+
+async def test_a_connection_publishing_over_its_rate_gets_rate_limited_frames(nexus: TestServer) -> None:
+    """Past its burst, a connection's publishes get `rate_limited` error frames; it stays open, and another
+    connection publishes as usual."""
+    limits = ClientLimits(publish_rate_per_s=0.5, publish_burst=3)
+    async with gateway_for(nexus, client_limits=limits) as gateway, peer(gateway.url) as client:
+        for n in range(5):
+            await client.send(type="demo:tick:v1:happened", payload={"n": n}, event_id=f"rate-{n}")
+        frames = [await client.recv() for _ in range(5)]
+        assert [f["type"] for f in frames] == ["published"] * 3 + ["error"] * 2
+        assert {f["code"] for f in frames[3:]} == {"rate_limited"}
+        assert [f["ref"] for f in frames[3:]] == ["rate-3", "rate-4"]
+        await client.send(type="ping")
+        assert (await client.recv())["type"] == "pong"
+        async with peer(gateway.url) as other:
+            await other.send(type="demo:tick:v1:happened", payload={})
+            assert (await other.recv())["type"] == "published"
+
+
+async def test_a_connection_follows_a_bounded_number_of_patterns(nexus: TestServer) -> None:
+    """One subscribe frame carries at most 256 patterns, a connection follows at most its limit in all; a refused
+    frame leaves the connection and its patterns as they were."""
+    limits = ClientLimits(max_patterns=300)
+    async with gateway_for(nexus, client_limits=limits) as gateway, peer(gateway.url) as client:
+        await client.send(type="subscribe", event_types=[f"demo:p{n}:*:*" for n in range(257)], ref="too-many")
+        error = await client.recv()
+        assert (error["type"], error["code"], error["ref"]) == ("error", "resource_exhausted", "too-many")
+        assert "over the limit of 256" in error["message"]
+        answer = await client.subscribe(*[f"demo:p{n}:*:*" for n in range(200)])
+        assert answer["type"] == "subscribed"
+        await client.send(type="subscribe", event_types=[f"demo:q{n}:*:*" for n in range(101)], ref="over")
+        error = await client.recv()
+        assert (error["code"], error["ref"]) == ("resource_exhausted", "over")
+        assert "301 patterns on this connection, over the limit of 300" in error["message"]
+        await client.subscribe(*[f"demo:p{n}:*:*" for n in range(200)], "demo:tick:*:*")  # repeats are free
+        event = await nexus.client.emit("demo:tick:v1:happened")
+        assert (await client.recv())["offset"] == event.offset
+
+
+async def test_a_connection_runs_a_bounded_number_of_requests(nexus: TestServer, handlers: Handlers) -> None:
+    """Past its limit of running requests a connection's next request is refused; when one ends, it may send again."""
+    limits = ClientLimits(max_requests=2)
+    async with gateway_for(nexus, client_limits=limits) as gateway, peer(gateway.url) as client:
+        for n in range(2):
+            await client.send(type="demo:stream_hold:v1:requested", event_id=f"run-{n}")
+            await client.until(lambda f: f["type"] == "published")
+        await client.send(type="demo:echo:v1:requested", event_id="third")
+        error = await client.until(lambda f: f["type"] == "error")
+        assert (error[-1]["code"], error[-1]["ref"]) == ("resource_exhausted", "third")
+        await client.send(type="cancel", correlation_id="run-0")
+        await client.until(lambda f: f["type"].endswith(":cancelled"))
+        await client.send(type="demo:echo:v1:requested", event_id="fourth")
+        done = await client.until(lambda f: f["type"] == "demo:echo:v1:success")
+        assert done[-1]["metadata"]["correlation_id"] == "fourth"

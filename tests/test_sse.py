@@ -21,7 +21,14 @@ from nexus.gateway.sse import SseQuery, event_message, parse_request, sse_messag
 from test_gateway_browser import CHROMIUM_ARGS, EXECUTABLE, _missing, wait_js
 
 from nexus import Event, Stream, StreamingEventHandler
-from nexus.errors import InvalidArgument, InvalidPattern, PermissionDenied, Unauthenticated, Unavailable
+from nexus.errors import (
+    InvalidArgument,
+    InvalidPattern,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from nexus.node_remote import RemoteNode
 from nexus.testing import TestServer, run_server
 
@@ -225,7 +232,7 @@ def test_last_event_id_wins_over_the_query_and_may_carry_the_epoch() -> None:
         ("/sse", [], InvalidArgument),
         ("/sse?patterns=", [], InvalidArgument),
         ("/sse?patterns=demo:bad", [], InvalidPattern),
-        ("/sse?patterns=" + ",".join(f"s{n}:>" for n in range(257)), [], InvalidArgument),
+        ("/sse?patterns=" + ",".join(f"s{n}:>" for n in range(257)), [], ResourceExhausted),
         ("/sse?patterns=>&since_offset=abc", [], InvalidArgument),
         ("/sse?patterns=>&since_offset=-1", [], InvalidArgument),
         ("/sse?patterns=>&since_offset=99999999999999999999", [], InvalidArgument),
@@ -399,7 +406,7 @@ async def test_bad_requests_get_400_with_a_json_error_and_others_are_unaffected(
         cases: list[tuple[str, dict[str, str], str]] = [
             ("/sse", {}, "invalid_argument"),
             ("/sse?patterns=demo:bad", {}, "invalid_pattern"),
-            ("/sse?patterns=" + ",".join(f"s{n}:>" for n in range(300)), {}, "invalid_argument"),
+            ("/sse?patterns=" + ",".join(f"s{n}:>" for n in range(300)), {}, "resource_exhausted"),
             ("/sse?patterns=%3E&since_offset=1e9", {}, "invalid_argument"),
             ("/sse?patterns=%3E", {"Last-Event-ID": "x" * 6000}, "invalid_argument"),
             ("/sse?patterns=%3E", {"Last-Event-ID": "epoch:12345678901234567890"}, "invalid_argument"),
