@@ -118,6 +118,7 @@ class GatewaySettings:
             subscriber_queue=settings.subscriber_queue,
             event_limits=settings.event_limits(),
             client_limits=settings.client_limits(),
+            max_frames_per_s=settings.ws_max_frames_per_s,
             shutdown_grace_s=settings.shutdown_grace_s,
             sse_keepalive_s=settings.sse_keepalive_s,
             sse_retry_ms=settings.sse_retry_ms,

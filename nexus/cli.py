@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gateway", action="store_false", dest="gateway", default=None, help="do not start the WebSocket gateway"
     )
     serve.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
+    serve.add_argument("--ws-max-frames-per-s", type=float, help="frames per second one WebSocket may send (2000)")
     serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
     serve.add_argument("--heartbeat-interval", type=_positive_float, help="seconds between heartbeats (1.0)")
     serve.add_argument(
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     gateway.add_argument("--ws-port", type=int, help="port of the WebSocket gateway and page (default 8080)")
     gateway.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
+    gateway.add_argument("--ws-max-frames-per-s", type=float, help="frames per second one WebSocket may send (2000)")
     gateway.add_argument("--history-size", type=int, help="events kept for clients that resume (10000)")
     gateway.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto)")
     gateway.add_argument("--log-level", help="log level (info)")
@@ -271,6 +273,7 @@ SERVE_FIELDS = (
     "ws_port",
     "gateway",
     "ws_max_frame_bytes",
+    "ws_max_frames_per_s",
     "bus",
     "heartbeat_interval",
     "buffer_size",
@@ -345,7 +348,7 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-GATEWAY_FIELDS = ("host", "ws_port", "ws_max_frame_bytes", "log_format", "log_level")
+GATEWAY_FIELDS = ("host", "ws_port", "ws_max_frame_bytes", "ws_max_frames_per_s", "log_format", "log_level")
 
 
 async def _gateway(args: argparse.Namespace) -> int:

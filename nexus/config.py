@@ -93,6 +93,9 @@ class Settings:
     ws_port: int = 8080
     gateway: bool = True
     ws_max_frame_bytes: int = 1024 * 1024
+    ws_max_frames_per_s: float = 2_000.0
+    """Frames per second one WebSocket connection may send on average (bursts of as many); reading a faster one
+    is paused, so TCP pushes back on it."""
     """Largest WebSocket frame a client may send; a larger one closes the connection with 1009."""
     bus: str = "memory"
     """``memory``, or a ``nats://`` URL (several, comma-separated, for a cluster)."""
@@ -445,6 +448,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "ws_port": _PORT,
     "gateway": _boolean,
     "ws_max_frame_bytes": _POSITIVE,
+    "ws_max_frames_per_s": _positive_number,
     "bus": _bus,
     "heartbeat_interval": _seconds(allow_zero=False),
     "stream_timeout": _timeout,
