@@ -1,0 +1,84 @@
+"""Who a client acts as. Pure: no I/O.
+
+A :class:`Principal` is made by the server from what a client presented when it connected (a token, or nothing:
+anonymous), never from what the client writes in an event. Every transport hands the principal of the connection
+to the :class:`~nexus.node.Node` with each operation, and the node enforces the rules once for all of them:
+
+- ``owner`` owns the requests it publishes: only it (or an admin) may cancel them, list them, or reuse their
+  ``event_id``. An anonymous client owns what its connection sent.
+- ``publish`` / ``subscribe`` are the patterns it may publish to and subscribe to (``None``: anything, which is
+  what anonymous clients get while authentication is off). Out of scope is refused, never silently emptied.
+- ``admin`` may do everything and see everything.
+
+:data:`LOCAL` is the server's own principal (plugins, the provider, code embedding a node in its process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Final
+
+from nexus.patterns import REST, STAR, parse_pattern
+
+
+def covers(outer: str, inner: str) -> bool:
+    """Whether pattern ``outer`` matches every event type pattern ``inner`` can match (an event type is a pattern
+    that matches only itself)."""
+    a = parse_pattern(outer)
+    b = parse_pattern(inner)
+    for index, token in enumerate(a):
+        if token == REST:
+            return len(b) > index  # '>' needs at least one token left, which every longer pattern has
+        if index >= len(b):
+            return False
+        other = b[index]
+        if other == REST:
+            return False  # inner matches any tail here, outer only one token
+        if token != STAR and (other == STAR or other != token):
+            return False
+    return len(a) == len(b)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a client connection acts as (see the module docstring)."""
+
+    connection_id: str
+    user_id: str | None = None
+    authenticated: bool = False
+    """The user id comes from a verified token (else it is the client's own claim, or none)."""
+    publish: tuple[str, ...] | None = None
+    """Patterns it may publish to; None: anything."""
+    subscribe: tuple[str, ...] | None = None
+    """Patterns it may subscribe to; None: anything."""
+    admin: bool = False
+
+    @property
+    def owner(self) -> str:
+        """Whose requests are whose: the user, or the connection of an anonymous client."""
+        return f"user:{self.user_id}" if self.user_id else f"connection:{self.connection_id}"
+
+    def may_publish(self, event_type: str) -> bool:
+        """Whether this principal may publish ``event_type``."""
+        if self.admin or self.publish is None:
+            return True
+        return any(covers(pattern, event_type) for pattern in self.publish)
+
+    def may_subscribe(self, pattern: str) -> bool:
+        """Whether every event ``pattern`` can match is inside this principal's subscribe patterns."""
+        if self.admin or self.subscribe is None:
+            return True
+        return any(covers(allowed, pattern) for allowed in self.subscribe)
+
+    def out_of_scope(self, patterns: Iterable[str]) -> list[str]:
+        """The ``patterns`` this principal may not subscribe to."""
+        return [pattern for pattern in patterns if not self.may_subscribe(pattern)]
+
+    def owns(self, owner: str) -> bool:
+        """Whether this principal acts for ``owner`` (its own, or any when admin)."""
+        return self.admin or owner == self.owner
+
+
+LOCAL: Final = Principal(connection_id="local", admin=True)
+"""The server's own principal: the provider, plugins, and code that embeds a node in its process."""
