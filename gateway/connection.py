@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from nexus.errors import NexusError
 from nexus.events import DEFAULT_LIMITS, REQUESTED, Event, EventLimits, shorten
+from nexus.identity import Principal
 from nexus.logs import LogLimiter
 from nexus.node import Node, Published
 from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits, ClientQuota
@@ -126,6 +127,7 @@ class GatewayConnection:
             self._wait_room,
             self._on_link_end,
             max_pending=limits.subscriber_queue,
+            principal=Principal(connection_id, user_id, authenticated=user_id is not None),
         )
         # Events fill at most half the outbox; the other half keeps room for control frames (pong, published,
         # errors). The pump waits for the writer below a quarter before it hands over more.
@@ -399,12 +401,7 @@ class GatewayConnection:
         self.enqueue(encode_published(published.event, duplicate=published.duplicate))
 
     async def _publish(self, command: Publish) -> None:
-        event = command.event
-        # The user id is the authenticated one, never what the client wrote.
-        metadata = {key: value for key, value in event.metadata.items() if key != "user_id"}
-        if self.user_id:
-            metadata["user_id"] = self.user_id
-        event = event.evolve(metadata=metadata)
+        event = command.event  # the node stamps who sent it (metadata.owner, user_id, auth)
         self.quota.publish(asyncio.get_running_loop().time())
         if event.state == REQUESTED:
             self.quota.check_requests(self.link.running_requests)

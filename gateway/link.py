@@ -31,6 +31,7 @@ import structlog
 
 from nexus.errors import InvalidArgument, NotFound, SlowConsumer
 from nexus.events import Event
+from nexus.identity import Principal
 from nexus.node import DEFAULT_MAX_PENDING, LostReason, Node, Published, RequestSession, SessionState, Subscription
 
 from .protocol import GatewayCode
@@ -81,8 +82,11 @@ class Link:
         on_end: OnEnd,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
+        principal: Principal,
     ) -> None:
         self.node = node
+        self.principal = principal
+        """Who the connection acts as: every publish, subscription, request and cancel is checked for it."""
         self._deliver = deliver
         self._free = room
         self._wait_room = wait_room
@@ -128,7 +132,7 @@ class Link:
         sub = self._sub
         if sub is None:
             sub = await self.node.subscribe(
-                patterns, since_offset=since_offset, epoch=epoch, max_pending=self.max_pending
+                patterns, since_offset=since_offset, epoch=epoch, max_pending=self.max_pending, principal=self.principal
             )
             self._attach(sub)
             announce(SubscribeResult(tuple(patterns), sub.recovered, sub.epoch, sub.head_offset, sub.start_after))
@@ -137,6 +141,7 @@ class Link:
         if resume and not sub.patterns:
             await self._resubscribe(sub, patterns, since_offset, epoch, announce)
             return
+        self.node.check_subscribe(patterns, self.principal)
         sub.add_patterns(patterns)
         head = await self.node.head_offset()
         announce(SubscribeResult(tuple(patterns), False if resume else None, sub.epoch, head, head))
@@ -161,6 +166,7 @@ class Link:
             epoch=epoch,
             correlation_ids=list(old.correlation_ids),
             max_pending=self.max_pending,
+            principal=self.principal,
         )
         # Let events stored before the new subscription but not yet handed out reach the old one, then take
         # what it holds: without a replay (recovered false) the new one would skip them.
@@ -291,7 +297,7 @@ class Link:
     async def publish(self, event: Event) -> Published:
         """Store an event that is not a request."""
         self._check_open()
-        return await self.node.publish(event)
+        return await self.node.publish(event, principal=self.principal)
 
     async def request(self, event: Event, *, announce: Callable[[Published], None]) -> None:
         """Publish a ``requested`` event; its lifecycle follows ``announce`` (the ``published`` frame)."""
@@ -300,7 +306,8 @@ class Link:
         if correlation_id in self._requests or correlation_id in self._repeats:
             raise InvalidArgument(f"a request with event_id {correlation_id!r} is already live on this connection")
         sub = await self._ensure_subscription()
-        request = self.node.open_request(event, follow=sub)  # follows before publishing: nothing slips by
+        # Follows before publishing: nothing slips by.
+        request = self.node.open_request(event, follow=sub, principal=self.principal)
         self._requests[correlation_id] = request
         self._hold()
         try:
@@ -366,7 +373,7 @@ class Link:
         request = self._requests.get(correlation_id)
         if request is None or request.finished:
             raise NotFound(f"no live stream started by this connection has correlation_id {correlation_id!r}")
-        return await self.node.cancel(correlation_id, reason)
+        return await self.node.cancel(correlation_id, reason, principal=self.principal)
 
     async def wait_delivered(self) -> None:
         """Wait until the subscription has ended (the backend closed it) and everything it held was delivered."""

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from nexus.errors import (
+    AlreadyExists,
     ErrorCode,
     InvalidEventType,
     InvalidPattern,
@@ -33,6 +34,7 @@ from nexus.errors import (
     NexusError,
     PayloadTooLarge,
     RateLimited,
+    ReservedState,
     SlowConsumer,
 )
 from nexus.events import Event, EventLimits, unicode_problem
@@ -71,6 +73,8 @@ class GatewayCode(enum.StrEnum):
     INVALID_PAYLOAD = "invalid_payload"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RATE_LIMITED = "rate_limited"
+    RESERVED_STATE = "reserved_state"
+    DUPLICATE_ID = "duplicate_id"
     FRAME_TOO_LARGE = "frame_too_large"
     TOO_SLOW = "too_slow"
     GOING_AWAY = "going_away"
@@ -101,6 +105,8 @@ ERRORS: Final[dict[str, ErrorSpec]] = {
     GatewayCode.INVALID_PAYLOAD: ErrorSpec(None, "payload or metadata is not what an event carries"),
     GatewayCode.PAYLOAD_TOO_LARGE: ErrorSpec(None, "the payload is over the server's limit"),
     GatewayCode.RATE_LIMITED: ErrorSpec(None, "publishing faster than this connection may; slow down"),
+    GatewayCode.RESERVED_STATE: ErrorSpec(None, "only the handler serving a request publishes its lifecycle"),
+    GatewayCode.DUPLICATE_ID: ErrorSpec(None, "another client already used this event_id; choose a fresh one"),
     # The core's codes (nexus.errors.ErrorCode): the request failed, the connection stays open.
     ErrorCode.INVALID_ARGUMENT: ErrorSpec(None, "the request is not valid"),
     ErrorCode.RESOURCE_EXHAUSTED: ErrorSpec(None, "a limit was reached"),
@@ -108,9 +114,10 @@ ERRORS: Final[dict[str, ErrorSpec]] = {
     ErrorCode.NOT_FOUND: ErrorSpec(None, "no such live stream started by this connection"),
     ErrorCode.FAILED_PRECONDITION: ErrorSpec(None, "the operation does not fit the current state"),
     ErrorCode.INTERNAL: ErrorSpec(None, "an unexpected server error; the connection stays usable"),
+    ErrorCode.PERMISSION_DENIED: ErrorSpec(None, "the credentials do not allow this"),
+    ErrorCode.ALREADY_EXISTS: ErrorSpec(None, "another client already used this event_id; choose a fresh one"),
     # Fatal: the connection is closed with the code given.
     ErrorCode.UNAUTHENTICATED: ErrorSpec(CloseCode.POLICY_VIOLATION, "no valid credentials"),
-    ErrorCode.PERMISSION_DENIED: ErrorSpec(CloseCode.POLICY_VIOLATION, "the credentials do not allow this"),
     GatewayCode.FRAME_TOO_LARGE: ErrorSpec(CloseCode.MESSAGE_TOO_BIG, "a frame over the size limit"),
     GatewayCode.TOO_SLOW: ErrorSpec(CloseCode.TOO_SLOW, "the outgoing queue overflowed; resume from the last offset"),
     GatewayCode.GOING_AWAY: ErrorSpec(CloseCode.GOING_AWAY, "the server is shutting down"),
@@ -138,6 +145,10 @@ def code_for_exception(error: NexusError) -> str:
         return GatewayCode.TOO_SLOW
     if isinstance(error, RateLimited):
         return GatewayCode.RATE_LIMITED
+    if isinstance(error, ReservedState):
+        return GatewayCode.RESERVED_STATE
+    if isinstance(error, AlreadyExists):
+        return GatewayCode.DUPLICATE_ID
     return error.code.value
 
 

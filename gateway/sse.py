@@ -59,6 +59,7 @@ import http
 import json
 import re
 import socket
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -70,6 +71,7 @@ from websockets.http11 import Request, Response
 
 from nexus.errors import ErrorCode, InvalidArgument, InvalidPattern, NexusError, ResourceExhausted
 from nexus.events import Event
+from nexus.identity import Principal
 from nexus.node import Node
 from nexus.patterns import check_pattern_count, parse_pattern
 
@@ -279,7 +281,13 @@ class EventStream(asyncio.Protocol):
         self._limits = limits
         self._stats = stats
         self.link = Link(
-            node, self._deliver, self._room, self._wait_room, self._on_link_end, max_pending=limits.subscriber_queue
+            node,
+            self._deliver,
+            self._room,
+            self._wait_room,
+            self._on_link_end,
+            max_pending=limits.subscriber_queue,
+            principal=Principal(connection_id=f"sse-{uuid.uuid4().hex[:16]}"),
         )
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()

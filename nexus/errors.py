@@ -17,8 +17,10 @@ the code once: ``nexus.grpc`` to a gRPC status, the gateway to a WebSocket error
     ├── Unavailable           UNAVAILABLE        the server or bus cannot be reached now
     │   └── BusUnavailable                       the bus cannot store events now
     ├── NotFound              NOT_FOUND          e.g. no live stream with that correlation id
+    ├── AlreadyExists         ALREADY_EXISTS     an event_id another client already used
     ├── Unauthenticated       UNAUTHENTICATED
     ├── PermissionDenied      PERMISSION_DENIED
+    │   └── ReservedState                        a lifecycle event of a handled type, sent by a client
     ├── InvalidState          FAILED_PRECONDITION an operation on a stream or bus in the wrong state
     │   └── StreamClosed                          Stream.send() after the stream ended
     └── ConfigurationError    INVALID_ARGUMENT   at start-up: something that cannot be used as configured
@@ -47,6 +49,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
+    ALREADY_EXISTS = "already_exists"
     FAILED_PRECONDITION = "failed_precondition"
     INTERNAL = "internal"
 
@@ -147,6 +150,16 @@ class PermissionDenied(NexusError):
     code = ErrorCode.PERMISSION_DENIED
 
 
+class ReservedState(PermissionDenied):
+    """A client publishing a lifecycle state (``started``, ``stream``, terminal ...) of a type a handler serves."""
+
+
+class AlreadyExists(NexusError):
+    """An ``event_id`` another client already used inside the dedupe window."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
 class InvalidState(NexusError):
     """An operation on an object in a state that does not allow it."""
 
@@ -174,6 +187,7 @@ _BY_CODE: dict[ErrorCode, type[NexusError]] = {
     ErrorCode.NOT_FOUND: NotFound,
     ErrorCode.UNAUTHENTICATED: Unauthenticated,
     ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.ALREADY_EXISTS: AlreadyExists,
     ErrorCode.FAILED_PRECONDITION: InvalidState,
 }
 

@@ -30,12 +30,18 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription
-from nexus.events import Event, JSONObject
-from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count
-from nexus.session import Lease, RequestSession, SessionState
+from nexus.errors import AlreadyExists, InvalidArgument, PermissionDenied, ReservedState
+from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
+from nexus.identity import LOCAL, Principal
+from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
+from nexus.session import OWNER, Lease, RequestSession, SessionState
 
 HealthCallback = Callable[[bool], None]
 DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
+RESERVED_STATES: Final = LIFECYCLE_STATES - {REQUESTED}
+"""States only the provider publishes for a type a handler serves."""
+SERVER_METADATA: Final = frozenset({OWNER, "auth"})
+"""Metadata keys only the server writes (a client's values are dropped)."""
 
 
 class LostReason(enum.StrEnum):
@@ -104,16 +110,75 @@ class Node(abc.ABC):
 
     # --- events -----------------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
-    async def publish(self, event: Event) -> Published:
-        """Store ``event``; a repeated ``event_id`` inside the dedupe window returns the stored original.
+    async def publish(self, event: Event, *, principal: Principal = LOCAL) -> Published:
+        """Store ``event`` on behalf of ``principal``; a repeated ``event_id`` inside the dedupe window returns the
+        stored original (refused with :class:`~nexus.errors.AlreadyExists` when another owner sent it).
 
         Once it returns, :meth:`head_offset` includes the event (a later ``subscribe`` starts after it).
         """
+        published = await self._publish(self.admit(event, principal))
+        self._check_owner(published, principal)
+        return published
 
-    async def publish_many(self, events: Sequence[Event]) -> list[Published]:
-        """Store several events in order."""
-        return [await self.publish(event) for event in events]
+    async def publish_many(self, events: Sequence[Event], *, principal: Principal = LOCAL) -> list[Published]:
+        """Store several events in order (each checked as :meth:`publish` checks one)."""
+        admitted = [self.admit(event, principal) for event in events]
+        results = await self._publish_many(admitted)
+        for published in results:
+            self._check_owner(published, principal)
+        return results
+
+    @abc.abstractmethod
+    async def _publish(self, event: Event) -> Published:
+        """The node's own publish, once the event is admitted."""
+
+    async def _publish_many(self, events: Sequence[Event]) -> list[Published]:
+        return [await self._publish(event) for event in events]
+
+    def serves(self, event_type: str) -> bool:
+        """Whether a handler serves requests of ``event_type``'s ``service:action:vN`` (anywhere the node knows of)."""
+        return False
+
+    def admit(self, event: Event, principal: Principal) -> Event:
+        """``event`` as ``principal`` may publish it, or a refusal; the one place every transport's publishes pass.
+
+        - Out of its publish patterns: :class:`~nexus.errors.PermissionDenied`.
+        - The lifecycle of a handled type (``started``, ``stream``, ``heartbeat``, terminal states) is published by
+          the provider driving the request only: anyone else gets :class:`~nexus.errors.ReservedState`.
+        - Identity is the server's: ``metadata.owner`` is the principal's; with a verified token,
+          ``metadata.user_id`` is its user; without one, the client's own ``user_id`` claim (if any) stays and
+          ``metadata.auth`` says ``none``.
+        """
+        if principal is LOCAL:
+            return event
+        if not principal.may_publish(event.event_type):
+            raise PermissionDenied(f"{quote(event.event_type, 80)} is outside the patterns you may publish to")
+        if event.state in RESERVED_STATES and self.serves(event.event_type):
+            raise ReservedState(
+                f"{quote(event.event_type, 80)}: only the handler serving a request publishes its "
+                f"{event.state} events; publish a '...:requested' event to ask for one"
+            )
+        metadata = {key: value for key, value in event.metadata.items() if key not in SERVER_METADATA}
+        metadata[OWNER] = principal.owner
+        if principal.authenticated and principal.user_id:
+            metadata["user_id"] = principal.user_id
+        else:
+            metadata["auth"] = "none"
+        return event.evolve(metadata=metadata)
+
+    def owner_of(self, stored: Event) -> str | None:
+        """Who sent the stored event ``stored`` (``metadata.owner``), None when nobody is known to."""
+        return stored.metadata.get(OWNER)
+
+    def _check_owner(self, published: Published, principal: Principal) -> None:
+        if not published.duplicate or principal is LOCAL:
+            return
+        owner = self.owner_of(published.event)
+        if owner is not None and not principal.owns(owner):
+            raise AlreadyExists(
+                f"event_id {quote(published.event.event_id, 80)} was already used by another client; "
+                "choose a fresh event_id"
+            )
 
     async def subscribe(
         self,
@@ -123,14 +188,17 @@ class Node(abc.ABC):
         epoch: str | None = None,
         correlation_ids: Iterable[str] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        principal: Principal = LOCAL,
     ) -> Subscription:
         """Subscribe; with ``since_offset`` (and ``epoch``), first replay every matching stored event after it.
 
         At most ``max_patterns_per_subscription`` patterns (:class:`~nexus.errors.ResourceExhausted`, counted
-        before any is parsed); patterns are validated before anything is registered.
+        before any is parsed); patterns are validated before anything is registered, and patterns outside the
+        principal's subscribe patterns are refused (:class:`~nexus.errors.PermissionDenied`), never emptied.
         """
         patterns = list(patterns)
         self.check_pattern_count(len(patterns))
+        self.check_subscribe(patterns, principal)
         return await self._subscribe(
             patterns,
             since_offset=since_offset,
@@ -138,6 +206,17 @@ class Node(abc.ABC):
             correlation_ids=correlation_ids,
             max_pending=max_pending,
         )
+
+    @staticmethod
+    def check_subscribe(patterns: Iterable[str], principal: Principal) -> None:
+        """Refuse patterns ``principal`` may not subscribe to (validated first)."""
+        patterns = list(patterns)
+        for pattern in patterns:
+            parse_pattern(pattern)
+        refused = principal.out_of_scope(patterns)
+        if refused:
+            shown = ", ".join(quote(pattern, 60) for pattern in refused[:5])
+            raise PermissionDenied(f"outside the patterns you may subscribe to: {shown}")
 
     def check_pattern_count(self, count: int) -> None:
         """Refuse a subscription of ``count`` patterns over this node's limit."""
@@ -161,19 +240,28 @@ class Node(abc.ABC):
 
     # --- requests ---------------------------------------------------------------------------------------------
 
-    def open_request(self, event: Event, *, follow: Subscription | None = None) -> RequestSession:
+    def open_request(
+        self, event: Event, *, follow: Subscription | None = None, principal: Principal = LOCAL
+    ) -> RequestSession:
         """A session for the ``requested`` event ``event``, not yet published (:meth:`RequestSession.start`).
 
         With ``follow``, that subscription (the requester's own) follows the request's correlation id from now
         on, so no lifecycle event can slip by between publishing and following.
         """
-        return RequestSession(self, event, follow=follow)
+        if event.state != REQUESTED:  # what it is comes before who may send it
+            raise InvalidArgument(f"a request needs a '...:requested' event type, not {quote(event.event_type, 80)}")
+        return RequestSession(self, self.admit(event, principal), follow=follow, principal=principal)
 
     async def request(
-        self, event: Event, *, follow: Subscription | None = None, max_pending: int = DEFAULT_MAX_PENDING
+        self,
+        event: Event,
+        *,
+        follow: Subscription | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        principal: Principal = LOCAL,
     ) -> RequestSession:
         """Publish the ``requested`` event ``event``; the session follows it to its terminal event."""
-        session = self.open_request(event, follow=follow)
+        session = self.open_request(event, follow=follow, principal=principal)
         await session.start(max_pending=max_pending)
         return session
 
@@ -184,19 +272,33 @@ class Node(abc.ABC):
         Releasing the lease with ``cancel`` cancels the request's stream if it still runs.
         """
 
+    async def cancel(
+        self, correlation_id: str, reason: str = "cancelled by requester", *, principal: Principal = LOCAL
+    ) -> bool:
+        """Cancel a running request of ``principal``'s (any, for an admin) wherever it runs; returns whether it was
+        found on this node. Another owner's request is left alone, as if it did not exist."""
+        return await self._cancel(correlation_id, reason, owner=None if principal.admin else principal.owner)
+
     @abc.abstractmethod
-    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
-        """Cancel a running request wherever it runs; returns whether it was found (on this node)."""
+    async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:
+        """Cancel the request if it belongs to ``owner`` (None: whoever owns it)."""
 
     @abc.abstractmethod
     async def handlers(self) -> list[JSONObject]:
         """The registered handlers: ``name``, ``event_type`` (``service:action``), ``streaming``, ``ordering_key``,
         ``stream_timeout_s``, ``class_path``."""
 
+    async def streams(self, *, principal: Principal = LOCAL) -> list[JSONObject]:
+        """The running requests of ``principal`` (all, for an admin): ``correlation_id``, ``event_type``,
+        ``handler``, ``stream_count``, ``age_s``, ``state``, ``owner``."""
+        streams = await self._streams()
+        if principal.admin:
+            return streams
+        return [info for info in streams if info.get("owner") == principal.owner]
+
     @abc.abstractmethod
-    async def streams(self) -> list[JSONObject]:
-        """The running requests: ``correlation_id``, ``event_type``, ``handler``, ``stream_count``, ``age_s``,
-        ``state``."""
+    async def _streams(self) -> list[JSONObject]:
+        """Every running request the node knows of."""
 
 
 __all__ = [

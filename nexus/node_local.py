@@ -103,11 +103,15 @@ class LocalNode(Node):
         await self.queue.close()
         await self.bus.close()
 
-    async def publish(self, event: Event) -> Published:
+    async def _publish(self, event: Event) -> Published:
         return await self.bus.publish(event)
 
-    async def publish_many(self, events: Sequence[Event]) -> list[Published]:
+    async def _publish_many(self, events: Sequence[Event]) -> list[Published]:
         return await self.bus.publish_many(events)
+
+    def serves(self, event_type: str) -> bool:
+        request_type = event_type.rsplit(":", 1)[0] + ":requested"
+        return self.provider.route(request_type) is not None or self.queue.serves(request_type)
 
     async def _subscribe(
         self,
@@ -133,12 +137,12 @@ class LocalNode(Node):
         published = await self.bus.publish(event)
         return published, _LocalLease(self.provider, published.event.event_id)
 
-    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
-        return await self.provider.cancel(correlation_id, reason)
+    async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:
+        return await self.provider.cancel(correlation_id, reason, owner=owner)
 
     async def handlers(self) -> list[JSONObject]:
         registrations = sorted(self.provider.registrations.values(), key=lambda r: r.service_action)
         return [registration.describe() for registration in registrations]
 
-    async def streams(self) -> list[JSONObject]:
+    async def _streams(self) -> list[JSONObject]:
         return self.provider.streams()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -42,6 +43,8 @@ DEFAULT_HISTORY_SIZE: Final = 10_000
 FEED_BATCH: Final = 1_000
 LEASE_LINGER_S: Final = 5.0
 MIRROR_WAIT_S: Final = 5.0
+OWNERS_KEPT: Final = 100_000
+"""Events whose sender (among this node's clients) is remembered, for ownership checks."""
 
 log = structlog.get_logger("nexus.remote")
 
@@ -99,6 +102,7 @@ class RemoteNode(Node):
         self._feed_task: asyncio.Task[None] | None = None
         self._closed = False
         self._reset_subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._owners: OrderedDict[str, str] = OrderedDict()
         self.resets = 0
 
     @property
@@ -262,8 +266,9 @@ class RemoteNode(Node):
     async def head_offset(self) -> int:
         return self.history.head
 
-    async def publish(self, event: Event) -> Published:
+    async def _publish(self, event: Event) -> Published:
         self._check()
+        self._remember_owner(event)
         try:
             response = await self.client.stub.EmitEvent(event_to_request(event), metadata=self.client.metadata)
         except grpc.aio.AioRpcError as error:
@@ -275,6 +280,7 @@ class RemoteNode(Node):
 
     async def submit(self, event: Event) -> tuple[Published, Lease]:
         self._check()
+        self._remember_owner(event)
         call = self.client.stub.RequestEvent(
             nexus_pb2.RequestEventRequest(event=event_to_request(event)), metadata=self.client.metadata
         )
@@ -295,11 +301,32 @@ class RemoteNode(Node):
         await self._mirrored(published.event.offset)
         return published, lease
 
-    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
+    async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:
+        # The core checks who may cancel: this node's own connection. Owners of remote clients are checked here
+        # against the request's owner, which the mirror holds.
+        if owner is not None and self._owners.get(correlation_id) != owner:
+            return False  # not one this node's clients sent: left alone, as if it did not exist
         return await self.client.cancel(correlation_id, reason)
 
-    async def streams(self) -> list[JSONObject]:
-        return await self.client.streams()
+    def owner_of(self, stored: Event) -> str | None:
+        # The core knows this node's connection as the owner of everything its clients send; which client sent
+        # it is known here.
+        return self._owners.get(stored.event_id)
+
+    def _remember_owner(self, event: Event) -> None:
+        owner = event.metadata.get("owner")
+        if owner is None:
+            return
+        self._owners[event.event_id] = owner
+        self._owners.move_to_end(event.event_id)
+        while len(self._owners) > OWNERS_KEPT:
+            self._owners.popitem(last=False)
+
+    async def _streams(self) -> list[JSONObject]:
+        streams = await self.client.streams()
+        for info in streams:
+            info["owner"] = self._owners.get(str(info.get("correlation_id", "")), "")
+        return streams
 
     async def handlers(self) -> list[JSONObject]:
         return await self.client.handlers()

@@ -446,7 +446,7 @@ class Provider:
         if isinstance(message, AbandonRequest):
             self.abandon_local(message.correlation_id, message.reason)
         else:
-            self.cancel_local(message.correlation_id, message.reason)
+            self.cancel_local(message.correlation_id, message.reason, owner=message.owner)
 
     def abandon_local(self, correlation_id: str, reason: str) -> bool:
         """Stop a request whose terminal event another node already published, publishing nothing more for it.
@@ -461,10 +461,17 @@ class Provider:
         self.log.warning("request_abandoned", correlation_id=correlation_id, reason=reason)
         return self.cancel_local(correlation_id, reason)
 
-    def cancel_local(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
-        """Cancel a request this node drives or holds in a queue; return whether it was found."""
+    def cancel_local(
+        self, correlation_id: str, reason: str = "cancelled by requester", *, owner: str | None = None
+    ) -> bool:
+        """Cancel a request this node drives or holds in a queue; return whether it was found.
+
+        With ``owner``, only a request that owner sent (``metadata.owner``); another's is left alone, as if absent.
+        """
         run = self._runs.get(correlation_id)
         if run is None:
+            return False
+        if owner is not None and run.request.metadata.get("owner") != owner:
             return False
         run.cancel(reason)
         if not run.started and self._task_group is not None:
@@ -477,15 +484,18 @@ class Provider:
                     break
         return True
 
-    async def cancel(self, correlation_id: str, reason: str = "cancelled by requester") -> bool:
-        """Cancel a request wherever it runs: here, or on another node through the request queue.
+    async def cancel(
+        self, correlation_id: str, reason: str = "cancelled by requester", *, owner: str | None = None
+    ) -> bool:
+        """Cancel a request wherever it runs: here, or on another node through the request queue (``owner``: only
+        if that owner sent it).
 
         Returns whether it was found on this node.
         """
-        if self.cancel_local(correlation_id, reason):
+        if self.cancel_local(correlation_id, reason, owner=owner):
             return True
         with contextlib.suppress(BusUnavailable):
-            await self.queue.cancel(CancelRequest(correlation_id, reason))
+            await self.queue.cancel(CancelRequest(correlation_id, reason, owner=owner))
         return False
 
     def stats(self) -> JSONObject:
@@ -509,6 +519,7 @@ class Provider:
             info = run.lifecycle.stats(now)
             info["handler"] = run.registration.name if run.registration else ""
             info["age_s"] = round(now - run.lifecycle.requested_at, 6)
+            info["owner"] = run.request.metadata.get("owner", "")
             result.append(info)
         return result
 

@@ -28,13 +28,16 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import AsyncIterator, Coroutine, Iterable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, each_event
-from nexus.errors import InvalidArgument, InvalidState
-from nexus.events import REQUESTED, TERMINAL_STATES, Event
+from nexus.errors import AlreadyExists, InvalidArgument, InvalidState
+from nexus.events import REQUESTED, TERMINAL_STATES, Event, quote
+from nexus.identity import LOCAL, Principal
 
 DISCONNECTED = "requester disconnected"
+OWNER: Final = "owner"
+"""Metadata key of who sent an event (set by the node, see :meth:`nexus.node.Node.admit`)."""
 
 
 class Lease(abc.ABC):
@@ -62,6 +65,8 @@ class Requester(Protocol):
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], *, name: str | None = None) -> None: ...
 
+    def owner_of(self, stored: Event) -> str | None: ...
+
 
 class SessionState(enum.StrEnum):
     NEW = "new"
@@ -79,10 +84,14 @@ def request_base(event_type: str) -> str:
 class RequestSession:
     """One request and its requester. See the module docstring."""
 
-    def __init__(self, node: Requester, event: Event, *, follow: Subscription | None = None) -> None:
+    def __init__(
+        self, node: Requester, event: Event, *, follow: Subscription | None = None, principal: Principal = LOCAL
+    ) -> None:
         if event.state != REQUESTED:
             raise InvalidArgument(f"a request needs a '...:requested' event type, not {event.event_type!r}")
         self._node = node
+        self.principal = principal
+        """Who sent the request: a repeat of another owner's ``event_id`` is refused, never joined."""
         self.event = event
         self.correlation_id = event.event_id
         self.base = request_base(event.event_type)
@@ -160,6 +169,12 @@ class RequestSession:
             return published
         self.state = SessionState.FOLLOWING
         try:
+            owner = self._node.owner_of(stored)
+            if published.duplicate and owner is not None and not self.principal.owns(owner):
+                raise AlreadyExists(
+                    f"event_id {quote(stored.event_id, 80)} was already used by another client; "
+                    "use a fresh event_id for a new request"
+                )
             if published.duplicate and stored.event_type != self.event.event_type:
                 raise InvalidArgument(
                     f"event_id {stored.event_id!r} already names a {stored.event_type} event; "

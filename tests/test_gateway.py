@@ -359,28 +359,38 @@ async def test_a_requester_also_subscribed_gets_each_lifecycle_event_once(nexus:
 
 
 async def test_repeated_request_replays_the_original_lifecycle(nexus: TestServer) -> None:
-    """Sending a request again with the same event_id answers `published` duplicate and replays its lifecycle."""
+    """Sending a request again with the same event_id answers `published` duplicate and replays its lifecycle; on
+    another (anonymous) connection the id is another owner's: refused with duplicate_id, nothing replayed."""
     async with peer(nexus.ws_url) as client:
         await client.send(type="demo:stream_countdown:v1:requested", payload={"n": 2}, event_id="again-1")
         first = await client.until(is_terminal)
-    async with peer(nexus.ws_url) as client:
         await client.send(type="demo:stream_countdown:v1:requested", payload={"n": 2}, event_id="again-1")
         second = await client.until(is_terminal)
         assert second[0]["type"] == "published"
         assert second[0]["duplicate"] is True
         assert [f["event_id"] for f in second[1:] if f["offset"]] == [f["event_id"] for f in first[1:] if f["offset"]]
         assert await client.barrier() == []
+    async with peer(nexus.ws_url) as other:
+        await other.send(type="demo:stream_countdown:v1:requested", payload={"n": 2}, event_id="again-1")
+        refused = await other.recv()
+        assert (refused["type"], refused["code"], refused["ref"]) == ("error", "duplicate_id", "again-1")
+        assert await other.barrier() == []
 
 
 async def test_user_id_comes_from_authentication_not_from_the_client(nexus: TestServer) -> None:
-    """A client cannot set metadata.user_id itself; anonymous connections publish without one."""
+    """An anonymous connection's metadata.user_id is only its claim, and the server says so (auth: none); the
+    owner is set by the server, whatever the client wrote."""
     recorder = await nexus.record("demo:>")
     try:
         async with peer(nexus.ws_url) as client:
-            await client.send(type="demo:thing:v1:happened", metadata={"user_id": "mallory", "k": "v"})
+            await client.send(
+                type="demo:thing:v1:happened", metadata={"user_id": "mallory", "k": "v", "owner": "user:bob"}
+            )
             await client.recv()
         events = await recorder.wait_count(1)
-        assert events[0].metadata == {"k": "v"}
+        metadata = dict(events[0].metadata)
+        assert metadata.pop("owner").startswith("connection:")
+        assert metadata == {"user_id": "mallory", "k": "v", "auth": "none"}
     finally:
         await recorder.stop()
 

@@ -177,10 +177,13 @@ def test_error_messages_name_the_problem() -> None:
 
 
 def test_fatal_codes_map_to_their_close_codes() -> None:
-    """frame_too_large closes with 1009, auth refusals with 1008, too_slow with 4008."""
+    """frame_too_large closes with 1009, auth refusals with 1008, too_slow with 4008; a frame the credentials do
+    not allow (out of scope, a reserved lifecycle state, another's event_id) gets an error frame and no close."""
     assert error_spec(GatewayCode.FRAME_TOO_LARGE).close_code == CloseCode.MESSAGE_TOO_BIG == 1009
     assert error_spec(ErrorCode.UNAUTHENTICATED).close_code == CloseCode.POLICY_VIOLATION == 1008
-    assert error_spec(ErrorCode.PERMISSION_DENIED).close_code == 1008
+    assert error_spec(ErrorCode.PERMISSION_DENIED).close_code is None
+    assert error_spec(GatewayCode.RESERVED_STATE).close_code is None
+    assert error_spec(GatewayCode.DUPLICATE_ID).close_code is None
     assert error_spec(GatewayCode.TOO_SLOW).close_code == CloseCode.TOO_SLOW == 4008
     assert error_spec(GatewayCode.GOING_AWAY).close_code == 1001
     assert error_spec(GatewayCode.HISTORY_RESET).close_code == 1012

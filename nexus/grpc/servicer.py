@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, NoReturn
 
@@ -26,6 +28,7 @@ from nexus.grpc.convert import (
     guarded_deserializer,
     passthrough_serializer,
 )
+from nexus.identity import Principal
 from nexus.logs import LogLimiter
 from nexus.node import Node, Subscription
 from nexus.quota import ClientLimits, ClientQuota, ClientQuotas
@@ -175,6 +178,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.subscriber_queue = subscriber_queue
         self.limits = limits
         self._quotas = ClientQuotas(client_limits or ClientLimits())
+        self._salt = os.urandom(16)
         self.bad_input = LogLimiter()
         """Rate-limits the warnings about what clients get wrong (and events that cannot be sent)."""
         self._encode = EncodeCache(warnings=self.bad_input)
@@ -199,6 +203,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
 
     # --- the client's quota ---------------------------------------------------------------------------------
 
+    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        """Who a call acts as: its connection (the peer address, which events never show), anonymous."""
+        peer = _peer(context)
+        connection = hashlib.blake2b(peer.encode(), key=self._salt, digest_size=8).hexdigest()
+        return Principal(connection_id=f"grpc-{connection}")
+
     def _quota(self, context: grpc.aio.ServicerContext[Any, Any]) -> ClientQuota:
         """The quota of the connection this call came on (its peer address)."""
         return self._quotas.get(_peer(context), asyncio.get_running_loop().time())
@@ -211,7 +221,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             self._quota(context).publish(asyncio.get_running_loop().time())
             event = event_from_request(request, limits=self.limits)
-            published = await self.node.publish(event)
+            published = await self.node.publish(event, principal=self._principal(context))
         except NexusError as error:
             await abort(context, error)
         return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
@@ -224,12 +234,13 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         stored = duplicates = last_offset = 0
         index = 0
         quota = self._quota(context)
+        principal = self._principal(context)
         loop = asyncio.get_running_loop()
         async for item in request_iterator:
             try:
                 quota.publish(loop.time())
                 event = event_from_request(item.event, limits=self.limits)
-                published = await self.node.publish(event)
+                published = await self.node.publish(event, principal=principal)
             except NexusError as error:
                 error.message = f"event {index} (after {stored} stored): {error.message}"
                 await abort(context, error)
@@ -260,6 +271,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             if not patterns:
                 raise InvalidArgument("subscribe needs at least one pattern in event_types, such as '>'")
             self.node.check_pattern_count(len(patterns))  # before anything is held or parsed
+            principal = self._principal(context)
             quota.open_subscription()
             try:
                 quota.add_patterns(len(patterns))
@@ -272,7 +284,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             try:
                 # The node validates every pattern before it registers anything.
                 sub = await self.node.subscribe(
-                    patterns, since_offset=since_offset, epoch=epoch or None, max_pending=self.subscriber_queue
+                    patterns,
+                    since_offset=since_offset,
+                    epoch=epoch or None,
+                    max_pending=self.subscriber_queue,
+                    principal=principal,
                 )
             except NexusError as error:
                 await abort(context, error)
@@ -329,7 +345,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             quota.publish(asyncio.get_running_loop().time())
             event = event_from_request(request.event, limits=self.limits)
-            session = self.node.open_request(event)
+            session = self.node.open_request(event, principal=self._principal(context))
             quota.start_request()
         except NexusError as error:
             await abort(context, error)
@@ -359,7 +375,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             await abort(context, InvalidArgument("correlation_id is required"))
         # The reason is stored in the cancelled event's payload: a client never writes more than a line of it.
         reason = request.reason[:MAX_CANCEL_REASON] or "cancelled by requester"
-        found = await self.node.cancel(request.correlation_id, reason)
+        found = await self.node.cancel(request.correlation_id, reason, principal=self._principal(context))
         return nexus_pb2.CancelStreamResponse(cancelled=found)
 
     # --- listings -----------------------------------------------------------------------------------------
@@ -392,6 +408,6 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 age_s=float(info["age_s"]),
                 state=str(info["state"]),
             )
-            for info in await self.node.streams()
+            for info in await self.node.streams(principal=self._principal(context))
         ]
         return nexus_pb2.ListStreamsResponse(streams=streams)

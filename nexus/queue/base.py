@@ -55,6 +55,8 @@ class CancelRequest:
 
     correlation_id: str
     reason: str = DEFAULT_CANCEL_REASON
+    owner: str | None = None
+    """Cancel it only if this owner sent it (``metadata.owner``); None: whoever did."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +104,11 @@ class RequestQueue(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, message: CancelRequest) -> None:
         """Send a cancel to every consumer's node, outside the event stream (the one driving it acts)."""
+
+    def serves(self, request_type: str) -> bool:
+        """Whether a consumer on another node serves ``request_type`` (a ``...:requested`` type): what this queue
+        knows of other nodes' handlers (a single-process queue knows none)."""
+        return False
 
     @abc.abstractmethod
     def on_control(self, callback: ControlCallback) -> None:

@@ -806,6 +806,9 @@ class NatsRequestQueue(RequestQueue):
 
     # --- control --------------------------------------------------------------------------------------------
 
+    def serves(self, request_type: str) -> bool:
+        return self.membership.serves(request_type)
+
     async def cancel(self, message: CancelRequest) -> None:
         if self.closing or not self.bus.healthy:
             raise BusUnavailable("the connection to NATS is down; the cancel was not sent")
@@ -824,7 +827,10 @@ class NatsRequestQueue(RequestQueue):
 
 def cancel_message(cancel: CancelRequest) -> JSONObject:
     """A cancel as the JSON object sent to every node."""
-    return {"type": "cancel", "correlation_id": cancel.correlation_id, "reason": cancel.reason}
+    message: JSONObject = {"type": "cancel", "correlation_id": cancel.correlation_id, "reason": cancel.reason}
+    if cancel.owner is not None:
+        message["owner"] = cancel.owner
+    return message
 
 
 def read_cancel(message: JSONObject) -> CancelRequest | None:
@@ -833,7 +839,12 @@ def read_cancel(message: JSONObject) -> CancelRequest | None:
     if message.get("type") != "cancel" or not isinstance(correlation_id, str) or not correlation_id:
         return None
     reason = message.get("reason")
-    return CancelRequest(correlation_id, str(reason) if reason else DEFAULT_CANCEL_REASON)
+    owner = message.get("owner")
+    return CancelRequest(
+        correlation_id,
+        str(reason) if reason else DEFAULT_CANCEL_REASON,
+        owner=owner if isinstance(owner, str) else None,
+    )
 
 
 def _seconds(timestamp: str) -> float:
