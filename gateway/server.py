@@ -6,6 +6,10 @@ by ``process_request``: the page (``/``), its static files (``/static/...``, wit
 check (``/healthz``), two small JSON listings the page reads (``/api/streams``, ``/api/handlers``) and the
 Server-Sent Events stream ``/sse``, which takes its connection over from websockets (``gateway/sse.py``).
 
+Before any of them, ``/ws``, ``/sse`` and the listings check the request's ``Origin`` (``nexus.origins``): a page
+of another site gets ``403`` (cross-site WebSocket hijacking). With ``GatewaySettings.ssl_context`` the port speaks
+TLS only (``wss://``, ``https://``); the SSE hand-off works on the TLS transport the same way.
+
 ::
 
     gateway = GatewayServer(server.node, GatewaySettings(port=0))
