@@ -24,14 +24,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nats_support import free_port
 from nexus.gateway.server import GatewayServer, GatewaySettings
 from test_sse import SseClient
 from websockets.asyncio.client import connect
-from websockets.typing import Subprotocol
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
 from nexus import Event, Stream, StreamingEventHandler
 from nexus.client import NexusClient
-from nexus.config import Settings
+from nexus.config import ConfigError, Settings, load_settings
 from nexus.errors import ConfigurationError, Unavailable
 from nexus.node_remote import RemoteNode
 from nexus.server import NexusServer
@@ -338,6 +340,8 @@ async def test_unusable_tls_files_stop_the_server_before_it_starts(pki: Pki) -> 
         with pytest.raises(ConfigurationError, match=message):
             await nexus.start()
         assert nexus.grpc_port == 0
+    with pytest.raises(ConfigError, match="tls_cert_file \\(from flag --tls-cert\\): must be an existing file"):
+        load_settings(None, {}, {"tls_cert_file": pki.cert_file + ".missing"})
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
@@ -385,3 +389,55 @@ async def test_cli_serve_refuses_a_certificate_without_its_key(pki: Pki) -> None
     code, _, err = await run_cli("serve", "--grpc-port", "0", "--ws-port", "0", "--tls-cert", pki.cert_file)
     assert code == 2
     assert "--tls-key" in err
+
+
+async def test_cli_gateway_reaches_a_tls_core_and_serves_wss(server: NexusServer, pki: Pki) -> None:
+    """``nexus gateway --nexus-ca-file CA --tls-cert --tls-key --ws-allowed-origin``: the gateway process mirrors
+    the TLS core and serves wss:// (a client with the CA connects; a page of an origin not listed gets 403)."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nexus.cli",
+        "gateway",
+        "--nexus",
+        server.address,
+        "--nexus-ca-file",
+        pki.ca_file,
+        "--ws-port",
+        str(port),
+        "--tls-cert",
+        pki.cert_file,
+        "--tls-key",
+        pki.key_file,
+        "--ws-allowed-origin",
+        "https://app.example.com",
+        "--log-format",
+        "json",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    url = f"wss://127.0.0.1:{port}/ws"
+    context = client_ssl_context(pki.ca_file)
+    try:
+        async with asyncio.timeout(GUARD):
+            while True:  # until the gateway listens
+                assert process.returncode is None, "nexus gateway exited"
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                await asyncio.sleep(0.05)
+        async with connect(url, subprotocols=NEXUS_V1, ssl=context, origin=Origin("https://app.example.com")) as ws:
+            async with asyncio.timeout(GUARD):
+                assert json.loads(await ws.recv())["type"] == "connection"
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, subprotocols=NEXUS_V1, ssl=context, origin=Origin("http://localhost:3000")):
+                pass
+        assert refused.value.response.status_code == 403
+    finally:
+        process.terminate()
+        async with asyncio.timeout(GUARD):
+            await process.communicate()
