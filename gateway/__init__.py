@@ -8,5 +8,6 @@ imports neither the provider nor a bus implementation.
 - ``auth``: the authentication hook and where tokens come from.
 - ``link``: one connection's subscription and its requests (request sessions).
 - ``connection``: one WebSocket: reading frames, the outbox and its writer.
-- ``server``: ``GatewayServer`` on ``websockets.asyncio.server``: ``/ws``, the page at ``/``, ``static/``.
+- ``server``: ``GatewayServer`` on ``websockets.asyncio.server``: ``/ws``, the page at ``/``, ``static/``; the
+  ``Origin`` check (``nexus.origins``) and TLS (``ssl_context``) at the door.
 """

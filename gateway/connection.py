@@ -90,6 +90,8 @@ class GatewayStats:
     too_slow: int = 0
     too_large: int = 0
     auth_refused: int = 0
+    origin_refused: int = 0
+    """Handshakes and HTTP requests refused with 403 for their Origin."""
     bad_frames: int = 0
     """Client frames refused as undecodable or malformed (answered with an error frame)."""
     events_skipped: int = 0

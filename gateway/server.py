@@ -6,6 +6,10 @@ by ``process_request``: the page (``/``), its static files (``/static/...``, wit
 check (``/healthz``), two small JSON listings the page reads (``/api/streams``, ``/api/handlers``) and the
 Server-Sent Events stream ``/sse``, which takes its connection over from websockets (``gateway/sse.py``).
 
+Before any of them, ``/ws``, ``/sse`` and the listings check the request's ``Origin`` (``nexus.origins``): a page
+of another site gets ``403`` (cross-site WebSocket hijacking). With ``GatewaySettings.ssl_context`` the port speaks
+TLS only (``wss://``, ``https://``); the SSE hand-off works on the TLS transport the same way.
+
 ::
 
     gateway = GatewayServer(server.node, GatewaySettings(port=0))
@@ -23,6 +27,7 @@ import errno
 import http
 import json
 import socket
+import ssl
 import uuid
 from collections.abc import Sequence
 from importlib import resources
@@ -41,6 +46,7 @@ from nexus.errors import ConfigurationError, NexusError
 from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, Event, EventLimits, shorten
 from nexus.logs import LogLimiter
 from nexus.node import Node
+from nexus.origins import DEFAULT_ALLOWED_ORIGINS, OriginPolicy
 from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits
 
 from .auth import Authenticator, Credentials, allow_all, token_from
@@ -106,10 +112,16 @@ class GatewaySettings:
     """Seconds of silence after which an ``/sse`` response writes a keep-alive comment."""
     sse_retry_ms: int = 2_000
     """The ``retry`` hint of ``/sse`` responses: how long ``EventSource`` waits before it reconnects."""
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    """Origins whose pages may use the gateway besides its own (``nexus.origins``); ``*`` allows any."""
+    ssl_context: ssl.SSLContext | None = None
+    """Serve ``wss://`` and ``https://`` only (None: plain ``ws://`` and ``http://``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewaySettings:
-        """The gateway part of the server's settings (``nexus serve`` and ``nexus gateway`` alike)."""
+        """The gateway part of the server's settings (``nexus serve`` and ``nexus gateway`` alike); loads the TLS
+        certificate and key when set (:class:`ConfigurationError` if they cannot be used)."""
+        tls = settings.server_tls()
         return cls(
             host=settings.host,
             port=settings.ws_port,
@@ -122,6 +134,8 @@ class GatewaySettings:
             shutdown_grace_s=settings.shutdown_grace_s,
             sse_keepalive_s=settings.sse_keepalive_s,
             sse_retry_ms=settings.sse_retry_ms,
+            allowed_origins=tuple(settings.ws_allowed_origins),
+            ssl_context=tls.ssl_context() if tls is not None else None,
         )
 
 
@@ -191,6 +205,9 @@ class GatewayServer:
         self.bad_input = LogLimiter()
         """Rate-limits the warnings about bad client frames and events that cannot be sent."""
         self.frames = EventFrameCache(on_skip=self._event_skipped)
+        self.origins = OriginPolicy(self.settings.allowed_origins, scheme="https" if self.tls else "http")
+        self.refusals = LogLimiter()
+        """Rate-limits the warnings about refused origins."""
         self.connections: dict[str, GatewayConnection] = {}
         self.port = 0
         self._server: Server | None = None
@@ -213,14 +230,19 @@ class GatewayServer:
         self.sse = SseEndpoint(node, self.frames, sse_limits, authorize=self._authorize_http, stats=self.stats)
 
     @property
+    def tls(self) -> bool:
+        """Whether the gateway serves ``wss://`` and ``https://``."""
+        return self.settings.ssl_context is not None
+
+    @property
     def url(self) -> str:
-        """``ws://host:port/ws`` clients connect to."""
-        return f"ws://{self._client_host}:{self.port}{WS_PATH}"
+        """``ws://host:port/ws`` (``wss://`` with TLS) clients connect to."""
+        return f"{'wss' if self.tls else 'ws'}://{self._client_host}:{self.port}{WS_PATH}"
 
     @property
     def http_url(self) -> str:
-        """``http://host:port/``, the page."""
-        return f"http://{self._client_host}:{self.port}/"
+        """``http://host:port/`` (``https://`` with TLS), the page."""
+        return f"{'https' if self.tls else 'http'}://{self._client_host}:{self.port}/"
 
     @property
     def _client_host(self) -> str:
@@ -254,6 +276,7 @@ class GatewayServer:
             self._handle,
             s.host,
             s.port,
+            ssl=s.ssl_context,
             process_request=self._process_request,
             select_subprotocol=select_subprotocol,
             subprotocols=[Subprotocol(SUBPROTOCOL)],
@@ -309,6 +332,10 @@ class GatewayServer:
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        if path in (WS_PATH, SSE_PATH, "/api/streams", "/api/handlers"):
+            refused = self._check_origin(connection, request, path)
+            if refused is not None:
+                return refused
         if path == WS_PATH:
             if self._stopping:
                 return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is shutting down\n")
@@ -331,6 +358,24 @@ class GatewayServer:
                 return refusal
             return await self._api(self.node.streams if path == "/api/streams" else self.node.handlers)
         return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _check_origin(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
+        """A 403 for a page on an origin that may not use the gateway (cross-site WebSocket hijacking), before
+        the upgrade, the stream or the listing; None to go on."""
+        origins = request.headers.get_all("Origin")
+        reason = self.origins.refusal(origins, request.headers.get("Host"))
+        if reason is None:
+            return None
+        self.stats.origin_refused += 1
+        self.refusals.warning(
+            log,
+            "gateway_origin_refused",
+            origin=shorten(", ".join(origins)),
+            path=path,
+            remote=_address(connection),
+            reason=reason,
+        )
+        return _text_response(http.HTTPStatus.FORBIDDEN, f"forbidden: {reason}\n")
 
     async def _authorize_http(self, connection: ServerConnection, request: Request) -> Response | None:
         """The listings go through the same hook as WebSockets (token: ``?token=`` or ``Authorization: Bearer``)."""

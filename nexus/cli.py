@@ -102,6 +102,33 @@ class _RecordGiven(argparse.Action):
         setattr(namespace, f"{self.dest}_given", True)
 
 
+def _add_exposure_options(parser: argparse.ArgumentParser) -> None:
+    """``--ws-allowed-origin`` and ``--tls-cert`` / ``--tls-key``, for ``serve`` and ``gateway``."""
+    group = parser.add_argument_group("origins and TLS (docs/security.md)")
+    group.add_argument(
+        "--ws-allowed-origin",
+        action="append",
+        dest="ws_allowed_origins",
+        metavar="ORIGIN",
+        help="a web origin whose pages may use the gateway besides its own: https://app.example.com, "
+        "http://localhost:* (any port) or * (any page: no check); repeated or comma-separated; replaces the "
+        "default, the localhost origins",
+    )
+    group.add_argument("--tls-cert", dest="tls_cert_file", metavar="FILE", help="PEM certificate (chain): serve TLS")
+    group.add_argument("--tls-key", dest="tls_key_file", metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def _add_client_tls_options(parser: argparse.ArgumentParser, prefix: str = "", what: str = "the server") -> None:
+    parser.add_argument(
+        f"--{prefix}tls", action="store_true", help=f"connect to {what} over TLS (verified against the system's roots)"
+    )
+    parser.add_argument(
+        f"--{prefix}ca-file",
+        metavar="FILE",
+        help=f"PEM CA certificates to verify {what} with (implies --{prefix}tls)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``nexus`` command."""
     parser = argparse.ArgumentParser(prog="nexus", description="Nexus: a real-time event bus.")
@@ -178,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-dir", metavar="DIR", help="the directory whose log files anomalies:stream_log may follow (none)"
     )
+    _add_exposure_options(serve)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -190,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--log-format", choices=("auto", "json", "console"), help="format of the log lines on stderr (auto)"
         )
         sub.add_argument("--log-level", help="log level of the lines on stderr (info)")
+        _add_client_tls_options(sub)
         return sub
 
     emit = client_command("emit", "publish one event and print it as stored")
@@ -234,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "handlers", help="list handlers: those 'nexus serve' would load here, or a running server's"
     )
     handlers.add_argument("--server", help="ask this running server instead")
+    _add_client_tls_options(handlers)
     handlers.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
     handlers.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
     handlers.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
@@ -247,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"the Nexus gRPC address (default $NEXUS_SERVER or {DEFAULT_SERVER})",
     )
+    _add_client_tls_options(gateway, "nexus-", "the Nexus server")
     gateway.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
     gateway.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     gateway.add_argument("--ws-port", type=int, help="port of the WebSocket gateway and page (default 8080)")
@@ -255,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--history-size", type=int, help="events kept for clients that resume (10000)")
     gateway.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto)")
     gateway.add_argument("--log-level", help="log level (info)")
+    _add_exposure_options(gateway)
 
     docs = commands.add_parser("docs", help="generate documentation from what plugins declare")
     docs.add_argument("topic", choices=("events",), help="events: every event the loaded plugins take and emit")
@@ -304,6 +336,9 @@ SERVE_FIELDS = (
     "log_format",
     "log_level",
     "log_dir",
+    "ws_allowed_origins",
+    "tls_cert_file",
+    "tls_key_file",
 )
 
 
@@ -348,7 +383,17 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-GATEWAY_FIELDS = ("host", "ws_port", "ws_max_frame_bytes", "ws_max_frames_per_s", "log_format", "log_level")
+GATEWAY_FIELDS = (
+    "host",
+    "ws_port",
+    "ws_max_frame_bytes",
+    "ws_max_frames_per_s",
+    "log_format",
+    "log_level",
+    "ws_allowed_origins",
+    "tls_cert_file",
+    "tls_key_file",
+)
 
 
 async def _gateway(args: argparse.Namespace) -> int:
@@ -361,9 +406,15 @@ async def _gateway(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.history_size is not None and args.history_size < 1:
         raise CliError("--history-size must be at least 1")
-    node = RemoteNode(args.nexus, history_size=args.history_size or DEFAULT_HISTORY_SIZE)
+    gateway_settings = GatewaySettings.from_settings(settings)  # unusable TLS files: refused before connecting
+    node = RemoteNode(
+        args.nexus,
+        history_size=args.history_size or DEFAULT_HISTORY_SIZE,
+        tls=args.nexus_tls,
+        ca_file=args.nexus_ca_file,
+    )
     await node.start()
-    gateway = GatewayServer(node, GatewaySettings.from_settings(settings))
+    gateway = GatewayServer(node, gateway_settings)
     try:
         await gateway.start()
     except BaseException:
@@ -389,12 +440,17 @@ async def _gateway(args: argparse.Namespace) -> int:
 # --- client commands --------------------------------------------------------------------------------
 
 
+def _tls(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``NexusClient`` TLS arguments of ``--tls`` / ``--ca-file``."""
+    return {"tls": bool(getattr(args, "tls", False)), "ca_file": getattr(args, "ca_file", None)}
+
+
 async def _emit(args: argparse.Namespace) -> int:
     from nexus.client import NexusClient
 
     payload = _parse_payload(args.payload)
     metadata = _parse_metadata(args.metadata)
-    async with NexusClient(args.server) as client:
+    async with NexusClient(args.server, **_tls(args)) as client:
         event = await client.emit(args.event_type, payload, event_id=args.event_id, metadata=metadata)
     _json_line(event.to_dict(), sys.stdout)
     return 0
@@ -415,7 +471,7 @@ async def _subscribe(args: argparse.Namespace) -> int:
             info["recovered"] = sub.recovered
         print("nexus: subscribed " + json.dumps(info), file=sys.stderr, flush=True)
 
-    async with NexusClient(args.server, backoff=backoff) as client:
+    async with NexusClient(args.server, backoff=backoff, **_tls(args)) as client:
         subscription = client.subscribe(
             *args.patterns, since_offset=args.since_offset, epoch=args.epoch, on_connect=on_connect
         )
@@ -436,7 +492,7 @@ async def _request(args: argparse.Namespace) -> int:
     payload = _parse_payload(args.payload)
     metadata = _parse_metadata(args.metadata)
     last: Event | None = None
-    async with NexusClient(args.server) as client:
+    async with NexusClient(args.server, **_tls(args)) as client:
         stream = client.request(
             args.event_type,
             payload,
@@ -455,7 +511,7 @@ async def _request(args: argparse.Namespace) -> int:
 async def _cancel(args: argparse.Namespace) -> int:
     from nexus.client import NexusClient
 
-    async with NexusClient(args.server) as client:
+    async with NexusClient(args.server, **_tls(args)) as client:
         found = await client.cancel(args.correlation_id, args.reason)
     _json_line({"correlation_id": args.correlation_id, "cancelled": found}, sys.stdout)
     return 0 if found else 1
@@ -465,7 +521,7 @@ async def _handlers(args: argparse.Namespace) -> int:
     if args.server:
         from nexus.client import NexusClient
 
-        async with NexusClient(args.server) as client:
+        async with NexusClient(args.server, **_tls(args)) as client:
             for item in await client.handlers():
                 _json_line(item, sys.stdout)
         return 0
@@ -489,7 +545,7 @@ async def _handlers(args: argparse.Namespace) -> int:
 async def _streams(args: argparse.Namespace) -> int:
     from nexus.client import NexusClient
 
-    async with NexusClient(args.server) as client:
+    async with NexusClient(args.server, **_tls(args)) as client:
         for item in await client.streams():
             _json_line(item, sys.stdout)
     return 0

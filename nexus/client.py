@@ -29,6 +29,7 @@ from nexus.backoff import Backoff, BackoffPolicy
 from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, validate_metadata, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
+from nexus.tls import channel_credentials
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 log = structlog.get_logger("nexus.client")
@@ -251,7 +252,13 @@ class RequestStream:
 
 
 class NexusClient:
-    """A connection to a Nexus server."""
+    """A connection to a Nexus server.
+
+    ``tls=True`` connects over TLS (a server started with ``--tls-cert`` / ``--tls-key``), verifying the server's
+    certificate against the CA certificates (PEM) in ``ca_file``, else against the system's roots; ``ca_file``
+    alone implies ``tls``. A plaintext client cannot talk to a TLS server, nor the other way round: calls fail
+    with :class:`~nexus.errors.Unavailable`.
+    """
 
     def __init__(
         self,
@@ -260,28 +267,34 @@ class NexusClient:
         metadata: Iterable[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
         backoff: BackoffPolicy | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
         self.target = target
         self.metadata = tuple(metadata)
         self.backoff = backoff or BackoffPolicy()
         """The reconnection policy of this client's subscriptions (each may override it)."""
+        self.tls = tls or ca_file is not None
         self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", -1),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.enable_retries", 1),
-                # One client, one connection: the server's per-connection limits then apply per client.
-                ("grpc.use_local_subchannel_pool", 1),
-                # The channel's own reconnection backoff (1 s to 120 s by default) within the subscriptions'
-                # bounds, so a server that comes back is found by the next attempt.
-                ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
-                ("grpc.min_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
-                ("grpc.max_reconnect_backoff_ms", max(1, int(self.backoff.max_delay * 1000))),
-            ],
-        )
+        self.channel = channel or self._channel(ca_file)
         self.stub = nexus_pb2_grpc.NexusServiceStub(self.channel)
+
+    def _channel(self, ca_file: str | None) -> grpc.aio.Channel:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.enable_retries", 1),
+            # One client, one connection: the server's per-connection limits then apply per client.
+            ("grpc.use_local_subchannel_pool", 1),
+            # The channel's own reconnection backoff (1 s to 120 s by default) within the subscriptions'
+            # bounds, so a server that comes back is found by the next attempt.
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
+            ("grpc.min_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, int(self.backoff.max_delay * 1000))),
+        ]
+        if self.tls:
+            return grpc.aio.secure_channel(self.target, channel_credentials(ca_file), options=options)
+        return grpc.aio.insecure_channel(self.target, options=options)
 
     async def __aenter__(self) -> NexusClient:
         return self

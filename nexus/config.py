@@ -48,6 +48,7 @@ from nexus.events import (
 )
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
+from nexus.origins import DEFAULT_ALLOWED_ORIGINS, check_allowed_origin
 from nexus.plugins import split_spec
 from nexus.provider import (
     DEFAULT_BUFFER_SIZE,
@@ -63,6 +64,7 @@ from nexus.quota import (
     DEFAULT_PUBLISH_RATE_PER_S,
     ClientLimits,
 )
+from nexus.tls import ServerTls, load_server_tls
 
 ENV_PREFIX: Final = "NEXUS_"
 CONFIG_ENV: Final = "NEXUS_CONFIG"
@@ -97,6 +99,14 @@ class Settings:
     """Frames per second one WebSocket connection may send on average (bursts of as many); reading a faster one
     is paused, so TCP pushes back on it."""
     """Largest WebSocket frame a client may send; a larger one closes the connection with 1009."""
+    ws_allowed_origins: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_ALLOWED_ORIGINS))
+    """Web origins whose pages may use the gateway (WebSocket, ``/sse``, the listings) besides its own:
+    ``https://app.example.com``, ``http://localhost:*`` (any port), or ``*`` (any page at all). Requests without
+    an ``Origin`` (programs, not browsers) are always allowed; ``Origin: null`` only with ``*``."""
+    tls_cert_file: str | None = None
+    """PEM certificate (chain) served by gRPC and the gateway; with ``tls_key_file``, both speak TLS only."""
+    tls_key_file: str | None = None
+    """PEM private key of ``tls_cert_file`` (unencrypted)."""
     bus: str = "memory"
     """``memory``, or a ``nats://`` URL (several, comma-separated, for a cluster)."""
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
@@ -167,6 +177,11 @@ class Settings:
         """
         defaults = {name: getattr(self, name) for name in PLUGIN_DEFAULT_FIELDS}
         return {name: value for name, value in defaults.items() if value is not None}
+
+    def server_tls(self) -> ServerTls | None:
+        """The certificate and key both transports serve, loaded and checked; None without TLS. Raises
+        :class:`ConfigurationError` for one file without the other, or files that cannot be used."""
+        return load_server_tls(self.tls_cert_file, self.tls_key_file)
 
     def client_limits(self) -> ClientLimits:
         """What one client connection may hold and do, on every transport."""
@@ -387,6 +402,28 @@ def _directory(value: Any, text: bool) -> str:
     return full
 
 
+def _file(value: Any, text: bool) -> str:
+    path = _string(value)
+    if not path:
+        raise _Invalid("must be a file path, got an empty string")
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise _Invalid(f"must be an existing file, got {path!r}")
+    return full
+
+
+def _origins(value: Any, text: bool) -> list[str]:
+    """Origins, each item possibly comma-separated (a repeated flag may carry lists too)."""
+    items: list[str] = _string_list(lambda item: None)(value, text)
+    origins = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    for origin in origins:
+        try:
+            check_allowed_origin(origin)
+        except ValueError as exc:
+            raise _Invalid(f"{exc}; write scheme://host[:port], scheme://host:* or *") from None
+    return origins
+
+
 def _handler_spec(item: str) -> None:
     try:
         split_spec(item)
@@ -449,6 +486,9 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "gateway": _boolean,
     "ws_max_frame_bytes": _POSITIVE,
     "ws_max_frames_per_s": _positive_number,
+    "ws_allowed_origins": _origins,
+    "tls_cert_file": _file,
+    "tls_key_file": _file,
     "bus": _bus,
     "heartbeat_interval": _seconds(allow_zero=False),
     "stream_timeout": _timeout,
@@ -497,9 +537,17 @@ def env_var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+_FLAGS: Final = {
+    "ws_allowed_origins": "--ws-allowed-origin",
+    "tls_cert_file": "--tls-cert",
+    "tls_key_file": "--tls-key",
+}
+"""Fields whose flag is not their name with dashes."""
+
+
 def flag_name(field: str) -> str:
     """The command-line flag named in errors about ``field``: ``--grpc-port``."""
-    return "--" + field.replace("_", "-")
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _convert(field: str, value: Any, *, text: bool, source: str) -> Any:

@@ -73,7 +73,7 @@ class _CallLease(Lease):
 
 
 class RemoteNode(Node):
-    """Relays the Nexus at ``target`` (``host:port``)."""
+    """Relays the Nexus at ``target`` (``host:port``; over TLS with ``tls`` / ``ca_file``, as :class:`NexusClient`)."""
 
     def __init__(
         self,
@@ -84,10 +84,12 @@ class RemoteNode(Node):
         connect_timeout: float = 10.0,
         max_retry_delay: float = 5.0,
         max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
+        tls: bool = False,
+        ca_file: str | None = None,
     ) -> None:
         super().__init__(max_patterns_per_subscription=max_patterns_per_subscription)
         self.target = target
-        self.client = NexusClient(target, metadata=metadata)
+        self.client = NexusClient(target, metadata=metadata, tls=tls, ca_file=ca_file)
         self.history = History(history_size)
         self.connect_timeout = connect_timeout
         self.max_retry_delay = max_retry_delay

@@ -32,6 +32,7 @@ from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
 from nexus.queue.base import RequestQueue
 from nexus.queue.memory import MemoryRequestQueue
+from nexus.tls import ServerTls
 from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
@@ -152,6 +153,7 @@ class NexusServer:
         self.ws_port = 0
         self.gateway: WebTransport | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._tls: ServerTls | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -172,6 +174,7 @@ class NexusServer:
         stopped again before the error propagates.
         """
         self._check_ports()
+        self._tls = self.settings.server_tls()  # files that cannot be used: refused before anything starts
         try:
             await self.node.start()
             self._grpc = self._grpc_server()
@@ -186,6 +189,7 @@ class NexusServer:
         log.info(
             "server_started",
             grpc=f"{self.settings.host}:{self.grpc_port}",
+            tls=self._tls is not None,
             ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
             epoch=self.bus.epoch,
             handlers=sorted(self.provider.registrations),
@@ -205,7 +209,8 @@ class NexusServer:
             ensure_port_free(s.host, s.ws_port, what="WebSocket", hint=WS_PORT_HINT)
 
     def _grpc_server(self) -> grpc.aio.Server:
-        """The gRPC server with the Nexus, health and reflection services, bound to ``settings.grpc_port``."""
+        """The gRPC server with the Nexus, health and reflection services, bound to ``settings.grpc_port`` (over
+        TLS only when a certificate is set)."""
         max_message = self.settings.max_event_bytes + 64 * 1024
         server = grpc.aio.server(
             options=[
@@ -225,7 +230,10 @@ class NexusServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
         try:
-            port = server.add_insecure_port(bind)
+            if self._tls is not None:
+                port = server.add_secure_port(bind, self._tls.grpc_credentials())
+            else:
+                port = server.add_insecure_port(bind)
         except RuntimeError:  # recent grpcio raises where older versions returned 0
             port = 0
         if port == 0:

@@ -7,6 +7,7 @@ Without Chromium or Playwright these tests are skipped, except under CI=true, wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nexus.gateway.server import GatewayServer
+from nexus.gateway.server import GatewayServer, GatewaySettings
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.testing import TestServer, run_server
@@ -290,3 +291,72 @@ async def test_nexus_client_js_reconnects_and_resumes_without_loss_or_duplicates
     assert offsets == [e.offset for e in before + during + after]
     assert await page.evaluate("window.nexus.recovered") is True
     assert errors == []
+
+
+OTHER_ORIGIN_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>another site</title></head><body>
+<script>
+  const result = { opened: false, error: false, closed: null, frames: [] };
+  window.result = result;
+  const target = new URLSearchParams(location.search).get("ws");
+  const ws = new WebSocket(target, ["nexus.v1"]);
+  ws.onopen = () => { result.opened = true; };
+  ws.onmessage = (message) => { result.frames.push(JSON.parse(message.data)); };
+  ws.onerror = () => { result.error = true; };
+  ws.onclose = (event) => { result.closed = event.code; };
+</script>
+</body></html>
+"""
+
+
+@contextlib.asynccontextmanager
+async def page_server(host: str, body: bytes) -> AsyncIterator[str]:
+    """A tiny HTTP server on ``host`` (a free port) answering every GET with ``body``; yields its origin."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(body)}\r\nConnection: close"
+            writer.write(head.encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, host, 0)
+    try:
+        yield f"http://{host}:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_page_on_another_origin_cannot_open_the_websocket(nexus: TestServer, browser: Browser) -> None:
+    """A page served from http://127.0.0.2:<port> (another origin for Chromium) gets no WebSocket to the
+    gateway (the handshake is refused: error, close 1006, never open), while the gateway's own page connects;
+    the same page connects once its origin is in ws_allowed_origins."""
+    gateway: GatewayServer = nexus.server.gateway
+    async with page_server("127.0.0.2", OTHER_ORIGIN_PAGE) as origin:
+        other, errors = await open_page(browser, f"{origin}/?ws={gateway.url}")
+        await wait_js(other, "window.result.closed !== null || window.result.frames.length > 0")
+        result = await other.evaluate("window.result")
+        assert result == {"opened": False, "error": True, "closed": 1006, "frames": []}
+        assert gateway.stats.origin_refused == 1
+        assert gateway.stats.connections_total == 0
+        assert errors == []
+
+        own, own_errors = await open_page(browser, page_url(nexus))
+        await own.wait_for_selector("#status[data-state=connected]", timeout=GUARD_MS)
+        assert own_errors == []
+
+        allowing = GatewayServer(
+            nexus.server.node, GatewaySettings(host="127.0.0.1", port=0, allowed_origins=("http://127.0.0.2:*",))
+        )
+        await allowing.start()
+        try:
+            allowed, _ = await open_page(browser, f"{origin}/?ws={allowing.url}")
+            await wait_js(allowed, "window.result.frames.length > 0")
+            result = await allowed.evaluate("window.result")
+            assert result["opened"] is True
+            assert result["frames"][0]["type"] == "connection"
+        finally:
+            await allowing.stop(grace=1.0)
