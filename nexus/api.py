@@ -219,6 +219,9 @@ class _BaseHandler(abc.ABC):
     ``failed`` / ``invalid_payload`` before the handler runs. Also documents the request."""
     emits: ClassVar[Sequence[EventSpec]] = ()
     """Every event this handler publishes (its ``success`` or ``stream`` payload, side events), documented."""
+    public_results: ClassVar[bool] = False
+    """With authentication on, a request's lifecycle (its chunks and result) reaches its requester only (and
+    admins); ``True`` lets every subscriber whose patterns match receive it."""
 
     ctx: HandlerContext
 

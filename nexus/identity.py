@@ -9,6 +9,8 @@ to the :class:`~nexus.node.Node` with each operation, and the node enforces the 
 - ``publish`` / ``subscribe`` are the patterns it may publish to and subscribe to (``None``: anything, which is
   what anonymous clients get while authentication is off). Out of scope is refused, never silently emptied.
 - ``admin`` may do everything and see everything.
+- With authentication on, what a user receives is filtered (:meth:`Principal.can_see`): an event naming its
+  ``audience`` reaches those users, a request's lifecycle its requester, unless the handler made it public.
 
 :data:`LOCAL` is the server's own principal (plugins, the provider, code embedding a node in its process).
 """
@@ -19,7 +21,13 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Final
 
+from nexus.events import LIFECYCLE_STATES, Event
 from nexus.patterns import REST, STAR, parse_pattern
+
+AUDIENCE: Final = "audience"
+"""Metadata key: the user ids (comma-separated) who may receive the event; set by its publisher."""
+PUBLIC: Final = "public"
+"""Metadata key: ``true`` makes a request's lifecycle visible to every subscriber (handlers with public results)."""
 
 
 def covers(outer: str, inner: str) -> bool:
@@ -78,6 +86,32 @@ class Principal:
     def owns(self, owner: str) -> bool:
         """Whether this principal acts for ``owner`` (its own, or any when admin)."""
         return self.admin or owner == self.owner
+
+    def can_see(self, event: Event) -> bool:
+        """Whether this principal may receive ``event``: an admin sees everything; an event that names its
+        ``audience`` (comma-separated user ids) is seen by those users only; a request's lifecycle (every
+        ``LIFECYCLE_STATES`` event carrying its ``owner``) by its owner only, unless it is marked ``public``."""
+        if self.admin:
+            return True
+        metadata = event.metadata
+        audience = metadata.get(AUDIENCE)
+        if audience is not None:
+            return self.user_id is not None and self.user_id in audience_of(audience)
+        owner = metadata.get("owner")
+        if owner is None or owner == self.owner or metadata.get(PUBLIC) == "true":
+            return True
+        return event.state not in LIFECYCLE_STATES
+
+    @property
+    def filters_delivery(self) -> bool:
+        """Whether what this principal receives is filtered by :meth:`can_see`: for authenticated users; an admin,
+        or anyone while authentication is off, receives every event it subscribes to."""
+        return self.authenticated and not self.admin
+
+
+def audience_of(text: str) -> frozenset[str]:
+    """The user ids of an ``audience`` metadata value (comma-separated)."""
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
 
 
 LOCAL: Final = Principal(connection_id="local", admin=True)

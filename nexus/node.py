@@ -29,7 +29,7 @@ import enum
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
-from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription
+from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
 from nexus.errors import AlreadyExists, InvalidArgument, PermissionDenied, ReservedState
 from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
@@ -205,6 +205,7 @@ class Node(abc.ABC):
             epoch=epoch,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
+            visible=principal.can_see if principal.filters_delivery else None,
         )
 
     @staticmethod
@@ -231,8 +232,10 @@ class Node(abc.ABC):
         epoch: str | None,
         correlation_ids: Iterable[str],
         max_pending: int,
+        visible: Visible | None,
     ) -> Subscription:
-        """The node's own subscribe, once the limits are checked."""
+        """The node's own subscribe, once the limits are checked; ``visible`` hides what the subscriber may not
+        see, live and in replay."""
 
     @abc.abstractmethod
     async def head_offset(self) -> int:

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nexus.bus.base import Bus, Published, Subscription
+from nexus.bus.base import Bus, Published, Subscription, Visible
 from nexus.events import Event, JSONObject
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, Node
 from nexus.provider import Provider
@@ -121,6 +121,7 @@ class LocalNode(Node):
         epoch: str | None,
         correlation_ids: Iterable[str],
         max_pending: int,
+        visible: Visible | None,
     ) -> Subscription:
         return await self.bus.subscribe(
             patterns,
@@ -128,6 +129,7 @@ class LocalNode(Node):
             epoch=epoch,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
+            visible=visible,
         )
 
     async def head_offset(self) -> int:

@@ -29,7 +29,7 @@ import grpc
 import structlog
 
 from nexus.backoff import Backoff, BackoffPolicy
-from nexus.bus.base import Fanout, Published, Subscription
+from nexus.bus.base import Fanout, Published, Subscription, Visible
 from nexus.client import NexusClient, error_from_rpc
 from nexus.errors import Unavailable
 from nexus.events import Event, JSONObject
@@ -254,6 +254,7 @@ class RemoteNode(Node):
         epoch: str | None,
         correlation_ids: Iterable[str],
         max_pending: int,
+        visible: Visible | None,
     ) -> Subscription:
         self._check()
         return self._fanout.open(
@@ -263,6 +264,7 @@ class RemoteNode(Node):
             epoch=epoch,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
+            visible=visible,
         )
 
     async def head_offset(self) -> int:

@@ -56,6 +56,7 @@ from nexus.events import (
     check_version_token,
     validate_payload,
 )
+from nexus.identity import PUBLIC
 from nexus.lifecycle import Lifecycle
 from nexus.plugin_runtime import PluginRuntime
 from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
@@ -204,6 +205,9 @@ class _Run:
         self.registration = registration
         self.request = request
         self.key = key
+        if registration is not None and registration.handler.public_results:
+            # Its lifecycle events inherit the request's metadata: marked public, every subscriber may see them.
+            request = request.evolve(metadata={**request.metadata, PUBLIC: "true"})
         self.lifecycle = Lifecycle(request, streaming=streaming, now=time.monotonic())
         timeout = registration.stream_timeout if registration is not None else None
         self.timeout = timeout

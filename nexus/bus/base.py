@@ -23,6 +23,8 @@ from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
 DEFAULT_MAX_PENDING: Final = 10_000
+Visible = Callable[[Event], bool]
+"""Whether a subscriber may see an event (private events name their audience)."""
 HealthCallback = Callable[[bool], None]
 
 
@@ -66,8 +68,11 @@ class Subscription:
         start_after: int,
         epoch: str,
         recovered: bool | None = None,
+        visible: Visible | None = None,
     ) -> None:
         self._fanout = fanout
+        self.visible = visible
+        """Which events this subscriber may see at all (None: every one it selects); private events are hidden."""
         self.patterns = PatternSet(patterns)
         self.correlation_ids: set[str] = set(correlation_ids)
         self.max_pending = max_pending
@@ -112,7 +117,9 @@ class Subscription:
             self._fanout.unfollow(correlation_id, self)
 
     def wants(self, event: Event) -> bool:
-        """Whether this subscription's filters select ``event`` (used for replay)."""
+        """Whether this subscription's filters select ``event`` and it may see it (used for replay)."""
+        if self.visible is not None and not self.visible(event):
+            return False
         if self.patterns.matches(event.event_type):
             return True
         return bool(self.correlation_ids) and event.metadata.get("correlation_id", "") in self.correlation_ids
@@ -238,6 +245,7 @@ class Fanout:
         epoch: str | None = None,
         correlation_ids: Iterable[str] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        visible: Visible | None = None,
     ) -> Subscription:
         """A subscription over ``history``, registered: ``Bus.subscribe`` of every bus that keeps its history here.
 
@@ -261,6 +269,7 @@ class Fanout:
             start_after=history.head,
             epoch=history.epoch,
             recovered=recovered,
+            visible=visible,
         )
         if recovered:  # since_offset 0 with an epoch: everything of that epoch, when the history holds it all
             sub.push(history.after(since_offset, sub.wants), replay=True)
@@ -333,7 +342,7 @@ class Fanout:
                     targets = set(targets) | followers
             offset = event.offset
             for sub in targets:
-                if offset and offset <= sub.start_after:
+                if (offset and offset <= sub.start_after) or (sub.visible is not None and not sub.visible(event)):
                     continue
                 batch = batches.get(sub)
                 if batch is None:
@@ -391,6 +400,7 @@ class Bus(abc.ABC):
         epoch: str | None = None,
         correlation_ids: Iterable[str] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        visible: Visible | None = None,
     ) -> Subscription:
         """Subscribe; with ``since_offset``, first replay every matching stored event after it.
 

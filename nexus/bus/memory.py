@@ -23,6 +23,7 @@ from nexus.bus.base import (
     Fanout,
     Published,
     Subscription,
+    Visible,
 )
 from nexus.errors import BusUnavailable
 from nexus.events import Event
@@ -194,6 +195,7 @@ class MemoryBus(Bus):
         epoch: str | None = None,
         correlation_ids: Iterable[str] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        visible: Visible | None = None,
     ) -> Subscription:
         self._check_open()
         return self._fanout.open(
@@ -203,6 +205,7 @@ class MemoryBus(Bus):
             epoch=epoch,
             correlation_ids=correlation_ids,
             max_pending=max_pending,
+            visible=visible,
         )
 
     async def head_offset(self) -> int:

@@ -53,6 +53,7 @@ from nexus.bus.base import (
     HealthCallback,
     Published,
     Subscription,
+    Visible,
 )
 from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S
 from nexus.bus.nats_codec import (
@@ -927,6 +928,7 @@ class NatsBus(Bus):
         epoch: str | None = None,
         correlation_ids: Iterable[str] = (),
         max_pending: int = DEFAULT_MAX_PENDING,
+        visible: Visible | None = None,
     ) -> Subscription:
         if self._closed or self.closing:
             raise BusUnavailable("the bus is closed")
@@ -951,6 +953,7 @@ class NatsBus(Bus):
             start_after=self.received,
             epoch=self.epoch,
             recovered=recovered,
+            visible=visible,
         )
         sub.head_offset = head
         if recovered and since_offset < self.received:
