@@ -68,11 +68,15 @@ DEFAULT_LIMITS: Final = EventLimits()
 def quote(text: str, limit: int = QUOTE_CHARS) -> str:
     """``repr`` of ``text`` cut to ``limit`` characters, so an error never repeats a whole oversized input.
 
-    ``repr`` escapes what cannot be sent as UTF-8 (a lone surrogate becomes ``\\ud800``).
+    ``repr`` escapes what cannot be sent as UTF-8 (a lone surrogate becomes ``\\ud800``) and control characters
+    (``\\x00``): the quote holds at most ``limit`` characters once escaped, plus its quotes.
     """
-    if len(text) <= limit:
+    shown = text[:limit]
+    while len(repr(shown)) > limit + 2:  # escapes made it longer; one character is at most 10 escaped
+        shown = shown[: -max(1, (len(repr(shown)) - limit - 2) // 10)]
+    if len(shown) == len(text):
         return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    return f"{shown!r}... ({len(text)} characters)"
 
 
 def unicode_problem(text: str) -> str | None:
@@ -93,16 +97,16 @@ def check_name_token(value: str, what: str) -> str | None:
     if len(value) > MAX_TOKEN_LENGTH:
         return f"{what} is longer than {MAX_TOKEN_LENGTH} characters"
     if not NAME_RE.match(value):
-        return f"{what} {quote(value)} must match [a-z][a-z0-9_]*"
+        return f"{what} {quote(value, 40)} must match [a-z][a-z0-9_]*"
     return None
 
 
 def check_version_token(value: str) -> str | None:
     """Return why ``value`` is not a valid version token (``v1``, ``v2``, ...), or None."""
     if not VERSION_RE.match(value):
-        return f"version {quote(value)} must be 'v' followed by a positive integer, like 'v1'"
+        return f"version {quote(value, 40)} must be 'v' followed by a positive integer, like 'v1'"
     if len(value) > 11 or int(value[1:]) > MAX_VERSION:
-        return f"version {quote(value)} is over v{MAX_VERSION}"
+        return f"version {quote(value, 40)} is over v{MAX_VERSION}"
     return None
 
 
