@@ -64,6 +64,22 @@ class EventLimits:
 
 DEFAULT_LIMITS: Final = EventLimits()
 
+DERIVED_METADATA_ENTRIES: Final = 1
+"""Metadata entries Nexus adds to an event it derives from a client's: a lifecycle event carries its request's
+metadata plus ``correlation_id``."""
+DERIVED_EVENT_BYTES: Final = 2048
+"""Bytes those entries may add (a ``correlation_id`` is an event id: at most 256 characters)."""
+
+
+def derived_event_limits(limits: EventLimits) -> EventLimits:
+    """What an event Nexus derives from a client's may hold when the client's keeps ``limits``: the events of a
+    request's lifecycle carry one metadata entry more than the request (and its bytes)."""
+    return dataclasses.replace(
+        limits,
+        max_metadata_entries=limits.max_metadata_entries + DERIVED_METADATA_ENTRIES,
+        max_event_bytes=limits.max_event_bytes + DERIVED_EVENT_BYTES,
+    )
+
 
 def quote(text: str, limit: int = QUOTE_CHARS) -> str:
     """``repr`` of ``text`` cut to ``limit`` characters, so an error never repeats a whole oversized input.
@@ -485,6 +501,9 @@ def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_m
     event's text is valid Unicode (decoded from strict UTF-8 JSON holding no ``\\u`` escape). Under both
     limits, the event is then not encoded again to be measured.
     """
+    if isinstance(event.metadata, Mapping) and "correlation_id" in event.metadata:
+        # A lifecycle event: its request's metadata, which kept ``limits``, plus correlation_id.
+        limits = derived_event_limits(limits)
     EventType.parse(event.event_type)
     validate_event_id(event.event_id)
     if not isinstance(event.payload, dict):
