@@ -22,13 +22,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import grpc
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from nats_support import delete_stream, shared_nats_url, unique_names
+from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -421,4 +422,53 @@ async def ws_client(port: int) -> Any:
         yield ws
 
 
-ClientWs = ClientConnection
+# --- the server under attack, with its canaries ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    bus: str
+    served: Served
+    clients: ClientLoop
+    canaries: list[Canary]
+
+
+@contextlib.contextmanager
+def target_server(bus: str, directory: Path, *limits: str) -> Iterator[Target]:
+    """``nexus serve`` on ``bus`` (``memory`` or ``nats``, on a stream of its own) with canaries subscribed."""
+    args: list[str] = [*limits]
+    url = stream = ""
+    if bus == "nats":
+        url = shared_nats_url()
+        stream, prefix = unique_names("fuzz")
+        args += ["--bus", url, "--nats-stream", stream, "--nats-subject-prefix", prefix, "--nats-storage", "memory"]
+    served = Served.start(directory, *args)
+    clients = ClientLoop()
+    try:
+        canaries = clients.run(start_canaries(served), GUARD)
+        yield Target(bus, served, clients, canaries)
+    finally:
+        with contextlib.suppress(Exception):
+            clients.run(stop_canaries(canaries), GUARD)
+        clients.close()
+        served.kill()
+        if stream:
+            asyncio.run(delete_stream(url, stream))
+
+
+async def stop_canaries(canaries: list[Canary]) -> None:
+    for canary in canaries:
+        await canary.stop()
+
+
+def finish(target: Target, markers: int = 20) -> None:
+    """Canaries get every later event in order; no error was logged; SIGTERM stops the server within 2 s."""
+    offsets = target.clients.run(emit_markers(target.served, markers))
+    target.clients.run(check_canaries(target.canaries, offsets))
+    bad = target.served.bad_log_lines()
+    assert not bad, f"{len(bad)} log lines at error level or not JSON, for example:\n" + "\n".join(
+        shown(line, 400) for line in bad[:5]
+    )
+    seconds, code = target.served.sigterm()
+    assert code == 0
+    assert seconds < STOP_WITHIN_S, f"nexus serve took {seconds:.2f}s to stop after SIGTERM"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import json
 import random
@@ -40,16 +39,13 @@ from fuzz_harness import (
     MAX_MESSAGE,
     RAISED_LIMITS,
     SERVICE,
-    STOP_WITHIN_S,
-    Canary,
-    ClientLoop,
     Served,
+    Target,
     WsCanary,
-    check_canaries,
     drive,
-    emit_markers,
+    finish,
     shown,
-    start_canaries,
+    target_server,
     ws_client,
 )
 from fuzz_strategies import (
@@ -67,7 +63,6 @@ from fuzz_strategies import (
     subscribe_requests,
     ws_frames,
 )
-from nats_support import delete_stream, shared_nats_url, unique_names
 from nexus.gateway.protocol import ERRORS
 
 from nexus.errors import NexusError
@@ -121,42 +116,6 @@ def all_inputs() -> None:
 
 
 # --- the server under attack -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Target:
-    bus: str
-    served: Served
-    clients: ClientLoop
-    canaries: list[Canary]
-
-
-@contextlib.contextmanager
-def target_server(bus: str, directory: Path, *limits: str) -> Iterator[Target]:
-    """``nexus serve`` on ``bus`` (``memory`` or ``nats``, on a stream of its own) with canaries subscribed."""
-    args: list[str] = [*limits]
-    url = stream = ""
-    if bus == "nats":
-        url = shared_nats_url()
-        stream, prefix = unique_names("fuzz")
-        args += ["--bus", url, "--nats-stream", stream, "--nats-subject-prefix", prefix, "--nats-storage", "memory"]
-    served = Served.start(directory, *args)
-    clients = ClientLoop()
-    try:
-        canaries = clients.run(start_canaries(served), GUARD)
-        yield Target(bus, served, clients, canaries)
-    finally:
-        with contextlib.suppress(Exception):
-            clients.run(stop_canaries(canaries), GUARD)
-        clients.close()
-        served.kill()
-        if stream:
-            asyncio.run(delete_stream(url, stream))
-
-
-async def stop_canaries(canaries: list[Canary]) -> None:
-    for canary in canaries:
-        await canary.stop()
 
 
 @pytest.fixture(scope="module", params=["memory", "nats"])
@@ -468,19 +427,6 @@ def test_sse_requests(target: Target) -> None:
 
 
 # --- after the fuzz ----------------------------------------------------------------------------------------------
-
-
-def finish(target: Target, markers: int = 20) -> None:
-    """Canaries get every later event in order; no error was logged; SIGTERM stops the server within 2 s."""
-    offsets = target.clients.run(emit_markers(target.served, markers))
-    target.clients.run(check_canaries(target.canaries, offsets))
-    bad = target.served.bad_log_lines()
-    assert not bad, f"{len(bad)} log lines at error level or not JSON, for example:\n" + "\n".join(
-        shown(line, 400) for line in bad[:5]
-    )
-    seconds, code = target.served.sigterm()
-    assert code == 0
-    assert seconds < STOP_WITHIN_S, f"nexus serve took {seconds:.2f}s to stop after SIGTERM"
 
 
 def test_zz_canaries_receive_everything_after_the_fuzz_and_sigterm_stops_the_server(target: Target) -> None:
