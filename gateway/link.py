@@ -30,7 +30,7 @@ from typing import Final
 import structlog
 
 from nexus.errors import InvalidArgument, NotFound, SlowConsumer
-from nexus.events import Event
+from nexus.events import Event, quote
 from nexus.identity import Principal
 from nexus.node import DEFAULT_MAX_PENDING, LostReason, Node, Published, RequestSession, SessionState, Subscription
 
@@ -372,7 +372,7 @@ class Link:
         self._check_open()
         request = self._requests.get(correlation_id)
         if request is None or request.finished:
-            raise NotFound(f"no live stream started by this connection has correlation_id {correlation_id!r}")
+            raise NotFound(f"no live stream started by this connection has correlation_id {quote(correlation_id, 60)}")
         return await self.node.cancel(correlation_id, reason, principal=self.principal)
 
     async def wait_delivered(self) -> None:

@@ -349,7 +349,7 @@ def decode_frame(
         if correlation_id is None:
             raise ProtocolError(GatewayCode.INVALID_FRAME, "cancel needs a string correlation_id", ref)
         reason = _optional_string(frame, "reason", ref) or "cancelled by requester"
-        return Cancel(correlation_id, reason[:256], ref or correlation_id)
+        return Cancel(correlation_id, reason[:256], ref or _text(correlation_id[:MAX_REF_LENGTH]))
     if ":" not in kind:
         raise ProtocolError(
             GatewayCode.UNKNOWN_TYPE,

@@ -64,15 +64,37 @@ class EventLimits:
 
 DEFAULT_LIMITS: Final = EventLimits()
 
+DERIVED_METADATA_ENTRIES: Final = 4
+"""Metadata entries Nexus adds to a client's event: who sent it (``owner``, and ``auth`` or ``user_id``, set by
+the node that admitted it), and to the events it derives from one (a lifecycle event carries its request's
+metadata plus ``correlation_id``; a handler's side event ``causation_id``)."""
+DERIVED_KEYS: Final = frozenset({"owner", "correlation_id", "causation_id"})
+DERIVED_EVENT_BYTES: Final = 2048
+"""Bytes those entries may add (a ``correlation_id`` is an event id: at most 256 characters)."""
+
+
+def derived_event_limits(limits: EventLimits) -> EventLimits:
+    """What an event Nexus derives from a client's may hold when the client's keeps ``limits``: the events of a
+    request's lifecycle carry one metadata entry more than the request (and its bytes)."""
+    return dataclasses.replace(
+        limits,
+        max_metadata_entries=limits.max_metadata_entries + DERIVED_METADATA_ENTRIES,
+        max_event_bytes=limits.max_event_bytes + DERIVED_EVENT_BYTES,
+    )
+
 
 def quote(text: str, limit: int = QUOTE_CHARS) -> str:
     """``repr`` of ``text`` cut to ``limit`` characters, so an error never repeats a whole oversized input.
 
-    ``repr`` escapes what cannot be sent as UTF-8 (a lone surrogate becomes ``\\ud800``).
+    ``repr`` escapes what cannot be sent as UTF-8 (a lone surrogate becomes ``\\ud800``) and control characters
+    (``\\x00``): the quote holds at most ``limit`` characters once escaped, plus its quotes.
     """
-    if len(text) <= limit:
+    shown = text[:limit]
+    while len(repr(shown)) > limit + 2:  # escapes made it longer; one character is at most 10 escaped
+        shown = shown[: -max(1, (len(repr(shown)) - limit - 2) // 10)]
+    if len(shown) == len(text):
         return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    return f"{shown!r}... ({len(text)} characters)"
 
 
 def unicode_problem(text: str) -> str | None:
@@ -93,16 +115,16 @@ def check_name_token(value: str, what: str) -> str | None:
     if len(value) > MAX_TOKEN_LENGTH:
         return f"{what} is longer than {MAX_TOKEN_LENGTH} characters"
     if not NAME_RE.match(value):
-        return f"{what} {quote(value)} must match [a-z][a-z0-9_]*"
+        return f"{what} {quote(value, 40)} must match [a-z][a-z0-9_]*"
     return None
 
 
 def check_version_token(value: str) -> str | None:
     """Return why ``value`` is not a valid version token (``v1``, ``v2``, ...), or None."""
     if not VERSION_RE.match(value):
-        return f"version {quote(value)} must be 'v' followed by a positive integer, like 'v1'"
+        return f"version {quote(value, 40)} must be 'v' followed by a positive integer, like 'v1'"
     if len(value) > 11 or int(value[1:]) > MAX_VERSION:
-        return f"version {quote(value)} is over v{MAX_VERSION}"
+        return f"version {quote(value, 40)} is over v{MAX_VERSION}"
     return None
 
 
@@ -481,6 +503,10 @@ def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_m
     event's text is valid Unicode (decoded from strict UTF-8 JSON holding no ``\\u`` escape). Under both
     limits, the event is then not encoded again to be measured.
     """
+    if isinstance(event.metadata, Mapping) and not DERIVED_KEYS.isdisjoint(event.metadata):
+        # Stored by a node (owner) or derived from such an event (correlation_id): the client's part kept
+        # ``limits``; the node's entries come on top.
+        limits = derived_event_limits(limits)
     EventType.parse(event.event_type)
     validate_event_id(event.event_id)
     if not isinstance(event.payload, dict):
