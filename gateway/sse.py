@@ -496,6 +496,11 @@ class SseEndpoint:
         if isinstance(principal, Response):
             self._stats.auth_refused += 1
             return principal
+        try:
+            # Out-of-scope patterns are a 403 before the stream starts: EventSource does not retry a 403.
+            self.node.check_subscribe(query.patterns, principal)
+        except NexusError as exc:
+            return refusal(http.HTTPStatus.FORBIDDEN, exc)
         if not isinstance(connection, HandoffConnection):  # pragma: no cover - the gateway always serves with it
             return refusal(http.HTTPStatus.NOT_IMPLEMENTED, InvalidArgument("this server cannot stream responses"))
         stream = EventStream(connection, self.node, self.messages, self.limits, self._stats, principal)
