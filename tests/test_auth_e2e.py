@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+from nexus.gateway.server import GatewayServer, GatewaySettings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
@@ -30,7 +31,9 @@ from websockets.typing import Subprotocol
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.auth import mint_token
 from nexus.client import NexusClient
+from nexus.config import Settings
 from nexus.errors import PermissionDenied, Unauthenticated
+from nexus.node_remote import RemoteNode
 from nexus.testing import Recorder, StreamFollower, TestServer, run_server
 from nexus.v1 import nexus_pb2
 
@@ -426,9 +429,45 @@ async def test_nexus_token_prints_a_token_the_server_accepts() -> None:
     async with run_server(Echo(), jwt_secret=SECRET) as nexus, client(nexus, lines[0]) as alice:
         assert (await alice.emit("demo:thing:v1:happened", {})).metadata["user_id"] == "alice"
 
+        emit = ("emit", "demo:cli:v1:happened", "--server", nexus.address)
+        code, out, err = await run_cli(*emit, env=cli_env(NEXUS_TOKEN=lines[0]))
+        assert code == 0, err
+        assert json.loads(out)["metadata"]["user_id"] == "alice"
+        code, out, err = await run_cli(*emit, env=cli_env())
+        assert (code, out) == (1, "")
+        assert err.startswith("nexus: unauthenticated:")
+
     code, out, err = await run_cli("token", "--sub", "alice", env=cli_env())
     assert (code, out) == (2, "")
     assert "--jwt-secret" in err
+
+
+async def test_a_relaying_gateway_authenticates_its_users_and_keeps_their_identity(nexus: TestServer) -> None:
+    """`nexus gateway`'s setup: a RemoteNode with an admin token (`--nexus-token`) under a gateway that checks its
+    own clients' tokens: alice's events reach the core as alice's, and a client without a token is refused."""
+    node = RemoteNode(nexus.address, token=token("relay", admin=True), history_size=100)
+    await node.start()
+    gateway = GatewayServer(
+        node,
+        GatewaySettings(host="127.0.0.1", port=0),
+        authenticator=Settings(jwt_secret=SECRET, jwt_audience=AUDIENCE).authenticator(),
+    )
+    await gateway.start()
+    try:
+        async with client(nexus, token("root", admin=True)) as root:
+            recorder = await Recorder(root.subscribe("demo:>")).start()
+            async with connect(f"{gateway.url}?token={token('alice', **ALICE)}", subprotocols=NEXUS_V1) as ws:
+                assert json.loads(await ws.recv())["type"] == "connection"
+                answer = await frame(ws, type="demo:relayed:v1:happened", payload={}, metadata={"user_id": "bob"})
+                assert answer["type"] == "published"
+            (event,) = await recorder.wait_for(lambda events: len(events) >= 1)
+            await recorder.stop()
+        assert event.metadata["user_id"] == "alice"
+        async with connect(gateway.url, subprotocols=NEXUS_V1) as ws:
+            assert json.loads(await ws.recv())["code"] == "unauthenticated"
+    finally:
+        await node.close()
+        await gateway.stop(grace=1.0)
 
 
 def test_protected_mode_refuses_an_anonymous_server_on_every_interface() -> None:
