@@ -1,52 +1,33 @@
-"""Authentication hooks: who a WebSocket connection belongs to.
+"""How the gateway reads credentials; who they belong to is decided in :mod:`nexus.auth`.
 
-The gateway reads a token from the ``token`` query parameter or from a ``Sec-WebSocket-Protocol`` entry next to
-``nexus.v1`` (browsers cannot set ``Authorization``), then asks an :class:`Authenticator`. It returns the user
-id (or None for an anonymous connection), or refuses by raising :class:`~nexus.errors.Unauthenticated` or
-:class:`~nexus.errors.PermissionDenied`: the connection then gets an ``error`` frame and is closed with 1008.
-The user id is written into ``metadata.user_id`` of every event the connection publishes.
+A WebSocket client presents its token in the ``token`` query parameter or as a ``Sec-WebSocket-Protocol`` entry
+next to ``nexus.v1`` (browsers cannot set ``Authorization``); ``/sse`` and the JSON listings take the query
+parameter or ``Authorization: Bearer <token>``. The gateway wraps it in :class:`~nexus.auth.Credentials` with the
+connection's id and asks the :class:`~nexus.auth.Authenticator` it was given (the server's: JWT verification when
+configured, else :func:`~nexus.auth.allow_all`). A refusal (``Unauthenticated`` / ``PermissionDenied``) gets a
+WebSocket an ``error`` frame and close code 1008, an HTTP request a 401 / 403.
 
-The default, :func:`allow_all`, accepts everyone as anonymous; checking tokens comes with the security work::
+A custom authenticator is any coroutine function from credentials to a :class:`~nexus.identity.Principal`::
 
-    async def check(credentials: Credentials) -> str | None:
+    async def check(credentials: Credentials) -> Principal:
         user = await my_tokens.lookup(credentials.token)
         if user is None:
             raise Unauthenticated("unknown or expired token")
-        return user.id
+        return Principal(credentials.connection_id, user.id, authenticated=True, publish=(), subscribe=())
 
-    GatewayServer(backend, settings, authenticator=check)
+    GatewayServer(node, settings, authenticator=check)
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
+
+from nexus.auth import Authenticator, Credentials, allow_all, bearer_token
 
 from .protocol import SUBPROTOCOL
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Credentials:
-    """What a connecting client presented."""
-
-    token: str | None
-    path: str
-    remote_address: str
-    headers: Mapping[str, str]
-    subprotocols: Sequence[str] = ()
-
-
-class Authenticator(Protocol):
-    """Returns the connection's user id (None: anonymous), or raises ``Unauthenticated``/``PermissionDenied``."""
-
-    async def __call__(self, credentials: Credentials) -> str | None: ...
-
-
-async def allow_all(credentials: Credentials) -> str | None:
-    """The default hook: everyone is accepted, anonymously."""
-    return None
+__all__ = ["Authenticator", "Credentials", "allow_all", "bearer_token", "token_from"]
 
 
 def token_from(path: str, subprotocols: Sequence[str]) -> str | None:

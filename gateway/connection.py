@@ -106,8 +106,7 @@ class GatewayConnection:
         ws: ServerConnection,
         node: Node,
         *,
-        connection_id: str,
-        user_id: str | None,
+        principal: Principal,
         limits: ConnectionLimits,
         frames: EventFrameCache,
         stats: GatewayStats,
@@ -115,8 +114,10 @@ class GatewayConnection:
     ) -> None:
         self.ws = ws
         self.node = node
-        self.id = connection_id
-        self.user_id = user_id
+        self.id = principal.connection_id
+        self.principal = principal
+        """Who the connection acts as (the authenticator's answer at the handshake)."""
+        self.user_id = principal.user_id
         self.limits = limits
         self._frames = frames
         self._stats = stats
@@ -129,7 +130,7 @@ class GatewayConnection:
             self._wait_room,
             self._on_link_end,
             max_pending=limits.subscriber_queue,
-            principal=Principal(connection_id, user_id, authenticated=user_id is not None),
+            principal=principal,
         )
         # Events fill at most half the outbox; the other half keeps room for control frames (pong, published,
         # errors). The pump waits for the writer below a quarter before it hands over more.
@@ -150,7 +151,7 @@ class GatewayConnection:
         self.closing: tuple[int, str] | None = None
         self.last_offset = 0
         """The offset of the last event written to the socket (what the client resumes from)."""
-        self.log = log.bind(connection_id=connection_id)
+        self.log = log.bind(connection_id=self.id)
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 

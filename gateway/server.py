@@ -42,14 +42,15 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from nexus.config import Settings
-from nexus.errors import ConfigurationError, NexusError
+from nexus.errors import ConfigurationError, NexusError, Unauthenticated
 from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, Event, EventLimits, shorten
+from nexus.identity import LOCAL, Principal
 from nexus.logs import LogLimiter
 from nexus.node import Node
 from nexus.origins import DEFAULT_ALLOWED_ORIGINS, OriginPolicy
 from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits
 
-from .auth import Authenticator, Credentials, allow_all, token_from
+from .auth import Authenticator, Credentials, allow_all, bearer_token, token_from
 from .connection import ConnectionLimits, GatewayConnection, GatewayStats
 from .protocol import SUBPROTOCOL, EventFrameCache, ProtocolError, close_reason, encode_protocol_error, error_spec
 from .sse import SSE_PATH, SseEndpoint, SseLimits, handoff_connection
@@ -176,6 +177,15 @@ def _text_response(status: http.HTTPStatus, text: str) -> Response:
 def _address(connection: ServerConnection) -> str:
     remote = connection.remote_address
     return f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) and len(remote) >= 2 else ""
+
+
+def listing_principal(principal: Principal) -> Principal:
+    """Whose streams ``/api/streams`` shows a caller: its own (an admin's: all). An anonymous caller that may
+    subscribe to everything (authentication off) is shown every stream: it could follow each one's lifecycle
+    with a ``>`` subscription anyway, and the listing is the operator page's."""
+    if not principal.authenticated and principal.subscribe is None:
+        return LOCAL
+    return principal
 
 
 def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
@@ -353,10 +363,12 @@ class GatewayServer:
                 return _text_response(http.HTTPStatus.OK, "ok\n")
             return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
         if path in ("/api/streams", "/api/handlers"):
-            refusal = await self._authorize_http(connection, request)
-            if refusal is not None:
-                return refusal
-            return await self._api(self.node.streams if path == "/api/streams" else self.node.handlers)
+            principal = await self._authorize_http(connection, request)
+            if isinstance(principal, Response):
+                return principal
+            if path == "/api/handlers":
+                return await self._api(self.node.handlers)
+            return await self._api(lambda: self.node.streams(principal=listing_principal(principal)))
         return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     def _check_origin(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
@@ -377,20 +389,32 @@ class GatewayServer:
         )
         return _text_response(http.HTTPStatus.FORBIDDEN, f"forbidden: {reason}\n")
 
-    async def _authorize_http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """The listings go through the same hook as WebSockets (token: ``?token=`` or ``Authorization: Bearer``)."""
+    async def _authorize_http(self, connection: ServerConnection, request: Request) -> Principal | Response:
+        """Who an HTTP request (``/sse``, the listings) acts as, through the same authenticator as WebSockets (token:
+        ``?token=`` or ``Authorization: Bearer``); or the 401 / 403 response refusing it."""
         token = token_from(request.path, ())
-        authorization = request.headers.get("Authorization", "")
-        if token is None and authorization.lower().startswith("bearer "):
-            token = authorization[7:].strip() or None
-        credentials = Credentials(token, request.path, _address(connection), dict(request.headers.raw_items()))
+        if token is None:
+            token = bearer_token(request.headers.get("Authorization"))
+        credentials = Credentials(
+            token,
+            connection_id=f"http-{uuid.uuid4().hex[:16]}",
+            path=request.path,
+            remote_address=_address(connection),
+            headers=dict(request.headers.raw_items()),
+        )
         try:
-            await self.authenticator(credentials)
+            return await self.authenticator(credentials)
         except NexusError as exc:
-            denied = exc.code.value == "permission_denied"
-            status = http.HTTPStatus.FORBIDDEN if denied else http.HTTPStatus.UNAUTHORIZED
-            return _json_response({"error": exc.code.value, "message": exc.message}, status)
-        return None
+            error = exc
+        except Exception as exc:
+            log.exception("gateway_authenticator_failed", error=repr(exc))
+            error = Unauthenticated("the credentials could not be checked")
+        denied = error.code.value == "permission_denied"
+        status = http.HTTPStatus.FORBIDDEN if denied else http.HTTPStatus.UNAUTHORIZED
+        response = _json_response({"error": error.code.value, "message": error.message}, status)
+        if not denied:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="nexus"'
+        return response
 
     def _static_response(self, name: str) -> Response:
         entry = self._static.get(name)
@@ -409,7 +433,7 @@ class GatewayServer:
 
     # --- WebSocket ---------------------------------------------------------------------------------------------
 
-    async def _authenticate(self, ws: ServerConnection) -> tuple[bool, str | None]:
+    async def _authenticate(self, ws: ServerConnection, connection_id: str) -> Principal | None:
         request = ws.request
         assert request is not None
         offered = [
@@ -420,13 +444,14 @@ class GatewayServer:
         ]
         credentials = Credentials(
             token=token_from(request.path, offered),
+            connection_id=connection_id,
             path=request.path,
             remote_address=_address(ws),
             headers=dict(request.headers.raw_items()),
             subprotocols=tuple(offered),
         )
         try:
-            return True, await self.authenticator(credentials)
+            return await self.authenticator(credentials)
         except NexusError as exc:
             error = ProtocolError.from_error(exc)
         except Exception as exc:
@@ -439,22 +464,21 @@ class GatewayServer:
         with contextlib.suppress(ConnectionClosed):
             await ws.send(encode_protocol_error(error), text=True)
             await ws.close(error.spec.close_code or 1008, close_reason(error.message))
-        return False, None
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         if self.settings.send_buffer_bytes is not None:
             sock = ws.transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer_bytes)
-        accepted, user_id = await self._authenticate(ws)
-        if not accepted:
-            return
         connection_id = uuid.uuid4().hex[:16]
+        principal = await self._authenticate(ws, connection_id)
+        if principal is None:
+            return
         connection = GatewayConnection(
             ws,
             self.node,
-            connection_id=connection_id,
-            user_id=user_id,
+            principal=principal,
             limits=self._limits,
             frames=self.frames,
             stats=self.stats,
@@ -463,7 +487,7 @@ class GatewayServer:
         self.connections[connection_id] = connection
         self.stats.connections += 1
         self.stats.connections_total += 1
-        connection.log.debug("gateway_connected", user_id=user_id)
+        connection.log.debug("gateway_connected", user_id=principal.user_id)
         try:
             await connection.run()
         finally:

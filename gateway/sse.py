@@ -107,8 +107,8 @@ _OFFSET: Final = re.compile(r"[0-9]{1,19}")
 
 log = structlog.get_logger("nexus.gateway")
 
-Authorize = Callable[[ServerConnection, Request], Awaitable[Response | None]]
-"""The gateway's HTTP auth check: None to go on, or the 401/403 response."""
+Authorize = Callable[[ServerConnection, Request], Awaitable[Principal | Response]]
+"""The gateway's HTTP auth check: who the request acts as, or the 401/403 response."""
 
 
 # --- the request and the messages (pure) -------------------------------------------------------------------------
@@ -274,7 +274,13 @@ class EventStream(asyncio.Protocol):
     """One ``/sse`` response: the asyncio protocol of its transport and the sink of its :class:`Link`."""
 
     def __init__(
-        self, ws: HandoffConnection, node: Node, messages: EventFrameCache, limits: SseLimits, stats: GatewayStats
+        self,
+        ws: HandoffConnection,
+        node: Node,
+        messages: EventFrameCache,
+        limits: SseLimits,
+        stats: GatewayStats,
+        principal: Principal | None = None,
     ) -> None:
         self._ws = ws
         self._messages = messages
@@ -287,7 +293,7 @@ class EventStream(asyncio.Protocol):
             self._wait_room,
             self._on_link_end,
             max_pending=limits.subscriber_queue,
-            principal=Principal(connection_id=f"sse-{uuid.uuid4().hex[:16]}"),
+            principal=principal or Principal(connection_id=f"sse-{uuid.uuid4().hex[:16]}"),
         )
         self._transport: asyncio.Transport | None = None
         self._writable = asyncio.Event()
@@ -486,13 +492,18 @@ class SseEndpoint:
             )
         except (InvalidArgument, InvalidPattern, ResourceExhausted) as exc:
             return refusal(http.HTTPStatus.BAD_REQUEST, exc)
-        refused = await self._authorize(connection, request)
-        if refused is not None:
+        principal = await self._authorize(connection, request)
+        if isinstance(principal, Response):
             self._stats.auth_refused += 1
-            return refused
+            return principal
+        try:
+            # Out-of-scope patterns are a 403 before the stream starts: EventSource does not retry a 403.
+            self.node.check_subscribe(query.patterns, principal)
+        except NexusError as exc:
+            return refusal(http.HTTPStatus.FORBIDDEN, exc)
         if not isinstance(connection, HandoffConnection):  # pragma: no cover - the gateway always serves with it
             return refusal(http.HTTPStatus.NOT_IMPLEMENTED, InvalidArgument("this server cannot stream responses"))
-        stream = EventStream(connection, self.node, self.messages, self.limits, self._stats)
+        stream = EventStream(connection, self.node, self.messages, self.limits, self._stats, principal)
         self.streams.add(stream)
         try:
             await stream.run(query, refuse=GatewayCode.GOING_AWAY if self._closing else None)

@@ -1,4 +1,4 @@
-"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams.
+"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams, gateway, token, docs.
 
 Output contract of the client commands: stdout carries only the command's data, one JSON object per line;
 every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``) goes to
@@ -118,6 +118,47 @@ def _add_exposure_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", dest="tls_key_file", metavar="FILE", help="PEM private key of --tls-cert")
 
 
+def _add_auth_options(parser: argparse.ArgumentParser) -> None:
+    """JWT verification and protected mode, for ``serve`` and ``gateway``."""
+    group = parser.add_argument_group("authentication (docs/security.md)")
+    group.add_argument(
+        "--jwt-secret",
+        metavar="SECRET",
+        help="HS256 secret (32+ bytes): clients need a token signed with it (better: $NEXUS_JWT_SECRET, "
+        "which ps does not show)",
+    )
+    group.add_argument(
+        "--jwt-public-key",
+        dest="jwt_public_key_file",
+        metavar="FILE",
+        help="RS256/ES256 public key (PEM) or a JWKS JSON file: clients need a token signed by it",
+    )
+    group.add_argument("--jwt-audience", metavar="AUD", help="a token's aud must name this")
+    group.add_argument("--jwt-issuer", metavar="ISS", help="a token's iss must be this")
+    group.add_argument("--jwt-leeway-s", metavar="SECONDS", help="clock difference forgiven around exp/nbf (10)")
+    group.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        default=None,
+        help="serve on an address other than loopback without authentication (protected mode off)",
+    )
+
+
+def _duration(text: str) -> float:
+    """Seconds of ``90``, ``90s``, ``15m``, ``1h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    word = text.strip().lower()
+    factor = units.get(word[-1:], 0)
+    number = word[:-1] if factor else word
+    try:
+        value = float(number) * (factor or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 1h or 7d") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive duration")
+    return value
+
+
 def _add_client_tls_options(parser: argparse.ArgumentParser, prefix: str = "", what: str = "the server") -> None:
     parser.add_argument(
         f"--{prefix}tls", action="store_true", help=f"connect to {what} over TLS (verified against the system's roots)"
@@ -126,6 +167,12 @@ def _add_client_tls_options(parser: argparse.ArgumentParser, prefix: str = "", w
         f"--{prefix}ca-file",
         metavar="FILE",
         help=f"PEM CA certificates to verify {what} with (implies --{prefix}tls)",
+    )
+    parser.add_argument(
+        f"--{prefix}token",
+        default=os.environ.get("NEXUS_TOKEN") or None,
+        metavar="JWT",
+        help=f"the token to present to {what} when it requires one (default $NEXUS_TOKEN)",
     )
 
 
@@ -206,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir", metavar="DIR", help="the directory whose log files anomalies:stream_log may follow (none)"
     )
     _add_exposure_options(serve)
+    _add_auth_options(serve)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -287,6 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto)")
     gateway.add_argument("--log-level", help="log level (info)")
     _add_exposure_options(gateway)
+    _add_auth_options(gateway)
+
+    token = commands.add_parser("token", help="mint an HS256 token with the configured secret (development, tests)")
+    token.add_argument("--sub", required=True, help="the user id")
+    token.add_argument(
+        "--publish", action="append", default=[], metavar="PATTERN", help="a pattern the user may publish to"
+    )
+    token.add_argument(
+        "--subscribe", action="append", default=[], metavar="PATTERN", help="a pattern the user may subscribe to"
+    )
+    token.add_argument("--admin", action="store_true", help="may do and see everything")
+    token.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime: 90s, 15m, 1h, 7d (1h)")
+    token.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
+    token.add_argument("--jwt-secret", metavar="SECRET", help="the secret (default $NEXUS_JWT_SECRET or the config)")
+    token.add_argument("--jwt-audience", metavar="AUD", help="the aud claim (default the configured audience)")
+    token.add_argument("--jwt-issuer", metavar="ISS", help="the iss claim (default the configured issuer)")
 
     docs = commands.add_parser("docs", help="generate documentation from what plugins declare")
     docs.add_argument("topic", choices=("events",), help="events: every event the loaded plugins take and emit")
@@ -298,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- serve ------------------------------------------------------------------------------------------
+
+AUTH_FIELDS = ("jwt_secret", "jwt_public_key_file", "jwt_audience", "jwt_issuer", "jwt_leeway_s", "allow_anonymous")
 
 SERVE_FIELDS = (
     "host",
@@ -339,6 +405,7 @@ SERVE_FIELDS = (
     "ws_allowed_origins",
     "tls_cert_file",
     "tls_key_file",
+    *AUTH_FIELDS,
 )
 
 
@@ -393,6 +460,7 @@ GATEWAY_FIELDS = (
     "ws_allowed_origins",
     "tls_cert_file",
     "tls_key_file",
+    *AUTH_FIELDS,
 )
 
 
@@ -406,15 +474,18 @@ async def _gateway(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.history_size is not None and args.history_size < 1:
         raise CliError("--history-size must be at least 1")
+    settings.check_exposure("nexus gateway")
     gateway_settings = GatewaySettings.from_settings(settings)  # unusable TLS files: refused before connecting
+    authenticator = settings.authenticator()  # unusable keys too
     node = RemoteNode(
         args.nexus,
         history_size=args.history_size or DEFAULT_HISTORY_SIZE,
         tls=args.nexus_tls,
         ca_file=args.nexus_ca_file,
+        token=args.nexus_token,
     )
     await node.start()
-    gateway = GatewayServer(node, gateway_settings)
+    gateway = GatewayServer(node, gateway_settings, authenticator=authenticator)
     try:
         await gateway.start()
     except BaseException:
@@ -441,8 +512,12 @@ async def _gateway(args: argparse.Namespace) -> int:
 
 
 def _tls(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``NexusClient`` TLS arguments of ``--tls`` / ``--ca-file``."""
-    return {"tls": bool(getattr(args, "tls", False)), "ca_file": getattr(args, "ca_file", None)}
+    """The ``NexusClient`` arguments of ``--tls`` / ``--ca-file`` and ``--token``."""
+    return {
+        "tls": bool(getattr(args, "tls", False)),
+        "ca_file": getattr(args, "ca_file", None),
+        "token": getattr(args, "token", None),
+    }
 
 
 async def _emit(args: argparse.Namespace) -> int:
@@ -551,6 +626,28 @@ async def _streams(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _token(args: argparse.Namespace) -> int:
+    from nexus.auth import mint_token
+    from nexus.config import load_settings
+
+    overrides = {"jwt_secret": args.jwt_secret, "jwt_audience": args.jwt_audience, "jwt_issuer": args.jwt_issuer}
+    settings = load_settings(args.config, os.environ, overrides)
+    if settings.jwt_secret is None:
+        raise CliError("no JWT secret: pass --jwt-secret, set NEXUS_JWT_SECRET or jwt_secret in the config file")
+    token = mint_token(
+        settings.jwt_secret,
+        args.sub,
+        publish=args.publish,
+        subscribe=args.subscribe,
+        admin=args.admin,
+        ttl_s=args.ttl,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+    sys.stdout.write(token + "\n")
+    return 0
+
+
 async def _docs(args: argparse.Namespace) -> int:
     from nexus.config import load_settings
     from nexus.eventdocs import render_events
@@ -577,7 +674,7 @@ def _write_or_check(path: Path, text: str, *, check: bool) -> int:
     return 0
 
 
-CLIENT_COMMANDS = ("emit", "subscribe", "request", "cancel", "handlers", "streams", "docs")
+CLIENT_COMMANDS = ("emit", "subscribe", "request", "cancel", "handlers", "streams", "docs", "token")
 """Commands whose stdout is data: their log lines must go to stderr (``serve`` and ``gateway`` set up their own)."""
 
 
@@ -605,6 +702,7 @@ COMMANDS = {
     "streams": _streams,
     "docs": _docs,
     "gateway": _gateway,
+    "token": _token,
 }
 
 

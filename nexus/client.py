@@ -258,6 +258,10 @@ class NexusClient:
     certificate against the CA certificates (PEM) in ``ca_file``, else against the system's roots; ``ca_file``
     alone implies ``tls``. A plaintext client cannot talk to a TLS server, nor the other way round: calls fail
     with :class:`~nexus.errors.Unavailable`.
+
+    ``token`` (a JWT, for a server with authentication on) is sent with every call as ``authorization: Bearer
+    <token>``; a server that refuses it answers with :class:`~nexus.errors.Unauthenticated`. Over a plaintext
+    channel the token travels in clear: use TLS beyond loopback.
     """
 
     def __init__(
@@ -269,9 +273,15 @@ class NexusClient:
         backoff: BackoffPolicy | None = None,
         tls: bool = False,
         ca_file: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.metadata = tuple(metadata)
+        if token:
+            self.metadata = (
+                *(item for item in self.metadata if item[0] != "authorization"),
+                ("authorization", f"Bearer {token}"),
+            )
         self.backoff = backoff or BackoffPolicy()
         """The reconnection policy of this client's subscriptions (each may override it)."""
         self.tls = tls or ca_file is not None

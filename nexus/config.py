@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -31,6 +32,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from nexus.auth import (
+    DEFAULT_LEEWAY_S,
+    MIN_SECRET_BYTES,
+    Authenticator,
+    JwtAuthenticator,
+    JwtSettings,
+    allow_all,
+    load_public_keys,
+)
 from nexus.bus.base import DEFAULT_MAX_PENDING
 from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_MAX_BYTES, DEFAULT_HISTORY_SIZE
 from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
@@ -107,6 +117,18 @@ class Settings:
     """PEM certificate (chain) served by gRPC and the gateway; with ``tls_key_file``, both speak TLS only."""
     tls_key_file: str | None = None
     """PEM private key of ``tls_cert_file`` (unencrypted)."""
+    jwt_secret: str | None = dataclasses.field(default=None, repr=False)
+    """HS256 shared secret (32 bytes or more): authentication is on, every client needs a token signed with it."""
+    jwt_public_key_file: str | None = None
+    """A PEM public key (RS256 / ES256) or a JWKS JSON file (keys picked by ``kid``): authentication is on."""
+    jwt_audience: str | None = None
+    """When set, a token's ``aud`` must name it (and a token with an ``aud`` is refused when it is not set)."""
+    jwt_issuer: str | None = None
+    """When set, a token's ``iss`` must be it."""
+    jwt_leeway_s: float = DEFAULT_LEEWAY_S
+    """Seconds of clock difference forgiven when checking a token's ``exp`` and ``nbf``."""
+    allow_anonymous: bool = False
+    """Serve on an address other than loopback without authentication (protected mode is off)."""
     bus: str = "memory"
     """``memory``, or a ``nats://`` URL (several, comma-separated, for a cluster)."""
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
@@ -182,6 +204,38 @@ class Settings:
         """The certificate and key both transports serve, loaded and checked; None without TLS. Raises
         :class:`ConfigurationError` for one file without the other, or files that cannot be used."""
         return load_server_tls(self.tls_cert_file, self.tls_key_file)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether clients need a token: a JWT secret or public key is configured."""
+        return self.jwt_secret is not None or self.jwt_public_key_file is not None
+
+    def authenticator(self) -> Authenticator:
+        """Who clients are, for every transport: a :class:`~nexus.auth.JwtAuthenticator` when a secret or public key
+        is set (keys loaded and checked now: :class:`ConfigurationError`), else :func:`~nexus.auth.allow_all`."""
+        if not self.auth_enabled:
+            return allow_all
+        keys = load_public_keys(self.jwt_public_key_file) if self.jwt_public_key_file is not None else ()
+        return JwtAuthenticator(
+            JwtSettings(
+                secret=self.jwt_secret,
+                public_keys=keys,
+                audience=self.jwt_audience,
+                issuer=self.jwt_issuer,
+                leeway_s=self.jwt_leeway_s,
+            )
+        )
+
+    def check_exposure(self, command: str = "nexus serve") -> None:
+        """Protected mode: refuse to serve on an address other than loopback without authentication, unless
+        ``allow_anonymous``. Raises :class:`ConfigurationError` saying why and what to do (one line)."""
+        if self.auth_enabled or self.allow_anonymous or is_loopback(self.host):
+            return
+        raise ConfigurationError(
+            f"{command} on {self.host} (not loopback) without authentication would let anyone on the network "
+            "publish and read every event; configure a JWT secret or public key (--jwt-secret, NEXUS_JWT_SECRET, "
+            "--jwt-public-key) or pass --allow-anonymous"
+        )
 
     def client_limits(self) -> ClientLimits:
         """What one client connection may hold and do, on every transport."""
@@ -412,6 +466,37 @@ def _file(value: Any, text: bool) -> str:
     return full
 
 
+def _secret(value: Any, text: bool) -> str:
+    """A JWT secret: never shown in a message."""
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got a {type(value).__name__}")
+    size = len(value.encode())
+    if size < MIN_SECRET_BYTES:
+        raise _Invalid(
+            f"must be {MIN_SECRET_BYTES} bytes or more, got {size}; make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return value
+
+
+def _optional_text(value: Any, text: bool) -> str:
+    word = _string(value)
+    if not word:
+        raise _Invalid("must not be empty")
+    return word
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost`` (only this machine can connect)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+
+
 def _origins(value: Any, text: bool) -> list[str]:
     """Origins, each item possibly comma-separated (a repeated flag may carry lists too)."""
     items: list[str] = _string_list(lambda item: None)(value, text)
@@ -489,6 +574,12 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "ws_allowed_origins": _origins,
     "tls_cert_file": _file,
     "tls_key_file": _file,
+    "jwt_secret": _secret,
+    "jwt_public_key_file": _file,
+    "jwt_audience": _optional_text,
+    "jwt_issuer": _optional_text,
+    "jwt_leeway_s": _seconds(allow_zero=True),
+    "allow_anonymous": _boolean,
     "bus": _bus,
     "heartbeat_interval": _seconds(allow_zero=False),
     "stream_timeout": _timeout,
@@ -541,6 +632,7 @@ _FLAGS: Final = {
     "ws_allowed_origins": "--ws-allowed-origin",
     "tls_cert_file": "--tls-cert",
     "tls_key_file": "--tls-key",
+    "jwt_public_key_file": "--jwt-public-key",
 }
 """Fields whose flag is not their name with dashes."""
 

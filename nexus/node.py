@@ -142,16 +142,22 @@ class Node(abc.ABC):
     def admit(self, event: Event, principal: Principal) -> Event:
         """``event`` as ``principal`` may publish it, or a refusal; the one place every transport's publishes pass.
 
-        - Out of its publish patterns: :class:`~nexus.errors.PermissionDenied`.
+        - Out of its publish patterns: :class:`~nexus.errors.PermissionDenied`, except a request to a handled type
+          (a ``requested`` event of a type a handler serves), which any principal may send.
         - The lifecycle of a handled type (``started``, ``stream``, ``heartbeat``, terminal states) is published by
           the provider driving the request only: anyone else gets :class:`~nexus.errors.ReservedState`.
         - Identity is the server's: ``metadata.owner`` is the principal's; with a verified token,
-          ``metadata.user_id`` is its user; without one, the client's own ``user_id`` claim (if any) stays and
+          ``metadata.user_id`` is its user (an admin's own ``user_id`` claim stays: it relays for others, as
+          ``nexus gateway`` does); without one, the client's own ``user_id`` claim (if any) stays and
           ``metadata.auth`` says ``none``.
         """
         if principal is LOCAL:
             return event
-        if not principal.may_publish(event.event_type):
+        # Deny by default has one opening: asking a handler for something. Publish patterns scope the plain events
+        # a client writes; a request to a type a handler serves is the handler's to judge (it reads the requester
+        # from metadata.user_id), so a token without patterns can still use the server's handlers.
+        handled_request = event.state == REQUESTED and self.serves(event.event_type)
+        if not handled_request and not principal.may_publish(event.event_type):
             raise PermissionDenied(f"{quote(event.event_type, 80)} is outside the patterns you may publish to")
         if event.state in RESERVED_STATES and self.serves(event.event_type):
             raise ReservedState(
@@ -161,7 +167,8 @@ class Node(abc.ABC):
         metadata = {key: value for key, value in event.metadata.items() if key not in SERVER_METADATA}
         metadata[OWNER] = principal.owner
         if principal.authenticated and principal.user_id:
-            metadata["user_id"] = principal.user_id
+            if not (principal.admin and metadata.get("user_id")):
+                metadata["user_id"] = principal.user_id
         else:
             metadata["auth"] = "none"
         return event.evolve(metadata=metadata)

@@ -73,7 +73,8 @@ class _CallLease(Lease):
 
 
 class RemoteNode(Node):
-    """Relays the Nexus at ``target`` (``host:port``; over TLS with ``tls`` / ``ca_file``, as :class:`NexusClient`)."""
+    """Relays the Nexus at ``target`` (``host:port``; over TLS with ``tls`` / ``ca_file``, with ``token`` when the
+    Nexus requires one, as :class:`NexusClient`)."""
 
     def __init__(
         self,
@@ -86,10 +87,11 @@ class RemoteNode(Node):
         max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
         tls: bool = False,
         ca_file: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(max_patterns_per_subscription=max_patterns_per_subscription)
         self.target = target
-        self.client = NexusClient(target, metadata=metadata, tls=tls, ca_file=ca_file)
+        self.client = NexusClient(target, metadata=metadata, tls=tls, ca_file=ca_file, token=token)
         self.history = History(history_size)
         self.connect_timeout = connect_timeout
         self.max_retry_delay = max_retry_delay

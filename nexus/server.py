@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nexus.api import AnyHandler
+from nexus.auth import Authenticator
 from nexus.bus.base import Bus
 from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
@@ -124,8 +125,11 @@ class NexusServer:
         bus: Bus | None = None,
         queue: RequestQueue | None = None,
         handlers: Sequence[HandlerSpec | AnyHandler] = (),
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self.authenticator = authenticator if authenticator is not None else self.settings.authenticator()
+        """Who clients are, on gRPC and the gateway alike (the settings' JWT verification, or everyone)."""
         self.bus = bus if bus is not None else make_bus(self.settings)
         self.queue = queue if queue is not None else make_request_queue(self.settings, self.bus)
         self.provider = Provider(self.bus, self.settings.provider_settings(), queue=self.queue)
@@ -147,6 +151,7 @@ class NexusServer:
             subscriber_queue=self.settings.subscriber_queue,
             limits=self.settings.event_limits(),
             client_limits=self.settings.client_limits(),
+            authenticator=self.authenticator,
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -173,6 +178,7 @@ class NexusServer:
         changes it, before the node starts when it can be seen beforehand. Whatever fails, what was started is
         stopped again before the error propagates.
         """
+        self.settings.check_exposure()  # protected mode: no anonymous server on the network by accident
         self._check_ports()
         self._tls = self.settings.server_tls()  # files that cannot be used: refused before anything starts
         try:
@@ -190,6 +196,7 @@ class NexusServer:
             "server_started",
             grpc=f"{self.settings.host}:{self.grpc_port}",
             tls=self._tls is not None,
+            auth=self.settings.auth_enabled,
             ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
             epoch=self.bus.epoch,
             handlers=sorted(self.provider.registrations),
@@ -261,7 +268,9 @@ class NexusServer:
         """The WebSocket gateway and its page on ``settings.ws_port``, over this server's node."""
         from nexus.gateway.server import GatewayServer, GatewaySettings
 
-        gateway: WebTransport = GatewayServer(self.node, GatewaySettings.from_settings(self.settings))
+        gateway: WebTransport = GatewayServer(
+            self.node, GatewaySettings.from_settings(self.settings), authenticator=self.authenticator
+        )
         try:
             await gateway.start()
         except ConfigurationError as exc:

@@ -111,7 +111,8 @@ async def test_a_start_that_cannot_bind_stops_what_it_started() -> None:
     had set up were torn down; stop() afterwards returns at once."""
     handler = Tracked()
     server = NexusServer(
-        Settings(host="192.0.2.1", grpc_port=0, gateway=False, load_entry_points=False), handlers=[handler]
+        Settings(host="192.0.2.1", grpc_port=0, gateway=False, load_entry_points=False, allow_anonymous=True),
+        handlers=[handler],
     )
     with pytest.raises(ConfigurationError, match="--grpc-port"):
         await server.start()

@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from nexus.gateway.auth import Credentials
 from nexus.gateway.server import GatewayServer, GatewaySettings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
+from nexus.auth import Credentials
 from nexus.errors import Unauthenticated
+from nexus.identity import Principal
 from nexus.node import Node
 from nexus.node_remote import RemoteNode
 from nexus.quota import ClientLimits
@@ -561,16 +562,16 @@ async def test_a_flood_from_one_client_does_not_starve_another(nexus: TestServer
 # --- authentication ---------------------------------------------------------------------------------------------
 
 
-async def refuse_all(credentials: Credentials) -> str | None:
+async def refuse_all(credentials: Credentials) -> Principal:
     """An authenticator that refuses everyone."""
     raise Unauthenticated(f"token {credentials.token!r} is not valid")
 
 
-async def user_from_token(credentials: Credentials) -> str | None:
+async def user_from_token(credentials: Credentials) -> Principal:
     """An authenticator whose user id is the token itself, refusing connections without one."""
     if not credentials.token:
         raise Unauthenticated("a token is required")
-    return f"user-{credentials.token}"
+    return Principal(credentials.connection_id, f"user-{credentials.token}", authenticated=True)
 
 
 async def test_auth_hook_refusal_closes_with_1008(nexus: TestServer) -> None:

@@ -360,3 +360,26 @@ async def test_a_page_on_another_origin_cannot_open_the_websocket(nexus: TestSer
             assert result["frames"][0]["type"] == "connection"
         finally:
             await allowing.stop(grace=1.0)
+
+
+async def test_with_authentication_on_the_page_takes_a_token_from_its_url(browser: Browser) -> None:
+    """With a JWT secret set, the page opened with ?token=…&pattern=demo:> connects as that user, takes the token
+    out of the address bar, lists its handlers and shows events; opened without a token it says it was refused."""
+    from nexus.auth import mint_token
+    from nexus.client import NexusClient
+
+    secret = "browser-secret-" + "z" * 32
+    async with run_server(Countdown(), Echo(), gateway=True, jwt_secret=secret) as nexus:
+        alice = mint_token(secret, "alice", publish=["demo:>"], subscribe=["demo:>"])
+        page, errors = await open_page(browser, f"{page_url(nexus)}?token={alice}&pattern=demo:%3E")
+        await page.wait_for_selector("#status[data-state=connected]", timeout=GUARD_MS)
+        assert "token" not in page.url
+        assert page.url.endswith("?pattern=demo%3A%3E")
+        await wait_js(page, "document.querySelectorAll('#handler-types option').length === 2")
+        async with NexusClient(nexus.address, token=alice) as client:
+            await client.emit("demo:seen:v1:happened", {})
+        await page.wait_for_selector("#events tbody tr[data-type='demo:seen:v1:happened']", timeout=GUARD_MS)
+        assert errors == []
+
+        anonymous, _ = await open_page(browser, page_url(nexus))
+        await wait_js(anonymous, "document.getElementById('status-text').textContent === 'refused'")

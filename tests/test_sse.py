@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 from nats_support import delete_stream, free_port, nats_settings, shared_nats_url, unique_names
-from nexus.gateway.auth import Credentials
 from nexus.gateway.server import GatewayServer, GatewaySettings
 from nexus.gateway.sse import SseQuery, event_message, parse_request, sse_message
 from test_gateway_browser import CHROMIUM_ARGS, EXECUTABLE, _missing, wait_js
 
 from nexus import Event, Stream, StreamingEventHandler
+from nexus.auth import Credentials
 from nexus.errors import (
     InvalidArgument,
     InvalidPattern,
@@ -29,6 +29,7 @@ from nexus.errors import (
     Unauthenticated,
     Unavailable,
 )
+from nexus.identity import Principal
 from nexus.node_remote import RemoteNode
 from nexus.testing import TestServer, run_server
 
@@ -456,13 +457,13 @@ async def test_the_auth_hook_refuses_with_401_or_403_and_takes_a_token_or_a_bear
     are accepted."""
     seen: list[Credentials] = []
 
-    async def check(credentials: Credentials) -> str | None:
+    async def check(credentials: Credentials) -> Principal:
         seen.append(credentials)
         if credentials.token is None:
             raise Unauthenticated("a token is required")
         if credentials.token != "good":
             raise PermissionDenied("that token may not read events")
-        return "alice"
+        return Principal(credentials.connection_id, "alice", authenticated=True)
 
     async with gateway_for(nexus, authenticator=check) as gateway:
         async with sse(gateway.port, "/sse?patterns=%3E") as client:
@@ -610,10 +611,10 @@ async def test_a_client_that_leaves_while_its_request_is_checked_leaves_nothing_
     checking = asyncio.Event()
     release = asyncio.Event()
 
-    async def slow(credentials: Credentials) -> str | None:
+    async def slow(credentials: Credentials) -> Principal:
         checking.set()
         await release.wait()
-        return None
+        return Principal(credentials.connection_id)
 
     with _websockets_errors() as errors:
         async with gateway_for(nexus, authenticator=slow, close_timeout=30.0) as gateway:

@@ -36,9 +36,18 @@
   };
 
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const token = new URLSearchParams(location.search).get("token") || undefined;
+  // With authentication on, open the page as /?token=<JWT> (and &pattern=<yours> when the token may not read >):
+  // the token is kept for this tab only and taken out of the address bar.
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token") || sessionStorage.getItem("nexus-token") || undefined;
+  if (params.has("token")) {
+    if (token) sessionStorage.setItem("nexus-token", token);
+    params.delete("token");
+    history.replaceState(null, "", location.pathname + (params.size ? `?${params}` : "") + location.hash);
+  }
   const api = (path) => fetch(path, { cache: "no-store", headers: token ? { Authorization: `Bearer ${token}` } : {} });
-  let pattern = ">";
+  let pattern = params.get("pattern") || ">";
+  $("filter").value = pattern;
   const client = new NexusClient(`${scheme}//${location.host}/ws`, { patterns: [pattern], token });
   window.nexus = client; // handy from the devtools console
 

@@ -17,7 +17,8 @@ from typing import Any, Final, NoReturn
 import grpc
 import structlog
 
-from nexus.errors import InvalidArgument, NexusError, SlowConsumer
+from nexus.auth import Authenticator, Credentials, allow_all, bearer_token
+from nexus.errors import InvalidArgument, NexusError, SlowConsumer, Unauthenticated
 from nexus.events import DEFAULT_LIMITS, EventLimits
 from nexus.grpc.convert import (
     STATUS_FOR_CODE,
@@ -173,8 +174,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         subscriber_queue: int = 10_000,
         limits: EventLimits = DEFAULT_LIMITS,
         client_limits: ClientLimits | None = None,
+        authenticator: Authenticator = allow_all,
     ) -> None:
         self.node = node
+        self.authenticator = authenticator
+        self.auth_refused = 0
+        """Calls refused for their credentials."""
         self.subscriber_queue = subscriber_queue
         self.limits = limits
         self._quotas = ClientQuotas(client_limits or ClientLimits())
@@ -203,11 +208,26 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
 
     # --- the client's quota ---------------------------------------------------------------------------------
 
-    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        """Who a call acts as: its connection (the peer address, which events never show), anonymous."""
+    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:  # noqa: RET503 - abort raises
+        """Who a call acts as: its ``authorization: Bearer <token>`` metadata checked by the authenticator, on its
+        connection (a keyed hash of the peer address, which events never show). A call the authenticator refuses
+        ends with ``UNAUTHENTICATED`` (or ``PERMISSION_DENIED``) before it does anything."""
         peer = _peer(context)
         connection = hashlib.blake2b(peer.encode(), key=self._salt, digest_size=8).hexdigest()
-        return Principal(connection_id=f"grpc-{connection}")
+        authorization = next(
+            (str(value) for key, value in context.invocation_metadata() or () if key == "authorization"), None
+        )
+        credentials = Credentials(bearer_token(authorization), connection_id=f"grpc-{connection}", remote_address=peer)
+        try:
+            return await self.authenticator(credentials)
+        except NexusError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("grpc_authenticator_failed", error=repr(exc))
+            error = Unauthenticated("the credentials could not be checked")
+        self.auth_refused += 1
+        self.bad_input.warning(log, "grpc_auth_refused", peer=peer, code=error.code.value, reason=error.message)
+        await abort(context, error)
 
     def _quota(self, context: grpc.aio.ServicerContext[Any, Any]) -> ClientQuota:
         """The quota of the connection this call came on (its peer address)."""
@@ -218,10 +238,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     async def EmitEvent(
         self, request: nexus_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.EventResponse:
+        principal = await self._principal(context)
         try:
             self._quota(context).publish(asyncio.get_running_loop().time())
             event = event_from_request(request, limits=self.limits)
-            published = await self.node.publish(event, principal=self._principal(context))
+            published = await self.node.publish(event, principal=principal)
         except NexusError as error:
             await abort(context, error)
         return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
@@ -231,10 +252,10 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         request_iterator: AsyncIterator[nexus_pb2.PublishEventsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> nexus_pb2.PublishEventsResponse:
+        principal = await self._principal(context)
         stored = duplicates = last_offset = 0
         index = 0
         quota = self._quota(context)
-        principal = self._principal(context)
         loop = asyncio.get_running_loop()
         async for item in request_iterator:
             try:
@@ -266,12 +287,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> AsyncIterator[Subscription]:
         """A subscription for one subscribe call, counted against its connection's quota; the initial metadata
         is sent once it is live. A slow subscriber's call ends with RESOURCE_EXHAUSTED naming its last offset."""
+        principal = await self._principal(context)
         quota = self._quota(context)
         try:
             if not patterns:
                 raise InvalidArgument("subscribe needs at least one pattern in event_types, such as '>'")
             self.node.check_pattern_count(len(patterns))  # before anything is held or parsed
-            principal = self._principal(context)
             quota.open_subscription()
             try:
                 quota.add_patterns(len(patterns))
@@ -341,11 +362,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     async def RequestEvent(
         self, request: nexus_pb2.RequestEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[nexus_pb2.RequestEventResponse]:
+        principal = await self._principal(context)
         quota = self._quota(context)
         try:
             quota.publish(asyncio.get_running_loop().time())
             event = event_from_request(request.event, limits=self.limits)
-            session = self.node.open_request(event, principal=self._principal(context))
+            session = self.node.open_request(event, principal=principal)
             quota.start_request()
         except NexusError as error:
             await abort(context, error)
@@ -371,11 +393,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     async def CancelStream(
         self, request: nexus_pb2.CancelStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.CancelStreamResponse:
+        principal = await self._principal(context)
         if not request.correlation_id:
             await abort(context, InvalidArgument("correlation_id is required"))
         # The reason is stored in the cancelled event's payload: a client never writes more than a line of it.
         reason = request.reason[:MAX_CANCEL_REASON] or "cancelled by requester"
-        found = await self.node.cancel(request.correlation_id, reason, principal=self._principal(context))
+        found = await self.node.cancel(request.correlation_id, reason, principal=principal)
         return nexus_pb2.CancelStreamResponse(cancelled=found)
 
     # --- listings -----------------------------------------------------------------------------------------
@@ -383,6 +406,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     async def ListHandlers(
         self, request: nexus_pb2.ListHandlersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.ListHandlersResponse:
+        await self._principal(context)  # anyone authenticated may see what the server handles
         handlers = [
             nexus_pb2.HandlerInfo(
                 name=str(info["name"]),
@@ -399,6 +423,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     async def ListStreams(
         self, request: nexus_pb2.ListStreamsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nexus_pb2.ListStreamsResponse:
+        principal = await self._principal(context)
         streams = [
             nexus_pb2.StreamInfo(
                 correlation_id=str(info["correlation_id"]),
@@ -408,6 +433,6 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 age_s=float(info["age_s"]),
                 state=str(info["state"]),
             )
-            for info in await self.node.streams(principal=self._principal(context))
+            for info in await self.node.streams(principal=principal)
         ]
         return nexus_pb2.ListStreamsResponse(streams=streams)
