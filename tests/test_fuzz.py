@@ -321,6 +321,17 @@ def frame_problem(frame: dict[str, Any]) -> str | None:
     return None
 
 
+def on_the_wire(frame: str | bytes) -> str | bytes:
+    """What a client can put on the wire for ``frame``: text that is not valid UTF-8 (a raw lone surrogate, which no
+    text frame can carry) goes as a binary frame of its bytes."""
+    if isinstance(frame, str):
+        try:
+            frame.encode("utf-8")
+        except UnicodeEncodeError:
+            return frame.encode("utf-8", "surrogatepass")
+    return frame
+
+
 async def send_frames(port: int, frames: list[str | bytes], name: str) -> list[str]:
     """Send ``frames`` on one connection while reading every answer; end with a ping that must be answered."""
     problems: list[str] = []
@@ -338,7 +349,7 @@ async def send_frames(port: int, frames: list[str | bytes], name: str) -> list[s
         reader = asyncio.create_task(read())
         try:
             for frame in frames:
-                await ws.send(frame)
+                await ws.send(on_the_wire(frame))
             await ws.send(json.dumps({"type": "ping", "ref": name}))
             await asyncio.wait_for(reader, 120.0)
         except Exception as exc:

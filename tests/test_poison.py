@@ -103,15 +103,20 @@ async def ws_poison(port: int) -> list[str]:
 
 async def ws_too_big(port: int) -> list[str]:
     """3.9 MB of metadata over WebSocket is a frame over the 1 MiB limit: closed with 1009, as documented."""
-    async with ws_client(port) as ws:
-        assert json.loads(await ws.recv())["type"] == "connection"
-        await ws.send(publish(metadata=json.dumps({"k": "v" * 3_900_000})))
-        with contextlib.suppress(ConnectionClosed):
-            async with asyncio.timeout(GUARD):
-                async for _ in ws:
-                    pass
-        if ws.close_code != CloseCode.MESSAGE_TOO_BIG:
-            return [f"3.9 MB of metadata over WebSocket: closed with {ws.close_code}, not 1009"]
+    code: int | None = None
+    # The client library's own close of a socket the server already dropped can fail inside asyncio (its transport
+    # is gone: AttributeError on the loop); what the server answered was read before that.
+    with contextlib.suppress(AttributeError):
+        async with ws_client(port) as ws:
+            assert json.loads(await ws.recv())["type"] == "connection"
+            await ws.send(publish(metadata=json.dumps({"k": "v" * 3_900_000})))
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(GUARD):
+                    async for _ in ws:
+                        pass
+            code = ws.close_code
+    if code != CloseCode.MESSAGE_TOO_BIG:
+        return [f"3.9 MB of metadata over WebSocket: closed with {code}, not 1009"]
     return []
 
 
