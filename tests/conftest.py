@@ -1,0 +1,29 @@
+"""What every test shares: nothing the suite writes lands in the user's home.
+
+Plugins keep their data under ``$XDG_DATA_HOME/nexus`` (messaging's SQLite database, for one); every test, and
+every ``nexus serve`` a test starts, gets a fresh directory for it instead of ``~/.local/share``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_home() -> Iterator[None]:
+    directory = tempfile.mkdtemp(prefix="nexus-test-data-")
+    previous = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = directory
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("XDG_DATA_HOME", None)
+        else:
+            os.environ["XDG_DATA_HOME"] = previous
+        shutil.rmtree(directory, ignore_errors=True)
