@@ -9,6 +9,9 @@ Pure: no I/O, no asyncio; every clock reading is passed in.
 - :class:`TypingBoard`: who is typing in which conversation. An indicator expires by itself ``ttl_s`` after
   it was last set (on the monotonic clock the caller passes), so a client that vanishes mid-sentence does not
   type forever.
+- :func:`actor`, :class:`Requester`, :func:`check_access`, :func:`participants_after`: who acts and what they
+  may do. The first message's sender and the users it names are a conversation's participants; later messages
+  from participants add the users they name; with authentication on only participants (and admins) use it.
 - :class:`PresenceBoard`: who is present where, from the lifecycle of their streams: a user joins a
   conversation when the first of their streams in it starts and leaves when the last one ends (a dropped
   connection ends a stream with ``cancelled``).

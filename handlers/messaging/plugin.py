@@ -23,8 +23,26 @@ Everything live follows the bus, not in-process callbacks, so it works whichever
   A node knows the streams that started while it was running; one that restarts does not see users whose
   streams began before it, until those streams end or start again.
 
-Who acts is ``metadata.user_id`` (the authenticated user) when the request carries one; otherwise the
-payload's optional ``user_id``, otherwise ``anonymous_user``.
+Who acts is ``metadata.user_id``. Only while authentication is off (the server marks such requests
+``metadata.auth = "none"``) is a missing one replaced by the payload's optional ``user_id``; otherwise, or
+without either, ``anonymous_user``. With authentication on the payload's ``user_id`` is never read.
+
+Participants and access (:mod:`.conversations` holds the rule, :class:`_Participants` applies it):
+
+- The first message sent to a conversation creates it: its participants are its sender and the user ids the
+  message names in ``participants``. A later message, from a participant, adds the users it names. Nobody is
+  removed.
+- Participants are stored in the node's database, by ``send_message`` itself and, on every node, by one
+  follower of ``messaging:send_message:v1:success`` (its payload lists them). That follower also follows the
+  plugin's own requests, and a handler waits (``sync_timeout_s``) until it has applied everything published
+  before the request, so a conversation created through one node is known on the node checking the next request.
+- With authentication on (no ``metadata.auth = "none"``), only participants and the users listed in ``admins``
+  may send, stream history, typing and presence, or set typing; anyone else's request ends ``failed``
+  (``handler_error``, ``PermissionDenied: ...``), and a refused stream does not count for presence. With
+  authentication off nothing is checked.
+- ``messaging:typing:v1:changed`` carries ``metadata.audience`` = the participants, so subscribers other than
+  them (and admins) do not receive it; a ``send_message`` result is private to its sender as every request's
+  lifecycle is. The plugin's followers are server-side subscriptions: they receive every event.
 
 Configuration (``[handlers.messaging]``, shared by the five handlers):
 
@@ -40,6 +58,9 @@ Configuration (``[handlers.messaging]``, shared by the five handlers):
 - ``max_typing_conversations`` (10000), ``max_tracked_streams`` (100000): memory bounds of the typing and
   presence boards (see :mod:`.conversations`).
 - ``anonymous_user`` (``anonymous``).
+- ``admins`` (none): user ids that read and write every conversation while authentication is on.
+- ``max_participants`` (1000): participants a conversation may have (a message naming more fails).
+- ``sync_timeout_s`` (5): the longest a request waits for this node to apply what was published before it.
 """
 
 from __future__ import annotations
