@@ -70,10 +70,14 @@ def test_since_is_a_message_id_or_a_time() -> None:
 
 
 def test_the_authenticated_user_acts_before_any_claimed_one() -> None:
-    """metadata.user_id wins over the payload's user_id, which wins over the anonymous name."""
+    """metadata.user_id wins over the payload's user_id, which wins over the anonymous name; the payload's claim
+    counts only when the server marked the request unverified (`auth: none`, authentication off)."""
+    unverified = {"auth": "none"}
+    assert actor({"user_id": "ada", **unverified}, {"user_id": "eve"}, "anon") == "ada"
+    assert actor(unverified, {"user_id": "eve"}, "anon") == "eve"
+    assert actor(unverified, {}, "anon") == "anon"
     assert actor({"user_id": "ada"}, {"user_id": "eve"}, "anon") == "ada"
-    assert actor({}, {"user_id": "eve"}, "anon") == "eve"
-    assert actor({}, {}, "anon") == "anon"
+    assert actor({}, {"user_id": "eve"}, "anon") == "anon"  # verified (the server's own request): no claims
 
 
 def test_typing_indicator_expires_by_itself_and_refreshing_extends_it() -> None:
@@ -221,6 +225,11 @@ def follow(nexus: TestServer, event_type: str, payload: dict[str, Any], user: st
     return StreamFollower(nexus.client.request(event_type, payload, metadata=metadata, heartbeats=False))
 
 
+def message_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """A send_message success payload without the conversation's participants: the message as streams send it."""
+    return {key: value for key, value in payload.items() if key != "participants"}
+
+
 async def send(nexus: TestServer, conversation: str, text: str, user: str = "ada") -> Event:
     done = await asyncio.wait_for(
         nexus.client.call(SEND, {"conversation_id": conversation, "text": text}, metadata={"user_id": user}), GUARD
@@ -230,12 +239,14 @@ async def send(nexus: TestServer, conversation: str, text: str, user: str = "ada
 
 
 async def test_send_message_stores_it_with_the_authenticated_sender(tmp_path: Path) -> None:
-    """send_message answers {message_id, conversation_id, sender, text, sent_at}, the sender being metadata.user_id."""
+    """send_message answers {message_id, conversation_id, sender, text, sent_at, participants}, the sender being
+    metadata.user_id."""
     async with run_server(*messaging_handlers(), handler_config=config(tmp_path)) as nexus:
         done = await send(nexus, "team", "hello", user="ada")
         payload = done.payload
-        assert set(payload) == {"message_id", "conversation_id", "sender", "text", "sent_at"}
+        assert set(payload) == {"message_id", "conversation_id", "sender", "text", "sent_at", "participants"}
         assert (payload["conversation_id"], payload["sender"], payload["text"]) == ("team", "ada", "hello")
+        assert payload["participants"] == ["ada"]
         assert abs(parse_time(payload["sent_at"]) - parse_time(done.timestamp)) < 60
         claimed = await nexus.client.call(SEND, {"conversation_id": "team", "text": "hi", "user_id": "eve"})
         assert claimed.payload["sender"] == "eve"  # no authenticated user: the claimed one
@@ -258,7 +269,7 @@ async def test_stream_messages_sends_history_then_live_messages(tmp_path: Path) 
         chunks = await stream.wait_for(lambda chunks: len(chunks) == 5)
         assert [c["message_id"] for c in chunks] == [m["message_id"] for m in old + new]
         assert [c["live"] for c in chunks] == [False, False, False, True, True]
-        assert chunks[0] == {**old[0], "live": False}
+        assert chunks[0] == {**message_of(old[0]), "live": False}
         terminal = await stream.cancel()
         assert terminal.state == "cancelled"
         assert terminal.payload["stream_count"] == 5
@@ -399,7 +410,7 @@ async def test_a_success_event_published_by_another_node_is_streamed_and_replica
         assert live[1] == {**remote, "live": True}  # the malformed one is skipped
         later = follow(nexus, STREAM, {"conversation_id": "team"})
         stored = await later.wait_for(lambda chunks: len(chunks) == 2)
-        assert stored == [{**marker, "live": False}, {**remote, "live": False}]
+        assert stored == [{**message_of(marker), "live": False}, {**remote, "live": False}]
         await stream.cancel()
         await later.cancel()
 
@@ -414,7 +425,7 @@ async def test_messages_survive_a_restart(tmp_path: Path) -> None:
     async with run_server(*specs, handler_config=config(tmp_path), heartbeat_interval=0) as second:
         stream = follow(second, STREAM, {"conversation_id": "team"})
         chunks = await stream.wait_for(lambda chunks: len(chunks) == 3)
-        assert [{k: v for k, v in c.items() if k != "live"} for c in chunks] == sent
+        assert [{k: v for k, v in c.items() if k != "live"} for c in chunks] == [message_of(m) for m in sent]
         await send(second, "team", "after restart")
         chunks = await stream.wait_for(lambda chunks: len(chunks) == 4)
         assert chunks[-1]["text"] == "after restart"
@@ -538,7 +549,7 @@ async def test_bad_payloads_fail_clearly_and_leave_the_conversation_intact(
         assert message in bad.payload["error"]["message"]
         stream = follow(nexus, STREAM, {"conversation_id": "c"})
         [chunk] = await stream.wait_for(lambda chunks: len(chunks) == 1)
-        assert chunk == {**kept, "live": False}
+        assert chunk == {**message_of(kept), "live": False}
         await stream.cancel()
 
 

@@ -9,6 +9,9 @@ Pure: no I/O, no asyncio; every clock reading is passed in.
 - :class:`TypingBoard`: who is typing in which conversation. An indicator expires by itself ``ttl_s`` after
   it was last set (on the monotonic clock the caller passes), so a client that vanishes mid-sentence does not
   type forever.
+- :func:`actor`, :class:`Requester`, :func:`check_access`, :func:`participants_after`: who acts and what they
+  may do. The first message's sender and the users it names are a conversation's participants; later messages
+  from participants add the users they name; with authentication on only participants (and admins) use it.
 - :class:`PresenceBoard`: who is present where, from the lifecycle of their streams: a user joins a
   conversation when the first of their streams in it starts and leaves when the last one ends (a dropped
   connection ends a stream with ``cancelled``).
@@ -26,11 +29,11 @@ import dataclasses
 import heapq
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from nexus import InvalidPayload, parse_time
+from nexus import ErrorCode, InvalidPayload, NexusError, parse_time
 
 CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MESSAGE_ID_RE: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}\Z")
@@ -140,15 +143,73 @@ def parse_since(value: Any) -> Cursor:
     return SinceTime(seconds)
 
 
+def verified(metadata: Mapping[str, str]) -> bool:
+    """Whether the request's ``metadata.user_id`` was set by the server (authentication on, or the server's own
+    code): a client's unverified claim is marked ``metadata.auth = "none"``."""
+    return metadata.get("auth") != "none"
+
+
 def actor(metadata: Mapping[str, str], payload: Mapping[str, Any], anonymous: str) -> str:
-    """Who acts: the authenticated ``metadata.user_id``; else the payload's ``user_id``; else ``anonymous``."""
+    """Who acts: ``metadata.user_id``; when it is unverified (``metadata.auth == "none"``) and absent, the
+    payload's ``user_id`` claim; else ``anonymous``. With authentication on the payload is never read."""
     user = metadata.get("user_id")
     if isinstance(user, str) and user:
         return user
     claimed = payload.get("user_id")
-    if isinstance(claimed, str) and claimed:
+    if not verified(metadata) and isinstance(claimed, str) and claimed:
         return claimed
     return anonymous
+
+
+# --- who may do what ---------------------------------------------------------------------------------------------
+
+
+class PermissionDenied(NexusError):
+    """The requester takes no part in the conversation (the request ends ``failed``, its message saying so)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Requester:
+    """Who sent a request, and how far it is trusted."""
+
+    user_id: str
+    verified: bool
+    """The user id comes from the server (a token); unverified requesters are not checked at all."""
+    admin: bool
+    """Reads and writes every conversation."""
+
+    @classmethod
+    def of(
+        cls, metadata: Mapping[str, str], payload: Mapping[str, Any], anonymous: str, admins: frozenset[str]
+    ) -> Requester:
+        user_id = actor(metadata, payload, anonymous)
+        trusted = verified(metadata)
+        return cls(user_id, trusted, trusted and user_id in admins)
+
+
+def check_access(requester: Requester, conversation_id: str, participants: frozenset[str]) -> None:
+    """Let a participant (or an admin, or anyone unverified while authentication is off) use the conversation;
+    raise :class:`PermissionDenied` for anyone else."""
+    if not requester.verified or requester.admin or requester.user_id in participants:
+        return
+    if not participants:
+        raise PermissionDenied(
+            f"conversation {conversation_id!r} has no messages yet: its first message (send_message) creates it"
+        )
+    raise PermissionDenied(f"{requester.user_id!r} is not a participant of conversation {conversation_id!r}")
+
+
+def participants_after(
+    requester: Requester, conversation_id: str, participants: frozenset[str], named: Iterable[str]
+) -> frozenset[str]:
+    """The conversation's participants once ``requester`` sent a message naming ``named``: the first message
+    makes its sender and the users it names the participants; a later one, from a participant, adds those it
+    names. Raises :class:`PermissionDenied` for a verified sender who is not a participant (nor an admin)."""
+    if participants:
+        check_access(requester, conversation_id, participants)
+    return participants | {requester.user_id, *named}
 
 
 # --- typing indicators ------------------------------------------------------------------------------------------

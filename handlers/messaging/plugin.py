@@ -23,8 +23,26 @@ Everything live follows the bus, not in-process callbacks, so it works whichever
   A node knows the streams that started while it was running; one that restarts does not see users whose
   streams began before it, until those streams end or start again.
 
-Who acts is ``metadata.user_id`` (the authenticated user) when the request carries one; otherwise the
-payload's optional ``user_id``, otherwise ``anonymous_user``.
+Who acts is ``metadata.user_id``. Only while authentication is off (the server marks such requests
+``metadata.auth = "none"``) is a missing one replaced by the payload's optional ``user_id``; otherwise, or
+without either, ``anonymous_user``. With authentication on the payload's ``user_id`` is never read.
+
+Participants and access (:mod:`.conversations` holds the rule, :class:`_Participants` applies it):
+
+- The first message sent to a conversation creates it: its participants are its sender and the user ids the
+  message names in ``participants``. A later message, from a participant, adds the users it names. Nobody is
+  removed.
+- Participants are stored in the node's database, by ``send_message`` itself and, on every node, by one
+  follower of ``messaging:send_message:v1:success`` (its payload lists them). That follower also follows the
+  plugin's own requests, and a handler waits (``sync_timeout_s``) until it has applied everything published
+  before the request, so a conversation created through one node is known on the node checking the next request.
+- With authentication on (no ``metadata.auth = "none"``), only participants and the users listed in ``admins``
+  may send, stream history, typing and presence, or set typing; anyone else's request ends ``failed``
+  (``handler_error``, ``PermissionDenied: ...``), and a refused stream does not count for presence. With
+  authentication off nothing is checked.
+- ``messaging:typing:v1:changed`` carries ``metadata.audience`` = the participants, so subscribers other than
+  them (and admins) do not receive it; a ``send_message`` result is private to its sender as every request's
+  lifecycle is. The plugin's followers are server-side subscriptions: they receive every event.
 
 Configuration (``[handlers.messaging]``, shared by the five handlers):
 
@@ -40,6 +58,9 @@ Configuration (``[handlers.messaging]``, shared by the five handlers):
 - ``max_typing_conversations`` (10000), ``max_tracked_streams`` (100000): memory bounds of the typing and
   presence boards (see :mod:`.conversations`).
 - ``anonymous_user`` (``anonymous``).
+- ``admins`` (none): user ids that read and write every conversation while authentication is on.
+- ``max_participants`` (1000): participants a conversation may have (a message naming more fails).
+- ``sync_timeout_s`` (5): the longest a request waits for this node to apply what was published before it.
 """
 
 from __future__ import annotations
@@ -60,6 +81,7 @@ import anyio.to_thread
 from nexus import (
     Event,
     EventHandler,
+    Follower,
     HandlerContext,
     InvalidPayload,
     Stream,
@@ -73,13 +95,16 @@ from . import specs
 from .conversations import (
     InvalidRequest,
     Message,
+    PermissionDenied,
     PresenceBoard,
     PresenceChange,
+    Requester,
     TypingBoard,
     TypingChange,
-    actor,
+    check_access,
     new_message_id,
     parse_since,
+    participants_after,
     rfc3339,
 )
 from .specs import SENT, TYPING_CHANGED
@@ -94,6 +119,7 @@ LIFECYCLE_PATTERNS: Final = tuple(
     for state in ("requested", "started", "success", "failed", "timeout", "cancelled")
 )
 MAX_TYPING_TTL_S: Final = 3600.0
+REQUESTS: Final = "messaging:*:v1:requested"
 
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -121,6 +147,13 @@ def _text(config: Mapping[str, Any], key: str, default: str) -> str:
     return value
 
 
+def _user_ids(config: Mapping[str, Any], key: str) -> frozenset[str]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(user, str) and user for user in value):
+        raise ValueError(f"[handlers.messaging] {key} must be a list of user ids, got {value!r}")
+    return frozenset(value)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """The plugin's configuration, checked (a bad key stops the server at start-up, naming it)."""
@@ -134,6 +167,9 @@ class Settings:
     max_typing_conversations: int = 10_000
     max_tracked_streams: int = 100_000
     anonymous_user: str = "anonymous"
+    admins: frozenset[str] = frozenset()
+    max_participants: int = 1000
+    sync_timeout_s: float = 5.0
 
     @classmethod
     def read(cls, config: Mapping[str, Any]) -> Settings:
@@ -149,6 +185,9 @@ class Settings:
             max_typing_conversations=_positive_int(config, "max_typing_conversations", 10_000),
             max_tracked_streams=_positive_int(config, "max_tracked_streams", 100_000),
             anonymous_user=_text(config, "anonymous_user", "anonymous"),
+            admins=_user_ids(config, "admins"),
+            max_participants=_positive_int(config, "max_participants", 1000),
+            sync_timeout_s=_positive_number(config, "sync_timeout_s", 5.0),
         )
 
 
@@ -231,6 +270,83 @@ class _Rooms(Generic[T]):
         return sum(len(room) for room in self._rooms.values())
 
 
+class _Participants:
+    """Who takes part in which conversation on this server, shared by the plugin's handlers (``ctx.shared``).
+
+    Its database is kept up to date by one follower of ``send_message`` successes (sent through any node), which
+    also follows the plugin's own requests, so that a handler can wait until everything published before a
+    request is applied (:meth:`sync`) before it decides who may do what.
+    """
+
+    def __init__(self, settings: Settings, log: Any) -> None:
+        self.settings = settings
+        self.log = log
+        self.db = _Database(settings)
+        self._follower: Follower | None = None
+        self._starting = anyio.Lock()
+
+    async def start(self, ctx: HandlerContext) -> None:
+        """Open the database and follow the bus, once per server (every handler calls it in its ``setup``)."""
+        async with self._starting:
+            if self._follower is None:
+                await self.db.open()
+                self._follower = await ctx.follow(SENT, REQUESTS, on_event=self._on_event, name="participants_follower")
+
+    async def aclose(self) -> None:
+        await self.db.close()
+
+    async def _on_event(self, event: Event) -> None:
+        if event.event_type != SENT:
+            return  # a request: it only moves the follower's offset (see sync)
+        conversation_id, participants = event.payload.get("conversation_id"), event.payload.get("participants")
+        if participants is None:
+            participants = []  # a node without access control: its sender still takes part
+        sender = event.payload.get("sender")
+        users = [*participants, sender] if isinstance(participants, list) else None
+        if (
+            not isinstance(conversation_id, str)
+            or users is None
+            or not all(isinstance(user, str) and user for user in users)
+        ):
+            self.log.warning("participants_unreadable", event_id=event.event_id)
+            return
+        await self.db.run(self.db.store.add_participants, conversation_id, users)
+
+    async def sync(self, request: Event) -> None:
+        """Wait (at most ``sync_timeout_s``) until every message stored before ``request`` is applied."""
+        if self._follower is not None:
+            await self._follower.reached(request.offset, self.settings.sync_timeout_s)
+
+    def requester(self, request: Event) -> Requester:
+        return Requester.of(request.metadata, request.payload, self.settings.anonymous_user, self.settings.admins)
+
+    async def participants(self, conversation_id: str) -> frozenset[str]:
+        return await self.db.run(self.db.store.participants, conversation_id)
+
+    async def check(self, request: Event) -> tuple[Requester, frozenset[str]]:
+        """The requester and the conversation's participants; raises :class:`PermissionDenied` for a verified
+        requester who is neither a participant nor an admin."""
+        requester = self.requester(request)
+        conversation_id = _conversation(request)
+        if not requester.verified:
+            return requester, await self.participants(conversation_id)
+        await self.sync(request)
+        participants = await self.participants(conversation_id)
+        check_access(requester, conversation_id, participants)
+        return requester, participants
+
+
+async def _participants(ctx: HandlerContext) -> _Participants:
+    shared = ctx.shared(_Participants, lambda: _Participants(Settings.read(ctx.config), ctx.log))
+    await shared.start(ctx)
+    return shared
+
+
+def _audience(participants: frozenset[str]) -> dict[str, str]:
+    """Metadata making a side event private to the participants (none yet: while authentication is off)."""
+    return {"audience": ",".join(sorted(participants))} if participants else {}
+
+
 def _conversation(event: Event) -> str:
     return str(event.payload["conversation_id"])
 
@@ -253,12 +369,8 @@ class SendMessage(EventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
-        self._db = _Database(self._settings)
-        await self._db.open()
+        self._access = await _participants(ctx)
         ctx.log.info("message_store_open", path=str(self._settings.db_path))
-
-    async def teardown(self) -> None:
-        await self._db.close()
 
     async def handle(self, event: Event) -> dict[str, Any]:
         text = str(event.payload["text"])
@@ -266,17 +378,30 @@ class SendMessage(EventHandler):
             raise _invalid(
                 event, f"text: {len(text)} characters, more than max_text_length ({self._settings.max_text_length})"
             )
+        conversation_id = _conversation(event)
+        access = self._access
+        requester = access.requester(event)
+        await access.sync(event)
+        before = await access.participants(conversation_id)
+        participants = participants_after(requester, conversation_id, before, event.payload.get("participants", ()))
+        if len(participants) > self._settings.max_participants:
+            raise _invalid(
+                event,
+                f"participants: the conversation would have {len(participants)}, more than max_participants "
+                f"({self._settings.max_participants})",
+            )
         now = parse_time(rfc3339(time.time()))
         message = Message(
             message_id=new_message_id(now, os.urandom(10)),
-            conversation_id=_conversation(event),
-            sender=actor(event.metadata, event.payload, self._settings.anonymous_user),
+            conversation_id=conversation_id,
+            sender=requester.user_id,
             text=text,
             sent_at=rfc3339(now),
             sent_ts=now,
         )
-        await self._db.run(self._db.store.add, message)
-        return message.to_payload()
+        await access.db.run(access.db.store.add_participants, conversation_id, participants)
+        await access.db.run(access.db.store.add, message)
+        return {**message.to_payload(), "participants": sorted(participants)}
 
 
 class StreamMessages(StreamingEventHandler):
@@ -293,6 +418,7 @@ class StreamMessages(StreamingEventHandler):
         await self._db.open()
         self._rooms: _Rooms[tuple[int | None, Message]] = _Rooms()
         await ctx.follow(SENT, on_event=self._on_sent, name="messages_follower")
+        self._access = await _participants(ctx)
 
     async def teardown(self) -> None:
         await self._db.close()
@@ -314,6 +440,7 @@ class StreamMessages(StreamingEventHandler):
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
         conversation_id = _conversation(event)
+        await self._access.check(event)
         try:
             since = parse_since(event.payload.get("since"))
         except InvalidRequest as exc:
@@ -352,14 +479,18 @@ class SetTyping(EventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._settings = Settings.read(ctx.config)
+        self._access = await _participants(ctx)
 
     async def handle(self, event: Event) -> dict[str, Any]:
         conversation_id = _conversation(event)
-        user_id = actor(event.metadata, event.payload, self._settings.anonymous_user)
+        requester, participants = await self._access.check(event)
+        user_id = requester.user_id
         typing = bool(event.payload["typing"])
         ttl = self._settings.typing_ttl_s
         await self.ctx.publish(
-            TYPING_CHANGED, {"conversation_id": conversation_id, "user_id": user_id, "typing": typing, "ttl_s": ttl}
+            TYPING_CHANGED,
+            {"conversation_id": conversation_id, "user_id": user_id, "typing": typing, "ttl_s": ttl},
+            metadata=_audience(participants),
         )
         expires_at = rfc3339(time.time() + ttl) if typing else None
         return {"conversation_id": conversation_id, "user_id": user_id, "typing": typing, "expires_at": expires_at}
@@ -389,6 +520,7 @@ class StreamTyping(StreamingEventHandler):
         self._wake = asyncio.Event()
         await ctx.follow(TYPING_CHANGED, on_event=self._on_changed, name="typing_follower")
         ctx.start_soon(self._expire_indicators, name="typing-expiry")
+        self._access = await _participants(ctx)
 
     async def _on_changed(self, event: Event) -> None:
         payload = event.payload
@@ -425,6 +557,7 @@ class StreamTyping(StreamingEventHandler):
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
         conversation_id = _conversation(event)
+        await self._access.check(event)
         inbox: _Inbox[TypingChange] = _Inbox(self._settings.live_queue)
         self._expire_now()
         with self._rooms.joined(conversation_id, inbox):
@@ -455,6 +588,7 @@ class StreamPresence(StreamingEventHandler):
         self._settings = Settings.read(ctx.config)
         self._board = PresenceBoard(max_streams=self._settings.max_tracked_streams)
         self._rooms: _Rooms[PresenceChange] = _Rooms()
+        self._access = await _participants(ctx)
         await ctx.follow(*LIFECYCLE_PATTERNS, on_event=self._on_lifecycle, name="presence_follower")
 
     async def _on_lifecycle(self, event: Event) -> None:
@@ -462,8 +596,11 @@ class StreamPresence(StreamingEventHandler):
         if state == "requested":
             conversation_id = event.payload.get("conversation_id")
             if isinstance(conversation_id, str) and conversation_id:
-                user_id = actor(event.metadata, event.payload, self._settings.anonymous_user)
-                self._board.requested(event.event_id, conversation_id, user_id)
+                try:  # a stream that will be refused does not make its requester present
+                    requester, _ = await self._access.check(event)
+                except PermissionDenied:
+                    return
+                self._board.requested(event.event_id, conversation_id, requester.user_id)
             return
         correlation_id = event.metadata.get("correlation_id", "")
         changes = self._board.started(correlation_id) if state == "started" else self._board.ended(correlation_id)
@@ -472,6 +609,7 @@ class StreamPresence(StreamingEventHandler):
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
         conversation_id = _conversation(event)
+        await self._access.check(event)
         inbox: _Inbox[PresenceChange] = _Inbox(self._settings.live_queue)
         with self._rooms.joined(conversation_id, inbox):
             await stream.send(_presence_chunk(conversation_id, self._board.present(conversation_id), None))

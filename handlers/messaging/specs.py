@@ -15,13 +15,39 @@ _USER_ID = {
     "type": "string",
     "minLength": 1,
     "maxLength": 256,
-    "description": "Who acts, used only when the request carries no authenticated metadata.user_id.",
+    "description": "Who acts, only while authentication is off and the request carries no metadata.user_id "
+    "(with authentication on, the requester is always the token's user).",
+}
+
+MAX_NAMED: Final = 100
+_PARTICIPANTS_NAMED = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "maxLength": 256},
+    "maxItems": MAX_NAMED,
+    "description": "User ids to take part in the conversation. The first message creates the conversation: its "
+    "sender and the users it names are the participants. A later message, from a participant, adds the users it "
+    "names. Nobody is removed.",
+}
+
+_PARTICIPANTS_ONLY: Final = (
+    " With authentication on, only the conversation's participants (and admins) may: anyone else gets `failed` "
+    "(`handler_error`, the message starting `PermissionDenied:`)."
+)
+
+_PARTICIPANTS = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "The conversation's participants after this message, sorted; only they (and admins) read it.",
 }
 
 _MESSAGE_PROPERTIES: dict[str, Any] = {
     "message_id": {"type": "string", "description": "The message's id (a ULID: unique, sortable by time)."},
     "conversation_id": {"type": "string", "description": "The conversation."},
-    "sender": {"type": "string", "description": "Who sent it (metadata.user_id of the request when there is one)."},
+    "sender": {
+        "type": "string",
+        "description": "Who sent it: the authenticated user (metadata.user_id); the payload's user_id only while "
+        "authentication is off.",
+    },
     "text": {"type": "string", "description": "The text."},
     "sent_at": {"type": "string", "description": "When the node stored it (RFC 3339 UTC)."},
 }
@@ -36,29 +62,34 @@ _MESSAGE_EXAMPLE: Final = {
 
 SEND_MESSAGE_TAKES = EventSpec(
     "messaging:send_message:v1:requested",
-    "Send a message to a conversation. The sender is the authenticated user (metadata.user_id).",
+    "Send a message to a conversation. The sender is the authenticated user (metadata.user_id). The first "
+    "message creates the conversation, its sender and the users it names in `participants` taking part; after "
+    "that only participants (and admins) may send, and the result is theirs only.",
     {
         "type": "object",
         "required": ["conversation_id", "text"],
         "properties": {
             "conversation_id": _CONVERSATION_ID,
             "text": {"type": "string", "minLength": 1, "description": "The message (at most max_text_length)."},
+            "participants": _PARTICIPANTS_NAMED,
             "user_id": _USER_ID,
         },
     },
-    example={"conversation_id": "team-42", "text": "Standup in 5 minutes"},
+    example={"conversation_id": "team-42", "text": "Standup in 5 minutes", "participants": ["bob", "cy"]},
 )
 
 SEND_MESSAGE_EMITS = (
     EventSpec(
         SENT,
-        "The stored message. Streams of the conversation follow these events, whichever node sent it.",
+        "The stored message and the conversation's participants. Streams of the conversation follow these "
+        "events, whichever node sent it, and every node keeps the participants they name. With authentication on "
+        "it reaches the sender (and admins) only.",
         {
             "type": "object",
-            "required": list(_MESSAGE_PROPERTIES),
-            "properties": _MESSAGE_PROPERTIES,
+            "required": [*_MESSAGE_PROPERTIES, "participants"],
+            "properties": {**_MESSAGE_PROPERTIES, "participants": _PARTICIPANTS},
         },
-        example=_MESSAGE_EXAMPLE,
+        example={**_MESSAGE_EXAMPLE, "participants": ["ada", "bob", "cy"]},
     ),
 )
 
@@ -66,7 +97,7 @@ STREAM_MESSAGES_TAKES = EventSpec(
     "messaging:stream_messages:v1:requested",
     "Stream a conversation's messages, one `stream` event each: the history first (all of it, or what "
     "came after `since`; at most the most recent history_limit), then every new message live, until "
-    "cancelled. No message is missed or repeated between the two.",
+    "cancelled. No message is missed or repeated between the two." + _PARTICIPANTS_ONLY,
     {
         "type": "object",
         "required": ["conversation_id"],
@@ -106,7 +137,8 @@ STREAM_MESSAGES_EMITS = (
 
 SET_TYPING_TAKES = EventSpec(
     "messaging:set_typing:v1:requested",
-    "Say that the requester is typing (or stopped). An indicator lasts typing_ttl_s (5 s) unless set again.",
+    "Say that the requester is typing (or stopped). An indicator lasts typing_ttl_s (5 s) unless set again."
+    + _PARTICIPANTS_ONLY,
     {
         "type": "object",
         "required": ["conversation_id", "typing"],
@@ -145,7 +177,9 @@ SET_TYPING_EMITS = (
     ),
     EventSpec(
         TYPING_CHANGED,
-        "A typing indicator was set or cleared; every node's typing streams follow these events.",
+        "A typing indicator was set or cleared; every node's typing streams follow these events. Its "
+        "metadata.audience names the conversation's participants: with authentication on, only they (and admins) "
+        "receive it.",
         {
             "type": "object",
             "required": ["conversation_id", "user_id", "typing", "ttl_s"],
@@ -163,7 +197,7 @@ SET_TYPING_EMITS = (
 STREAM_TYPING_TAKES = EventSpec(
     "messaging:stream_typing:v1:requested",
     "Stream the typing indicators of a conversation: who types now, then each change (someone started, "
-    "stopped, or their indicator expired).",
+    "stopped, or their indicator expired)." + _PARTICIPANTS_ONLY,
     {
         "type": "object",
         "required": ["conversation_id"],
@@ -197,7 +231,7 @@ STREAM_PRESENCE_TAKES = EventSpec(
     "messaging:stream_presence:v1:requested",
     "Stream who is present in a conversation. A user joins when they start any stream in it "
     "(stream_messages, stream_typing, stream_presence) and leaves when their last one ends, including by "
-    "their connection dropping.",
+    "their connection dropping." + _PARTICIPANTS_ONLY,
     {
         "type": "object",
         "required": ["conversation_id"],

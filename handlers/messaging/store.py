@@ -11,6 +11,11 @@ messages it saw on the bus (sent through another node) can insert the same messa
 The database runs in WAL mode, so readers never block the writer and several connections (the plugin's
 handlers, or several nodes on one machine) can share the file; ``synchronous`` is ``NORMAL`` by default (a
 committed message survives a crash of the process; ``FULL`` also survives a power cut, at some write cost).
+
+Participants: who takes part in each conversation (see the plugin's docstring for the rule), one row per
+conversation and user. Adding them is idempotent too, and nobody is ever removed, so nodes replicating them from
+the bus in any order agree. Schema version 2 added them: a version 1 database gets the senders of its stored
+messages as the participants of their conversations.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Concatenate, Final, ParamSpec, TypeVar
 
 from .conversations import AfterMessage, Cursor, InvalidRequest, Message, SinceTime
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 SYNCHRONOUS_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA: Final = """
@@ -39,7 +44,14 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (conversation_id, sent_ts);
+CREATE TABLE IF NOT EXISTS participants (
+    conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, user_id)
+) WITHOUT ROWID;
 """
+
+_FROM_VERSION_1: Final = "INSERT OR IGNORE INTO participants SELECT DISTINCT conversation_id, sender FROM messages"
 
 _COLUMNS: Final = "seq, message_id, conversation_id, sender, text, sent_at, sent_ts"
 
@@ -94,6 +106,8 @@ class MessageStore:
                     f"{self.path} has schema version {version}, newer than this plugin's ({SCHEMA_VERSION})"
                 )
             db.executescript(_SCHEMA)
+            if version == 1:
+                db.execute(_FROM_VERSION_1)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             db.close()
@@ -129,6 +143,20 @@ class MessageStore:
         )
         row = db.execute("SELECT seq FROM messages WHERE message_id = ?", (message.message_id,)).fetchone()
         return int(row[0])
+
+    @_serialized
+    def participants(self, conversation_id: str) -> frozenset[str]:
+        """Who takes part in the conversation (empty: nobody has written to it yet)."""
+        rows = self.db.execute("SELECT user_id FROM participants WHERE conversation_id = ?", (conversation_id,))
+        return frozenset(str(row[0]) for row in rows)
+
+    @_serialized
+    def add_participants(self, conversation_id: str, users: Iterable[str]) -> None:
+        """Make ``users`` participants of the conversation (those already in it stay, once)."""
+        self.db.executemany(
+            "INSERT OR IGNORE INTO participants (conversation_id, user_id) VALUES (?, ?)",
+            [(conversation_id, user) for user in users],
+        )
 
     @_serialized
     def history(self, conversation_id: str, since: Cursor, limit: int) -> tuple[list[tuple[int, Message]], int]:
