@@ -40,7 +40,9 @@ HealthCallback = Callable[[bool], None]
 DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
 RESERVED_STATES: Final = LIFECYCLE_STATES - {REQUESTED}
 """States only the provider publishes for a type a handler serves."""
-SERVER_METADATA: Final = frozenset({OWNER, "auth"})
+ADMIN: Final = "admin"
+"""Metadata key: ``true`` on an event an admin token published as itself (set by the node only)."""
+SERVER_METADATA: Final = frozenset({OWNER, "auth", ADMIN})
 """Metadata keys only the server writes (a client's values are dropped)."""
 
 
@@ -168,7 +170,11 @@ class Node(abc.ABC):
         metadata[OWNER] = principal.owner
         if principal.authenticated and principal.user_id:
             if not (principal.admin and metadata.get("user_id")):
+                # An admin relaying its users (a gateway's upstream token) keeps their user id; its own events say
+                # that they come from an admin, which handlers may trust (the key is the server's alone).
                 metadata["user_id"] = principal.user_id
+                if principal.admin:
+                    metadata[ADMIN] = "true"
         else:
             metadata["auth"] = "none"
         return event.evolve(metadata=metadata)

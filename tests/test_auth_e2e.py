@@ -500,3 +500,66 @@ def test_protected_mode_refuses_an_anonymous_server_on_every_interface() -> None
     finally:
         process.terminate()
         process.wait(GUARD)
+
+
+async def sse_events(server: TestServer, bearer: str, until_offset: int) -> list[dict[str, Any]]:
+    """The event objects an /sse stream for '>' with ``bearer`` replays from the start of the history and
+    delivers, up to the one at ``until_offset``."""
+    port = server.server.ws_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    path = f"/sse?patterns=%3E&since_offset=0&epoch={quote(server.bus.epoch)}&token={quote(bearer)}"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    got: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(GUARD):
+            assert b" 200 " in await reader.readuntil(b"\r\n")
+            while not got or got[-1].get("offset") != until_offset:
+                line = (await reader.readline()).decode()
+                if line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if "offset" in data:
+                        got.append(data)
+    finally:
+        writer.close()
+    return got
+
+
+async def test_private_events_and_lifecycles_reach_only_their_users_on_every_transport(nexus: TestServer) -> None:
+    """bob, subscribed to everything over gRPC, WebSocket and SSE (live and replay), receives neither alice's
+    request, its chunks and result, nor her note to carol; carol receives the note; the admin receives it all."""
+    everything = {"subscribe": (">",), "publish": (">",)}
+    async with client(nexus, token("alice", **everything)) as alice, client(nexus, token("bob", **everything)) as bob:
+        recorder = Recorder(bob.subscribe(">"))
+        await recorder.start()
+        ws_bob = await ws_open(nexus, token("bob", **everything))
+        assert json.loads(await ws_bob.recv())["type"] == "connection"
+        assert (await frame(ws_bob, type="subscribe", event_types=[">"]))["type"] == "subscribed"
+        done = await alice.call("auth:echo:v1:requested", {"secret": "alice's"})
+        note = await alice.emit("demo:note:v1:sent", {"text": "for carol"}, metadata={"audience": "carol"})
+        async with client(nexus, token("root", admin=True)) as admin:
+            marker = await admin.emit("demo:marker:v1:set", {})
+        private = {done.correlation_id, note.event_id}
+
+        seen_grpc = await recorder.wait_for(lambda evs: any(e.offset == marker.offset for e in evs), GUARD)
+        await recorder.stop()
+        seen_ws: list[dict[str, Any]] = []
+        while not seen_ws or seen_ws[-1].get("offset") != marker.offset:
+            message = json.loads(await asyncio.wait_for(ws_bob.recv(), GUARD))
+            if "offset" in message:
+                seen_ws.append(message)
+        await ws_bob.close()
+        seen_sse = await sse_events(nexus, token("bob", **everything), marker.offset)
+        for seen in (
+            [(e.event_id, e.correlation_id) for e in seen_grpc],
+            [(f["event_id"], f["metadata"].get("correlation_id", "")) for f in seen_ws],
+            [(f["event_id"], f["metadata"].get("correlation_id", "")) for f in seen_sse],
+        ):
+            assert all(event_id not in private and correlation not in private for event_id, correlation in seen)
+            assert seen[-1][0] == marker.event_id
+
+        carol_seen = await sse_events(nexus, token("carol", subscribe=(">",)), marker.offset)
+        assert note.event_id in [f["event_id"] for f in carol_seen]
+        assert done.correlation_id not in [f["metadata"].get("correlation_id") for f in carol_seen]
+        root_seen = await sse_events(nexus, token("root", admin=True), marker.offset)
+        root_ids = {f["event_id"] for f in root_seen} | {f["metadata"].get("correlation_id") for f in root_seen}
+        assert private <= root_ids

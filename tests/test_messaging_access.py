@@ -347,3 +347,19 @@ async def test_every_node_keeps_the_participants_of_private_messages(cluster: li
             stream = follow(carol, STREAM, {"conversation_id": "shared"})
             assert len(await stream.wait_for(lambda chunks: len(chunks) == 4)) == 4
             await stream.cancel()
+
+
+async def test_an_admin_token_reads_every_conversation_without_being_listed(cluster: list[TestServer]) -> None:
+    """ops is no messaging admin by configuration, but its token is an admin token: the node marks its requests
+    (metadata.admin, which no client can set) and ops reads a conversation it takes no part in; dave, whose
+    request claims admin in its metadata, is refused."""
+    a, b = cluster
+    async with user(a, "alice") as alice, user(b, "ops", admin=True) as ops, user(b, "dave") as dave:
+        await sent(alice, "secret", "for alice")
+        stream = follow(ops, STREAM, {"conversation_id": "secret"})
+        [chunk] = await stream.wait_for(lambda chunks: len(chunks) == 1)
+        assert chunk["text"] == "for alice"
+        await stream.cancel()
+        refused = await dave.call(STREAM, {"conversation_id": "secret"}, metadata={"admin": "true"})
+        assert refused.state == "failed"
+        assert "is not a participant" in refused.payload["error"]["message"]
