@@ -189,6 +189,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self._encode = EncodeCache(warnings=self.bad_input)
         self.undecodable = 0
         """Requests refused because their bytes were not a valid message."""
+        self.subscriptions = 0
+        """Subscription calls open now."""
+        self.events_sent = 0
+        """Events written to subscription calls."""
+        """Requests refused because their bytes were not a valid message."""
 
     @property
     def events_skipped(self) -> int:
@@ -242,7 +247,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             self._quota(context).publish(asyncio.get_running_loop().time())
             event = event_from_request(request, limits=self.limits)
-            published = await self.node.publish(event, principal=principal)
+            published = await self.node.publish(event, principal=principal, transport="grpc")
         except NexusError as error:
             await abort(context, error)
         return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
@@ -261,7 +266,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             try:
                 quota.publish(loop.time())
                 event = event_from_request(item.event, limits=self.limits)
-                published = await self.node.publish(event, principal=principal)
+                published = await self.node.publish(event, principal=principal, transport="grpc")
             except NexusError as error:
                 error.message = f"event {index} (after {stored} stored): {error.message}"
                 await abort(context, error)
@@ -325,7 +330,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     since_offset=since_offset,
                     recovered=sub.recovered,
                 )
-                yield sub
+                self.subscriptions += 1
+                try:
+                    yield sub
+                finally:
+                    self.subscriptions -= 1
             except SlowConsumer as error:
                 log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
                 await abort(context, error)
@@ -341,6 +350,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         encode = self._encode.encode
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch():
+                self.events_sent += len(batch)
                 for event in batch:
                     data = encode(event)  # pre-serialized bytes; None for an event no client could read
                     if data is not None:
@@ -353,6 +363,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         encode_batch = self._encode.encode_batch
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch(size):
+                self.events_sent += len(batch)
                 data = encode_batch(batch)  # pre-serialized bytes, without events no client could read
                 if data:
                     await context.write(data)
