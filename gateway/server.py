@@ -354,7 +354,7 @@ class GatewayServer:
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in (WS_PATH, SSE_PATH, "/api/streams", "/api/handlers"):
+        if path in (WS_PATH, SSE_PATH, "/api/streams", "/api/handlers", "/api/metrics"):
             refused = self._check_origin(connection, request, path)
             if refused is not None:
                 return refused

@@ -12,11 +12,14 @@ transport, an error code; never a client-chosen event type or id.
 
 Instruments (all with ``messaging.system = "nexus"``):
 
-- ``messaging.client.sent.messages`` (counter): events accepted; ``messaging.destination.service``, ``nexus.transport``.
+- ``messaging.client.sent.messages`` (observable counter): events accepted; ``messaging.destination.service``,
+  ``nexus.transport``.
 - ``messaging.client.consumed.messages`` (observable counter): events written to subscribers; ``nexus.transport``.
-- ``messaging.client.operation.duration`` (histogram, s): publish latency; ``nexus.transport``.
+- ``messaging.client.operation.duration`` (histogram, s): publish latency; ``nexus.transport``. Sampled: the first
+  :data:`MAX_SAMPLES` publishes between two collections (scrapes) are recorded, at collection time.
 - ``messaging.process.duration`` (histogram, s): handler run time; ``nexus.handler``, ``nexus.outcome``.
-- ``nexus.delivery.latency`` (histogram, s): event timestamp to a subscriber taking it (one sample per batch).
+- ``nexus.delivery.latency`` (histogram, s): event timestamp to a subscriber taking it (one sample per batch;
+  sampled as the publish latency is).
 - ``nexus.handler.failures`` (counter): ``nexus.handler``, ``error.type``.
 - ``nexus.refused`` (counter): inputs refused (by the node, or a gateway error frame); ``error.type`` (the
   error code), ``nexus.transport``.
@@ -55,6 +58,8 @@ MAX_SERVICES: Final = 64
 """Distinct service tokens labelled by name; any other service counts as ``other``."""
 DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROMETHEUS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+MAX_SAMPLES: Final = 2048
+"""Latency samples (publish, delivery) kept between two collections; later ones are not sampled."""
 HANDLER_WINDOW_S: Final = 60.0
 HANDLER_SAMPLES: Final = 1024
 
@@ -129,8 +134,15 @@ class Telemetry:
         self.handlers: dict[str, HandlerWindow] = {}
         self._attrs: dict[tuple[str, ...], dict[str, str]] = {}
         self._sources: dict[str, list[Observe]] = {}
-        self._sent = meter.create_counter(
-            "messaging.client.sent.messages", unit="{message}", description="Events accepted for publishing."
+        self._sent: dict[tuple[str, str], int] = {}
+        self._service_cache: dict[str, str] = {}
+        self._latency_samples: list[float] = []
+        self._operation_samples: list[tuple[str, float]] = []
+        meter.create_observable_counter(
+            "messaging.client.sent.messages",
+            [self._observe_sent],
+            unit="{message}",
+            description="Events accepted for publishing.",
         )
         self._operation = meter.create_histogram(
             "messaging.client.operation.duration", unit="s", description="Publish latency (until stored)."
@@ -171,6 +183,23 @@ class Telemetry:
         """Read ``source`` whenever the instrument ``name`` is collected."""
         self._sources[name].append(source)
 
+    def _observe_sent(self, options: CallbackOptions) -> Iterable[Observation]:
+        self.flush()  # collection time: the sampled latencies go into their histograms
+        for (service, transport), count in list(self._sent.items()):
+            yield Observation(
+                count, self.attributes(messaging__destination__service=service, nexus__transport=transport)
+            )
+
+    def flush(self) -> None:
+        """Record the latency samples kept since the last collection into their histograms."""
+        latencies, self._latency_samples = self._latency_samples, []
+        operations, self._operation_samples = self._operation_samples, []
+        attrs = self.attributes()
+        for seconds in latencies:
+            self._delivery.record(seconds, attrs)
+        for transport, seconds in operations:
+            self._operation.record(seconds, self._transport_attrs(transport))
+
     def _callback(self, sources: list[Observe]) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             for source in sources:
@@ -205,15 +234,18 @@ class Telemetry:
         """``events`` were stored through ``transport`` in ``seconds``."""
         if not self.enabled:
             return
-        self._operation.record(seconds, self._transport_attrs(transport))
+        if len(self._operation_samples) < MAX_SAMPLES:
+            self._operation_samples.append((transport, seconds))
+        cache = self._service_cache
+        sent = self._sent
         for event in events:
-            service = self.service_of(event.event_type)
-            key = ("sent", service, transport)
-            attrs = self._attrs.get(key)
-            if attrs is None:
-                attrs = self.attributes(messaging__destination__service=service, nexus__transport=transport)
-                self._attrs[key] = attrs
-            self._sent.add(1, attrs)
+            service = cache.get(event.event_type)
+            if service is None:
+                if len(cache) > 10_000:
+                    cache.clear()
+                service = cache[event.event_type] = self.service_of(event.event_type)
+            key = (service, transport)
+            sent[key] = sent.get(key, 0) + 1
 
     def _transport_attrs(self, transport: str) -> dict[str, str]:
         return self.attributes(nexus__transport=transport)
@@ -223,8 +255,8 @@ class Telemetry:
             self._refused.add(1, self.attributes(error__type=code, nexus__transport=transport))
 
     def delivery_latency(self, seconds: float) -> None:
-        if self.enabled:
-            self._delivery.record(seconds, self.attributes())
+        if self.enabled and len(self._latency_samples) < MAX_SAMPLES:
+            self._latency_samples.append(seconds)
 
     def handler_ended(self, handler: str, outcome: str, seconds: float, error_type: str | None) -> None:
         """One run of ``handler`` ended with ``outcome`` (``success``, ``failed``, ``timeout``, ``cancelled``)."""
@@ -243,6 +275,7 @@ class Telemetry:
 
     def prometheus_text(self) -> bytes:
         """Every instrument in the Prometheus text format (collected now)."""
+        self.flush()
         return generate_latest(self.registry)
 
     def handler_snapshot(self, window_s: float = HANDLER_WINDOW_S) -> dict[str, dict[str, float]]:

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from nexus import Event, EventHandler
+from nexus.auth import mint_token
 from nexus.errors import PermissionDenied
 from nexus.telemetry import Telemetry
 from nexus.testing import TestServer, run_server
@@ -262,3 +263,24 @@ def test_service_tokens_are_capped() -> None:
     assert len(telemetry.services) == 64
     assert telemetry.service_of("s99:x:v1:happened") == "other"
     assert telemetry.service_of("s1:x:v1:happened") == "s1"
+
+
+SECRET = "s" * 32
+
+
+async def test_with_authentication_metrics_need_an_admin_token_unless_public() -> None:
+    """Authentication on: `/metrics` answers 401 without a token, 403 to a user, 200 to an admin; with
+    `metrics_public` a scraper without a token gets it."""
+    async with run_server(gateway=True, jwt_secret=SECRET) as nexus:
+        port = nexus.server.ws_port
+        assert (await http_get(port, "/metrics"))[0] == 401
+        user = mint_token(SECRET, "alice")
+        assert (await http_get(port, "/metrics", f"Authorization: Bearer {user}\r\n"))[0] == 403
+        assert (await http_get(port, f"/api/metrics?token={user}"))[0] == 403
+        admin = mint_token(SECRET, "root", admin=True)
+        status, _, body = await http_get(port, "/metrics", f"Authorization: Bearer {admin}\r\n")
+        assert status == 200
+        parse(body.decode())
+        assert (await http_get(port, "/readyz"))[0] == 200  # health stays open
+    async with run_server(gateway=True, jwt_secret=SECRET, metrics_public=True) as nexus:
+        assert (await http_get(nexus.server.ws_port, "/metrics"))[0] == 200
