@@ -14,7 +14,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 import structlog
@@ -242,10 +242,10 @@ class NexusServer:
         )
         telemetry.observe("nexus.history.events", self._observe_history)
         telemetry.observe("nexus.history.bytes", lambda: [(getattr(self.bus, "history_bytes", 0), {})])
-        bus_counters = getattr(self.bus, "telemetry_counters", None)
-        if bus_counters is not None:
-            telemetry.observe("nexus.nats.consumer.lag", lambda: [(bus_counters()["consumer_lag"], {})])
-            telemetry.observe("nexus.nats.reconnects", lambda: [(bus_counters()["reconnects"], {})])
+        if hasattr(self.bus, "consumer_lag"):  # the NATS bus
+            bus: Any = self.bus
+            telemetry.observe("nexus.nats.consumer.lag", lambda: [(bus.consumer_lag, {})])
+            telemetry.observe("nexus.nats.reconnects", lambda: [(bus.reconnects, {})])
 
     def _observe_streams(self) -> list[tuple[float, dict[str, str]]]:
         counts = dict.fromkeys(self.provider.registrations, 0)

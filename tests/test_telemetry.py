@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -284,3 +285,25 @@ async def test_with_authentication_metrics_need_an_admin_token_unless_public() -
         assert (await http_get(port, "/readyz"))[0] == 200  # health stays open
     async with run_server(gateway=True, jwt_secret=SECRET, metrics_public=True) as nexus:
         assert (await http_get(nexus.server.ws_port, "/metrics"))[0] == 200
+
+
+@pytest.mark.nats
+async def test_on_nats_the_consumer_lag_and_reconnects_are_reported() -> None:
+    """On the NATS bus `/metrics` carries the tail's consumer lag (0 once caught up) and the reconnect count."""
+    url = shared_nats_url()
+    stream, prefix = unique_names("metrics")
+    try:
+        async with run_server(Echo(), gateway=True, settings=nats_settings(url, stream, prefix)) as nexus:
+            await nexus.client.call("demo:echo:v1:requested", {})
+            samples = await scrape(nexus.server.ws_port)
+            assert ("nexus_nats_reconnects_total", frozenset({("messaging_system", "nexus")})) in samples
+            assert value(samples, "nexus_nats_reconnects_total") == 0
+            bus: Any = nexus.server.bus
+            bus.reconnects += 1  # what a reconnection does (a real one is tested in tests/test_bus_nats.py)
+            await wait_until(lambda: bus.consumer_lag == 0)
+            samples = await scrape(nexus.server.ws_port)
+            assert value(samples, "nexus_nats_reconnects_total") == 1
+            assert ("nexus_nats_consumer_lag", frozenset({("messaging_system", "nexus")})) in samples
+            assert value(samples, "nexus_nats_consumer_lag") == 0
+    finally:
+        await delete_stream(url, stream)
