@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
-from nexus.errors import AlreadyExists, InvalidArgument, NexusError, PermissionDenied, ReservedState
+from nexus.errors import AlreadyExists, InvalidArgument, PermissionDenied, ReservedState
 from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
@@ -128,12 +128,8 @@ class Node(abc.ABC):
         Once it returns, :meth:`head_offset` includes the event (a later ``subscribe`` starts after it).
         """
         start = time.perf_counter()
-        try:
-            published = await self._publish(self.admit(event, principal))
-            self._check_owner(published, principal)
-        except NexusError as exc:
-            self.telemetry.refused(exc.code.value, transport)
-            raise
+        published = await self._publish(self.admit(event, principal))
+        self._check_owner(published, principal)
         self.telemetry.published((event,), transport, time.perf_counter() - start)
         return published
 
@@ -142,14 +138,10 @@ class Node(abc.ABC):
     ) -> list[Published]:
         """Store several events in order (each checked as :meth:`publish` checks one)."""
         start = time.perf_counter()
-        try:
-            admitted = [self.admit(event, principal) for event in events]
-            results = await self._publish_many(admitted)
-            for published in results:
-                self._check_owner(published, principal)
-        except NexusError as exc:
-            self.telemetry.refused(exc.code.value, transport)
-            raise
+        admitted = [self.admit(event, principal) for event in events]
+        results = await self._publish_many(admitted)
+        for published in results:
+            self._check_owner(published, principal)
         self.telemetry.published(events, transport, time.perf_counter() - start)
         return results
 

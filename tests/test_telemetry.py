@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from nexus import Event, EventHandler
 from nexus.auth import mint_token
-from nexus.errors import PermissionDenied
+from nexus.errors import InvalidArgument, PermissionDenied
 from nexus.telemetry import Telemetry
 from nexus.testing import TestServer, run_server
 
@@ -132,6 +132,8 @@ async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(nexus: Tes
     await nexus.client.emit("chat:said:v1:happened", {"text": "hi"})
     with pytest.raises(PermissionDenied):
         await nexus.client.emit("demo:echo:v1:success", {})
+    with pytest.raises(InvalidArgument):
+        await nexus.client.emit("not an event type", {})
     async with connect(f"ws://127.0.0.1:{port}/ws", subprotocols=["nexus.v1"]) as ws:  # type: ignore[list-item]
         json.loads(await ws.recv())
         await ws.send(json.dumps({"type": "subscribe", "event_types": ["chat:>"]}))
@@ -174,7 +176,8 @@ async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(nexus: Tes
     assert moved("nexus_handler_failures_total", nexus_handler="test_telemetry:Boom", error_type="handler_error") == 1
     assert moved("nexus_handler_failures_total", nexus_handler="test_telemetry:Sleepy", error_type="timeout") == 1
     assert moved("nexus_refused_total", error_type="permission_denied", nexus_transport="grpc") == 1
-    assert moved("nexus_refused_total", nexus_transport="websocket") >= 1
+    assert moved("nexus_refused_total", error_type="invalid_argument", nexus_transport="grpc") == 1
+    assert moved("nexus_refused_total", nexus_transport="websocket") == 1  # the bad frame, counted once
     # Deliveries, their latency, the stalled socket, the history.
     assert moved("messaging_client_consumed_messages_total", nexus_transport="websocket") >= 2
     assert moved("nexus_delivery_latency_seconds_count") >= 1

@@ -195,6 +195,11 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         """Events written to subscription calls."""
         """Requests refused because their bytes were not a valid message."""
 
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], error: NexusError) -> NoReturn:
+        """End the call with ``error`` (:func:`abort`), counted as a refused input by its code."""
+        self.node.telemetry.refused(error.code.value, "grpc")
+        await abort(context, error)
+
     @property
     def events_skipped(self) -> int:
         """Events no subscriber was sent because they could not be encoded (each counted once)."""
@@ -209,7 +214,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             log, "grpc_undecodable_request", method=method, peer=_peer(context), index=index, error=request.reason
         )
         message = request.message if index == 0 else f"message {index} of the stream: {request.message}"
-        await abort(context, InvalidArgument(message))
+        await self._refuse(context, InvalidArgument(message))
 
     # --- the client's quota ---------------------------------------------------------------------------------
 
@@ -232,7 +237,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             error = Unauthenticated("the credentials could not be checked")
         self.auth_refused += 1
         self.bad_input.warning(log, "grpc_auth_refused", peer=peer, code=error.code.value, reason=error.message)
-        await abort(context, error)
+        await self._refuse(context, error)
 
     def _quota(self, context: grpc.aio.ServicerContext[Any, Any]) -> ClientQuota:
         """The quota of the connection this call came on (its peer address)."""
@@ -249,7 +254,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             event = event_from_request(request, limits=self.limits)
             published = await self.node.publish(event, principal=principal, transport="grpc")
         except NexusError as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
 
     async def PublishEvents(
@@ -269,7 +274,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 published = await self.node.publish(event, principal=principal, transport="grpc")
             except NexusError as error:
                 error.message = f"event {index} (after {stored} stored): {error.message}"
-                await abort(context, error)
+                await self._refuse(context, error)
             index += 1
             if published.duplicate:
                 duplicates += 1
@@ -305,7 +310,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 quota.close_subscription()
                 raise
         except NexusError as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         try:
             try:
                 # The node validates every pattern before it registers anything.
@@ -317,7 +322,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     principal=principal,
                 )
             except NexusError as error:
-                await abort(context, error)
+                await self._refuse(context, error)
             try:
                 metadata = [("nexus-epoch", sub.epoch), ("nexus-head-offset", str(sub.head_offset))]
                 if sub.recovered is not None:
@@ -337,7 +342,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     self.subscriptions -= 1
             except SlowConsumer as error:
                 log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
-                await abort(context, error)
+                await abort(context, error)  # counted as a slow-consumer disconnect, not a refusal
             finally:
                 sub.close()
         finally:
@@ -381,12 +386,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             session = self.node.open_request(event, principal=principal)
             quota.start_request()
         except NexusError as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         try:
             try:
                 published = await session.start(max_pending=self.subscriber_queue)
             except NexusError as error:
-                await abort(context, error)
+                await self._refuse(context, error)
             message = "duplicate" if published.duplicate else "stored"
             yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
             async for item in session.events():
@@ -394,7 +399,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 if data is not None:
                     yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         finally:
             # The requester left before the end (cancelled call, failed send, too slow): its stream goes too.
             # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
@@ -406,7 +411,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.CancelStreamResponse:
         principal = await self._principal(context)
         if not request.correlation_id:
-            await abort(context, InvalidArgument("correlation_id is required"))
+            await self._refuse(context, InvalidArgument("correlation_id is required"))
         # The reason is stored in the cancelled event's payload: a client never writes more than a line of it.
         reason = request.reason[:MAX_CANCEL_REASON] or "cancelled by requester"
         found = await self.node.cancel(request.correlation_id, reason, principal=principal)
