@@ -235,9 +235,6 @@ class NexusServer:
             ],
         )
         telemetry.observe(
-            "nexus.connections.active", lambda: [(self.servicer.subscriptions, {"nexus__transport": "grpc"})]
-        )
-        telemetry.observe(
             "messaging.client.consumed.messages", lambda: [(self.servicer.events_sent, {"nexus__transport": "grpc"})]
         )
         telemetry.observe("nexus.history.events", self._observe_history)

@@ -128,6 +128,7 @@ class Telemetry:
             metric_readers=readers,
             resource=Resource.create({"service.name": SYSTEM}),
             views=[View(instrument_type=_Histogram, aggregation=seconds)],
+            shutdown_on_exit=False,  # stopped with its server; no atexit hook holding every test server's provider
         )
         meter = self.provider.get_meter("nexus")
         self.services: set[str] = set()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import socket
+import sys
+import types
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -310,3 +314,29 @@ async def test_on_nats_the_consumer_lag_and_reconnects_are_reported() -> None:
             assert value(samples, "nexus_nats_consumer_lag") == 0
     finally:
         await delete_stream(url, stream)
+
+
+def test_otlp_export_is_wired_only_with_the_extra_and_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No endpoint: no OTLP reader. An endpoint without the `otlp` extra: none either, and no error. An endpoint
+    with the exporter importable: the metrics are pushed to it (flushed at shutdown)."""
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raising=False)
+    assert Telemetry().otlp is False
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.metric_exporter", None)
+    assert Telemetry().otlp is False
+
+    exported = io.StringIO()
+
+    class OTLPMetricExporter(ConsoleMetricExporter):  # stands in for the extra's exporter
+        def __init__(self) -> None:
+            super().__init__(out=exported)
+
+    module = types.ModuleType("opentelemetry.exporter.otlp.proto.grpc.metric_exporter")
+    module.OTLPMetricExporter = OTLPMetricExporter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.metric_exporter", module)
+    telemetry = Telemetry()
+    assert telemetry.otlp is True
+    telemetry.handler_ended("echo", "success", 0.01, None)
+    telemetry.shutdown()
+    assert "messaging.process.duration" in exported.getvalue()
