@@ -193,7 +193,6 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         """Subscription calls open now."""
         self.events_sent = 0
         """Events written to subscription calls."""
-        """Requests refused because their bytes were not a valid message."""
 
     async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], error: NexusError) -> NoReturn:
         """End the call with ``error`` (:func:`abort`), counted as a refused input by its code."""
@@ -399,7 +398,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 if data is not None:
                     yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:
-            await self._refuse(context, error)
+            await abort(context, error)  # a slow consumer, not a refused input
         finally:
             # The requester left before the end (cancelled call, failed send, too slow): its stream goes too.
             # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
