@@ -8,6 +8,9 @@
    subscriber. Target (DESIGN §7): the batched bus is faster, ratio > 1.
 2. gRPC: events/s through ``SubscribeEventBatches`` against ``SubscribeEvents`` (one event per message) on
    the same server. Target: batched > 3x.
+3. Metrics: deliveries/s through a server's node (publishes counted and timed, delivery latency recorded) with
+   metrics on against the same server with ``metrics = false``; rounds interleaved, the median ratio reported.
+   Target: on/off >= 0.9 (metrics cost at most 10%).
 
 Prints one JSON object; exits 1 when a target is missed.
 """
@@ -17,13 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from typing import Any
 
 from nexus.bus.memory import MemoryBus
+from nexus.config import Settings
 from nexus.events import Event
 from nexus.logs import configure_logging
+from nexus.server import NexusServer
 from nexus.testing import run_server
 from nexus.v1 import nexus_pb2
 
@@ -112,6 +118,56 @@ async def grpc_rates(events: int) -> tuple[float, float]:
         return await one_per_message(), await batched()
 
 
+async def server_fanout(events: int, subscribers: int, *, metrics: bool) -> float:
+    """Deliveries/s to ``subscribers`` of events published through a server's node, as a transport does."""
+    settings = Settings(
+        host="127.0.0.1",
+        grpc_port=0,
+        gateway=False,
+        load_entry_points=False,
+        metrics=metrics,
+        history_size=events + 10,
+        subscriber_queue=events + 10,
+    )
+    server = NexusServer(settings)
+    await server.start()
+    node = server.node
+    subs = [await node.subscribe([">"], max_pending=events + 10) for _ in range(subscribers)]
+    received = 0
+
+    async def drain(index: int) -> None:
+        nonlocal received
+        got = 0
+        while got < events:
+            got += len(await subs[index].next_batch())
+        received += got
+
+    start = time.perf_counter()
+    readers = [asyncio.create_task(drain(i)) for i in range(subscribers)]
+    for i in range(events):
+        await node.publish(Event("bench:tick:v1:happened", PAYLOAD, event_id=f"m{i}"), transport="grpc")
+        if i % 100 == 99:
+            await asyncio.sleep(0)
+    await asyncio.gather(*readers)
+    elapsed = time.perf_counter() - start
+    if metrics:
+        assert b"messaging_client_sent_messages_total" in server.telemetry.prometheus_text()
+    await server.stop(0)
+    return received / elapsed
+
+
+async def metrics_on_off(events: int, subscribers: int, rounds: int) -> tuple[float, float, float]:
+    """Median deliveries/s with metrics on and off, and the median of the per-round on/off ratios."""
+    on: list[float] = []
+    off: list[float] = []
+    for index in range(rounds):
+        order = (True, False) if index % 2 == 0 else (False, True)
+        for metrics in order:
+            (on if metrics else off).append(await server_fanout(events, subscribers, metrics=metrics))
+    ratios = sorted(a / b for a, b in zip(on, off, strict=True))
+    return statistics.median(on), statistics.median(off), ratios[len(ratios) // 2]
+
+
 async def main(quick: bool) -> int:
     configure_logging("json", "warning")  # logs to stderr; stdout carries only the report
     events = 2_000 if quick else 20_000
@@ -119,6 +175,7 @@ async def main(quick: bool) -> int:
     bus_rate = await bus_fanout(events, subscribers)
     queue_rate = await queue_fanout(events, subscribers)
     single, batched = await grpc_rates(events)
+    metrics_on, metrics_off, metrics_ratio = await metrics_on_off(events, subscribers, 3 if quick else 7)
     result: dict[str, Any] = {
         "events": events,
         "subscribers": subscribers,
@@ -128,8 +185,15 @@ async def main(quick: bool) -> int:
         "grpc_single_events_per_s": round(single),
         "grpc_batched_events_per_s": round(batched),
         "grpc_batched_vs_single_ratio": round(batched / single, 2),
+        "metrics_on_deliveries_per_s": round(metrics_on),
+        "metrics_off_deliveries_per_s": round(metrics_off),
+        "metrics_on_vs_off_ratio": round(metrics_ratio, 3),
     }
-    result["targets_met"] = result["bus_vs_queue_ratio"] > 1 and result["grpc_batched_vs_single_ratio"] > 3
+    result["targets_met"] = (
+        result["bus_vs_queue_ratio"] > 1
+        and result["grpc_batched_vs_single_ratio"] > 3
+        and result["metrics_on_vs_off_ratio"] >= 0.9
+    )
     print(json.dumps(result, indent=2))
     return 0 if result["targets_met"] else 1
 

@@ -96,6 +96,10 @@ class GatewayStats:
     """Client frames refused as undecodable or malformed (answered with an error frame)."""
     events_skipped: int = 0
     """Events that could not be encoded for any connection (skipped; each counted once)."""
+    sse_events_sent: int = 0
+    """Of ``events_sent``, those written to ``/sse`` responses."""
+    sse_too_slow: int = 0
+    """Of ``too_slow``, ``/sse`` responses."""
 
 
 class GatewayConnection:
@@ -341,6 +345,7 @@ class GatewayConnection:
 
     def _error(self, error: ProtocolError) -> None:
         self._stats.errors_sent += 1
+        self.node.telemetry.refused(error.code, "websocket")
         self.enqueue(encode_protocol_error(error))
         close_code = error.spec.close_code
         if close_code is not None:

@@ -297,7 +297,7 @@ class Link:
     async def publish(self, event: Event) -> Published:
         """Store an event that is not a request."""
         self._check_open()
-        return await self.node.publish(event, principal=self.principal)
+        return await self.node.publish(event, principal=self.principal, transport="websocket")
 
     async def request(self, event: Event, *, announce: Callable[[Published], None]) -> None:
         """Publish a ``requested`` event; its lifecycle follows ``announce`` (the ``published`` frame)."""

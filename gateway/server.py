@@ -49,6 +49,7 @@ from nexus.logs import LogLimiter
 from nexus.node import Node
 from nexus.origins import DEFAULT_ALLOWED_ORIGINS, OriginPolicy
 from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits
+from nexus.telemetry import PROMETHEUS_CONTENT_TYPE
 
 from .auth import Authenticator, Credentials, allow_all, bearer_token, token_from
 from .connection import ConnectionLimits, GatewayConnection, GatewayStats
@@ -117,6 +118,8 @@ class GatewaySettings:
     """Origins whose pages may use the gateway besides its own (``nexus.origins``); ``*`` allows any."""
     ssl_context: ssl.SSLContext | None = None
     """Serve ``wss://`` and ``https://`` only (None: plain ``ws://`` and ``http://``)."""
+    metrics_admin_only: bool = False
+    """``/metrics`` and ``/api/metrics`` need an admin token (authentication on and ``metrics_public`` off)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewaySettings:
@@ -137,6 +140,7 @@ class GatewaySettings:
             sse_retry_ms=settings.sse_retry_ms,
             allowed_origins=tuple(settings.ws_allowed_origins),
             ssl_context=tls.ssl_context() if tls is not None else None,
+            metrics_admin_only=settings.auth_enabled and not settings.metrics_public,
         )
 
 
@@ -186,6 +190,14 @@ def listing_principal(principal: Principal) -> Principal:
     if not principal.authenticated and principal.subscribe is None:
         return LOCAL
     return principal
+
+
+def _count_by_handler(streams: Sequence[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stream in streams:
+        handler = str(stream.get("handler", ""))
+        counts[handler] = counts.get(handler, 0) + 1
+    return counts
 
 
 def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
@@ -342,7 +354,7 @@ class GatewayServer:
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in (WS_PATH, SSE_PATH, "/api/streams", "/api/handlers"):
+        if path in (WS_PATH, SSE_PATH, "/api/streams", "/api/handlers", "/api/metrics"):
             refused = self._check_origin(connection, request, path)
             if refused is not None:
                 return refused
@@ -362,6 +374,12 @@ class GatewayServer:
             if self.node.healthy and not self._stopping:
                 return _text_response(http.HTTPStatus.OK, "ok\n")
             return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        if path == "/readyz":
+            if self.node.ready and not self._stopping:
+                return _text_response(http.HTTPStatus.OK, "ready\n")
+            return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if path in ("/metrics", "/api/metrics"):
+            return await self._metrics(connection, request, path)
         if path in ("/api/streams", "/api/handlers"):
             principal = await self._authorize_http(connection, request)
             if isinstance(principal, Response):
@@ -370,6 +388,30 @@ class GatewayServer:
                 return await self._api(self.node.handlers)
             return await self._api(lambda: self.node.streams(principal=listing_principal(principal)))
         return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _metrics(self, connection: ServerConnection, request: Request, path: str) -> Response:
+        """``/metrics`` (Prometheus text) or ``/api/metrics`` (the page's handlers view); admins only when
+        ``metrics_admin_only``."""
+        if self.settings.metrics_admin_only:
+            principal = await self._authorize_http(connection, request)
+            if isinstance(principal, Response):
+                return principal
+            if not principal.admin:
+                return _json_response(
+                    {"error": "permission_denied", "message": "metrics need an admin token"}, http.HTTPStatus.FORBIDDEN
+                )
+        telemetry = self.node.telemetry
+        if not telemetry.enabled:
+            return _text_response(http.HTTPStatus.NOT_FOUND, "metrics are off (settings: metrics = false)\n")
+        if path == "/metrics":
+            return _response(http.HTTPStatus.OK, telemetry.prometheus_text(), PROMETHEUS_CONTENT_TYPE)
+        return _json_response(
+            {
+                "handlers": telemetry.handler_snapshot(),
+                "streams_by_handler": _count_by_handler(await self.node.streams(principal=LOCAL)),
+                "slow_consumer_disconnects": self.stats.too_slow,
+            }
+        )
 
     def _check_origin(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
         """A 403 for a page on an origin that may not use the gateway (cross-site WebSocket hijacking), before

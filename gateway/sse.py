@@ -436,6 +436,7 @@ class EventStream(asyncio.Protocol):
             self._write(b"".join(chunks))
         self.last_offset = last
         self._stats.events_sent += len(chunks)
+        self._stats.sse_events_sent += len(chunks)
         return taken
 
     def _room(self) -> int:
@@ -449,6 +450,7 @@ class EventStream(asyncio.Protocol):
     def _on_link_end(self, code: str | None) -> None:
         if code == GatewayCode.TOO_SLOW:
             self._stats.too_slow += 1
+            self._stats.sse_too_slow += 1
             log.warning("sse_client_too_slow", last_offset=self.last_offset)
             self.finish(code, f"too slow: resume from offset {self.last_offset}")
         else:

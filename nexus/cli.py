@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-gateway", action="store_false", dest="gateway", default=None, help="do not start the WebSocket gateway"
     )
+    serve.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port too (0: a free one)"
+    )
+    serve.add_argument(
+        "--no-metrics", action="store_false", dest="metrics", default=None, help="keep no metrics (no /metrics)"
+    )
     serve.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
     serve.add_argument("--ws-max-frames-per-s", type=float, help="frames per second one WebSocket may send (2000)")
     serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
@@ -370,6 +376,8 @@ SERVE_FIELDS = (
     "grpc_port",
     "ws_port",
     "gateway",
+    "metrics",
+    "metrics_port",
     "ws_max_frame_bytes",
     "ws_max_frames_per_s",
     "bus",

@@ -191,6 +191,12 @@ class Settings:
     """The directory plugins may read log files from (``anomalies:stream_log``); None: none may."""
     handler_config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per-handler sections, by registration name: a handler's ``ctx.config``."""
+    metrics: bool = True
+    """OpenTelemetry metrics (``/metrics`` on the gateway port, ``/api/metrics`` for the page); off: none kept."""
+    metrics_port: int | None = None
+    """A port of its own serving ``/metrics`` (and ``/healthz``, ``/readyz``), e.g. when the gateway is off."""
+    metrics_public: bool = False
+    """With authentication on, ``/metrics`` needs an admin token unless this is true (scrapers without tokens)."""
 
     def plugin_defaults(self) -> dict[str, Any]:
         """Server settings every handler's ``ctx.config`` starts from; its own sections override them.
@@ -617,6 +623,9 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "sse_retry_ms": _POSITIVE,
     "log_dir": _directory,
     "handler_config": _sections,
+    "metrics": _boolean,
+    "metrics_port": _PORT,
+    "metrics_public": _boolean,
 }
 
 

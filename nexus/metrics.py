@@ -50,6 +50,8 @@ class Metrics:
         self._buckets: deque[tuple[int, dict[str, int]]] = deque()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.total_events = 0
+        self.on_latency: Callable[[float], None] | None = None
+        """Also called with every latency recorded (the server's telemetry histogram)."""
 
     def _bucket(self, now: float) -> dict[str, int]:
         second = int(now)
@@ -79,7 +81,10 @@ class Metrics:
 
     def record_latency(self, seconds: float) -> None:
         """Record one delivery latency (negative values, from clock skew, count as 0)."""
-        self._latencies.append(max(seconds, 0.0))
+        seconds = max(seconds, 0.0)
+        self._latencies.append(seconds)
+        if self.on_latency is not None:
+            self.on_latency(seconds)
 
     def record_delivery(self, event_timestamp: str) -> None:
         """Record the latency of an event taken by a subscriber now."""

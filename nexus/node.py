@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
@@ -35,6 +36,7 @@ from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
 from nexus.session import OWNER, Lease, RequestSession, SessionState
+from nexus.telemetry import Telemetry
 
 HealthCallback = Callable[[bool], None]
 DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
@@ -61,6 +63,8 @@ class Node(abc.ABC):
         self.max_patterns_per_subscription = max_patterns_per_subscription
         self._background: set[asyncio.Task[Any]] = set()
         self._health_callbacks: list[HealthCallback] = []
+        self.telemetry = Telemetry(enabled=False)
+        """The server's metrics (a :class:`~nexus.server.NexusServer` sets its own; off otherwise)."""
 
     # --- state ------------------------------------------------------------------------------------------------
 
@@ -73,6 +77,11 @@ class Node(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool:
         """Whether events can be stored and delivered now."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the node serves: healthy, and its handlers started (``/readyz``)."""
+        return self.healthy
 
     def on_health(self, callback: HealthCallback) -> None:
         """Call ``callback(healthy)`` whenever :attr:`healthy` changes while the node runs."""
@@ -112,22 +121,28 @@ class Node(abc.ABC):
 
     # --- events -----------------------------------------------------------------------------------------------
 
-    async def publish(self, event: Event, *, principal: Principal = LOCAL) -> Published:
+    async def publish(self, event: Event, *, principal: Principal = LOCAL, transport: str = "local") -> Published:
         """Store ``event`` on behalf of ``principal``; a repeated ``event_id`` inside the dedupe window returns the
         stored original (refused with :class:`~nexus.errors.AlreadyExists` when another owner sent it).
 
         Once it returns, :meth:`head_offset` includes the event (a later ``subscribe`` starts after it).
         """
+        start = time.perf_counter()
         published = await self._publish(self.admit(event, principal))
         self._check_owner(published, principal)
+        self.telemetry.published((event,), transport, time.perf_counter() - start)
         return published
 
-    async def publish_many(self, events: Sequence[Event], *, principal: Principal = LOCAL) -> list[Published]:
+    async def publish_many(
+        self, events: Sequence[Event], *, principal: Principal = LOCAL, transport: str = "local"
+    ) -> list[Published]:
         """Store several events in order (each checked as :meth:`publish` checks one)."""
+        start = time.perf_counter()
         admitted = [self.admit(event, principal) for event in events]
         results = await self._publish_many(admitted)
         for published in results:
             self._check_owner(published, principal)
+        self.telemetry.published(events, transport, time.perf_counter() - start)
         return results
 
     @abc.abstractmethod

@@ -69,6 +69,11 @@ class LocalNode(Node):
     def healthy(self) -> bool:
         return self.bus.healthy
 
+    @property
+    def ready(self) -> bool:
+        task = self._provider_task
+        return self.bus.healthy and task is not None and not task.done() and self.provider.started
+
     def describe(self) -> dict[str, Any]:
         return self.bus.describe()
 

@@ -62,6 +62,7 @@ from nexus.plugin_runtime import PluginRuntime
 from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
 from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
+from nexus.telemetry import Telemetry
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
@@ -292,6 +293,13 @@ class Provider:
         self._stopping = False
         self._started = False
         self.completed = 0
+        self.telemetry = Telemetry(enabled=False)
+        """Handler run times and failures (the server sets its own)."""
+
+    @property
+    def started(self) -> bool:
+        """Whether every handler's ``setup`` ran and requests are taken."""
+        return self._started and not self._stopping
 
     # --- registration ---------------------------------------------------------------------------------------
 
@@ -768,6 +776,14 @@ class Provider:
             fields["handler"] = run.registration.name
         if lifecycle.state.value == "failed":
             fields["error"] = event.payload.get("error")
+        if run.registration is not None and run.started:
+            error = event.payload.get("error")
+            self.telemetry.handler_ended(
+                run.registration.name,
+                lifecycle.state.value,
+                fields["duration_s"],
+                str(error.get("type")) if isinstance(error, dict) else None,
+            )
         if run.abandoned:
             self.log.info("request_released", **fields)
             return

@@ -14,7 +14,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 import structlog
@@ -33,6 +33,7 @@ from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
 from nexus.queue.base import RequestQueue
 from nexus.queue.memory import MemoryRequestQueue
+from nexus.telemetry import MetricsHttpServer, Telemetry
 from nexus.tls import ServerTls
 from nexus.v1 import nexus_pb2
 
@@ -146,6 +147,9 @@ class NexusServer:
             shutdown_grace_s=self.settings.shutdown_grace_s,
             max_patterns_per_subscription=self.settings.max_patterns_per_subscription,
         )
+        self.telemetry = Telemetry(enabled=self.settings.metrics)
+        """This server's metrics (its own meter provider and Prometheus registry)."""
+        self._wire_telemetry()
         self.servicer = NexusServicer(
             self.node,
             subscriber_queue=self.settings.subscriber_queue,
@@ -153,6 +157,7 @@ class NexusServer:
             client_limits=self.settings.client_limits(),
             authenticator=self.authenticator,
         )
+        self.metrics_server: MetricsHttpServer | None = None
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.ws_port = 0
@@ -187,6 +192,9 @@ class NexusServer:
             await self._grpc.start()
             if self.settings.gateway:
                 await self._start_gateway()
+            if self.settings.metrics_port is not None:
+                self.metrics_server = MetricsHttpServer(self.telemetry, self.node, self.settings.host)
+                await self.metrics_server.start(self.settings.metrics_port)
         except BaseException:
             await self._abort_start()
             raise
@@ -201,6 +209,85 @@ class NexusServer:
             epoch=self.bus.epoch,
             handlers=sorted(self.provider.registrations),
             **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
+        )
+
+    def _wire_telemetry(self) -> None:
+        """Hand the telemetry to the node and the provider, and observe the counters they already keep."""
+        telemetry = self.telemetry
+        self.node.telemetry = telemetry
+        self.provider.telemetry = telemetry
+        if not telemetry.enabled:
+            return
+        telemetry.add_services(
+            self.provider.registrations[name].service_action.partition(":")[0]
+            for name in sorted(self.provider.registrations)
+        )
+        self.bus.metrics.on_latency = telemetry.delivery_latency
+        telemetry.observe("nexus.streams.active", self._observe_streams)
+        telemetry.observe(
+            "nexus.slow_consumer.disconnects", lambda: [(self.bus.stats().slow_consumers, {"nexus__transport": "bus"})]
+        )
+        telemetry.observe(
+            "nexus.subscriptions.active",
+            lambda: [
+                (self.servicer.subscriptions, {"nexus__transport": "grpc"}),
+                (self.bus.stats().subscribers, {"nexus__transport": "bus"}),
+            ],
+        )
+        telemetry.observe(
+            "messaging.client.consumed.messages", lambda: [(self.servicer.events_sent, {"nexus__transport": "grpc"})]
+        )
+        telemetry.observe("nexus.history.events", self._observe_history)
+        telemetry.observe("nexus.history.bytes", lambda: [(getattr(self.bus, "history_bytes", 0), {})])
+        if hasattr(self.bus, "consumer_lag"):  # the NATS bus
+            bus: Any = self.bus
+            telemetry.observe("nexus.nats.consumer.lag", lambda: [(bus.consumer_lag, {})])
+            telemetry.observe("nexus.nats.reconnects", lambda: [(bus.reconnects, {})])
+
+    def _observe_streams(self) -> list[tuple[float, dict[str, str]]]:
+        counts = dict.fromkeys(self.provider.registrations, 0)
+        for stream in self.provider.streams():
+            if stream.get("handler"):
+                counts[str(stream["handler"])] = counts.get(str(stream["handler"]), 0) + 1
+        return [(count, {"nexus__handler": name}) for name, count in sorted(counts.items())]
+
+    def _observe_history(self) -> list[tuple[float, dict[str, str]]]:
+        stats = self.bus.stats()
+        held = stats.head_offset - stats.first_offset + 1 if stats.head_offset and stats.first_offset else 0
+        return [(max(held, 0), {})]
+
+    def _observe_gateway(self, gateway: WebTransport) -> None:
+        stats = getattr(gateway, "stats", None)
+        sse = getattr(gateway, "sse", None)
+        if stats is None or sse is None:
+            return
+        telemetry = self.telemetry
+        telemetry.observe(
+            "nexus.connections.active",
+            lambda: [
+                (stats.connections, {"nexus__transport": "websocket"}),
+                (len(sse.streams), {"nexus__transport": "sse"}),
+            ],
+        )
+        telemetry.observe(
+            "nexus.subscriptions.active",
+            lambda: [
+                (len(sse.streams), {"nexus__transport": "sse"}),
+            ],
+        )
+        telemetry.observe(
+            "messaging.client.consumed.messages",
+            lambda: [
+                (stats.events_sent - stats.sse_events_sent, {"nexus__transport": "websocket"}),
+                (stats.sse_events_sent, {"nexus__transport": "sse"}),
+            ],
+        )
+        telemetry.observe(
+            "nexus.slow_consumer.disconnects",
+            lambda: [
+                (stats.too_slow - stats.sse_too_slow, {"nexus__transport": "websocket"}),
+                (stats.sse_too_slow, {"nexus__transport": "sse"}),
+            ],
         )
 
     def _check_ports(self) -> None:
@@ -258,6 +345,8 @@ class NexusServer:
                 await self.gateway.stop(0)
             if self._grpc is not None:
                 await self._grpc.stop(0)
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             await self.node.close(0)
         except Exception as exc:  # the start-up error matters more than a second one while cleaning up
             log.warning("start_cleanup_failed", error=repr(exc))
@@ -282,6 +371,8 @@ class NexusServer:
             ) from None
         self.gateway = gateway
         self.ws_port = gateway.port
+        if self.telemetry.enabled:
+            self._observe_gateway(gateway)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -318,7 +409,10 @@ class NexusServer:
                 await self.gateway.stop(grace)
             if self._grpc is not None:
                 await self._grpc.stop(grace)
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
         finally:
+            self.telemetry.shutdown()
             self._stopped.set()
             log.info("server_stopped")
 

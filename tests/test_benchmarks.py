@@ -23,4 +23,5 @@ def test_delivery_benchmark_quick_run_reports_every_ratio() -> None:
     report = json.loads(result.stdout)
     assert report["bus_vs_queue_ratio"] > 0
     assert report["grpc_batched_vs_single_ratio"] > 0
+    assert report["metrics_on_vs_off_ratio"] > 0
     assert report["events"] == 2_000

@@ -88,6 +88,9 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "NEXUS_SSE_RETRY_MS": "500",
         "NEXUS_LOG_DIR": str(HERE),
         "NEXUS_HANDLER_CONFIG": '{"countdown": {"max_n": 7}}',
+        "NEXUS_METRICS": "false",
+        "NEXUS_METRICS_PORT": "9464",
+        "NEXUS_METRICS_PUBLIC": "true",
     }
     assert {name.removeprefix("NEXUS_").lower() for name in env} == {
         field.name for field in dataclasses.fields(Settings)
@@ -148,6 +151,9 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         sse_retry_ms=500,
         log_dir=str(HERE),
         handler_config={"countdown": {"max_n": 7}},
+        metrics=False,
+        metrics_port=9464,
+        metrics_public=True,
     )
 
 

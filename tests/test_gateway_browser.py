@@ -383,3 +383,25 @@ async def test_with_authentication_on_the_page_takes_a_token_from_its_url(browse
 
         anonymous, _ = await open_page(browser, page_url(nexus))
         await wait_js(anonymous, "document.getElementById('status-text').textContent === 'refused'")
+
+
+async def test_handlers_view_shows_rates_failures_run_times_and_slow_consumers(
+    nexus: TestServer, browser: Browser
+) -> None:
+    """The page's Handlers panel, fed by `/api/metrics`, lists each handler that ran with its requests/s, failure
+    rate and p50 / p99 run time, and the slow-consumer disconnects."""
+    for _ in range(4):
+        await nexus.client.call("demo:echo:v1:requested", {"n": 1})
+    page, errors = await open_page(browser, page_url(nexus))
+    await page.wait_for_selector("#handlers tbody tr", timeout=GUARD_MS)
+    cells = await page.eval_on_selector_all("#handlers tbody tr td", "cells => cells.map(c => c.textContent)")
+    name, rate, failed, p50, p99, active = cells[:6]
+    assert name.endswith(":Echo")
+    assert float(rate) > 0
+    assert failed == "0%"
+    assert p50.endswith(" ms")
+    assert p99.endswith(" ms")
+    assert active == "0"
+    assert await page.is_hidden("#handlers-empty")
+    assert await page.text_content("#slow-consumers") == "0"
+    assert errors == []

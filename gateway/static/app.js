@@ -267,6 +267,43 @@
     $("active-count").textContent = String(rows.length);
   }
 
+  // --- handlers (the server's metrics: /api/metrics) ------------------------------------------------------
+
+  function ms(value) {
+    return value >= 100 ? `${Math.round(value)} ms` : `${Number(value).toFixed(1)} ms`;
+  }
+
+  async function refreshHandlers() {
+    try {
+      const response = await api("/api/metrics");
+      if (!response.ok) return; // metrics off, or only for admins
+      const data = await response.json();
+      const active = data.streams_by_handler || {};
+      const names = new Set([...Object.keys(data.handlers || {}), ...Object.keys(active)]);
+      const rows = [...names].sort().map((name) => {
+        const h = (data.handlers || {})[name] || { requests_per_s: 0, failure_rate: 0, p50_ms: 0, p99_ms: 0 };
+        const row = el("tr");
+        row.dataset.handler = name;
+        const cell = el("td", "type", name);
+        cell.title = name;
+        row.append(
+          cell,
+          el("td", "rate", String(h.requests_per_s)),
+          el("td", "failed", `${Math.round(h.failure_rate * 100)}%`),
+          el("td", "p50", ms(h.p50_ms)),
+          el("td", "p99", ms(h.p99_ms)),
+          el("td", "active", String(active[name] || 0)),
+        );
+        return row;
+      });
+      $("handlers").querySelector("tbody").replaceChildren(...rows);
+      $("handlers-empty").hidden = rows.length > 0;
+      $("slow-consumers").textContent = String(data.slow_consumer_disconnects || 0);
+    } catch (err) {
+      // The view is a convenience: it tries again on the next tick.
+    }
+  }
+
   // --- the request form ---------------------------------------------------------------------------------
 
   const log = $("request-log");
@@ -364,6 +401,8 @@
   setInterval(renderRate, 500);
   setInterval(renderStreams, 1000);
   setInterval(refreshStreams, 5000);
+  refreshHandlers();
+  setInterval(refreshHandlers, 2000);
   renderRate();
   renderStreams();
 })();

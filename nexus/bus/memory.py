@@ -219,6 +219,11 @@ class MemoryBus(Bus):
     def metrics(self) -> Metrics:
         return self._fanout.metrics
 
+    @property
+    def history_bytes(self) -> int:
+        """Bytes of the events the history holds."""
+        return self._history.bytes
+
     def stats(self) -> BusStats:
         return BusStats(
             head_offset=self._history.head,

@@ -342,6 +342,8 @@ class NatsBus(Bus):
         self._fanout = Fanout()
         self._types = SubjectTypes(self.subjects)
         self._warnings = LogLimiter()
+        self.reconnects = 0
+        """Reconnections to NATS since start (metrics)."""
         self.quarantined = 0
         """Messages this node's tail (or live subscription) refused as no valid event: skipped, each counted once."""
         self._nc: NatsClient | None = None
@@ -651,6 +653,7 @@ class NatsBus(Bus):
         self._connected.set()
         if self.closing:
             return
+        self.reconnects += 1
         log.info("nats_reconnected", server=self._url(), node=self.node_id)
         self._start_recovery()
 
@@ -1029,6 +1032,11 @@ class NatsBus(Bus):
     @property
     def metrics(self) -> Metrics:
         return self._fanout.metrics
+
+    @property
+    def consumer_lag(self) -> int:
+        """Stream messages this node knows of that its tail has not handed to delivery yet (metrics)."""
+        return max(0, self._head - self.received)
 
     def describe(self) -> dict[str, Any]:
         return {

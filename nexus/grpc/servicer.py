@@ -189,6 +189,15 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self._encode = EncodeCache(warnings=self.bad_input)
         self.undecodable = 0
         """Requests refused because their bytes were not a valid message."""
+        self.subscriptions = 0
+        """Subscription calls open now."""
+        self.events_sent = 0
+        """Events written to subscription calls."""
+
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], error: NexusError) -> NoReturn:
+        """End the call with ``error`` (:func:`abort`), counted as a refused input by its code."""
+        self.node.telemetry.refused(error.code.value, "grpc")
+        await abort(context, error)
 
     @property
     def events_skipped(self) -> int:
@@ -204,7 +213,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             log, "grpc_undecodable_request", method=method, peer=_peer(context), index=index, error=request.reason
         )
         message = request.message if index == 0 else f"message {index} of the stream: {request.message}"
-        await abort(context, InvalidArgument(message))
+        await self._refuse(context, InvalidArgument(message))
 
     # --- the client's quota ---------------------------------------------------------------------------------
 
@@ -227,7 +236,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             error = Unauthenticated("the credentials could not be checked")
         self.auth_refused += 1
         self.bad_input.warning(log, "grpc_auth_refused", peer=peer, code=error.code.value, reason=error.message)
-        await abort(context, error)
+        await self._refuse(context, error)
 
     def _quota(self, context: grpc.aio.ServicerContext[Any, Any]) -> ClientQuota:
         """The quota of the connection this call came on (its peer address)."""
@@ -242,9 +251,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             self._quota(context).publish(asyncio.get_running_loop().time())
             event = event_from_request(request, limits=self.limits)
-            published = await self.node.publish(event, principal=principal)
+            published = await self.node.publish(event, principal=principal, transport="grpc")
         except NexusError as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
 
     async def PublishEvents(
@@ -261,10 +270,10 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             try:
                 quota.publish(loop.time())
                 event = event_from_request(item.event, limits=self.limits)
-                published = await self.node.publish(event, principal=principal)
+                published = await self.node.publish(event, principal=principal, transport="grpc")
             except NexusError as error:
                 error.message = f"event {index} (after {stored} stored): {error.message}"
-                await abort(context, error)
+                await self._refuse(context, error)
             index += 1
             if published.duplicate:
                 duplicates += 1
@@ -300,7 +309,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 quota.close_subscription()
                 raise
         except NexusError as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         try:
             try:
                 # The node validates every pattern before it registers anything.
@@ -312,7 +321,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     principal=principal,
                 )
             except NexusError as error:
-                await abort(context, error)
+                await self._refuse(context, error)
             try:
                 metadata = [("nexus-epoch", sub.epoch), ("nexus-head-offset", str(sub.head_offset))]
                 if sub.recovered is not None:
@@ -325,10 +334,14 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     since_offset=since_offset,
                     recovered=sub.recovered,
                 )
-                yield sub
+                self.subscriptions += 1
+                try:
+                    yield sub
+                finally:
+                    self.subscriptions -= 1
             except SlowConsumer as error:
                 log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
-                await abort(context, error)
+                await abort(context, error)  # counted as a slow-consumer disconnect, not a refusal
             finally:
                 sub.close()
         finally:
@@ -341,6 +354,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         encode = self._encode.encode
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch():
+                self.events_sent += len(batch)
                 for event in batch:
                     data = encode(event)  # pre-serialized bytes; None for an event no client could read
                     if data is not None:
@@ -353,6 +367,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         encode_batch = self._encode.encode_batch
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch(size):
+                self.events_sent += len(batch)
                 data = encode_batch(batch)  # pre-serialized bytes, without events no client could read
                 if data:
                     await context.write(data)
@@ -370,12 +385,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             session = self.node.open_request(event, principal=principal)
             quota.start_request()
         except NexusError as error:
-            await abort(context, error)
+            await self._refuse(context, error)
         try:
             try:
                 published = await session.start(max_pending=self.subscriber_queue)
             except NexusError as error:
-                await abort(context, error)
+                await self._refuse(context, error)
             message = "duplicate" if published.duplicate else "stored"
             yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
             async for item in session.events():
@@ -383,7 +398,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 if data is not None:
                     yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:
-            await abort(context, error)
+            await abort(context, error)  # a slow consumer, not a refused input
         finally:
             # The requester left before the end (cancelled call, failed send, too slow): its stream goes too.
             # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
@@ -395,7 +410,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> nexus_pb2.CancelStreamResponse:
         principal = await self._principal(context)
         if not request.correlation_id:
-            await abort(context, InvalidArgument("correlation_id is required"))
+            await self._refuse(context, InvalidArgument("correlation_id is required"))
         # The reason is stored in the cancelled event's payload: a client never writes more than a line of it.
         reason = request.reason[:MAX_CANCEL_REASON] or "cancelled by requester"
         found = await self.node.cancel(request.correlation_id, reason, principal=principal)
