@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-gateway", action="store_false", dest="gateway", default=None, help="do not start the WebSocket gateway"
     )
+    serve.add_argument(
+        "--no-tracing", action="store_false", dest="tracing", default=None, help="record no OpenTelemetry spans"
+    )
     serve.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
     serve.add_argument("--ws-max-frames-per-s", type=float, help="frames per second one WebSocket may send (2000)")
     serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
@@ -204,12 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--history-size", type=int, help="events kept for replay: the memory ring, the NATS stream's max (100000)"
     )
-    serve.add_argument(
-        "--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)"
-    )
-    serve.add_argument(
-        "--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)"
-    )
+    serve.add_argument("--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)")
+    serve.add_argument("--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)")
     limits = serve.add_argument_group("limits of one client connection (a WebSocket, an SSE stream, a gRPC peer)")
     limits.add_argument("--max-patterns-per-connection", type=int, help="patterns over its subscriptions (1024)")
     limits.add_argument("--max-subscriptions-per-connection", type=int, help="subscriptions open at once (64)")
@@ -370,6 +369,7 @@ SERVE_FIELDS = (
     "grpc_port",
     "ws_port",
     "gateway",
+    "tracing",
     "ws_max_frame_bytes",
     "ws_max_frames_per_s",
     "bus",
