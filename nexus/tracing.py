@@ -14,7 +14,8 @@ destination (:meth:`nexus.node.Node.destination`: ``service:action`` of a handle
   ``traceparent``. The request's lifecycle events (``started``, ``stream``, heartbeats, the terminal one) and
   the handler's side events carry this span's context as their ``traceparent``.
 - ``deliver <destination>`` (PRODUCER, ``send``, ``nexus.transport``): one per batch handed to a gRPC, WebSocket
-  or SSE subscriber, a child of the first event's context, linked to the others'.
+  or SSE subscriber, a child of the first event's context, linked to the others'; batches whose events carry
+  no ``traceparent`` are not recorded (a plain publisher's events cost nothing on the way out).
 
 Log lines written inside a publish or a handler run carry ``trace_id`` and ``span_id`` (structlog contextvars).
 OTLP export is added when an ``OTEL_EXPORTER_OTLP_*`` endpoint variable is set and the ``otlp`` extra is
@@ -26,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
-from typing import Final
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
 
 import structlog
 from opentelemetry import trace
@@ -133,41 +134,11 @@ class Tracing:
 
     # --- spans ------------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def publishing(self, event: Event, destination: str) -> Iterator[Event]:
-        """A ``publish`` span around storing ``event``; yields the event stamped with the span's ``traceparent``.
-
-        Log lines inside carry the span's ``trace_id`` and ``span_id``. Does nothing when disabled.
-        """
-        if not self.enabled:
-            yield event
-            return
-        traced = TRACEPARENT in event.metadata
-        span = self.tracer.start_span(
-            f"publish {destination}",
-            context=extract(event.metadata) if traced else Context(),
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "publish",
-                "messaging.destination.name": destination,
-                "messaging.message.id": event.event_id,
-            },
-        )
-        context = span.get_span_context()
-        # An event that came with a trace continues it from here; one without is stored as it came (its span is
-        # a root: the event's metadata, and its size, stay the client's).
-        stamped = event.evolve(metadata={**event.metadata, TRACEPARENT: traceparent_of(context)}) if traced else event
-        try:
-            with structlog.contextvars.bound_contextvars(**_ids(context)):
-                yield stamped
-        except BaseException as exc:
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            span.set_attribute("error.type", type(exc).__name__)
-            raise
-        finally:
-            span.end()
+    def publishing(self, event: Event, destination: str) -> _Publishing:
+        """A ``publish`` span around storing ``event`` (a context manager yielding the event to store, stamped
+        with the span's ``traceparent`` when it came with one). Log lines inside carry the span's ``trace_id``
+        and ``span_id``. Does nothing when disabled."""
+        return _Publishing(self, event, destination)
 
     @contextlib.contextmanager
     def processing(self, request: Event, destination: str, handler: str) -> Iterator[Span | None]:
@@ -195,7 +166,8 @@ class Tracing:
 
     def delivered(self, events: Sequence[Event], destination: str, transport: str) -> None:
         """Record one ``deliver`` span for a batch handed to a subscriber: a child of the first event's context,
-        linked to the other contexts in the batch (at most :data:`MAX_LINKS`)."""
+        linked to the other contexts in the batch (at most :data:`MAX_LINKS`); none when no event of the batch
+        carries a ``traceparent``."""
         if not self.enabled or not events:
             return
         parent: SpanContext | None = None
@@ -210,21 +182,77 @@ class Tracing:
                 parent = context
             elif len(links) < MAX_LINKS:
                 links.append(Link(context))
+        if parent is None:
+            return  # no event of the batch belongs to a trace: nothing to link the delivery to, and it is cheap
         span = self.tracer.start_span(
             f"deliver {destination}",
-            context=trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None,
+            context=trace.set_span_in_context(NonRecordingSpan(parent)),
             kind=SpanKind.PRODUCER,
             links=links,
             attributes={
                 "messaging.system": SYSTEM,
                 "messaging.operation.type": "send",
-                "messaging.operation.name": "deliver",
                 "messaging.destination.name": destination,
                 "messaging.message.id": events[0].event_id,
                 "messaging.batch.message_count": len(events),
                 "nexus.transport": transport,
             },
         )
+        span.end()
+
+
+class _Publishing:
+    """The ``publish`` span of one event (a class, not a generator: it runs on every publish)."""
+
+    __slots__ = ("_destination", "_event", "_span", "_tokens", "_tracing")
+
+    def __init__(self, tracing: Tracing, event: Event, destination: str) -> None:
+        self._tracing = tracing
+        self._event = event
+        self._destination = destination
+        self._span: Span | None = None
+        self._tokens: Mapping[str, Any] = {}
+
+    def __enter__(self) -> Event:
+        event = self._event
+        if not self._tracing.enabled:
+            return event
+        metadata = event.metadata
+        traced = TRACEPARENT in metadata
+        if not traced:
+            parent = Context()
+        elif TRACESTATE in metadata:
+            parent = extract(metadata)
+        else:  # the common case, without the propagator's regular expressions
+            remote = span_context(metadata[TRACEPARENT])
+            parent = trace.set_span_in_context(NonRecordingSpan(remote)) if remote is not None else Context()
+        span = self._span = self._tracing.tracer.start_span(
+            f"publish {self._destination}",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self._destination,
+                "messaging.message.id": event.event_id,
+            },
+        )
+        context = span.get_span_context()
+        self._tokens = structlog.contextvars.bind_contextvars(
+            trace_id=f"{context.trace_id:032x}", span_id=f"{context.span_id:016x}"
+        )
+        # An event that came with a trace continues it from here; one without is stored as it came (its span is
+        # a root: the event's metadata, and its size, stay the client's).
+        return event.evolve(metadata={**metadata, TRACEPARENT: traceparent_of(context)}) if traced else event
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        span = self._span
+        if span is None:
+            return
+        structlog.contextvars.reset_contextvars(**self._tokens)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.set_attribute("error.type", type(error).__name__)
         span.end()
 
 
