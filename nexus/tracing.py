@@ -110,7 +110,7 @@ class Tracing:
     def create(cls, *processors: SpanProcessor) -> Tracing:
         """A tracer provider of its own with ``processors`` (tests pass an in-memory exporter's), plus a batched
         OTLP exporter when :func:`otlp_configured` and the ``otlp`` extra is installed."""
-        provider = TracerProvider()
+        provider = TracerProvider(shutdown_on_exit=False)  # the server shuts it down; no atexit hook per server
         for processor in processors:
             provider.add_span_processor(processor)
         if otlp_configured():
