@@ -207,8 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--history-size", type=int, help="events kept for replay: the memory ring, the NATS stream's max (100000)"
     )
-    serve.add_argument("--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)")
-    serve.add_argument("--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)")
+    serve.add_argument(
+        "--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)"
+    )
+    serve.add_argument(
+        "--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)"
+    )
     limits = serve.add_argument_group("limits of one client connection (a WebSocket, an SSE stream, a gRPC peer)")
     limits.add_argument("--max-patterns-per-connection", type=int, help="patterns over its subscriptions (1024)")
     limits.add_argument("--max-subscriptions-per-connection", type=int, help="subscriptions open at once (64)")
