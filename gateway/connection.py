@@ -272,6 +272,7 @@ class GatewayConnection:
             taken += 1
         self._stats.events_sent += taken
         if taken:
+            self.node.delivered(events[:taken], "websocket")
             self._flushed.clear()
             self._wakeup.set()
         return taken

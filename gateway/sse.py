@@ -283,6 +283,7 @@ class EventStream(asyncio.Protocol):
         principal: Principal | None = None,
     ) -> None:
         self._ws = ws
+        self._node = node
         self._messages = messages
         self._limits = limits
         self._stats = stats
@@ -437,6 +438,8 @@ class EventStream(asyncio.Protocol):
         self.last_offset = last
         self._stats.events_sent += len(chunks)
         self._stats.sse_events_sent += len(chunks)
+        if chunks:
+            self._node.delivered(events[:taken], "sse")
         return taken
 
     def _room(self) -> int:

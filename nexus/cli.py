@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-metrics", action="store_false", dest="metrics", default=None, help="keep no metrics (no /metrics)"
     )
+    serve.add_argument(
+        "--no-tracing", action="store_false", dest="tracing", default=None, help="record no OpenTelemetry spans"
+    )
     serve.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
     serve.add_argument("--ws-max-frames-per-s", type=float, help="frames per second one WebSocket may send (2000)")
     serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
@@ -378,6 +381,7 @@ SERVE_FIELDS = (
     "gateway",
     "metrics",
     "metrics_port",
+    "tracing",
     "ws_max_frame_bytes",
     "ws_max_frames_per_s",
     "bus",

@@ -30,6 +30,7 @@ from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, validate_metadata, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
 from nexus.tls import channel_credentials
+from nexus.tracing import inject
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 log = structlog.get_logger("nexus.client")
@@ -337,7 +338,7 @@ class NexusClient:
         request = nexus_pb2.EventRequest(
             event_type=event_type,
             event_id=event_id or "",
-            metadata=validate_metadata(metadata),
+            metadata=inject(validate_metadata(metadata)),
             payload=payload_to_struct(validate_payload(payload)),
         )
         try:
@@ -351,6 +352,9 @@ class NexusClient:
 
         async def requests() -> AsyncIterator[nexus_pb2.PublishEventsRequest]:
             for event in events:
+                metadata = inject(event.metadata)
+                if metadata is not event.metadata:
+                    event = event.evolve(metadata=metadata)
                 yield nexus_pb2.PublishEventsRequest(event=event_to_request(event))
 
         try:
@@ -395,7 +399,9 @@ class NexusClient:
         heartbeats: bool = True,
     ) -> RequestStream:
         """Publish a ``requested`` event and iterate its lifecycle until the terminal event."""
-        event = Event(event_type=event_type, payload=validate_payload(payload), metadata=validate_metadata(metadata))
+        event = Event(
+            event_type=event_type, payload=validate_payload(payload), metadata=inject(validate_metadata(metadata))
+        )
         if event_id:
             event = event.evolve(event_id=event_id)
         return RequestStream(self, event, heartbeats=heartbeats)

@@ -104,6 +104,8 @@ class Settings:
     grpc_port: int = 50051
     ws_port: int = 8080
     gateway: bool = True
+    tracing: bool = True
+    """Record OpenTelemetry spans (:mod:`nexus.tracing`); exported over OTLP when ``OTEL_EXPORTER_OTLP_*`` is set."""
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_frames_per_s: float = 2_000.0
     """Frames per second one WebSocket connection may send on average (bursts of as many); reading a faster one
@@ -575,6 +577,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "grpc_port": _PORT,
     "ws_port": _PORT,
     "gateway": _boolean,
+    "tracing": _boolean,
     "ws_max_frame_bytes": _POSITIVE,
     "ws_max_frames_per_s": _positive_number,
     "ws_allowed_origins": _origins,

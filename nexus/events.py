@@ -64,10 +64,10 @@ class EventLimits:
 
 DEFAULT_LIMITS: Final = EventLimits()
 
-DERIVED_METADATA_ENTRIES: Final = 4
+DERIVED_METADATA_ENTRIES: Final = 5
 """Metadata entries Nexus adds to a client's event: who sent it (``owner``, and ``auth`` or ``user_id``, set by
-the node that admitted it), and to the events it derives from one (a lifecycle event carries its request's
-metadata plus ``correlation_id``; a handler's side event ``causation_id``)."""
+the node that admitted it), its ``traceparent`` when traced, and to the events it derives from one (a lifecycle
+event carries its request's metadata plus ``correlation_id``; a handler's side event ``causation_id``)."""
 DERIVED_KEYS: Final = frozenset({"owner", "correlation_id", "causation_id"})
 DERIVED_EVENT_BYTES: Final = 2048
 """Bytes those entries may add (a ``correlation_id`` is an event id: at most 256 characters)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -37,6 +38,7 @@ from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
 from nexus.session import OWNER, Lease, RequestSession, SessionState
 from nexus.telemetry import Telemetry
+from nexus.tracing import Tracing
 
 HealthCallback = Callable[[bool], None]
 DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
@@ -45,6 +47,7 @@ RESERVED_STATES: Final = LIFECYCLE_STATES - {REQUESTED}
 ADMIN: Final = "admin"
 """Metadata key: ``true`` on an event an admin token published as itself (set by the node only)."""
 SERVER_METADATA: Final = frozenset({OWNER, "auth", ADMIN})
+MAX_DESTINATIONS: Final = 1024
 """Metadata keys only the server writes (a client's values are dropped)."""
 
 
@@ -59,8 +62,16 @@ class LostReason(enum.StrEnum):
 class Node(abc.ABC):
     """A Nexus as a transport sees it. See the module docstring."""
 
-    def __init__(self, *, max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION) -> None:
+    def __init__(
+        self,
+        *,
+        max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.max_patterns_per_subscription = max_patterns_per_subscription
+        self.tracing = tracing if tracing is not None else Tracing.off()
+        """Spans of publishes and deliveries (:mod:`nexus.tracing`); off unless given."""
+        self._destinations: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._health_callbacks: list[HealthCallback] = []
         self.telemetry = Telemetry(enabled=False)
@@ -128,7 +139,12 @@ class Node(abc.ABC):
         Once it returns, :meth:`head_offset` includes the event (a later ``subscribe`` starts after it).
         """
         start = time.perf_counter()
-        published = await self._publish(self.admit(event, principal))
+        admitted = self.admit(event, principal)
+        if self.tracing.enabled:
+            with self.tracing.publishing(admitted, self.destination(admitted.event_type)) as stamped:
+                published = await self._publish(stamped)
+        else:
+            published = await self._publish(admitted)
         self._check_owner(published, principal)
         self.telemetry.published((event,), transport, time.perf_counter() - start)
         return published
@@ -139,7 +155,15 @@ class Node(abc.ABC):
         """Store several events in order (each checked as :meth:`publish` checks one)."""
         start = time.perf_counter()
         admitted = [self.admit(event, principal) for event in events]
-        results = await self._publish_many(admitted)
+        if self.tracing.enabled:
+            with contextlib.ExitStack() as spans:
+                stamped = [
+                    spans.enter_context(self.tracing.publishing(event, self.destination(event.event_type)))
+                    for event in admitted
+                ]
+                results = await self._publish_many(stamped)
+        else:
+            results = await self._publish_many(admitted)
         for published in results:
             self._check_owner(published, principal)
         self.telemetry.published(events, transport, time.perf_counter() - start)
@@ -155,6 +179,31 @@ class Node(abc.ABC):
     def serves(self, event_type: str) -> bool:
         """Whether a handler serves requests of ``event_type``'s ``service:action:vN`` (anywhere the node knows of)."""
         return False
+
+    def destination(self, event_type: str) -> str:
+        """A bounded name for spans: ``service:action`` of a type a handler serves, else the service token.
+
+        Remembered per type (at most :data:`MAX_DESTINATIONS`), so a publish does not parse its type again."""
+        known = self._destinations.get(event_type)
+        if known is not None:
+            return known
+        service, _, rest = event_type.partition(":")
+        action = rest.partition(":")[0]
+        service_action = f"{service}:{action}"
+        known = service_action if action and self.handles(service_action, event_type) else service
+        if len(self._destinations) >= MAX_DESTINATIONS:
+            self._destinations.clear()
+        self._destinations[event_type] = known
+        return known
+
+    def handles(self, service_action: str, event_type: str) -> bool:
+        """Whether a handler serves ``service_action`` (``event_type`` is one of its types)."""
+        return self.serves(event_type)
+
+    def delivered(self, events: Sequence[Event], transport: str) -> None:
+        """Record the delivery of a batch to one subscriber of ``transport`` (one span, when tracing is on)."""
+        if self.tracing.enabled and events:
+            self.tracing.delivered(events, self.destination(events[0].event_type), transport)
 
     def admit(self, event: Event, principal: Principal) -> Event:
         """``event`` as ``principal`` may publish it, or a refusal; the one place every transport's publishes pass.

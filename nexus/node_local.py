@@ -53,7 +53,8 @@ class LocalNode(Node):
         shutdown_grace_s: float = 5.0,
         max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
     ) -> None:
-        super().__init__(max_patterns_per_subscription=max_patterns_per_subscription)
+        # One tracing for the node and its provider: a request's publish span and its handler run share a trace.
+        super().__init__(max_patterns_per_subscription=max_patterns_per_subscription, tracing=provider.tracing)
         self.bus = bus
         self.provider = provider
         self.queue = queue if queue is not None else provider.queue
@@ -118,6 +119,10 @@ class LocalNode(Node):
         request_type = event_type.rsplit(":", 1)[0] + ":requested"
         return self.provider.route(request_type) is not None or self.queue.serves(request_type)
 
+    def handles(self, service_action: str, event_type: str) -> bool:
+        # Without parsing the type again: the provider knows its actions, the queue other nodes' types.
+        return service_action in self.provider.actions or self.queue.serves(event_type.rsplit(":", 1)[0] + ":requested")
+
     async def _subscribe(
         self,
         patterns: list[str],
@@ -141,7 +146,11 @@ class LocalNode(Node):
         return await self.bus.head_offset()
 
     async def submit(self, event: Event) -> tuple[Published, Lease]:
-        published = await self.bus.publish(event)
+        if self.tracing.enabled:
+            with self.tracing.publishing(event, self.destination(event.event_type)) as stamped:
+                published = await self.bus.publish(stamped)
+        else:
+            published = await self.bus.publish(event)
         return published, _LocalLease(self.provider, published.event.event_id)
 
     async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:

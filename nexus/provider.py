@@ -63,6 +63,7 @@ from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, Requ
 from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
 from nexus.telemetry import Telemetry
+from nexus.tracing import TRACEPARENT, Tracing, ended_with_error, traceparent_of
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
@@ -219,6 +220,8 @@ class _Run:
         self.abandoned = False
         """Another node already published this request's terminal event (it declared this node lost)."""
         self.stream: _StreamImpl | None = None
+        self.span: Any = None
+        """The handler run's span, when traced."""
 
     @property
     def correlation_id(self) -> str:
@@ -273,9 +276,16 @@ class Provider:
     """
 
     def __init__(
-        self, bus: Bus, settings: ProviderSettings | None = None, *, queue: RequestQueue | None = None
+        self,
+        bus: Bus,
+        settings: ProviderSettings | None = None,
+        *,
+        queue: RequestQueue | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.bus = bus
+        self.tracing = tracing if tracing is not None else Tracing.off()
+        """A ``process`` span per handler run (:mod:`nexus.tracing`); off unless given."""
         self.queue = queue if queue is not None else MemoryRequestQueue(bus)
         self.settings = settings or ProviderSettings()
         self.detector = StreamingDetector(self.settings.streaming_rules)
@@ -284,6 +294,8 @@ class Provider:
         self.plugins = PluginRuntime(bus)
         """The handlers' background tasks, followers and shared objects (``ctx.start_soon``, ...)."""
         self._routes: dict[str, Registration] = {}
+        self.actions: set[str] = set()
+        """The ``service:action`` of every registered handler (whatever its version)."""
         self._runs: dict[str, _Run] = {}
         self._key_queues: dict[tuple[str, Any], deque[_Run]] = {}
         self._task_group: TaskGroup | None = None
@@ -365,6 +377,7 @@ class Provider:
         )
         self.registrations[label] = registration
         self._routes[service_action] = registration
+        self.actions.add(":".join(service_action.split(":")[:2]))
         return registration
 
     def route(self, event_type: str | EventType) -> Registration | None:
@@ -585,12 +598,20 @@ class Provider:
     async def _drive(self, run: _Run) -> None:
         registration = run.registration
         assert registration is not None
-        token = _current_request.set(run.request)
         # Every log line of this request's task and its children (pump, heartbeats, the handler's own ctx.log
-        # calls) carries the request's event_type and correlation_id.
+        # calls) carries the request's event_type and correlation_id (and, traced, its trace_id and span_id).
         structlog.contextvars.bind_contextvars(
             event_type=run.request.event_type, correlation_id=run.correlation_id, handler=registration.name
         )
+        with self.tracing.processing(run.request, registration.service_action, registration.name) as span:
+            if span is not None:
+                # The lifecycle and side events continue the request's trace from the handler run.
+                _continue_trace(run, traceparent_of(span.get_span_context()))
+            run.span = span
+            await self._drive_run(run, registration)
+
+    async def _drive_run(self, run: _Run, registration: Registration) -> None:
+        token = _current_request.set(run.lifecycle.request)
         try:
             problem = _payload_problem(registration, run.request)
             if run.cancel_reason is not None:
@@ -656,7 +677,7 @@ class Provider:
         elif run.handler_scope.cancel_called:
             event = lifecycle.time_out(now, run.timeout or 0.0)
         elif error is not None:
-            log.warning("handler_failed", handler=registration.name, error=describe_exception(error))
+            _handler_failed(log, run, registration, error)
             event = lifecycle.fail(now, _error_type(error), describe_exception(error))
         else:
             try:
@@ -712,7 +733,7 @@ class Provider:
         elif run.handler_scope.cancel_called:
             event = lifecycle.time_out(now, run.timeout or 0.0)
         elif error is not None:
-            log.warning("handler_failed", handler=registration.name, error=describe_exception(error))
+            _handler_failed(log, run, registration, error)
             event = lifecycle.fail(now, _error_type(error), describe_exception(error))
         else:
             event = lifecycle.succeed(now)
@@ -795,6 +816,19 @@ class Provider:
                 return
         log_method = self.log.info if lifecycle.state.value in ("success", "cancelled") else self.log.warning
         log_method("stream_ended" if lifecycle.streaming else "request_ended", **fields)
+
+
+def _continue_trace(run: _Run, traceparent: str) -> None:
+    """Stamp the handler run's context on what the run publishes: its lifecycle and side events."""
+    request = run.lifecycle.request
+    metadata = {**request.metadata, TRACEPARENT: traceparent}
+    run.lifecycle.request = request.evolve(metadata=metadata)
+
+
+def _handler_failed(log: Any, run: _Run, registration: Registration, error: BaseException) -> None:
+    """Log a handler's exception with its traceback (plugin authors must see the failing line)."""
+    ended_with_error(run.span, error)
+    log.warning("handler_failed", handler=registration.name, error=describe_exception(error), exc_info=error)
 
 
 def _payload_problem(registration: Registration, request: Event) -> str | None:

@@ -35,6 +35,7 @@ from nexus.queue.base import RequestQueue
 from nexus.queue.memory import MemoryRequestQueue
 from nexus.telemetry import MetricsHttpServer, Telemetry
 from nexus.tls import ServerTls
+from nexus.tracing import Tracing
 from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
@@ -127,13 +128,17 @@ class NexusServer:
         queue: RequestQueue | None = None,
         handlers: Sequence[HandlerSpec | AnyHandler] = (),
         authenticator: Authenticator | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self._own_tracing = tracing is None
+        self.tracing = tracing or (Tracing.create() if self.settings.tracing else Tracing.off())
+        """This server's spans (its own tracer provider; tests pass one with an in-memory exporter)."""
         self.authenticator = authenticator if authenticator is not None else self.settings.authenticator()
         """Who clients are, on gRPC and the gateway alike (the settings' JWT verification, or everyone)."""
         self.bus = bus if bus is not None else make_bus(self.settings)
         self.queue = queue if queue is not None else make_request_queue(self.settings, self.bus)
-        self.provider = Provider(self.bus, self.settings.provider_settings(), queue=self.queue)
+        self.provider = Provider(self.bus, self.settings.provider_settings(), queue=self.queue, tracing=self.tracing)
         defaults = self.settings.plugin_defaults()
         specs = [h for h in handlers if isinstance(h, HandlerSpec)]
         register_all(self.provider, specs, self.settings.handler_config, defaults)
@@ -413,6 +418,8 @@ class NexusServer:
                 await self.metrics_server.stop()
         finally:
             self.telemetry.shutdown()
+            if self._own_tracing:
+                await asyncio.to_thread(self.tracing.shutdown)  # flushes an OTLP exporter
             self._stopped.set()
             log.info("server_stopped")
 

@@ -37,6 +37,7 @@ from nexus.events import STARTED, STREAM, Event, JSONObject
 from nexus.plugins import HandlerSpec
 from nexus.queue.base import RequestQueue
 from nexus.server import NexusServer
+from nexus.tracing import Tracing
 
 
 class Recorder:
@@ -247,12 +248,14 @@ async def run_server(
     settings: Settings | None = None,
     bus: Bus | None = None,
     queue: RequestQueue | None = None,
+    tracing: Tracing | None = None,
     **overrides: Any,
 ) -> AsyncIterator[TestServer]:
     """Start a server on 127.0.0.1 and a free port with ``handlers``; stop it afterwards.
 
     ``bus`` and ``queue`` put the server on a given bus and request queue (two servers sharing a memory bus share
-    its queue too, so each request runs once).
+    its queue too, so each request runs once). ``tracing`` records the server's spans where a test wants them
+    (``Tracing.create(SimpleSpanProcessor(InMemorySpanExporter()))``).
 
     ``overrides`` set :class:`~nexus.config.Settings` fields (``heartbeat_interval=0.05``, ...). Entry points
     are not loaded: a test names its handlers. The WebSocket gateway is off unless ``gateway=True`` (it then
@@ -267,7 +270,9 @@ async def run_server(
         "load_entry_points": False,
     }
     fields.update(overrides)
-    server = NexusServer(dataclasses.replace(base, **fields), bus=bus, queue=queue, handlers=list(handlers))
+    server = NexusServer(
+        dataclasses.replace(base, **fields), bus=bus, queue=queue, handlers=list(handlers), tracing=tracing
+    )
     await server.start()
     client = NexusClient(server.address)
     try:

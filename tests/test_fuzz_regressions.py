@@ -95,8 +95,8 @@ def test_stored_lifecycle_events_of_a_request_at_the_limits_are_read_back() -> N
 
 async def test_a_request_with_64_metadata_entries_completes_on_nats() -> None:
     """On the NATS bus, a request carrying the most metadata entries allowed (64) used to hang: its lifecycle
-    events (64 entries plus the node's owner, auth and correlation_id) were stored, then quarantined by the node's
-    own tail."""
+    events (64 entries plus the node's owner, auth, correlation_id and traceparent) were stored, then quarantined
+    by the node's own tail."""
     url = shared_nats_url()
     stream, prefix = unique_names("fix")
     try:
@@ -110,7 +110,8 @@ async def test_a_request_with_64_metadata_entries_completes_on_nats() -> None:
             async with asyncio.timeout(10.0):
                 replies = [reply.event async for reply in call]
             assert [reply.event_type for reply in replies] == ["fix:echo:v1:requested", "fix:echo:v1:success"]
-            assert len(replies[-1].metadata) == 64 + 3  # owner, auth (anonymous), correlation_id
+            # owner, auth (anonymous), correlation_id, and traceparent (the handler run's span)
+            assert len(replies[-1].metadata) == 64 + 4
             assert nats_bus_of(server).stats().quarantined == 0
     finally:
         await delete_stream(url, stream)

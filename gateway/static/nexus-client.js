@@ -36,6 +36,12 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
+  /** `metadata` with `traceparent` added (when given), or undefined when there is nothing to send. */
+  function withTrace(metadata, traceparent) {
+    if (!traceparent) return metadata;
+    return Object.assign({}, metadata || {}, { traceparent });
+  }
+
   function stateOf(type) {
     const i = type.lastIndexOf(":");
     return i < 0 ? type : type.slice(i + 1);
@@ -337,22 +343,28 @@
       return this._call({ type: "unsubscribe", event_types: list, ref }, ref);
     }
 
-    /** Publish any event; resolves with the "published" frame ({event_id, offset, duplicate}). */
-    publish(type, payload = {}, { eventId, metadata } = {}) {
+    /**
+     * Publish any event; resolves with the "published" frame ({event_id, offset, duplicate}).
+     * `traceparent` (a W3C trace context header, e.g. from the page's own tracer) joins the event to that trace.
+     */
+    publish(type, payload = {}, { eventId, metadata, traceparent } = {}) {
       const id = eventId || randomId();
       const frame = { type, event_id: id, payload };
-      if (metadata) frame.metadata = metadata;
+      const meta = withTrace(metadata, traceparent);
+      if (meta) frame.metadata = meta;
       return this._call(frame, id);
     }
 
     /**
-     * Send a request (a `...:requested` event) and follow its lifecycle.
+     * Send a request (a `...:requested` event) and follow its lifecycle. With `traceparent`, the server's spans
+     * (and the `traceparent` of the lifecycle events) continue that trace.
      * Returns {eventId, published: Promise<frame>, done: Promise<terminal event>, cancel(reason?)}.
      */
-    request(type, payload = {}, { eventId, metadata, onEvent } = {}) {
+    request(type, payload = {}, { eventId, metadata, traceparent, onEvent } = {}) {
       const id = eventId || randomId();
       const frame = { type, event_id: id, payload };
-      if (metadata) frame.metadata = metadata;
+      const meta = withTrace(metadata, traceparent);
+      if (meta) frame.metadata = meta;
       const record = { eventId: id, frame, onEvent, lastOffset: 0, terminal: null };
       const done = new Promise((resolve, reject) => {
         record.resolve = resolve;

@@ -355,6 +355,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch():
                 self.events_sent += len(batch)
+                self.node.delivered(batch, "grpc")
                 for event in batch:
                     data = encode(event)  # pre-serialized bytes; None for an event no client could read
                     if data is not None:
@@ -368,6 +369,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch(size):
                 self.events_sent += len(batch)
+                self.node.delivered(batch, "grpc")
                 data = encode_batch(batch)  # pre-serialized bytes, without events no client could read
                 if data:
                     await context.write(data)
@@ -393,10 +395,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 await self._refuse(context, error)
             message = "duplicate" if published.duplicate else "stored"
             yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
-            async for item in session.events():
-                data = self._encode.encode_request_event(item)
-                if data is not None:
-                    yield data  # type: ignore[misc]  # pre-serialized bytes
+            while batch := await session.next_batch():
+                self.node.delivered(batch, "grpc")
+                for item in batch:
+                    data = self._encode.encode_request_event(item)
+                    if data is not None:
+                        yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:
             await abort(context, error)  # a slow consumer, not a refused input
         finally:
