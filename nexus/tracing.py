@@ -34,6 +34,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -96,9 +97,12 @@ def otlp_configured() -> bool:
 class Tracing:
     """What a server records spans with. See the module docstring."""
 
-    def __init__(self, provider: TracerProvider | None) -> None:
+    def __init__(self, provider: TracerProvider | None, *, recording: bool = True) -> None:
         self.provider = provider
         self.enabled = provider is not None
+        self.recording = self.enabled and recording
+        """Spans go somewhere (an exporter): every publish gets one. Without, only traced events (a caller's
+        ``traceparent``) do, so trace context flows and an untraced publish costs nothing."""
         self.tracer: trace.Tracer = provider.get_tracer("nexus") if provider is not None else trace.NoOpTracer()
 
     @classmethod
@@ -110,9 +114,7 @@ class Tracing:
     def create(cls, *processors: SpanProcessor) -> Tracing:
         """A tracer provider of its own with ``processors`` (tests pass an in-memory exporter's), plus a batched
         OTLP exporter when :func:`otlp_configured` and the ``otlp`` extra is installed."""
-        provider = TracerProvider(shutdown_on_exit=False)  # the server shuts it down; no atexit hook per server
-        for processor in processors:
-            provider.add_span_processor(processor)
+        exporters = list(processors)
         if otlp_configured():
             if importlib.util.find_spec("opentelemetry.exporter.otlp") is not None:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
@@ -120,12 +122,20 @@ class Tracing:
                 )
                 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+                exporters.append(BatchSpanProcessor(OTLPSpanExporter()))
             else:
                 structlog.get_logger("nexus.tracing").warning(
                     "otlp_unavailable", hint="install nexus-bus[otlp] to export traces over OTLP"
                 )
-        return cls(provider)
+        # With nothing to export spans to, a span is recorded only inside a trace a caller samples (its
+        # traceparent says so); otherwise spans are non-recording: trace context still flows (traceparent on
+        # lifecycle events, trace_id in logs) at the cost of ids, not of recording.
+        sampler = ParentBased(root=ALWAYS_ON) if exporters else ParentBased(root=ALWAYS_OFF)
+        # The server shuts it down: no atexit hook per server.
+        provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
+        for processor in exporters:
+            provider.add_span_processor(processor)
+        return cls(provider, recording=bool(exporters))
 
     def shutdown(self) -> None:
         """Flush and stop the exporters."""
@@ -219,6 +229,8 @@ class _Publishing:
             return event
         metadata = event.metadata
         traced = TRACEPARENT in metadata
+        if not traced and not self._tracing.recording:
+            return event  # nothing would see its span, and no trace to continue
         if not traced:
             parent = Context()
         elif TRACESTATE in metadata:

@@ -230,3 +230,22 @@ async def test_tracing_off_records_nothing_and_leaves_traceparent_alone(caller: 
             events = [event async for event in nexus.client.request(CHUNKS_TYPE, {"n": 1})]
     sent = traceparent_of(root.get_span_context())
     assert {event.metadata["traceparent"] for event in events} == {sent}
+
+
+async def test_without_an_exporter_trace_context_still_flows_and_untraced_publishes_are_left_alone(
+    caller: Any,
+) -> None:
+    """Tracing on with nothing to export to: an untraced publish is stored exactly as sent (no span, no cost), and a
+    caller's trace still continues through the handler run into the lifecycle events' traceparent."""
+    async with run_server(Chunks(), heartbeat_interval=0, tracing=Tracing.create()) as nexus:
+        plain = await nexus.client.emit("demo:note:v1:made", {})
+        assert "traceparent" not in plain.metadata
+        with caller.start_as_current_span("caller") as span:
+            trace_id = span.get_span_context().trace_id
+            events = [event async for event in nexus.client.request("demo:stream_chunks:v1:requested", {"n": 2})]
+    lifecycle = [e for e in events if e.state in ("started", "stream", "success")]
+    assert [e.state for e in lifecycle] == ["started", "stream", "stream", "success"]
+    for event in lifecycle:
+        context = span_context(event.metadata["traceparent"])
+        assert context is not None
+        assert context.trace_id == trace_id
