@@ -38,7 +38,7 @@ from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
 from nexus.session import OWNER, Lease, RequestSession, SessionState
 from nexus.telemetry import Telemetry
-from nexus.tracing import Tracing
+from nexus.tracing import TRACEPARENT, Tracing
 
 HealthCallback = Callable[[bool], None]
 DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
@@ -140,7 +140,7 @@ class Node(abc.ABC):
         """
         start = time.perf_counter()
         admitted = self.admit(event, principal)
-        if self.tracing.enabled:
+        if self.tracing.wants(admitted):
             with self.tracing.publishing(admitted, self.destination(admitted.event_type)) as stamped:
                 published = await self._publish(stamped)
         else:
@@ -155,7 +155,7 @@ class Node(abc.ABC):
         """Store several events in order (each checked as :meth:`publish` checks one)."""
         start = time.perf_counter()
         admitted = [self.admit(event, principal) for event in events]
-        if self.tracing.enabled:
+        if any(self.tracing.wants(event) for event in admitted):
             with contextlib.ExitStack() as spans:
                 stamped = [
                     spans.enter_context(self.tracing.publishing(event, self.destination(event.event_type)))
@@ -202,7 +202,7 @@ class Node(abc.ABC):
 
     def delivered(self, events: Sequence[Event], transport: str) -> None:
         """Record the delivery of a batch to one subscriber of ``transport`` (one span, when tracing is on)."""
-        if self.tracing.enabled and events:
+        if self.tracing.enabled and events and any(TRACEPARENT in event.metadata for event in events):
             self.tracing.delivered(events, self.destination(events[0].event_type), transport)
 
     def admit(self, event: Event, principal: Principal) -> Event:

@@ -146,7 +146,7 @@ class LocalNode(Node):
         return await self.bus.head_offset()
 
     async def submit(self, event: Event) -> tuple[Published, Lease]:
-        if self.tracing.enabled:
+        if self.tracing.wants(event):
             with self.tracing.publishing(event, self.destination(event.event_type)) as stamped:
                 published = await self.bus.publish(stamped)
         else:

@@ -105,6 +105,10 @@ class Tracing:
         ``traceparent``) do, so trace context flows and an untraced publish costs nothing."""
         self.tracer: trace.Tracer = provider.get_tracer("nexus") if provider is not None else trace.NoOpTracer()
 
+    def wants(self, event: Event) -> bool:
+        """Whether publishing ``event`` gets a span: always while spans are exported, else only inside a trace."""
+        return self.recording or (self.enabled and TRACEPARENT in event.metadata)
+
     @classmethod
     def off(cls) -> Tracing:
         """Records nothing."""
