@@ -307,7 +307,7 @@ class Link:
             raise InvalidArgument(f"a request with event_id {correlation_id!r} is already live on this connection")
         sub = await self._ensure_subscription()
         # Follows before publishing: nothing slips by.
-        request = self.node.open_request(event, follow=sub, principal=self.principal)
+        request = self.node.open_request(event, follow=sub, principal=self.principal, transport="websocket")
         self._requests[correlation_id] = request
         self._hold()
         try:

@@ -243,6 +243,10 @@ class Node(abc.ABC):
             metadata["auth"] = "none"
         return event.evolve(metadata=metadata)
 
+    def count_request(self, event: Event, transport: str, seconds: float) -> None:
+        """A request was stored through ``transport`` in ``seconds`` (it counts as a sent message)."""
+        self.telemetry.published((event,), transport, seconds)
+
     def owner_of(self, stored: Event) -> str | None:
         """Who sent the stored event ``stored`` (``metadata.owner``), None when nobody is known to."""
         return stored.metadata.get(OWNER)
@@ -321,7 +325,12 @@ class Node(abc.ABC):
     # --- requests ---------------------------------------------------------------------------------------------
 
     def open_request(
-        self, event: Event, *, follow: Subscription | None = None, principal: Principal = LOCAL
+        self,
+        event: Event,
+        *,
+        follow: Subscription | None = None,
+        principal: Principal = LOCAL,
+        transport: str = "local",
     ) -> RequestSession:
         """A session for the ``requested`` event ``event``, not yet published (:meth:`RequestSession.start`).
 
@@ -330,7 +339,9 @@ class Node(abc.ABC):
         """
         if event.state != REQUESTED:  # what it is comes before who may send it
             raise InvalidArgument(f"a request needs a '...:requested' event type, not {quote(event.event_type, 80)}")
-        return RequestSession(self, self.admit(event, principal), follow=follow, principal=principal)
+        return RequestSession(
+            self, self.admit(event, principal), follow=follow, principal=principal, transport=transport
+        )
 
     async def request(
         self,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any, Final, Protocol
 
@@ -67,6 +68,8 @@ class Requester(Protocol):
 
     def owner_of(self, stored: Event) -> str | None: ...
 
+    def count_request(self, event: Event, transport: str, seconds: float) -> None: ...
+
 
 class SessionState(enum.StrEnum):
     NEW = "new"
@@ -85,11 +88,19 @@ class RequestSession:
     """One request and its requester. See the module docstring."""
 
     def __init__(
-        self, node: Requester, event: Event, *, follow: Subscription | None = None, principal: Principal = LOCAL
+        self,
+        node: Requester,
+        event: Event,
+        *,
+        follow: Subscription | None = None,
+        principal: Principal = LOCAL,
+        transport: str = "local",
     ) -> None:
         if event.state != REQUESTED:
             raise InvalidArgument(f"a request needs a '...:requested' event type, not {event.event_type!r}")
         self._node = node
+        self.transport = transport
+        """How the requester reached the node (``grpc``, ``websocket``, ...), for the metrics."""
         self.principal = principal
         """Who sent the request: a repeat of another owner's ``event_id`` is refused, never joined."""
         self.event = event
@@ -155,12 +166,14 @@ class RequestSession:
         if self.state is not SessionState.NEW:
             raise InvalidState(f"request {self.correlation_id!r} was already started")
         self.state = SessionState.PUBLISHING
+        started = time.perf_counter()
         try:
             published, lease = await self._node.submit(self.event)
         except BaseException:
             self.state = SessionState.RELEASED
             self._let_go(cancel=False)
             raise
+        self._node.count_request(self.event, self.transport, time.perf_counter() - started)
         self._lease = lease
         self.stored = stored = published.event
         self.duplicate = published.duplicate

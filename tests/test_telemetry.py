@@ -161,6 +161,11 @@ async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(nexus: Tes
         == 1
     )
     assert moved("messaging_client_sent_messages_total", nexus_transport="websocket") == 1
+    # Requests are sent messages too (three RequestEvent calls to the handled service "demo").
+    assert (
+        moved("messaging_client_sent_messages_total", messaging_destination_service="demo", nexus_transport="grpc")
+        == 3
+    )
     assert moved("messaging_client_sent_messages_total", messaging_system="nexus") >= 702
     assert moved("messaging_client_operation_duration_seconds_count", nexus_transport="grpc") >= 1
     # Handler runs by outcome, failures by error type.

@@ -384,7 +384,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         try:
             quota.publish(asyncio.get_running_loop().time())
             event = event_from_request(request.event, limits=self.limits)
-            session = self.node.open_request(event, principal=principal)
+            session = self.node.open_request(event, principal=principal, transport="grpc")
             quota.start_request()
         except NexusError as error:
             await self._refuse(context, error)
