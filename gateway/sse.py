@@ -496,15 +496,19 @@ class SseEndpoint:
                 max_patterns=self.node.max_patterns_per_subscription,
             )
         except (InvalidArgument, InvalidPattern, ResourceExhausted) as exc:
+            self.node.telemetry.refused(code_for_exception(exc), "sse")
             return refusal(http.HTTPStatus.BAD_REQUEST, exc)
         principal = await self._authorize(connection, request)
         if isinstance(principal, Response):
             self._stats.auth_refused += 1
+            code = "unauthenticated" if principal.status_code == 401 else "permission_denied"
+            self.node.telemetry.refused(code, "sse")
             return principal
         try:
             # Out-of-scope patterns are a 403 before the stream starts: EventSource does not retry a 403.
             self.node.check_subscribe(query.patterns, principal)
         except NexusError as exc:
+            self.node.telemetry.refused(code_for_exception(exc), "sse")
             return refusal(http.HTTPStatus.FORBIDDEN, exc)
         if not isinstance(connection, HandoffConnection):  # pragma: no cover - the gateway always serves with it
             return refusal(http.HTTPStatus.NOT_IMPLEMENTED, InvalidArgument("this server cannot stream responses"))

@@ -242,6 +242,9 @@ class NexusServer:
         telemetry.observe(
             "messaging.client.consumed.messages", lambda: [(self.servicer.events_sent, {"nexus__transport": "grpc"})]
         )
+        telemetry.observe(
+            "nexus.connections.active", lambda: [(self.servicer.connections, {"nexus__transport": "grpc"})]
+        )
         telemetry.observe("nexus.history.events", self._observe_history)
         telemetry.observe("nexus.history.bytes", lambda: [(getattr(self.bus, "history_bytes", 0), {})])
         if hasattr(self.bus, "consumer_lag"):  # the NATS bus

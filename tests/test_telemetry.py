@@ -24,6 +24,7 @@ from nexus.auth import mint_token
 from nexus.errors import InvalidArgument, PermissionDenied
 from nexus.telemetry import Telemetry
 from nexus.testing import TestServer, run_server
+from nexus.v1 import nexus_pb2
 
 GUARD = 10.0
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -147,8 +148,19 @@ async def test_metrics_parse_as_prometheus_text_and_move_with_traffic(nexus: Tes
             while json.loads(await ws.recv())["type"] != "chat:said:v1:happened":
                 pass
         await ws.send(json.dumps({"type": "no such frame"}))  # refused: an error frame, not a publish
+        # A gRPC client with a subscription open is a connection; an /sse request refused is counted.
+        grpc_sub = nexus.client.stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=["chat:>"]))
+        await grpc_sub.initial_metadata()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /sse?patterns=Bad HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        async with asyncio.timeout(GUARD):
+            assert b" 400 " in await reader.readuntil(b"\r\n")
+        writer.close()
         during = await scrape(port)
         assert value(during, "nexus_connections_active", nexus_transport="websocket") == 1
+        assert value(during, "nexus_connections_active", nexus_transport="grpc") == 1
+        assert value(during, "nexus_refused_total", error_type="invalid_pattern", nexus_transport="sse") == 1
+        grpc_sub.cancel()
     await stall_a_websocket(nexus)
     after = await scrape(port)
 

@@ -190,6 +190,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.undecodable = 0
         """Requests refused because their bytes were not a valid message."""
         self.subscriptions = 0
+        self._open_calls: dict[str, int] = {}
         """Subscription calls open now."""
         self.events_sent = 0
         """Events written to subscription calls."""
@@ -237,6 +238,23 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.auth_refused += 1
         self.bad_input.warning(log, "grpc_auth_refused", peer=peer, code=error.code.value, reason=error.message)
         await self._refuse(context, error)
+
+    @property
+    def connections(self) -> int:
+        """Clients (peers) with a long-lived call open: a subscription or a request's stream."""
+        return len(self._open_calls)
+
+    def _call_opened(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        peer = _peer(context)
+        self._open_calls[peer] = self._open_calls.get(peer, 0) + 1
+
+    def _call_closed(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        peer = _peer(context)
+        left = self._open_calls.get(peer, 1) - 1
+        if left > 0:
+            self._open_calls[peer] = left
+        else:
+            self._open_calls.pop(peer, None)
 
     def _quota(self, context: grpc.aio.ServicerContext[Any, Any]) -> ClientQuota:
         """The quota of the connection this call came on (its peer address)."""
@@ -335,10 +353,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     recovered=sub.recovered,
                 )
                 self.subscriptions += 1
+                self._call_opened(context)
                 try:
                     yield sub
                 finally:
                     self.subscriptions -= 1
+                    self._call_closed(context)
             except SlowConsumer as error:
                 log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
                 await abort(context, error)  # counted as a slow-consumer disconnect, not a refusal
@@ -388,6 +408,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             quota.start_request()
         except NexusError as error:
             await self._refuse(context, error)
+        self._call_opened(context)
         try:
             try:
                 published = await session.start(max_pending=self.subscriber_queue)
@@ -408,6 +429,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
             session.close()
             quota.end_request()
+            self._call_closed(context)
 
     async def CancelStream(
         self, request: nexus_pb2.CancelStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
