@@ -244,12 +244,14 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         """Clients (peers) with a long-lived call open: a subscription or a request's stream."""
         return len(self._open_calls)
 
-    def _call_opened(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _call_opened(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Count a long-lived call of the client; returns its peer, for :meth:`_call_closed` (which must not ask
+        the context again: once the call is over, grpc's context may no longer answer)."""
         peer = _peer(context)
         self._open_calls[peer] = self._open_calls.get(peer, 0) + 1
+        return peer
 
-    def _call_closed(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        peer = _peer(context)
+    def _call_closed(self, peer: str) -> None:
         left = self._open_calls.get(peer, 1) - 1
         if left > 0:
             self._open_calls[peer] = left
@@ -353,12 +355,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                     recovered=sub.recovered,
                 )
                 self.subscriptions += 1
-                self._call_opened(context)
+                peer = self._call_opened(context)
                 try:
                     yield sub
                 finally:
                     self.subscriptions -= 1
-                    self._call_closed(context)
+                    self._call_closed(peer)
             except SlowConsumer as error:
                 log.warning("subscriber_too_slow", peer=_peer(context), last_offset=error.last_offset)
                 await abort(context, error)  # counted as a slow-consumer disconnect, not a refusal
@@ -408,7 +410,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             quota.start_request()
         except NexusError as error:
             await self._refuse(context, error)
-        self._call_opened(context)
+        peer = self._call_opened(context)
         try:
             try:
                 published = await session.start(max_pending=self.subscriber_queue)
@@ -429,7 +431,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             # close() never awaits, so it runs on every exit path, a generator closed by GeneratorExit included.
             session.close()
             quota.end_request()
-            self._call_closed(context)
+            self._call_closed(peer)
 
     async def CancelStream(
         self, request: nexus_pb2.CancelStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
