@@ -333,12 +333,13 @@ def field(number: int, data: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
-def deep_struct(levels: int) -> bytes:
-    """An EventRequest whose payload nests ``levels`` objects, built by hand (protobuf refuses to)."""
+def deep_struct(levels: int, event_type: bytes = b"fuzz:thing:v1:made") -> bytes:
+    """An EventRequest whose payload Struct nests ``levels`` objects ({"n": {"n": ... {}}}), built by hand (protobuf
+    refuses to)."""
     struct = b""
     for _ in range(levels - 1):
         struct = field(1, field(1, b"n") + field(2, field(5, struct)))
-    return field(1, b"fuzz:thing:v1:made") + field(3, struct)
+    return field(1, event_type) + field(3, struct)
 
 
 # --- WebSocket frames ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import grpc
 import nats
 import pytest
 import structlog
+from fuzz_strategies import deep_struct, field
 from nats_support import delete_stream, nats_bus_of, nats_settings, shared_nats_url, unique_names
 from nexus.gateway.server import GatewayServer
 from websockets.asyncio.client import ClientConnection, connect
@@ -49,28 +50,9 @@ async def nexus() -> AsyncIterator[TestServer]:
 # --- hand-built protobuf bytes ----------------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited field."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 def deep_struct_request(levels: int) -> bytes:
-    """An EventRequest whose payload Struct nests ``levels`` objects: {"n": {"n": ... {}}}."""
-    struct = b""
-    for _ in range(levels - 1):
-        value = _field(5, struct)  # Value.struct_value
-        entry = _field(1, b"n") + _field(2, value)  # map entry: key, value
-        struct = _field(1, entry)  # Struct.fields
-    return _field(1, b"bad:thing:v1:made") + _field(3, struct)
+    """An EventRequest whose payload Struct nests ``levels`` objects."""
+    return deep_struct(levels, b"bad:thing:v1:made")
 
 
 def random_garbage(seed: int) -> bytes:
@@ -88,10 +70,10 @@ UNDECODABLE: list[tuple[str, bytes]] = [
     ("random bytes", random_garbage(1)),
     ("a truncated field", b"\x0a\xff\xff\x03abc"),
     ("a Struct nested 200 levels", deep_struct_request(200)),
-    ("invalid UTF-8 in event_type", _field(1, b"bad:thing:v1:\xff\xfe")),
+    ("invalid UTF-8 in event_type", field(1, b"bad:thing:v1:\xff\xfe")),
     (
         "invalid UTF-8 in a metadata key",
-        _field(1, b"bad:thing:v1:made") + _field(4, _field(1, b"\xc3") + _field(2, b"v")),
+        field(1, b"bad:thing:v1:made") + field(4, field(1, b"\xc3") + field(2, b"v")),
     ),
 ]
 
@@ -175,7 +157,7 @@ async def test_a_publish_stream_stops_at_an_undecodable_message(
 
     async def requests() -> AsyncIterator[bytes]:
         yield good
-        yield _field(1, deep_struct_request(200))  # PublishEventsRequest.event
+        yield field(1, deep_struct_request(200))  # PublishEventsRequest.event
 
     async with grpc.aio.insecure_channel(nexus.address) as channel:
         call = channel.stream_unary(SERVICE + "PublishEvents")
