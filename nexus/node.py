@@ -32,11 +32,11 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
-from nexus.errors import AlreadyExists, InvalidArgument, PermissionDenied, ReservedState
+from nexus.errors import AlreadyExists, PermissionDenied, ReservedState
 from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
-from nexus.session import OWNER, Lease, RequestSession, SessionState
+from nexus.session import OWNER, Lease, RequestSession, SessionState, require_request
 from nexus.telemetry import Telemetry
 from nexus.tracing import TRACEPARENT, Tracing
 
@@ -337,8 +337,7 @@ class Node(abc.ABC):
         With ``follow``, that subscription (the requester's own) follows the request's correlation id from now
         on, so no lifecycle event can slip by between publishing and following.
         """
-        if event.state != REQUESTED:  # what it is comes before who may send it
-            raise InvalidArgument(f"a request needs a '...:requested' event type, not {quote(event.event_type, 80)}")
+        require_request(event)  # what it is comes before who may send it
         return RequestSession(
             self, self.admit(event, principal), follow=follow, principal=principal, transport=transport
         )

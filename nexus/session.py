@@ -79,6 +79,12 @@ class SessionState(enum.StrEnum):
     RELEASED = "released"
 
 
+def require_request(event: Event) -> None:
+    """Refuse an event that is not a ``...:requested`` one: only those are requests."""
+    if event.state != REQUESTED:
+        raise InvalidArgument(f"a request needs a '...:requested' event type, not {quote(event.event_type, 80)}")
+
+
 def request_base(event_type: str) -> str:
     """``service:action:vN`` of an event type: what a request's lifecycle events share."""
     return event_type.rsplit(":", 1)[0]
@@ -96,8 +102,7 @@ class RequestSession:
         principal: Principal = LOCAL,
         transport: str = "local",
     ) -> None:
-        if event.state != REQUESTED:
-            raise InvalidArgument(f"a request needs a '...:requested' event type, not {event.event_type!r}")
+        require_request(event)
         self._node = node
         self.transport = transport
         """How the requester reached the node (``grpc``, ``websocket``, ...), for the metrics."""
