@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
-import uuid
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -146,7 +147,22 @@ class EventType:
 
     @classmethod
     def parse(cls, text: str) -> EventType:
-        """Parse ``text`` or raise :class:`InvalidEventType` naming the bad token."""
+        """Parse ``text`` or raise :class:`InvalidEventType` naming the bad token.
+
+        Valid types are remembered (at most :data:`TYPE_CACHE_SIZE`; a full cache starts over), so the few types
+        a deployment uses are checked once, not once per event.
+        """
+        cached = _TYPE_CACHE.get(text) if type(text) is str else None
+        if cached is not None:
+            return cached
+        parsed = cls._parse(text)
+        if len(_TYPE_CACHE) >= TYPE_CACHE_SIZE:
+            _TYPE_CACHE.clear()
+        _TYPE_CACHE[text] = parsed
+        return parsed
+
+    @classmethod
+    def _parse(cls, text: str) -> EventType:
         if not isinstance(text, str):
             raise InvalidEventType(f"event type must be a string, not {type(text).__name__}")
         tokens = text.split(":", 4)
@@ -173,6 +189,10 @@ class EventType:
 
     def __str__(self) -> str:
         return f"{self.base}:{self.state}"
+
+
+TYPE_CACHE_SIZE: Final = 4096
+_TYPE_CACHE: dict[str, EventType] = {}
 
 
 def validate_event_type(text: str) -> str:
@@ -259,13 +279,38 @@ def _find_bad_text(value: Any, path: str) -> str | None:
     return None
 
 
-def json_size(value: Any, what: str) -> int:
-    """Bytes of ``value`` as compact UTF-8 JSON; raises :class:`InvalidPayload` for text that is not valid Unicode."""
+_encode_compact: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def encode_json(value: Any, what: str) -> bytes:
+    """``value`` as compact UTF-8 JSON; raises :class:`InvalidPayload` for text that is not valid Unicode and for
+    NaN or Infinity."""
     try:
-        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        return _encode_compact(value).encode("utf-8")
     except UnicodeEncodeError:
         where = _find_bad_text(value, "") or ""
         raise InvalidPayload(f"{what}{cut_path(where)} holds a lone surrogate: not valid Unicode text") from None
+    except ValueError as exc:
+        raise InvalidPayload(f"{what} holds NaN or Infinity, which are not valid JSON") from exc
+
+
+def json_size(value: Any, what: str) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON; raises :class:`InvalidPayload` for text that is not valid Unicode."""
+    return len(encode_json(value, what))
+
+
+_ENVELOPE_BYTES: Final = len('{"t":,"i":,"p":,"m":}')
+
+
+def _envelope_size(payload_json: bytes, event_type: str, event_id: str, metadata: Mapping[str, str]) -> int:
+    """``len`` of ``{"t":event_type,"i":event_id,"p":payload,"m":metadata}`` as compact UTF-8 JSON, given the
+    payload's encoding (the rest is small; the payload is not encoded twice)."""
+    rest = encode_json([event_type, event_id, metadata], "event")  # ["t","i",{...}]: brackets and two commas
+    return _ENVELOPE_BYTES + len(payload_json) + len(rest) - 4
+
+
+_set: Final = object.__setattr__
+"""Sets a cache field of a frozen :class:`Event` (only values derived from fields that never change)."""
 
 
 def validate_payload(
@@ -277,16 +322,24 @@ def validate_payload(
     itself is the first), every key and string is valid Unicode. With ``max_bytes``, a payload whose compact
     JSON encoding is larger raises :class:`PayloadTooLarge`.
     """
+    return _checked_payload(payload, max_bytes=max_bytes, max_depth=max_depth)[0]
+
+
+_EMPTY_OBJECT: Final = b"{}"
+
+
+def _checked_payload(payload: Any, *, max_bytes: int | None, max_depth: int) -> tuple[JSONObject, bytes]:
+    """:func:`validate_payload`, also returning the payload's compact JSON encoding (made once, for the size)."""
     if payload is None:
-        return {}
+        return {}, _EMPTY_OBJECT
     if not isinstance(payload, Mapping):
         raise InvalidPayload(f"payload must be a JSON object, not {type(payload).__name__}")
     _check_json(payload, "", 0, max_depth)
     result = dict(payload)
-    size = json_size(result, "payload")
-    if max_bytes is not None and size > max_bytes:
-        raise PayloadTooLarge(f"payload is {size} bytes, over the limit of {max_bytes} bytes")
-    return result
+    encoded = encode_json(result, "payload")
+    if max_bytes is not None and len(encoded) > max_bytes:
+        raise PayloadTooLarge(f"payload is {len(encoded)} bytes, over the limit of {max_bytes} bytes")
+    return result, encoded
 
 
 def validate_metadata(metadata: Any, *, max_entries: int = DEFAULT_MAX_METADATA_ENTRIES) -> dict[str, str]:
@@ -326,9 +379,35 @@ def validate_event_id(event_id: Any) -> str:
     return event_id
 
 
-def new_event_id() -> str:
-    """A fresh, unique event id."""
-    return uuid.uuid4().hex
+class _IdSource:
+    """128 random bits as 32 hex characters per id (as ``uuid4().hex`` gives, minus its version bits), read from
+    the OS's random source 256 ids at a time: ids are unguessable and cost no system call each."""
+
+    __slots__ = ("_hex", "_next")
+
+    _IDS_PER_READ: Final = 256
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the ids read so far (a forked process reads its own)."""
+        self._hex = ""
+        self._next = 0
+
+    def __call__(self) -> str:
+        start = self._next
+        if start >= len(self._hex):
+            self._hex = os.urandom(16 * self._IDS_PER_READ).hex()
+            start = 0
+        self._next = start + 32
+        return self._hex[start : start + 32]
+
+
+new_event_id: Final = _IdSource()
+"""A fresh, unique, unguessable event id (32 hex characters)."""
+if hasattr(os, "register_at_fork"):  # a forked worker must not hand out its parent's next ids
+    os.register_at_fork(after_in_child=new_event_id.reset)
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -336,9 +415,27 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_second_text: tuple[int, str] = (-1, "")
+
+
+def timestamp_of_ns(nanoseconds: int) -> str:
+    """Epoch nanoseconds as RFC 3339 UTC text with microseconds (``2026-11-27T07:19:24.123456Z``).
+
+    The date and time of day are formatted once per second; only the microseconds are formatted per call.
+    """
+    global _second_text
+    micros = nanoseconds // 1000
+    second, fraction = divmod(micros, 1_000_000)
+    cached_second, prefix = _second_text
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_text = (second, prefix)
+    return f"{prefix}.{fraction:06d}Z"
+
+
 def now_timestamp() -> str:
     """The current time, RFC 3339 UTC."""
-    return format_timestamp(datetime.now(UTC))
+    return timestamp_of_ns(time.time_ns())
 
 
 def parse_time(value: Any) -> float:
@@ -389,6 +486,7 @@ class Event:
     epoch: str = ""
     _parsed: EventType | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _size: int = dataclasses.field(default=-1, init=False, repr=False, compare=False)
+    _payload_json: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def type(self) -> EventType:
@@ -410,33 +508,51 @@ class Event:
         return self.metadata.get("correlation_id", "")
 
     def stored(self, offset: int, epoch: str) -> Event:
-        """A copy carrying the offset and epoch the bus gave it."""
-        return self.evolve(offset=offset, epoch=epoch)
+        """A copy carrying the offset and epoch the bus gave it (what was derived from the fields is kept)."""
+        copy = Event(self.event_type, self.payload, self.event_id, self.metadata, self.timestamp, offset, epoch)
+        _set(copy, "_parsed", self._parsed)
+        _set(copy, "_size", self._size)
+        _set(copy, "_payload_json", self._payload_json)
+        return copy
 
     def evolve(self, **changes: Any) -> Event:
         """A copy with ``changes`` (field names and new values); what was derived from unchanged fields is kept."""
         copy = dataclasses.replace(self, **changes)
         if copy.event_type == self.event_type:
-            object.__setattr__(copy, "_parsed", self._parsed)
+            _set(copy, "_parsed", self._parsed)
+        if "payload" not in changes:
+            _set(copy, "_payload_json", self._payload_json)
         if not changes.keys() & {"event_type", "event_id", "payload", "metadata"}:
-            object.__setattr__(copy, "_size", self._size)
+            _set(copy, "_size", self._size)
         return copy
 
+    def payload_json(self) -> bytes:
+        """The payload as compact UTF-8 JSON (``ensure_ascii=False``), encoded once per event, then kept.
+
+        What sizes an event, what the JSON payload encoding of gRPC and the gateway's frames carry. Raises
+        :class:`InvalidPayload` for a payload no JSON encoder can write (text that is not valid Unicode, NaN).
+        """
+        data = self._payload_json
+        if data is None:
+            data = encode_json(self.payload, "payload")
+            _set(self, "_payload_json", data)  # a cache: the payload it derives from never changes
+        return data
+
     def size(self) -> int:
-        """Bytes of the event's type, id, payload and metadata as compact UTF-8 JSON (what limits count).
+        """Bytes of the event's type, id, payload and metadata as compact UTF-8 JSON (what limits count):
+        ``{"t":<type>,"i":<id>,"p":<payload>,"m":<metadata>}``.
 
         Computed once per event (the edge's check computes it), then kept.
         """
         size = self._size
         if size < 0:
-            body = {"t": self.event_type, "i": self.event_id, "p": self.payload, "m": self.metadata}
             try:
-                text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-                size = len(text.encode("utf-8", "surrogatepass"))
-            except (ValueError, TypeError, RecursionError):
+                size = _envelope_size(self.payload_json(), self.event_type, self.event_id, self.metadata)
+            except (InvalidPayload, ValueError, TypeError, RecursionError):
                 # An event no encoder could send (built without the checks): its size only bounds memory.
+                body = {"t": self.event_type, "i": self.event_id, "p": self.payload, "m": self.metadata}
                 size = len(repr(body))
-            object.__setattr__(self, "_size", size)  # a cache: the fields it derives from never change
+            _set(self, "_size", size)  # a cache: the fields it derives from never change
         return size
 
     def to_dict(self) -> JSONObject:
@@ -469,25 +585,21 @@ class Event:
         parsed = EventType.parse(event_type)
         if event_id is not None:
             validate_event_id(event_id)
-        checked = validate_payload(
+        checked, encoded = _checked_payload(
             payload,
             max_bytes=max_payload_bytes if max_payload_bytes is not None else limits.max_payload_bytes,
             max_depth=limits.max_payload_depth,
         )
         meta = validate_metadata(metadata, max_entries=limits.max_metadata_entries)
-        event = cls(
-            event_type=event_type,
-            payload=checked,
-            event_id=event_id or new_event_id(),
-            metadata=meta,
-        )
+        event = cls(event_type, checked, event_id or new_event_id(), meta)
+        _set(event, "_payload_json", encoded)
         size = event.size()
         if size > limits.max_event_bytes:
             raise PayloadTooLarge(
                 f"the event is {size} bytes (type, id, payload and metadata), over the limit of "
                 f"{limits.max_event_bytes} bytes"
             )
-        object.__setattr__(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
+        _set(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
         return event
 
 
@@ -518,16 +630,17 @@ def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_m
     parse_time(event.timestamp)
     if size_at_most is not None and size_at_most <= min(limits.max_event_bytes, limits.max_payload_bytes):
         return event
-    body = {"t": event.event_type, "i": event.event_id, "p": event.payload, "m": event.metadata}
-    size = json_size(body, "event")  # also finds any text that is not valid Unicode
-    object.__setattr__(event, "_size", size)
+    payload_json = encode_json(event.payload, "payload")  # also finds any text that is not valid Unicode
+    size = _envelope_size(payload_json, event.event_type, event.event_id, event.metadata)
+    _set(event, "_payload_json", payload_json)
+    _set(event, "_size", size)
     if size > limits.max_event_bytes:
         raise PayloadTooLarge(
             f"the event is {size} bytes (type, id, payload and metadata), over the limit of "
             f"{limits.max_event_bytes} bytes"
         )
     if size > limits.max_payload_bytes:
-        payload_size = json_size(event.payload, "payload")
+        payload_size = len(payload_json)
         if payload_size > limits.max_payload_bytes:
             raise PayloadTooLarge(
                 f"payload is {payload_size} bytes, over the limit of {limits.max_payload_bytes} bytes"

@@ -501,3 +501,47 @@ def test_errors_quote_at_most_about_100_characters_of_the_input() -> None:
         assert len(caught.value.message) < 300
     assert quote("z" * 1000).endswith("(1000 characters)")
     assert quote("\ud800") == "'\\ud800'"
+
+
+def test_timestamps_match_the_rfc_3339_formatter_across_seconds_and_days() -> None:
+    from datetime import UTC, datetime
+
+    from nexus.events import format_timestamp, timestamp_of_ns
+
+    for ns in (0, 999_999_999, 1_000_000_000, 1_790_000_000_123_456_789, 1_790_000_059_999_999_000, 86_399_999_999_000):
+        moment = datetime.fromtimestamp(ns // 1000 / 1_000_000, UTC)
+        assert timestamp_of_ns(ns) == format_timestamp(moment)
+
+
+def test_generated_event_ids_are_unique_hex_and_not_sequential() -> None:
+    import itertools
+
+    from nexus.events import new_event_id
+
+    ids = [new_event_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    # no shared prefix between neighbours: ids cannot be guessed from one seen before
+    assert sum(a[:8] == b[:8] for a, b in itertools.pairwise(ids)) < 5
+
+
+def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
+    import json
+
+    for payload, metadata in (
+        ({}, {}),
+        ({"text": "é" * 40, "n": [1, 2.5, None, True], "deep": {"a": {"b": '\n"quoted"'}}}, {"owner": "ü\t"}),
+        ({"x": 1}, {"correlation_id": "c" * 256, "k": ""}),
+    ):
+        event = Event.create("svc:act:v1:done", payload, metadata=metadata)
+        body = {"t": event.event_type, "i": event.event_id, "p": event.payload, "m": event.metadata}
+        expected = len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+        assert event.size() == expected
+        assert event.payload_json() == json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        stored = event.stored(7, "e")
+        assert (stored.offset, stored.epoch, stored.size()) == (7, "e", expected)
+        assert stored.payload_json() == event.payload_json()
+        assert stored.payload == event.payload
+        assert stored.metadata == event.metadata
+        plain = Event(event.event_type, event.payload, event.event_id, event.metadata)
+        assert plain.size() == expected
