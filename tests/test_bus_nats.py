@@ -7,6 +7,7 @@ server (its own stream per test) or, for outages, a private ``nats-server`` proc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -445,3 +446,119 @@ async def test_a_node_counted_lost_lets_its_requests_go(names: tuple[str, str, s
         assert len(terminals) == 1
         assert silent.server.provider.streams() == []
         await watcher.stop()
+
+
+# --- windowed publishing and tail batches -------------------------------------------------------------------
+
+
+def _windowed(url: str, stream: str, prefix: str, window: int, **overrides: Any) -> NatsBus:
+    settings = nats_settings(url, stream, prefix, **overrides).nats_bus_settings()
+    return NatsBus(dataclasses.replace(settings, publish_window=window))
+
+
+@pytest.mark.nats
+async def test_concurrent_publishes_each_get_their_own_offset_in_call_order(names: tuple[str, str, str]) -> None:
+    """500 publishes in flight at once (a window of 64) are stored in the order they were called, each caller
+    told its own offset, and a subscriber receives them in that order, several per batch."""
+    url, stream, prefix = names
+    bus = _windowed(url, stream, prefix, 64)
+    await bus.start()
+    try:
+        sub = await bus.subscribe(["load:>"], max_pending=1000)
+        events = [Event.create("load:item:v1:made", {"i": i}) for i in range(500)]
+        with anyio.fail_after(GUARD):
+            results = await asyncio.gather(*(bus.publish(event) for event in events))
+        assert [r.event.offset for r in results] == list(range(1, 501))
+        assert [r.event.event_id for r in results] == [e.event_id for e in events]
+        assert not any(r.duplicate for r in results)
+        batches: list[list[Event]] = []
+        with anyio.fail_after(GUARD):
+            while sum(map(len, batches)) < 500:
+                batches.append(await sub.next_batch())
+        received = [event for batch in batches for event in batch]
+        assert [(e.offset, e.payload["i"]) for e in received] == [(i + 1, i) for i in range(500)]
+        assert len(batches) < 250, "the tail hands the fan-out whole batches, not one event at a time"
+    finally:
+        await bus.close()
+
+
+@pytest.mark.nats
+async def test_a_duplicate_inside_a_window_is_answered_with_the_original(names: tuple[str, str, str]) -> None:
+    """Two publishes of one event_id in flight together: the first is stored, the second gets that original."""
+    url, stream, prefix = names
+    bus = _windowed(url, stream, prefix, 256)
+    await bus.start()
+    try:
+        first = Event.create("dup:item:v1:made", {"v": "first"}, event_id="same-id")
+        again = Event.create("dup:item:v1:made", {"v": "again"}, event_id="same-id")
+        others = [Event.create("dup:item:v1:made", {"v": i}) for i in range(20)]
+        with anyio.fail_after(GUARD):
+            results = await asyncio.gather(*(bus.publish(e) for e in [*others[:10], first, again, *others[10:]]))
+        original, duplicate = results[10], results[11]
+        assert (original.duplicate, original.event.offset, original.event.payload) == (False, 11, {"v": "first"})
+        assert duplicate.duplicate
+        assert (duplicate.event.offset, duplicate.event.payload) == (11, {"v": "first"})
+        assert [r.event.offset for r in results[12:]] == list(range(12, 22))
+        assert await bus.head_offset() == 21
+    finally:
+        await bus.close()
+
+
+@pytest.mark.nats
+async def test_a_server_lost_mid_window_fails_the_unacknowledged_publishes_at_once(tmp_path: Path) -> None:
+    """NATS stopped with publishes in flight: each one either has its offset or fails with BusUnavailable, long
+    before the ack timeout; once NATS is back, publishing works again."""
+    nats_server_binary()
+    server = NatsProcess(tmp_path / "nats")
+    server.start()
+    await server.wait_listening()
+    await wait_for_jetstream(server.url)
+    stream, prefix = unique_names("window")
+    bus = _windowed(server.url, stream, prefix, 32, nats_storage="file", nats_ack_timeout_s=120.0)
+    try:
+        await bus.start()
+        events = [Event.create("lost:item:v1:made", {"i": i}) for i in range(3000)]
+        tasks = [asyncio.create_task(bus.publish(event)) for event in events]
+        await until("some publishes are stored", lambda: sum(task.done() for task in tasks) >= 50)
+        server.stop()
+        with anyio.fail_after(GUARD):  # far less than the 120 s ack timeout
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        stored = [o for o in outcomes if not isinstance(o, BaseException)]
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(stored) >= 50
+        assert failed, "the server stopped with publishes in flight"
+        assert all(isinstance(error, BusUnavailable) for error in failed), failed[:3]
+        offsets = [published.event.offset for published in stored]
+        assert offsets == sorted(set(offsets))
+
+        server.start()
+        await until("the bus is healthy again", lambda: bus.healthy)
+        with anyio.fail_after(GUARD):
+            after = await bus.publish(Event.create("lost:item:v1:made", {"i": "after"}))
+        assert after.event.offset > max(offsets)
+    finally:
+        await bus.close()
+        server.stop()
+
+
+@pytest.mark.nats
+async def test_a_bad_message_in_a_tail_batch_is_quarantined_alone(names: tuple[str, str, str]) -> None:
+    """Among messages the tail reads together, one that is no event is skipped and counted; the rest arrive."""
+    url, stream, prefix = names
+    bus = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
+    await bus.start()
+    try:
+        sub = await bus.subscribe(["bad:>"])
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        bodies = [encode_event(Event.create("bad:item:v1:made", {"i": i})) for i in range(6)]
+        bodies[2] = b'{"v": 1, "payload": {"i": 2'  # cut short: not JSON
+        futures = [await js.publish_async(f"{prefix}.bad.item.v1.made", body) for body in bodies]
+        await asyncio.gather(*futures)
+        await nc.close()
+        received = await _take(sub, 5)
+        assert [(e.offset, e.payload["i"]) for e in received] == [(1, 0), (2, 1), (4, 3), (5, 4), (6, 5)]
+        assert bus.quarantined == 1
+        assert bus.stats().quarantined == 1
+    finally:
+        await bus.close()

@@ -27,7 +27,9 @@ delivered, so subscribers see no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import os
 import socket
 import time
@@ -58,6 +60,7 @@ from nexus.bus.base import (
 from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S
 from nexus.bus.nats_codec import (
     ENVELOPE_RESERVE,
+    EXPECTED_STREAM_HEADER,
     MSG_ID_HEADER,
     Subjects,
     SubjectTypes,
@@ -102,6 +105,12 @@ class NatsSetupError(ConfigurationError):
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (its caller gave up on it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ns(seconds: float) -> int:
@@ -244,6 +253,157 @@ class _Tail:
             self.consumer = ""
 
 
+class _Publisher:
+    """Windowed asynchronous JetStream publishing: messages go out without waiting for each ack in turn.
+
+    Every message is sent at once with its own reply subject under one wildcard inbox, and its ack is matched to
+    its caller, who alone waits for it; so concurrent publishes (many EmitEvents, a PublishEvents stream, a
+    handler publishing) share the round trips. At most ``window`` messages (and ``window_bytes``) are unacked at
+    a time; beyond, callers wait their turn in call order, so the stream stores events in the order
+    :meth:`send` was called. An ack not received within the timeout, or lost with the connection, fails that
+    publish only (:meth:`fail_all` on a disconnection: nothing sent before it will be acknowledged).
+    """
+
+    def __init__(self, bus: NatsBus, window: int, window_bytes: int) -> None:
+        self.bus = bus
+        self.window = max(window, 1)
+        self.window_bytes = max(window_bytes, 1)
+        self._prefix = ""
+        self._sub: NatsSubscription | None = None
+        self._next = 0
+        self._acks: dict[str, tuple[asyncio.Future[tuple[int, bool]], float, int]] = {}
+        self._bytes = 0
+        self._turns: collections.deque[asyncio.Future[str | None]] = collections.deque()
+        self._granted = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        nc, _ = self.bus.connection()
+        self._prefix = nc.new_inbox() + "."
+        self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=0, pending_bytes_limit=0)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent and not acknowledged (nor failed) yet."""
+        return len(self._acks)
+
+    def _has_room(self, size: int) -> bool:
+        flying = len(self._acks) + self._granted
+        return flying < self.window and (flying == 0 or self._bytes + size <= self.window_bytes)
+
+    async def send(self, subject: str, data: bytes, headers: dict[str, str]) -> asyncio.Future[tuple[int, bool]]:
+        """Send one message (after the publishes called before it); the future gives ``(sequence, duplicate)``."""
+        if self._turns or self._granted or not self._has_room(len(data)):
+            await self._wait_turn(len(data))
+        self.bus._check_ready()
+        nc, _ = self.bus.connection()
+        self._next += 1
+        token = str(self._next)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, bool]] = loop.create_future()
+        deadline = loop.time() + self.bus.ack_timeout
+        self._acks[token] = (future, deadline, len(data))
+        self._bytes += len(data)
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        try:
+            await nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            self._settle(token)
+            raise
+        return future
+
+    async def _wait_turn(self, size: int) -> None:
+        turn: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        self._grant()
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._granted -= 1  # granted, then cancelled before it could send: pass the turn on
+                self._grant()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._turns.remove(turn)
+            raise
+        self._granted -= 1
+        failed = turn.result()
+        if failed is not None:
+            raise BusUnavailable(failed)
+        self._grant()
+
+    def _grant(self) -> None:
+        """Let waiting publishes go, oldest first, while the window has room."""
+        while self._turns and self._has_room(0):
+            turn = self._turns.popleft()
+            if not turn.done():
+                self._granted += 1
+                turn.set_result(None)
+
+    def _settle(self, token: str) -> tuple[asyncio.Future[tuple[int, bool]], float, int] | None:
+        entry = self._acks.pop(token, None)
+        if entry is not None:
+            self._bytes -= entry[2]
+            if self._turns:
+                self._grant()
+        return entry
+
+    async def _on_ack(self, msg: Msg) -> None:
+        entry = self._settle(msg.subject[len(self._prefix) :])
+        if entry is None or entry[0].done():
+            return  # failed already (timed out, or the connection was lost)
+        future = entry[0]
+        headers = msg.headers
+        if headers and headers.get("Status") == "503":
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            reply = json.loads(msg.data)
+            error = reply.get("error")
+            if error is not None:
+                future.set_exception(nats.js.errors.APIError.from_error(error))
+                return
+            future.set_result((int(reply["seq"]), bool(reply.get("duplicate", False))))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            future.set_exception(BusUnavailable(f"JetStream answered a publish with {shorten(repr(msg.data))}"))
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._acks:
+            token, (future, deadline, _) = next(iter(self._acks.items()))
+            if deadline > now:
+                self._timer = loop.call_at(deadline, self._expire)
+                return
+            self._settle(token)
+            if not future.done():
+                future.set_exception(TimeoutError())
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every publish waiting for its ack, and every one waiting for its turn, with BusUnavailable."""
+        acks, self._acks, self._bytes = self._acks, {}, 0
+        for future, _, _ in acks.values():
+            if not future.done():
+                future.set_exception(BusUnavailable(reason))
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                self._granted += 1
+                turn.set_result(reason)  # the waiting publish raises it
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.fail_all("the bus is closed; the event may or may not be stored")
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
 class _RangeReader:
     """Reads stored messages from ``start`` up to ``end`` (inclusive) through an ephemeral pull consumer."""
 
@@ -353,6 +513,7 @@ class NatsBus(Bus):
         self._ready = False
         self._connected = asyncio.Event()
         self._max_message = 0
+        self._stream_header = {EXPECTED_STREAM_HEADER: self.stream}
         self._head = 0
         self._first_offset = 1
         self._pending: list[Event] = []
@@ -368,6 +529,7 @@ class NatsBus(Bus):
         self._last_error = ""
         self._recovery: asyncio.Task[None] | None = None
         self._tail = _Tail(self)
+        self._publisher = _Publisher(self, settings.publish_window, settings.publish_window_bytes)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -459,6 +621,7 @@ class NatsBus(Bus):
             self.received = info.state.last_seq
             self._head = info.state.last_seq
             self._core_subs.append(await nc.subscribe(self.subjects.live, cb=self._on_live))
+            await self._publisher.start()
             await self._tail.start(self.received + 1)
             self._started = True
             self._ready = True
@@ -603,6 +766,7 @@ class NatsBus(Bus):
         if self._started:
             await self.wait_delivered()
             await self._tail.stop()
+        await self._publisher.stop()
         self._flush()
         self._fanout.close_all()
         for task in list(self._tasks):
@@ -647,6 +811,10 @@ class NatsBus(Bus):
             return
         self._ready = False
         log.warning("nats_disconnected", servers=self.servers, node=self.node_id)
+        self._publisher.fail_all(
+            "the connection to NATS was lost before JetStream acknowledged the event; it may or may not be "
+            "stored: publish it again with the same event_id to be sure"
+        )
         self._set_health(False)
 
     async def _on_reconnected(self) -> None:
@@ -724,7 +892,7 @@ class NatsBus(Bus):
                 f"the connection to NATS ({', '.join(self.servers)}) is down; reconnecting. Nothing was stored"
             )
 
-    def _message(self, event: Event, msg_id: str | None = None) -> tuple[str, bytes, dict[str, str] | None]:
+    def _message(self, event: Event, msg_id: str | None = None) -> tuple[str, bytes, dict[str, str]]:
         data = encode_event(event)
         if msg_id is None and self.dedupe:
             msg_id = event_msg_id(event.event_id)
@@ -738,7 +906,8 @@ class NatsBus(Bus):
                 f"the event is {size} bytes with its id, timestamp and metadata, over the "
                 f"{self._max_message} bytes the NATS server accepts (max_payload)"
             )
-        return self.subjects.for_type(event.event_type), data, ({MSG_ID_HEADER: msg_id} if msg_id else None)
+        headers = {MSG_ID_HEADER: msg_id, EXPECTED_STREAM_HEADER: self.stream} if msg_id else self._stream_header
+        return self.subjects.for_type(event.event_type), data, headers
 
     async def publish(self, event: Event) -> Published:
         return await self._store(event)
@@ -757,28 +926,39 @@ class NatsBus(Bus):
         subject, data, headers = self._message(event, msg_id)
         try:
             self._check_ready()
-            _, js = self.connection()
-            ack = await js.publish(subject, data, timeout=self.ack_timeout, stream=self.stream, headers=headers)
+            offset, duplicate = await (await self._publisher.send(subject, data, headers))
         except Exception as exc:
             raise self._publish_error(exc) from None
-        return await self._published_as(event, ack)
+        return await self._published_as(event, offset, duplicate)
 
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
+        """Store ``events`` in order, all sent before any ack is awaited; the first that fails raises its error
+        (those before it are stored; those after it may be)."""
         if len(events) <= 1:
             return [await self.publish(event) for event in events]
         self._check_ready()
         messages = [self._message(event) for event in events]
-        _, js = self.connection()
-        futures: list[asyncio.Future[api.PubAck]] = []
+        futures: list[asyncio.Future[tuple[int, bool]]] = []
         try:
-            for subject, data, headers in messages:
-                futures.append(await js.publish_async(subject, data, stream=self.stream, headers=headers))
-            acks = await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
-        except Exception as exc:
+            try:
+                for subject, data, headers in messages:
+                    futures.append(await self._publisher.send(subject, data, headers))
+            except Exception as exc:
+                raise self._publish_error(exc) from None
+            results: list[Published] = []
+            for event, future in zip(events, futures, strict=False):
+                try:
+                    offset, duplicate = await future
+                except Exception as exc:
+                    raise self._publish_error(exc) from None
+                results.append(await self._published_as(event, offset, duplicate))
+            return results
+        finally:
             for future in futures:
-                future.cancel()
-            raise self._publish_error(exc) from None
-        return [await self._published_as(event, ack) for event, ack in zip(events, acks, strict=True)]
+                if not future.done():
+                    future.add_done_callback(_retrieve)
+                elif not future.cancelled():
+                    future.exception()  # retrieved: a later failure raised already, or none
 
     def _publish_error(self, exc: BaseException) -> NexusError:
         if isinstance(exc, NexusError):
@@ -798,17 +978,18 @@ class NatsBus(Bus):
             return BusUnavailable(f"JetStream refused the event: {description} (error {exc.err_code})")
         return BusUnavailable(f"could not store the event on NATS: {_describe(exc)}")
 
-    async def _published_as(self, event: Event, ack: api.PubAck) -> Published:
-        self._head = max(self._head, ack.seq)
-        if ack.duplicate:
+    async def _published_as(self, event: Event, offset: int, duplicate: bool) -> Published:
+        if offset > self._head:
+            self._head = offset
+        if duplicate:
             self._duplicates += 1
-            original = await self.fetch(ack.seq)
+            original = await self.fetch(offset)
             if original is None:
-                log.warning("duplicate_original_missing", event_id=event.event_id, offset=ack.seq)
-                original = event.stored(ack.seq, self.epoch)
+                log.warning("duplicate_original_missing", event_id=event.event_id, offset=offset)
+                original = event.stored(offset, self.epoch)
             return Published(original, duplicate=True)
         self._published += 1
-        return Published(event.stored(ack.seq, self.epoch))
+        return Published(event.stored(offset, self.epoch))
 
     async def fetch(self, offset: int) -> Event | None:
         """The stored event at ``offset``, or None when the stream no longer holds it."""

@@ -37,6 +37,8 @@ DEFAULT_STREAM: Final = "NEXUS"
 DEFAULT_SUBJECT_PREFIX: Final = "nexus"
 ENVELOPE_VERSION: Final = 1
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+EXPECTED_STREAM_HEADER: Final = "Nats-Expected-Stream"
+"""Sent with every event: JetStream refuses it unless the stream storing the subject is the node's."""
 EVENT_ID_PREFIX: Final = "e:"
 TERMINAL_ID_PREFIX: Final = "t:"
 ENVELOPE_RESERVE: Final = 32 * 1024

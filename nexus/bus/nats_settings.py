@@ -15,6 +15,8 @@ from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, EventLimits
 
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_ACK_TIMEOUT_S: Final = 2.0
+DEFAULT_PUBLISH_WINDOW: Final = 256
+DEFAULT_PUBLISH_WINDOW_BYTES: Final = 4 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,6 +45,10 @@ class NatsBusSettings:
     """Seconds a repeated ``event_id`` is recognised (the stream's duplicate window); ``0`` turns it off."""
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     """Seconds a publish waits for JetStream's acknowledgement before it fails with UNAVAILABLE."""
+    publish_window: int = DEFAULT_PUBLISH_WINDOW
+    """Publishes sent to JetStream and not acknowledged yet, at most; more wait their turn, in call order."""
+    publish_window_bytes: int = DEFAULT_PUBLISH_WINDOW_BYTES
+    """Message bytes sent and not acknowledged yet, at most (one message larger than this still goes alone)."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     """The largest payload an event may carry; the NATS server must accept it plus the envelope."""
     limits: EventLimits = DEFAULT_LIMITS
