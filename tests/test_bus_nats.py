@@ -451,17 +451,23 @@ async def test_a_node_counted_lost_lets_its_requests_go(names: tuple[str, str, s
 # --- windowed publishing and tail batches -------------------------------------------------------------------
 
 
-def _windowed(url: str, stream: str, prefix: str, window: int, **overrides: Any) -> NatsBus:
+def _windowed(
+    url: str, stream: str, prefix: str, window: int, window_bytes: int = 1 << 22, **overrides: Any
+) -> NatsBus:
     settings = nats_settings(url, stream, prefix, **overrides).nats_bus_settings()
-    return NatsBus(dataclasses.replace(settings, publish_window=window))
+    return NatsBus(dataclasses.replace(settings, publish_window=window, publish_window_bytes=window_bytes))
 
 
 @pytest.mark.nats
-async def test_concurrent_publishes_each_get_their_own_offset_in_call_order(names: tuple[str, str, str]) -> None:
-    """500 publishes in flight at once (a window of 64) are stored in the order they were called, each caller
-    told its own offset, and a subscriber receives them in that order, several per batch."""
+@pytest.mark.parametrize(("window", "window_bytes"), [(64, 1 << 22), (256, 1000)])
+async def test_concurrent_publishes_each_get_their_own_offset_in_call_order(
+    names: tuple[str, str, str], window: int, window_bytes: int
+) -> None:
+    """500 publishes called at once (more than the window holds, in messages or in bytes) are stored in the
+    order they were called, each caller told its own offset, and a subscriber receives them in that order,
+    several per batch."""
     url, stream, prefix = names
-    bus = _windowed(url, stream, prefix, 64)
+    bus = _windowed(url, stream, prefix, window, window_bytes)
     await bus.start()
     try:
         sub = await bus.subscribe(["load:>"], max_pending=1000)

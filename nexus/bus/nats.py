@@ -74,7 +74,7 @@ from nexus.bus.nats_codec import (
 )
 from nexus.bus.nats_settings import NatsBusSettings
 from nexus.errors import BusUnavailable, ConfigurationError, InvalidEventType, NexusError, PayloadTooLarge
-from nexus.events import Event, shorten
+from nexus.events import Event, check_event, shorten
 from nexus.logs import LogLimiter
 from nexus.metrics import Metrics
 from nexus.patterns import parse_pattern
@@ -273,8 +273,9 @@ class _Publisher:
         self._next = 0
         self._acks: dict[str, tuple[asyncio.Future[tuple[int, bool]], float, int]] = {}
         self._bytes = 0
-        self._turns: collections.deque[asyncio.Future[str | None]] = collections.deque()
+        self._turns: collections.deque[tuple[asyncio.Future[str | None], int]] = collections.deque()
         self._granted = 0
+        self._granted_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -289,23 +290,32 @@ class _Publisher:
 
     def _has_room(self, size: int) -> bool:
         flying = len(self._acks) + self._granted
-        return flying < self.window and (flying == 0 or self._bytes + size <= self.window_bytes)
+        return flying == 0 or (flying < self.window and self._bytes + self._granted_bytes + size <= self.window_bytes)
 
     async def send(self, subject: str, data: bytes, headers: dict[str, str]) -> asyncio.Future[tuple[int, bool]]:
         """Send one message (after the publishes called before it); the future gives ``(sequence, duplicate)``."""
-        if self._turns or self._granted or not self._has_room(len(data)):
-            await self._wait_turn(len(data))
-        self.bus._check_ready()
-        nc, _ = self.bus.connection()
+        size = len(data)
+        if self._turns or self._granted or not self._has_room(size):
+            await self._wait_turn(size)
+            self._granted -= 1
+            self._granted_bytes -= size
+        try:
+            self.bus._check_ready()
+            nc, _ = self.bus.connection()
+        except BaseException:
+            self._grant()
+            raise
         self._next += 1
         token = str(self._next)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, bool]] = loop.create_future()
         deadline = loop.time() + self.bus.ack_timeout
-        self._acks[token] = (future, deadline, len(data))
-        self._bytes += len(data)
+        self._acks[token] = (future, deadline, size)
+        self._bytes += size
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
+        if self._turns:
+            self._grant()
         try:
             await nc.publish(subject, data, reply=self._prefix + token, headers=headers)
         except BaseException:
@@ -314,32 +324,40 @@ class _Publisher:
         return future
 
     async def _wait_turn(self, size: int) -> None:
+        """Wait until the publishes called before this one were sent and the window has room for it; when it
+        returns, the turn is granted (counted in ``_granted`` until the caller sends)."""
         turn: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._turns.append(turn)
+        self._turns.append((turn, size))
         self._grant()
         try:
-            await turn
+            failed = await turn
         except BaseException:
-            if turn.done() and not turn.cancelled():
-                self._granted -= 1  # granted, then cancelled before it could send: pass the turn on
+            if turn.done() and not turn.cancelled():  # granted, then cancelled before it could send
+                self._granted -= 1
+                self._granted_bytes -= size
                 self._grant()
             else:
                 with contextlib.suppress(ValueError):
-                    self._turns.remove(turn)
+                    self._turns.remove((turn, size))
             raise
-        self._granted -= 1
-        failed = turn.result()
         if failed is not None:
+            self._granted -= 1
+            self._granted_bytes -= size
             raise BusUnavailable(failed)
-        self._grant()
 
     def _grant(self) -> None:
-        """Let waiting publishes go, oldest first, while the window has room."""
-        while self._turns and self._has_room(0):
-            turn = self._turns.popleft()
-            if not turn.done():
-                self._granted += 1
-                turn.set_result(None)
+        """Let waiting publishes go, oldest first, while the window has room for each."""
+        while self._turns:
+            turn, size = self._turns[0]
+            if turn.done():
+                self._turns.popleft()
+                continue
+            if not self._has_room(size):
+                return
+            self._turns.popleft()
+            self._granted += 1
+            self._granted_bytes += size
+            turn.set_result(None)
 
     def _settle(self, token: str) -> tuple[asyncio.Future[tuple[int, bool]], float, int] | None:
         entry = self._acks.pop(token, None)
@@ -388,9 +406,10 @@ class _Publisher:
             if not future.done():
                 future.set_exception(BusUnavailable(reason))
         while self._turns:
-            turn = self._turns.popleft()
+            turn, size = self._turns.popleft()
             if not turn.done():
                 self._granted += 1
+                self._granted_bytes += size
                 turn.set_result(reason)  # the waiting publish raises it
 
     async def stop(self) -> None:
@@ -530,6 +549,9 @@ class NatsBus(Bus):
         self._recovery: asyncio.Task[None] | None = None
         self._tail = _Tail(self)
         self._publisher = _Publisher(self, settings.publish_window, settings.publish_window_bytes)
+        self._sent: dict[bytes, tuple[str, Event]] = {}
+        """What this node sent and its tail has not read yet, by body: see :meth:`_remember`."""
+        self._sent_limit = max(4 * settings.publish_window, 1024)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -755,6 +777,7 @@ class NatsBus(Bus):
         log.warning("stream_replaced", stream=self.stream, old_epoch=self.epoch, new_epoch=epoch)
         self.received = 0
         self._head = 0
+        self._sent.clear()
         self._fanout.close_all()
         for callback in list(self._epoch_callbacks):
             callback(epoch)
@@ -909,6 +932,24 @@ class NatsBus(Bus):
         headers = {MSG_ID_HEADER: msg_id, EXPECTED_STREAM_HEADER: self.stream} if msg_id else self._stream_header
         return self.subjects.for_type(event.event_type), data, headers
 
+    def _remember(self, subject: str, data: bytes, event: Event) -> None:
+        """Keep the event this node just sent as ``data`` on ``subject``: its tail need not decode it again.
+
+        Reading a message is a pure function of its subject and body when the body holds the envelope with an id
+        and a timestamp, as every body this node writes does: the tail's event is then this one, stored. It is
+        checked here as the tail would check it (an event the tail would quarantine is not kept). Bounded: past
+        :attr:`_sent_limit` bodies waiting for the tail, they are forgotten (the tail decodes them).
+        """
+        if not event.event_id or not event.timestamp:
+            return
+        try:
+            check_event(event, self.settings.limits, size_at_most=event.size())
+        except NexusError:
+            return
+        if len(self._sent) >= self._sent_limit:
+            self._sent.clear()
+        self._sent[data] = (subject, event)
+
     async def publish(self, event: Event) -> Published:
         return await self._store(event)
 
@@ -926,7 +967,9 @@ class NatsBus(Bus):
         subject, data, headers = self._message(event, msg_id)
         try:
             self._check_ready()
-            offset, duplicate = await (await self._publisher.send(subject, data, headers))
+            future = await self._publisher.send(subject, data, headers)
+            self._remember(subject, data, event)
+            offset, duplicate = await future
         except Exception as exc:
             raise self._publish_error(exc) from None
         return await self._published_as(event, offset, duplicate)
@@ -941,8 +984,9 @@ class NatsBus(Bus):
         futures: list[asyncio.Future[tuple[int, bool]]] = []
         try:
             try:
-                for subject, data, headers in messages:
+                for event, (subject, data, headers) in zip(events, messages, strict=True):
                     futures.append(await self._publisher.send(subject, data, headers))
+                    self._remember(subject, data, event)
             except Exception as exc:
                 raise self._publish_error(exc) from None
             results: list[Published] = []
@@ -1078,7 +1122,11 @@ class NatsBus(Bus):
             self._fanout.close_all()
         self.received = offset
         self._head = max(self._head, offset)
-        event = self.decode(msg, offset, path="tail")
+        sent = self._sent.pop(msg.data, None) if self._sent else None
+        if sent is not None and sent[0] == msg.subject:
+            event: Event | None = sent[1].stored(offset, self.epoch)
+        else:
+            event = self.decode(msg, offset, path="tail")
         if event is not None:
             self._pending.append(event)
             self._schedule_flush()

@@ -162,16 +162,17 @@ def terminal_msg_id(correlation_id: str) -> str:
     return TERMINAL_ID_PREFIX + correlation_id
 
 
+_encode: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def encode_event(event: Event) -> bytes:
-    """The message body of ``event``."""
-    body = {
-        "v": ENVELOPE_VERSION,
-        "id": event.event_id,
-        "ts": event.timestamp,
-        "payload": event.payload,
-        "metadata": event.metadata,
-    }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """The message body of ``event``: ``{"v":1,"id":…,"ts":…,"payload":…,"metadata":…}``, compact UTF-8 JSON.
+
+    The payload's part is :meth:`Event.payload_json` (encoded once per event; what subscribers' encoders reuse).
+    """
+    head = f'{{"v":{ENVELOPE_VERSION},"id":{_encode(event.event_id)},"ts":{_encode(event.timestamp)},"payload":'
+    tail = f',"metadata":{_encode(event.metadata)}}}'
+    return b"".join((head.encode(), event.payload_json(), tail.encode()))
 
 
 def decode_event(

@@ -48,7 +48,7 @@ class NatsBusSettings:
     publish_window: int = DEFAULT_PUBLISH_WINDOW
     """Publishes sent to JetStream and not acknowledged yet, at most; more wait their turn, in call order."""
     publish_window_bytes: int = DEFAULT_PUBLISH_WINDOW_BYTES
-    """Message bytes sent and not acknowledged yet, at most (one message larger than this still goes alone)."""
+    """Message bytes sent and not acknowledged yet, at most (a larger message still goes, alone)."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     """The largest payload an event may carry; the NATS server must accept it plus the envelope."""
     limits: EventLimits = DEFAULT_LIMITS
