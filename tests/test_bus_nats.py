@@ -571,3 +571,26 @@ async def test_a_bad_message_in_a_tail_batch_is_quarantined_alone(names: tuple[s
         assert bus.stats().quarantined == 1
     finally:
         await bus.close()
+
+
+@pytest.mark.nats
+async def test_an_event_this_node_sends_is_read_back_as_any_node_reads_it(names: tuple[str, str, str]) -> None:
+    """The sending node delivers what another node reads from the stream: the same event, and an event no node
+    accepts (a timestamp that is no time, built without the checks) is quarantined on the sender too."""
+    url, stream, prefix = names
+    sender = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
+    other = NatsBus(nats_settings(url, stream, prefix).nats_bus_settings())
+    await sender.start()
+    await other.start()
+    try:
+        here, there = await sender.subscribe(["same:>"]), await other.subscribe(["same:>"])
+        bad = Event("same:item:v1:made", {"i": 0}, timestamp="yesterday")
+        good = Event.create("same:item:v1:made", {"i": 1, "text": "é\u2028"}, metadata={"k": "v"})
+        assert (await sender.publish(bad)).event.offset == 1
+        assert (await sender.publish(good)).event.offset == 2
+        [mine], [theirs] = await _take(here, 1), await _take(there, 1)
+        assert mine == theirs == good.stored(2, sender.epoch)
+        assert sender.quarantined == other.quarantined == 1
+    finally:
+        await sender.close()
+        await other.close()
