@@ -46,7 +46,7 @@ from nexus.bus.memory import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_HISTORY_MAX_BYTES,
 from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
 from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
-from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, NatsBusSettings
+from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, DEFAULT_PUBLISH_WINDOW, NatsBusSettings
 from nexus.detect import DEFAULT_RULES, Rule
 from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
 from nexus.events import (
@@ -174,6 +174,8 @@ class Settings:
     """Seconds the stream keeps an event; ``0`` keeps it until ``history_size`` newer ones push it out."""
     nats_ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     """Seconds a publish waits for JetStream's acknowledgement before it fails with UNAVAILABLE."""
+    nats_publish_window: int = DEFAULT_PUBLISH_WINDOW
+    """Publishes a node has sent to JetStream without their acknowledgement yet, at most; more wait, in order."""
     nats_node_heartbeat_s: float = 1.0
     """Seconds between node heartbeats; a node silent for three of them is lost and its requests fail."""
     handlers: list[str] = dataclasses.field(default_factory=list)
@@ -289,6 +291,7 @@ class Settings:
             history_max_bytes=self.history_max_bytes,
             dedupe_window_s=self.dedupe_window_s,
             ack_timeout_s=self.nats_ack_timeout_s,
+            publish_window=self.nats_publish_window,
             max_payload_bytes=self.max_payload_bytes,
             limits=self.event_limits(),
         )
@@ -614,6 +617,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "nats_storage": _choice(("file", "memory")),
     "nats_max_age_s": _seconds(allow_zero=True),
     "nats_ack_timeout_s": _seconds(allow_zero=False),
+    "nats_publish_window": _integer(1, 100_000),
     "nats_node_heartbeat_s": _seconds(allow_zero=False),
     "handlers": _string_list(_handler_spec),
     "load_entry_points": _boolean,
