@@ -8,7 +8,8 @@ Scenarios (each as A B A B ..., a fresh memory stream per round, 200-byte payloa
 - ``async``: bare ``js.publish_async`` of N messages then every ack awaited, against the bus's
   ``publish_many`` of the same N events in chunks of 100 (a PublishEvents stream), and against N concurrent
   ``publish`` calls (many EmitEvents in flight); the bus rounds end when a subscriber of the node received
-  every event (publish → delivery, not only the ack).
+  every event (publish → delivery, not only the ack). Also measured: bare nats-py with N concurrent
+  ``js.publish`` calls (the library's own way to have many publishes in flight).
 - ``sequential``: bare ``js.publish`` awaited one at a time, against ``bus.publish`` awaited one at a time
   (also until delivered).
 
@@ -68,7 +69,7 @@ def _names() -> tuple[str, str]:
     return f"BENCH_{token}", f"bench{token}"
 
 
-async def _bare(url: str, events: int, sequential: bool) -> Round:
+async def _bare(url: str, events: int, sequential: bool, concurrent: bool = False) -> Round:
     stream, prefix = _names()
     nc = await nats.connect(url)
     js = nc.jetstream()
@@ -80,6 +81,13 @@ async def _bare(url: str, events: int, sequential: bool) -> Round:
             if sequential:
                 for i in range(events):
                     await js.publish(subject, BODY, stream=stream, headers={"Nats-Msg-Id": f"e:{i}"})
+            elif concurrent:
+                await asyncio.gather(
+                    *(
+                        js.publish(subject, BODY, stream=stream, headers={"Nats-Msg-Id": f"e:{i}"})
+                        for i in range(events)
+                    )
+                )
             else:
                 futures = [
                     await js.publish_async(subject, BODY, stream=stream, headers={"Nats-Msg-Id": f"e:{i}"})
@@ -96,6 +104,11 @@ async def _bare(url: str, events: int, sequential: bool) -> Round:
 async def bare_async(url: str, events: int) -> Round:
     """Bare nats-py: ``publish_async`` every message, then await every ack."""
     return await _bare(url, events, sequential=False)
+
+
+async def bare_concurrent(url: str, events: int) -> Round:
+    """Bare nats-py: every message's ``publish`` (send, then await its ack) concurrently."""
+    return await _bare(url, events, sequential=False, concurrent=True)
 
 
 async def bare_sequential(url: str, events: int) -> Round:
@@ -149,7 +162,7 @@ async def bus_sequential(url: str, events: int) -> Round:
 
 
 SCENARIOS: dict[str, tuple[Callable[[str, int], Awaitable[Round]], list[Callable[[str, int], Awaitable[Round]]]]] = {
-    "async": (bare_async, [bus_many, bus_concurrent]),
+    "async": (bare_async, [bus_many, bus_concurrent, bare_concurrent]),
     "sequential": (bare_sequential, [bus_sequential]),
 }
 
