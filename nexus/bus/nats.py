@@ -64,6 +64,7 @@ from nexus.bus.nats_codec import (
     MSG_ID_HEADER,
     Subjects,
     SubjectTypes,
+    ack_sequences,
     control_body,
     encode_event,
     event_msg_id,
@@ -216,16 +217,17 @@ class _Tail:
         if not reply.startswith("$JS.ACK."):
             await self._on_status(msg)
             return
-        info = parse_ack_reply(reply)
-        if info is None:
+        sequences = ack_sequences(reply)
+        if sequences is None:
             return
-        if info.consumer_seq <= self.consumer_seq:
+        stream_seq, consumer_seq = sequences
+        if consumer_seq <= self.consumer_seq:
             return  # delivered again (a consumer leader changed): already handled
-        if info.consumer_seq != self.consumer_seq + 1:
-            self.request_reset(f"consumer sequence {info.consumer_seq} after {self.consumer_seq}")
+        if consumer_seq != self.consumer_seq + 1:
+            self.request_reset(f"consumer sequence {consumer_seq} after {self.consumer_seq}")
             return
-        self.consumer_seq = info.consumer_seq
-        self.bus.on_stored(msg, info.stream_seq)
+        self.consumer_seq = consumer_seq
+        self.bus.on_stored(msg, stream_seq)
 
     async def _on_status(self, msg: Msg) -> None:
         nc, _ = self.bus.connection()
@@ -972,7 +974,7 @@ class NatsBus(Bus):
             offset, duplicate = await future
         except Exception as exc:
             raise self._publish_error(exc) from None
-        return await self._published_as(event, offset, duplicate)
+        return await self._published_as(event, offset, duplicate, data)
 
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
         """Store ``events`` in order, all sent before any ack is awaited; the first that fails raises its error
@@ -995,7 +997,7 @@ class NatsBus(Bus):
                     offset, duplicate = await future
                 except Exception as exc:
                     raise self._publish_error(exc) from None
-                results.append(await self._published_as(event, offset, duplicate))
+                results.append(await self._published_as(event, offset, duplicate, messages[len(results)][1]))
             return results
         finally:
             for future in futures:
@@ -1022,7 +1024,7 @@ class NatsBus(Bus):
             return BusUnavailable(f"JetStream refused the event: {description} (error {exc.err_code})")
         return BusUnavailable(f"could not store the event on NATS: {_describe(exc)}")
 
-    async def _published_as(self, event: Event, offset: int, duplicate: bool) -> Published:
+    async def _published_as(self, event: Event, offset: int, duplicate: bool, data: bytes) -> Published:
         if offset > self._head:
             self._head = offset
         if duplicate:
@@ -1033,7 +1035,11 @@ class NatsBus(Bus):
                 original = event.stored(offset, self.epoch)
             return Published(original, duplicate=True)
         self._published += 1
-        return Published(event.stored(offset, self.epoch))
+        stored = event.stored(offset, self.epoch)
+        sent = self._sent.get(data)
+        if sent is not None and sent[1] is event:
+            self._sent[data] = (sent[0], stored)  # the tail delivers this very copy
+        return Published(stored)
 
     async def fetch(self, offset: int) -> Event | None:
         """The stored event at ``offset``, or None when the stream no longer holds it."""
@@ -1124,7 +1130,10 @@ class NatsBus(Bus):
         self._head = max(self._head, offset)
         sent = self._sent.pop(msg.data, None) if self._sent else None
         if sent is not None and sent[0] == msg.subject:
-            event: Event | None = sent[1].stored(offset, self.epoch)
+            mine = sent[1]
+            event: Event | None = (
+                mine if mine.offset == offset and mine.epoch == self.epoch else mine.stored(offset, self.epoch)
+            )
         else:
             event = self.decode(msg, offset, path="tail")
         if event is not None:

@@ -303,6 +303,20 @@ def parse_ack_reply(reply: str) -> AckInfo | None:
         return None
 
 
+def ack_sequences(reply: str) -> tuple[int, int] | None:
+    """The stream and consumer sequences in a JetStream ack subject (see :func:`parse_ack_reply`), or None: what
+    the tail reads of every message, without the rest."""
+    tokens = reply.split(".")
+    count = len(tokens)
+    if count < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    base = 2 if count == 9 else 4
+    try:
+        return int(tokens[base + 3]), int(tokens[base + 4])
+    except (IndexError, ValueError):
+        return None
+
+
 def stream_epoch(stream: str, created: datetime) -> str:
     """The epoch of a stream instance: its name and creation time, so a re-created stream has a new one."""
     return f"{stream}@{created.astimezone(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}"
