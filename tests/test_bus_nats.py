@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -594,3 +595,37 @@ async def test_an_event_this_node_sends_is_read_back_as_any_node_reads_it(names:
     finally:
         await sender.close()
         await other.close()
+
+
+@pytest.mark.nats
+async def test_publishes_jetstream_does_not_acknowledge_in_time_fail_alone(tmp_path: Path) -> None:
+    """A frozen NATS server (connection up, no answer): each publish in flight fails with BusUnavailable after the
+    ack timeout, saying it may be stored; once the server runs again, publishing works."""
+    nats_server_binary()
+    server = NatsProcess(tmp_path / "nats")
+    server.start()
+    await server.wait_listening()
+    await wait_for_jetstream(server.url)
+    stream, prefix = unique_names("frozen")
+    bus = _windowed(server.url, stream, prefix, 4, nats_ack_timeout_s=0.5)
+    try:
+        await bus.start()
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.fail_after(GUARD):
+                outcomes = await asyncio.gather(
+                    *(bus.publish(Event.create("frozen:item:v1:made", {"i": i})) for i in range(10)),
+                    return_exceptions=True,
+                )
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert all(isinstance(outcome, BusUnavailable) for outcome in outcomes), outcomes
+        assert all("did not acknowledge the event within 0.5s" in str(outcome) for outcome in outcomes), outcomes
+        await until("the bus is healthy", lambda: bus.healthy)
+        with anyio.fail_after(GUARD):
+            after = await bus.publish(Event.create("frozen:item:v1:made", {"i": "after"}))
+        assert after.event.offset >= 1
+    finally:
+        await bus.close()
+        server.stop()
