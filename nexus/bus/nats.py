@@ -260,8 +260,8 @@ class _Publisher:
 
     Every message is sent at once with its own reply subject under one wildcard inbox, and its ack is matched to
     its caller, who alone waits for it; so concurrent publishes (many EmitEvents in flight, handlers publishing,
-    :meth:`NatsBus.publish_many`) share the round trips. At most ``window`` messages (and ``window_bytes``) are unacked at
-    a time; beyond, callers wait their turn in call order, so the stream stores events in the order
+    :meth:`NatsBus.publish_many`) share the round trips. At most ``window`` messages (and ``window_bytes``) are
+    unacked at a time; beyond, callers wait their turn in call order, so the stream stores events in the order
     :meth:`send` was called. An ack not received within the timeout, or lost with the connection, fails that
     publish only (:meth:`fail_all` on a disconnection: nothing sent before it will be acknowledged).
     """
