@@ -138,7 +138,7 @@ async def test_a_publish_events_stream_reaches_every_subscriber() -> None:
 async def test_a_subscriber_that_stops_reading_is_still_cut_off_and_the_others_get_everything() -> None:
     """Under a tight-loop publisher, a subscriber that never reads ends RESOURCE_EXHAUSTED; the readers get all."""
     async with (
-        run_server(Burst(), subscriber_queue=2_000) as nexus,
+        run_server(Burst()) as nexus,
         stub_for(nexus.address, SMALL_WINDOW) as stalled_stub,
         stub_for(nexus.address) as stub,
     ):

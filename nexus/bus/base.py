@@ -89,6 +89,8 @@ class Subscription:
         self.closed = False
         self._pending: list[Event] = []
         self._waiter: asyncio.Future[None] | None = None
+        self.reader: asyncio.Task[Any] | None = None
+        """The task that last waited in :meth:`next_batch` (a publisher never waits for its own reading)."""
         self._error: SlowConsumer | None = None
         self._replay_credit = 0
 
@@ -177,6 +179,7 @@ class Subscription:
 
         Raises :class:`SlowConsumer` if the queue overflowed.
         """
+        self.reader = asyncio.current_task()
         while not self._pending:
             if self._error is not None:
                 raise self._error

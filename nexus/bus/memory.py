@@ -168,16 +168,20 @@ class MemoryBus(Bus):
 
     async def publish(self, event: Event) -> Published:
         self._check_open()
+        await self._turns.next_turn()  # a publisher in a tight loop lets subscribers write what it stored
+        self._check_open()
         result = self._store(event)
         self._schedule_flush()
-        await self._turns.published()  # a publisher in a tight loop lets subscribers write what it stored
+        self._turns.published()
         return result
 
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
         self._check_open()
+        await self._turns.next_turn()
+        self._check_open()
         results = [self._store(event) for event in events]
         self._schedule_flush()
-        await self._turns.published(len(results))
+        self._turns.published(len(results))
         return results
 
     async def publish_live(self, event: Event) -> None:
