@@ -18,12 +18,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nexus import __version__
 from nexus.backoff import BackoffPolicy
 from nexus.errors import ConfigurationError, NexusError
 from nexus.events import Event
+
+if TYPE_CHECKING:
+    from nexus.config import Settings
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_BACKOFF = BackoffPolicy()
@@ -202,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
     serve.add_argument("--ws-max-frames-per-s", type=float, help="frames per second one WebSocket may send (2000)")
     serve.add_argument("--bus", help="'memory' (default) or a nats:// URL")
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        help="event loop: uvloop (the nexus-bus[uvloop] extra), asyncio, or auto: uvloop when installed (auto)",
+    )
     serve.add_argument("--heartbeat-interval", type=_positive_float, help="seconds between heartbeats (1.0)")
     serve.add_argument(
         "--stream-timeout",
@@ -213,12 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--history-size", type=int, help="events kept for replay: the memory ring, the NATS stream's max (100000)"
     )
-    serve.add_argument(
-        "--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)"
-    )
-    serve.add_argument(
-        "--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)"
-    )
+    serve.add_argument("--history-max-bytes", type=int, help="bytes of events kept for replay (268435456: 256 MiB)")
+    serve.add_argument("--max-patterns-per-subscription", type=int, help="patterns one subscription may follow (256)")
     limits = serve.add_argument_group("limits of one client connection (a WebSocket, an SSE stream, a gRPC peer)")
     limits.add_argument("--max-patterns-per-connection", type=int, help="patterns over its subscriptions (1024)")
     limits.add_argument("--max-subscriptions-per-connection", type=int, help="subscriptions open at once (64)")
@@ -379,6 +383,7 @@ SERVE_FIELDS = (
     "grpc_port",
     "ws_port",
     "gateway",
+    "loop",
     "metrics",
     "metrics_port",
     "tracing",
@@ -436,13 +441,20 @@ def _allow_local_modules(specs: Sequence[str]) -> None:
         sys.path.insert(0, os.getcwd())
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def _run_serve(args: argparse.Namespace) -> int:
+    """``nexus serve``: the settings first, as they choose the event loop the server then runs on."""
     from nexus.config import load_settings
+    from nexus.server import run
+
+    settings = load_settings(args.config, os.environ, _overrides(args, SERVE_FIELDS))
+    return run(_serve(args, settings), loop=settings.loop)
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from nexus.logs import configure_logging
     from nexus.plugins import discover
     from nexus.server import NexusServer
 
-    settings = load_settings(args.config, os.environ, _overrides(args, SERVE_FIELDS))
     configure_logging(settings.log_format, settings.log_level)
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
@@ -705,7 +717,6 @@ def _configure_client_logging(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "serve": _serve,
     "emit": _emit,
     "subscribe": _subscribe,
     "request": _request,
@@ -723,6 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            return _run_serve(args)
         if args.command in CLIENT_COMMANDS:
             _configure_client_logging(args)
         return asyncio.run(COMMANDS[args.command](args))

@@ -77,6 +77,8 @@ from nexus.quota import (
 from nexus.tls import ServerTls, load_server_tls
 
 ENV_PREFIX: Final = "NEXUS_"
+LOOPS: Final = ("auto", "asyncio", "uvloop")
+"""The event loops ``nexus serve`` can run on (:attr:`Settings.loop`)."""
 CONFIG_ENV: Final = "NEXUS_CONFIG"
 FILE_SECTION: Final = "nexus"
 HANDLERS_SECTION: Final = "handlers"
@@ -104,6 +106,9 @@ class Settings:
     grpc_port: int = 50051
     ws_port: int = 8080
     gateway: bool = True
+    loop: str = "auto"
+    """The event loop ``nexus serve`` runs on: ``uvloop`` (the ``nexus-bus[uvloop]`` extra; an error when it is
+    not installed), ``asyncio`` (the standard loop), or ``auto``: uvloop when it is installed."""
     tracing: bool = True
     """Record OpenTelemetry spans (:mod:`nexus.tracing`); exported over OTLP when ``OTEL_EXPORTER_OTLP_*`` is set."""
     ws_max_frame_bytes: int = 1024 * 1024
@@ -580,6 +585,7 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "grpc_port": _PORT,
     "ws_port": _PORT,
     "gateway": _boolean,
+    "loop": _choice(LOOPS),
     "tracing": _boolean,
     "ws_max_frame_bytes": _POSITIVE,
     "ws_max_frames_per_s": _positive_number,

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import socket
-from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -43,6 +44,49 @@ GRPC_PORT_HINT: Final = "choose another with --grpc-port"
 WS_PORT_HINT: Final = "choose another with --ws-port or turn the gateway off with --no-gateway"
 
 log = structlog.get_logger("nexus.server")
+
+T = TypeVar("T")
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def loop_factory(choice: str) -> LoopFactory:
+    """The event loop factory ``settings.loop`` names: ``asyncio``, ``uvloop``, or ``auto`` (uvloop if installed).
+
+    ``uvloop`` asked for and not installed is a :class:`~nexus.errors.ConfigurationError` (never a silent fall back
+    to the standard loop).
+    """
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    if choice not in ("auto", "uvloop"):
+        raise ConfigurationError(f"unknown event loop {choice!r}: use auto, asyncio or uvloop")
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError as exc:
+        if choice == "auto":
+            return asyncio.new_event_loop
+        raise ConfigurationError(
+            f"the uvloop event loop was asked for (--loop / NEXUS_LOOP / loop) but cannot be imported ({exc}); "
+            "install it with: pip install 'nexus-bus[uvloop]', or choose --loop asyncio"
+        ) from None
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], *, loop: str = "auto") -> T:
+    """Run ``main`` to completion on a new event loop of the kind ``loop`` names (see :func:`loop_factory`)."""
+    try:
+        factory = loop_factory(loop)
+    except BaseException:
+        main.close()  # never started: no "never awaited" warning on top of the error
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def running_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the kind of event loop the caller runs on."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.partition(".")[0] == "uvloop" else "asyncio"
 
 
 def make_bus(settings: Settings) -> Bus:
@@ -212,6 +256,7 @@ class NexusServer:
             auth=self.settings.auth_enabled,
             ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
             epoch=self.bus.epoch,
+            loop=running_loop_name(),
             handlers=sorted(self.provider.registrations),
             **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
         )

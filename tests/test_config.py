@@ -93,6 +93,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "NEXUS_METRICS_PORT": "9464",
         "NEXUS_METRICS_PUBLIC": "true",
         "NEXUS_TRACING": "false",
+        "NEXUS_LOOP": "UVLOOP",
     }
     assert {name.removeprefix("NEXUS_").lower() for name in env} == {
         field.name for field in dataclasses.fields(Settings)
@@ -105,6 +106,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         grpc_port=1,
         ws_port=2,
         gateway=False,
+        loop="uvloop",
         tracing=False,
         ws_max_frame_bytes=4096,
         ws_max_frames_per_s=50.0,

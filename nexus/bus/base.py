@@ -23,6 +23,9 @@ from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
 DEFAULT_MAX_PENDING: Final = 10_000
+MAX_HIGH_WATER: Final = 128
+"""Live events queued for a subscriber past which publishers on its event loop wait for it to drain
+(:mod:`nexus.bus.turns`); a quarter of its ``max_pending`` when that is smaller."""
 Visible = Callable[[Event], bool]
 """Whether a subscriber may see an event (private events name their audience)."""
 HealthCallback = Callable[[bool], None]
@@ -76,6 +79,8 @@ class Subscription:
         self.patterns = PatternSet(patterns)
         self.correlation_ids: set[str] = set(correlation_ids)
         self.max_pending = max_pending
+        self.high_water = max(1, min(MAX_HIGH_WATER, max_pending // 4))
+        """Live events queued past which the subscriber counts as backlogged (publishers give it turns)."""
         self.start_after = start_after
         self.head_offset = start_after
         self.epoch = epoch
@@ -84,6 +89,8 @@ class Subscription:
         self.closed = False
         self._pending: list[Event] = []
         self._waiter: asyncio.Future[None] | None = None
+        self.reader: asyncio.Task[Any] | None = None
+        """The task that last waited in :meth:`next_batch` (a publisher never waits for its own reading)."""
         self._error: SlowConsumer | None = None
         self._replay_credit = 0
 
@@ -137,7 +144,7 @@ class Subscription:
         self._pending.extend(events)
         if replay:
             self._replay_credit += len(events)
-        elif len(self._pending) - self._replay_credit > self.max_pending:
+        elif (backlog := len(self._pending) - self._replay_credit) > self.max_pending:
             self._error = SlowConsumer(
                 f"subscriber fell behind: more than {self.max_pending} events queued; "
                 f"resume from offset {self.last_offset}",
@@ -148,6 +155,8 @@ class Subscription:
             self._fanout.slow_consumers += 1
             self.close()
             return
+        elif backlog > self.high_water:
+            self._fanout.backlogged.add(self)
         self._wake()
 
     def _wake(self) -> None:
@@ -160,11 +169,17 @@ class Subscription:
         """Events queued and not yet taken."""
         return len(self._pending)
 
+    @property
+    def backlog(self) -> int:
+        """Live events queued and not yet taken (a replay the subscriber asked for does not count)."""
+        return len(self._pending) - self._replay_credit
+
     async def next_batch(self, max_events: int | None = None) -> list[Event]:
         """Wait for and take queued events in order; ``[]`` once the subscription is closed.
 
         Raises :class:`SlowConsumer` if the queue overflowed.
         """
+        self.reader = asyncio.current_task()
         while not self._pending:
             if self._error is not None:
                 raise self._error
@@ -234,6 +249,8 @@ class Fanout:
         self._match_cache: dict[str, frozenset[Subscription]] = {}
         self.subscriptions: set[Subscription] = set()
         self.slow_consumers = 0
+        self.backlogged: set[Subscription] = set()
+        """Subscriptions whose live backlog passed their high-water mark (publishers wait while they drain)."""
         self.metrics = Metrics()
 
     def open(
@@ -290,6 +307,7 @@ class Fanout:
         if sub not in self.subscriptions:
             return
         self.subscriptions.discard(sub)
+        self.backlogged.discard(sub)
         for pattern in sub.patterns:
             self._index.remove(pattern, sub)
         for correlation_id in sub.correlation_ids:

@@ -25,6 +25,7 @@ from nexus.bus.base import (
     Subscription,
     Visible,
 )
+from nexus.bus.turns import PublishTurns
 from nexus.errors import BusUnavailable
 from nexus.events import Event
 from nexus.history import History
@@ -110,6 +111,7 @@ class MemoryBus(Bus):
             dedupe_window_s, max_entries=dedupe_max_entries, max_bytes=history_max_bytes, clock=clock
         )
         self._fanout = Fanout()
+        self._turns = PublishTurns(self._fanout)
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._open = False
@@ -154,6 +156,7 @@ class MemoryBus(Bus):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._pending:
             self._flush_scheduled = True
+            self._turns.count = 0  # the loop ran the last delivery: publishers start a new turn
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -165,14 +168,20 @@ class MemoryBus(Bus):
 
     async def publish(self, event: Event) -> Published:
         self._check_open()
+        await self._turns.next_turn()  # a publisher in a tight loop lets subscribers write what it stored
+        self._check_open()
         result = self._store(event)
         self._schedule_flush()
+        self._turns.published()
         return result
 
     async def publish_many(self, events: Sequence[Event]) -> list[Published]:
         self._check_open()
+        await self._turns.next_turn()
+        self._check_open()
         results = [self._store(event) for event in events]
         self._schedule_flush()
+        self._turns.published(len(results))
         return results
 
     async def publish_live(self, event: Event) -> None:

@@ -1,0 +1,117 @@
+"""Fair turns between publishers and subscribers on one event loop.
+
+A bus whose publish stores in memory never really awaits: a publisher in a tight loop (a handler publishing
+thousands of events, a ``PublishEvents`` stream, many concurrent ``EmitEvent`` calls) would keep the event loop
+to itself, and every subscriber's queue would overflow before it ever got a turn to write. :class:`PublishTurns`
+is what such a bus awaits before each publish:
+
+- every ``budget`` publishes since the bus last delivered, the publisher yields once: the bus's delivery runs
+  and every subscriber it woke gets a turn;
+- while a subscriber's backlog is over its high-water mark (:attr:`Subscription.high_water
+  <nexus.bus.base.Subscription.high_water>`) and it makes progress (takes events), the publisher keeps yielding
+  until it drains, for at most ``max_wait_s`` per turn;
+- a subscriber that takes nothing for ``stall_s`` seconds (its client stopped reading) is not waited for until
+  it takes events again: it is cut off as too slow when its queue overflows, and the others carry on. A
+  publisher never waits for a subscription it reads itself.
+
+So a subscriber that keeps reading keeps up with a publisher on its event loop; one that stops reading holds
+publishers up once, for about ``stall_s``; and whatever subscribers do, a publisher goes on at no less than
+``budget / max_wait_s`` events per second: a subscriber slower than that is cut off in the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Final
+
+from nexus.bus.base import Fanout, Subscription
+
+PUBLISH_BUDGET: Final = 64
+"""Publishes between two turns of the event loop, when nothing else awaits between them."""
+STALL_S: Final = 1.0
+"""Seconds a backlogged subscriber may make no progress before publishers stop waiting for it."""
+MAX_WAIT_S: Final = 0.05
+"""Seconds a publisher waits for backlogged subscribers per turn at most: whatever they do, it goes on at about
+``budget / MAX_WAIT_S`` events per second (1,280), and a subscriber slower than that is cut off in the end."""
+IDLE_SPINS: Final = 2
+"""Turns without any subscriber progress after which a waiting publisher sleeps a little instead of spinning."""
+IDLE_SLEEP_S: Final = 0.0005
+
+
+class PublishTurns:
+    """Counts publishes since the last delivery and gives subscribers their turns (see the module docstring)."""
+
+    def __init__(
+        self,
+        fanout: Fanout,
+        *,
+        budget: int = PUBLISH_BUDGET,
+        stall_s: float = STALL_S,
+        max_wait_s: float = MAX_WAIT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if budget < 1:
+            raise ValueError("budget must be at least 1")
+        self.fanout = fanout
+        self.budget = budget
+        self.stall_s = stall_s
+        self.max_wait_s = max_wait_s
+        self.count = 0
+        """Publishes since the bus last scheduled a delivery (the bus resets it)."""
+        self._clock = clock
+        self._progress: dict[Subscription, tuple[int, int, float]] = {}
+        self._moved = False
+
+    def published(self, count: int = 1) -> None:
+        """``count`` events were stored (and their delivery scheduled)."""
+        self.count += count
+
+    async def next_turn(self) -> None:
+        """Awaited before storing: once ``budget`` publishes went by without a delivery, subscribers get their turns.
+
+        Awaiting before the event is stored keeps a publish whole: cancelled while it waits, nothing was stored.
+        """
+        if self.count < self.budget:
+            return
+        self.count = 0
+        await asyncio.sleep(0)  # the scheduled delivery runs, then the subscribers it woke
+        if self.fanout.backlogged:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Yield while a backlogged subscriber is making progress."""
+        idle = 0
+        deadline = self._clock() + self.max_wait_s
+        while self._waiting_for() and self._clock() < deadline:
+            if idle < IDLE_SPINS:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(IDLE_SLEEP_S)  # a subscriber waiting for its socket: leave the CPU to it
+            idle = 0 if self._moved else idle + 1
+
+    def _waiting_for(self) -> bool:
+        """Whether a backlogged subscriber is still worth waiting for (it drains, and has not stalled)."""
+        now = self._clock()
+        me = asyncio.current_task()
+        backlogged = self.fanout.backlogged
+        progress = self._progress
+        waiting = moved = False
+        for sub in list(backlogged):
+            if sub.closed or sub.backlog <= sub.high_water:
+                backlogged.discard(sub)
+                progress.pop(sub, None)
+                continue
+            if sub.reader is me:
+                continue  # the publisher reads this subscription itself: waiting could only stall
+            seen = progress.get(sub)
+            if seen is None or sub.last_offset != seen[0] or sub.backlog < seen[1]:
+                progress[sub] = (sub.last_offset, sub.backlog, now)
+                moved = moved or seen is not None
+                waiting = True
+            elif now - seen[2] < self.stall_s:
+                waiting = True
+            # else: no progress for stall_s (its client stopped reading): not waited for until it moves again
+        self._moved = moved
+        return waiting
