@@ -32,9 +32,11 @@ PUBLISH_BUDGET: Final = 64
 """Publishes between two turns of the event loop, when nothing else awaits between them."""
 STALL_S: Final = 1.0
 """Seconds a backlogged subscriber may make no progress before publishers stop waiting for it."""
-MAX_WAIT_S: Final = 0.05
+MAX_WAIT_S: Final = 0.005
 """Seconds a publisher waits for backlogged subscribers per turn at most: whatever they do, it goes on at about
-``budget / MAX_WAIT_S`` events per second (1,280), and a subscriber slower than that is cut off in the end."""
+``budget / MAX_WAIT_S`` events per second (12,800), and a subscriber slower than that is cut off in the end. A
+client that reads slowly on purpose can hold publishers to that rate for as long as it keeps reading, never
+lower."""
 IDLE_SPINS: Final = 2
 """Turns without any subscriber progress after which a waiting publisher sleeps a little instead of spinning."""
 IDLE_SLEEP_S: Final = 0.0005
