@@ -539,7 +539,7 @@ class EventFrameCache:
     def __init__(
         self,
         size: int = 16_384,
-        encoder: Callable[[Event], bytes] = encode_event,
+        encoder: Callable[[Event], bytes] = encode_event_frame,
         *,
         on_skip: Callable[[Event, Exception], None] | None = None,
     ) -> None:
