@@ -94,7 +94,7 @@ async def _serve_nexus(commands: asyncio.Queue[str]) -> None:
         async def handle_stream(self, event: Event, stream: Stream) -> None:
             await asyncio.Event().wait()
 
-    async with run_server(Hold(), gateway=True, tracing=False, heartbeat_interval=1.0) as test:
+    async with run_server(Hold(), gateway=True, heartbeat_interval=1.0) as test:
         node = test.server.node
         print(f"ready {test.server.ws_port}", flush=True)
         ticker: asyncio.Task[None] | None = None
@@ -331,7 +331,7 @@ class _Child:
         while True:
             line = self.process.stdout.readline()
             if not line:
-                raise RuntimeError(f"the child {self.process.args} ended before answering {answer!r}")
+                raise RuntimeError(f"the child {self.process.args!r} ended before answering {answer!r}")
             if line.startswith(answer):
                 return line.strip()
 
