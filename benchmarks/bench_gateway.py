@@ -297,7 +297,7 @@ async def _clients_main(port: int, count: int, mode: str) -> None:
         if line[0] == "wait":  # wait until every client received at least N event frames
             expected = int(line[1])
             deadline = time.monotonic() + 120
-            while min(c.received for c in clients) < expected and time.monotonic() < deadline:
+            while min(c.received for c in clients) < expected and time.monotonic() < deadline:  # noqa: ASYNC110 - counters without an event
                 await asyncio.sleep(0.02)
             print(f"received {sum(c.received for c in clients)}", flush=True)
         elif line[0] == "quit":
@@ -324,7 +324,8 @@ class _Child:
         return self.process.pid
 
     def ask(self, command: str | None, answer: str) -> str:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
         if command is not None:
             self.process.stdin.write(command + "\n")
             self.process.stdin.flush()
@@ -421,7 +422,7 @@ def _median(runs: Sequence[dict[str, float]], key: str) -> float:
 
 
 def compare_delivery_cpu(*, pairs: int = 3, **options: Any) -> dict[str, Any]:
-    """Interleaved runs (Nexus, bare) × ``pairs``: median CPU µs per delivery of each and their ratio."""
+    """Interleaved runs (Nexus, bare) x ``pairs``: median CPU µs per delivery of each and their ratio."""
     runs = _pairs(lambda kind: measure_delivery_cpu(kind, **options), pairs)
     nexus, bare = _median(runs["nexus"], "cpu_us_per_delivery"), _median(runs["bare"], "cpu_us_per_delivery")
     return {
@@ -433,7 +434,7 @@ def compare_delivery_cpu(*, pairs: int = 3, **options: Any) -> dict[str, Any]:
 
 
 def compare_connection_memory(*, pairs: int = 1, **options: Any) -> dict[str, Any]:
-    """Interleaved runs (Nexus, bare) × ``pairs``: median RSS KB per connection of each and their ratio."""
+    """Interleaved runs (Nexus, bare) x ``pairs``: median RSS KB per connection of each and their ratio."""
     runs = _pairs(lambda kind: measure_connection_memory(kind, **options), pairs)
     nexus, bare = _median(runs["nexus"], "rss_bytes_per_connection"), _median(runs["bare"], "rss_bytes_per_connection")
     return {"nexus_kb": nexus / 1024, "bare_kb": bare / 1024, "ratio": nexus / bare, "runs": runs}

@@ -37,7 +37,6 @@ from nexus.gateway.protocol import (
     frame_data,
     text_frame,
 )
-
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol, Side
 
@@ -310,7 +309,7 @@ def outcome(encode: Any, event: Event) -> bytes | str:
     """The bytes ``encode`` makes of ``event``, or that it refused it."""
     try:
         data: bytes = encode(event)
-    except Exception:  # noqa: BLE001 - which exception differs (InvalidPayload / ValueError); both refuse
+    except Exception:  # which one differs (InvalidPayload, ValueError): both refuse the event
         return "refused"
     return data
 
