@@ -234,7 +234,10 @@ class HandoffConnection(ServerConnection):
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         async with asyncio.timeout(self.handshake_timeout) as timer:
             self._nexus_timer = timer
-            await super().handshake(*args, **kwargs)
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                self._nexus_timer = None
 
     def take_over(self, protocol: asyncio.Protocol) -> asyncio.Transport:
         """Stop the handshake's timeout and hand the transport to ``protocol``, which must pass its
