@@ -178,7 +178,8 @@ _snapshots: list[Any] = []
 
 
 def _snapshot() -> None:
-    """With NEXUS_BENCH_TRACEMALLOC=1: the first call takes a snapshot, the next prints the top growth (stderr)."""
+    """With NEXUS_BENCH_TRACEMALLOC=1: the first call takes a snapshot, the next prints the top growth (stderr),
+    by line (NEXUS_BENCH_GROUP=filename: by file)."""
     import gc
     import tracemalloc
 
@@ -188,7 +189,8 @@ def _snapshot() -> None:
         return
     snapshot = tracemalloc.take_snapshot()
     if _snapshots:
-        for stat in snapshot.compare_to(_snapshots[0], "lineno")[:40]:
+        group = os.environ.get("NEXUS_BENCH_GROUP", "lineno")
+        for stat in snapshot.compare_to(_snapshots[0], group)[:40]:
             print(stat, file=sys.stderr)
     _snapshots.append(snapshot)
     print("snapped", flush=True)

@@ -528,8 +528,11 @@ class EventFrameCache:
 
     The bus hands the same :class:`Event` object to every subscriber of a batch, so a recency cache keyed by the
     object's identity turns N encodings into one. An entry holds the event itself, so an ``id()`` is never
-    reused while its entry lives. ``encoder`` makes the bytes (the complete WebSocket event frame by default,
-    :func:`encode_event_frame`; the Server-Sent Events endpoint caches its messages the same way).
+    reused while its entry lives. Connections take each batch within a turn or two of each other, so a few
+    thousand entries suffice (``size``; a connection far behind re-encodes, as a replay does): the cache is held
+    once per gateway, whatever the number of connections. ``encoder`` makes the bytes (the complete WebSocket
+    event frame by default, :func:`encode_event_frame`; the Server-Sent Events endpoint caches its messages the
+    same way).
 
     An event that cannot be encoded (text that is not valid Unicode, a payload nested past the JSON encoder's
     recursion limit, NaN: an old event in a NATS stream, say) encodes to None, and every connection skips it and
@@ -538,7 +541,7 @@ class EventFrameCache:
 
     def __init__(
         self,
-        size: int = 16_384,
+        size: int = 4_096,
         encoder: Callable[[Event], bytes] = encode_event_frame,
         *,
         on_skip: Callable[[Event, Exception], None] | None = None,
