@@ -82,6 +82,13 @@ class ConnectionLimits:
     max_frames_per_s: float
     event_limits: EventLimits = DEFAULT_LIMITS
     client_limits: ClientLimits = DEFAULT_CLIENT_LIMITS
+    soft_frames: int = dataclasses.field(init=False, default=1)
+    """Frames of events the outbox takes (half of it; the other half keeps room for control frames)."""
+    soft_bytes: int = dataclasses.field(init=False, default=1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "soft_frames", max(1, self.queue_frames // 2))
+        object.__setattr__(self, "soft_bytes", max(1, self.queue_bytes // 2))
 
 
 @dataclasses.dataclass(slots=True)
@@ -375,9 +382,9 @@ class GatewayConnection:
 
     def _soft_limits(self) -> tuple[int, int]:
         # Events fill at most half the outbox; the other half keeps room for control frames (pong, published,
-        # errors). The pump waits for the writer below a quarter before it hands over more.
+        # errors). The pump waits for the drain task below a quarter before it hands over more.
         limits = self.limits
-        return max(1, limits.queue_frames // 2), max(1, limits.queue_bytes // 2)
+        return limits.soft_frames, limits.soft_bytes
 
     def _write(self, frames: list[bytes]) -> None:
         """Write complete frames in one write (the socket is open and its buffer under the limit)."""
@@ -454,10 +461,12 @@ class GatewayConnection:
 
     def _free_room(self) -> int:
         """Frames the events' half of the outbox can take now (0 when it is full)."""
-        soft_frames, soft_bytes = self._soft_limits()
-        if self.outbox.bytes >= soft_bytes:
+        outbox = self.outbox
+        if not outbox:
+            return self.limits.soft_frames
+        if outbox.bytes >= self.limits.soft_bytes:
             return 0
-        return max(0, soft_frames - len(self.outbox))
+        return max(0, self.limits.soft_frames - len(outbox))
 
     async def _wait_room(self) -> None:
         """Wait until the drain task has made room again."""

@@ -237,17 +237,25 @@ class Link:
             if self._leftover:
                 pending, self._leftover = self._leftover, []
                 await self._push(pending, sub)
+            free = self._free
+            deliver = self._deliver
             while True:
                 # Take no more than the outgoing queue has room for: what waits beyond that stays in the
                 # subscription, whose bound (max_pending live events) cuts off a client that does not read.
-                room = await self._room(sub)
+                room = free()
+                if room <= 0:
+                    room = await self._room(sub)
                 batch = await sub.next_batch(min(MAX_BATCH, room))
                 if not batch:
                     break
                 # While a request is being published, its lifecycle waits here, so `published` comes first.
                 if self._released is not None:
                     await self._released.wait()
-                await self._push(self._filter(batch), sub)
+                events = self._filter(batch)
+                if events:
+                    taken = deliver(events)
+                    if taken < len(events):  # the outgoing queue is full: wait for room (rare)
+                        await self._push(events[taken:], sub)
         except SlowConsumer:
             if not self._closed:
                 self._on_end(GatewayCode.TOO_SLOW)
@@ -290,7 +298,7 @@ class Link:
         requests = self._requests
         watched = bool(requests or self._repeats or self._repeats_done or self._skip_through)
         if not watched:
-            return list(batch)
+            return batch if isinstance(batch, list) else list(batch)
         out: list[Event] = []
         for event in batch:
             correlation_id = event.metadata.get("correlation_id")
