@@ -16,14 +16,20 @@ from nexus.ratelimit import RateLimiter
 
 
 class Outbox:
-    """Frames waiting to be written, with the offset of the event each carries (0 for control frames)."""
+    """Frames waiting to be written, with the offset of the event each carries (0 for control frames).
+
+    Empty most of the time (frames go straight to the socket while it takes them): its queue is made on the
+    first ``put`` and dropped when it empties, so an idle connection holds none.
+    """
+
+    __slots__ = ("_bytes", "_frames", "max_bytes", "max_frames", "overflowed")
 
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         if max_frames < 1 or max_bytes < 1:
             raise ValueError("an outbox holds at least one frame and one byte")
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self._frames: deque[tuple[bytes, int]] = deque()
+        self._frames: deque[tuple[bytes, int]] | None = None
         self._bytes = 0
         self.overflowed = False
 
@@ -31,32 +37,64 @@ class Outbox:
         """Queue ``frame``; False (and nothing queued) when that would pass a bound, or after an overflow."""
         if self.overflowed:
             return False
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
         size = len(frame)
-        if len(self._frames) >= self.max_frames or self._bytes + size > self.max_bytes:
+        if len(frames) >= self.max_frames or self._bytes + size > self.max_bytes:
             self.overflowed = True
             self.clear()
             return False
-        self._frames.append((frame, offset))
+        frames.append((frame, offset))
         self._bytes += size
         return True
 
     def pop(self) -> tuple[bytes, int]:
         """The oldest frame and its offset; raises IndexError when empty."""
+        if not self._frames:
+            raise IndexError("pop from an empty outbox")
         frame = self._frames.popleft()
         self._bytes -= len(frame[0])
+        if not self._frames:
+            self._frames = None
         return frame
 
     def take(self, max_frames: int) -> list[tuple[bytes, int]]:
         """Up to ``max_frames`` frames, oldest first."""
         frames = self._frames
+        if not frames:
+            return []
         count = min(max_frames, len(frames))
         taken = [frames.popleft() for _ in range(count)]
         self._bytes -= sum(len(frame) for frame, _ in taken)
+        if not frames:
+            self._frames = None
         return taken
+
+    def take_bytes(self, budget: int) -> tuple[list[bytes], int]:
+        """The oldest frames while fewer than ``budget`` bytes are taken (so at least one when ``budget`` is
+        positive), and the offset of the last event among them (0: none carried one)."""
+        frames = self._frames
+        taken: list[bytes] = []
+        if not frames:
+            return taken, 0
+        size = 0
+        last = 0
+        popleft = frames.popleft
+        while frames and size < budget:
+            frame, offset = popleft()
+            taken.append(frame)
+            size += len(frame)
+            if offset:
+                last = offset
+        self._bytes -= size
+        if not frames:
+            self._frames = None
+        return taken, last
 
     def clear(self) -> None:
         """Drop everything queued."""
-        self._frames.clear()
+        self._frames = None
         self._bytes = 0
 
     @property
@@ -64,7 +102,7 @@ class Outbox:
         return self._bytes
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._frames) if self._frames is not None else 0
 
     def __bool__(self) -> bool:
         return bool(self._frames)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -73,6 +72,26 @@ class Link:
     subscription ended by itself, with the error code to close the connection with (``too_slow``, or the code
     for what :meth:`Node.subscription_lost` says), or None when the node is shutting down."""
 
+    __slots__ = (
+        "_closed",
+        "_deliver",
+        "_free",
+        "_holding",
+        "_leftover",
+        "_on_end",
+        "_pump",
+        "_released",
+        "_repeats",
+        "_repeats_done",
+        "_requests",
+        "_skip_through",
+        "_sub",
+        "_wait_room",
+        "max_pending",
+        "node",
+        "principal",
+    )
+
     def __init__(
         self,
         node: Node,
@@ -96,11 +115,10 @@ class Link:
         self._pump: asyncio.Task[None] | None = None
         self._requests: dict[str, RequestSession] = {}
         self._repeats: dict[str, tuple[RequestSession, asyncio.Task[None]]] = {}
-        self._repeats_done: OrderedDict[str, None] = OrderedDict()
+        self._repeats_done: dict[str, None] = {}  # the most recent last (evicted oldest first)
         self._skip_through: dict[str, int] = {}
         self._holding = 0
-        self._released = asyncio.Event()
-        self._released.set()
+        self._released: asyncio.Event | None = None  # made by the first request; clear while one is published
         self._leftover: list[Event] = []  # filtered, not yet taken by deliver (the outgoing queue was full)
         self._closed = False
 
@@ -219,16 +237,25 @@ class Link:
             if self._leftover:
                 pending, self._leftover = self._leftover, []
                 await self._push(pending, sub)
+            free = self._free
+            deliver = self._deliver
             while True:
                 # Take no more than the outgoing queue has room for: what waits beyond that stays in the
                 # subscription, whose bound (max_pending live events) cuts off a client that does not read.
-                room = await self._room(sub)
+                room = free()
+                if room <= 0:
+                    room = await self._room(sub)
                 batch = await sub.next_batch(min(MAX_BATCH, room))
                 if not batch:
                     break
                 # While a request is being published, its lifecycle waits here, so `published` comes first.
-                await self._released.wait()
-                await self._push(self._filter(batch), sub)
+                if self._released is not None:
+                    await self._released.wait()
+                events = self._filter(batch)
+                if events:
+                    taken = deliver(events)
+                    if taken < len(events):  # the outgoing queue is full: wait for room (rare)
+                        await self._push(events[taken:], sub)
         except SlowConsumer:
             if not self._closed:
                 self._on_end(GatewayCode.TOO_SLOW)
@@ -271,7 +298,7 @@ class Link:
         requests = self._requests
         watched = bool(requests or self._repeats or self._repeats_done or self._skip_through)
         if not watched:
-            return list(batch)
+            return batch if isinstance(batch, list) else list(batch)
         out: list[Event] = []
         for event in batch:
             correlation_id = event.metadata.get("correlation_id")
@@ -327,11 +354,13 @@ class Link:
 
     def _hold(self) -> None:
         self._holding += 1
+        if self._released is None:
+            self._released = asyncio.Event()
         self._released.clear()
 
     def _unhold(self) -> None:
         self._holding -= 1
-        if not self._holding:
+        if not self._holding and self._released is not None:
             self._released.set()
 
     def _repeat(self, request: RequestSession, published: Published, announce: Callable[[Published], None]) -> None:
@@ -364,8 +393,9 @@ class Link:
             request.close()
             self._repeats.pop(request.correlation_id, None)
             self._repeats_done[request.correlation_id] = None
-            while len(self._repeats_done) > RECENT_REPEATS:
-                self._repeats_done.popitem(last=False)
+            done = self._repeats_done
+            while len(done) > RECENT_REPEATS:
+                del done[next(iter(done))]
 
     async def cancel(self, correlation_id: str, reason: str) -> bool:
         """Cancel a stream this connection started; raises :class:`NotFound` for any other."""

@@ -12,7 +12,9 @@ whether the connection stays open (an ``error`` frame) or is closed, and with wh
     {"type":"<svc>:<act>:v<N>:<state>",…}       Publish(event, ref)
     anything else                               ProtocolError(code, message, ref)
 
-Event frames are encoded once per event for every connection that receives it (:class:`EventFrameCache`).
+Event frames are encoded once per event for every connection that receives it (:class:`EventFrameCache`), as
+complete WebSocket text frames (:func:`encode_event_frame`) with the payload's JSON spliced in as the event
+already holds it (:meth:`~nexus.events.Event.payload_json`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring
 from typing import Any, Final
 
 from nexus.errors import (
@@ -272,7 +275,7 @@ def _patterns(frame: dict[str, Any], ref: str | None, max_patterns: int) -> tupl
     value = frame.get("event_types")
     if not isinstance(value, list) or not value:
         raise ProtocolError(
-            GatewayCode.INVALID_FRAME, "event_types must be a non-empty list of patterns, such as [\">\"]", ref
+            GatewayCode.INVALID_FRAME, 'event_types must be a non-empty list of patterns, such as [">"]', ref
         )
     try:
         check_pattern_count(len(value), max_patterns)  # before any is parsed
@@ -330,9 +333,7 @@ def decode_frame(
     """
     frame = _parse_json(text)
     if not isinstance(frame, dict):
-        raise ProtocolError(
-            GatewayCode.NOT_AN_OBJECT, f"a frame must be a JSON object, not {type(frame).__name__}"
-        )
+        raise ProtocolError(GatewayCode.NOT_AN_OBJECT, f"a frame must be a JSON object, not {type(frame).__name__}")
     ref = _ref(frame)
     kind = frame.get("type")
     if not isinstance(kind, str) or not kind:
@@ -458,19 +459,60 @@ def encode_protocol_error(error: ProtocolError) -> bytes:
     return encode_error(error.code, error.message, error.ref)
 
 
-def encode_event(event: Event) -> bytes:
-    """``{"type":<event_type>,"event_id","payload","metadata","offset","epoch","timestamp"}``."""
-    return _dump(
-        {
-            "type": event.event_type,
-            "event_id": event.event_id,
-            "payload": event.payload,
-            "metadata": event.metadata,
-            "offset": event.offset,
-            "epoch": event.epoch,
-            "timestamp": event.timestamp,
-        }
+_encode_string: Final = encode_basestring
+"""JSON text of a ``str`` as ``json.dumps(..., ensure_ascii=False)`` writes it (the C encoder's)."""
+_encode_compact: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _event_json_parts(event: Event) -> tuple[bytes, bytes, bytes]:
+    """The event frame's JSON in three parts: what comes before the payload, the payload's JSON (the event's
+    cached :meth:`~nexus.events.Event.payload_json`, never encoded again here) and what comes after it."""
+    metadata = event.metadata
+    head = f'{{"type":{_encode_string(event.event_type)},"event_id":{_encode_string(event.event_id)},"payload":'
+    meta = _encode_compact(metadata) if metadata else "{}"
+    tail = (
+        f',"metadata":{meta},"offset":{event.offset:d},"epoch":{_encode_string(event.epoch)},'
+        f'"timestamp":{_encode_string(event.timestamp)}}}'
     )
+    return head.encode(), event.payload_json(), tail.encode()
+
+
+def encode_event(event: Event) -> bytes:
+    """``{"type":<event_type>,"event_id","payload","metadata","offset","epoch","timestamp"}``, compact UTF-8 JSON.
+
+    The payload's JSON is spliced in from :meth:`~nexus.events.Event.payload_json` (encoded once per event, and
+    already there when the edge checked it); the bytes are those of ``json.dumps`` of the whole object. Raises
+    for an event no client could read (text that is not valid Unicode, NaN, a payload nested too deeply).
+    """
+    return b"".join(_event_json_parts(event))
+
+
+def text_frame_header(size: int) -> bytes:
+    """The header of one final, unmasked WebSocket text frame of ``size`` bytes (RFC 6455 §5.2: what a server
+    writes; no extension is negotiated, the gateway serves without compression)."""
+    if size < 126:
+        return bytes((0x81, size))
+    if size < 0x10000:
+        return b"\x81\x7e" + size.to_bytes(2, "big")
+    return b"\x81\x7f" + size.to_bytes(8, "big")
+
+
+def text_frame(data: bytes) -> bytes:
+    """``data`` (UTF-8 JSON) as one complete WebSocket text frame, ready for the socket."""
+    return text_frame_header(len(data)) + data
+
+
+def frame_data(frame: bytes) -> bytes:
+    """The data of a frame made by :func:`text_frame` (its JSON)."""
+    size = frame[1] & 0x7F
+    return frame[2 if size < 126 else 4 if size == 126 else 10 :]
+
+
+def encode_event_frame(event: Event) -> bytes:
+    """The event's complete WebSocket text frame (header and :func:`encode_event`'s JSON), built once per event
+    and written as is to every connection that receives it."""
+    head, payload, tail = _event_json_parts(event)
+    return b"".join((text_frame_header(len(head) + len(payload) + len(tail)), head, payload, tail))
 
 
 def close_reason(text: str) -> str:
@@ -486,8 +528,11 @@ class EventFrameCache:
 
     The bus hands the same :class:`Event` object to every subscriber of a batch, so a recency cache keyed by the
     object's identity turns N encodings into one. An entry holds the event itself, so an ``id()`` is never
-    reused while its entry lives. ``encoder`` makes the bytes (the WebSocket event frame by default; the
-    Server-Sent Events endpoint caches its messages the same way).
+    reused while its entry lives. Connections take each batch within a turn or two of each other, so a few
+    thousand entries suffice (``size``; a connection far behind re-encodes, as a replay does): the cache is held
+    once per gateway, whatever the number of connections. ``encoder`` makes the bytes (the complete WebSocket
+    event frame by default, :func:`encode_event_frame`; the Server-Sent Events endpoint caches its messages the
+    same way).
 
     An event that cannot be encoded (text that is not valid Unicode, a payload nested past the JSON encoder's
     recursion limit, NaN: an old event in a NATS stream, say) encodes to None, and every connection skips it and
@@ -496,8 +541,8 @@ class EventFrameCache:
 
     def __init__(
         self,
-        size: int = 16_384,
-        encoder: Callable[[Event], bytes] = encode_event,
+        size: int = 4_096,
+        encoder: Callable[[Event], bytes] = encode_event_frame,
         *,
         on_skip: Callable[[Event, Exception], None] | None = None,
     ) -> None:

@@ -529,10 +529,26 @@ class GatewayServer:
         self.connections[connection_id] = connection
         self.stats.connections += 1
         self.stats.connections_total += 1
-        connection.log.debug("gateway_connected", user_id=principal.user_id)
+        log.debug("gateway_connected", connection_id=connection_id, user_id=principal.user_id)
+        forget_handshake(ws)
         try:
             await connection.run()
         finally:
             del self.connections[connection_id]
             self.stats.connections -= 1
-            connection.log.debug("gateway_disconnected", close=connection.closing, last_offset=connection.last_offset)
+            log.debug(
+                "gateway_disconnected",
+                connection_id=connection_id,
+                close=connection.closing,
+                last_offset=connection.last_offset,
+            )
+
+
+def forget_handshake(ws: ServerConnection) -> None:
+    """Drop what the opening handshake left on ``ws`` once the gateway has read it (the request's headers were
+    authenticated, the response was sent): websockets keeps both for the connection's lifetime, about 2 KB of
+    header objects per connection. The request keeps its path."""
+    request = ws.request
+    if request is not None:
+        ws.request = Request(request.path, Headers())
+    ws.response = None

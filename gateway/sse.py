@@ -85,6 +85,7 @@ from .protocol import (
     encode_error,
     encode_subscribed,
     error_spec,
+    frame_data,
 )
 
 SSE_PATH: Final = "/sse"
@@ -198,12 +199,12 @@ def event_message(event: Event, frame: bytes) -> bytes:
 
 
 def _frame(frames: EventFrameCache, event: Event) -> bytes:
-    """The event's JSON from the WebSocket frame cache; raises for one that cannot be encoded (the cache skips
-    it and says so once)."""
+    """The event's JSON from the WebSocket frame cache (the frame's data); raises for one that cannot be encoded
+    (the cache skips it and says so once)."""
     frame = frames.encode(event)
     if frame is None:
         raise ValueError(f"event {event.offset} cannot be encoded")
-    return frame
+    return frame_data(frame)
 
 
 def refusal(status: http.HTTPStatus, error: NexusError) -> Response:
@@ -233,7 +234,10 @@ class HandoffConnection(ServerConnection):
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         async with asyncio.timeout(self.handshake_timeout) as timer:
             self._nexus_timer = timer
-            await super().handshake(*args, **kwargs)
+            try:
+                await super().handshake(*args, **kwargs)
+            finally:
+                self._nexus_timer = None
 
     def take_over(self, protocol: asyncio.Protocol) -> asyncio.Transport:
         """Stop the handshake's timeout and hand the transport to ``protocol``, which must pass its

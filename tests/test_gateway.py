@@ -101,9 +101,7 @@ async def nexus(handlers: Handlers) -> AsyncIterator[TestServer]:
 
 
 @contextlib.asynccontextmanager
-async def gateway_for(
-    server: TestServer, *, node: Node | None = None, **settings: Any
-) -> AsyncIterator[GatewayServer]:
+async def gateway_for(server: TestServer, *, node: Node | None = None, **settings: Any) -> AsyncIterator[GatewayServer]:
     """A gateway with custom settings over ``server`` (in process unless ``node`` is given); stopped after."""
     authenticator = settings.pop("authenticator", None)
     gateway_settings = GatewaySettings(host="127.0.0.1", port=0, **settings)
@@ -421,9 +419,7 @@ async def test_cancel_of_a_stream_not_started_here_is_not_found(nexus: TestServe
         assert (error["type"], error["code"], error["ref"]) == ("error", "not_found", "someone-elses")
 
 
-async def test_closing_the_socket_cancels_its_streams_and_leaves_no_task(
-    nexus: TestServer, handlers: Handlers
-) -> None:
+async def test_closing_the_socket_cancels_its_streams_and_leaves_no_task(nexus: TestServer, handlers: Handlers) -> None:
     """When the socket closes, the streams it started end with `cancelled` and no gateway task is left."""
     recorder = await nexus.record("demo:stream_hold:v1:cancelled")
     try:
@@ -687,6 +683,30 @@ async def test_stalled_client_is_closed_with_4008_while_100_others_receive_every
             rest = [(await resumed.recv())["offset"] for _ in range(total - len(received))]
             assert received + rest == sent
             assert await resumed.barrier() == []
+
+
+@pytest.mark.parametrize("write_limit", [64 * 1024, 256], ids=["one-write-per-batch", "tiny-write-buffer"])
+async def test_a_burst_queued_between_wake_ups_arrives_complete_and_in_order(
+    nexus: TestServer, write_limit: int
+) -> None:
+    """Thousands of events stored at once (one batch per wake-up of the connection, written together, or
+    through the outbox a frame at a time when the write buffer is tiny) reach the client complete and in order,
+    control frames after them, and a second client gets the same."""
+    total = 3_000
+    async with (
+        gateway_for(nexus, write_limit=write_limit) as gateway,
+        peer(gateway.url) as first,
+        peer(gateway.url) as second,
+    ):
+        for client in (first, second):
+            assert (await client.subscribe("burst:>"))["type"] == "subscribed"
+        events = [Event("burst:tick:v1:happened", {"n": n, "text": f'é{n}\n"🚀' * (n % 7)}) for n in range(total)]
+        stored = await nexus.server.node.publish_many(events)
+        for client in (first, second):
+            frames = [await client.recv() for _ in range(total)]
+            assert [f["offset"] for f in frames] == [p.event.offset for p in stored]
+            assert [f["payload"] for f in frames] == [e.payload for e in events]
+            assert await client.barrier() == []
 
 
 async def test_resume_after_reconnect_without_loss_or_duplicates(nexus: TestServer) -> None:

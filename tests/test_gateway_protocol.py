@@ -7,6 +7,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nexus.gateway.auth import token_from
 from nexus.gateway.flow import Outbox, RateLimiter
 from nexus.gateway.protocol import (
@@ -26,12 +28,17 @@ from nexus.gateway.protocol import (
     encode_connection,
     encode_error,
     encode_event,
+    encode_event_frame,
     encode_pong,
     encode_published,
     encode_subscribed,
     encode_unsubscribed,
     error_spec,
+    frame_data,
+    text_frame,
 )
+from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN, Protocol, Side
 
 from nexus.errors import ErrorCode, InvalidPattern, NotFound, SlowConsumer, Unauthenticated
 from nexus.events import Event
@@ -282,6 +289,92 @@ def test_event_frames_are_encoded_once_per_event() -> None:
     cache.encode(Event("demo:a:v1:x").stored(3, "ep"))
     assert len(cache) == 2  # bounded: the oldest entry went
     assert cache.encode(first) == data
+
+
+def dumps_frame(event: Event) -> bytes:
+    """The event frame as one ``json.dumps`` of the whole object (the spliced frame must equal it)."""
+    frame = {
+        "type": event.event_type,
+        "event_id": event.event_id,
+        "payload": event.payload,
+        "metadata": event.metadata,
+        "offset": event.offset,
+        "epoch": event.epoch,
+        "timestamp": event.timestamp,
+    }
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def outcome(encode: Any, event: Event) -> bytes | str:
+    """The bytes ``encode`` makes of ``event``, or that it refused it."""
+    try:
+        data: bytes = encode(event)
+    except Exception:  # which one differs (InvalidPayload, ValueError): both refuse the event
+        return "refused"
+    return data
+
+
+TRICKY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12) | st.sampled_from(
+    ['"', "\\", "\n\t\r\x00\x1f\x7f", "\u2028\u2029", "\ud800", "Zoë 🚀 中", "</script>", ""]
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TRICKY_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+EVENTS = st.builds(
+    lambda event_type, payload, event_id, metadata, timestamp, offset, epoch: Event(
+        event_type, payload, event_id, metadata, timestamp
+    ).stored(offset, epoch),
+    TRICKY_TEXT,
+    st.dictionaries(TRICKY_TEXT, JSON_VALUES, max_size=5),
+    TRICKY_TEXT,
+    st.dictionaries(TRICKY_TEXT, TRICKY_TEXT, max_size=3),
+    TRICKY_TEXT,
+    st.integers(min_value=0, max_value=2**63 - 1),
+    TRICKY_TEXT,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENTS)
+def test_spliced_event_frame_is_the_json_dumps_frame(event: Event) -> None:
+    """The frame built around the payload's cached JSON is byte for byte the ``json.dumps`` frame (unicode,
+    escapes, empty payloads and metadata alike), and an event one cannot encode the other cannot either."""
+    expected = outcome(dumps_frame, event)
+    assert outcome(encode_event, event) == expected
+    if isinstance(expected, bytes):
+        assert json.loads(encode_event(event)) == json.loads(expected)
+        assert frame_data(encode_event_frame(event)) == expected
+
+
+def read_frames(data: bytes) -> list[Frame]:
+    """The frames a WebSocket client parses out of ``data`` (the websockets library's own parser)."""
+    client = Protocol(Side.CLIENT, state=OPEN, max_size=None)
+    client.receive_data(data)
+    frames = client.events_received()
+    assert all(isinstance(frame, Frame) for frame in frames)
+    return [frame for frame in frames if isinstance(frame, Frame)]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 200_000])
+def test_event_frames_are_complete_websocket_text_frames(size: int) -> None:
+    """An event frame of any length (each header size) parses as one final text frame holding the event's JSON;
+    frames written back to back parse one by one."""
+    event = Event("demo:a:v1:x", {"text": "é" * (size // 2)}, event_id="e").stored(7, "ep")
+    frame = encode_event_frame(event)
+    (parsed,) = read_frames(frame)
+    assert (parsed.opcode, parsed.fin) == (Opcode.TEXT, True)
+    assert bytes(parsed.data) == encode_event(event) == dumps_frame(event)
+    control = text_frame(b'{"type":"pong"}')
+    assert [bytes(f.data) for f in read_frames(frame + control + frame)] == [
+        encode_event(event),
+        b'{"type":"pong"}',
+        encode_event(event),
+    ]
+    for length in (0, 125, 126, 65_535, 65_536):
+        data = b"x" * length
+        assert frame_data(text_frame(data)) == data
 
 
 # --- flow control -----------------------------------------------------------------------------------------------
