@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+from collections import deque
+
 import pytest
 
 from nexus.events import Event
-from nexus.history import History
+from nexus.history import CHUNK_ITEMS, CHUNK_WEIGHT, ChunkedQueue, History
 
 
 def stored(offset: int, event_type: str = "demo:thing:v1:made") -> Event:
@@ -176,3 +179,54 @@ def test_the_byte_count_follows_what_is_held() -> None:
     assert [e.offset for e in history.events()] == [6, 7, 8, 9]
     history.reset("epoch-b", 9)
     assert (history.bytes, len(history)) == (0, 0)
+
+
+def test_a_chunked_queue_is_first_in_first_out_across_chunks() -> None:
+    """Values come out in the order they went in, whether taken from sealed chunks or the open one, and
+    iter_from starts at any position."""
+    queue: ChunkedQueue[str] = ChunkedQueue()
+    expected: deque[str] = deque()
+    for round_ in range(3):
+        for n in range(CHUNK_ITEMS * 2 + 7):
+            queue.append(f"{round_}-{n}")
+            expected.append(f"{round_}-{n}")
+        for _ in range(CHUNK_ITEMS + 3 + round_ * 50):
+            assert queue.popleft() == expected.popleft()
+        assert len(queue) == len(expected)
+        assert list(queue) == list(expected)
+        for start in (0, 1, CHUNK_ITEMS - 1, CHUNK_ITEMS, len(expected) - 1, len(expected)):
+            assert list(queue.iter_from(start)) == list(expected)[start:]
+    while expected:
+        assert queue.popleft() == expected.popleft()
+    assert len(queue) == 0
+    assert list(queue) == []
+    with pytest.raises(IndexError):
+        queue.popleft()
+    queue.append("again")
+    assert list(queue) == ["again"]
+
+
+def test_a_chunked_queue_lets_heavy_values_go_with_their_chunk() -> None:
+    """Values whose weight fills a chunk are sealed alone, so taking one lets it go at once (a history bounded
+    by bytes never keeps megabytes it dropped)."""
+    queue: ChunkedQueue[bytes] = ChunkedQueue()
+    heavy = [bytes([n]) * CHUNK_WEIGHT for n in range(4)]
+    light = [b"%d" % n for n in range(CHUNK_ITEMS)]
+    for value in heavy + light:
+        queue.append(value, len(value))
+    assert any(value is heavy[0] for value in _reachable(queue))
+    assert queue.popleft() is heavy[0]
+    assert not any(value is heavy[0] for value in _reachable(queue))
+    assert list(queue) == heavy[1:] + light
+
+
+def _reachable(root: object) -> list[object]:
+    """Every object ``root`` holds, directly or through the containers it holds."""
+    found: list[object] = []
+    pending = list(gc.get_referents(root))
+    while pending:
+        item = pending.pop()
+        found.append(item)
+        if isinstance(item, (list, tuple, deque)):
+            pending.extend(item)
+    return found

@@ -28,7 +28,7 @@ from nexus.bus.base import (
 )
 from nexus.errors import BusUnavailable
 from nexus.events import Event
-from nexus.history import History, Record, record_size, unpack
+from nexus.history import ChunkedQueue, History, Record, record_size, unpack
 from nexus.metrics import Metrics
 
 DEFAULT_HISTORY_SIZE: Final = 100_000
@@ -67,7 +67,7 @@ class DedupeWindow:
         self.step = min(1.0, window_s / 16) if window_s > 0 else 1.0
         self._clock = clock
         self._records: dict[str, Record] = {}
-        self._order: deque[str] = deque()
+        self._order: ChunkedQueue[str] = ChunkedQueue()
         """Ids in the order remembered (``_forgotten`` of them already left the front)."""
         self._remembered = 0
         self._forgotten = 0
@@ -103,7 +103,7 @@ class DedupeWindow:
                 self.bytes -= record_size(previous)
             self.bytes += record_size(record)
         records[event_id] = record
-        self._order.append(event_id)
+        self._order.append(event_id, len(event_id))
         self._remembered += 1
         while len(records) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self._forget_oldest()
