@@ -2,13 +2,18 @@
 
     python benchmarks/bench_history.py                       # every part, full size
     python benchmarks/bench_history.py --part memory         # RSS per retained event, gc.collect() full vs empty
-    python benchmarks/bench_history.py --part latency --seconds 60
+    python benchmarks/bench_history.py --part pauses --seconds 60   # collector pauses over a full history
+    python benchmarks/bench_history.py --part latency --seconds 60  # through a server, over gRPC
 
 1. ``memory`` (in a fresh process): RSS growth of a default :class:`~nexus.bus.memory.MemoryBus` (history and
    dedupe window) after storing ``--events`` events of a 200-byte payload, as the server stores them (validated
    at the edge, ``metadata.owner`` set), divided by the events held. Also the time of a full ``gc.collect()``
    (best of five, CPU time) with that history against the same process before it was filled: a ratio.
-2. ``latency``: a ``nexus serve`` process (memory bus), its history filled with ``--events`` events through
+2. ``pauses`` (in a fresh process): the same bus with a full history, ``--rate`` events/s published for
+   ``--seconds`` to one subscriber in the same process: the collector's pauses (CPU time, per generation, from
+   ``gc.callbacks``) and publish → delivery latency. CPU time does not move with the machine's load; the latency
+   here does, as in part 3.
+3. ``latency``: a ``nexus serve`` process (memory bus), its history filled with ``--events`` events through
    ``PublishEvents``, then ``--rate`` events/s published with ``EmitEvent`` while a ``SubscribeEvents``
    subscriber measures publish → delivery (system-wide monotonic clock, stamped in the payload):
    p50 / p99 / p99.9 in ms, and the server's CPU per event from ``/proc``.
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PAYLOAD_TEXT = "x" * 178
+PAYLOAD_TEXT = "x" * 162
 """With ``n`` and ``t`` the payload's compact JSON is about 200 bytes."""
 MEMORY_TARGET_BYTES = 600
 P99_TARGET_MS = 3.0
@@ -99,6 +104,62 @@ async def measure_memory(events: int) -> dict[str, Any]:
         "gc_collect_ms_full": round(full_gc * 1000, 2),
         "gc_collect_ratio": round(full_gc / max(empty_gc, 1e-6), 2),
         "target_bytes_per_event": MEMORY_TARGET_BYTES,
+    }
+
+
+async def measure_pauses(events: int, rate: float, seconds: float) -> dict[str, Any]:
+    from nexus.bus.memory import MemoryBus
+    from nexus.events import Event
+
+    bus = MemoryBus()
+    await bus.start()
+    for n in range(events):
+        await bus.publish(Event.create("bench:fill:v1:stored", payload(n), metadata={"owner": "anonymous"}))
+        if n % 1000 == 0:
+            await asyncio.sleep(0)
+    gc.collect()
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.thread_time()
+        else:
+            pauses[info["generation"]].append(time.thread_time() - started[0])
+
+    subscription = await bus.subscribe(["bench:live:>"])
+    latencies: list[float] = []
+    total = int(rate * seconds)
+
+    async def receive() -> None:
+        while len(latencies) < total:
+            for event in await subscription.next_batch():
+                latencies.append((time.monotonic_ns() - int(event.payload["t"])) / 1e6)
+
+    receiver = asyncio.create_task(receive())
+    gc.callbacks.append(on_gc)
+    cpu_start = time.process_time()
+    start = time.monotonic()
+    for n in range(total):
+        delay = start + n / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await bus.publish(Event.create("bench:live:v1:sent", payload(n), metadata={"owner": "anonymous"}))
+    await asyncio.wait_for(receiver, 30)
+    cpu = time.process_time() - cpu_start
+    gc.callbacks.remove(on_gc)
+    await bus.close()
+    return {
+        "history_events": events,
+        "events": len(latencies),
+        "cpu_us_per_event": round(cpu / total * 1e6, 1),
+        "collections": {f"gen{gen}": len(times) for gen, times in pauses.items()},
+        "max_pause_ms": {f"gen{gen}": round(max(times, default=0) * 1000, 2) for gen, times in pauses.items()},
+        "gc_cpu_ms_total": round(sum(sum(times) for times in pauses.values()) * 1000, 1),
+        "p50_ms": round(statistics.median(latencies), 3),
+        "p99_ms": round(percentile(latencies, 0.99), 3),
+        "p999_ms": round(percentile(latencies, 0.999), 3),
+        "max_ms": round(max(latencies), 3),
     }
 
 
@@ -202,7 +263,7 @@ def run_part(part: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["memory", "latency", "all"], default="all")
+    parser.add_argument("--part", choices=["memory", "pauses", "latency", "all"], default="all")
     parser.add_argument("--events", type=int, default=100_000, help="events in the history (100000)")
     parser.add_argument("--rate", type=float, default=1000.0, help="live events per second (1000)")
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds of live publishing (60)")
@@ -212,11 +273,13 @@ def main() -> int:
     if args.inner:
         if args.part == "memory":
             result = asyncio.run(measure_memory(args.events))
+        elif args.part == "pauses":
+            result = asyncio.run(measure_pauses(args.events, args.rate, args.seconds))
         else:
             result = asyncio.run(measure_latency(args.events, args.rate, args.seconds))
         print(json.dumps(result))
         return 0
-    parts = ["memory", "latency"] if args.part == "all" else [args.part]
+    parts = ["memory", "pauses", "latency"] if args.part == "all" else [args.part]
     results = {part: run_part(part, args) for part in parts}
     print(json.dumps(results, indent=2))
     missed = []
