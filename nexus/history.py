@@ -14,13 +14,14 @@ the newest offset no longer held (0 while nothing was dropped), ``head`` the new
 offset 0 (live-only heartbeats) are never kept. The memory bus keeps its history here; the remote node mirrors
 a remote bus's history into one.
 
-Storage: a held event is one :data:`Record`, an immutable ``bytes`` object (:func:`pack`): its offset and size,
-then its type, id, timestamp, metadata and the payload's compact JSON (:meth:`Event.payload_json`, made once at
+Storage: a held event is one :data:`Record`, an immutable ``bytes`` object (:func:`pack`): its offset, size and
+type, then its id, timestamp, metadata and the payload's compact JSON (:meth:`Event.payload_json`, made once at
 the edge). Bytes hold no references, so the garbage collector never walks a retained event (a full history of
 ``Event`` objects with their payload and metadata dicts made every full collection tens of milliseconds long),
-and a 200-byte payload costs about 400 bytes held instead of 1.3 KB. A replayed event is decoded back into an
-:class:`Event` (:func:`unpack`) only when replayed; live delivery never reads the ring. Each event's type is also
-kept beside its record (one shared string per type), so a replay filtered by pattern decodes only the events it
+and the records sit in sealed tuple chunks (:class:`ChunkedQueue`) that it does not walk either. A 200-byte
+payload costs about 500 bytes held (history and dedupe window) instead of 1.3 KB. A held event is decoded back
+into an :class:`Event` (:func:`unpack`) only when replayed; live delivery never reads the ring. The type is read
+from a record's front without decoding the rest, so a replay filtered by pattern decodes only the events it
 selects. An event that cannot be packed (one built without the edge's checks, whose payload no JSON encoder can
 write) is held as the ``Event`` itself.
 """
@@ -41,22 +42,30 @@ from nexus.events import Event
 Record = bytes | Event
 """One held event: packed bytes (:func:`pack`), or the ``Event`` itself when it cannot be packed."""
 
-_PREFIX: Final = struct.Struct("<QQ")
-"""offset, size: read without decoding the rest (to drop the oldest, to bound bytes)."""
-_TYPE_NAMES_MAX: Final = 4096
+_PREFIX: Final = struct.Struct("<QQH")
+"""offset, size, and the length of the event type that follows: read without decoding the rest."""
+_TYPE_AT: Final = _PREFIX.size
 _set: Final = object.__setattr__
 """Sets a cache field of a frozen :class:`Event` (values derived from its fields)."""
 
 
 def pack(event: Event) -> Record:
     """``event`` as one immutable bytes record (its epoch is the holder's), or ``event`` itself when it cannot be
-    packed: a payload no JSON encoder can write, metadata that is not a plain string map."""
+    packed: a payload no JSON encoder can write, metadata that is not a plain string map.
+
+    The record: offset, size, the type's length, the type (UTF-8), then ``marshal`` of the id, timestamp, metadata
+    and the payload's compact JSON.
+    """
     try:
-        body = marshal.dumps(
-            (event.event_type, event.event_id, event.timestamp, event.metadata, event.payload_json()), 4
+        type_bytes = event.event_type.encode()
+        return b"".join(
+            (
+                _PREFIX.pack(event.offset, event.size(), len(type_bytes)),
+                type_bytes,
+                marshal.dumps((event.event_id, event.timestamp, event.metadata, event.payload_json()), 4),
+            )
         )
-        return _PREFIX.pack(event.offset, event.size()) + body
-    except (InvalidPayload, ValueError, TypeError, struct.error):
+    except (InvalidPayload, ValueError, TypeError, struct.error, UnicodeError):
         return event
 
 
@@ -64,12 +73,21 @@ def unpack(record: Record, epoch: str) -> Event:
     """The :class:`Event` a record holds, stored in ``epoch`` (its payload's JSON and size kept, not recomputed)."""
     if not isinstance(record, bytes):
         return record  # an Event held as it is
-    offset, size = _PREFIX.unpack_from(record)
-    event_type, event_id, timestamp, metadata, payload_json = marshal.loads(memoryview(record)[_PREFIX.size :])
+    offset, size, type_length = _PREFIX.unpack_from(record)
+    body = _TYPE_AT + type_length
+    event_id, timestamp, metadata, payload_json = marshal.loads(memoryview(record)[body:])
+    event_type = record[_TYPE_AT:body].decode()
     event = Event(event_type, json.loads(payload_json), event_id, metadata, timestamp, offset, epoch)
     _set(event, "_size", size)
     _set(event, "_payload_json", payload_json)
     return event
+
+
+def record_type(record: Record) -> str:
+    """The type of the event a record holds (without decoding the rest)."""
+    if isinstance(record, bytes):
+        return record[_TYPE_AT : _TYPE_AT + _PREFIX.unpack_from(record)[2]].decode()
+    return record.event_type
 
 
 def record_offset(record: Record) -> int:
@@ -191,10 +209,6 @@ class History:
         """The summed :meth:`Event.size` of the held events (counted when ``max_bytes`` is set)."""
         self._ring: ChunkedQueue[Record] = ChunkedQueue()
         """Offsets ``floor + 1 .. head``, in order."""
-        self._types: ChunkedQueue[str] = ChunkedQueue()
-        """Each held event's type, beside its record."""
-        self._type_names: dict[str, str] = {}
-        """One string object per event type (the ring of types holds references, not copies)."""
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -215,37 +229,27 @@ class History:
     def keep(self, event: Event) -> Record | None:
         """:meth:`append`, returning the record kept (None when nothing was): what the dedupe window shares."""
         offset = event.offset
-        if offset <= self.head:
+        head = self.head
+        if offset <= head:
             return None
         ring = self._ring
-        if ring and offset != self.head + 1:
-            # A jump (events this history never saw): what it holds no longer runs up to the head.
+        if offset != head + 1 or not ring:
+            # The first event, or a jump (events this history never saw): what it held no longer runs up to it.
             self._clear()
             self.floor = offset - 1
-        elif not ring:
-            self.floor = offset - 1
         record = pack(event) if event.epoch == self.epoch else event
-        event_type = event.event_type
-        names = self._type_names
-        name = names.get(event_type)
-        if name is None:
-            if len(names) >= _TYPE_NAMES_MAX:
-                names.clear()
-            name = names[event_type] = event_type
         size = event.size()  # measured once: pack() kept it on the event
         ring.append(record, size)
-        self._types.append(name)
         self.head = offset
-        if self.max_bytes is None:
+        max_bytes = self.max_bytes
+        if max_bytes is None:
             while len(ring) > self.max_events:
                 ring.popleft()
-                self._types.popleft()
                 self.floor += 1
             return record
         self.bytes += size
-        while len(ring) > 1 and (len(ring) > self.max_events or self.bytes > self.max_bytes):
+        while len(ring) > 1 and (len(ring) > self.max_events or self.bytes > max_bytes):
             self.bytes -= record_size(ring.popleft())
-            self._types.popleft()
             self.floor += 1
         return record
 
@@ -279,8 +283,8 @@ class History:
         if types is None:
             events = [unpack(record, epoch) for record in ring.iter_from(start)]
         else:
-            selected = zip(self._types.iter_from(start), ring.iter_from(start), strict=True)
-            events = [unpack(record, epoch) for event_type, record in selected if types(event_type)]
+            selected = ring.iter_from(start)
+            events = [unpack(record, epoch) for record in selected if types(record_type(record))]
         if wants is None:
             return events
         return [event for event in events if wants(event)]
@@ -293,7 +297,6 @@ class History:
 
     def _clear(self) -> None:
         self._ring.clear()
-        self._types.clear()
         self.bytes = 0
 
     def events(self) -> list[Event]:

@@ -531,20 +531,20 @@ def test_the_dedupe_window_forgets_expired_ids_in_groups_without_lookups() -> No
     now = [100.0]
     window = DedupeWindow(10.0, max_entries=1_000, clock=lambda: now[0])
     for n in range(500):
-        window.remember(f"id-{n}", b"record")
+        window.remember(f"id-{n}", b"record", 6)
         now[0] += 0.01
     assert len(window) == 500
     now[0] = 100.0 + 9.99
     assert window.get("id-0") == b"record"
     now[0] = 100.0 + 10.0 + window.step + 0.01
-    window.remember("later", b"record")
+    window.remember("later", b"record", 6)
     assert len(window) < 500
     now[0] += 10.0 + window.step
-    window.remember("last", b"record")
+    window.remember("last", b"record", 6)
     assert len(window) == 1
     assert window.get("later") is None
     for n in range(1_500):
-        window.remember(f"more-{n}", b"record")
+        window.remember(f"more-{n}", b"record", 6)
     assert len(window) == 1_000
     assert window.get("more-499") is None
     assert window.get("more-500") == b"record"

@@ -83,16 +83,15 @@ class DedupeWindow:
             self._expire(self._clock())
         return self._records.get(event_id)
 
-    def remember(self, event_id: str, record: Record) -> None:
-        """Record a stored event (by the history's record of it)."""
+    def remember(self, event_id: str, record: Record, size: int) -> None:
+        """Record a stored event by the history's record of it (``size``: its :meth:`Event.size`)."""
         if self.window_s <= 0:
             return
         now = self._clock()
         if self._due <= now:
             self._expire(now)
-        expiry = math.ceil((now + self.window_s) / self.step) * self.step
-        if expiry > self._last_expiry:
-            self._last_expiry = expiry
+        if now + self.window_s > self._last_expiry:  # a new group: the first id expiring after the newest one's
+            expiry = self._last_expiry = math.ceil((now + self.window_s) / self.step) * self.step
             self._groups.append((expiry, self._remembered))
             if len(self._groups) == 1:
                 self._due = expiry
@@ -101,7 +100,7 @@ class DedupeWindow:
             previous = records.get(event_id)
             if previous is not None:
                 self.bytes -= record_size(previous)
-            self.bytes += record_size(record)
+            self.bytes += size
         records[event_id] = record
         self._order.append(event_id, len(event_id))
         self._remembered += 1
@@ -186,7 +185,7 @@ class MemoryBus(Bus):
         stored = event.stored(history.head + 1, history.epoch)
         record = history.keep(stored)
         if record is not None:
-            self._dedupe.remember(stored.event_id, record)
+            self._dedupe.remember(stored.event_id, record, stored.size())
         self._published += 1
         self._pending.append(stored)
         return Published(stored)
