@@ -90,14 +90,6 @@ def record_type(record: Record) -> str:
     return record.event_type
 
 
-def record_offset(record: Record) -> int:
-    """The offset of the event a record holds."""
-    if isinstance(record, bytes):
-        offset: int = _PREFIX.unpack_from(record)[0]
-        return offset
-    return record.offset
-
-
 def record_size(record: Record) -> int:
     """:meth:`Event.size` of the event a record holds."""
     if isinstance(record, bytes):

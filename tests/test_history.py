@@ -151,6 +151,10 @@ def test_an_event_that_cannot_be_encoded_is_kept_as_it_is() -> None:
     assert history.append(stored(2))
     assert [e.event_id for e in history.after(0)] == ["odd", history.after(1)[0].event_id]
     assert history.after(0)[0].payload == {"values": {1, 2}}
+    assert [e.event_id for e in history.after(0, types=lambda event_type: event_type.endswith(":made"))] == [
+        "odd",
+        history.after(1)[0].event_id,
+    ]
 
 
 def test_a_filtered_replay_decodes_only_the_types_selected() -> None:
