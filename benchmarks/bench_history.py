@@ -8,7 +8,8 @@
 1. ``memory`` (in a fresh process): RSS growth of a default :class:`~nexus.bus.memory.MemoryBus` (history and
    dedupe window) after storing ``--events`` events of a 200-byte payload, as the server stores them (validated
    at the edge, ``metadata.owner`` set), divided by the events held. Also the time of a full ``gc.collect()``
-   (best of five, CPU time) with that history against the same process before it was filled: a ratio.
+   (best of five, CPU time) with that history against the same process before it was filled: a ratio. And the
+   CPU time of opening a subscription that replays the whole history (held events are decoded only then).
 2. ``pauses`` (in a fresh process): the same bus with a full history, ``--rate`` events/s published for
    ``--seconds`` to one subscriber in the same process: the collector's pauses (CPU time, per generation, from
    ``gc.callbacks``) and publish → delivery latency. CPU time does not move with the machine's load; the latency
@@ -93,6 +94,11 @@ async def measure_memory(events: int) -> dict[str, Any]:
     held = len(bus.history()) - held_before
     full_gc = collect_seconds()
     sample = bus.history(bus.stats().head_offset - 1)[0]
+    start = time.process_time()
+    replay = await bus.subscribe([">"], since_offset=bus.first_offset - 1, epoch=bus.epoch, max_pending=events)
+    replay_s = time.process_time() - start
+    replayed = replay.pending
+    replay.close()
     await bus.close()
     return {
         "events_held": held,
@@ -103,6 +109,8 @@ async def measure_memory(events: int) -> dict[str, Any]:
         "gc_collect_ms_empty": round(empty_gc * 1000, 2),
         "gc_collect_ms_full": round(full_gc * 1000, 2),
         "gc_collect_ratio": round(full_gc / max(empty_gc, 1e-6), 2),
+        "replay_all_events": replayed,
+        "replay_all_cpu_ms": round(replay_s * 1000, 1),
         "target_bytes_per_event": MEMORY_TARGET_BYTES,
     }
 
