@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import anyio
@@ -10,6 +11,7 @@ import pytest
 
 from nexus import Event, InvalidPattern
 from nexus.bus import MemoryBus, Subscription
+from nexus.bus.memory import DedupeWindow
 from nexus.errors import BusUnavailable, SlowConsumer
 
 
@@ -475,3 +477,74 @@ async def test_history_and_dedupe_window_are_bounded_by_bytes() -> None:
     recent = await bus.publish(Event.create("demo:big:v1:made", {"b": big}, event_id="big-4"))
     assert recent.duplicate
     await bus.close()
+
+
+async def test_a_duplicate_of_an_event_that_left_the_history_returns_the_original() -> None:
+    """An id repeated inside the dedupe window after its event left the history ring still gets the stored
+    original back (payload, metadata, offset), and nothing is stored."""
+    bus = MemoryBus(history_size=3)
+    await bus.start()
+    first = await bus.publish(
+        Event.create("demo:echo:v1:created", {"v": "ü"}, event_id="early", metadata={"owner": "alice"})
+    )
+    await _publish(bus, ["demo:echo:v1:created"] * 5)
+    assert bus.first_offset == 4
+    again = await bus.publish(Event.create("demo:echo:v1:created", {"v": 2}, event_id="early"))
+    assert again.duplicate is True
+    assert again.event == first.event
+    assert (again.event.offset, again.event.payload, again.event.metadata) == (1, {"v": "ü"}, {"owner": "alice"})
+    assert await bus.head_offset() == 6
+    await bus.close()
+
+
+def _collector_load() -> tuple[int, int]:
+    """The objects the garbage collector tracks, and the references a full collection walks (what it costs)."""
+    gc.collect()
+    tracked = gc.get_objects()
+    return len(tracked), len(gc.get_referents(*tracked))
+
+
+async def test_the_garbage_collector_has_nothing_to_walk_in_a_full_history() -> None:
+    """Storing thousands of events (history and dedupe window) adds (almost) no object the garbage collector
+    tracks and (almost) no reference it walks, so a full collection does not grow with the history."""
+    bus = MemoryBus(history_size=5_000)
+    await bus.start()
+    await _publish(bus, ["demo:echo:v1:created"] * 10)
+    objects_before, references_before = _collector_load()
+    for n in range(5_000):
+        await bus.publish(
+            Event.create("demo:echo:v1:created", {"text": "x" * 150, "n": n, "tags": ["a"]}, metadata={"o": "u"})
+        )
+    await _flush()
+    objects, references = _collector_load()
+    assert len(bus.history()) == 5_000
+    assert objects - objects_before < 500, f"{objects - objects_before} more objects tracked after 5000 events"
+    assert references - references_before < 1_000, (
+        f"a full collection walks {references - references_before} more references after 5000 events"
+    )
+    await bus.close()
+
+
+def test_the_dedupe_window_forgets_expired_ids_in_groups_without_lookups() -> None:
+    """Expired ids are let go as later ids are remembered (no lookup of theirs needed), an id is remembered at
+    least window_s seconds, and max_entries bounds the window."""
+    now = [100.0]
+    window = DedupeWindow(10.0, max_entries=1_000, clock=lambda: now[0])
+    for n in range(500):
+        window.remember(f"id-{n}", b"record", 6)
+        now[0] += 0.01
+    assert len(window) == 500
+    now[0] = 100.0 + 9.99
+    assert window.get("id-0") == b"record"
+    now[0] = 100.0 + 10.0 + window.step + 0.01
+    window.remember("later", b"record", 6)
+    assert len(window) < 500
+    now[0] += 10.0 + window.step
+    window.remember("last", b"record", 6)
+    assert len(window) == 1
+    assert window.get("later") is None
+    for n in range(1_500):
+        window.remember(f"more-{n}", b"record", 6)
+    assert len(window) == 1_000
+    assert window.get("more-499") is None
+    assert window.get("more-500") == b"record"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+from collections import deque
+
 import pytest
 
 from nexus.events import Event
-from nexus.history import History
+from nexus.history import CHUNK_ITEMS, CHUNK_WEIGHT, ChunkedQueue, History
 
 
 def stored(offset: int, event_type: str = "demo:thing:v1:made") -> Event:
@@ -112,3 +115,123 @@ def test_a_history_bounded_by_bytes_drops_the_oldest_past_the_bound() -> None:
     huge = Event.create("demo:thing:v1:made", {"b": "y" * 10_000}).stored(6, "epoch-a")
     history.append(huge)
     assert [e.offset for e in history.events()] == [6]
+
+
+def test_a_replayed_event_keeps_every_field() -> None:
+    """What comes back from the ring equals what was stored: type, id, unicode payload, metadata, timestamp,
+    offset, epoch and size."""
+    history = History(10, max_bytes=100_000, epoch="epoch-a")
+    payload = {
+        "text": "héllo wörld ✓ 日本語 🎉",
+        "nested": {"list": [1, 2.5, -0.0, True, False, None, "x"], "deep": {"n": 2**60, "big": 2**80}},
+        "empty": {},
+        "quote": 'a "quoted" \\ back\nslash\x00',
+    }
+    metadata = {"user_id": "ünïcode-用户", "correlation_id": "c-1", "traceparent": "00-abc-def-01"}
+    original = Event.create("demo:thing:v1:made", payload, event_id="id-ü-1", metadata=metadata)
+    stored_event = original.stored(1, "epoch-a")
+    plain = Event.create("demo:thing:v2:made").stored(2, "epoch-a")
+    assert history.append(stored_event)
+    assert history.append(plain)
+    replayed, replayed_plain = history.after(0)
+    assert replayed == stored_event
+    assert replayed_plain == plain
+    assert (replayed.offset, replayed.epoch, replayed.timestamp) == (1, "epoch-a", original.timestamp)
+    assert replayed.payload["nested"]["deep"]["n"] == 2**60
+    assert replayed.size() == original.size()
+    assert replayed.payload_json() == original.payload_json()
+    assert history.bytes == original.size() + plain.size()
+
+
+def test_an_event_that_cannot_be_encoded_is_kept_as_it_is() -> None:
+    """An event built without the edge's checks (a payload holding no JSON value) is still kept and replayed."""
+    history = History(10, epoch="epoch-a")
+    thing = object()
+    odd = Event("demo:thing:v1:made", {"thing": thing}, "odd", {}).stored(1, "epoch-a")
+    assert history.append(odd)
+    assert history.append(stored(2))
+    assert [e.event_id for e in history.after(0)] == ["odd", history.after(1)[0].event_id]
+    assert history.after(0)[0].payload["thing"] is thing
+    assert [e.event_id for e in history.after(0, types=lambda event_type: event_type.endswith(":made"))] == [
+        "odd",
+        history.after(1)[0].event_id,
+    ]
+
+
+def test_a_filtered_replay_decodes_only_the_types_selected() -> None:
+    """With a type filter, the replay holds only matching events, and events of other types never reach wants."""
+    history = History(100, epoch="epoch-a")
+    for offset in range(1, 21):
+        history.append(stored(offset, "demo:keep:v1:made" if offset % 4 == 0 else "demo:skip:v1:made"))
+    seen: list[str] = []
+
+    def wants(event: Event) -> bool:
+        seen.append(event.event_type)
+        return event.offset != 8
+
+    replayed = history.after(2, wants, types=lambda event_type: event_type.startswith("demo:keep:"))
+    assert [e.offset for e in replayed] == [4, 12, 16, 20]
+    assert set(seen) == {"demo:keep:v1:made"}
+    assert [e.offset for e in history.after(10, types=lambda event_type: "keep" in event_type)] == [12, 16, 20]
+
+
+def test_the_byte_count_follows_what_is_held() -> None:
+    """bytes is the summed Event.size() of exactly the events still held, as events come and go."""
+    history = History(4, max_bytes=10_000, epoch="epoch-a")
+    for offset in range(1, 10):
+        history.append(Event.create("demo:thing:v1:made", {"s": "é" * offset}).stored(offset, "epoch-a"))
+        assert history.bytes == sum(event.size() for event in history.events())
+    assert [e.offset for e in history.events()] == [6, 7, 8, 9]
+    history.reset("epoch-b", 9)
+    assert (history.bytes, len(history)) == (0, 0)
+
+
+def test_a_chunked_queue_is_first_in_first_out_across_chunks() -> None:
+    """Values come out in the order they went in, whether taken from sealed chunks or the open one, and
+    iter_from starts at any position."""
+    queue: ChunkedQueue[str] = ChunkedQueue()
+    expected: deque[str] = deque()
+    for round_ in range(3):
+        for n in range(CHUNK_ITEMS * 2 + 7):
+            queue.append(f"{round_}-{n}")
+            expected.append(f"{round_}-{n}")
+        for _ in range(CHUNK_ITEMS + 3 + round_ * 50):
+            assert queue.popleft() == expected.popleft()
+        assert len(queue) == len(expected)
+        assert list(queue) == list(expected)
+        for start in (0, 1, CHUNK_ITEMS - 1, CHUNK_ITEMS, len(expected) - 1, len(expected)):
+            assert list(queue.iter_from(start)) == list(expected)[start:]
+    while expected:
+        assert queue.popleft() == expected.popleft()
+    assert len(queue) == 0
+    assert list(queue) == []
+    with pytest.raises(IndexError):
+        queue.popleft()
+    queue.append("again")
+    assert list(queue) == ["again"]
+
+
+def test_a_chunked_queue_lets_heavy_values_go_with_their_chunk() -> None:
+    """Values whose weight fills a chunk are sealed alone, so taking one lets it go at once (a history bounded
+    by bytes never keeps megabytes it dropped)."""
+    queue: ChunkedQueue[bytes] = ChunkedQueue()
+    heavy = [bytes([n]) * CHUNK_WEIGHT for n in range(4)]
+    light = [b"%d" % n for n in range(CHUNK_ITEMS)]
+    for value in heavy + light:
+        queue.append(value, len(value))
+    assert any(value is heavy[0] for value in _reachable(queue))
+    assert queue.popleft() is heavy[0]
+    assert not any(value is heavy[0] for value in _reachable(queue))
+    assert list(queue) == heavy[1:] + light
+
+
+def _reachable(root: object) -> list[object]:
+    """Every object ``root`` holds, directly or through the containers it holds."""
+    found: list[object] = []
+    pending = list(gc.get_referents(root))
+    while pending:
+        item = pending.pop()
+        found.append(item)
+        if isinstance(item, (list, tuple, deque)):
+            pending.extend(item)
+    return found

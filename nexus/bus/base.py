@@ -289,7 +289,10 @@ class Fanout:
             visible=visible,
         )
         if recovered:  # since_offset 0 with an epoch: everything of that epoch, when the history holds it all
-            sub.push(history.after(since_offset, sub.wants), replay=True)
+            # Without followed correlation ids only the patterns select: the history then decodes only the
+            # events whose type they match.
+            types = None if sub.correlation_ids else sub.patterns.matches
+            sub.push(history.after(since_offset, sub.wants, types=types), replay=True)
         self.register(sub)
         return sub
 

@@ -10,9 +10,10 @@ so a restarted server tells resuming clients that their offsets belong to a hist
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -28,7 +29,7 @@ from nexus.bus.base import (
 from nexus.bus.turns import PublishTurns
 from nexus.errors import BusUnavailable
 from nexus.events import Event
-from nexus.history import History
+from nexus.history import ChunkedQueue, History, Record, record_size, unpack
 from nexus.metrics import Metrics
 
 DEFAULT_HISTORY_SIZE: Final = 100_000
@@ -40,7 +41,16 @@ DEFAULT_DEDUPE_MAX_ENTRIES: Final = 1_000_000
 class DedupeWindow:
     """Remembers stored events by ``event_id`` for ``window_s`` seconds (and at most ``max_entries`` events of at
     most ``max_bytes`` in all: past either bound the oldest are forgotten first, which can only let a very old
-    duplicate through, never swallow a different event)."""
+    duplicate through, never swallow a different event).
+
+    An id maps to the history's own :data:`~nexus.history.Record` of the event (the same bytes object, not a
+    copy), so a duplicate is answered with the stored original even after the event left the history ring: the
+    window costs an id and a table entry per event, and holds the records the ring dropped until they expire.
+
+    Expiry is amortised: ids are grouped by the whole ``step`` (at most a second) in which they expire, and a
+    group is forgotten at once when its time has come, so a publish pays one comparison, not a walk of the
+    window. An id is remembered at least ``window_s`` seconds and less than ``window_s + step``.
+    """
 
     def __init__(
         self,
@@ -54,40 +64,68 @@ class DedupeWindow:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
+        """The summed :meth:`Event.size` of the remembered events (counted when ``max_bytes`` is set)."""
+        self.step = min(1.0, window_s / 16) if window_s > 0 else 1.0
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, Event]] = OrderedDict()
+        self._records: dict[str, Record] = {}
+        self._order: ChunkedQueue[str] = ChunkedQueue()
+        """Ids in the order remembered (``_forgotten`` of them already left the front)."""
+        self._remembered = 0
+        self._forgotten = 0
+        self._groups: deque[tuple[float, int]] = deque()
+        """(when its ids expire, how many ids were remembered before it), oldest first."""
+        self._due = math.inf
+        """When the oldest group expires."""
+        self._last_expiry = -math.inf
 
-    def _over(self) -> bool:
-        return len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes)
+    def get(self, event_id: str) -> Record | None:
+        """The stored event's record with this id, if it is still inside the window."""
+        if self._due <= self._clock():
+            self._expire(self._clock())
+        return self._records.get(event_id)
 
-    def _expire(self, now: float) -> None:
-        entries = self._entries
-        while entries:
-            event_id, (expires, event) = next(iter(entries.items()))
-            if expires > now and not self._over():
-                break
-            del entries[event_id]
-            if self.max_bytes is not None:
-                self.bytes -= event.size()
-
-    def get(self, event_id: str) -> Event | None:
-        """The stored event with this id, if it is still inside the window."""
-        self._expire(self._clock())
-        entry = self._entries.get(event_id)
-        return entry[1] if entry is not None else None
-
-    def remember(self, event: Event) -> None:
-        """Record a stored event."""
+    def remember(self, event_id: str, record: Record, size: int) -> None:
+        """Record a stored event by the history's record of it (``size``: its :meth:`Event.size`)."""
         if self.window_s <= 0:
             return
-        self._entries[event.event_id] = (self._clock() + self.window_s, event)
+        now = self._clock()
+        if self._due <= now:
+            self._expire(now)
+        if now + self.window_s > self._last_expiry:  # a new group: the first id expiring after the newest one's
+            expiry = self._last_expiry = math.ceil((now + self.window_s) / self.step) * self.step
+            self._groups.append((expiry, self._remembered))
+            if len(self._groups) == 1:
+                self._due = expiry
+        records = self._records
         if self.max_bytes is not None:
-            self.bytes += event.size()
-            if self.bytes > self.max_bytes:
-                self._expire(self._clock())
+            previous = records.get(event_id)
+            if previous is not None:
+                self.bytes -= record_size(previous)
+            self.bytes += size
+        records[event_id] = record
+        self._order.append(event_id, len(event_id))
+        self._remembered += 1
+        while len(records) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        event_id = self._order.popleft()
+        self._forgotten += 1
+        record = self._records.pop(event_id, None)
+        if record is not None and self.max_bytes is not None:
+            self.bytes -= record_size(record)
+
+    def _expire(self, now: float) -> None:
+        groups = self._groups
+        while groups and groups[0][0] <= now:
+            groups.popleft()
+            end = groups[0][1] if groups else self._remembered
+            while self._forgotten < end:
+                self._forget_oldest()
+        self._due = groups[0][0] if groups else math.inf
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._records)
 
 
 class MemoryBus(Bus):
@@ -144,11 +182,12 @@ class MemoryBus(Bus):
         original = self._dedupe.get(event.event_id)
         if original is not None:
             self._duplicates += 1
-            return Published(original, duplicate=True)
+            return Published(unpack(original, self.epoch), duplicate=True)
         history = self._history
         stored = event.stored(history.head + 1, history.epoch)
-        history.append(stored)
-        self._dedupe.remember(stored)
+        record = history.keep(stored)
+        if record is not None:
+            self._dedupe.remember(stored.event_id, record, stored.size())
         self._published += 1
         self._pending.append(stored)
         return Published(stored)
