@@ -200,3 +200,30 @@ async def test_a_subscriber_that_never_reads_is_cut_off_under_a_tight_publisher(
         await stuck.next_batch()
     assert bus.stats().slow_consumers == 1
     await bus.close()
+
+
+async def test_a_subscriber_reading_slowly_on_purpose_holds_publishers_up_only_for_its_wait_budget() -> None:
+    """A client that keeps taking events, but far slower than the publisher, is waited for only while it has
+    wait budget: once spent, the publisher goes on at its own pace (the subscriber is cut off when it overflows)."""
+    from nexus.bus.turns import PublishTurns
+
+    bus = MemoryBus()
+    await bus.start()
+    bus._turns = PublishTurns(bus._fanout, burst_s=0.1, share=0.05)  # a small budget, so the test is quick
+    sub = await bus.subscribe(["slow:>"], max_pending=100_000)
+
+    async def crawl() -> None:
+        while not sub.closed:
+            if not await sub.next_batch(1):
+                return
+            await asyncio.sleep(0.002)  # always making progress, far slower than the publisher
+
+    reader = asyncio.create_task(crawl())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(6_400):  # 100 turns: without a budget, 50 ms of waiting each (5 s)
+        await bus.publish(Event("slow:item:v1:made", {"i": i}))
+    elapsed = loop.time() - started
+    reader.cancel()
+    await bus.close()
+    assert elapsed < 2.5, f"the publisher waited {elapsed:.2f} s for a subscriber that reads slowly on purpose"
