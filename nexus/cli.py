@@ -694,7 +694,7 @@ async def _docs(args: argparse.Namespace) -> int:
 
 async def _bench(args: argparse.Namespace) -> int:
     from nexus.bench import SCENARIOS, Config, run
-    from nexus.bench.report import ChartUnavailable, check_chart, text_table
+    from nexus.bench.report import check_chart, text_table
 
     if args.list:
         for scenario in SCENARIOS:
@@ -709,10 +709,7 @@ async def _bench(args: argparse.Namespace) -> int:
             raise CliError(f"unknown scenario {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
         chosen = [known[name] for name in names]
     if args.png:
-        try:
-            check_chart()
-        except ChartUnavailable as exc:
-            raise CliError(str(exc)) from None
+        check_chart()  # ChartUnavailable (a usage error) before anything runs
 
     def progress(line: str) -> None:
         print(f"nexus bench: {line}", file=sys.stderr, flush=True)

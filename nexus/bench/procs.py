@@ -16,11 +16,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from nexus.bench.stats import cpu_seconds, rss_bytes
+from nexus.errors import Unavailable
 
 _LIVE: set[Worker] = set()
 
 
-class WorkerError(RuntimeError):
+class WorkerError(Unavailable):
     """A worker did not start, answered with an error, or took too long."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nexus.errors import ConfigurationError
+
 PLURALS = {"delivery": "deliveries"}
 
 
@@ -98,7 +100,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class ChartUnavailable(RuntimeError):
+class ChartUnavailable(ConfigurationError):
     """matplotlib is missing: the ``bench`` extra is not installed."""
 
 
