@@ -191,3 +191,21 @@ def _state(pid: int) -> str:
     except OSError:
         return "gone"
     return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def test_delivery_script_quick_run_reports_every_ratio() -> None:
+    """`benchmarks/bench_delivery.py --quick` (in-process bus fan-out, metrics and tracing costs) runs to the end
+    and reports each ratio as a positive number."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_delivery.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads(result.stdout)
+    assert report["bus_vs_queue_ratio"] > 0
+    assert report["metrics_on_vs_off_ratio"] > 0
+    assert report["tracing_events_cost_pct"] < 100
+    assert report["events"] == 2_000
