@@ -124,18 +124,25 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
 
     measured = [e for e in report["scenarios"] if e.get("ratios")]
     names = [e["name"] for e in measured]
-    cpu = [e["ratios"].get("cpu_us", e["ratios"].get("rss_kb", 0.0)) for e in measured]
-    rate = [e["ratios"].get("events_per_s", 0.0) for e in measured]
-    figure, axis = plt.subplots(figsize=(10, 0.45 * max(len(names), 4) + 1.5))
+    series = (
+        ("server CPU per item", ("cpu_us",)),
+        ("events/s", ("events_per_s",)),
+        ("RSS per item, or p99 latency / jitter", ("rss_kb", "latency_ms_p99", "jitter_ms_p99")),
+    )
+    figure, axis = plt.subplots(figsize=(10, 0.55 * max(len(names), 4) + 1.5))
+    for index, (label, keys) in enumerate(series):
+        values = [next((e["ratios"][k] for k in keys if e["ratios"].get(k)), float("nan")) for e in measured]
+        axis.barh(
+            [p + (index - 1) * 0.27 for p in range(len(names))], values, height=0.27, label=f"{label}, Nexus / bare"
+        )
+    axis.set_xscale("log")
     positions = range(len(names))
-    axis.barh([p + 0.2 for p in positions], cpu, height=0.4, label="server CPU (or RSS) per item, Nexus / bare")
-    axis.barh([p - 0.2 for p in positions], rate, height=0.4, label="events/s, Nexus / bare")
     axis.axvline(1.0, color="black", linewidth=0.8)
     axis.set_yticks(list(positions), names)
     axis.invert_yaxis()
     axis.set_xlabel("ratio to the bare library (1.0 = same)")
     axis.set_title(f"nexus bench, {report['date']}")
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nexus.bench.procs import WorkerError, kill_all
+from nexus.bench.procs import kill_all
 from nexus.bench.scenarios import Config, Sample, Scenario
 from nexus.bench.stats import BARE, NEXUS, interleaved, median, ratio
 
@@ -63,7 +63,7 @@ async def run_scenario(
         run = scenario.run_nexus if side == NEXUS else scenario.run_bare
         try:
             sample = await asyncio.wait_for(run(), scenario.timeout)
-        except (WorkerError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # one failed run is a recorded error, never the end of the whole benchmark
             errors.append(f"{side}: {type(exc).__name__}: {exc}")
             progress(f"{scenario.name} {side}: failed: {exc}")
             kill_all()
