@@ -112,7 +112,7 @@ class Batched(Scenario):
     loop = "asyncio"
 
     def count(self) -> int:
-        return self.config.size(100_000, 20_000)
+        return self.config.size(100_000, 50_000)
 
     async def _run(self, server_spec: tuple[str, dict[str, Any]], kind: str, **publish: Any) -> Sample:
         count = self.count()
