@@ -1,19 +1,20 @@
-"""Delivery throughput, measured as ratios against baselines in the same run (machines here are noisy).
+"""In-process delivery costs that `nexus bench` does not cover, as ratios in the same run (machines here are noisy).
 
     python benchmarks/bench_delivery.py            # full size
     python benchmarks/bench_delivery.py --quick    # a few seconds, as the test suite runs it
 
+Live gRPC, WebSocket, NATS, latency and memory, each beside its bare library, are measured by ``nexus bench``
+(docs/performance.md). What stays here:
+
 1. Bus fan-out: N events to S subscribers through ``MemoryBus`` (batched hand-off), against a baseline that
    does what the design forbids — an ``asyncio.Queue`` per subscriber with one ``await put()`` per event per
    subscriber. Target (DESIGN §7): the batched bus is faster, ratio > 1.
-2. gRPC: events/s through ``SubscribeEventBatches`` against ``SubscribeEvents`` (one event per message) on
-   the same server. Target: batched > 3x.
-3. Metrics: deliveries/s through a server's node (publishes counted and timed, delivery latency recorded) with
+2. Metrics: deliveries/s through a server's node (publishes counted and timed, delivery latency recorded) with
    metrics on against the same server with ``metrics = false``; rounds interleaved, the median ratio reported.
    Target: on/off >= 0.9 (metrics cost at most 10%).
-4. Tracing cost: events/s from a gRPC publisher to a batched gRPC subscriber, and plain requests/s, on a
+3. Tracing cost: events/s from a gRPC publisher to a batched gRPC subscriber, and plain requests/s, on a
    server with tracing on (no exporter) against one with tracing off.
-   Target: at most 10% fewer events/s with tracing on. ``--tracing off`` runs parts 1-2 with tracing off.
+   Target: at most 10% fewer events/s with tracing on.
 
 Prints one JSON object; exits 1 when a target is missed.
 """
@@ -87,42 +88,6 @@ async def queue_fanout(events: int, subscribers: int) -> float:
             await asyncio.sleep(0)
     await asyncio.gather(*readers)
     return received / (time.perf_counter() - start)
-
-
-async def grpc_rates(events: int, tracing: bool = True) -> tuple[float, float]:
-    async with run_server(
-        history_size=events * 3, subscriber_queue=events * 3, tracing=Tracing.create() if tracing else Tracing.off()
-    ) as nexus:
-        await nexus.client.publish_many(
-            Event("bench:tick:v1:happened", PAYLOAD, event_id=f"g{i}") for i in range(events)
-        )
-        stub = nexus.client.stub
-
-        async def one_per_message() -> float:
-            start = time.perf_counter()
-            got = 0
-            call = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[">"], since_offset=1))
-            async for _ in call:
-                got += 1
-                if got >= events - 1:
-                    break
-            call.cancel()
-            return got / (time.perf_counter() - start)
-
-        async def batched() -> float:
-            start = time.perf_counter()
-            got = 0
-            call = stub.SubscribeEventBatches(
-                nexus_pb2.SubscribeEventBatchesRequest(event_types=[">"], since_offset=1, max_batch_size=500)
-            )
-            async for message in call:
-                got += len(message.events)
-                if got >= events - 1:
-                    break
-            call.cancel()
-            return got / (time.perf_counter() - start)
-
-        return await one_per_message(), await batched()
 
 
 async def server_fanout(events: int, subscribers: int, *, metrics: bool) -> float:
@@ -245,13 +210,12 @@ async def tracing_cost(events: int, requests: int, rounds: int) -> dict[str, Any
     }
 
 
-async def main(quick: bool, tracing: bool = True) -> int:
+async def main(quick: bool) -> int:
     configure_logging("json", "warning")  # logs to stderr; stdout carries only the report
     events = 2_000 if quick else 20_000
     subscribers = 20 if quick else 100
     bus_rate = await bus_fanout(events, subscribers)
     queue_rate = await queue_fanout(events, subscribers)
-    single, batched = await grpc_rates(events, tracing)
     metrics_on, metrics_off, metrics_ratio = await metrics_on_off(events, subscribers, 3 if quick else 7)
     result: dict[str, Any] = {
         "events": events,
@@ -259,18 +223,13 @@ async def main(quick: bool, tracing: bool = True) -> int:
         "bus_deliveries_per_s": round(bus_rate),
         "per_event_queue_deliveries_per_s": round(queue_rate),
         "bus_vs_queue_ratio": round(bus_rate / queue_rate, 2),
-        "grpc_single_events_per_s": round(single),
-        "grpc_batched_events_per_s": round(batched),
-        "grpc_batched_vs_single_ratio": round(batched / single, 2),
         "metrics_on_deliveries_per_s": round(metrics_on),
         "metrics_off_deliveries_per_s": round(metrics_off),
         "metrics_on_vs_off_ratio": round(metrics_ratio, 3),
-        "tracing": tracing,
     }
     result.update(await tracing_cost(events, 160 if quick else 1_600, 2 if quick else 3))
     result["targets_met"] = (
         result["bus_vs_queue_ratio"] > 1
-        and result["grpc_batched_vs_single_ratio"] > 3
         and result["metrics_on_vs_off_ratio"] >= 0.9
         and result["tracing_events_cost_pct"] <= 10
     )
@@ -281,6 +240,5 @@ async def main(quick: bool, tracing: bool = True) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tracing", choices=("on", "off"), default="on", help="tracing for parts 1-2 (default on)")
     arguments = parser.parse_args()
-    sys.exit(asyncio.run(main(arguments.quick, arguments.tracing == "on")))
+    sys.exit(asyncio.run(main(arguments.quick)))

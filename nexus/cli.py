@@ -1,4 +1,4 @@
-"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams, gateway, token, docs.
+"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams, gateway, token, docs, bench.
 
 Output contract of the client commands: stdout carries only the command's data, one JSON object per line;
 every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``) goes to
@@ -371,7 +371,28 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--check", action="store_true", help="exit 1 when --output differs from what would be written")
     docs.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
     docs.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
+    bench = commands.add_parser(
+        "bench", help="measure Nexus against the bare libraries it is built on (docs/performance.md)"
+    )
+    bench.add_argument("--quick", action="store_true", help="every scenario small: seconds each")
+    bench.add_argument("--pairs", type=_pairs, default=3, metavar="N", help="interleaved runs of each side (3)")
+    bench.add_argument("--only", metavar="NAME,...", help="run only these scenarios (--list names them)")
+    bench.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    bench.add_argument("--json", metavar="PATH", help="write the report (medians, ratios, raw samples) as JSON")
+    bench.add_argument("--png", metavar="PATH", help="write a chart of the ratios (needs the bench extra)")
+    bench.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
+    bench.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS for the NATS scenarios")
     return parser
+
+
+def _pairs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("must be between 1 and 100")
+    return value
 
 
 # --- serve ------------------------------------------------------------------------------------------
@@ -687,6 +708,45 @@ async def _docs(args: argparse.Namespace) -> int:
     return _write_or_check(Path(args.output), text, check=args.check)
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    from nexus.bench import SCENARIOS, Config, run
+    from nexus.bench.report import check_chart, text_table
+
+    if args.list:
+        for scenario in SCENARIOS:
+            print(f"{scenario.name:22} {scenario.title}")
+        return 0
+    chosen = list(SCENARIOS)
+    if args.only:
+        names = [name.strip() for name in args.only.split(",") if name.strip()]
+        known = {scenario.name: scenario for scenario in SCENARIOS}
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise CliError(f"unknown scenario {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+        chosen = [known[name] for name in names]
+    if args.png:
+        check_chart()  # ChartUnavailable (a usage error) before anything runs
+
+    def progress(line: str) -> None:
+        print(f"nexus bench: {line}", file=sys.stderr, flush=True)
+
+    report = await run(chosen, Config(quick=args.quick, nats_url=args.nats), args.pairs, progress)
+    sys.stdout.write(text_table(report))
+    _write_bench_files(args, report)
+    return 0
+
+
+def _write_bench_files(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    from nexus.bench.report import markdown_table, write_chart
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(report))
+    if args.png:
+        write_chart(report, Path(args.png))
+
+
 def _write_or_check(path: Path, text: str, *, check: bool) -> int:
     if check:
         current = path.read_text() if path.exists() else ""
@@ -726,6 +786,7 @@ COMMANDS = {
     "docs": _docs,
     "gateway": _gateway,
     "token": _token,
+    "bench": _bench,
 }
 
 
