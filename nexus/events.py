@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -379,11 +380,10 @@ def validate_event_id(event_id: Any) -> str:
     return event_id
 
 
-class _IdSource:
+class _IdSource(threading.local):
     """128 random bits as 32 hex characters per id (as ``uuid4().hex`` gives, minus its version bits), read from
-    the OS's random source 256 ids at a time: ids are unguessable and cost no system call each."""
-
-    __slots__ = ("_hex", "_next")
+    the OS's random source 256 ids at a time: ids are unguessable and cost no system call each. Each thread reads
+    its own (two threads never hand out the same id)."""
 
     _IDS_PER_READ: Final = 256
 

@@ -545,3 +545,4 @@ def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
         assert stored.metadata == event.metadata
         plain = Event(event.event_type, event.payload, event.event_id, event.metadata)
         assert plain.size() == expected
+
