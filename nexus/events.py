@@ -227,7 +227,7 @@ def _check_json(value: Any, path: str, depth: int, max_depth: int) -> None:
     raise InvalidPayload(f"payload{cut_path(path)} holds a {type(value).__name__}, which is not JSON")
 
 
-_PLAIN: Final = frozenset({str, bool, type(None)})
+_MIN_DOUBLE_INT: Final = -_MAX_DOUBLE_INT
 
 
 def _plainly_json(payload: dict[str, Any], max_depth: int) -> bool:
@@ -236,12 +236,10 @@ def _plainly_json(payload: dict[str, Any], max_depth: int) -> bool:
     the payload to :func:`_check_json`, which decides and names the problem."""
     if max_depth < 1:
         return False
-    plain = _PLAIN
+    isfinite = math.isfinite
     stack: list[tuple[Any, int]] = [(payload, 1)]
-    pop = stack.pop
-    push = stack.append
     while stack:
-        container, depth = pop()
+        container, depth = stack.pop()
         if type(container) is dict:
             for key in container:
                 if type(key) is not str:
@@ -251,18 +249,18 @@ def _plainly_json(payload: dict[str, Any], max_depth: int) -> bool:
             items = container
         for item in items:
             kind = type(item)
-            if kind in plain:
+            if kind is str or kind is bool or item is None:
                 continue
             if kind is int:
-                if -_MAX_DOUBLE_INT < item < _MAX_DOUBLE_INT:
+                if _MIN_DOUBLE_INT < item < _MAX_DOUBLE_INT:
                     continue
                 return False
             if kind is float:
-                if math.isfinite(item):
+                if isfinite(item):
                     continue
                 return False
             if (kind is dict or kind is list) and depth < max_depth:
-                push((item, depth + 1))
+                stack.append((item, depth + 1))
                 continue
             return False
     return True
