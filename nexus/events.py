@@ -232,21 +232,19 @@ _MIN_DOUBLE_INT: Final = -_MAX_DOUBLE_INT
 
 def _plainly_json(payload: dict[str, Any], max_depth: int) -> bool:
     """Whether ``payload`` certainly passes :func:`_check_json` (plain dicts, lists, strings, finite floats, ints
-    a double holds, nested at most ``max_depth`` levels): one iterative walk that builds no paths. False sends
-    the payload to :func:`_check_json`, which decides and names the problem."""
+    a double holds, nested at most ``max_depth`` levels): an iterative walk that builds no paths, and allocates
+    nothing for a flat payload. False sends the payload to :func:`_check_json`, which decides and names the
+    problem."""
     if max_depth < 1:
         return False
+    for key in payload:
+        if type(key) is not str:
+            return False
+    stack: list[tuple[Any, int]] | None = None
     isfinite = math.isfinite
-    stack: list[tuple[Any, int]] = [(payload, 1)]
-    while stack:
-        container, depth = stack.pop()
-        if type(container) is dict:
-            for key in container:
-                if type(key) is not str:
-                    return False
-            items = container.values()
-        else:
-            items = container
+    items: Any = payload.values()
+    depth = 1
+    while True:
         for item in items:
             kind = type(item)
             if kind is str or kind is bool or item is None:
@@ -260,10 +258,21 @@ def _plainly_json(payload: dict[str, Any], max_depth: int) -> bool:
                     continue
                 return False
             if (kind is dict or kind is list) and depth < max_depth:
+                if stack is None:
+                    stack = []
                 stack.append((item, depth + 1))
                 continue
             return False
-    return True
+        if not stack:
+            return True
+        container, depth = stack.pop()
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    return False
+            items = container.values()
+        else:
+            items = container
 
 
 def _check_payload(payload: Any, max_depth: int) -> None:
