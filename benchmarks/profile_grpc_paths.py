@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -31,7 +32,7 @@ PAYLOAD: dict[str, Any] = {"text": "x" * 160, "n": 1, "ok": True}  # ~200 bytes 
 CHUNK = 100
 
 
-async def client_main(mode: str, address: str, events: int) -> None:
+async def client_main(mode: str, address: str, events: int, encoding: int) -> None:
     import grpc
 
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as channel:
@@ -46,9 +47,13 @@ async def client_main(mode: str, address: str, events: int) -> None:
             print("done", flush=True)
             return
         if mode == "batched":
-            call = stub.SubscribeEventBatches(nexus_pb2.SubscribeEventBatchesRequest(event_types=["bench:>"]))
+            call = stub.SubscribeEventBatches(
+                nexus_pb2.SubscribeEventBatchesRequest(event_types=["bench:>"], payload_encoding=encoding)  # type: ignore[arg-type]
+            )
         else:
-            call = stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=["bench:>"]))
+            call = stub.SubscribeEvents(
+                nexus_pb2.SubscribeRequest(event_types=["bench:>"], payload_encoding=encoding)  # type: ignore[arg-type]
+            )
         await call.initial_metadata()
         print("ready", flush=True)
         got = 0
@@ -59,7 +64,7 @@ async def client_main(mode: str, address: str, events: int) -> None:
         print("done", flush=True)
 
 
-async def one_round(mode: str, events: int) -> tuple[float, float]:
+async def one_round(mode: str, events: int, extra: list[str]) -> tuple[float, float]:
     async with run_server() as nexus:
         node = nexus.server.node
         servicer = nexus.server.servicer
@@ -71,6 +76,7 @@ async def one_round(mode: str, events: int) -> tuple[float, float]:
             nexus.address,
             "--events",
             str(events),
+            *extra,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -107,13 +113,18 @@ async def main() -> None:
     parser.add_argument("--client", action="store_true")
     parser.add_argument("--events", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="subscribe with PAYLOAD_ENCODING_JSON")
+    parser.add_argument("--no-gc", action="store_true", help="collect no garbage while measuring (its share)")
     args = parser.parse_args()
     events = args.events or {"batched": 200_000, "frames": 30_000, "emit": 5_000}[args.mode]
     if args.client:
-        await client_main(args.mode, args.address, events)
+        await client_main(args.mode, args.address, events, nexus_pb2.PAYLOAD_ENCODING_JSON if args.json else 0)
         return
     configure_logging("console", "warning")
-    results = [await one_round(args.mode, events) for _ in range(args.rounds)]
+    if args.no_gc:
+        gc.disable()
+    extra = ["--json"] if args.json else []
+    results = [await one_round(args.mode, events, extra) for _ in range(args.rounds)]
     print(
         json.dumps(
             {
