@@ -726,7 +726,7 @@ class Event:
         return _build(event_type, checked, event_id, meta, now_timestamp(), 0, "", parsed, size, encoded)
 
 
-_FIELD_NAMES: Final = frozenset(field.name for field in dataclasses.fields(Event))
+_FIELD_NAMES: Final = frozenset(field.name for field in dataclasses.fields(Event) if field.init)
 _SIZED_FIELDS: Final = frozenset({"event_type", "event_id", "payload", "metadata"})
 _new: Final = object.__new__
 (

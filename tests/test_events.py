@@ -610,3 +610,16 @@ def test_event_size_is_counted_exactly_for_any_text(event_type: str, event_id: s
     except (UnicodeEncodeError, InvalidPayload):
         got = None
     assert got == expected
+
+
+def test_evolve_changes_fields_and_refuses_what_is_not_one() -> None:
+    """``evolve`` makes a changed copy (derived values recomputed for what changed) and refuses names that are not
+    fields a caller sets."""
+    event = Event.create("svc:act:v1:done", {"a": 1}, metadata={"k": "v"}).stored(3, "e")
+    changed = event.evolve(metadata={"k": "w" * 10}, offset=4)
+    assert (changed.metadata, changed.offset, changed.payload, changed.epoch) == ({"k": "w" * 10}, 4, {"a": 1}, "e")
+    assert changed.size() == event.size() + 9
+    assert event.evolve(payload={"b": [1]}).payload_json() == b'{"b":[1]}'
+    for bad in ("_size", "_payload_json", "nope"):
+        with pytest.raises(TypeError, match=bad):
+            event.evolve(**{bad: 1})

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nexus import Event, EventHandler
 from nexus.client import NexusClient
-from nexus.errors import NexusError
+from nexus.errors import InvalidPayload, NexusError
 from nexus.events import timestamp_of_ns
 from nexus.grpc.convert import (
     PROTOBUF_MAX_PAYLOAD_DEPTH,
@@ -299,3 +299,30 @@ async def test_an_unknown_payload_encoding_is_refused() -> None:
                     pass
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "is not a PayloadEncoding" in (raised.value.details() or "")
+
+
+@given(payload=fuzz_strategies.payloads(), max_depth=st.integers(0, 40))
+@settings(max_examples=300, deadline=None)
+def test_struct_payloads_read_as_the_path_naming_conversion_reads_them(payload: Any, max_depth: int) -> None:
+    """Any Struct payload converts to the same object as the conversion that names paths gives, or is refused
+    with the same message (NaN, Infinity, too deep)."""
+    from nexus.grpc.convert import _from_struct, struct_to_payload
+
+    if not isinstance(payload, dict):
+        return
+    try:
+        struct = fuzz_strategies.to_struct(payload)
+    except Exception:  # not representable in a Struct at all (a number past a double): nothing to convert
+        return
+
+    def outcome(convert: Callable[[], Any]) -> Any:
+        try:
+            return ("ok", convert())
+        except InvalidPayload as exc:
+            return ("refused", exc.message)
+
+    expected = outcome(lambda: _from_struct(struct, "", 1, max_depth))
+    got = outcome(lambda: struct_to_payload(struct, max_depth))
+    assert got == expected
+    if got[0] == "ok":
+        assert {k: type(v) for k, v in got[1].items()} == {k: type(v) for k, v in expected[1].items()}

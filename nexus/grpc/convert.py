@@ -97,7 +97,42 @@ def struct_to_payload(struct: struct_pb2.Struct, max_depth: int = DEFAULT_MAX_PA
     Struct numbers are doubles: whole numbers below 2**53 come back as ``int``, so ``{"n": 3}`` sent by any
     client reads as ``3`` in a handler; other numbers stay ``float``.
     """
-    return _from_struct(struct, "", 1, max_depth)
+    if max_depth >= 1:
+        try:
+            return {key: _plain_value(item, 1, max_depth) for key, item in struct.fields.items()}
+        except _Refused:
+            pass
+    return _from_struct(struct, "", 1, max_depth)  # names the problem
+
+
+class _Refused(Exception):
+    """:func:`_plain_value` met what :func:`_from_struct` refuses (it then runs, to say where and why)."""
+
+
+def _plain_value(value: struct_pb2.Value, depth: int, max_depth: int) -> Any:
+    """:func:`_from_value` without the paths an error message needs (built per key, they cost more than the
+    conversion): anything it would refuse raises :class:`_Refused`."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise _Refused
+        if number.is_integer() and -_MAX_EXACT_INT < number < _MAX_EXACT_INT:
+            return int(number)
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        if depth + 1 > max_depth:
+            raise _Refused
+        return {key: _plain_value(item, depth + 1, max_depth) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        if depth + 1 > max_depth:
+            raise _Refused
+        return [_plain_value(item, depth + 1, max_depth) for item in value.list_value.values]
+    return None
 
 
 def _timestamp_slow(text: str) -> tuple[int, int]:
