@@ -105,8 +105,11 @@ def struct_to_payload(struct: struct_pb2.Struct, max_depth: int = DEFAULT_MAX_PA
     return _from_struct(struct, "", 1, max_depth)  # names the problem
 
 
-class _Refused(Exception):
+class _Refused(InvalidPayload):
     """:func:`_plain_value` met what :func:`_from_struct` refuses (it then runs, to say where and why)."""
+
+    def __init__(self) -> None:
+        super().__init__("the payload is refused")
 
 
 def _plain_value(value: struct_pb2.Value, depth: int, max_depth: int) -> Any:
