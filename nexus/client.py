@@ -20,20 +20,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import grpc
 import structlog
 
 from nexus.backoff import Backoff, BackoffPolicy
 from nexus.errors import ErrorCode, NexusError, error_for_code
-from nexus.events import TERMINAL_STATES, Event, JSONObject, validate_metadata, validate_payload
+from nexus.events import TERMINAL_STATES, Event, JSONObject, encode_json, validate_metadata, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
 from nexus.tls import channel_credentials
 from nexus.tracing import inject
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 log = structlog.get_logger("nexus.client")
+
+PayloadEncoding = Literal["struct", "json"]
+"""How payloads travel between a client and the server: ``struct`` (``google.protobuf.Struct``, the default) or
+``json`` (compact UTF-8 JSON bytes: ``payload_json``, ``PAYLOAD_ENCODING_JSON``)."""
+_WIRE_ENCODING: Final = {
+    "struct": nexus_pb2.PAYLOAD_ENCODING_UNSPECIFIED,
+    "json": nexus_pb2.PAYLOAD_ENCODING_JSON,
+}
 
 RETRYABLE: Final = frozenset(
     {
@@ -144,6 +152,7 @@ class Subscription:
                 since_offset=self.last_offset,
                 epoch=self.epoch if self.last_offset else "",
                 max_batch_size=self.max_batch_size,
+                payload_encoding=_WIRE_ENCODING[self._client.payload_encoding],
             )
             backoff.call_opened(loop.time())
             call = self._client.stub.SubscribeEventBatches(request, metadata=self._client.metadata)
@@ -217,9 +226,12 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Event]:
-        call = self._client.stub.RequestEvent(
-            nexus_pb2.RequestEventRequest(event=event_to_request(self._event)), metadata=self._client.metadata
+        json_payload = self._client.payload_encoding == "json"
+        request = nexus_pb2.RequestEventRequest(
+            event=event_to_request(self._event, json_payload=json_payload),
+            payload_encoding=_WIRE_ENCODING[self._client.payload_encoding],
         )
+        call = self._client.stub.RequestEvent(request, metadata=self._client.metadata)
         self._call = call
         try:
             async for message in call:
@@ -263,6 +275,10 @@ class NexusClient:
     ``token`` (a JWT, for a server with authentication on) is sent with every call as ``authorization: Bearer
     <token>``; a server that refuses it answers with :class:`~nexus.errors.Unauthenticated`. Over a plaintext
     channel the token travels in clear: use TLS beyond loopback.
+
+    ``payload_encoding="json"`` sends and receives payloads as compact JSON bytes rather than as a
+    ``google.protobuf.Struct`` (less work on both sides for large payloads; integers beyond 2**53 stay exact).
+    Events read the same either way: whole numbers come back as ``int``.
     """
 
     def __init__(
@@ -275,7 +291,11 @@ class NexusClient:
         tls: bool = False,
         ca_file: str | None = None,
         token: str | None = None,
+        payload_encoding: PayloadEncoding = "struct",
     ) -> None:
+        if payload_encoding not in _WIRE_ENCODING:
+            raise ValueError(f"payload_encoding must be 'struct' or 'json', not {payload_encoding!r}")
+        self.payload_encoding: PayloadEncoding = payload_encoding
         self.target = target
         self.metadata = tuple(metadata)
         if token:
@@ -335,12 +355,14 @@ class NexusClient:
 
         A repeated ``event_id`` inside the dedupe window returns the stored original.
         """
+        checked = validate_payload(payload)
         request = nexus_pb2.EventRequest(
-            event_type=event_type,
-            event_id=event_id or "",
-            metadata=inject(validate_metadata(metadata)),
-            payload=payload_to_struct(validate_payload(payload)),
+            event_type=event_type, event_id=event_id or "", metadata=inject(validate_metadata(metadata))
         )
+        if self.payload_encoding == "json":
+            request.payload_json = encode_json(checked, "payload")
+        else:
+            request.payload.CopyFrom(payload_to_struct(checked))
         try:
             response = await self.stub.EmitEvent(request, metadata=self.metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
@@ -350,12 +372,14 @@ class NexusClient:
     async def publish_many(self, events: Iterable[Event], *, timeout: float | None = None) -> PublishSummary:
         """Publish events in order over one client stream."""
 
+        json_payload = self.payload_encoding == "json"
+
         async def requests() -> AsyncIterator[nexus_pb2.PublishEventsRequest]:
             for event in events:
                 metadata = inject(event.metadata)
                 if metadata is not event.metadata:
                     event = event.evolve(metadata=metadata)
-                yield nexus_pb2.PublishEventsRequest(event=event_to_request(event))
+                yield nexus_pb2.PublishEventsRequest(event=event_to_request(event, json_payload=json_payload))
 
         try:
             response = await self.stub.PublishEvents(requests(), metadata=self.metadata, timeout=timeout)

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -228,6 +228,60 @@ def _check_json(value: Any, path: str, depth: int, max_depth: int) -> None:
     raise InvalidPayload(f"payload{cut_path(path)} holds a {type(value).__name__}, which is not JSON")
 
 
+_MIN_DOUBLE_INT: Final = -_MAX_DOUBLE_INT
+
+
+def _plainly_json(payload: dict[str, Any], max_depth: int) -> bool:
+    """Whether ``payload`` certainly passes :func:`_check_json` (plain dicts, lists, strings, finite floats, ints
+    a double holds, nested at most ``max_depth`` levels): an iterative walk that builds no paths, and allocates
+    nothing for a flat payload. False sends the payload to :func:`_check_json`, which decides and names the
+    problem."""
+    if max_depth < 1:
+        return False
+    for key in payload:
+        if type(key) is not str:
+            return False
+    stack: list[tuple[Any, int]] | None = None
+    isfinite = math.isfinite
+    items: Any = payload.values()
+    depth = 1
+    while True:
+        for item in items:
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
+                continue
+            if kind is int:
+                if _MIN_DOUBLE_INT < item < _MAX_DOUBLE_INT:
+                    continue
+                return False
+            if kind is float:
+                if isfinite(item):
+                    continue
+                return False
+            if (kind is dict or kind is list) and depth < max_depth:
+                if stack is None:
+                    stack = []
+                stack.append((item, depth + 1))
+                continue
+            return False
+        if not stack:
+            return True
+        container, depth = stack.pop()
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    return False
+            items = container.values()
+        else:
+            items = container
+
+
+def _check_payload(payload: Any, max_depth: int) -> None:
+    """:func:`_check_json` for a payload object, fast when nothing is wrong."""
+    if type(payload) is not dict or not _plainly_json(payload, max_depth):
+        _check_json(payload, "", 0, max_depth)
+
+
 def json_shape_problem(value: Any, max_depth: int) -> str | None:
     """Why ``value`` is no JSON a client can read back — objects and arrays nested deeper than ``max_depth``
     levels (``value`` itself is the first), or NaN / Infinity — or None.
@@ -280,12 +334,36 @@ def _find_bad_text(value: Any, path: str) -> str | None:
     return None
 
 
-_encode_compact: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """Compact JSON text (``ensure_ascii=False``, no NaN): the C encoder called directly where it exists.
+
+    ``json.JSONEncoder.encode`` builds that encoder and a circular-reference table on every call, which costs more
+    than encoding a small payload; what reaches this encoder was walked first (a bounded depth), or is caught as
+    the :class:`RecursionError` a cycle ends in.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C encoder
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    encoder = make(None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+
+    def encode(value: Any) -> str:
+        if type(value) is str:
+            return json.encoder.encode_basestring(value)
+        return "".join(encoder(value, 0))
+
+    return encode
+
+
+_encode_compact: Final = _compact_encoder()
 
 
 def encode_json(value: Any, what: str) -> bytes:
-    """``value`` as compact UTF-8 JSON; raises :class:`InvalidPayload` for text that is not valid Unicode and for
-    NaN or Infinity."""
+    """``value`` as compact UTF-8 JSON; raises :class:`InvalidPayload` for text that is not valid Unicode, for
+    NaN or Infinity, and for what no JSON can hold (a cycle, a value of another type)."""
     try:
         return _encode_compact(value).encode("utf-8")
     except UnicodeEncodeError:
@@ -293,6 +371,10 @@ def encode_json(value: Any, what: str) -> bytes:
         raise InvalidPayload(f"{what}{cut_path(where)} holds a lone surrogate: not valid Unicode text") from None
     except ValueError as exc:
         raise InvalidPayload(f"{what} holds NaN or Infinity, which are not valid JSON") from exc
+    except RecursionError:
+        raise InvalidPayload(f"{what} nests too deep (or holds itself) to be JSON") from None
+    except TypeError as exc:
+        raise InvalidPayload(f"{what} holds a value that is not JSON: {exc}") from None
 
 
 def json_size(value: Any, what: str) -> int:
@@ -303,11 +385,32 @@ def json_size(value: Any, what: str) -> int:
 _ENVELOPE_BYTES: Final = len('{"t":,"i":,"p":,"m":}')
 
 
+_ESCAPED: Final = re.compile(r'[\x00-\x1f"\\]')
+"""Characters compact JSON text escapes (with ``ensure_ascii=False``: quotes, backslashes, control characters)."""
+
+
+def _text_size(text: str) -> int:
+    """``len`` of ``text`` as a JSON string in UTF-8 (quotes included), without encoding it when nothing in it is
+    escaped; raises :class:`UnicodeEncodeError` for text that is not valid Unicode."""
+    if _ESCAPED.search(text) is None:
+        return (len(text) if text.isascii() else len(text.encode("utf-8"))) + 2
+    return len(_encode_compact(text).encode("utf-8"))
+
+
 def _envelope_size(payload_json: bytes, event_type: str, event_id: str, metadata: Mapping[str, str]) -> int:
     """``len`` of ``{"t":event_type,"i":event_id,"p":payload,"m":metadata}`` as compact UTF-8 JSON, given the
-    payload's encoding (the rest is small; the payload is not encoded twice)."""
-    rest = encode_json([event_type, event_id, metadata], "event")  # ["t","i",{...}]: brackets and two commas
-    return _ENVELOPE_BYTES + len(payload_json) + len(rest) - 4
+    payload's encoding (the rest is counted, not encoded)."""
+    if type(event_type) is not str or type(event_id) is not str or type(metadata) is not dict:
+        rest = encode_json([event_type, event_id, metadata], "event")  # ["t","i",{...}]: brackets and two commas
+        return _ENVELOPE_BYTES + len(payload_json) + len(rest) - 4
+    size = _ENVELOPE_BYTES + len(payload_json) + _text_size(event_type) + _text_size(event_id) + 2
+    if metadata:
+        size += 2 * len(metadata) - 1  # a colon per entry, a comma between two
+        for key, value in metadata.items():
+            if type(key) is not str or type(value) is not str:
+                raise InvalidPayload("metadata must map strings to strings")
+            size += _text_size(key) + _text_size(value)
+    return size
 
 
 _set: Final = object.__setattr__
@@ -335,7 +438,7 @@ def _checked_payload(payload: Any, *, max_bytes: int | None, max_depth: int) -> 
         return {}, _EMPTY_OBJECT
     if not isinstance(payload, Mapping):
         raise InvalidPayload(f"payload must be a JSON object, not {type(payload).__name__}")
-    _check_json(payload, "", 0, max_depth)
+    _check_payload(payload, max_depth)
     result = dict(payload)
     encoded = encode_json(result, "payload")
     if max_bytes is not None and len(encoded) > max_bytes:
@@ -509,22 +612,38 @@ class Event:
 
     def stored(self, offset: int, epoch: str) -> Event:
         """A copy carrying the offset and epoch the bus gave it (what was derived from the fields is kept)."""
-        copy = Event(self.event_type, self.payload, self.event_id, self.metadata, self.timestamp, offset, epoch)
-        _set(copy, "_parsed", self._parsed)
-        _set(copy, "_size", self._size)
-        _set(copy, "_payload_json", self._payload_json)
-        return copy
+        return _build(
+            self.event_type,
+            self.payload,
+            self.event_id,
+            self.metadata,
+            self.timestamp,
+            offset,
+            epoch,
+            self._parsed,
+            self._size,
+            self._payload_json,
+        )
 
     def evolve(self, **changes: Any) -> Event:
         """A copy with ``changes`` (field names and new values); what was derived from unchanged fields is kept."""
-        copy = dataclasses.replace(self, **changes)
-        if copy.event_type == self.event_type:
-            _set(copy, "_parsed", self._parsed)
-        if "payload" not in changes:
-            _set(copy, "_payload_json", self._payload_json)
-        if not changes.keys() & {"event_type", "event_id", "payload", "metadata"}:
-            _set(copy, "_size", self._size)
-        return copy
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"Event has no field {sorted(unknown)[0]!r} to change")
+        event_type = changes.get("event_type", self.event_type)
+        payload_changed = "payload" in changes
+        return _build(
+            event_type,
+            changes["payload"] if payload_changed else self.payload,
+            changes.get("event_id", self.event_id),
+            changes.get("metadata", self.metadata),
+            changes.get("timestamp", self.timestamp),
+            changes.get("offset", self.offset),
+            changes.get("epoch", self.epoch),
+            self._parsed if event_type == self.event_type else None,
+            -1 if changes.keys() & _SIZED_FIELDS else self._size,
+            None if payload_changed else self._payload_json,
+        )
 
     def payload_json(self) -> bytes:
         """The payload as compact UTF-8 JSON (``ensure_ascii=False``), encoded once per event, then kept.
@@ -591,16 +710,79 @@ class Event:
             max_depth=limits.max_payload_depth,
         )
         meta = validate_metadata(metadata, max_entries=limits.max_metadata_entries)
-        event = cls(event_type, checked, event_id or new_event_id(), meta)
-        _set(event, "_payload_json", encoded)
-        size = event.size()
+        event_id = event_id or new_event_id()
+        size = _envelope_size(encoded, event_type, event_id, meta)
         if size > limits.max_event_bytes:
             raise PayloadTooLarge(
                 f"the event is {size} bytes (type, id, payload and metadata), over the limit of "
                 f"{limits.max_event_bytes} bytes"
             )
-        _set(event, "_parsed", parsed)  # the check's parse, kept: the type is read once per event
-        return event
+        if cls is not Event:  # pragma: no cover - a subclass gets its own __init__
+            event = cls(event_type, checked, event_id, meta)
+            _set(event, "_payload_json", encoded)
+            _set(event, "_parsed", parsed)
+            return event
+        # What the checks made is kept: the type's parse, the payload's encoding and the size.
+        return _build(event_type, checked, event_id, meta, now_timestamp(), 0, "", parsed, size, encoded)
+
+
+_FIELD_NAMES: Final = frozenset(field.name for field in dataclasses.fields(Event) if field.init)
+_SIZED_FIELDS: Final = frozenset({"event_type", "event_id", "payload", "metadata"})
+_new: Final = object.__new__
+(
+    _set_type,
+    _set_payload,
+    _set_id,
+    _set_metadata,
+    _set_timestamp,
+    _set_offset,
+    _set_epoch,
+    _set_parsed,
+    _set_size,
+    _set_payload_json,
+) = (
+    Event.__dict__[name].__set__
+    for name in (
+        "event_type",
+        "payload",
+        "event_id",
+        "metadata",
+        "timestamp",
+        "offset",
+        "epoch",
+        "_parsed",
+        "_size",
+        "_payload_json",
+    )
+)
+
+
+def _build(
+    event_type: str,
+    payload: JSONObject,
+    event_id: str,
+    metadata: dict[str, str],
+    timestamp: str,
+    offset: int,
+    epoch: str,
+    parsed: EventType | None,
+    size: int,
+    payload_json: bytes | None,
+) -> Event:
+    """An :class:`Event` with its caches, set through its slots (a frozen dataclass's ``__init__`` costs twice as
+    much: every copy of a stored or admitted event is made here)."""
+    event: Event = _new(Event)
+    _set_type(event, event_type)
+    _set_payload(event, payload)
+    _set_id(event, event_id)
+    _set_metadata(event, metadata)
+    _set_timestamp(event, timestamp)
+    _set_offset(event, offset)
+    _set_epoch(event, epoch)
+    _set_parsed(event, parsed)
+    _set_size(event, size)
+    _set_payload_json(event, payload_json)
+    return event
 
 
 def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_most: int | None = None) -> Event:
@@ -623,7 +805,7 @@ def check_event(event: Event, limits: EventLimits = DEFAULT_LIMITS, *, size_at_m
     validate_event_id(event.event_id)
     if not isinstance(event.payload, dict):
         raise InvalidPayload(f"payload must be a JSON object, not {type(event.payload).__name__}")
-    _check_json(event.payload, "", 0, limits.max_payload_depth)
+    _check_payload(event.payload, limits.max_payload_depth)
     validate_metadata(event.metadata, max_entries=limits.max_metadata_entries)
     if not isinstance(event.timestamp, str) or unicode_problem(event.timestamp) is not None:
         raise InvalidPayload("timestamp must be RFC 3339 text")

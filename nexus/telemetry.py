@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Protocol
 
@@ -62,6 +63,7 @@ MAX_SAMPLES: Final = 2048
 """Latency samples (publish, delivery) kept between two collections; later ones are not sampled."""
 HANDLER_WINDOW_S: Final = 60.0
 HANDLER_SAMPLES: Final = 1024
+_event_type: Final = operator.attrgetter("event_type")
 
 Observe = Callable[[], Iterable[tuple[float, dict[str, str]]]]
 """A source of observations: ``(value, attributes)`` pairs, read at collection time."""
@@ -239,14 +241,16 @@ class Telemetry:
             self._operation_samples.append((transport, seconds))
         cache = self._service_cache
         sent = self._sent
-        for event in events:
-            service = cache.get(event.event_type)
+        # Counted per distinct type, not per event: a batch is mostly of one type.
+        types = Counter(map(_event_type, events)) if len(events) > 1 else {events[0].event_type: 1} if events else {}
+        for event_type, count in types.items():
+            service = cache.get(event_type)
             if service is None:
                 if len(cache) > 10_000:
                     cache.clear()
-                service = cache[event.event_type] = self.service_of(event.event_type)
+                service = cache[event_type] = self.service_of(event_type)
             key = (service, transport)
-            sent[key] = sent.get(key, 0) + 1
+            sent[key] = sent.get(key, 0) + count
 
     def _transport_attrs(self, transport: str) -> dict[str, str]:
         return self.attributes(nexus__transport=transport)

@@ -9,8 +9,9 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import fuzz_strategies
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus import Event, EventType, InvalidEventType, InvalidPayload, parse_time
@@ -546,3 +547,79 @@ def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
         plain = Event(event.event_type, event.payload, event.event_id, event.metadata)
         assert plain.size() == expected
 
+
+def _reference_check(payload: Any, max_depth: int) -> str | None:
+    """What the path-naming walk says of ``payload`` (the reference the fast check must agree with)."""
+    from nexus.events import _check_json
+
+    try:
+        _check_json(payload, "", 0, max_depth)
+    except InvalidPayload as exc:
+        return exc.message
+    return None
+
+
+ODD_KEYS = st.dictionaries(st.one_of(st.integers(), st.none(), st.text(max_size=3)), st.integers(), max_size=3)
+ODD_VALUES = st.sampled_from([(1, 2), {"t": (1, {2: 3})}, b"bytes", {1, 2}, 2**1024, -(2**1024), math.inf, object()])
+
+
+@given(
+    payload=st.one_of(
+        fuzz_strategies.payloads(surrogates=True),
+        st.builds(lambda inner, depth: fuzz_strategies.nested({"x": inner}, depth), ODD_KEYS, st.integers(1, 3)),
+        st.builds(lambda inner, depth: fuzz_strategies.nested({"x": inner}, depth), ODD_VALUES, st.integers(1, 3)),
+    ),
+    max_depth=st.integers(0, 34),
+)
+@settings(max_examples=400, deadline=None)
+def test_payload_checks_agree_with_the_path_naming_walk(payload: Any, max_depth: int) -> None:
+    """Any payload is refused by the fast validation exactly when the walk that names the problem refuses it, with
+    the same message (the fast walk never lets through what the full one would refuse)."""
+    from nexus.events import _check_payload
+
+    expected = _reference_check(payload, max_depth) if isinstance(payload, dict) else "not a dict"
+    try:
+        _check_payload(payload, max_depth)
+        got = None
+    except InvalidPayload as exc:
+        got = exc.message
+    if isinstance(payload, dict):
+        assert got == expected
+
+
+@given(
+    event_type=fuzz_strategies.event_types(surrogates=True),
+    event_id=fuzz_strategies.event_ids(surrogates=True),
+    metadata=fuzz_strategies.metadata(surrogates=True),
+)
+@settings(max_examples=400, deadline=None)
+def test_event_size_is_counted_exactly_for_any_text(event_type: str, event_id: str, metadata: dict[str, str]) -> None:
+    """Counting the envelope (quotes, escapes, multi-byte characters) gives the length of its compact UTF-8 JSON,
+    and text that is not valid Unicode is refused rather than counted."""
+    import json
+
+    from nexus.events import _envelope_size
+
+    try:
+        body = {"t": event_type, "i": event_id, "p": {"a": 1}, "m": metadata}
+        expected: int | None = len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        expected = None
+    try:
+        got: int | None = _envelope_size(b'{"a":1}', event_type, event_id, metadata)
+    except (UnicodeEncodeError, InvalidPayload):
+        got = None
+    assert got == expected
+
+
+def test_evolve_changes_fields_and_refuses_what_is_not_one() -> None:
+    """``evolve`` makes a changed copy (derived values recomputed for what changed) and refuses names that are not
+    fields a caller sets."""
+    event = Event.create("svc:act:v1:done", {"a": 1}, metadata={"k": "v"}).stored(3, "e")
+    changed = event.evolve(metadata={"k": "w" * 10}, offset=4)
+    assert (changed.metadata, changed.offset, changed.payload, changed.epoch) == ({"k": "w" * 10}, 4, {"a": 1}, "e")
+    assert changed.size() == event.size() + 9
+    assert event.evolve(payload={"b": [1]}).payload_json() == b'{"b":[1]}'
+    for bad in ("_size", "_payload_json", "nope"):
+        with pytest.raises(TypeError, match=bad):
+            event.evolve(**{bad: 1})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -26,6 +27,7 @@ DEFAULT_MAX_PENDING: Final = 10_000
 MAX_HIGH_WATER: Final = 128
 """Live events queued for a subscriber past which publishers on its event loop wait for it to drain
 (:mod:`nexus.bus.turns`); a quarter of its ``max_pending`` when that is smaller."""
+_event_type: Final = operator.attrgetter("event_type")
 Visible = Callable[[Event], bool]
 """Whether a subscriber may see an event (private events name their audience)."""
 HealthCallback = Callable[[bool], None]
@@ -354,7 +356,7 @@ class Fanout:
         """
         batches: dict[Subscription, list[Event]] = {}
         by_correlation = self._by_correlation
-        self.metrics.record_events([event.event_type for event in events])
+        self.metrics.record_events(map(_event_type, events))
         for event in events:
             targets: Iterable[Subscription] = self._match(event.event_type)
             if by_correlation:

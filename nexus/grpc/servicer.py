@@ -24,10 +24,11 @@ from nexus.grpc.convert import (
     STATUS_FOR_CODE,
     EncodeCache,
     Undecodable,
+    encode_response,
     event_from_request,
-    event_to_response,
     guarded_deserializer,
     passthrough_serializer,
+    request_event_response,
 )
 from nexus.identity import Principal
 from nexus.logs import LogLimiter
@@ -187,6 +188,8 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self.bad_input = LogLimiter()
         """Rate-limits the warnings about what clients get wrong (and events that cannot be sent)."""
         self._encode = EncodeCache(warnings=self.bad_input)
+        self._encode_json = EncodeCache(warnings=self.bad_input, json_payload=True)
+        """The same, for subscribers that asked for ``PAYLOAD_ENCODING_JSON``."""
         self.undecodable = 0
         """Requests refused because their bytes were not a valid message."""
         self.subscriptions = 0
@@ -203,7 +206,20 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     @property
     def events_skipped(self) -> int:
         """Events no subscriber was sent because they could not be encoded (each counted once)."""
-        return self._encode.skipped
+        return self._encode.skipped + self._encode_json.skipped
+
+    async def _encoder(self, encoding: int, context: grpc.aio.ServicerContext[Any, Any]) -> EncodeCache:
+        """The encoder of the payload encoding a call asked for (an unknown value ends it with INVALID_ARGUMENT)."""
+        if encoding == nexus_pb2.PAYLOAD_ENCODING_JSON:
+            return self._encode_json
+        if encoding not in (nexus_pb2.PAYLOAD_ENCODING_UNSPECIFIED, nexus_pb2.PAYLOAD_ENCODING_STRUCT):
+            await self._refuse(
+                context,
+                InvalidArgument(
+                    f"payload_encoding {encoding} is not a PayloadEncoding: use 0 (unspecified), 1 (STRUCT) or 2 (JSON)"
+                ),
+            )
+        return self._encode
 
     async def refuse_undecodable(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Undecodable, index: int
@@ -264,9 +280,9 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
 
     # --- publishing ---------------------------------------------------------------------------------------
 
-    async def EmitEvent(
+    async def EmitEvent(  # type: ignore[override]  # replies with pre-serialized bytes
         self, request: nexus_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> nexus_pb2.EventResponse:
+    ) -> bytes:
         principal = await self._principal(context)
         try:
             self._quota(context).publish(asyncio.get_running_loop().time())
@@ -274,7 +290,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             published = await self.node.publish(event, principal=principal, transport="grpc")
         except NexusError as error:
             await self._refuse(context, error)
-        return event_to_response(published.event, message="duplicate" if published.duplicate else "stored")
+        # A payload sent as JSON comes back as JSON.
+        return encode_response(
+            published.event,
+            message="duplicate" if published.duplicate else "stored",
+            json_payload=bool(request.payload_json),
+        )
 
     async def PublishEvents(
         self,
@@ -373,7 +394,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     async def SubscribeEvents(  # type: ignore[override]  # streams with context.write()
         self, request: nexus_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        encode = self._encode.encode
+        encode = (await self._encoder(request.payload_encoding, context)).encode
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch():
                 self.events_sent += len(batch)
@@ -387,7 +408,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self, request: nexus_pb2.SubscribeEventBatchesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         size = min(request.max_batch_size or DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE)
-        encode_batch = self._encode.encode_batch
+        encode_batch = (await self._encoder(request.payload_encoding, context)).encode_batch
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
             while batch := await sub.next_batch(size):
                 self.events_sent += len(batch)
@@ -402,6 +423,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         self, request: nexus_pb2.RequestEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[nexus_pb2.RequestEventResponse]:
         principal = await self._principal(context)
+        encoder = await self._encoder(request.payload_encoding, context)
         quota = self._quota(context)
         try:
             quota.publish(asyncio.get_running_loop().time())
@@ -417,11 +439,12 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             except NexusError as error:
                 await self._refuse(context, error)
             message = "duplicate" if published.duplicate else "stored"
-            yield nexus_pb2.RequestEventResponse(event=event_to_response(published.event, message=message))
+            first = encode_response(published.event, message=message, json_payload=encoder.json_payload)
+            yield request_event_response(first)  # type: ignore[misc]  # pre-serialized bytes
             while batch := await session.next_batch():
                 self.node.delivered(batch, "grpc")
                 for item in batch:
-                    data = self._encode.encode_request_event(item)
+                    data = encoder.encode_request_event(item)
                     if data is not None:
                         yield data  # type: ignore[misc]  # pre-serialized bytes
         except SlowConsumer as error:

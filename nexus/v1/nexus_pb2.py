@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14nexus/v1/nexus.proto\x12\x08nexus.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc7\x01\n\x0c\x45ventRequest\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.nexus.v1.EventRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x02\n\rEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.nexus.v1.EventResponse.MetadataEntry\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\t\x12-\n\ttimestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10SubscribeRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\"p\n\x1cSubscribeEventBatchesRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\"H\n\x1dSubscribeEventBatchesResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x14PublishEventsRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\"_\n\x15PublishEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x04\x12\x12\n\nduplicates\x18\x02 \x01(\x04\x12\x13\n\x0blast_offset\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"<\n\x13RequestEventRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\">\n\x14RequestEventResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x13\x43\x61ncelStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x14\x43\x61ncelStreamResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x15\n\x13ListHandlersRequest\"\x86\x01\n\x0bHandlerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x14\n\x0cordering_key\x18\x04 \x01(\t\x12\x18\n\x10stream_timeout_s\x18\x05 \x01(\x01\x12\x12\n\nclass_path\x18\x06 \x01(\t\"?\n\x14ListHandlersResponse\x12\'\n\x08handlers\x18\x01 \x03(\x0b\x32\x15.nexus.v1.HandlerInfo\"\x14\n\x12ListStreamsRequest\"}\n\nStreamInfo\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x14\n\x0cstream_count\x18\x04 \x01(\x04\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\r\n\x05state\x18\x06 \x01(\t\"<\n\x13ListStreamsResponse\x12%\n\x07streams\x18\x01 \x03(\x0b\x32\x14.nexus.v1.StreamInfo2\x91\x05\n\x0cNexusService\x12<\n\tEmitEvent\x12\x16.nexus.v1.EventRequest\x1a\x17.nexus.v1.EventResponse\x12H\n\x0fSubscribeEvents\x12\x1a.nexus.v1.SubscribeRequest\x1a\x17.nexus.v1.EventResponse0\x01\x12j\n\x15SubscribeEventBatches\x12&.nexus.v1.SubscribeEventBatchesRequest\x1a\'.nexus.v1.SubscribeEventBatchesResponse0\x01\x12R\n\rPublishEvents\x12\x1e.nexus.v1.PublishEventsRequest\x1a\x1f.nexus.v1.PublishEventsResponse(\x01\x12O\n\x0cRequestEvent\x12\x1d.nexus.v1.RequestEventRequest\x1a\x1e.nexus.v1.RequestEventResponse0\x01\x12M\n\x0c\x43\x61ncelStream\x12\x1d.nexus.v1.CancelStreamRequest\x1a\x1e.nexus.v1.CancelStreamResponse\x12M\n\x0cListHandlers\x12\x1d.nexus.v1.ListHandlersRequest\x1a\x1e.nexus.v1.ListHandlersResponse\x12J\n\x0bListStreams\x12\x1c.nexus.v1.ListStreamsRequest\x1a\x1d.nexus.v1.ListStreamsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14nexus/v1/nexus.proto\x12\x08nexus.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x01\n\x0c\x45ventRequest\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.nexus.v1.EventRequest.MetadataEntry\x12\x14\n\x0cpayload_json\x18\x05 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x02\n\rEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.nexus.v1.EventResponse.MetadataEntry\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\t\x12-\n\ttimestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpayload_json\x18\n \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x10SubscribeRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x33\n\x10payload_encoding\x18\x04 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\"\xa5\x01\n\x1cSubscribeEventBatchesRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x33\n\x10payload_encoding\x18\x05 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\"H\n\x1dSubscribeEventBatchesResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x14PublishEventsRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\"_\n\x15PublishEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x04\x12\x12\n\nduplicates\x18\x02 \x01(\x04\x12\x13\n\x0blast_offset\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"q\n\x13RequestEventRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\x12\x33\n\x10payload_encoding\x18\x02 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\">\n\x14RequestEventResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x13\x43\x61ncelStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x14\x43\x61ncelStreamResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x15\n\x13ListHandlersRequest\"\x86\x01\n\x0bHandlerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x14\n\x0cordering_key\x18\x04 \x01(\t\x12\x18\n\x10stream_timeout_s\x18\x05 \x01(\x01\x12\x12\n\nclass_path\x18\x06 \x01(\t\"?\n\x14ListHandlersResponse\x12\'\n\x08handlers\x18\x01 \x03(\x0b\x32\x15.nexus.v1.HandlerInfo\"\x14\n\x12ListStreamsRequest\"}\n\nStreamInfo\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x14\n\x0cstream_count\x18\x04 \x01(\x04\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\r\n\x05state\x18\x06 \x01(\t\"<\n\x13ListStreamsResponse\x12%\n\x07streams\x18\x01 \x03(\x0b\x32\x14.nexus.v1.StreamInfo*k\n\x0fPayloadEncoding\x12 \n\x1cPAYLOAD_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_ENCODING_STRUCT\x10\x01\x12\x19\n\x15PAYLOAD_ENCODING_JSON\x10\x02\x32\x91\x05\n\x0cNexusService\x12<\n\tEmitEvent\x12\x16.nexus.v1.EventRequest\x1a\x17.nexus.v1.EventResponse\x12H\n\x0fSubscribeEvents\x12\x1a.nexus.v1.SubscribeRequest\x1a\x17.nexus.v1.EventResponse0\x01\x12j\n\x15SubscribeEventBatches\x12&.nexus.v1.SubscribeEventBatchesRequest\x1a\'.nexus.v1.SubscribeEventBatchesResponse0\x01\x12R\n\rPublishEvents\x12\x1e.nexus.v1.PublishEventsRequest\x1a\x1f.nexus.v1.PublishEventsResponse(\x01\x12O\n\x0cRequestEvent\x12\x1d.nexus.v1.RequestEventRequest\x1a\x1e.nexus.v1.RequestEventResponse0\x01\x12M\n\x0c\x43\x61ncelStream\x12\x1d.nexus.v1.CancelStreamRequest\x1a\x1e.nexus.v1.CancelStreamResponse\x12M\n\x0cListHandlers\x12\x1d.nexus.v1.ListHandlersRequest\x1a\x1e.nexus.v1.ListHandlersResponse\x12J\n\x0bListStreams\x12\x1c.nexus.v1.ListStreamsRequest\x1a\x1d.nexus.v1.ListStreamsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +37,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_EVENTRESPONSE_METADATAENTRY']._loaded_options = None
   _globals['_EVENTRESPONSE_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_PAYLOADENCODING']._serialized_start=1914
+  _globals['_PAYLOADENCODING']._serialized_end=2021
   _globals['_EVENTREQUEST']._serialized_start=98
-  _globals['_EVENTREQUEST']._serialized_end=297
-  _globals['_EVENTREQUEST_METADATAENTRY']._serialized_start=250
-  _globals['_EVENTREQUEST_METADATAENTRY']._serialized_end=297
-  _globals['_EVENTRESPONSE']._serialized_start=300
-  _globals['_EVENTRESPONSE']._serialized_end=613
-  _globals['_EVENTRESPONSE_METADATAENTRY']._serialized_start=250
-  _globals['_EVENTRESPONSE_METADATAENTRY']._serialized_end=297
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=615
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=691
-  _globals['_SUBSCRIBEEVENTBATCHESREQUEST']._serialized_start=693
-  _globals['_SUBSCRIBEEVENTBATCHESREQUEST']._serialized_end=805
-  _globals['_SUBSCRIBEEVENTBATCHESRESPONSE']._serialized_start=807
-  _globals['_SUBSCRIBEEVENTBATCHESRESPONSE']._serialized_end=879
-  _globals['_PUBLISHEVENTSREQUEST']._serialized_start=881
-  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=942
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=944
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=1039
-  _globals['_REQUESTEVENTREQUEST']._serialized_start=1041
-  _globals['_REQUESTEVENTREQUEST']._serialized_end=1101
-  _globals['_REQUESTEVENTRESPONSE']._serialized_start=1103
-  _globals['_REQUESTEVENTRESPONSE']._serialized_end=1165
-  _globals['_CANCELSTREAMREQUEST']._serialized_start=1167
-  _globals['_CANCELSTREAMREQUEST']._serialized_end=1228
-  _globals['_CANCELSTREAMRESPONSE']._serialized_start=1230
-  _globals['_CANCELSTREAMRESPONSE']._serialized_end=1271
-  _globals['_LISTHANDLERSREQUEST']._serialized_start=1273
-  _globals['_LISTHANDLERSREQUEST']._serialized_end=1294
-  _globals['_HANDLERINFO']._serialized_start=1297
-  _globals['_HANDLERINFO']._serialized_end=1431
-  _globals['_LISTHANDLERSRESPONSE']._serialized_start=1433
-  _globals['_LISTHANDLERSRESPONSE']._serialized_end=1496
-  _globals['_LISTSTREAMSREQUEST']._serialized_start=1498
-  _globals['_LISTSTREAMSREQUEST']._serialized_end=1518
-  _globals['_STREAMINFO']._serialized_start=1520
-  _globals['_STREAMINFO']._serialized_end=1645
-  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1647
-  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1707
-  _globals['_NEXUSSERVICE']._serialized_start=1710
-  _globals['_NEXUSSERVICE']._serialized_end=2367
+  _globals['_EVENTREQUEST']._serialized_end=319
+  _globals['_EVENTREQUEST_METADATAENTRY']._serialized_start=272
+  _globals['_EVENTREQUEST_METADATAENTRY']._serialized_end=319
+  _globals['_EVENTRESPONSE']._serialized_start=322
+  _globals['_EVENTRESPONSE']._serialized_end=657
+  _globals['_EVENTRESPONSE_METADATAENTRY']._serialized_start=272
+  _globals['_EVENTRESPONSE_METADATAENTRY']._serialized_end=319
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=660
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=789
+  _globals['_SUBSCRIBEEVENTBATCHESREQUEST']._serialized_start=792
+  _globals['_SUBSCRIBEEVENTBATCHESREQUEST']._serialized_end=957
+  _globals['_SUBSCRIBEEVENTBATCHESRESPONSE']._serialized_start=959
+  _globals['_SUBSCRIBEEVENTBATCHESRESPONSE']._serialized_end=1031
+  _globals['_PUBLISHEVENTSREQUEST']._serialized_start=1033
+  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=1094
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=1096
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=1191
+  _globals['_REQUESTEVENTREQUEST']._serialized_start=1193
+  _globals['_REQUESTEVENTREQUEST']._serialized_end=1306
+  _globals['_REQUESTEVENTRESPONSE']._serialized_start=1308
+  _globals['_REQUESTEVENTRESPONSE']._serialized_end=1370
+  _globals['_CANCELSTREAMREQUEST']._serialized_start=1372
+  _globals['_CANCELSTREAMREQUEST']._serialized_end=1433
+  _globals['_CANCELSTREAMRESPONSE']._serialized_start=1435
+  _globals['_CANCELSTREAMRESPONSE']._serialized_end=1476
+  _globals['_LISTHANDLERSREQUEST']._serialized_start=1478
+  _globals['_LISTHANDLERSREQUEST']._serialized_end=1499
+  _globals['_HANDLERINFO']._serialized_start=1502
+  _globals['_HANDLERINFO']._serialized_end=1636
+  _globals['_LISTHANDLERSRESPONSE']._serialized_start=1638
+  _globals['_LISTHANDLERSRESPONSE']._serialized_end=1701
+  _globals['_LISTSTREAMSREQUEST']._serialized_start=1703
+  _globals['_LISTSTREAMSREQUEST']._serialized_end=1723
+  _globals['_STREAMINFO']._serialized_start=1725
+  _globals['_STREAMINFO']._serialized_end=1850
+  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1852
+  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1912
+  _globals['_NEXUSSERVICE']._serialized_start=2024
+  _globals['_NEXUSSERVICE']._serialized_end=2681
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PayloadEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PayloadEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYLOAD_ENCODING_UNSPECIFIED: _PayloadEncoding.ValueType  # 0
+    """The default: a google.protobuf.Struct in EventResponse.payload."""
+    PAYLOAD_ENCODING_STRUCT: _PayloadEncoding.ValueType  # 1
+    """The same as the default, asked for by name."""
+    PAYLOAD_ENCODING_JSON: _PayloadEncoding.ValueType  # 2
+    """Compact UTF-8 JSON text in EventResponse.payload_json (payload stays unset): no Struct to build or read,
+    and numbers keep their JSON form (integers stay integers).
+    """
+
+class PayloadEncoding(_PayloadEncoding, metaclass=_PayloadEncodingEnumTypeWrapper):
+    """PayloadEncoding says how responses carry an event's payload."""
+
+PAYLOAD_ENCODING_UNSPECIFIED: PayloadEncoding.ValueType  # 0
+"""The default: a google.protobuf.Struct in EventResponse.payload."""
+PAYLOAD_ENCODING_STRUCT: PayloadEncoding.ValueType  # 1
+"""The same as the default, asked for by name."""
+PAYLOAD_ENCODING_JSON: PayloadEncoding.ValueType  # 2
+"""Compact UTF-8 JSON text in EventResponse.payload_json (payload stays unset): no Struct to build or read,
+and numbers keep their JSON form (integers stay integers).
+"""
+Global___PayloadEncoding: _TypeAlias = PayloadEncoding  # noqa: Y015
 
 @_typing.final
 class EventRequest(_message.Message):
@@ -54,10 +83,16 @@ class EventRequest(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     event_type: _builtins.str
     """The event type, `<service>:<action>:v<N>:<state>`."""
     event_id: _builtins.str
     """Optional: a unique id chosen by the client; repeated ids inside the dedupe window are stored once."""
+    payload_json: _builtins.bytes
+    """Optional, instead of payload: the payload as UTF-8 JSON text holding one object, checked like payload
+    (depth, size, no NaN or Infinity). Setting both payload and payload_json is an error. EmitEvent then replies
+    with payload_json too.
+    """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
         """The payload: a JSON object."""
@@ -73,10 +108,11 @@ class EventRequest(_message.Message):
         event_id: _builtins.str = ...,
         payload: _struct_pb2.Struct | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        payload_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "event_type", b"event_type", "metadata", b"metadata", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "event_type", b"event_type", "metadata", b"metadata", "payload", b"payload", "payload_json", b"payload_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,6 +153,7 @@ class EventResponse(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     """False only where a message explains why."""
     message: _builtins.str
@@ -127,6 +164,10 @@ class EventResponse(_message.Message):
     """The bus offset; 0 for events that are delivered live but not stored (heartbeats)."""
     epoch: _builtins.str
     """The bus history this offset belongs to."""
+    payload_json: _builtins.bytes
+    """The payload as compact UTF-8 JSON text, when the call asked for PAYLOAD_ENCODING_JSON (payload is then
+    unset).
+    """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -145,10 +186,11 @@ class EventResponse(_message.Message):
         offset: _builtins.int = ...,
         epoch: _builtins.str = ...,
         timestamp: _timestamp_pb2.Timestamp | None = ...,
+        payload_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "event_id", b"event_id", "event_type", b"event_type", "message", b"message", "metadata", b"metadata", "offset", b"offset", "payload", b"payload", "success", b"success", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "event_id", b"event_id", "event_type", b"event_type", "message", b"message", "metadata", b"metadata", "offset", b"offset", "payload", b"payload", "payload_json", b"payload_json", "success", b"success", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,10 +205,13 @@ class SubscribeRequest(_message.Message):
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     SINCE_OFFSET_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    PAYLOAD_ENCODING_FIELD_NUMBER: _builtins.int
     since_offset: _builtins.int
     """The last offset the client saw; 0 to start live."""
     epoch: _builtins.str
     """The epoch that offset belongs to; empty to accept the server's."""
+    payload_encoding: Global___PayloadEncoding.ValueType
+    """How the events carry their payload; Struct by default."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Patterns such as `messaging:*:v1:*`, `places:>`, `>`."""
@@ -177,10 +222,11 @@ class SubscribeRequest(_message.Message):
         event_types: _abc.Iterable[_builtins.str] | None = ...,
         since_offset: _builtins.int = ...,
         epoch: _builtins.str = ...,
+        payload_encoding: Global___PayloadEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "event_types", b"event_types", "since_offset", b"since_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "event_types", b"event_types", "payload_encoding", b"payload_encoding", "since_offset", b"since_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,10 +242,13 @@ class SubscribeEventBatchesRequest(_message.Message):
     SINCE_OFFSET_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_ENCODING_FIELD_NUMBER: _builtins.int
     since_offset: _builtins.int
     epoch: _builtins.str
     max_batch_size: _builtins.int
     """The most events in one message; 0 for the server's default."""
+    payload_encoding: Global___PayloadEncoding.ValueType
+    """How the events carry their payload; Struct by default."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -209,10 +258,11 @@ class SubscribeEventBatchesRequest(_message.Message):
         since_offset: _builtins.int = ...,
         epoch: _builtins.str = ...,
         max_batch_size: _builtins.int = ...,
+        payload_encoding: Global___PayloadEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "event_types", b"event_types", "max_batch_size", b"max_batch_size", "since_offset", b"since_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "event_types", b"event_types", "max_batch_size", b"max_batch_size", "payload_encoding", b"payload_encoding", "since_offset", b"since_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,6 +352,9 @@ class RequestEventRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_ENCODING_FIELD_NUMBER: _builtins.int
+    payload_encoding: Global___PayloadEncoding.ValueType
+    """How the lifecycle's events carry their payload; Struct by default."""
     @_builtins.property
     def event(self) -> Global___EventRequest:
         """Must end in `:requested`."""
@@ -310,10 +363,11 @@ class RequestEventRequest(_message.Message):
         self,
         *,
         event: Global___EventRequest | None = ...,
+        payload_encoding: Global___PayloadEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "payload_encoding", b"payload_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
