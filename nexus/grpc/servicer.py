@@ -18,8 +18,9 @@ import grpc
 import structlog
 
 from nexus.auth import Authenticator, Credentials, allow_all, bearer_token
+from nexus.bus.base import Published
 from nexus.errors import InvalidArgument, NexusError, SlowConsumer, Unauthenticated
-from nexus.events import DEFAULT_LIMITS, EventLimits
+from nexus.events import DEFAULT_LIMITS, Event, EventLimits
 from nexus.grpc.convert import (
     STATUS_FOR_CODE,
     EncodeCache,
@@ -36,6 +37,8 @@ from nexus.node import Node, Subscription
 from nexus.quota import ClientLimits, ClientQuota, ClientQuotas
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
+PUBLISH_CHUNK: Final = 256
+"""Events of a ``PublishEvents`` stream stored together at most (and read ahead while they are stored)."""
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 10_000
 
@@ -302,28 +305,95 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         request_iterator: AsyncIterator[nexus_pb2.PublishEventsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> nexus_pb2.PublishEventsResponse:
+        """Store a client stream of events in order.
+
+        Events are read and checked one by one while those before them are being stored: whatever has arrived
+        meanwhile (at most :data:`PUBLISH_CHUNK`) is stored as one ``publish_many``, so a bus whose stores wait
+        for acknowledgements (NATS) keeps many in flight. The first refused event ends the call with its index;
+        every event before it is stored.
+        """
         principal = await self._principal(context)
-        stored = duplicates = last_offset = 0
-        index = 0
         quota = self._quota(context)
         loop = asyncio.get_running_loop()
-        async for item in request_iterator:
+        queue: asyncio.Queue[Event | tuple[int, NexusError] | None] = asyncio.Queue(PUBLISH_CHUNK)
+
+        async def read() -> None:
+            index = 0
             try:
-                quota.publish(loop.time())
-                event = event_from_request(item.event, limits=self.limits)
-                published = await self.node.publish(event, principal=principal, transport="grpc")
-            except NexusError as error:
-                error.message = f"event {index} (after {stored} stored): {error.message}"
-                await self._refuse(context, error)
-            index += 1
-            if published.duplicate:
-                duplicates += 1
-            else:
-                stored += 1
-                last_offset = published.event.offset
+                async for item in request_iterator:
+                    try:
+                        quota.publish(loop.time())
+                        event = event_from_request(item.event, limits=self.limits)
+                    except NexusError as error:
+                        await queue.put((index, error))
+                        return
+                    await queue.put(event)
+                    index += 1
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.create_task(read())
+        stored = duplicates = last_offset = 0
+        try:
+            while True:
+                first = await queue.get()
+                chunk: list[Event] = []
+                refusal: tuple[int, NexusError] | None = None
+                item = first
+                while True:
+                    if item is None or isinstance(item, tuple):
+                        refusal = item
+                        break
+                    chunk.append(item)
+                    if len(chunk) >= PUBLISH_CHUNK or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                results = await self._publish_chunk(chunk, principal, context, stored + duplicates, stored)
+                for published in results:
+                    if published.duplicate:
+                        duplicates += 1
+                    else:
+                        stored += 1
+                        last_offset = published.event.offset
+                if refusal is not None:
+                    index, error = refusal
+                    error.message = f"event {index} (after {stored} stored): {error.message}"
+                    await self._refuse(context, error)
+                if item is None:
+                    break
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         return nexus_pb2.PublishEventsResponse(
             stored=stored, duplicates=duplicates, last_offset=last_offset, epoch=self.node.epoch
         )
+
+    async def _publish_chunk(
+        self,
+        chunk: list[Event],
+        principal: Principal,
+        context: grpc.aio.ServicerContext[Any, Any],
+        index: int,
+        stored: int,
+    ) -> list[Published]:
+        """Store ``chunk`` (its first event is the call's ``index``-th; ``stored`` were stored before it) in order;
+        a refusal names the refused event's index (the chunk is then stored one by one, to find it)."""
+        if not chunk:
+            return []
+        try:
+            return await self.node.publish_many(chunk, principal=principal, transport="grpc")
+        except NexusError:
+            pass  # find which event is refused: those before it are stored (again: duplicates of themselves)
+        results: list[Published] = []
+        for event in chunk:
+            try:
+                results.append(await self.node.publish(event, principal=principal, transport="grpc"))
+            except NexusError as error:
+                stored += sum(1 for published in results if not published.duplicate)
+                error.message = f"event {index + len(results)} (after {stored} stored): {error.message}"
+                await self._refuse(context, error)
+        return results
 
     # --- subscribing --------------------------------------------------------------------------------------
 
