@@ -278,6 +278,19 @@ class History:
             return events
         return [event for event in events if wants(event)]
 
+    def replay(self, since_offset: int, *, types: Callable[[str], bool] | None = None) -> Replay:
+        """The held events after ``since_offset`` as a :class:`Replay`: taken now (a snapshot), decoded as they are
+        read, so a long replay never holds the caller up while every event is decoded.
+
+        ``types``: a filter on the event type alone, applied now (it is cheap: no event is decoded).
+        """
+        ring = self._ring
+        if not ring or since_offset >= self.head:
+            return Replay([], self.epoch)
+        selected = ring.iter_from(max(0, since_offset - self.floor))
+        records = list(selected) if types is None else [record for record in selected if types(record_type(record))]
+        return Replay(records, self.epoch)
+
     def reset(self, epoch: str, head: int) -> None:
         """Start another history (the one the offsets referred to is gone): nothing held, ``floor = head``."""
         self._clear()
@@ -291,3 +304,30 @@ class History:
     def events(self) -> list[Event]:
         """Every held event, oldest first."""
         return self.after(self.floor)
+
+
+class Replay:
+    """Held events taken from a :class:`History` at one moment, decoded only as they are read (:meth:`take`)."""
+
+    __slots__ = ("_epoch", "_next", "_records")
+
+    def __init__(self, records: list[Record], epoch: str) -> None:
+        self._records = records
+        self._epoch = epoch
+        self._next = 0
+
+    def __len__(self) -> int:
+        """Events not read yet."""
+        return len(self._records) - self._next
+
+    def take(self, count: int) -> list[Event]:
+        """Decode and return the next ``count`` events at most (oldest first)."""
+        start = self._next
+        end = min(len(self._records), start + count)
+        epoch = self._epoch
+        events = [unpack(record, epoch) for record in self._records[start:end]]
+        self._next = end
+        if end == len(self._records):
+            self._records = []
+            self._next = 0
+        return events

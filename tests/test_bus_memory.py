@@ -548,3 +548,31 @@ def test_the_dedupe_window_forgets_expired_ids_in_groups_without_lookups() -> No
     assert len(window) == 1_000
     assert window.get("more-499") is None
     assert window.get("more-500") == b"record"
+
+
+async def test_a_long_replay_is_decoded_as_it_is_taken_and_live_events_follow_it_in_order() -> None:
+    """Opening a subscription over a long history decodes nothing yet: each take decodes one chunk, so a
+    subscriber resuming from far back never holds the event loop for the whole replay; live events stored
+    meanwhile come after the replay, without a gap or a repeat, and pattern filtering still applies."""
+    from nexus.bus.base import REPLAY_CHUNK
+
+    bus = MemoryBus(history_size=50_000)
+    await bus.start()
+    for i in range(3 * REPLAY_CHUNK + 10):
+        await bus.publish(Event("replay:item:v1:made" if i % 3 else "replay:other:v1:made", {"i": i}))
+    sub = await bus.subscribe(["replay:item:>"], since_offset=0, epoch=bus.epoch)
+    assert sub.recovered is True
+    wanted = [i for i in range(3 * REPLAY_CHUNK + 10) if i % 3]
+    assert sub.pending == len(wanted)
+    for i in range(5):
+        await bus.publish(Event("replay:item:v1:made", {"i": 10_000 + i}))
+        await bus.publish(Event("replay:other:v1:made", {"i": 20_000 + i}))
+    batches: list[list[Event]] = []
+    while sum(len(batch) for batch in batches) < len(wanted) + 5:
+        batches.append(await asyncio.wait_for(sub.next_batch(), 5))
+    assert max(len(batch) for batch in batches[:-1]) <= REPLAY_CHUNK
+    seen = [event.payload["i"] for batch in batches for event in batch]
+    assert seen == wanted + [10_000 + i for i in range(5)]
+    offsets = [event.offset for batch in batches for event in batch]
+    assert offsets == sorted(offsets)
+    await bus.close()

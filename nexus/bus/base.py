@@ -19,11 +19,13 @@ from typing import Any, Final
 
 from nexus.errors import SlowConsumer
 from nexus.events import Event
-from nexus.history import History
+from nexus.history import History, Replay
 from nexus.metrics import Metrics
 from nexus.patterns import PatternIndex, PatternSet, parse_pattern
 
 DEFAULT_MAX_PENDING: Final = 10_000
+REPLAY_CHUNK: Final = 1_000
+"""Replayed events decoded per take at most, when the subscriber names no batch size."""
 MAX_HIGH_WATER: Final = 128
 """Live events queued for a subscriber past which publishers on its event loop wait for it to drain
 (:mod:`nexus.bus.turns`); a quarter of its ``max_pending`` when that is smaller."""
@@ -95,6 +97,8 @@ class Subscription:
         """The task that last waited in :meth:`next_batch` (a publisher never waits for its own reading)."""
         self._error: SlowConsumer | None = None
         self._replay_credit = 0
+        self._replay: Replay | None = None
+        """History the subscriber asked for, decoded as it is taken (before anything in ``_pending``)."""
 
     # --- filters -------------------------------------------------------------------------------------------
 
@@ -154,11 +158,23 @@ class Subscription:
                 limit=self.max_pending,
             )
             self._pending.clear()
+            self._replay = None
             self._fanout.slow_consumers += 1
             self.close()
             return
         elif backlog > self.high_water:
             self._fanout.backlogged.add(self)
+        self._wake()
+
+    def push_replay(self, replay: Replay) -> None:
+        """Queue ``replay`` ahead of every live event (called once, before the subscription is registered).
+
+        It is decoded as the subscriber takes it, :data:`REPLAY_CHUNK` events at a time, and filtered then by
+        :meth:`wants`; like a ``replay`` batch, it does not count against ``max_pending``.
+        """
+        if self.closed or not len(replay):
+            return
+        self._replay = replay
         self._wake()
 
     def _wake(self) -> None:
@@ -169,7 +185,8 @@ class Subscription:
     @property
     def pending(self) -> int:
         """Events queued and not yet taken."""
-        return len(self._pending)
+        replay = self._replay
+        return len(self._pending) + (len(replay) if replay is not None else 0)
 
     @property
     def backlog(self) -> int:
@@ -182,7 +199,7 @@ class Subscription:
         Raises :class:`SlowConsumer` if the queue overflowed.
         """
         self.reader = asyncio.current_task()
-        while not self._pending:
+        while not self._pending and self._replay is None:
             if self._error is not None:
                 raise self._error
             if self.closed:
@@ -195,6 +212,16 @@ class Subscription:
         return self._take(max_events)
 
     def _take(self, max_events: int | None) -> list[Event]:
+        replay = self._replay
+        while replay is not None:
+            events = [event for event in replay.take(max_events or REPLAY_CHUNK) if self.wants(event)]
+            if not len(replay):
+                self._replay = replay = None
+            if events:
+                self.last_offset = events[-1].offset
+                return events
+        if not self._pending:
+            return []
         if max_events is None or len(self._pending) <= max_events:
             batch, self._pending = self._pending, []
         else:
@@ -212,7 +239,7 @@ class Subscription:
 
     def take_nowait(self, max_events: int | None = None) -> list[Event]:
         """Take what is queued without waiting (possibly nothing)."""
-        if not self._pending:
+        if not self._pending and self._replay is None:
             if self._error is not None:
                 raise self._error
             return []
@@ -294,7 +321,7 @@ class Fanout:
             # Without followed correlation ids only the patterns select: the history then decodes only the
             # events whose type they match.
             types = None if sub.correlation_ids else sub.patterns.matches
-            sub.push(history.after(since_offset, sub.wants, types=types), replay=True)
+            sub.push_replay(history.replay(since_offset, types=types))
         self.register(sub)
         return sub
 
