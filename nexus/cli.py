@@ -474,13 +474,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from nexus.logs import configure_logging
     from nexus.plugins import discover
-    from nexus.server import NexusServer
+    from nexus.server import NexusServer, freeze_start_up_heap
 
     configure_logging(settings.log_format, settings.log_level)
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     server = NexusServer(settings, handlers=specs)
     await server.start()
+    freeze_start_up_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -97,7 +97,7 @@ class NexusServerRole(Role):
         from nexus.config import Settings
         from nexus.events import Event
         from nexus.logs import configure_logging
-        from nexus.server import NexusServer
+        from nexus.server import NexusServer, freeze_start_up_heap
 
         configure_logging("json", "error")
 
@@ -124,6 +124,7 @@ class NexusServerRole(Role):
         self.settings = Settings(**fields)
         self.server = NexusServer(self.settings, handlers=[Hold()])
         await self.server.start()
+        freeze_start_up_heap()  # as `nexus serve` does
         self.event = Event
         self.held: list[Any] = []
         for index in range(int(self.args.get("nonmatching", 0))):
