@@ -311,8 +311,12 @@ def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
 
 
 def cut_path(path: str) -> str:
-    """A payload path as an error message shows it (keys come from the client: never all of a long one)."""
-    return path if len(path) <= QUOTE_CHARS else f"{path[:QUOTE_CHARS]}..."
+    """A payload path as an error message shows it (keys come from the client: never all of a long one, and a
+    key that is not valid Unicode text shows its lone surrogates escaped, so the message can be sent)."""
+    shown = path if len(path) <= QUOTE_CHARS else f"{path[:QUOTE_CHARS]}..."
+    if unicode_problem(shown) is not None:
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown
 
 
 def _find_bad_text(value: Any, path: str) -> str | None:

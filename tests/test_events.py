@@ -623,3 +623,14 @@ def test_evolve_changes_fields_and_refuses_what_is_not_one() -> None:
     for bad in ("_size", "_payload_json", "nope"):
         with pytest.raises(TypeError, match=bad):
             event.evolve(**{bad: 1})
+
+
+def test_a_refusal_naming_a_key_that_is_not_valid_unicode_is_itself_valid_text() -> None:
+    """The path of a refused value may run through a key holding a lone surrogate: the message shows it escaped,
+    so every transport can send it (gRPC status details and WebSocket frames are UTF-8)."""
+    with pytest.raises(InvalidPayload) as caught:
+        Event.create("svc:act:v1:done", {"k\udeb3": {"n": [2**1024]}})
+    message = caught.value.message
+    message.encode("utf-8")
+    assert "k\\udeb3" in message
+    assert "too large" in message
