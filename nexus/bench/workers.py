@@ -89,7 +89,8 @@ class NexusServerRole(Role):
     """A Nexus server (memory or NATS bus, gateway optional) with a streaming handler that holds its streams.
 
     ``publish``: events published live in this process, as a handler does (``Event.create`` + node publish,
-    the loop given a turn every 100 events). ``fill``: the same, then a full garbage collection, for RSS.
+    the loop given a turn every 100 events; with ``many``, that many at a time through ``publish_many``).
+    ``fill``: the same, then a full garbage collection, for RSS.
     """
 
     async def start(self) -> dict[str, Any]:
@@ -136,9 +137,17 @@ class NexusServerRole(Role):
             ready["ws"] = str(self.server.gateway.url)
         return ready
 
-    async def _publish(self, count: int) -> None:
+    async def _publish(self, count: int, many: int = 0) -> None:
+        """Publish ``count`` events one at a time, or ``many`` at a time through ``publish_many``."""
         node = self.server.node
         create = self.event.create
+        if many > 0:
+            for start in range(0, count, many):
+                await node.publish_many(
+                    [create(EVENT_TYPE, payload(n)) for n in range(start, min(count, start + many))]
+                )
+                await asyncio.sleep(0)
+            return
 
         async def one(n: int) -> None:
             await node.publish(create(EVENT_TYPE, payload(n)))
@@ -147,7 +156,7 @@ class NexusServerRole(Role):
 
     async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
         if command["op"] in ("publish", "fill"):
-            await self._publish(int(command["count"]))
+            await self._publish(int(command["count"]), int(command.get("many", 0)))
             if command["op"] == "fill":
                 gc.collect()
             return {"published": command["count"]}
