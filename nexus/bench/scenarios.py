@@ -162,6 +162,14 @@ class Batched100(Batched10):
         return self.config.size(3_000, 500)
 
 
+class BatchedJson(Batched):
+    name = "batched_json"
+    title = "gRPC SubscribeEventBatches, 1 subscriber asking for JSON payloads (payload_json)"
+
+    async def run_nexus(self) -> Sample:
+        return await self._run(nexus_server(self.config, self.loop), "batches-json")
+
+
 class BatchedUvloop(Batched):
     name = "batched_uvloop"
     title = "gRPC SubscribeEventBatches, 1 subscriber, both servers on uvloop"
@@ -570,6 +578,7 @@ class HistoryMemory(Scenario):
 
 SCENARIOS: list[type[Scenario]] = [
     Batched,
+    BatchedJson,
     Batched10,
     Batched100,
     BatchedUvloop,

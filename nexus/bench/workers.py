@@ -425,6 +425,12 @@ class GrpcSubscribersRole(Role):
         pattern = self.args.get("pattern", "bench:tick:>")
         if self.kind == "batches":
             return stub.SubscribeEventBatches(nexus_pb2.SubscribeEventBatchesRequest(event_types=[pattern]))
+        if self.kind == "batches-json":
+            return stub.SubscribeEventBatches(
+                nexus_pb2.SubscribeEventBatchesRequest(
+                    event_types=[pattern], payload_encoding=nexus_pb2.PAYLOAD_ENCODING_JSON
+                )
+            )
         if self.kind == "single":
             return stub.SubscribeEvents(nexus_pb2.SubscribeRequest(event_types=[pattern]))
         method = "Frames" if self.kind in ("bare-batches", "bare-single") else "RelaySub"
@@ -437,7 +443,7 @@ class GrpcSubscribersRole(Role):
         return call(b"")
 
     async def _read(self, index: int, call: Any) -> None:
-        batched = self.kind in ("batches", "bare-batches")
+        batched = self.kind in ("batches", "batches-json", "bare-batches")
         async for message in call:
             events = message.events if batched else (message,)
             if self.latency:
