@@ -340,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_client_tls_options(gateway, "nexus-", "the Nexus server")
     gateway.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
+    gateway.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        help="event loop: uvloop (the nexus-bus[uvloop] extra), asyncio, or auto: uvloop when installed (auto)",
+    )
     gateway.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     gateway.add_argument("--ws-port", type=int, help="port of the WebSocket gateway and page (default 8080)")
     gateway.add_argument("--ws-max-frame-bytes", type=int, help="largest WebSocket frame a client may send (1 MiB)")
@@ -497,6 +502,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 GATEWAY_FIELDS = (
+    "loop",
     "host",
     "ws_port",
     "ws_max_frame_bytes",
@@ -510,13 +516,21 @@ GATEWAY_FIELDS = (
 )
 
 
-async def _gateway(args: argparse.Namespace) -> int:
+def _run_gateway(args: argparse.Namespace) -> int:
+    """``nexus gateway``: the settings first, as they choose the event loop the gateway then runs on."""
     from nexus.config import load_settings
+    from nexus.server import run
+
+    settings = load_settings(args.config, os.environ, _overrides(args, GATEWAY_FIELDS))
+    return run(_gateway(args, settings), loop=settings.loop)
+
+
+async def _gateway(args: argparse.Namespace, settings: Settings) -> int:
     from nexus.gateway.server import GatewayServer, GatewaySettings
     from nexus.logs import configure_logging
     from nexus.node_remote import DEFAULT_HISTORY_SIZE, RemoteNode
+    from nexus.server import freeze_start_up_heap
 
-    settings = load_settings(args.config, os.environ, _overrides(args, GATEWAY_FIELDS))
     configure_logging(settings.log_format, settings.log_level)
     if args.history_size is not None and args.history_size < 1:
         raise CliError("--history-size must be at least 1")
@@ -537,6 +551,7 @@ async def _gateway(args: argparse.Namespace) -> int:
     except BaseException:
         await node.close()
         raise
+    freeze_start_up_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -785,7 +800,6 @@ COMMANDS = {
     "handlers": _handlers,
     "streams": _streams,
     "docs": _docs,
-    "gateway": _gateway,
     "token": _token,
     "bench": _bench,
 }
@@ -798,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _run_serve(args)
+        if args.command == "gateway":
+            return _run_gateway(args)
         if args.command in CLIENT_COMMANDS:
             _configure_client_logging(args)
         return asyncio.run(COMMANDS[args.command](args))

@@ -236,3 +236,15 @@ def test_the_nats_bus_works_on_the_loop(loop: str) -> None:
             await delete_stream(url, stream)
 
     on_loop(loop, scenario)
+
+
+def test_gateway_with_loop_uvloop_missing_exits_2_before_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``nexus gateway --loop uvloop`` without uvloop prints why and exits 2, before connecting to any server."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    code = main(["gateway", "--loop", "uvloop", "--nexus", "127.0.0.1:1", "--ws-port", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "uvloop" in err
+    assert "--loop asyncio" in err
