@@ -39,6 +39,8 @@ from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 PUBLISH_CHUNK: Final = 256
 """Events of a ``PublishEvents`` stream stored together at most (and read ahead while they are stored)."""
+SINGLE_TAKE: Final = 64
+"""Events a ``SubscribeEvents`` call takes from its queue at a time (it writes them one frame each)."""
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 10_000
 
@@ -466,7 +468,8 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
     ) -> None:
         encode = (await self._encoder(request.payload_encoding, context)).encode
         async with self._subscription(list(request.event_types), request.since_offset, request.epoch, context) as sub:
-            while batch := await sub.next_batch():
+            # A few at a time: the rest stays queued where publishers see how far this subscriber is behind.
+            while batch := await sub.next_batch(SINGLE_TAKE):
                 self.events_sent += len(batch)
                 self.node.delivered(batch, "grpc")
                 for event in batch:
