@@ -4,10 +4,12 @@ batches of points, the latest points and reset."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import numpy as np
 import pytest
+from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
 from nexus.handlers.anomalies.baseline import Baseline, finite_threshold, threshold
 from nexus.handlers.anomalies.plugin import Latest, Monitor, Reset, SetBaseline, StreamHealth
 
@@ -188,3 +190,38 @@ async def test_latest_answers_the_last_monitored_points_and_reset_forgets_them()
         )
         negative = await call(nexus, "latest", {"baseline_id": "m", "limit": -1})
         assert "payload.limit: -1 is less than the minimum of 0" in error(negative)
+
+
+async def test_on_nats_batches_latest_and_reset_work_across_two_nodes() -> None:
+    """Node a sets and resets baselines, node b monitors and answers latest: b scores a batch against a's
+    baseline, latest on b sees it, a's reset empties it on b, and a's forget makes b answer unknown baseline."""
+    url = shared_nats_url()
+    stream, prefix = unique_names("anombase")
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(delete_stream, url, stream)
+        settings = nats_settings(url, stream, prefix)
+        node_a = await stack.enter_async_context(
+            run_server(
+                HandlerSpec("anomalies.set_baseline", SetBaseline(), "--handler"),
+                HandlerSpec("anomalies.reset", Reset(), "--handler"),
+                settings=settings,
+            )
+        )
+        await stack.enter_async_context(
+            run_server(
+                HandlerSpec("anomalies.monitor", Monitor(), "--handler"),
+                HandlerSpec("anomalies.latest", Latest(), "--handler"),
+                settings=settings,
+            )
+        )
+        done = await call(node_a, "set_baseline", {"baseline_id": "m", "points": POINTS})
+        batch = await call(node_a, "monitor", {"baseline_id": "m", "points": POINTS[:3]})
+        assert batch.payload["threshold"] == done.payload["threshold"]
+        assert [r["point"] for r in batch.payload["results"]] == POINTS[:3]
+        latest = await call(node_a, "latest", {"baseline_id": "m"})
+        assert latest.payload["points"] == batch.payload["results"]
+        await call(node_a, "reset", {"baseline_id": "m"})
+        assert (await call(node_a, "latest", {"baseline_id": "m"})).payload["points"] == []
+        await call(node_a, "reset", {"baseline_id": "m", "forget": True})
+        gone = await call(node_a, "monitor", {"baseline_id": "m", "point": POINTS[0]})
+        assert error(gone) == "unknown baseline 'm': set it first with anomalies:set_baseline"
