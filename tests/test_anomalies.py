@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nexus.handlers.anomalies.plugin import Monitor, ScoreLog, SetBaseline, StreamHealth, StreamLog
+from nexus.handlers.anomalies.plugin import Latest, Monitor, Reset, ScoreLog, SetBaseline, StreamHealth, StreamLog
 from test_anomalies_logs import CYCLE, cycle_lines
 
 from nexus import Event
@@ -245,15 +245,18 @@ async def test_a_log_dir_that_does_not_exist_stops_the_server_from_starting(tmp_
 # --- baselines --------------------------------------------------------------------------------------------
 
 SQUARE = [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]]  # mean (1, 1), sample covariance (4/3) I
+SMALL_BASELINES = {"min_excess_points": 2, "threshold": "asymptotic"}  # SQUARE's d + 2 points, the chi2 threshold
 
 
-def baseline_handlers() -> tuple[SetBaseline, Monitor, StreamHealth]:
-    return SetBaseline(), Monitor(), StreamHealth()
+def baseline_handlers() -> list[HandlerSpec]:
+    """The baseline handlers, taking baselines of d + 2 points with the chi-square threshold."""
+    handlers = (SetBaseline(), Monitor(), StreamHealth())
+    return [anomalies_spec(h, n) for h, n in zip(handlers, ("set_baseline", "monitor", "stream_health"), strict=True)]
 
 
 async def test_monitor_measures_mahalanobis_distance_and_alerts_past_the_threshold() -> None:
     """Against the unit square's corners, (3, 1) is sqrt(3) away (normal) and (5, 1) sqrt(12) (an anomaly, alerted)."""
-    async with run_server(*baseline_handlers()) as nexus:
+    async with run_server(*baseline_handlers(), handler_config={"anomalies": SMALL_BASELINES}) as nexus:
         alerts = await nexus.record("anomalies:alert:v1:raised")
         done = await call(nexus, "set_baseline", {"baseline_id": "pump", "points": SQUARE})
         assert done.payload == {
@@ -262,6 +265,7 @@ async def test_monitor_measures_mahalanobis_distance_and_alerts_past_the_thresho
             "count": 4,
             "mean": [1, 1],
             "threshold": pytest.approx(3.0349, abs=5e-5),
+            "threshold_method": "asymptotic",
             "confidence": 0.99,
             "regularised": False,
         }
@@ -275,6 +279,7 @@ async def test_monitor_measures_mahalanobis_distance_and_alerts_past_the_thresho
             "distance": pytest.approx(math.sqrt(12)),  # d^2 = 4^2 * 3/4
             "threshold": pytest.approx(3.0349, abs=5e-5),
             "is_anomaly": True,
+            "point": [5, 1],
         }
         (alert,) = await alerts.wait_count(1)
         assert alert.payload == {
@@ -297,7 +302,7 @@ async def test_monitor_measures_mahalanobis_distance_and_alerts_past_the_thresho
         ("monitor", {"baseline_id": "nope", "point": [1, 1]}, "unknown baseline 'nope': set it first"),
         ("monitor", {"baseline_id": "pump", "point": [1, 1, 1]}, "point has 3 coordinates but baseline 'pump' has"),
         ("monitor", {"baseline_id": "pump", "point": ["1", 1]}, "payload.point[0]: '1' is not of type 'number'"),
-        ("monitor", {"baseline_id": "pump"}, "'point' is a required property"),
+        ("monitor", {"baseline_id": "pump"}, "anomalies:monitor needs exactly one of point and points"),
         ("set_baseline", {"baseline_id": "b", "points": [[1, 2], [3, 4], [5, 6]]}, "needs at least 4 points"),
         ("set_baseline", {"baseline_id": "b", "points": [[1, 2], [3], [5, 6], [7, 8]]}, "points[1] has 1 coordinates"),
         ("set_baseline", {"baseline_id": "b", "points": [[1], [2]]}, "a 1-dimensional baseline needs at least 3"),
@@ -310,7 +315,7 @@ async def test_baseline_bad_payloads_fail_and_existing_baselines_keep_working(
     action: str, payload: dict[str, Any], message: str
 ) -> None:
     """Unknown baselines, wrong dimensions, too few points and bad types fail clearly; 'pump' still answers."""
-    async with run_server(*baseline_handlers()) as nexus:
+    async with run_server(*baseline_handlers(), handler_config={"anomalies": SMALL_BASELINES}) as nexus:
         await call(nexus, "set_baseline", {"baseline_id": "pump", "points": SQUARE})
         bad = await call(nexus, action, payload)
         assert bad.state == "failed"
@@ -322,11 +327,8 @@ async def test_baseline_bad_payloads_fail_and_existing_baselines_keep_working(
 
 async def test_stream_health_streams_the_rolling_anomaly_percentage_and_label() -> None:
     """With a window of 20: 1 anomaly in 20 is 5 % deteriorating, 3 is 15 % failing, a reset starts over healthy."""
-    handlers = [
-        anomalies_spec(h, n)
-        for h, n in zip(baseline_handlers(), ("set_baseline", "monitor", "stream_health"), strict=True)
-    ]
-    async with run_server(*handlers, handler_config={"anomalies": {"health_window": 20}}) as nexus:
+    config = {"anomalies": {**SMALL_BASELINES, "health_window": 20}}
+    async with run_server(*baseline_handlers(), handler_config=config) as nexus:
         await call(nexus, "set_baseline", {"baseline_id": "pump", "points": SQUARE})
         health = follow(nexus, "stream_health", {"baseline_id": "pump"})
         await health.wait_for(lambda chunks: len(chunks) == 1)
@@ -373,7 +375,7 @@ async def test_stream_health_streams_the_rolling_anomaly_percentage_and_label() 
 
 
 def test_every_anomalies_handler_registers_through_entry_points() -> None:
-    """The five anomalies handlers are found as entry points named anomalies.<handler>."""
+    """The seven anomalies handlers are found as entry points named anomalies.<handler>."""
     found = {spec.name: type(spec.handler) for spec in discover(True, (), ())}
     assert {name: cls for name, cls in found.items() if name.startswith("anomalies.")} == {
         "anomalies.score_log": ScoreLog,
@@ -381,6 +383,8 @@ def test_every_anomalies_handler_registers_through_entry_points() -> None:
         "anomalies.set_baseline": SetBaseline,
         "anomalies.monitor": Monitor,
         "anomalies.stream_health": StreamHealth,
+        "anomalies.latest": Latest,
+        "anomalies.reset": Reset,
     }
 
 

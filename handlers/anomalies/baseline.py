@@ -1,15 +1,21 @@
-"""Baseline deviation: Mahalanobis distance to a baseline, chi-square thresholds, rolling health.
+"""Baseline deviation: Mahalanobis distance to a baseline, finite-sample thresholds, rolling health.
 Pure: no I/O, no asyncio.
 
-A baseline is a set of ``n`` points of dimension ``d`` (``n >= d + 2``): its mean and its sample covariance
-(divided by ``n - 1``). A point's distance is the Mahalanobis distance ``sqrt((x - mean)^T S^-1 (x - mean))``.
+A baseline is a set of ``n`` points of dimension ``d`` (at least ``d + min_excess_points``, default ``d + 10``):
+its mean and its sample covariance (divided by ``n - 1``). A point's distance is the Mahalanobis distance
+``sqrt((x - mean)^T S^-1 (x - mean))``.
 When the covariance is singular (numerical rank below ``d``: a coordinate that never varied, or points on a
 line), and only then, it is regularised with a ridge ``S + lambda I``, ``lambda = ridge x trace(S) / d``
 (``ridge`` alone when the trace is 0), so a deviation off the degenerate subspace is far, not invisible.
 
-For normal data the squared distance follows a chi-square distribution with ``d`` degrees of freedom, so the
-threshold is ``sqrt(chi2.ppf(confidence, d))``, in the same units as the distance (2-D at 0.99: 3.0349). A
-point farther than the threshold is an anomaly. The rolling share of anomalies over the last
+The threshold is in the same units as the distance. By default (``finite``) it is the prediction region for a
+new observation of the baseline's distribution, which accounts for the mean and covariance being estimated
+from ``n`` points: ``sqrt(d (n - 1)(n + 1) / (n (n - d)) x F.ppf(confidence, d, n - d))`` (13-D, 40 points,
+0.99: 7.43). The ``asymptotic`` threshold ``sqrt(chi2.ppf(confidence, d))`` (2-D at 0.99: 3.0349) is its
+limit for large ``n``; with few points per dimension it flags far more normal points than ``1 - confidence``
+(13-D, 40 points, 0.99: 20.6 % on average instead of 1 %). A point farther than the threshold is an anomaly.
+
+The rolling share of anomalies over the last
 ``health_window`` monitored points gives a health label: ``failing`` at 15 % or more, ``deteriorating`` at
 5 % or more, else ``healthy``.
 
@@ -20,8 +26,11 @@ points. Stores keep at most ``max_baselines`` (default 10,000), least recently u
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
+import re
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -39,6 +48,11 @@ FAILING: Final = "failing"
 FloatArray = npt.NDArray[np.float64]
 
 
+FINITE: Final = "finite"
+ASYMPTOTIC: Final = "asymptotic"
+THRESHOLD_METHODS: Final = (FINITE, ASYMPTOTIC)
+
+
 class BaselineError(ValueError):
     """Points or a point that cannot be used; the message says why."""
 
@@ -54,7 +68,11 @@ class BaselineSettings:
     """Baseline settings (``[handlers.anomalies]``)."""
 
     confidence: float = 0.99
-    """Chi-square confidence of the threshold, when set_baseline does not give one."""
+    """Confidence of the threshold, when set_baseline does not give one."""
+    threshold: str = FINITE
+    """``finite`` (the F-distribution prediction region) or ``asymptotic`` (sqrt chi-square)."""
+    min_excess_points: int = 10
+    """A d-dimensional baseline needs at least ``d + min_excess_points`` points (at least 2)."""
     ridge: float = 1e-6
     """Relative size of the ridge added to a singular covariance."""
     max_dimension: int = 64
@@ -63,6 +81,12 @@ class BaselineSettings:
     """Monitored points the rolling anomaly percentage is taken over."""
     failing_pct: float = 15.0
     deteriorating_pct: float = 5.0
+    max_points: int = 100_000
+    """Points a baseline may be fitted on (CSV rows included)."""
+    max_batch: int = 1000
+    """Points one monitor request may carry."""
+    latest_points: int = 100
+    """Scored points kept per baseline for the latest query (its most it can return)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BaselineSettings:
@@ -83,6 +107,20 @@ class BaselineSettings:
             deteriorating_pct=read_number(
                 config, "deteriorating_pct", cls.deteriorating_pct, plugin=_PLUGIN, minimum=0.0, maximum=100.0
             ),
+            threshold=_read_method(config),
+            min_excess_points=read_int(
+                config,
+                "min_excess_points",
+                cls.min_excess_points,
+                plugin=_PLUGIN,
+                minimum=2,
+                must_be="an integer of at least 2",
+            ),
+            max_points=read_int(config, "max_points", cls.max_points, plugin=_PLUGIN, minimum=1, must_be=_POSITIVE_INT),
+            max_batch=read_int(config, "max_batch", cls.max_batch, plugin=_PLUGIN, minimum=1, must_be=_POSITIVE_INT),
+            latest_points=read_int(
+                config, "latest_points", cls.latest_points, plugin=_PLUGIN, minimum=1, must_be=_POSITIVE_INT
+            ),
         )
         if not 0.0 < settings.confidence < 1.0:
             raise ValueError(f"anomalies setting 'confidence' must be between 0 and 1, got {settings.confidence}")
@@ -93,7 +131,14 @@ class BaselineSettings:
         return settings
 
 
-# --- chi-square -------------------------------------------------------------------------------------------
+def _read_method(config: Mapping[str, Any]) -> str:
+    method = config.get("threshold", FINITE)
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"anomalies setting 'threshold' must be 'finite' or 'asymptotic', got {method!r}")
+    return str(method)
+
+
+# --- thresholds -------------------------------------------------------------------------------------------
 
 
 def chi2_quantile(dof: int, probability: float) -> float:
@@ -106,8 +151,38 @@ def chi2_quantile(dof: int, probability: float) -> float:
 
 
 def threshold(dimension: int, confidence: float) -> float:
-    """The distance threshold: ``sqrt`` of the chi-square quantile at ``confidence`` for ``dimension``."""
+    """The asymptotic distance threshold: ``sqrt`` of the chi-square quantile at ``confidence`` for ``dimension``."""
     return math.sqrt(chi2_quantile(dimension, confidence))
+
+
+def f_quantile(dfn: int, dfd: int, probability: float) -> float:
+    """The F quantile: ``x`` with ``P(X <= x) = probability`` for ``dfn`` and ``dfd`` degrees of freedom."""
+    if dfn < 1 or dfd < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {dfn} and {dfd}")
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must be between 0 and 1, got {probability}")
+    return float(special.fdtri(dfn, dfd, probability))
+
+
+def finite_threshold(dimension: int, count: int, confidence: float) -> float:
+    """The distance threshold of the prediction region for a new point, from a baseline of ``count`` points.
+
+    ``sqrt(d (n - 1)(n + 1) / (n (n - d)) x F.ppf(confidence, d, n - d))``; needs ``n > d``.
+    """
+    d, n = dimension, count
+    if n <= d:
+        raise ValueError(f"a {d}-dimensional finite-sample threshold needs more than {d} points, got {n}")
+    scale = d * (n - 1) * (n + 1) / (n * (n - d))
+    return math.sqrt(scale * f_quantile(d, n - d, confidence))
+
+
+def threshold_for(method: str, dimension: int, count: int, confidence: float) -> float:
+    """The ``finite`` or ``asymptotic`` threshold for a baseline of ``count`` points in ``dimension``."""
+    if method == FINITE:
+        return finite_threshold(dimension, count, confidence)
+    if method == ASYMPTOTIC:
+        return threshold(dimension, confidence)
+    raise ValueError(f"threshold must be 'finite' or 'asymptotic', got {method!r}")
 
 
 # --- baselines --------------------------------------------------------------------------------------------
@@ -137,6 +212,8 @@ class Baseline:
     """The ridge added to the covariance's diagonal (0.0 when it was not singular)."""
     confidence: float
     threshold: float
+    method: str
+    """How the threshold was computed: ``finite`` or ``asymptotic``."""
     precision: FloatArray = dataclasses.field(repr=False)
     """The inverse of ``covariance + ridge I``."""
 
@@ -157,10 +234,21 @@ class Baseline:
         confidence: float = 0.99,
         ridge: float = 1e-6,
         max_dimension: int | None = None,
+        method: str = FINITE,
+        min_excess_points: int = 10,
+        max_points: int | None = None,
     ) -> Baseline:
-        """Fit a baseline; raises :class:`BaselineError` naming what is wrong with the points."""
+        """Fit a baseline; raises :class:`BaselineError` naming what is wrong with the points.
+
+        A ``d``-dimensional baseline needs at least ``d + min_excess_points`` points (``min_excess_points`` at
+        least 2) and at most ``max_points``.
+        """
         if not isinstance(points, (list, tuple)) or not points:
             raise BaselineError("points must be a non-empty array of points")
+        if max_points is not None and len(points) > max_points:
+            raise BaselineError(f"{len(points)} points are more than max_points {max_points}")
+        if method not in THRESHOLD_METHODS:
+            raise BaselineError(f"threshold must be 'finite' or 'asymptotic', got {method!r}")
         rows = [_finite_vector(point, f"points[{index}]") for index, point in enumerate(points)]
         dimension = len(rows[0])
         for index, row in enumerate(rows):
@@ -171,10 +259,12 @@ class Baseline:
                 )
         if max_dimension is not None and dimension > max_dimension:
             raise BaselineError(f"points have {dimension} coordinates, more than max_dimension {max_dimension}")
-        if len(rows) < dimension + 2:
+        excess = max(min_excess_points, 2)
+        if len(rows) < dimension + excess:
             raise BaselineError(
-                f"a {dimension}-dimensional baseline needs at least {dimension + 2} points "
-                f"(dimension + 2), got {len(rows)}"
+                f"a {dimension}-dimensional baseline needs at least {dimension + excess} points "
+                f"(dimension + {excess}), got {len(rows)}: with fewer, its mean and covariance are too uncertain "
+                "for a useful threshold"
             )
         if not 0.0 < confidence < 1.0:
             raise BaselineError(f"confidence must be between 0 and 1, got {confidence}")
@@ -183,7 +273,9 @@ class Baseline:
         covariance = np.atleast_2d(np.cov(data, rowvar=False, ddof=1))
         if not np.all(np.isfinite(covariance)):
             raise BaselineError("the points are too large: their covariance overflows")
-        return cls.from_parts(baseline_id, len(rows), mean, covariance, confidence=confidence, ridge=ridge)
+        return cls.from_parts(
+            baseline_id, len(rows), mean, covariance, confidence=confidence, ridge=ridge, method=method
+        )
 
     @classmethod
     def from_parts(
@@ -196,6 +288,7 @@ class Baseline:
         confidence: float,
         ridge: float = 1e-6,
         applied_ridge: float | None = None,
+        method: str = FINITE,
     ) -> Baseline:
         """A baseline from its mean and covariance; the ridge is decided here unless ``applied_ridge`` is given."""
         dimension = int(mean.shape[0])
@@ -213,7 +306,8 @@ class Baseline:
             covariance=covariance,
             ridge=applied_ridge,
             confidence=confidence,
-            threshold=threshold(dimension, confidence),
+            threshold=threshold_for(method, dimension, count, confidence),
+            method=method,
             precision=precision,
         )
 
@@ -239,6 +333,7 @@ class Baseline:
             "ridge": self.ridge,
             "confidence": self.confidence,
             "threshold": self.threshold,
+            "threshold_method": self.method,
         }
 
     @classmethod
@@ -253,14 +348,77 @@ class Baseline:
         )
         if covariance.shape != (mean.shape[0], mean.shape[0]):
             raise BaselineError("covariance must be a square array matching the mean")
+        method = payload.get("threshold_method", ASYMPTOTIC)  # published before finite thresholds existed
+        if method not in THRESHOLD_METHODS:
+            raise BaselineError(f"threshold_method must be 'finite' or 'asymptotic', got {method!r}")
+        count = int(payload["count"])
+        if method == FINITE and count <= mean.shape[0]:
+            raise BaselineError(f"count {count} is too small for a finite threshold in {mean.shape[0]} dimensions")
         return cls.from_parts(
             str(payload["baseline_id"]),
-            int(payload["count"]),
+            count,
             mean,
             covariance,
             confidence=float(payload["confidence"]),
             applied_ridge=float(payload["ridge"]),
+            method=str(method),
         )
+
+
+_NUMBER: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _csv_number(field: str) -> float | None:
+    text = field.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def parse_csv(text: str, *, max_rows: int, max_columns: int, max_chars: int = 10_000_000) -> list[list[float]]:
+    """The points in CSV text: one point a row, comma-separated decimal numbers.
+
+    The first row is a header (skipped) when none of its fields is a number; blank lines are skipped. Raises
+    :class:`BaselineError` naming the line for a ragged row, a field that is not a finite decimal number, or
+    more than ``max_rows`` rows, ``max_columns`` columns or ``max_chars`` characters.
+    """
+    if len(text) > max_chars:
+        raise BaselineError(f"csv has {len(text)} characters, more than {max_chars}")
+    rows: list[list[float]] = []
+    width = 0
+    first_line = 0
+    try:
+        for line_no, fields in enumerate(csv.reader(io.StringIO(text), strict=True), start=1):
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            if len(fields) > max_columns:
+                raise BaselineError(f"csv line {line_no} has {len(fields)} columns, more than {max_columns}")
+            values = [_csv_number(field) for field in fields]
+            if not rows and not width and all(value is None for value in values):
+                width = len(fields)  # the header
+                first_line = line_no
+                continue
+            for column, (field, value) in enumerate(zip(fields, values, strict=True), start=1):
+                if value is None:
+                    raise BaselineError(
+                        f"csv line {line_no} column {column}: {field.strip()[:40]!r} is not a finite decimal number"
+                    )
+            if not width:
+                width, first_line = len(fields), line_no
+            elif len(fields) != width:
+                raise BaselineError(
+                    f"csv line {line_no} has {len(fields)} columns but line {first_line} has {width}: "
+                    "every row needs the same number"
+                )
+            if len(rows) == max_rows:
+                raise BaselineError(f"csv has more than {max_rows} rows of points")
+            rows.append([value for value in values if value is not None])
+    except csv.Error as exc:
+        raise BaselineError(f"csv cannot be read: {exc}") from None
+    if not rows:
+        raise BaselineError("csv has no rows of points")
+    return rows
 
 
 def _is_singular(covariance: FloatArray) -> bool:
@@ -294,6 +452,49 @@ class BaselineStore:
         if baseline is not None:
             self._baselines.move_to_end(baseline_id)
         return baseline
+
+    def remove(self, baseline_id: str) -> bool:
+        """Forget a baseline; whether it was known."""
+        return self._baselines.pop(baseline_id, None) is not None
+
+
+class LatestStore:
+    """The last ``size`` scored points of each known baseline (``{point, distance, is_anomaly}``), at most
+    ``max_baselines`` baselines (LRU). A baseline (re)set or reset starts empty."""
+
+    def __init__(self, size: int = 100, max_baselines: int = 10_000) -> None:
+        self.size = size
+        self.max_baselines = max_baselines
+        self._points: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+
+    def __contains__(self, baseline_id: object) -> bool:
+        return baseline_id in self._points
+
+    def reset(self, baseline_id: str) -> None:
+        """The baseline is known and has no scored points."""
+        self._points[baseline_id] = deque(maxlen=self.size)
+        self._points.move_to_end(baseline_id)
+        while len(self._points) > self.max_baselines:
+            self._points.popitem(last=False)
+
+    def forget(self, baseline_id: str) -> None:
+        """The baseline is no longer known."""
+        self._points.pop(baseline_id, None)
+
+    def record(self, baseline_id: str, scored: Sequence[Mapping[str, Any]]) -> None:
+        """Scored points of a baseline, oldest first; ignored for an unknown baseline."""
+        points = self._points.get(baseline_id)
+        if points is None:
+            return
+        self._points.move_to_end(baseline_id)
+        points.extend(dict(item) for item in scored)
+
+    def latest(self, baseline_id: str, limit: int) -> list[dict[str, Any]] | None:
+        """The last ``limit`` scored points, oldest first; None for an unknown baseline."""
+        points = self._points.get(baseline_id)
+        if points is None:
+            return None
+        return list(points)[-limit:] if limit > 0 else []
 
 
 # --- health -----------------------------------------------------------------------------------------------
@@ -350,6 +551,10 @@ class HealthStore:
         self._windows.move_to_end(baseline_id)
         while len(self._windows) > self.settings.max_baselines:
             self._windows.popitem(last=False)
+
+    def forget(self, baseline_id: str) -> None:
+        """The baseline is no longer known."""
+        self._windows.pop(baseline_id, None)
 
     def record(self, baseline_id: str, is_anomaly: bool) -> dict[str, Any] | None:
         """Record a monitored point of a known baseline; its new health, or None when unknown."""

@@ -1,16 +1,19 @@
-"""The anomalies handlers: ``score_log``, ``stream_log``, ``set_baseline``, ``monitor``, ``stream_health``.
+"""The anomalies handlers: ``score_log``, ``stream_log``, ``set_baseline``, ``monitor``, ``stream_health``,
+``latest``, ``reset``.
 
 Settings (``[handlers.anomalies]``): the log model's (:class:`.logs.LogSettings`: ``order``, ``top_k``,
 ``warmup_lines``, ``score_window``, ``low_percentile``, ``med_percentile``, ``high_percentile``,
 ``max_sources``, ``source_ttl_s``, ``max_templates``, ``max_ngrams``, ``drain_depth``, ``drain_similarity``,
 ``drain_max_children``, ``max_line_chars``), the baselines' (:class:`.baseline.BaselineSettings`:
-``confidence``, ``ridge``, ``max_dimension``, ``max_baselines``, ``health_window``, ``failing_pct``,
-``deteriorating_pct``), and ``log_dir`` (the only directory stream_log may follow files in; default the
-server's ``--log-dir``), ``poll_interval_s`` (0.25), ``max_line_bytes`` (65536), ``sync_timeout_s`` (5).
+``confidence``, ``threshold``, ``min_excess_points``, ``ridge``, ``max_dimension``, ``max_baselines``,
+``max_points``, ``max_batch``, ``latest_points``, ``health_window``, ``failing_pct``, ``deteriorating_pct``),
+and ``log_dir`` (the only directory stream_log may follow files in; default the server's ``--log-dir``),
+``poll_interval_s`` (0.25), ``max_line_bytes`` (65536), ``sync_timeout_s`` (5).
 
 Baselines travel on the bus: set_baseline publishes ``anomalies:baseline:v1:set`` with the fitted mean and
-covariance, and monitor and stream_health follow those events (and monitor's results), so every node of a
-cluster knows every baseline and every health window. A handler waits until its follower has seen the bus up
+covariance, reset publishes ``anomalies:baseline:v1:reset``, and monitor, stream_health and latest follow
+those events (and monitor's results), so every node of a cluster knows every baseline, every health window
+and every baseline's latest points. A handler waits until its follower has seen the bus up
 to the request's own offset before it looks a baseline up, so a monitor sent right after set_baseline's
 ``success`` always finds it. The followers (``ctx.follow``) start from the whole history the bus still holds,
 so a node that starts late learns the earlier baselines. What each handler takes and emits is declared in
@@ -37,10 +40,27 @@ from nexus import (
 )
 
 from . import specs
-from .baseline import Baseline, BaselineError, BaselineSettings, BaselineStore, HealthStore
+from .baseline import (
+    Baseline,
+    BaselineError,
+    BaselineSettings,
+    BaselineStore,
+    HealthStore,
+    LatestStore,
+    parse_csv,
+)
 from .follow import DEFAULT_MAX_LINE_BYTES, FileFollower, PathNotAllowed
 from .logs import LogScore, LogScorer, LogSettings, LogSource
-from .specs import ALERT, BASELINE_SET, HEALTH_REQUESTED, MONITOR_REQUESTED, MONITOR_SUCCESS
+from .specs import (
+    ALERT,
+    BASELINE_RESET,
+    BASELINE_SET,
+    HEALTH_REQUESTED,
+    LATEST_REQUESTED,
+    MONITOR_REQUESTED,
+    MONITOR_SUCCESS,
+    RESET_REQUESTED,
+)
 
 
 def _plugin_number(config: Mapping[str, Any], key: str, default: float) -> float:
@@ -217,10 +237,12 @@ class StreamLog(StreamingEventHandler):
 
 
 class SetBaseline(EventHandler):
-    """Fit a baseline from points: mean, sample covariance (n - 1) and the Mahalanobis threshold.
+    """Fit a baseline from points (an array, or CSV text): mean, sample covariance (n - 1) and the threshold.
 
-    The baseline is published as ``anomalies:baseline:v1:set``, which monitor and stream_health follow on
-    every node. Setting an existing baseline_id replaces it and restarts its health window.
+    The threshold is the finite-sample prediction bound (``finite``, the default) or sqrt chi-square
+    (``asymptotic``); a d-dimensional baseline needs at least d + min_excess_points points (default d + 10).
+    The baseline is published as ``anomalies:baseline:v1:set``, which monitor, stream_health and latest follow
+    on every node. Setting an existing baseline_id replaces it and restarts its health window and latest points.
     """
 
     event_type = "anomalies:set_baseline:v1"
@@ -234,16 +256,32 @@ class SetBaseline(EventHandler):
     async def setup(self, ctx: HandlerContext) -> None:
         self.settings = _settings(ctx, BaselineSettings.from_config)
 
+    def _points(self, payload: Mapping[str, Any]) -> Any:
+        points, text = payload.get("points"), payload.get("csv")
+        if (points is None) == (text is None):
+            raise InvalidPayload("anomalies:set_baseline needs exactly one of points and csv")
+        if not isinstance(text, str):
+            return points
+        return parse_csv(
+            text,
+            max_rows=self.settings.max_points,
+            max_columns=self.settings.max_dimension,
+            max_chars=specs.MAX_CSV_CHARS,
+        )
+
     async def handle(self, event: Event) -> dict[str, Any]:
         payload = event.payload
         confidence = payload.get("confidence", self.settings.confidence)
         try:
             baseline = Baseline.fit(
                 payload["baseline_id"],
-                payload["points"],
+                self._points(payload),
                 confidence=float(confidence),
                 ridge=self.settings.ridge,
                 max_dimension=self.settings.max_dimension,
+                method=payload.get("threshold", self.settings.threshold),
+                min_excess_points=self.settings.min_excess_points,
+                max_points=self.settings.max_points,
             )
         except BaselineError as exc:
             raise InvalidPayload(f"baseline {payload['baseline_id']!r}: {exc}") from None
@@ -254,6 +292,7 @@ class SetBaseline(EventHandler):
             "count": baseline.count,
             "mean": [float(v) for v in baseline.mean],
             "threshold": baseline.threshold,
+            "threshold_method": baseline.method,
             "confidence": baseline.confidence,
             "regularised": baseline.regularised,
         }
@@ -267,9 +306,11 @@ def _unknown_baseline(baseline_id: str) -> InvalidPayload:
 
 
 class Monitor(EventHandler):
-    """Mahalanobis distance of a point to a baseline, against the chi-square threshold.
+    """Mahalanobis distance of a point, or of each point of a batch, to a baseline, against its threshold.
 
-    A point farther than the threshold is an anomaly and raises ``anomalies:alert:v1:raised``.
+    A point farther than the threshold is an anomaly and raises ``anomalies:alert:v1:raised`` (one per point).
+    A batch (``points``, at most max_batch) answers each point's distance in ``results`` and, in ``distance``
+    and ``is_anomaly``, the largest distance and whether any point is an anomaly.
     """
 
     event_type = "anomalies:monitor:v1"
@@ -287,41 +328,160 @@ class Monitor(EventHandler):
         self.settings = _settings(ctx, BaselineSettings.from_config)
         self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
         self.store = BaselineStore(self.settings.max_baselines)
-        self._follower = await ctx.follow(BASELINE_SET, MONITOR_REQUESTED, on_event=self._apply, since_offset=0)
+        self._follower = await ctx.follow(
+            BASELINE_SET, BASELINE_RESET, MONITOR_REQUESTED, on_event=self._apply, since_offset=0
+        )
 
     def _apply(self, event: Event) -> None:
         if event.event_type == BASELINE_SET:
             self.store.put(Baseline.from_payload(event.payload))
+        elif event.event_type == BASELINE_RESET and event.payload.get("forget"):
+            self.store.remove(str(event.payload.get("baseline_id")))
 
     async def handle(self, event: Event) -> dict[str, Any]:
-        baseline_id = event.payload["baseline_id"]
+        payload = event.payload
+        baseline_id = payload["baseline_id"]
+        point, points = payload.get("point"), payload.get("points")
+        if (point is None) == (points is None):
+            raise InvalidPayload("anomalies:monitor needs exactly one of point and points")
+        if points is not None and len(points) > self.settings.max_batch:
+            raise InvalidPayload(f"points has {len(points)} points, more than max_batch {self.settings.max_batch}")
         if self._follower is not None:
             await self._follower.reached(event.offset, self.sync_timeout_s)
         baseline = self.store.get(baseline_id)
         if baseline is None:
             raise _unknown_baseline(baseline_id)
+        batch: list[Any] = [point] if points is None else points
         try:
-            distance = baseline.distance(event.payload["point"])
+            distances = [baseline.distance(item) for item in batch]
         except BaselineError as exc:
-            raise InvalidPayload(str(exc)) from None
-        is_anomaly = distance > baseline.threshold
-        if is_anomaly:
-            await self.ctx.publish(
-                ALERT,
-                {
-                    "kind": "baseline",
-                    "baseline_id": baseline_id,
-                    "distance": distance,
-                    "threshold": baseline.threshold,
-                    "point": event.payload["point"],
-                },
-            )
+            raise InvalidPayload(str(exc) if points is None else f"points: {exc}") from None
+        results = [
+            {"point": item, "distance": distance, "is_anomaly": distance > baseline.threshold}
+            for item, distance in zip(batch, distances, strict=True)
+        ]
+        for result in results:
+            if result["is_anomaly"]:
+                await self.ctx.publish(
+                    ALERT,
+                    {
+                        "kind": "baseline",
+                        "baseline_id": baseline_id,
+                        "distance": result["distance"],
+                        "threshold": baseline.threshold,
+                        "point": result["point"],
+                    },
+                )
+        if points is None:
+            return {"baseline_id": baseline_id, "threshold": baseline.threshold, **results[0]}
         return {
             "baseline_id": baseline_id,
-            "distance": distance,
+            "distance": max(distances, default=0.0),
             "threshold": baseline.threshold,
-            "is_anomaly": is_anomaly,
+            "is_anomaly": any(result["is_anomaly"] for result in results),
+            "anomalies": sum(1 for result in results if result["is_anomaly"]),
+            "results": results,
         }
+
+
+def _scored(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The scored points of a monitor success: its results (a batch), or itself (one point)."""
+    results = payload.get("results")
+    if isinstance(results, list):
+        return [result for result in results if isinstance(result, dict)]
+    return [{key: payload.get(key) for key in ("point", "distance", "is_anomaly")}]
+
+
+# --- latest -----------------------------------------------------------------------------------------------
+
+
+class Latest(EventHandler):
+    """The last points monitored against a baseline (at most latest_points, default 100), oldest first."""
+
+    event_type = "anomalies:latest:v1"
+    ordering_key = "baseline_id"
+    takes = specs.LATEST_TAKES
+    emits = specs.LATEST_EMITS
+
+    def __init__(self) -> None:
+        self.settings = BaselineSettings()
+        self.latest = LatestStore()
+        self.sync_timeout_s = 5.0
+        self._follower: Follower | None = None
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        self.settings = _settings(ctx, BaselineSettings.from_config)
+        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
+        self.latest = LatestStore(self.settings.latest_points, self.settings.max_baselines)
+        self._follower = await ctx.follow(
+            BASELINE_SET, BASELINE_RESET, MONITOR_SUCCESS, LATEST_REQUESTED, on_event=self._apply, since_offset=0
+        )
+
+    def _apply(self, event: Event) -> None:
+        baseline_id = event.payload.get("baseline_id")
+        if not isinstance(baseline_id, str):
+            return
+        if event.event_type == BASELINE_SET:
+            self.latest.reset(baseline_id)
+        elif event.event_type == BASELINE_RESET:
+            if event.payload.get("forget"):
+                self.latest.forget(baseline_id)
+            elif baseline_id in self.latest:
+                self.latest.reset(baseline_id)
+        elif event.event_type == MONITOR_SUCCESS:
+            self.latest.record(baseline_id, _scored(event.payload))
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        baseline_id = event.payload["baseline_id"]
+        limit = int(event.payload.get("limit", self.settings.latest_points))
+        if self._follower is not None:
+            await self._follower.reached(event.offset, self.sync_timeout_s)
+        points = self.latest.latest(baseline_id, min(limit, self.settings.latest_points))
+        if points is None:
+            raise _unknown_baseline(baseline_id)
+        return {"baseline_id": baseline_id, "points": points}
+
+
+# --- reset ------------------------------------------------------------------------------------------------
+
+
+class Reset(EventHandler):
+    """Forget what was monitored against a baseline (health window, latest points); with ``forget``, the baseline
+    too. Published as ``anomalies:baseline:v1:reset``, which monitor, stream_health and latest follow."""
+
+    event_type = "anomalies:reset:v1"
+    ordering_key = "baseline_id"
+    takes = specs.RESET_TAKES
+    emits = specs.RESET_EMITS
+
+    def __init__(self) -> None:
+        self.known = BaselineStore()
+        self.sync_timeout_s = 5.0
+        self._follower: Follower | None = None
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        settings = _settings(ctx, BaselineSettings.from_config)
+        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
+        self.known = BaselineStore(settings.max_baselines)
+        self._follower = await ctx.follow(
+            BASELINE_SET, BASELINE_RESET, RESET_REQUESTED, on_event=self._apply, since_offset=0
+        )
+
+    def _apply(self, event: Event) -> None:
+        if event.event_type == BASELINE_SET:
+            self.known.put(Baseline.from_payload(event.payload))
+        elif event.event_type == BASELINE_RESET and event.payload.get("forget"):
+            self.known.remove(str(event.payload.get("baseline_id")))
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        baseline_id = event.payload["baseline_id"]
+        forget = bool(event.payload.get("forget", False))
+        if self._follower is not None:
+            await self._follower.reached(event.offset, self.sync_timeout_s)
+        if baseline_id not in self.known:
+            raise _unknown_baseline(baseline_id)
+        await self.ctx.publish(BASELINE_RESET, {"baseline_id": baseline_id, "forget": forget})
+        return {"baseline_id": baseline_id, "forgotten": forget}
 
 
 # --- stream_health ----------------------------------------------------------------------------------------
@@ -358,18 +518,25 @@ class StreamHealth(StreamingEventHandler):
         self.health = HealthStore(_settings(ctx, BaselineSettings.from_config))
         self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
         self._follower = await ctx.follow(
-            BASELINE_SET, MONITOR_SUCCESS, HEALTH_REQUESTED, on_event=self._apply, since_offset=0
+            BASELINE_SET, BASELINE_RESET, MONITOR_SUCCESS, HEALTH_REQUESTED, on_event=self._apply, since_offset=0
         )
 
     def _apply(self, event: Event) -> None:
         baseline_id = event.payload.get("baseline_id")
         if not isinstance(baseline_id, str):
             return
-        if event.event_type == BASELINE_SET:
+        if event.event_type == BASELINE_SET or (
+            event.event_type == BASELINE_RESET and not event.payload.get("forget") and baseline_id in self.health
+        ):
             self.health.reset(baseline_id)
             health = self.health.health(baseline_id)
+        elif event.event_type == BASELINE_RESET:
+            self.health.forget(baseline_id)
+            return
         elif event.event_type == MONITOR_SUCCESS:
-            health = self.health.record(baseline_id, bool(event.payload.get("is_anomaly")))
+            health = None
+            for scored in _scored(event.payload):
+                health = self.health.record(baseline_id, bool(scored.get("is_anomaly")))
         else:
             return
         if health is None:

@@ -11,10 +11,34 @@ BASELINE_SET: Final = "anomalies:baseline:v1:set"
 MONITOR_REQUESTED: Final = "anomalies:monitor:v1:requested"
 MONITOR_SUCCESS: Final = "anomalies:monitor:v1:success"
 HEALTH_REQUESTED: Final = "anomalies:stream_health:v1:requested"
+BASELINE_RESET: Final = "anomalies:baseline:v1:reset"
+LATEST_REQUESTED: Final = "anomalies:latest:v1:requested"
+RESET_REQUESTED: Final = "anomalies:reset:v1:requested"
+MAX_CSV_CHARS: Final = 1_000_000
+"""The longest CSV text set_baseline takes (the server's payload limit, max_payload_bytes, applies first)."""
 
 _SOURCE = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Whose logs: a service, host or file."}
 
 _BASELINE_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Names the baseline."}
+
+_POINT = {"type": "array", "minItems": 1, "items": {"type": "number"}}
+
+_THRESHOLD_METHODS = (
+    "finite: the prediction bound for a new point from n baseline points, sqrt(d (n-1)(n+1) / (n (n-d)) "
+    "F.ppf(confidence, d, n-d)); asymptotic: sqrt(chi2.ppf(confidence, d)), its limit for large n."
+)
+
+_THRESHOLD_METHOD = {"enum": ["finite", "asymptotic"], "description": _THRESHOLD_METHODS}
+
+_SCORED = {
+    "type": "object",
+    "required": ["point", "distance", "is_anomaly"],
+    "properties": {
+        "point": {**_POINT, "description": "The point."},
+        "distance": {"type": "number", "minimum": 0, "description": "Its Mahalanobis distance."},
+        "is_anomaly": {"type": "boolean", "description": "distance > threshold."},
+    },
+}
 
 _SEVERITY = {
     "enum": ["LEARNING", "NONE", "LOW", "MED", "HIGH"],
@@ -196,27 +220,42 @@ STREAM_LOG_EMITS = (
 
 SET_BASELINE_TAKES = EventSpec(
     "anomalies:set_baseline:v1:requested",
-    "Points of normal behaviour: any dimension d >= 1 (at most max_dimension), at least d + 2 points.",
+    "Points of normal behaviour, as an array or as CSV text: any dimension d >= 1 (at most max_dimension), at "
+    "least d + min_excess_points points (default d + 10), at most max_points.",
     {
         "type": "object",
-        "required": ["baseline_id", "points"],
+        "required": ["baseline_id"],
         "properties": {
             "baseline_id": _BASELINE_ID,
             "points": {
                 "type": "array",
                 "description": "The points, each an array of d numbers (d >= 1, the same for every point); "
-                "at least d + 2 of them.",
+                "at least d + min_excess_points of them. Give points or csv.",
                 "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+            },
+            "csv": {
+                "type": "string",
+                "maxLength": MAX_CSV_CHARS,
+                "description": "Instead of points: one point a line, comma-separated decimal numbers; a first "
+                "line without numbers is a header and skipped; blank lines are skipped.",
             },
             "confidence": {
                 "type": "number",
                 "exclusiveMinimum": 0,
                 "exclusiveMaximum": 1,
-                "description": "Chi-square confidence of the threshold (default the setting, 0.99).",
+                "description": "Confidence of the threshold (default the setting, 0.99).",
+            },
+            "threshold": {
+                **_THRESHOLD_METHOD,
+                "description": "How the threshold is computed (default the setting, finite). " + _THRESHOLD_METHODS,
             },
         },
     },
-    example={"baseline_id": "pump-3", "points": [[1.0, 2.0], [2.0, 1.0], [3.0, 4.0], [4.0, 3.0], [2.5, 2.5]]},
+    example={
+        "baseline_id": "pump-3",
+        "csv": "rpm,temp\n1480,61.2\n1502,62.0\n1497,61.7\n1510,62.4\n1489,61.5\n1495,61.9\n1503,62.1\n"
+        "1478,61.0\n1491,61.6\n1507,62.3\n1499,61.8\n1486,61.4\n",
+    },
 )
 
 SET_BASELINE_EMITS = (
@@ -233,8 +272,10 @@ SET_BASELINE_EMITS = (
                 "mean": {"type": "array", "items": {"type": "number"}, "description": "The mean point."},
                 "threshold": {
                     "type": "number",
-                    "description": "sqrt of the chi-square quantile at confidence for d (2-D, 0.99: 3.0349).",
+                    "description": "The distance threshold (finite, 13-D from 40 points at 0.99: 7.434; "
+                    "asymptotic, 2-D at 0.99: 3.0349).",
                 },
+                "threshold_method": {**_THRESHOLD_METHOD, "description": "How the threshold was computed."},
                 "confidence": {"type": "number", "description": "The confidence used."},
                 "regularised": {
                     "type": "boolean",
@@ -245,9 +286,10 @@ SET_BASELINE_EMITS = (
         example={
             "baseline_id": "pump-3",
             "dimension": 2,
-            "count": 5,
-            "mean": [2.5, 2.5],
-            "threshold": 3.0348542587702925,
+            "count": 12,
+            "mean": [1494.75, 61.741666666666667],
+            "threshold": 4.24460205934029,
+            "threshold_method": "finite",
             "confidence": 0.99,
             "regularised": False,
         },
@@ -271,6 +313,10 @@ SET_BASELINE_EMITS = (
                 "ridge": {"type": "number", "description": "Added to the diagonal (0 unless singular)."},
                 "confidence": {"type": "number", "description": "The threshold's confidence."},
                 "threshold": {"type": "number", "description": "The distance threshold."},
+                "threshold_method": {
+                    **_THRESHOLD_METHOD,
+                    "description": "How the threshold was computed (absent: asymptotic).",
+                },
             },
         },
         example={
@@ -282,23 +328,25 @@ SET_BASELINE_EMITS = (
             "ridge": 0.0,
             "confidence": 0.99,
             "threshold": 3.0348542587702925,
+            "threshold_method": "asymptotic",
         },
     ),
 )
 
 MONITOR_TAKES = EventSpec(
     "anomalies:monitor:v1:requested",
-    "One observation to compare with a baseline set earlier.",
+    "One observation (point), or a batch of them (points, at most max_batch), to compare with a baseline set earlier.",
     {
         "type": "object",
-        "required": ["baseline_id", "point"],
+        "required": ["baseline_id"],
         "properties": {
             "baseline_id": _BASELINE_ID,
-            "point": {
+            "point": {**_POINT, "description": "The observation: d numbers, d the baseline's dimension."},
+            "points": {
                 "type": "array",
                 "minItems": 1,
-                "items": {"type": "number"},
-                "description": "The observation: d numbers, d the baseline's dimension.",
+                "items": _POINT,
+                "description": "Instead of point: several observations, in order (at most max_batch, 1000).",
             },
         },
     },
@@ -308,20 +356,121 @@ MONITOR_TAKES = EventSpec(
 MONITOR_EMITS = (
     EventSpec(
         MONITOR_SUCCESS,
-        "The point's distance to the baseline and whether it is an anomaly (distance > threshold).",
+        "The point's distance to the baseline and whether it is an anomaly (distance > threshold); for a batch, "
+        "each point's in results, the largest distance and whether any is an anomaly.",
         {
             "type": "object",
             "required": ["baseline_id", "distance", "threshold", "is_anomaly"],
             "properties": {
                 "baseline_id": {"type": "string", "description": "The baseline."},
-                "distance": {"type": "number", "minimum": 0, "description": "The Mahalanobis distance."},
-                "threshold": {"type": "number", "description": "sqrt(chi2.ppf(confidence, d))."},
-                "is_anomaly": {"type": "boolean", "description": "distance > threshold."},
+                "distance": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "The Mahalanobis distance (a batch: the largest).",
+                },
+                "threshold": {"type": "number", "description": "The baseline's distance threshold."},
+                "is_anomaly": {"type": "boolean", "description": "distance > threshold (a batch: any point)."},
+                "point": {**_POINT, "description": "The point (one point)."},
+                "anomalies": {"type": "integer", "minimum": 0, "description": "A batch: how many are anomalies."},
+                "results": {"type": "array", "items": _SCORED, "description": "A batch: each point, in order."},
             },
         },
-        example={"baseline_id": "pump-3", "distance": 4.21, "threshold": 3.0348542587702925, "is_anomaly": True},
+        example={
+            "baseline_id": "pump-3",
+            "distance": 4.21,
+            "threshold": 3.0348542587702925,
+            "is_anomaly": True,
+            "point": [7.9, 1.2],
+        },
     ),
     BASELINE_ALERT_SPEC,
+)
+
+LATEST_TAKES = EventSpec(
+    LATEST_REQUESTED,
+    "The last points monitored against a baseline since it was set or reset.",
+    {
+        "type": "object",
+        "required": ["baseline_id"],
+        "properties": {
+            "baseline_id": _BASELINE_ID,
+            "limit": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "At most this many (default and most: latest_points, 100).",
+            },
+        },
+    },
+    example={"baseline_id": "pump-3", "limit": 2},
+)
+
+LATEST_EMITS = (
+    EventSpec(
+        "anomalies:latest:v1:success",
+        "The points, oldest first.",
+        {
+            "type": "object",
+            "required": ["baseline_id", "points"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "points": {"type": "array", "items": _SCORED, "description": "The scored points, oldest first."},
+            },
+        },
+        example={
+            "baseline_id": "pump-3",
+            "points": [
+                {"point": [1.1, 0.9], "distance": 0.42, "is_anomaly": False},
+                {"point": [7.9, 1.2], "distance": 4.21, "is_anomaly": True},
+            ],
+        },
+    ),
+)
+
+RESET_TAKES = EventSpec(
+    RESET_REQUESTED,
+    "Forget what was monitored against a baseline: its health window and latest points (forget: the baseline too).",
+    {
+        "type": "object",
+        "required": ["baseline_id"],
+        "properties": {
+            "baseline_id": _BASELINE_ID,
+            "forget": {
+                "type": "boolean",
+                "description": "Forget the baseline itself too: monitor answers unknown baseline until it is set "
+                "again (default false).",
+            },
+        },
+    },
+    example={"baseline_id": "pump-3"},
+)
+
+RESET_EMITS = (
+    EventSpec(
+        "anomalies:reset:v1:success",
+        "The baseline was reset.",
+        {
+            "type": "object",
+            "required": ["baseline_id", "forgotten"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "forgotten": {"type": "boolean", "description": "The baseline itself was forgotten."},
+            },
+        },
+        example={"baseline_id": "pump-3", "forgotten": False},
+    ),
+    EventSpec(
+        BASELINE_RESET,
+        "A baseline was reset: every node empties its health window and latest points (forget: drops it).",
+        {
+            "type": "object",
+            "required": ["baseline_id", "forget"],
+            "properties": {
+                "baseline_id": {"type": "string", "description": "The baseline."},
+                "forget": {"type": "boolean", "description": "The baseline itself is forgotten."},
+            },
+        },
+        example={"baseline_id": "pump-3", "forget": False},
+    ),
 )
 
 STREAM_HEALTH_TAKES = EventSpec(
