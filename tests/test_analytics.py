@@ -55,7 +55,7 @@ async def test_window_closes_at_the_watermark_and_alerts_only_on_crossings() -> 
     async with run_server(*analytics_handlers()) as nexus:
         defined = await call(nexus, DEFINE, PARKING)
         assert defined.state == "success"
-        assert defined.payload == {**PARKING, "tags": {}, "replaced": False}
+        assert defined.payload == {**PARKING, "tags": {}, "silence_s": 0, "replaced": False}
         events = await nexus.record(CLOSED, CROSSED)
         # two values per minute (means: 50, 35, 30, 15, 45), then one at minute 6 + 10 s to close minute 4
         for minute, (a, b) in enumerate([(40, 60), (30, 40), (20, 40), (10, 20), (40, 50)]):
