@@ -790,8 +790,8 @@ class _Definition:
         self.silent = True
         return SourceChange(spec.name, spec.metric, "silent", spec.silence_s, silent_for, self.heard_time)
 
-    def snapshot(self) -> list[OpenWindow]:
-        """The open windows with their aggregates so far, by start."""
+    def snapshot(self, limit: int) -> list[OpenWindow]:
+        """The first ``limit`` open windows by start, with their aggregates so far (only those are computed)."""
         spec = self.spec
         found: list[tuple[float, float, Aggregate]] = []
         if spec.kind == "session":
@@ -800,6 +800,7 @@ class _Definition:
         else:
             found = [(*self._bounds(index), aggregate) for index, aggregate in self.windows.items()]
         found.sort(key=lambda item: (item[0], item[1]))
+        del found[limit:]
         return [
             OpenWindow(spec.name, spec.metric, spec.kind, spec.agg, start, end, agg.value(spec.agg), agg.count)
             for start, end, agg in found
@@ -927,7 +928,7 @@ class Engine:
         for state in states:
             if len(windows) >= limit:
                 break
-            windows += state.snapshot()[: limit - len(windows)]
+            windows += state.snapshot(limit - len(windows))
         return Snapshot(windows, total, len(states))
 
 
