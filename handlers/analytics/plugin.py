@@ -33,7 +33,8 @@ handler set up on a server):
 - ``default_grace_s`` (0): ``grace_s`` of a definition that gives none;
 - ``default_silence_s`` (0, off): ``silence_s`` of a definition that gives none;
 - ``max_thresholds`` (32): named thresholds per definition;
-- ``max_snapshot_windows`` (1000): the most windows one ``snapshot`` answers (and its default ``limit``);
+- ``max_snapshot_windows`` (1000): the most windows one ``snapshot`` answers (and its default ``limit``); a
+  ``p95`` window sorts its samples to answer (about 1 ms of CPU per 10,000), the others cost next to nothing;
 - ``max_definitions`` (1000), ``max_open_windows`` (1000 per definition), ``max_windows_per_value`` (100:
   ``size_s / slide_s`` of a sliding window), ``max_samples`` (10000 values per ``p95`` window): see
   :mod:`.windows`;
