@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from nexus.handlers.analytics.plugin import DefineWindow, RecordMetric, StreamMetrics
+from nexus.handlers.analytics.plugin import DefineWindow, RecordMetric, Snapshot, StreamMetrics
 
 from nexus import Event, parse_time
 from nexus.plugins import HandlerSpec, discover
@@ -17,14 +17,18 @@ DEFINE = "analytics:define_window:v1:requested"
 RECORD = "analytics:record_metric:v1:requested"
 CLOSED = "analytics:window:v1:closed"
 CROSSED = "analytics:threshold:v1:crossed"
+SNAPSHOT = "analytics:snapshot:v1:requested"
+SILENT = "analytics:source:v1:silent"
+RESUMED = "analytics:source:v1:resumed"
 T0 = 1736150400  # 2025-01-06T08:00:00Z
 
 
 def analytics_handlers() -> list[HandlerSpec]:
-    """Fresh instances of the three handlers, named as their entry points."""
+    """Fresh instances of the four handlers, named as their entry points."""
     return [
         HandlerSpec("analytics.define_window", DefineWindow(), "test"),
         HandlerSpec("analytics.record_metric", RecordMetric(), "test"),
+        HandlerSpec("analytics.snapshot", Snapshot(), "test"),
         HandlerSpec("analytics.stream_metrics", StreamMetrics(), "test"),
     ]
 
@@ -55,7 +59,7 @@ async def test_window_closes_at_the_watermark_and_alerts_only_on_crossings() -> 
     async with run_server(*analytics_handlers()) as nexus:
         defined = await call(nexus, DEFINE, PARKING)
         assert defined.state == "success"
-        assert defined.payload == {**PARKING, "tags": {}, "replaced": False}
+        assert defined.payload == {**PARKING, "tags": {}, "silence_s": 0, "replaced": False}
         events = await nexus.record(CLOSED, CROSSED)
         # two values per minute (means: 50, 35, 30, 15, 45), then one at minute 6 + 10 s to close minute 4
         for minute, (a, b) in enumerate([(40, 60), (30, 40), (20, 40), (10, 20), (40, 50)]):
@@ -199,6 +203,11 @@ async def test_stream_metrics_streams_the_bus_statistics_every_interval() -> Non
         (RECORD, {"metric": "parking.free", "value": 1, "tags": {"a": [1]}}, "payload.tags.a: [1] is not of type"),
         ("analytics:stream_metrics:v1:requested", {"interval_s": 0.001}, "outside 0.1 to 3600"),
         ("analytics:stream_metrics:v1:requested", {"interval_s": "fast"}, "is not of type 'number'"),
+        (DEFINE, {**PARKING, "thresholds": [{"name": "hot"}]}, "payload.thresholds"),
+        (DEFINE, {**PARKING, "thresholds": [{"name": "a", "above": 1}, {"name": "a", "below": 0}]}, "unique"),
+        (DEFINE, {**PARKING, "silence_s": -1}, "payload.silence_s: -1 is less than the minimum of 0"),
+        (SNAPSHOT, {"limit": 5000}, "payload.limit: 5000 is more than 1000"),
+        (SNAPSHOT, {"metric": ""}, "payload.metric: '' should be non-empty"),
     ],
 )
 async def test_bad_payloads_fail_clearly_and_keep_the_windows(
@@ -251,3 +260,79 @@ async def test_entry_point_handlers_share_one_engine_per_node() -> None:
     async with run_server(*analytics_handlers()) as restarted:
         # definitions made with define_window do not persist
         assert (await record(restarted, "parking.free", 50, T0)).payload["windows"] == []
+
+
+async def test_named_thresholds_alert_with_their_names_and_clear_past_the_hysteresis() -> None:
+    """high_temp above 30 (hysteresis 2): means 31, 29, 27 breach once and clear once, each alert named."""
+    definition = {
+        "name": "boiler_1m",
+        "metric": "boiler.temp",
+        "kind": "tumbling",
+        "size_s": 60,
+        "agg": "mean",
+        "thresholds": [{"name": "high_temp", "above": 30, "hysteresis": 2}, {"name": "frozen", "below": 0}],
+    }
+    async with run_server(*analytics_handlers()) as nexus:
+        defined = await call(nexus, DEFINE, definition)
+        assert defined.payload["thresholds"] == definition["thresholds"]
+        events = await nexus.record(CROSSED)
+        for minute, value in enumerate([31, 29, 27, 20]):  # the last one only closes the minute before it
+            await record(nexus, "boiler.temp", value, T0 + minute * 60)
+        alerts = [e.payload for e in await events.wait_count(2)]
+        assert [(a["level"], a["bound"], a["state"], a["value"], a["threshold"], a["hysteresis"]) for a in alerts] == [
+            ("high_temp", "above", "breached", 31, 30, 2),
+            ("high_temp", "above", "recovered", 27, 30, 2),
+        ]
+        for alert in alerts:
+            RecordMetric.emits[2].validate(alert)
+        await events.stop()
+
+
+async def test_snapshot_answers_the_open_windows_with_their_values_so_far() -> None:
+    """A snapshot lists each open window's aggregate so far; a metric selects; the limit cuts and says so."""
+    async with run_server(*analytics_handlers(), handler_config={"analytics": {"max_snapshot_windows": 2}}) as nexus:
+        await call(nexus, DEFINE, PARKING)
+        await call(nexus, DEFINE, {**PARKING, "name": "free_max", "agg": "max"})
+        await call(nexus, DEFINE, {"name": "door", "metric": "door", "kind": "session", "gap_s": 600, "agg": "count"})
+        for value, at in [(30, T0 + 5), (50, T0 + 20), (10, T0 + 65)]:  # watermark T0 + 55: minute 0 open
+            await record(nexus, "parking.free", value, at)
+        await record(nexus, "door", 1, T0 + 3)
+        everything = await call(nexus, SNAPSHOT, {"limit": 2})
+        assert everything.state == "success", everything.payload
+        Snapshot.emits[0].validate(everything.payload)
+        assert (everything.payload["total"], everything.payload["truncated"]) == (5, True)
+        assert [w["name"] for w in everything.payload["windows"]] == ["door", "free_1m"]
+        parking = await call(nexus, SNAPSHOT, {"metric": "parking.free", "limit": 2})
+        assert [(w["name"], w["start"], w["value"], w["count"]) for w in parking.payload["windows"]] == [
+            ("free_1m", "2025-01-06T08:00:00Z", 40, 2),
+            ("free_1m", "2025-01-06T08:01:00Z", 10, 1),
+        ]
+        one = await call(nexus, SNAPSHOT, {"name": "free_max"})
+        assert [(w["start"], w["value"]) for w in one.payload["windows"]] == [
+            ("2025-01-06T08:00:00Z", 50),
+            ("2025-01-06T08:01:00Z", 10),
+        ]
+        assert (one.payload["total"], one.payload["truncated"], one.payload["definitions"]) == (2, False, 1)
+
+
+async def test_a_silent_source_is_published_once_and_its_return() -> None:
+    """silence_s 0.2: after one value, one silent event; the next value publishes resumed."""
+    config = {"analytics": {"session_check_s": 0.02}}
+    async with run_server(*analytics_handlers(), handler_config=config) as nexus:
+        await call(nexus, DEFINE, {**PARKING, "thresholds": {}, "silence_s": 0.2})
+        events = await nexus.record(SILENT, RESUMED)
+        await call(nexus, RECORD, {"metric": "parking.free", "value": 1, "timestamp": T0})
+        [silent] = await events.wait_count(1)
+        assert silent.event_type == SILENT
+        assert silent.payload["name"] == "free_1m"
+        assert silent.payload["last_value_at"] == "2025-01-06T08:00:00Z"
+        assert silent.payload["silent_for_s"] >= 0.2
+        await call(nexus, RECORD, {"metric": "parking.free", "value": 1, "timestamp": T0 + 30})
+        resumed = (await events.wait_for(lambda evs: any(e.event_type == RESUMED for e in evs)))[-1]
+        assert [e.event_type for e in events.events] == [SILENT, RESUMED]
+        assert resumed.payload["value_at"] == "2025-01-06T08:00:30Z"
+        assert resumed.payload["silent_for_s"] >= silent.payload["silent_for_s"]
+        for event in events.events:
+            spec = next(s for s in RecordMetric.emits if s.event_type == event.event_type)
+            spec.validate(event.payload)
+        await events.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -303,3 +304,217 @@ def test_rfc3339_round_trips_through_parse_time() -> None:
     assert rfc3339(1736150400) == "2025-01-06T08:00:00Z"
     assert rfc3339(0.25) == "1970-01-01T00:00:00.250000Z"
     assert parse_time(rfc3339(1736150400.5)) == 1736150400.5
+
+
+# --- named thresholds -------------------------------------------------------------------------------------------
+
+
+def named_alerts(values: list[float], thresholds: Any) -> list[tuple[str, str, str, float, float]]:
+    """Feed one value per tumbling window of 10 s (the last one only closes the window before it)."""
+    engine = engine_with(spec(size_s=10, agg="mean", thresholds=thresholds))
+    seen = []
+    for i, value in enumerate([*values, 0.0]):
+        for window in engine.record("m", value, i * 10, arrival=0).closed:
+            seen += [(a.level, a.direction, a.state, a.value, a.threshold) for a in window.alerts]
+    return seen
+
+
+def test_named_threshold_enters_stays_clears_and_re_enters_past_its_hysteresis() -> None:
+    """high_temp above 30, hysteresis 2: 30 enters, 31 and 28.5 stay, 27.9 clears, 29 does not re-enter, 30.5
+    does; 28.1 stays, 27 clears."""
+    high_temp = [{"name": "high_temp", "above": 30, "hysteresis": 2}]
+    assert named_alerts([25, 30, 31, 29, 28.5, 28, 27.9, 29, 30.5, 28.1, 30, 27], high_temp) == [
+        ("high_temp", "up", "breached", 30, 30),
+        ("high_temp", "down", "recovered", 27.9, 30),
+        ("high_temp", "up", "breached", 30.5, 30),
+        ("high_temp", "down", "recovered", 27, 30),
+    ]
+    frost = [{"name": "frost", "below": 0, "hysteresis": 1}]
+    assert named_alerts([2, 0, 0.9, 1.0, 1.01, -0.5], frost) == [
+        ("frost", "down", "breached", 0, 0),
+        ("frost", "up", "recovered", 1.01, 0),
+        ("frost", "down", "breached", -0.5, 0),
+    ]
+
+
+def test_no_flapping_within_the_hysteresis_band() -> None:
+    """A value wandering 28.5..31.5 around a bound of 30 with hysteresis 2 raises one alert in 200 windows."""
+    rng = random.Random(7)
+    values = [30.0] + [rng.uniform(28.5, 31.5) for _ in range(200)]
+    alerts = named_alerts(values, [{"name": "hot", "above": 30, "hysteresis": 2}])
+    assert alerts == [("hot", "up", "breached", 30, 30)]
+    # without hysteresis the same values flap
+    assert len(named_alerts(values, [{"name": "hot", "above": 30}])) > 50
+
+
+def schmitt(values: list[float], bound: str, level: float, hysteresis: float) -> list[tuple[int, str]]:
+    """An independent Schmitt trigger: (index, state) at every change."""
+    on = False
+    changes = []
+    for i, v in enumerate(values):
+        inside = v >= level if bound == "above" else v <= level
+        outside = v < level - hysteresis if bound == "above" else v > level + hysteresis
+        if (not on and inside) or (on and outside):
+            on = not on
+            changes.append((i, "breached" if on else "recovered"))
+    return changes
+
+
+def test_named_thresholds_match_an_independent_trigger_on_random_values() -> None:
+    """Three named thresholds over 2,000 random windows give each its own Schmitt trigger's changes."""
+    rng = random.Random(13)
+    values = [round(rng.gauss(50, 15), 1) for _ in range(2000)]
+    named: list[dict[str, Any]] = [
+        {"name": "hot", "above": 70, "hysteresis": 5},
+        {"name": "warm", "above": 55, "hysteresis": 0.5},
+        {"name": "cold", "below": 30, "hysteresis": 3},
+    ]
+    engine = engine_with(spec(size_s=10, agg="mean", thresholds=named))
+    seen: dict[str, list[tuple[int, str]]] = {"hot": [], "warm": [], "cold": []}
+    for i, value in enumerate([*values, 0.0]):
+        for window in engine.record("m", value, i * 10, arrival=0).closed:
+            for alert in window.alerts:
+                seen[alert.level].append((int(window.start // 10), alert.state))
+                assert alert.bound == ("below" if alert.level == "cold" else "above")
+    for item in named:
+        bound = "above" if "above" in item else "below"
+        expected = schmitt(values, bound, float(item[bound]), float(item["hysteresis"]))
+        assert seen[str(item["name"])] == expected
+        assert len(expected) > 20
+
+
+def test_low_critical_high_behave_as_the_named_thresholds_they_stand_for() -> None:
+    """{low, critical, high, hysteresis} raises exactly what the same three named thresholds raise."""
+    rng = random.Random(3)
+    values = [round(rng.uniform(0, 100), 1) for _ in range(1000)]
+    legacy = {"low": 40, "critical": 20, "high": 80, "hysteresis": 3}
+    named: list[dict[str, Any]] = [
+        {"name": "low", "below": 40, "hysteresis": 3},
+        {"name": "critical", "below": 20, "hysteresis": 3},
+        {"name": "high", "above": 80, "hysteresis": 3},
+    ]
+    assert named_alerts(values, legacy) == named_alerts(values, named)
+    assert spec(thresholds=legacy).to_payload()["thresholds"] == legacy
+    assert spec(thresholds=named).to_payload()["thresholds"] == named
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "message"),
+    [
+        ([{"name": "x", "above": 1, "below": 0}], r"thresholds\[0\]: needs exactly one of above or below"),
+        ([{"name": "x"}], r"thresholds\[0\]: needs exactly one of above or below"),
+        ([{"above": 1}], r"thresholds\[0\]: name must be a non-empty string"),
+        ([{"name": "x", "above": "hot"}], r"thresholds\[0\]: above must be a number"),
+        ([{"name": "x", "above": 1, "hysteresis": -1}], r"thresholds\[0\]: hysteresis must be at least 0"),
+        ([{"name": "x", "above": 1, "level": 2}], r"thresholds\[0\] has unknown field"),
+        ([{"name": "x", "above": 1}, {"name": "x", "below": 0}], r"names must be unique: \['x'\]"),
+        ([{"name": f"t{i}", "above": i} for i in range(33)], "at most 32"),
+        (["hot"], r"thresholds\[0\] must be an object"),
+        ("hot", "thresholds must be an object"),
+    ],
+)
+def test_bad_named_thresholds_are_refused_with_the_entry_named(thresholds: Any, message: str) -> None:
+    """Each wrong entry gives an InvalidInput naming its index and field."""
+    with pytest.raises(InvalidInput, match=message):
+        spec(thresholds=thresholds)
+
+
+# --- snapshots of open windows ----------------------------------------------------------------------------------
+
+
+def test_snapshot_gives_each_open_window_its_aggregate_so_far() -> None:
+    """Open tumbling, sliding and session windows with the aggregate of the values they hold; closed ones gone."""
+    engine = engine_with(
+        spec(name="t", agg="sum"),
+        spec(name="s", kind="sliding", size_s=20, slide_s=10, agg="max"),
+        spec(name="v", metric="door", kind="session", size_s=None, gap_s=5, agg="count"),
+        spec(name="p", agg="p95"),
+    )
+    for time, value in [(1, 1.0), (12, 2.0), (61, 4.0), (65, 8.0)]:
+        engine.record("m", value, time, arrival=0)
+    for time in (100, 102, 110):
+        engine.record("door", 1.0, time, arrival=0)
+    found = [(w.name, w.start, w.end, w.value, w.count) for w in engine.snapshot().windows]
+    assert found == [
+        # p95 of 4 and 8: rank 0.95 -> 4 + 0.95 * 4 = 7.8
+        ("p", 60, 120, pytest.approx(7.8), 2),
+        # sliding 20/10: the value at 12 closed [0, 20) at watermark 65; [50, 70) and [60, 80) hold 4 and 8
+        ("s", 50, 70, 8.0, 2),
+        ("s", 60, 80, 8.0, 2),
+        ("t", 60, 120, 12.0, 2),
+        # sessions: 100, 102 (until 107) and 110 (until 115); the first closed at watermark 110 >= 107
+        ("v", 110, 115, 1, 1),
+    ]
+    assert engine.snapshot().total == 5
+    cut = engine.snapshot(limit=2)  # the limit falls inside a definition's windows
+    assert [(w.name, w.start) for w in cut.windows] == [("p", 60), ("s", 50)]
+    assert (cut.total, cut.truncated) == (5, True)
+
+
+def test_snapshot_is_filtered_by_name_or_metric_and_bounded() -> None:
+    """name and metric select definitions; past the limit the rest is counted and the snapshot says truncated."""
+    engine = engine_with(spec(name="a", agg="count"), spec(name="b", agg="count"), spec(name="c", metric="n"))
+    for time in (1, 61, 121):  # tumbling, grace 0: each value closes the window before it
+        engine.record("m", 1.0, time + 0.5, arrival=0)
+    engine.record("m", 1.0, 170, arrival=0)
+    engine.record("n", 3.0, 5, arrival=0)
+    assert [w.name for w in engine.snapshot(metric="m").windows] == ["a", "b"]
+    assert [(w.name, w.value) for w in engine.snapshot(name="c").windows] == [("c", 3.0)]
+    assert engine.snapshot(name="c", metric="m").windows == []
+    assert engine.snapshot(name="nope").definitions == 0
+    bounded = engine.snapshot(limit=2)
+    assert [w.name for w in bounded.windows] == ["a", "b"]
+    assert (bounded.total, bounded.truncated) == (3, True)
+    assert engine.snapshot().truncated is False
+
+
+# --- silent sources -----------------------------------------------------------------------------------------------
+
+
+def source_events(outcome: Any) -> list[tuple[str, str, float]]:
+    return [(c.name, c.state, c.silent_for_s) for c in outcome.sources]
+
+
+def test_a_silent_source_is_reported_once_and_its_return_once() -> None:
+    """silence_s 30: nothing at 29.9 s, one silent at 30 s and none after, resumed by the next value, then again."""
+    engine = engine_with(spec(silence_s=30))
+    engine.record("m", 1.0, 1000, arrival=100)
+    assert source_events(engine.tick(129.9)) == []
+    assert source_events(engine.tick(130)) == [("w", "silent", 30)]
+    silent = engine.tick(130).sources  # already reported
+    assert silent == []
+    assert source_events(engine.tick(500)) == []
+    back = engine.record("m", 2.0, 1400, arrival=520)
+    assert source_events(back) == [("w", "resumed", 420)]
+    assert back.sources[0].to_payload() == {
+        "name": "w",
+        "metric": "m",
+        "silence_s": 30,
+        "silent_for_s": 420,
+        "last_value_at": rfc3339(1000),
+        "value_at": rfc3339(1400),
+    }
+    assert source_events(engine.record("m", 3.0, 1401, arrival=521)) == []
+    assert source_events(engine.tick(550.9)) == []
+    assert source_events(engine.tick(551)) == [("w", "silent", 30)]
+
+
+def test_silence_counts_late_values_and_only_matching_tags_and_is_off_by_default() -> None:
+    """A late value still shows the source alive; a value without the definition's tags does not."""
+    engine = engine_with(spec(name="north", silence_s=10, tags={"zone": "north"}), spec(name="quiet"))
+    engine.record("m", 1.0, 100, arrival=0, tags={"zone": "north"})
+    engine.record("m", 1.0, 200, arrival=5, tags={"zone": "north"})  # closes [60, 120)
+    late = engine.record("m", 1.0, 30, arrival=9, tags={"zone": "north"})
+    assert late.late == ["north", "quiet"]  # late, yet a sign of life
+    engine.record("m", 1.0, 201, arrival=15, tags={"zone": "south"})  # not this definition's source
+    assert source_events(engine.tick(18.9)) == []
+    assert source_events(engine.tick(19)) == [("north", "silent", 10)]
+    assert source_events(engine.tick(10_000)) == []  # quiet has no silence_s
+
+
+def test_a_definition_that_never_had_a_value_is_not_reported_silent() -> None:
+    """Silence is counted from a source's last value; a negative silence_s is refused."""
+    engine = engine_with(spec(silence_s=5))
+    assert engine.tick(1000).sources == []
+    with pytest.raises(InvalidInput, match="silence_s must be at least 0"):
+        spec(silence_s=-1)

@@ -10,13 +10,15 @@ from .windows import AGGREGATES, KINDS
 
 WINDOW_CLOSED: Final = "analytics:window:v1:closed"
 THRESHOLD_CROSSED: Final = "analytics:threshold:v1:crossed"
+SOURCE_SILENT: Final = "analytics:source:v1:silent"
+SOURCE_RESUMED: Final = "analytics:source:v1:resumed"
 
 _TIME = {
     "type": ["string", "number"],
     "description": "RFC 3339 text or epoch seconds; the node's clock when absent.",
 }
 
-_THRESHOLDS = {
+_LEVELS = {
     "type": "object",
     "description": "Alert levels; an alert is raised when a closed window's value crosses one, and on recovery.",
     "properties": {
@@ -30,6 +32,34 @@ _THRESHOLDS = {
         },
     },
     "additionalProperties": False,
+}
+
+_NAMED_THRESHOLD = {
+    "type": "object",
+    "description": "A named threshold: breached at or above `above` (at or below `below`), cleared once a value "
+    "is back past it by more than `hysteresis`.",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 200, "description": "Its name, unique in the list."},
+        "above": {"type": "number", "description": "Breached at or above this value."},
+        "below": {"type": "number", "description": "Breached at or below this value."},
+        "hysteresis": {
+            "type": "number",
+            "minimum": 0,
+            "description": "How far back past the bound a value must come to clear the alert (default 0).",
+        },
+    },
+    "oneOf": [{"required": ["above"]}, {"required": ["below"]}],
+    "additionalProperties": False,
+}
+
+_THRESHOLDS = {
+    "description": "Either {low, critical, high, hysteresis} or a list of named thresholds (at most "
+    "max_thresholds, 32). An alert is raised when a closed window's value crosses one, and when it clears.",
+    "oneOf": [
+        _LEVELS,
+        {"type": "array", "maxItems": 1000, "items": _NAMED_THRESHOLD},
+    ],
 }
 
 _TAGS = {
@@ -64,6 +94,12 @@ _DEFINITION_PROPERTIES: dict[str, Any] = {
     },
     "thresholds": _THRESHOLDS,
     "tags": {**_TAGS, "description": "Only values whose tags include all of these count."},
+    "silence_s": {
+        "type": "number",
+        "minimum": 0,
+        "description": "Publish analytics:source:v1:silent once no matching value has arrived for this many "
+        "seconds (0: never; default: config default_silence_s, 0).",
+    },
 }
 
 DEFINE_WINDOW_EXAMPLE: Final = {
@@ -125,7 +161,12 @@ _THRESHOLD_SPEC = EventSpec(
         "properties": {
             "name": {"type": "string", "description": "The window definition."},
             "metric": {"type": "string", "description": "The metric."},
-            "level": {"enum": ["low", "critical", "high"], "description": "The threshold crossed."},
+            "level": {
+                "type": "string",
+                "description": "The threshold crossed: low, critical or high, or a named threshold's name.",
+            },
+            "bound": {"enum": ["above", "below"], "description": "The side of `threshold` on which it is breached."},
+            "hysteresis": {"type": "number", "description": "The threshold's hysteresis."},
             "direction": {"enum": ["down", "up"], "description": "The way the value moved across it."},
             "state": {"enum": ["breached", "recovered"], "description": "Whether the level is now breached."},
             "value": {"type": "number", "description": "The window's value."},
@@ -142,8 +183,58 @@ _THRESHOLD_SPEC = EventSpec(
         "state": "breached",
         "value": 37.5,
         "threshold": 40,
+        "bound": "below",
+        "hysteresis": 0,
         "start": "2025-01-06T08:00:00Z",
         "end": "2025-01-06T08:05:00Z",
+    },
+)
+
+_SOURCE_PROPERTIES: dict[str, Any] = {
+    "name": {"type": "string", "description": "The window definition whose source it is."},
+    "metric": {"type": "string", "description": "The metric."},
+    "silence_s": {"type": "number", "description": "The definition's silence_s."},
+    "silent_for_s": {"type": "number", "description": "Seconds since the last value (node's monotonic clock)."},
+    "last_value_at": {"type": "string", "description": "Event time of the last value before the silence."},
+}
+
+_SOURCE_SILENT_SPEC = EventSpec(
+    SOURCE_SILENT,
+    "No value matching a window definition has arrived for its silence_s. Published once per silence, within "
+    "session_check_s of the moment.",
+    {
+        "type": "object",
+        "required": ["name", "metric", "silence_s", "silent_for_s", "last_value_at"],
+        "properties": _SOURCE_PROPERTIES,
+    },
+    example={
+        "name": "boiler_temp_1m",
+        "metric": "boiler.temperature",
+        "silence_s": 120,
+        "silent_for_s": 120.3,
+        "last_value_at": "2025-01-06T08:03:10Z",
+    },
+)
+
+_SOURCE_RESUMED_SPEC = EventSpec(
+    SOURCE_RESUMED,
+    "A value came for a definition whose source had been reported silent.",
+    {
+        "type": "object",
+        "required": ["name", "metric", "silence_s", "silent_for_s", "last_value_at", "value_at"],
+        "properties": {
+            **_SOURCE_PROPERTIES,
+            "silent_for_s": {"type": "number", "description": "How long the silence lasted, seconds."},
+            "value_at": {"type": "string", "description": "Event time of the value that ended the silence."},
+        },
+    },
+    example={
+        "name": "boiler_temp_1m",
+        "metric": "boiler.temperature",
+        "silence_s": 120,
+        "silent_for_s": 431.9,
+        "last_value_at": "2025-01-06T08:03:10Z",
+        "value_at": "2025-01-06T08:10:22Z",
     },
 )
 
@@ -172,7 +263,7 @@ DEFINE_WINDOW_EMITS = (
                 "replaced": {"type": "boolean", "description": "Whether a definition of this name was replaced."},
             },
         },
-        example={**DEFINE_WINDOW_EXAMPLE, "tags": {}, "replaced": False},
+        example={**DEFINE_WINDOW_EXAMPLE, "tags": {}, "silence_s": 0, "replaced": False},
     ),
 )
 
@@ -234,6 +325,81 @@ RECORD_METRIC_EMITS = (
     ),
     _WINDOW_CLOSED_SPEC,
     _THRESHOLD_SPEC,
+    _SOURCE_SILENT_SPEC,
+    _SOURCE_RESUMED_SPEC,
+)
+
+_OPEN_WINDOW = {
+    "type": "object",
+    "required": ["name", "metric", "kind", "agg", "start", "end", "value", "count"],
+    "properties": {
+        "name": {"type": "string", "description": "The window definition."},
+        "metric": {"type": "string", "description": "The metric."},
+        "kind": {"enum": list(KINDS), "description": "The definition's kind."},
+        "agg": {"enum": list(AGGREGATES), "description": "The aggregate `value` is."},
+        "start": {"type": "string", "description": "Window start (RFC 3339, inclusive)."},
+        "end": {
+            "type": "string",
+            "description": "Window end (RFC 3339, exclusive); for a session, where it ends if no value comes.",
+        },
+        "value": {"type": "number", "description": "The aggregate of the values the window holds so far."},
+        "count": {"type": "integer", "description": "Values in the window so far."},
+    },
+}
+
+SNAPSHOT_TAKES = EventSpec(
+    "analytics:snapshot:v1:requested",
+    "The open windows of this node with their aggregates so far, by definition name and start; optionally of "
+    "one definition or one metric only.",
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200, "description": "Only this definition."},
+            "metric": {"type": "string", "minLength": 1, "maxLength": 200, "description": "Only this metric."},
+            "limit": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "At most this many windows (default and most: config max_snapshot_windows, 1000).",
+            },
+        },
+    },
+    example={"metric": "parking.free_spaces"},
+)
+
+SNAPSHOT_EMITS = (
+    EventSpec(
+        "analytics:snapshot:v1:success",
+        "The open windows; `total` counts all that matched, `truncated` says some were left out.",
+        {
+            "type": "object",
+            "required": ["at", "windows", "total", "truncated", "definitions"],
+            "properties": {
+                "at": {"type": "string", "description": "When the snapshot was taken (RFC 3339)."},
+                "windows": {"type": "array", "items": _OPEN_WINDOW, "description": "The open windows."},
+                "total": {"type": "integer", "description": "Open windows that matched, listed or not."},
+                "truncated": {"type": "boolean", "description": "Whether the limit left some out."},
+                "definitions": {"type": "integer", "description": "Definitions that matched."},
+            },
+        },
+        example={
+            "at": "2025-01-06T08:03:10Z",
+            "windows": [
+                {
+                    "name": "parking_free_5m",
+                    "metric": "parking.free_spaces",
+                    "kind": "tumbling",
+                    "agg": "mean",
+                    "start": "2025-01-06T08:00:00Z",
+                    "end": "2025-01-06T08:05:00Z",
+                    "value": 36.5,
+                    "count": 3,
+                }
+            ],
+            "total": 1,
+            "truncated": False,
+            "definitions": 1,
+        },
+    ),
 )
 
 _LATENCY = {

@@ -25,10 +25,23 @@ by the processing time that passed since the last value arrived, so a session wh
 closes ``gap_s + grace_s`` seconds of that clock after its last value. Tumbling and sliding windows close on
 event time alone.
 
-Thresholds (:class:`Thresholds`). ``low`` and ``critical`` are breached when a window's value is at or below
-them, ``high`` when it is at or above. Each threshold is tracked on its own: an :class:`Alert` is raised only
-when a closed window changes its state — breached (``low``/``critical`` going ``down``, ``high`` going
-``up``) or recovered (the other direction, by more than ``hysteresis``) — never for every window in breach.
+Thresholds (:class:`Thresholds`). A definition gives them in one of two forms: ``{low, critical, high,
+hysteresis}`` (``low`` and ``critical`` breached when a window's value is at or below them, ``high`` when it is
+at or above), or a list of named thresholds ``[{name, above | below, hysteresis?}]``, each breached at or above
+(at or below) its bound and cleared only once a value is back past the bound by more than its own
+``hysteresis``. The first form is three named thresholds (``low``, ``critical``: ``below``; ``high``:
+``above``) sharing one hysteresis. Each threshold is tracked on its own (a Schmitt trigger): an :class:`Alert`,
+carrying the threshold's name as ``level``, is raised only when a closed window changes its state — breached
+or recovered — never for every window in breach, and never for values that wander inside the hysteresis band.
+
+Snapshots (:meth:`Engine.snapshot`). The open windows, each with the aggregate of the values it holds so far
+(:class:`OpenWindow`; a session's ``end`` is where it would end if no further value came), selected by
+definition name and/or metric and cut at a limit (the snapshot says how many matched in all).
+
+Silent sources. A definition with ``silence_s`` reports its source silent (:class:`SourceChange`, from
+:meth:`Engine.tick`) once the ``arrival`` clock has moved ``silence_s`` past the last value it matched — late
+values count, values without its tags do not — once per silence; the next value reports it ``resumed``
+(from :meth:`Engine.record`). A definition that has never had a value is not reported.
 
 Memory per definition (the per-key state): about 1 KB for the definition and its counters, plus about 300 B
 per open window, plus about 32 B per kept value for ``p95`` (at most ``max_samples`` per window: exact below
@@ -51,6 +64,7 @@ from typing import Any, Final
 KINDS: Final = ("tumbling", "sliding", "session")
 AGGREGATES: Final = ("mean", "sum", "count", "min", "max", "p95")
 LEVELS: Final = ("low", "critical", "high")
+BOUNDS: Final = ("above", "below")
 MAX_NAME_LENGTH: Final = 200
 
 
@@ -137,25 +151,93 @@ class Limits:
     """``size_s / slide_s`` of a sliding definition: the windows one value can fall into."""
     max_samples: int = 10_000
     """Values a ``p95`` window keeps: exact below, a uniform reservoir sample above."""
+    max_thresholds: int = 32
+    """Named thresholds per definition."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamedThreshold:
+    """One alert bound: breached when a closed window's value is at or ``above`` it (or at or ``below`` it),
+    cleared only once the value is back past it by more than ``hysteresis``."""
+
+    name: str
+    bound: str
+    """``above`` or ``below``."""
+    value: float
+    hysteresis: float = 0.0
+
+    def breached_by(self, value: float) -> bool:
+        return value >= self.value if self.bound == "above" else value <= self.value
+
+    def cleared_by(self, value: float) -> bool:
+        if self.bound == "above":
+            return value < self.value - self.hysteresis
+        return value > self.value + self.hysteresis
+
+    @classmethod
+    def parse(cls, payload: Any, field: str) -> NamedThreshold:
+        """Read ``{name, above | below, hysteresis?}``; raises :class:`InvalidInput` naming ``field``."""
+        if not isinstance(payload, Mapping):
+            raise InvalidInput(f"{field} must be an object with name and above or below")
+        unknown = sorted(set(payload) - {"name", *BOUNDS, "hysteresis"})
+        if unknown:
+            raise InvalidInput(f"{field} has unknown field(s) {unknown}: use name, above, below, hysteresis")
+        try:
+            name = _text(payload, "name")
+            bounds = [bound for bound in BOUNDS if payload.get(bound) is not None]
+            if len(bounds) != 1:
+                raise InvalidInput("needs exactly one of above or below")
+            value = _number(payload, bounds[0], required=True)
+            hysteresis = _number(payload, "hysteresis", minimum=0.0) or 0.0
+        except InvalidInput as exc:
+            raise InvalidInput(f"{field}: {exc}") from None
+        assert value is not None
+        return cls(name, bounds[0], value, hysteresis)
+
+    def to_payload(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"name": self.name, self.bound: self.value}
+        if self.hysteresis:
+            result["hysteresis"] = self.hysteresis
+        return result
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Thresholds:
-    """Alert levels: ``low`` and ``critical`` breached at or below, ``high`` at or above."""
+    """Alert levels, in one of two forms.
+
+    - ``{low?, critical?, high?, hysteresis?}``: ``low`` and ``critical`` breached at or below, ``high`` at or
+      above, one ``hysteresis`` for all three;
+    - a list of named thresholds, ``[{name, above | below, hysteresis?}, ...]``, each with its own hysteresis.
+
+    Both are tracked the same way (:meth:`named`: ``low`` is the threshold named ``low`` with bound ``below``).
+    """
 
     low: float | None = None
     critical: float | None = None
     high: float | None = None
     hysteresis: float = 0.0
     """How far past a threshold a value must come back before it counts as recovered."""
+    listed: tuple[NamedThreshold, ...] = ()
+    """The named thresholds, when the definition gave a list."""
 
     @classmethod
-    def parse(cls, payload: Any) -> Thresholds:
-        """Read ``{low?, critical?, high?, hysteresis?}``; raises :class:`InvalidInput`."""
+    def parse(cls, payload: Any, *, max_thresholds: int = 32) -> Thresholds:
+        """Read either form; raises :class:`InvalidInput`."""
         if payload is None:
             return cls()
+        if isinstance(payload, list):
+            if len(payload) > max_thresholds:
+                raise InvalidInput(f"thresholds has {len(payload)} entries, at most {max_thresholds} are allowed")
+            listed = tuple(NamedThreshold.parse(item, f"thresholds[{i}]") for i, item in enumerate(payload))
+            names = [threshold.name for threshold in listed]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise InvalidInput(f"thresholds names must be unique: {repeated} given more than once")
+            return cls(listed=listed)
         if not isinstance(payload, Mapping):
-            raise InvalidInput("thresholds must be an object with low, critical and/or high")
+            raise InvalidInput(
+                "thresholds must be an object with low, critical and/or high, or a list of named thresholds"
+            )
         unknown = sorted(set(payload) - {*LEVELS, "hysteresis"})
         if unknown:
             raise InvalidInput(f"thresholds has unknown field(s) {unknown}: use low, critical, high, hysteresis")
@@ -171,14 +253,26 @@ class Thresholds:
         return cls(low, critical, high, hysteresis)
 
     def levels(self) -> list[tuple[str, float]]:
-        """The thresholds that are set, as ``(level, value)``."""
+        """The ``low`` / ``critical`` / ``high`` thresholds that are set, as ``(level, value)``."""
         return [
             (name, value)
             for name, value in (("low", self.low), ("critical", self.critical), ("high", self.high))
             if value is not None
         ]
 
-    def to_payload(self) -> dict[str, float]:
+    def named(self) -> tuple[NamedThreshold, ...]:
+        """Every threshold as a named one (``low``, ``critical``: ``below``; ``high``: ``above``)."""
+        if self.listed:
+            return self.listed
+        return tuple(
+            NamedThreshold(level, "above" if level == "high" else "below", value, self.hysteresis)
+            for level, value in self.levels()
+        )
+
+    def to_payload(self) -> dict[str, float] | list[dict[str, Any]]:
+        """In the form the definition gave (an empty object when there are none)."""
+        if self.listed:
+            return [threshold.to_payload() for threshold in self.listed]
         result = dict(self.levels())
         if self.hysteresis:
             result["hysteresis"] = self.hysteresis
@@ -200,10 +294,17 @@ class WindowSpec:
     thresholds: Thresholds = Thresholds()
     tags: Mapping[str, str | int | float | bool] = dataclasses.field(default_factory=dict)
     """Only values whose tags include all of these count."""
+    silence_s: float = 0.0
+    """Report the source silent after this long without a value (arrival clock); 0: never."""
 
     @classmethod
     def parse(
-        cls, payload: Mapping[str, Any], *, default_grace_s: float = 0.0, limits: Limits = Limits()
+        cls,
+        payload: Mapping[str, Any],
+        *,
+        default_grace_s: float = 0.0,
+        default_silence_s: float = 0.0,
+        limits: Limits = Limits(),
     ) -> WindowSpec:
         """Read a ``define_window`` payload; raises :class:`InvalidInput` naming the field that is wrong."""
         name = _text(payload, "name")
@@ -232,6 +333,7 @@ class WindowSpec:
                     f"{limits.max_windows_per_value} windows"
                 )
         grace = _number(payload, "grace_s", minimum=0.0)
+        silence = _number(payload, "silence_s", minimum=0.0)
         return cls(
             name=name,
             metric=metric,
@@ -241,8 +343,9 @@ class WindowSpec:
             slide_s=slide_s,
             gap_s=gap_s,
             grace_s=default_grace_s if grace is None else grace,
-            thresholds=Thresholds.parse(payload.get("thresholds")),
+            thresholds=Thresholds.parse(payload.get("thresholds"), max_thresholds=limits.max_thresholds),
             tags=check_tags(payload.get("tags")),
+            silence_s=default_silence_s if silence is None else silence,
         )
 
     def to_payload(self) -> dict[str, Any]:
@@ -255,6 +358,7 @@ class WindowSpec:
         result["grace_s"] = self.grace_s
         result["thresholds"] = self.thresholds.to_payload()
         result["tags"] = dict(self.tags)
+        result["silence_s"] = self.silence_s
         return result
 
     def matches(self, tags: Mapping[str, Any]) -> bool:
@@ -326,8 +430,10 @@ class Alert:
     """A threshold crossed by a closed window's value."""
 
     name: str
+    """The window definition."""
     metric: str
     level: str
+    """The threshold's name: ``low``, ``critical`` or ``high`` in the object form, the given name in the list."""
     direction: str
     """``down`` or ``up``: the way the value moved across the threshold."""
     state: str
@@ -336,6 +442,9 @@ class Alert:
     threshold: float
     start: float
     end: float
+    bound: str = "below"
+    """``above`` or ``below``: the side of ``threshold`` on which it is breached."""
+    hysteresis: float = 0.0
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -346,6 +455,8 @@ class Alert:
             "state": self.state,
             "value": self.value,
             "threshold": self.threshold,
+            "bound": self.bound,
+            "hysteresis": self.hysteresis,
             "start": rfc3339(self.start),
             "end": rfc3339(self.end),
         }
@@ -384,30 +495,82 @@ class ClosedWindow:
         }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenWindow:
+    """A window that has values and has not closed yet, with its aggregate so far."""
+
+    name: str
+    metric: str
+    kind: str
+    agg: str
+    start: float
+    end: float
+    """For a session: the end it would have if no further value came (last value + ``gap_s``)."""
+    value: float
+    count: int
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "kind": self.kind,
+            "agg": self.agg,
+            "start": rfc3339(self.start),
+            "end": rfc3339(self.end),
+            "value": self.value,
+            "count": self.count,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceChange:
+    """A definition's source fell silent (no value for ``silence_s``) or, after that, sent a value again."""
+
+    name: str
+    metric: str
+    state: str
+    """``silent`` or ``resumed``."""
+    silence_s: float
+    silent_for_s: float
+    """Arrival-clock seconds since the last value (for ``resumed``: the whole silence)."""
+    last_value_at: float
+    """Event time of the last value before the silence."""
+    value_at: float | None = None
+    """``resumed``: event time of the value that ended the silence."""
+
+    def to_payload(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "name": self.name,
+            "metric": self.metric,
+            "silence_s": self.silence_s,
+            "silent_for_s": round(self.silent_for_s, 6),
+            "last_value_at": rfc3339(self.last_value_at),
+        }
+        if self.value_at is not None:
+            result["value_at"] = rfc3339(self.value_at)
+        return result
+
+
 class _ThresholdState:
     def __init__(self, thresholds: Thresholds) -> None:
-        self.thresholds = thresholds
-        self.breached = {level: False for level, _ in thresholds.levels()}
+        self.thresholds = thresholds.named()
+        self.breached = {threshold.name: False for threshold in self.thresholds}
 
-    def check(self, value: float) -> list[tuple[str, str, str, float]]:
-        """``(level, direction, state, threshold)`` for each threshold whose state this value changes."""
-        changes: list[tuple[str, str, str, float]] = []
-        slack = self.thresholds.hysteresis
-        for level, threshold in self.thresholds.levels():
-            breached = self.breached[level]
-            if level == "high":
-                if not breached and value >= threshold:
-                    changes.append((level, "up", "breached", threshold))
-                elif breached and value < threshold - slack:
-                    changes.append((level, "down", "recovered", threshold))
-            elif not breached and value <= threshold:
-                changes.append((level, "down", "breached", threshold))
-            elif breached and value > threshold + slack:
-                changes.append((level, "up", "recovered", threshold))
-        for level, _, state, _ in changes:
-            self.breached[level] = state == "breached"
+    def check(self, value: float) -> list[tuple[NamedThreshold, str, str]]:
+        """``(threshold, direction, state)`` for each threshold whose state this value changes."""
+        changes: list[tuple[NamedThreshold, str, str]] = []
+        for threshold in self.thresholds:
+            away = "up" if threshold.bound == "above" else "down"
+            back = "down" if away == "up" else "up"
+            if not self.breached[threshold.name]:
+                if threshold.breached_by(value):
+                    changes.append((threshold, away, "breached"))
+            elif threshold.cleared_by(value):
+                changes.append((threshold, back, "recovered"))
+        for threshold, _, state in changes:
+            self.breached[threshold.name] = state == "breached"
         # In the order the value crossed them: downwards the higher threshold first, upwards the lower one.
-        changes.sort(key=lambda change: change[3] if change[1] == "up" else -change[3])
+        changes.sort(key=lambda change: change[0].value if change[1] == "up" else -change[0].value)
         return changes
 
 
@@ -438,6 +601,9 @@ class _Definition:
         self.late_total = 0
         self.thresholds = _ThresholdState(spec.thresholds)
         self.rng = random.Random(spec.name)
+        self.heard_at: float | None = None  # arrival of the last value (on time or late)
+        self.heard_time = 0.0  # its event time
+        self.silent = False
 
     @property
     def watermark(self) -> float:
@@ -523,8 +689,8 @@ class _Definition:
         spec = self.spec
         value = aggregate.value(spec.agg)
         alerts = tuple(
-            Alert(spec.name, spec.metric, level, direction, state, value, threshold, start, end)
-            for level, direction, state, threshold in self.thresholds.check(value)
+            Alert(spec.name, spec.metric, t.name, direction, state, value, t.value, start, end, t.bound, t.hysteresis)
+            for t, direction, state in self.thresholds.check(value)
         )
         late, self.late_since_close = self.late_since_close, 0
         return ClosedWindow(
@@ -601,6 +767,45 @@ class _Definition:
     def open_windows(self) -> int:
         return len(self.sessions) if self.spec.kind == "session" else len(self.windows)
 
+    def heard(self, time: float, arrival: float) -> SourceChange | None:
+        """A value came (on time or late): the source is not silent; says so if it was."""
+        change = None
+        if self.silent and self.heard_at is not None:
+            spec = self.spec
+            silent_for = arrival - self.heard_at
+            change = SourceChange(spec.name, spec.metric, "resumed", spec.silence_s, silent_for, self.heard_time, time)
+        self.silent = False
+        self.heard_at = arrival
+        self.heard_time = time
+        return change
+
+    def check_silence(self, arrival: float) -> SourceChange | None:
+        """Once per silence: the source has sent nothing for ``silence_s`` of the arrival clock."""
+        spec = self.spec
+        if spec.silence_s <= 0 or self.silent or self.heard_at is None:
+            return None
+        silent_for = arrival - self.heard_at
+        if silent_for < spec.silence_s:
+            return None
+        self.silent = True
+        return SourceChange(spec.name, spec.metric, "silent", spec.silence_s, silent_for, self.heard_time)
+
+    def snapshot(self, limit: int) -> list[OpenWindow]:
+        """The first ``limit`` open windows by start, with their aggregates so far (only those are computed)."""
+        spec = self.spec
+        found: list[tuple[float, float, Aggregate]] = []
+        if spec.kind == "session":
+            assert spec.gap_s is not None
+            found = [(s.start, s.end(spec.gap_s), s.aggregate) for s in self.sessions]
+        else:
+            found = [(*self._bounds(index), aggregate) for index, aggregate in self.windows.items()]
+        found.sort(key=lambda item: (item[0], item[1]))
+        del found[limit:]
+        return [
+            OpenWindow(spec.name, spec.metric, spec.kind, spec.agg, start, end, agg.value(spec.agg), agg.count)
+            for start, end, agg in found
+        ]
+
 
 @dataclasses.dataclass(slots=True)
 class Outcome:
@@ -611,6 +816,8 @@ class Outcome:
     late: list[str] = dataclasses.field(default_factory=list)
     """Definitions that found the value late (for a sliding one: late for at least one window)."""
     closed: list[ClosedWindow] = dataclasses.field(default_factory=list)
+    sources: list[SourceChange] = dataclasses.field(default_factory=list)
+    """Sources that fell silent (:meth:`Engine.tick`) or came back (:meth:`Engine.record`)."""
 
     @property
     def alerts(self) -> list[Alert]:
@@ -685,6 +892,9 @@ class Engine:
             if not state.spec.matches(tags or {}):
                 continue
             late, took, closed = state.add(float(value), float(time), arrival)
+            resumed = state.heard(float(time), arrival)
+            if resumed is not None:
+                outcome.sources.append(resumed)
             if late:
                 outcome.late.append(state.spec.name)
             if took:
@@ -693,8 +903,45 @@ class Engine:
         return outcome
 
     def tick(self, arrival: float) -> Outcome:
-        """Close session windows whose metric has been silent for ``gap_s + grace_s`` of the ``arrival`` clock."""
+        """Close session windows whose metric has been silent for ``gap_s + grace_s`` of the ``arrival`` clock,
+        and report sources silent for their definition's ``silence_s``."""
         outcome = Outcome()
         for state in list(self._definitions.values()):
             outcome.closed += state.tick(arrival)
+            silent = state.check_silence(arrival)
+            if silent is not None:
+                outcome.sources.append(silent)
         return outcome
+
+    def snapshot(self, *, name: str | None = None, metric: str | None = None, limit: int = 1000) -> Snapshot:
+        """The open windows (of definition ``name`` and/or of ``metric`` when given), by definition name and
+        start, at most ``limit`` of them."""
+        if name is not None:
+            state = self._definitions.get(name)
+            states = [] if state is None or (metric is not None and state.spec.metric != metric) else [state]
+        elif metric is not None:
+            states = [self._by_metric.get(metric, {})[key] for key in sorted(self._by_metric.get(metric, {}))]
+        else:
+            states = [self._definitions[key] for key in sorted(self._definitions)]
+        total = sum(state.open_windows for state in states)
+        windows: list[OpenWindow] = []
+        for state in states:
+            if len(windows) >= limit:
+                break
+            windows += state.snapshot(limit - len(windows))
+        return Snapshot(windows, total, len(states))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What :meth:`Engine.snapshot` found."""
+
+    windows: list[OpenWindow]
+    total: int
+    """Open windows that matched, including those past the limit."""
+    definitions: int
+    """Definitions that matched."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.windows)
