@@ -13,6 +13,7 @@ from nexus.handlers.anomalies.logs import (
     LOW,
     MED,
     NONE,
+    LogScore,
     LogScorer,
     LogSettings,
     LogSource,
@@ -211,8 +212,8 @@ def flagged(results: list[Any]) -> list[int]:
 
 
 def test_an_injected_unseen_template_is_the_one_line_flagged() -> None:
-    """After 300 normal cycles, one never-seen line is HIGH and no other line of the stream is flagged."""
-    source = LogSource("api")
+    """After 300 normal cycles, one never-seen line is HIGH (by its score alone) and no other line is flagged."""
+    source = LogSource("api", LogSettings(new_template_lines=0))
     normal = cycle_lines(300)
     before = [source.score_line(line) for line in normal]
     assert [r.severity for r in before[:1000]] == [LEARNING] * 1000
@@ -227,6 +228,46 @@ def test_an_injected_unseen_template_is_the_one_line_flagged() -> None:
     assert not results[7].predicted
     assert results[7].template == "kernel: disk <PATH> I/O error at sector <NUM>, remounting read-only"
     assert results[7].score > results[7].thresholds["p99_9"]
+
+
+def test_a_new_template_stays_med_until_seen_new_template_lines_times() -> None:
+    """A new error template is MED on each of its first new_template_lines lines, then graded by its score."""
+    injected = "kernel: disk /dev/sdb1 I/O error at sector 88123, remounting read-only"
+    for new_template_lines in (1, 3, 5):
+        source = LogSource("api", LogSettings(new_template_lines=new_template_lines))
+        for line in cycle_lines(300):
+            source.score_line(line)
+        results: list[LogScore] = []
+        for cycle in range(8):
+            lines = cycle_lines(1, seed=20 + cycle)
+            results.extend(source.score_line(line) for line in lines[:3])
+            results.append(source.score_line(injected.replace("88123", str(cycle))))
+            results.extend(source.score_line(line) for line in lines[3:])
+        errors = [r for r in results if r.template.startswith("kernel:")]
+        assert [r.seen for r in errors] == list(range(1, 9))
+        assert [r.severity for r in errors[:new_template_lines]] == [MED] * new_template_lines
+        assert errors[0].score > (errors[0].thresholds or {})["p99_9"]  # by its score alone it would be HIGH
+        after = errors[new_template_lines]
+        assert after.severity == grade(after.score, after.thresholds or {}, predicted=after.predicted)
+        assert [r.severity for r in results if not r.template.startswith("kernel:")].count(HIGH) == 0
+
+
+def test_each_score_carries_the_templates_that_led_to_it() -> None:
+    """sequence holds the previous lines' template ids, oldest first, at most sequence_length of them."""
+    source = LogSource("api", LogSettings(sequence_length=4))
+    results = [source.score_line(line) for line in cycle_lines(3)]
+    ids = [r.template_id for r in results]
+    assert len(set(ids)) == 5
+    assert [r.sequence for r in results[:3]] == [(), (ids[0],), (ids[0], ids[1])]
+    for i in range(4, 15):
+        assert results[i].sequence == tuple(ids[i - 4 : i])
+    off = LogSource("api", LogSettings(sequence_length=0, order=3))
+    assert {off.score_line(line).sequence for line in cycle_lines(3)} == {()}
+    short = LogSource("api", LogSettings(sequence_length=1, order=3))  # the model still sees 3 templates
+    scores = [short.score_line(line) for line in cycle_lines(3)]
+    assert [len(r.sequence) for r in scores] == [0] + [1] * 14
+    longer = LogSource("api", LogSettings(sequence_length=10, order=3))
+    assert [r.score for r in scores] == [longer.score_line(line).score for line in cycle_lines(3)]
 
 
 def test_an_injected_unseen_order_flags_exactly_the_lines_with_unseen_transitions() -> None:

@@ -7,6 +7,7 @@ Settings (``[handlers.anomalies]``): the log model's (:class:`.logs.LogSettings`
 ``confidence``, ``ridge``, ``max_dimension``, ``max_baselines``, ``health_window``, ``failing_pct``,
 ``deteriorating_pct``), and ``log_dir`` (the only directory stream_log may follow files in; default the
 server's ``--log-dir``), ``poll_interval_s`` (0.25), ``max_line_bytes`` (65536), ``sync_timeout_s`` (5).
+The log model also reads ``new_template_lines`` and ``sequence_length`` (see :mod:`.logs`).
 
 Baselines travel on the bus: set_baseline publishes ``anomalies:baseline:v1:set`` with the fitted mean and
 covariance, and monitor and stream_health follow those events (and monitor's results), so every node of a
@@ -65,6 +66,8 @@ def _score_payload(result: LogScore) -> dict[str, Any]:
         "rank": result.rank,
         "lines_seen": result.lines_seen,
         "new_template": result.new_template,
+        "seen": result.seen,
+        "sequence": list(result.sequence),
     }
 
 

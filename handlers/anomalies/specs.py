@@ -19,7 +19,8 @@ _BASELINE_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description
 _SEVERITY = {
     "enum": ["LEARNING", "NONE", "LOW", "MED", "HIGH"],
     "description": "By the source's own score percentiles, strictly above: > p99.9 HIGH, > p99 MED, > p95 "
-    "LOW, else NONE; a predicted template is at most LOW; LEARNING during the warm-up.",
+    "LOW, else NONE; a predicted template is at most LOW; a template's first new_template_lines lines are MED; "
+    "LEARNING during the warm-up.",
 }
 
 _SCORE_FIELDS: dict[str, Any] = {
@@ -38,6 +39,17 @@ _SCORE_FIELDS: dict[str, Any] = {
     },
     "lines_seen": {"type": "integer", "description": "Lines this source has scored, this one included."},
     "new_template": {"type": "boolean", "description": "The line founded a new template."},
+    "seen": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Lines of this template the source has seen, this one included; while at most "
+        "new_template_lines (3) the line is MED once the source is warm.",
+    },
+    "sequence": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "The template ids of the source's previous lines, oldest first (at most sequence_length, 10).",
+    },
 }
 
 _SCORE_EXAMPLE: dict[str, Any] = {
@@ -45,11 +57,13 @@ _SCORE_EXAMPLE: dict[str, Any] = {
     "template_id": "T17",
     "template": "connection to <IP> refused after <NUM> ms",
     "score": 9.53,
-    "severity": "HIGH",
+    "severity": "MED",
     "predicted": False,
     "rank": None,
     "lines_seen": 5231,
     "new_template": True,
+    "seen": 1,
+    "sequence": ["T3", "T4", "T9"],
 }
 
 ALERT_SCHEMA: dict[str, Any] = {
