@@ -103,6 +103,39 @@ def test_drain_similarity_threshold_decides_whether_a_line_joins() -> None:
     assert drain.add("job beta failed badly").created  # 1/4 against the template "job alpha <*> <*>"
 
 
+DPKG = """2025-06-24 14:36:25 startup archives unpack
+2025-06-24 14:36:25 upgrade libsystemd0:amd64 252.36-1~deb12u1 252.38-1~deb12u1
+2025-06-24 14:36:25 status triggers-pending libc-bin:amd64 2.36-9+deb12u10
+2025-06-24 14:36:25 status half-configured libsystemd0:amd64 252.36-1~deb12u1
+2025-06-24 14:36:25 status unpacked libsystemd0:amd64 252.36-1~deb12u1
+2025-06-24 14:36:25 status half-installed libsystemd0:amd64 252.36-1~deb12u1
+2025-06-24 14:36:26 status unpacked libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 startup packages configure
+2025-06-24 14:36:26 configure libsystemd0:amd64 252.38-1~deb12u1 <none>
+2025-06-24 14:36:26 status unpacked libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 status half-configured libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 status installed libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 trigproc libc-bin:amd64 2.36-9+deb12u10 <none>
+2025-06-24 14:36:26 status half-configured libc-bin:amd64 2.36-9+deb12u10
+2025-06-24 14:36:26 status installed libc-bin:amd64 2.36-9+deb12u10""".splitlines()
+
+
+def dpkg_action(line: str) -> str:
+    parts = line.split()
+    return f"status {parts[3]}" if parts[2] == "status" else parts[2]
+
+
+def test_the_default_template_settings_keep_dpkg_actions_apart() -> None:
+    """With the defaults (depth 6, similarity 0.5) no template holds two dpkg actions; depth 4 / 0.4 merged them."""
+    for settings, merged in ((LogSettings(), False), (LogSettings(drain_depth=4, drain_similarity=0.4), True)):
+        source = LogSource("dpkg", settings)
+        actions: dict[str, set[str]] = {}
+        for line in DPKG:
+            actions.setdefault(source.score_line(line).template_id, set()).add(dpkg_action(line))
+        assert any(len(kinds) > 1 for kinds in actions.values()) == merged
+    assert (LogSettings().drain_depth, LogSettings().drain_similarity) == (6, 0.5)
+
+
 def test_drain_keeps_at_most_max_templates_and_prunes_its_tree() -> None:
     """Past max_templates the least recently matched template is forgotten and removed from the parse tree."""
     drain = Drain(max_templates=3)

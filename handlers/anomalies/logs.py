@@ -86,8 +86,8 @@ class LogSettings:
     """Wall-clock seconds after which an idle source is forgotten; 0 keeps sources until evicted."""
     max_templates: int = 1000
     max_ngrams: int = 20_000
-    drain_depth: int = 4
-    drain_similarity: float = 0.4
+    drain_depth: int = 6
+    drain_similarity: float = 0.5
     drain_max_children: int = 100
     max_line_chars: int = 10_000
     new_template_lines: int = 3
