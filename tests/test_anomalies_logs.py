@@ -17,6 +17,7 @@ from nexus.handlers.anomalies.logs import (
     LogScorer,
     LogSettings,
     LogSource,
+    LogStats,
     NGramModel,
     ScoreWindow,
     grade,
@@ -392,3 +393,33 @@ def test_settings_are_read_from_config_and_checked() -> None:
             LogSettings.from_config({key: value})
     with pytest.raises(ValueError, match="low_percentile <= med_percentile"):
         LogSettings.from_config({"low_percentile": 99.5})
+
+
+def test_stats_are_reported_every_interval_of_the_given_clock() -> None:
+    """Totals of lines, alerts and errors, and lines per second over the last interval, once per interval."""
+    source = LogSource("api", LogSettings(warmup_lines=10, new_template_lines=1))
+    stats = LogStats(60.0, start=1000.0)
+    for line in cycle_lines(4):
+        stats.count(source.score_line(line))
+    stats.count(source.score_line("fatal: ledger checksum mismatch on page 12"))
+    stats.count(None)
+    assert stats.due(1059.9) is None
+    assert stats.due(1060.0) == {
+        "lines": 22,
+        "alerts": 1,
+        "errors": 1,
+        "lines_per_s": 22 / 60,
+        "interval_s": 60.0,
+        "uptime_s": 60.0,
+    }
+    assert stats.due(1061.0) is None
+    for line in cycle_lines(6):
+        stats.count(source.score_line(line))
+    report = stats.due(1150.0)
+    assert report is not None
+    assert (report["lines"], report["alerts"], report["errors"]) == (52, 1, 1)
+    assert report["lines_per_s"] == pytest.approx(30 / 90)
+    assert (report["interval_s"], report["uptime_s"]) == (90.0, 150.0)
+    off = LogStats(0, start=0.0)
+    off.count(None)
+    assert off.due(1e9) is None

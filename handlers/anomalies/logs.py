@@ -457,3 +457,51 @@ class LogScorer:
             del self._sources[name]
             gone.append(name)
         return gone
+
+
+# --- statistics of a stream -------------------------------------------------------------------------------
+
+
+class LogStats:
+    """Counts of a followed file's lines, alerts and errors, reported every ``interval_s`` of a given clock.
+
+    :meth:`due` answers the report when ``interval_s`` has passed since the last one (the first is due
+    ``interval_s`` after ``start``): totals since the start and the lines per second over the last interval.
+    ``interval_s`` 0 never reports.
+    """
+
+    def __init__(self, interval_s: float, start: float) -> None:
+        if not interval_s >= 0:
+            raise ValueError(f"interval_s must be at least 0, got {interval_s}")
+        self.interval_s = interval_s
+        self.lines = 0
+        self.alerts = 0
+        self.errors = 0
+        self._start = start
+        self._last = start
+        self._last_lines = 0
+
+    def count(self, result: LogScore | None) -> None:
+        """Count one line: its score, or None when it could not be scored (an error)."""
+        self.lines += 1
+        if result is None:
+            self.errors += 1
+        elif result.alert:
+            self.alerts += 1
+
+    def due(self, now: float) -> dict[str, float] | None:
+        """The report when one is due at ``now``, else None."""
+        elapsed = now - self._last
+        if self.interval_s <= 0 or elapsed < self.interval_s:
+            return None
+        report = {
+            "lines": self.lines,
+            "alerts": self.alerts,
+            "errors": self.errors,
+            "lines_per_s": (self.lines - self._last_lines) / elapsed,
+            "interval_s": elapsed,
+            "uptime_s": now - self._start,
+        }
+        self._last = now
+        self._last_lines = self.lines
+        return report

@@ -11,6 +11,7 @@ BASELINE_SET: Final = "anomalies:baseline:v1:set"
 MONITOR_REQUESTED: Final = "anomalies:monitor:v1:requested"
 MONITOR_SUCCESS: Final = "anomalies:monitor:v1:success"
 HEALTH_REQUESTED: Final = "anomalies:stream_health:v1:requested"
+LOG_STATS: Final = "anomalies:log_stats:v1:reported"
 
 _SOURCE = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Whose logs: a service, host or file."}
 
@@ -185,6 +186,35 @@ STREAM_LOG_TAKES = EventSpec(
     example={"path": "payments/api.log"},
 )
 
+LOG_STATS_SPEC = EventSpec(
+    LOG_STATS,
+    "A followed file's statistics, every stats_interval_s (60) while stream_log runs.",
+    {
+        "type": "object",
+        "required": ["path", "source", "lines", "alerts", "errors", "lines_per_s", "interval_s", "uptime_s"],
+        "properties": {
+            "path": {"type": "string", "description": "The file, relative to the log directory."},
+            "source": {"type": "string", "description": "The source its lines are scored as."},
+            "lines": {"type": "integer", "minimum": 0, "description": "Lines read since the stream started."},
+            "alerts": {"type": "integer", "minimum": 0, "description": "Of them, scored MED or HIGH."},
+            "errors": {"type": "integer", "minimum": 0, "description": "Of them, lines that could not be scored."},
+            "lines_per_s": {"type": "number", "minimum": 0, "description": "Lines per second since the last report."},
+            "interval_s": {"type": "number", "minimum": 0, "description": "Seconds since the last report."},
+            "uptime_s": {"type": "number", "minimum": 0, "description": "Seconds since the stream started."},
+        },
+    },
+    example={
+        "path": "payments/api.log",
+        "source": "payments/api.log",
+        "lines": 18234,
+        "alerts": 41,
+        "errors": 0,
+        "lines_per_s": 12.5,
+        "interval_s": 60.0,
+        "uptime_s": 1440.0,
+    },
+)
+
 STREAM_LOG_EMITS = (
     EventSpec(
         "anomalies:stream_log:v1:stream",
@@ -206,6 +236,7 @@ STREAM_LOG_EMITS = (
         },
     ),
     LOG_ALERT_SPEC,
+    LOG_STATS_SPEC,
 )
 
 SET_BASELINE_TAKES = EventSpec(
