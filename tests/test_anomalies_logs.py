@@ -388,7 +388,10 @@ def test_settings_are_read_from_config_and_checked() -> None:
     assert LogSettings.from_config({}) == LogSettings()
     custom = LogSettings.from_config({"order": 3, "top_k": 0, "warmup_lines": 10.0, "drain_similarity": 0.5})
     assert (custom.order, custom.top_k, custom.warmup_lines, custom.drain_similarity) == (3, 0, 10, 0.5)
-    for key, value in (("order", 0), ("warmup_lines", "many"), ("drain_similarity", 1.5), ("max_sources", True)):
+    novelty = LogSettings.from_config({"new_template_lines": 0, "sequence_length": 25})
+    assert (novelty.new_template_lines, novelty.sequence_length) == (0, 25)
+    bad = (("order", 0), ("warmup_lines", "many"), ("drain_similarity", 1.5), ("max_sources", True))
+    for key, value in (*bad, ("new_template_lines", -1), ("sequence_length", 2.5)):
         with pytest.raises(ValueError, match=key):
             LogSettings.from_config({key: value})
     with pytest.raises(ValueError, match="low_percentile <= med_percentile"):
