@@ -49,7 +49,9 @@ async def test_score_log_learns_then_flags_the_injected_line_and_raises_an_alert
         injected = "panic: out of memory allocating 4096 bytes in worker 7"
         done = await call(nexus, "score_log", {"source": "api", "line": injected})
         result = done.payload
-        assert result["severity"] == "HIGH"
+        assert result["severity"] == "MED"  # a new template: MED for its first new_template_lines lines
+        assert (result["seen"], len(result["sequence"])) == (1, 10)
+        assert result["sequence"][5:] == result["sequence"][:5]  # the last two cycles of the normal lines
         assert result["template"] == "panic: out of memory allocating <NUM> bytes in worker <NUM>"
         assert (result["predicted"], result["rank"], result["new_template"], result["lines_seen"]) == (
             False,
@@ -63,7 +65,7 @@ async def test_score_log_learns_then_flags_the_injected_line_and_raises_an_alert
             "kind": "log",
             "source": "api",
             "score": result["score"],
-            "severity": "HIGH",
+            "severity": "MED",
             "template": result["template"],
             "template_id": result["template_id"],
             "line": injected,
@@ -176,7 +178,8 @@ async def test_stream_log_scores_like_score_log_and_raises_alerts(tmp_path: Path
             file.write("fatal: ledger checksum mismatch on page 12\n")
         await tail.wait_for(lambda chunks: len(chunks) == 151)
         assert {c["severity"] for c in tail.chunks[50:150]} == {"NONE"}
-        assert tail.chunks[-1]["severity"] == "HIGH"
+        assert tail.chunks[-1]["severity"] == "MED"
+        assert tail.chunks[-1]["sequence"] == [c["template_id"] for c in tail.chunks[-11:-1]]
         (alert,) = await alerts.wait_count(1)
         assert (alert.payload["source"], alert.payload["line"]) == (
             "payments",

@@ -13,9 +13,11 @@ from nexus.handlers.anomalies.logs import (
     LOW,
     MED,
     NONE,
+    LogScore,
     LogScorer,
     LogSettings,
     LogSource,
+    LogStats,
     NGramModel,
     ScoreWindow,
     grade,
@@ -100,6 +102,39 @@ def test_drain_similarity_threshold_decides_whether_a_line_joins() -> None:
     base = drain.add("job alpha started now").template
     assert drain.add("job alpha finished later").template is base  # 2/4 = 0.5 >= 0.4
     assert drain.add("job beta failed badly").created  # 1/4 against the template "job alpha <*> <*>"
+
+
+DPKG = """2025-06-24 14:36:25 startup archives unpack
+2025-06-24 14:36:25 upgrade libsystemd0:amd64 252.36-1~deb12u1 252.38-1~deb12u1
+2025-06-24 14:36:25 status triggers-pending libc-bin:amd64 2.36-9+deb12u10
+2025-06-24 14:36:25 status half-configured libsystemd0:amd64 252.36-1~deb12u1
+2025-06-24 14:36:25 status unpacked libsystemd0:amd64 252.36-1~deb12u1
+2025-06-24 14:36:25 status half-installed libsystemd0:amd64 252.36-1~deb12u1
+2025-06-24 14:36:26 status unpacked libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 startup packages configure
+2025-06-24 14:36:26 configure libsystemd0:amd64 252.38-1~deb12u1 <none>
+2025-06-24 14:36:26 status unpacked libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 status half-configured libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 status installed libsystemd0:amd64 252.38-1~deb12u1
+2025-06-24 14:36:26 trigproc libc-bin:amd64 2.36-9+deb12u10 <none>
+2025-06-24 14:36:26 status half-configured libc-bin:amd64 2.36-9+deb12u10
+2025-06-24 14:36:26 status installed libc-bin:amd64 2.36-9+deb12u10""".splitlines()
+
+
+def dpkg_action(line: str) -> str:
+    parts = line.split()
+    return f"status {parts[3]}" if parts[2] == "status" else parts[2]
+
+
+def test_the_default_template_settings_keep_dpkg_actions_apart() -> None:
+    """With the defaults (depth 6, similarity 0.5) no template holds two dpkg actions; depth 4 / 0.4 merged them."""
+    for settings, merged in ((LogSettings(), False), (LogSettings(drain_depth=4, drain_similarity=0.4), True)):
+        source = LogSource("dpkg", settings)
+        actions: dict[str, set[str]] = {}
+        for line in DPKG:
+            actions.setdefault(source.score_line(line).template_id, set()).add(dpkg_action(line))
+        assert any(len(kinds) > 1 for kinds in actions.values()) == merged
+    assert (LogSettings().drain_depth, LogSettings().drain_similarity) == (6, 0.5)
 
 
 def test_drain_keeps_at_most_max_templates_and_prunes_its_tree() -> None:
@@ -211,8 +246,8 @@ def flagged(results: list[Any]) -> list[int]:
 
 
 def test_an_injected_unseen_template_is_the_one_line_flagged() -> None:
-    """After 300 normal cycles, one never-seen line is HIGH and no other line of the stream is flagged."""
-    source = LogSource("api")
+    """After 300 normal cycles, one never-seen line is HIGH (by its score alone) and no other line is flagged."""
+    source = LogSource("api", LogSettings(new_template_lines=0))
     normal = cycle_lines(300)
     before = [source.score_line(line) for line in normal]
     assert [r.severity for r in before[:1000]] == [LEARNING] * 1000
@@ -227,6 +262,46 @@ def test_an_injected_unseen_template_is_the_one_line_flagged() -> None:
     assert not results[7].predicted
     assert results[7].template == "kernel: disk <PATH> I/O error at sector <NUM>, remounting read-only"
     assert results[7].score > results[7].thresholds["p99_9"]
+
+
+def test_a_new_template_stays_med_until_seen_new_template_lines_times() -> None:
+    """A new error template is MED on each of its first new_template_lines lines, then graded by its score."""
+    injected = "kernel: disk /dev/sdb1 I/O error at sector 88123, remounting read-only"
+    for new_template_lines in (1, 3, 5):
+        source = LogSource("api", LogSettings(new_template_lines=new_template_lines))
+        for line in cycle_lines(300):
+            source.score_line(line)
+        results: list[LogScore] = []
+        for cycle in range(8):
+            lines = cycle_lines(1, seed=20 + cycle)
+            results.extend(source.score_line(line) for line in lines[:3])
+            results.append(source.score_line(injected.replace("88123", str(cycle))))
+            results.extend(source.score_line(line) for line in lines[3:])
+        errors = [r for r in results if r.template.startswith("kernel:")]
+        assert [r.seen for r in errors] == list(range(1, 9))
+        assert [r.severity for r in errors[:new_template_lines]] == [MED] * new_template_lines
+        assert errors[0].score > (errors[0].thresholds or {})["p99_9"]  # by its score alone it would be HIGH
+        after = errors[new_template_lines]
+        assert after.severity == grade(after.score, after.thresholds or {}, predicted=after.predicted)
+        assert [r.severity for r in results if not r.template.startswith("kernel:")].count(HIGH) == 0
+
+
+def test_each_score_carries_the_templates_that_led_to_it() -> None:
+    """sequence holds the previous lines' template ids, oldest first, at most sequence_length of them."""
+    source = LogSource("api", LogSettings(sequence_length=4))
+    results = [source.score_line(line) for line in cycle_lines(3)]
+    ids = [r.template_id for r in results]
+    assert len(set(ids)) == 5
+    assert [r.sequence for r in results[:3]] == [(), (ids[0],), (ids[0], ids[1])]
+    for i in range(4, 15):
+        assert results[i].sequence == tuple(ids[i - 4 : i])
+    off = LogSource("api", LogSettings(sequence_length=0, order=3))
+    assert {off.score_line(line).sequence for line in cycle_lines(3)} == {()}
+    short = LogSource("api", LogSettings(sequence_length=1, order=3))  # the model still sees 3 templates
+    scores = [short.score_line(line) for line in cycle_lines(3)]
+    assert [len(r.sequence) for r in scores] == [0] + [1] * 14
+    longer = LogSource("api", LogSettings(sequence_length=10, order=3))
+    assert [r.score for r in scores] == [longer.score_line(line).score for line in cycle_lines(3)]
 
 
 def test_an_injected_unseen_order_flags_exactly_the_lines_with_unseen_transitions() -> None:
@@ -313,8 +388,41 @@ def test_settings_are_read_from_config_and_checked() -> None:
     assert LogSettings.from_config({}) == LogSettings()
     custom = LogSettings.from_config({"order": 3, "top_k": 0, "warmup_lines": 10.0, "drain_similarity": 0.5})
     assert (custom.order, custom.top_k, custom.warmup_lines, custom.drain_similarity) == (3, 0, 10, 0.5)
-    for key, value in (("order", 0), ("warmup_lines", "many"), ("drain_similarity", 1.5), ("max_sources", True)):
+    novelty = LogSettings.from_config({"new_template_lines": 0, "sequence_length": 25})
+    assert (novelty.new_template_lines, novelty.sequence_length) == (0, 25)
+    bad = (("order", 0), ("warmup_lines", "many"), ("drain_similarity", 1.5), ("max_sources", True))
+    for key, value in (*bad, ("new_template_lines", -1), ("sequence_length", 2.5)):
         with pytest.raises(ValueError, match=key):
             LogSettings.from_config({key: value})
     with pytest.raises(ValueError, match="low_percentile <= med_percentile"):
         LogSettings.from_config({"low_percentile": 99.5})
+
+
+def test_stats_are_reported_every_interval_of_the_given_clock() -> None:
+    """Totals of lines, alerts and errors, and lines per second over the last interval, once per interval."""
+    source = LogSource("api", LogSettings(warmup_lines=10, new_template_lines=1))
+    stats = LogStats(60.0, start=1000.0)
+    for line in cycle_lines(4):
+        stats.count(source.score_line(line))
+    stats.count(source.score_line("fatal: ledger checksum mismatch on page 12"))
+    stats.count(None)
+    assert stats.due(1059.9) is None
+    assert stats.due(1060.0) == {
+        "lines": 22,
+        "alerts": 1,
+        "errors": 1,
+        "lines_per_s": 22 / 60,
+        "interval_s": 60.0,
+        "uptime_s": 60.0,
+    }
+    assert stats.due(1061.0) is None
+    for line in cycle_lines(6):
+        stats.count(source.score_line(line))
+    report = stats.due(1150.0)
+    assert report is not None
+    assert (report["lines"], report["alerts"], report["errors"]) == (52, 1, 1)
+    assert report["lines_per_s"] == pytest.approx(30 / 90)
+    assert (report["interval_s"], report["uptime_s"]) == (90.0, 150.0)
+    off = LogStats(0, start=0.0)
+    off.count(None)
+    assert off.due(1e9) is None

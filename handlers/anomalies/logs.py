@@ -21,6 +21,12 @@ Per source (a service, a host, a file):
    score alike raises nothing. A predicted template is at most LOW: MED and HIGH mean both a rare score and
    an unexpected template. Until a source has scored ``warmup_lines`` lines (default 1,000) it learns and
    reports LEARNING.
+5. A template still new to a warm source is MED, however it scores, for its first ``new_template_lines``
+   lines (default 3): a new error message is neither HIGH on its first line and then NONE on its second (the
+   model learns it at once) nor silent.
+
+Each score carries its ``sequence``: the ids of the templates of the source's previous lines, oldest first,
+at most ``sequence_length`` (default 10) of them.
 
 Memory per source, bounded by settings: the miner (at most ``max_templates`` templates, default 1,000), the
 model (at most ``max_ngrams`` (context, template) counts, default 20,000, least recently used contexts
@@ -80,10 +86,14 @@ class LogSettings:
     """Wall-clock seconds after which an idle source is forgotten; 0 keeps sources until evicted."""
     max_templates: int = 1000
     max_ngrams: int = 20_000
-    drain_depth: int = 4
-    drain_similarity: float = 0.4
+    drain_depth: int = 6
+    drain_similarity: float = 0.5
     drain_max_children: int = 100
     max_line_chars: int = 10_000
+    new_template_lines: int = 3
+    """A template's first this many lines are MED (not HIGH, not NONE) once warm; 0 turns it off."""
+    sequence_length: int = 10
+    """How many of the templates that led to a line its score carries (``sequence``)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LogSettings:
@@ -114,6 +124,10 @@ class LogSettings:
                 config, "drain_max_children", cls.drain_max_children, plugin=_PLUGIN, minimum=2
             ),
             max_line_chars=read_int(config, "max_line_chars", cls.max_line_chars, plugin=_PLUGIN, minimum=1),
+            new_template_lines=read_int(
+                config, "new_template_lines", cls.new_template_lines, plugin=_PLUGIN, minimum=0
+            ),
+            sequence_length=read_int(config, "sequence_length", cls.sequence_length, plugin=_PLUGIN, minimum=0),
         )
         if not settings.low_percentile <= settings.med_percentile <= settings.high_percentile:
             raise ValueError(
@@ -164,6 +178,10 @@ class NGramModel:
     def knows(self, symbol: str) -> bool:
         """Whether the model has seen ``symbol`` (and still keeps it)."""
         return symbol in self._unigrams
+
+    def count(self, symbol: str) -> int:
+        """How many times the model has seen ``symbol`` (0 once forgotten)."""
+        return self._unigrams.get(symbol, 0)
 
     def probability(self, context: Context, symbol: str) -> float:
         """``P(symbol | context)``, smoothed; ``context`` holds the previous templates, oldest first."""
@@ -294,6 +312,10 @@ class LogScore:
     new_template: bool
     thresholds: dict[str, float] | None
     """The source's p95 / p99 / p99.9 the score was compared with (None while learning)."""
+    seen: int = 1
+    """Lines of this template the source has seen, this one included."""
+    sequence: tuple[str, ...] = ()
+    """The template ids of the lines before this one, oldest first (at most ``sequence_length``)."""
 
     @property
     def alert(self) -> bool:
@@ -317,7 +339,7 @@ class LogSource:
         )
         self.model = NGramModel(s.order, max_ngrams=s.max_ngrams, max_vocabulary=s.max_templates)
         self.window = ScoreWindow(s.score_window)
-        self.history: deque[str] = deque(maxlen=s.order)
+        self.history: deque[str] = deque(maxlen=max(s.order, s.sequence_length))
         self.lines_seen = 0
 
     def score_line(self, line: str) -> LogScore:
@@ -334,9 +356,11 @@ class LogSource:
 
     def _score(self, symbol: str, text: str, *, new_template: bool) -> LogScore:
         s = self.settings
-        context = tuple(self.history)
+        history = tuple(self.history)
+        context = history[-s.order :]
         score = -math.log(self.model.probability(context, symbol))
         predicted, rank = self.model.predicted(context, symbol, s.top_k)
+        seen = self.model.count(symbol) + 1
         thresholds: dict[str, float] | None = None
         if self.lines_seen < s.warmup_lines:
             severity = LEARNING
@@ -346,7 +370,10 @@ class LogSource:
                 "p99": self.window.percentile(s.med_percentile),
                 "p99_9": self.window.percentile(s.high_percentile),
             }
-            severity = grade(score, thresholds, predicted=predicted and s.top_k > 0)
+            if seen <= s.new_template_lines:
+                severity = MED  # a template still new to the source: worth a look, however it scores
+            else:
+                severity = grade(score, thresholds, predicted=predicted and s.top_k > 0)
         self.model.observe(context, symbol)
         self.window.add(score)
         self.history.append(symbol)
@@ -362,6 +389,8 @@ class LogSource:
             lines_seen=self.lines_seen,
             new_template=new_template,
             thresholds=thresholds,
+            seen=seen,
+            sequence=history[-s.sequence_length :] if s.sequence_length else (),
         )
 
 
@@ -428,3 +457,51 @@ class LogScorer:
             del self._sources[name]
             gone.append(name)
         return gone
+
+
+# --- statistics of a stream -------------------------------------------------------------------------------
+
+
+class LogStats:
+    """Counts of a followed file's lines, alerts and errors, reported every ``interval_s`` of a given clock.
+
+    :meth:`due` answers the report when ``interval_s`` has passed since the last one (the first is due
+    ``interval_s`` after ``start``): totals since the start and the lines per second over the last interval.
+    ``interval_s`` 0 never reports.
+    """
+
+    def __init__(self, interval_s: float, start: float) -> None:
+        if not interval_s >= 0:
+            raise ValueError(f"interval_s must be at least 0, got {interval_s}")
+        self.interval_s = interval_s
+        self.lines = 0
+        self.alerts = 0
+        self.errors = 0
+        self._start = start
+        self._last = start
+        self._last_lines = 0
+
+    def count(self, result: LogScore | None) -> None:
+        """Count one line: its score, or None when it could not be scored (an error)."""
+        self.lines += 1
+        if result is None:
+            self.errors += 1
+        elif result.alert:
+            self.alerts += 1
+
+    def due(self, now: float) -> dict[str, float] | None:
+        """The report when one is due at ``now``, else None."""
+        elapsed = now - self._last
+        if self.interval_s <= 0 or elapsed < self.interval_s:
+            return None
+        report = {
+            "lines": self.lines,
+            "alerts": self.alerts,
+            "errors": self.errors,
+            "lines_per_s": (self.lines - self._last_lines) / elapsed,
+            "interval_s": elapsed,
+            "uptime_s": now - self._start,
+        }
+        self._last = now
+        self._last_lines = self.lines
+        return report

@@ -9,6 +9,8 @@ Settings (``[handlers.anomalies]``): the log model's (:class:`.logs.LogSettings`
 ``max_points``, ``max_batch``, ``latest_points``, ``health_window``, ``failing_pct``, ``deteriorating_pct``),
 and ``log_dir`` (the only directory stream_log may follow files in; default the server's ``--log-dir``),
 ``poll_interval_s`` (0.25), ``max_line_bytes`` (65536), ``sync_timeout_s`` (5).
+The log model also reads ``new_template_lines`` and ``sequence_length`` (see :mod:`.logs`); stream_log
+``stats_interval_s`` (60; 0 turns the statistics off).
 
 Baselines travel on the bus: set_baseline publishes ``anomalies:baseline:v1:set`` with the fitted mean and
 covariance, reset publishes ``anomalies:baseline:v1:reset``, and monitor, stream_health and latest follow
@@ -50,13 +52,14 @@ from .baseline import (
     parse_csv,
 )
 from .follow import DEFAULT_MAX_LINE_BYTES, FileFollower, PathNotAllowed
-from .logs import LogScore, LogScorer, LogSettings, LogSource
+from .logs import LogScore, LogScorer, LogSettings, LogSource, LogStats
 from .specs import (
     ALERT,
     BASELINE_RESET,
     BASELINE_SET,
     HEALTH_REQUESTED,
     LATEST_REQUESTED,
+    LOG_STATS,
     MONITOR_REQUESTED,
     MONITOR_SUCCESS,
     RESET_REQUESTED,
@@ -85,6 +88,8 @@ def _score_payload(result: LogScore) -> dict[str, Any]:
         "rank": result.rank,
         "lines_seen": result.lines_seen,
         "new_template": result.new_template,
+        "seen": result.seen,
+        "sequence": list(result.sequence),
     }
 
 
@@ -162,7 +167,9 @@ class StreamLog(StreamingEventHandler):
 
     Rotation and truncation are followed; a path outside the log directory (also through ``..`` or symbolic
     links) fails. Each stream scores its file as one source with its own model (LEARNING for the first
-    warmup_lines lines); MED and HIGH lines also raise ``anomalies:alert:v1:raised``.
+    warmup_lines lines); MED and HIGH lines also raise ``anomalies:alert:v1:raised``. Every
+    ``stats_interval_s`` (60) of :attr:`clock` a stream publishes ``anomalies:log_stats:v1:reported``: lines
+    scored, alerts and errors (lines that could not be scored) since it started, and lines per second.
     """
 
     event_type = "anomalies:stream_log:v1"
@@ -175,9 +182,13 @@ class StreamLog(StreamingEventHandler):
         self.log_dir: str | None = None
         self.poll_interval_s = 0.25
         self.max_line_bytes = DEFAULT_MAX_LINE_BYTES
+        self.stats_interval_s = 60.0
+        self.clock: Callable[[], float] = time.monotonic
+        """The clock statistics are timed by (tests replace it)."""
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.settings = _settings(ctx, LogSettings.from_config)
+        self.stats_interval_s = _settings(ctx, lambda c: _plugin_number(c, "stats_interval_s", 60.0))
         log_dir = ctx.config.get("log_dir")
         if log_dir is not None and (
             not isinstance(log_dir, str) or not await asyncio.to_thread(os.path.isdir, log_dir)
@@ -214,6 +225,7 @@ class StreamLog(StreamingEventHandler):
         path = event.payload["path"]
         relative = follower.relative_path
         source = LogSource(event.payload.get("source") or relative, self.settings)
+        stats = LogStats(self.stats_interval_s, self.clock())
         self.ctx.log.info("stream_log_following", path=relative, target=str(follower.target))
         rotations = truncations = 0
         while True:
@@ -225,10 +237,19 @@ class StreamLog(StreamingEventHandler):
                 rotations, truncations = follower.rotations, follower.truncations
                 self.ctx.log.info("stream_log_reopened", path=relative, rotations=rotations, truncations=truncations)
             for line in lines:
-                result = source.score_line(line)
+                try:
+                    result = source.score_line(line)
+                except Exception:  # one line the scorer cannot take must not end the stream
+                    self.ctx.log.exception("stream_log_line_failed", path=relative, line=line[:200])
+                    stats.count(None)
+                    continue
+                stats.count(result)
                 if result.alert:
                     await self.ctx.publish(ALERT, _log_alert(result, line))
                 await stream.send({"path": relative, "line": line, **_score_payload(result)})
+            report = stats.due(self.clock())
+            if report is not None:
+                await self.ctx.publish(LOG_STATS, {"path": relative, "source": source.name, **report})
             if not lines:
                 await asyncio.sleep(self.poll_interval_s)
 

@@ -16,6 +16,7 @@ LATEST_REQUESTED: Final = "anomalies:latest:v1:requested"
 RESET_REQUESTED: Final = "anomalies:reset:v1:requested"
 MAX_CSV_CHARS: Final = 1_000_000
 """The longest CSV text set_baseline takes (the server's payload limit, max_payload_bytes, applies first)."""
+LOG_STATS: Final = "anomalies:log_stats:v1:reported"
 
 _SOURCE = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Whose logs: a service, host or file."}
 
@@ -43,7 +44,8 @@ _SCORED = {
 _SEVERITY = {
     "enum": ["LEARNING", "NONE", "LOW", "MED", "HIGH"],
     "description": "By the source's own score percentiles, strictly above: > p99.9 HIGH, > p99 MED, > p95 "
-    "LOW, else NONE; a predicted template is at most LOW; LEARNING during the warm-up.",
+    "LOW, else NONE; a predicted template is at most LOW; a template's first new_template_lines lines are MED; "
+    "LEARNING during the warm-up.",
 }
 
 _SCORE_FIELDS: dict[str, Any] = {
@@ -62,6 +64,17 @@ _SCORE_FIELDS: dict[str, Any] = {
     },
     "lines_seen": {"type": "integer", "description": "Lines this source has scored, this one included."},
     "new_template": {"type": "boolean", "description": "The line founded a new template."},
+    "seen": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Lines of this template the source has seen, this one included; while at most "
+        "new_template_lines (3) the line is MED once the source is warm.",
+    },
+    "sequence": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "The template ids of the source's previous lines, oldest first (at most sequence_length, 10).",
+    },
 }
 
 _SCORE_EXAMPLE: dict[str, Any] = {
@@ -69,11 +82,13 @@ _SCORE_EXAMPLE: dict[str, Any] = {
     "template_id": "T17",
     "template": "connection to <IP> refused after <NUM> ms",
     "score": 9.53,
-    "severity": "HIGH",
+    "severity": "MED",
     "predicted": False,
     "rank": None,
     "lines_seen": 5231,
     "new_template": True,
+    "seen": 1,
+    "sequence": ["T3", "T4", "T9"],
 }
 
 ALERT_SCHEMA: dict[str, Any] = {
@@ -195,6 +210,35 @@ STREAM_LOG_TAKES = EventSpec(
     example={"path": "payments/api.log"},
 )
 
+LOG_STATS_SPEC = EventSpec(
+    LOG_STATS,
+    "A followed file's statistics, every stats_interval_s (60) while stream_log runs.",
+    {
+        "type": "object",
+        "required": ["path", "source", "lines", "alerts", "errors", "lines_per_s", "interval_s", "uptime_s"],
+        "properties": {
+            "path": {"type": "string", "description": "The file, relative to the log directory."},
+            "source": {"type": "string", "description": "The source its lines are scored as."},
+            "lines": {"type": "integer", "minimum": 0, "description": "Lines read since the stream started."},
+            "alerts": {"type": "integer", "minimum": 0, "description": "Of them, scored MED or HIGH."},
+            "errors": {"type": "integer", "minimum": 0, "description": "Of them, lines that could not be scored."},
+            "lines_per_s": {"type": "number", "minimum": 0, "description": "Lines per second since the last report."},
+            "interval_s": {"type": "number", "minimum": 0, "description": "Seconds since the last report."},
+            "uptime_s": {"type": "number", "minimum": 0, "description": "Seconds since the stream started."},
+        },
+    },
+    example={
+        "path": "payments/api.log",
+        "source": "payments/api.log",
+        "lines": 18234,
+        "alerts": 41,
+        "errors": 0,
+        "lines_per_s": 12.5,
+        "interval_s": 60.0,
+        "uptime_s": 1440.0,
+    },
+)
+
 STREAM_LOG_EMITS = (
     EventSpec(
         "anomalies:stream_log:v1:stream",
@@ -216,6 +260,7 @@ STREAM_LOG_EMITS = (
         },
     ),
     LOG_ALERT_SPEC,
+    LOG_STATS_SPEC,
 )
 
 SET_BASELINE_TAKES = EventSpec(
