@@ -2,10 +2,16 @@
 
 The stay-point algorithm of Li et al. (2008) and Zheng (2009), run one fix at a time:
 
-- A **dwell** is a run of fixes within ``dwell_radius_m`` (default 50 m) of the dwell's running centroid,
-  measured with the haversine formula. The first fix of a trace (or after a dwell ended) opens a candidate.
-- Once the candidate has lasted ``min_dwell_s`` (default 120 s, first to last fix) it becomes an
-  **encounter**: :class:`EncounterStarted` is produced once, with the centroid at that moment.
+- A **dwell** is a run of fixes within ``dwell_radius_m`` (default 50 m) of the dwell's **anchor**, its first
+  fix (the anchor-point rule of Li et al.; ``stay_rule = "centroid"`` measures from the running centroid
+  instead), by the haversine formula. The first fix of a trace (or after a dwell ended) opens a candidate.
+- Once the candidate has lasted ``min_dwell_s`` (default 120 s, first to last fix) **and** the speed of the
+  least-squares straight line through its fixes is at most ``max_drift_mps`` (default 0.15 m/s) it becomes an
+  **encounter**: :class:`EncounterStarted` is produced once, with the centroid at that moment. The drift check
+  is what keeps a slow walk (0.4-0.5 m/s stays within 50 m of its start for two minutes) from being a stay;
+  a real stay's fitted drift shrinks with every fix, so a noisy stay only starts a fix or a few later. The
+  defaults were chosen by seeded walks at 0.4-1.4 m/s and stays with 5-15 m of GPS noise
+  (``tests/test_places_staypoints.py``): no walk becomes an encounter, every stay is exactly one.
 - The agent **leaves** when ``exit_points`` consecutive fixes (k, default 2) fall outside the radius. Fewer
   outside fixes followed by one inside are a GPS spike: they neither end the dwell nor become part of it.
   The fixes that left open the next candidate (they are placed again, in order).
@@ -20,10 +26,10 @@ antimeridian; at dwell scale it equals the mean of latitudes and longitudes to w
 
 Memory: :class:`StayPointTracker` keeps at most ``max_agents`` agents (least recently seen evicted first)
 and forgets an agent idle for ``idle_ttl_s`` of wall-clock time; an evicted agent's open encounter is
-completed (``reason`` ``"evicted"`` or ``"idle"``). Per agent it holds a fixed-size record (running centroid
-sums, first/last times, counters, the open encounter's id) plus at most ``exit_points - 1`` pending fixes:
-about 0.85 KB per agent with the defaults, its id included (measured with tracemalloc; a test keeps it under
-1 KB), so the default 100,000 agents take at most about 85 MB.
+completed (``reason`` ``"evicted"`` or ``"idle"``). Per agent it holds a fixed-size record (anchor, running
+centroid sums, drift-fit sums, first/last times, counters, the open encounter's id) plus at most
+``exit_points - 1`` pending fixes: about 0.98 KB per agent with the defaults, its id included (measured with
+tracemalloc; a test keeps it under 1 KB), so the default 100,000 agents take at most about 98 MB.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ DWELLING: Final = "dwelling"
 OUT_OF_ORDER: Final = "out_of_order"
 POOR_ACCURACY: Final = "poor_accuracy"
 
+ANCHOR: Final = "anchor"
+CENTROID: Final = "centroid"
+STAY_RULES: Final = (ANCHOR, CENTROID)
+
 EndReason = Literal["left", "gap", "idle", "evicted"]
 
 
@@ -58,9 +68,24 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
 
 
+def local_m(lat0: float, lon0: float, latitude: float, longitude: float) -> tuple[float, float]:
+    """``(north, east)`` metres of a point from ``(lat0, lon0)`` on the local tangent plane (equirectangular;
+    exact to well under a centimetre at dwell scale, and right across the antimeridian)."""
+    d_lon = (longitude - lon0 + 180.0) % 360.0 - 180.0
+    metres = math.radians(EARTH_RADIUS_M)
+    return (latitude - lat0) * metres, d_lon * metres * math.cos(math.radians(lat0))
+
+
 # --- settings ---------------------------------------------------------------------------------------------
 
 _PLUGIN: Final = "places"
+
+
+def _read_choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = config.get(key, default)
+    if value not in choices:
+        raise ValueError(f"{_PLUGIN} setting {key!r} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +93,15 @@ class PlacesSettings:
     """The plugin's settings (``[handlers.places]`` in the config file); every default is the issue's."""
 
     dwell_radius_m: float = 50.0
-    """Fixes within this distance of the dwell's running centroid belong to the dwell."""
+    """Fixes within this distance of the dwell's anchor (its first fix) belong to the dwell."""
+    stay_rule: str = ANCHOR
+    """What a fix is measured from: ``"anchor"``, the dwell's first fix (a walk cannot stay within the radius
+    of where it began), or ``"centroid"``, the running centroid of the dwell's fixes (which follows a slow walker)."""
     min_dwell_s: float = 120.0
     """How long a dwell must last (first to last fix) to become an encounter."""
+    max_drift_mps: float = 0.15
+    """A dwell becomes an encounter only while the least-squares speed through its fixes is at most this;
+    0 turns the check off."""
     exit_points: int = 2
     """Consecutive fixes outside the radius that end a dwell (k); fewer are a spike."""
     max_gap_s: float = 600.0
@@ -91,7 +122,9 @@ class PlacesSettings:
             dwell_radius_m=read_number(
                 config, "dwell_radius_m", cls.dwell_radius_m, plugin=_PLUGIN, minimum=0, strict=True
             ),
+            stay_rule=_read_choice(config, "stay_rule", cls.stay_rule, STAY_RULES),
             min_dwell_s=read_number(config, "min_dwell_s", cls.min_dwell_s, plugin=_PLUGIN, minimum=0),
+            max_drift_mps=read_number(config, "max_drift_mps", cls.max_drift_mps, plugin=_PLUGIN, minimum=0),
             exit_points=read_int(config, "exit_points", cls.exit_points, plugin=_PLUGIN, minimum=1),
             max_gap_s=read_number(config, "max_gap_s", cls.max_gap_s, plugin=_PLUGIN, minimum=0, strict=True),
             max_accuracy_m=read_number(
@@ -195,21 +228,55 @@ class _Fix:
 
 
 class _Dwell:
-    __slots__ = ("centroid", "encounter_id", "first_time", "last_time", "latitude", "longitude")
+    """One candidate dwell: its anchor, running centroid, times, and the sums of a least-squares drift fit."""
+
+    __slots__ = (
+        "anchor_lat",
+        "anchor_lon",
+        "centroid",
+        "encounter_id",
+        "first_time",
+        "last_time",
+        "latitude",
+        "longitude",
+        "st",
+        "stt",
+        "stx",
+        "sty",
+    )
 
     def __init__(self, fix: _Fix) -> None:
+        self.anchor_lat = fix.latitude
+        self.anchor_lon = fix.longitude
         self.centroid = _Centroid()
         self.first_time = fix.time
         self.last_time = fix.time
         self.encounter_id: str | None = None
         self.latitude = fix.latitude
         self.longitude = fix.longitude
+        self.st = self.stt = self.stx = self.sty = 0.0
         self.add(fix)
 
     def add(self, fix: _Fix) -> None:
         self.centroid.add(fix.latitude, fix.longitude)
         self.latitude, self.longitude = self.centroid.position()
         self.last_time = fix.time
+        north, east = local_m(self.anchor_lat, self.anchor_lon, fix.latitude, fix.longitude)
+        t = fix.time - self.first_time
+        self.st += t
+        self.stt += t * t
+        self.stx += t * east
+        self.sty += t * north
+
+    def drift_mps(self) -> float:
+        """The speed of the least-squares straight-line motion through the dwell's fixes (0 for one instant)."""
+        n = self.centroid.count
+        spread = self.stt - self.st * self.st / n
+        if spread <= 0:
+            return 0.0
+        # The mean position is the centroid's (the same to well under a millimetre at dwell scale).
+        north, east = local_m(self.anchor_lat, self.anchor_lon, self.latitude, self.longitude)
+        return math.hypot(self.stx - self.st * east, self.sty - self.st * north) / spread
 
 
 class StayPointDetector:
@@ -279,7 +346,10 @@ class StayPointDetector:
         if dwell is None:
             self._dwell = _Dwell(fix)
             return self._maybe_start()
-        distance = haversine_m(dwell.latitude, dwell.longitude, fix.latitude, fix.longitude)
+        if self.settings.stay_rule == ANCHOR:
+            distance = haversine_m(dwell.anchor_lat, dwell.anchor_lon, fix.latitude, fix.longitude)
+        else:
+            distance = haversine_m(dwell.latitude, dwell.longitude, fix.latitude, fix.longitude)
         if distance <= self.settings.dwell_radius_m:
             self._pending.clear()  # a spike that did not end the dwell is not part of it
             dwell.add(fix)
@@ -299,6 +369,8 @@ class StayPointDetector:
         assert dwell is not None
         if dwell.encounter_id is not None or dwell.last_time - dwell.first_time < self.settings.min_dwell_s:
             return []
+        if self.settings.max_drift_mps > 0 and dwell.drift_mps() > self.settings.max_drift_mps:
+            return []  # a steady slow walk, not a stay (yet): a real stay's fitted drift falls with every fix
         dwell.encounter_id = self._new_id()
         return [EncounterStarted(self.agent_id, dwell.encounter_id, dwell.latitude, dwell.longitude, dwell.first_time)]
 
