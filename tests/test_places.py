@@ -108,6 +108,7 @@ async def test_dropped_fixes_are_reported_and_counted() -> None:
             "state": "moving",
             "accepted": True,
             "encounter_id": None,
+            "place_id": None,
             "dropped_out_of_order": 0,
             "dropped_poor_accuracy": 0,
         }
@@ -213,3 +214,26 @@ def test_the_plugin_registers_through_entry_points() -> None:
     found = {spec.name: type(spec.handler) for spec in discover(True, (), ())}
     assert found["places.track_location"] is TrackLocation
     assert found["places.stream_encounters"] is StreamEncounters
+
+
+async def test_a_revisit_gets_the_same_place_id_and_a_new_place_is_discovered_once() -> None:
+    """Stop A, stop B, back at A an hour later: A's two encounters share a place_id; two places are discovered."""
+    fixes, _ = two_stops_trace()
+    async with run_server(TrackLocation()) as nexus:
+        discovered = await nexus.record("places:place:v1:discovered")
+        started = await nexus.record("places:encounter:v1:started")
+        for fix in fixes:
+            await track(nexus, fix_payload("courier", fix.latitude, fix.longitude, fix.time))
+        replies = [await track(nexus, fix_payload("courier", *STOP_A, T0 + 3600 + 30 * i)) for i in range(5)]
+        places = await discovered.wait_count(2)
+        encounters = await started.wait_count(3)
+        place_ids = [e.payload["place_id"] for e in encounters]
+        assert place_ids[0] == place_ids[2] != place_ids[1]
+        assert [p.payload["place_id"] for p in places] == place_ids[:2]
+        assert places[0].payload["agent_id"] == "courier"
+        assert places[0].payload["discovered_at"] == rfc3339(T0)
+        assert (replies[-1].payload["state"], replies[-1].payload["place_id"]) == ("dwelling", place_ids[0])
+        await asyncio.sleep(0.05)
+        assert len(discovered.events) == 2  # the revisit discovered nothing
+        await discovered.stop()
+        await started.stop()

@@ -25,7 +25,8 @@ from nexus import (
 )
 
 from . import specs
-from .specs import ENCOUNTER_COMPLETED, ENCOUNTER_STARTED, LOCATION_UPDATED
+from .known import Place
+from .specs import ENCOUNTER_COMPLETED, ENCOUNTER_STARTED, LOCATION_UPDATED, PLACE_DISCOVERED
 from .staypoints import Encounter, EncounterCompleted, EncounterStarted, PlacesSettings, StayPointTracker
 
 
@@ -44,6 +45,8 @@ def _encounter_payload(encounter: Encounter) -> dict[str, Any]:
         "longitude": encounter.longitude,
         "start_time": rfc3339(encounter.start_time),
     }
+    if encounter.place_id is not None:
+        payload["place_id"] = encounter.place_id
     if isinstance(encounter, EncounterCompleted):
         payload.update(
             end_time=rfc3339(encounter.end_time),
@@ -52,6 +55,16 @@ def _encounter_payload(encounter: Encounter) -> dict[str, Any]:
             reason=encounter.reason,
         )
     return payload
+
+
+def _place_payload(place: Place, agent_id: str) -> dict[str, Any]:
+    return {
+        "place_id": place.place_id,
+        "latitude": place.latitude,
+        "longitude": place.longitude,
+        "discovered_at": rfc3339(place.discovered_at),
+        "agent_id": agent_id,
+    }
 
 
 def _event_type(encounter: Encounter) -> str:
@@ -123,10 +136,14 @@ class TrackLocation(EventHandler):
                 "longitude": payload["longitude"],
                 "timestamp": fix_text,
                 "state": result.state,
+                "encounter_id": result.encounter_id,
+                "place_id": result.place_id,
             }
             if accuracy is not None:
                 location["accuracy_m"] = accuracy
             await self.ctx.publish(LOCATION_UPDATED, location)
+        for place in result.discovered:
+            await self.ctx.publish(PLACE_DISCOVERED, _place_payload(place, agent_id))
         for encounter in result.encounters:
             await self.ctx.publish(_event_type(encounter), _encounter_payload(encounter))
         reply: dict[str, Any] = {
@@ -134,6 +151,7 @@ class TrackLocation(EventHandler):
             "state": result.state,
             "accepted": result.accepted,
             "encounter_id": result.encounter_id,
+            "place_id": result.place_id,
             "dropped_out_of_order": result.dropped_out_of_order,
             "dropped_poor_accuracy": result.dropped_poor_accuracy,
         }

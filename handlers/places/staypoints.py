@@ -43,8 +43,8 @@ from typing import Any, Final, Literal
 
 from nexus import read_int, read_number
 
-EARTH_RADIUS_M: Final = 6_371_008.8
-"""Mean Earth radius (IUGG), in metres."""
+from .geo import haversine_m, local_m
+from .known import KnownPlaces, Place
 
 MOVING: Final = "moving"
 DWELLING: Final = "dwelling"
@@ -56,24 +56,6 @@ CENTROID: Final = "centroid"
 STAY_RULES: Final = (ANCHOR, CENTROID)
 
 EndReason = Literal["left", "gap", "idle", "evicted"]
-
-
-def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in metres between two points given in degrees (haversine formula)."""
-    phi1 = math.radians(lat1)
-    phi2 = math.radians(lat2)
-    d_phi = phi2 - phi1
-    d_lambda = math.radians(lon2 - lon1)
-    a = math.sin(d_phi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(d_lambda / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
-
-
-def local_m(lat0: float, lon0: float, latitude: float, longitude: float) -> tuple[float, float]:
-    """``(north, east)`` metres of a point from ``(lat0, lon0)`` on the local tangent plane (equirectangular;
-    exact to well under a centimetre at dwell scale, and right across the antimeridian)."""
-    d_lon = (longitude - lon0 + 180.0) % 360.0 - 180.0
-    metres = math.radians(EARTH_RADIUS_M)
-    return (latitude - lat0) * metres, d_lon * metres * math.cos(math.radians(lat0))
 
 
 # --- settings ---------------------------------------------------------------------------------------------
@@ -114,6 +96,10 @@ class PlacesSettings:
     """Wall-clock seconds after which an agent that sent nothing is forgotten; 0 keeps agents until evicted."""
     sweep_interval_s: float = 60.0
     """How often the plugin looks for idle agents."""
+    place_radius_m: float = 50.0
+    """An encounter whose centroid is within this distance of a known place is at that place."""
+    max_places: int = 10_000
+    """Known places kept at once; the one visited longest ago is forgotten first."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PlacesSettings:
@@ -135,6 +121,10 @@ class PlacesSettings:
             sweep_interval_s=read_number(
                 config, "sweep_interval_s", cls.sweep_interval_s, plugin=_PLUGIN, minimum=0, strict=True
             ),
+            place_radius_m=read_number(
+                config, "place_radius_m", cls.place_radius_m, plugin=_PLUGIN, minimum=0, strict=True
+            ),
+            max_places=read_int(config, "max_places", cls.max_places, plugin=_PLUGIN, minimum=1),
         )
 
 
@@ -150,6 +140,8 @@ class EncounterStarted:
     latitude: float
     longitude: float
     start_time: float
+    place_id: str | None = None
+    """The known place the encounter is at (None without known places)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -165,6 +157,7 @@ class EncounterCompleted:
     duration_s: float
     point_count: int
     reason: EndReason
+    place_id: str | None = None
 
 
 Encounter = EncounterStarted | EncounterCompleted
@@ -188,6 +181,10 @@ class TrackResult:
     """Encounters of other agents completed because they were evicted to make room."""
     dropped_out_of_order: int
     dropped_poor_accuracy: int
+    place_id: str | None = None
+    """The open encounter's place, when dwelling."""
+    discovered: tuple[Place, ...] = ()
+    """Places learned because of the fix."""
 
 
 # --- one agent --------------------------------------------------------------------------------------------
@@ -239,6 +236,7 @@ class _Dwell:
         "last_time",
         "latitude",
         "longitude",
+        "place_id",
         "st",
         "stt",
         "stx",
@@ -252,6 +250,7 @@ class _Dwell:
         self.first_time = fix.time
         self.last_time = fix.time
         self.encounter_id: str | None = None
+        self.place_id: str | None = None
         self.latitude = fix.latitude
         self.longitude = fix.longitude
         self.st = self.stt = self.stx = self.sty = 0.0
@@ -286,6 +285,7 @@ class StayPointDetector:
         "_dwell",
         "_new_id",
         "_pending",
+        "_places",
         "agent_id",
         "dropped_out_of_order",
         "dropped_poor_accuracy",
@@ -294,11 +294,17 @@ class StayPointDetector:
     )
 
     def __init__(
-        self, agent_id: str, settings: PlacesSettings, *, new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+        self,
+        agent_id: str,
+        settings: PlacesSettings,
+        *,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        places: KnownPlaces | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.settings = settings
         self._new_id = new_id
+        self._places = places
         self._dwell: _Dwell | None = None
         self._pending: list[_Fix] = []
         self.last_time: float | None = None
@@ -314,6 +320,11 @@ class StayPointDetector:
     def encounter_id(self) -> str | None:
         """The open encounter's id, or None."""
         return self._dwell.encounter_id if self._dwell is not None else None
+
+    @property
+    def place_id(self) -> str | None:
+        """The open encounter's place, or None."""
+        return self._dwell.place_id if self._dwell is not None else None
 
     def add(
         self, latitude: float, longitude: float, time: float, accuracy_m: float | None = None
@@ -372,7 +383,13 @@ class StayPointDetector:
         if self.settings.max_drift_mps > 0 and dwell.drift_mps() > self.settings.max_drift_mps:
             return []  # a steady slow walk, not a stay (yet): a real stay's fitted drift falls with every fix
         dwell.encounter_id = self._new_id()
-        return [EncounterStarted(self.agent_id, dwell.encounter_id, dwell.latitude, dwell.longitude, dwell.first_time)]
+        if self._places is not None:
+            dwell.place_id = self._places.visit(dwell.latitude, dwell.longitude, dwell.first_time)[0].place_id
+        return [
+            EncounterStarted(
+                self.agent_id, dwell.encounter_id, dwell.latitude, dwell.longitude, dwell.first_time, dwell.place_id
+            )
+        ]
 
     def _end(self, reason: EndReason) -> EncounterCompleted | None:
         dwell, self._dwell = self._dwell, None
@@ -389,6 +406,7 @@ class StayPointDetector:
             duration_s=dwell.last_time - dwell.first_time,
             point_count=dwell.centroid.count,
             reason=reason,
+            place_id=dwell.place_id,
         )
 
 
@@ -432,6 +450,8 @@ class StayPointTracker:
         self.settings = settings or PlacesSettings()
         self._new_id = new_id
         self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self.places = KnownPlaces(self.settings.place_radius_m, self.settings.max_places, new_id=new_id)
+        """The deployment's known places, shared by every agent."""
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -464,13 +484,17 @@ class StayPointTracker:
                 completed = oldest.detector.close("evicted")
                 if completed is not None:
                     evicted.append(completed)
-            agent = _Agent(StayPointDetector(agent_id, self.settings, new_id=self._new_id), now)
+            detector = StayPointDetector(agent_id, self.settings, new_id=self._new_id, places=self.places)
+            agent = _Agent(detector, now)
             self._agents[agent_id] = agent
         else:
             self._agents.move_to_end(agent_id)
             agent.last_seen = now
         detector = agent.detector
+        learned = len(self.places.discovered)
         dropped, encounters = detector.add(float(latitude), float(longitude), float(time), accuracy_m)
+        discovered = tuple(self.places.discovered[learned:])
+        del self.places.discovered[learned:]
         return TrackResult(
             agent_id=agent_id,
             state=detector.state,
@@ -481,6 +505,8 @@ class StayPointTracker:
             evicted=tuple(evicted),
             dropped_out_of_order=detector.dropped_out_of_order,
             dropped_poor_accuracy=detector.dropped_poor_accuracy,
+            place_id=detector.place_id,
+            discovered=discovered,
         )
 
     def expire(self, now: float) -> list[EncounterCompleted]:
