@@ -11,7 +11,9 @@ from gps_trace import STOP_A, T0, offset, two_stops_trace
 from nexus.handlers.places.plugin import StreamEncounters, TrackLocation, rfc3339
 
 from nexus import Event, InvalidPayload, parse_time
+from nexus.bus.memory import MemoryBus
 from nexus.plugins import HandlerSpec, discover
+from nexus.queue import MemoryRequestQueue
 from nexus.testing import StreamFollower, TestServer, run_server
 
 GUARD = 10.0
@@ -235,5 +237,34 @@ async def test_a_revisit_gets_the_same_place_id_and_a_new_place_is_discovered_on
         assert (replies[-1].payload["state"], replies[-1].payload["place_id"]) == ("dwelling", place_ids[0])
         await asyncio.sleep(0.05)
         assert len(discovered.events) == 2  # the revisit discovered nothing
+        await discovered.stop()
+        await started.stop()
+
+
+async def test_two_nodes_give_one_place_one_id_and_ignore_a_bad_discovery() -> None:
+    """A place discovered through one node is known to the other; a malformed discovery on the bus is skipped."""
+    bus = MemoryBus()
+    queue = MemoryRequestQueue(bus)
+    first, second = TrackLocation(), TrackLocation()
+    async with (
+        run_server(first, bus=bus, queue=queue) as node_a,
+        run_server(second, bus=bus, queue=queue),
+    ):
+        await bus.publish(Event(event_type="places:place:v1:discovered", payload={"place_id": "x", "latitude": 91}))
+        discovered = await node_a.record("places:place:v1:discovered")
+        started = await node_a.record("places:encounter:v1:started")
+        for agent in ("x", "y"):
+            for i in range(5):
+                await track(node_a, fix_payload(agent, *offset(STOP_A, 3.0 * i, 0.0), T0 + 30 * i))
+            if agent == "x":
+                (place,) = await discovered.wait_count(1)
+                for _ in range(200):  # until both nodes have followed the discovery
+                    if all(len(h.tracker.places) == 1 for h in (first, second)):
+                        break
+                    await asyncio.sleep(0.01)
+        encounters = await started.wait_count(2)
+        assert [e.payload["place_id"] for e in encounters] == [place.payload["place_id"]] * 2
+        for handler in (first, second):
+            assert [p.place_id for p in handler.tracker.places] == [place.payload["place_id"]]
         await discovered.stop()
         await started.stop()

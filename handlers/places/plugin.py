@@ -27,7 +27,14 @@ from nexus import (
 from . import specs
 from .known import Place
 from .specs import ENCOUNTER_COMPLETED, ENCOUNTER_STARTED, LOCATION_UPDATED, PLACE_DISCOVERED
-from .staypoints import Encounter, EncounterCompleted, EncounterStarted, PlacesSettings, StayPointTracker
+from .staypoints import (
+    Encounter,
+    EncounterCompleted,
+    EncounterStarted,
+    PlacesSettings,
+    StayPointTracker,
+    check_fix,
+)
 
 
 def rfc3339(seconds: float) -> str:
@@ -99,6 +106,23 @@ class TrackLocation(EventHandler):
             raise ValueError(f"{ctx.name}: {exc}") from None
         self.tracker = StayPointTracker(self.settings)
         ctx.start_soon(self._sweep_idle, name=f"{ctx.name}-idle-sweep")
+        # Every node learns every node's places (from the history the bus still holds), so one place has one id.
+        await ctx.follow(PLACE_DISCOVERED, on_event=self._learn, since_offset=0)
+
+    def _learn(self, event: Event) -> None:
+        payload = event.payload
+        place_id = payload.get("place_id")
+        try:
+            if not isinstance(place_id, str) or not 0 < len(place_id) <= 256:
+                raise ValueError(f"place_id must be a string of 1 to 256 characters, got {place_id!r}")
+            discovered_at = parse_time(payload.get("discovered_at"))
+            latitude: Any = payload.get("latitude")
+            longitude: Any = payload.get("longitude")
+            check_fix(latitude, longitude, discovered_at)
+        except (InvalidPayload, ValueError, OverflowError) as exc:
+            self.ctx.log.warning("place_not_learned", event_id=event.event_id, error=str(exc))
+            return
+        self.tracker.places.learn(Place(place_id, float(latitude), float(longitude), discovered_at, discovered_at))
 
     async def _sweep_idle(self) -> None:
         while True:
