@@ -10,6 +10,7 @@ ENCOUNTER_STARTED: Final = "places:encounter:v1:started"
 ENCOUNTER_COMPLETED: Final = "places:encounter:v1:completed"
 LOCATION_UPDATED: Final = "places:location:v1:updated"
 PLACE_DISCOVERED: Final = "places:place:v1:discovered"
+AGENT_STATE_REQUESTED: Final = "places:agent_state:v1:requested"
 
 _AGENT_ID = {"type": "string", "minLength": 1, "maxLength": 256, "description": "Who moves: any stable id."}
 
@@ -251,5 +252,46 @@ STREAM_ENCOUNTERS_EMITS = (
             },
         },
         example={"phase": "completed", **_COMPLETED_EXAMPLE},
+    ),
+)
+
+AGENT_STATE_TAKES = EventSpec(
+    AGENT_STATE_REQUESTED,
+    "An agent's current state: its last accepted fix, whether it is dwelling, and where.",
+    {"type": "object", "required": ["agent_id"], "properties": {"agent_id": _AGENT_ID}},
+    example={"agent_id": "courier-7"},
+)
+
+AGENT_STATE_EMITS = (
+    EventSpec(
+        "places:agent_state:v1:success",
+        "The agent's state as of every fix published before the request (from any node); known is false for "
+        "an agent with no fix kept (never seen, or forgotten: max_agents).",
+        {
+            "type": "object",
+            "required": ["agent_id", "known"],
+            "properties": {
+                "agent_id": {"type": "string", "description": "The agent."},
+                "known": {"type": "boolean", "description": "False when no fix of the agent is kept."},
+                "last_fix_time": {"type": "string", "description": "Time of its last accepted fix (RFC 3339)."},
+                "latitude": {"type": "number", "description": "Its last accepted fix."},
+                "longitude": {"type": "number", "description": "Its last accepted fix."},
+                "state": {"enum": ["moving", "dwelling"], "description": "dwelling: inside an encounter."},
+                "dwelling": {"type": "boolean", "description": "True while inside an encounter."},
+                "encounter_id": {**_CURRENT_PLACE, "description": "The open encounter, or null while moving."},
+                "place_id": _CURRENT_PLACE,
+            },
+        },
+        example={
+            "agent_id": "courier-7",
+            "known": True,
+            "last_fix_time": "2025-03-01T08:09:30Z",
+            "latitude": 48.856613,
+            "longitude": 2.352222,
+            "state": "dwelling",
+            "dwelling": True,
+            "encounter_id": "9f2c4e0a6b1d4c3e8a7f5b2d1c0e9a8b",
+            "place_id": "4b1e0c2d9a8f4e7b8c6d5a4f3e2d1c0b",
+        },
     ),
 )
