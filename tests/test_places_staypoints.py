@@ -224,7 +224,21 @@ def test_settings_are_read_from_config_and_checked() -> None:
     assert PlacesSettings.from_config({}) == PlacesSettings()
     custom = PlacesSettings.from_config({"dwell_radius_m": 80, "min_dwell_s": 30.0, "exit_points": 3.0})
     assert (custom.dwell_radius_m, custom.min_dwell_s, custom.exit_points) == (80.0, 30.0, 3)
-    for key, value in (("dwell_radius_m", 0), ("exit_points", 0), ("max_gap_s", "long"), ("max_agents", 1.5)):
+    new = PlacesSettings.from_config(
+        {"stay_rule": "centroid", "max_drift_mps": 0, "place_radius_m": 100, "max_places": 5}
+    )
+    assert (new.stay_rule, new.max_drift_mps, new.place_radius_m, new.max_places) == ("centroid", 0.0, 100.0, 5)
+    bad = (
+        ("dwell_radius_m", 0),
+        ("exit_points", 0),
+        ("max_gap_s", "long"),
+        ("max_agents", 1.5),
+        ("stay_rule", "median"),
+        ("max_drift_mps", -0.1),
+        ("place_radius_m", 0),
+        ("max_places", 0),
+    )
+    for key, value in bad:
         with pytest.raises(ValueError, match=key):
             PlacesSettings.from_config({key: value})
 
