@@ -89,3 +89,37 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     p1, p2 = math.radians(lat1), math.radians(lat2)
     a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
     return 2 * 6_371_008.8 * math.asin(math.sqrt(a))
+
+
+def _noisy(rng: random.Random, point: tuple[float, float], noise_m: float) -> tuple[float, float]:
+    """``point`` with Gaussian GPS noise of ``noise_m`` metres horizontal RMS (``noise_m / sqrt(2)`` per axis)."""
+    sigma = noise_m / math.sqrt(2)
+    return offset(point, rng.gauss(0.0, sigma), rng.gauss(0.0, sigma))
+
+
+def straight_walk(
+    seed: int, speed_mps: float, noise_m: float, *, every_s: float = 10.0, duration_s: float = 600.0
+) -> list[Fix]:
+    """A walk from STOP_A in a random straight direction at ``speed_mps``, one noisy fix every ``every_s``."""
+    rng = random.Random(seed)
+    heading = rng.uniform(0.0, 2 * math.pi)
+    fixes = []
+    for i in range(int(duration_s // every_s) + 1):
+        travelled = speed_mps * every_s * i
+        where = offset(STOP_A, travelled * math.sin(heading), travelled * math.cos(heading))
+        fixes.append(Fix(*_noisy(rng, where, noise_m), T0 + every_s * i))
+    return fixes
+
+
+def noisy_stay(
+    seed: int,
+    noise_m: float,
+    *,
+    at: tuple[float, float] = STOP_A,
+    start: float = T0,
+    every_s: float = 10.0,
+    duration_s: float = 600.0,
+) -> list[Fix]:
+    """A stay at ``at``, one noisy fix every ``every_s`` for ``duration_s``."""
+    rng = random.Random(seed)
+    return [Fix(*_noisy(rng, at, noise_m), start + every_s * i) for i in range(int(duration_s // every_s) + 1)]

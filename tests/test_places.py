@@ -8,15 +8,18 @@ from typing import Any
 
 import pytest
 from gps_trace import STOP_A, T0, offset, two_stops_trace
-from nexus.handlers.places.plugin import StreamEncounters, TrackLocation, rfc3339
+from nexus.handlers.places.plugin import AgentStateQuery, StreamEncounters, TrackLocation, rfc3339
 
 from nexus import Event, InvalidPayload, parse_time
+from nexus.bus.memory import MemoryBus
 from nexus.plugins import HandlerSpec, discover
+from nexus.queue import MemoryRequestQueue
 from nexus.testing import StreamFollower, TestServer, run_server
 
 GUARD = 10.0
 TRACK = "places:track_location:v1:requested"
 STREAM = "places:stream_encounters:v1:requested"
+STATE = "places:agent_state:v1:requested"
 
 
 async def track(nexus: TestServer, payload: dict[str, Any]) -> Event:
@@ -108,6 +111,7 @@ async def test_dropped_fixes_are_reported_and_counted() -> None:
             "state": "moving",
             "accepted": True,
             "encounter_id": None,
+            "place_id": None,
             "dropped_out_of_order": 0,
             "dropped_poor_accuracy": 0,
         }
@@ -209,7 +213,98 @@ async def test_a_bad_setting_stops_the_server_from_starting() -> None:
 
 
 def test_the_plugin_registers_through_entry_points() -> None:
-    """Both places handlers are found as entry points named places.<handler>."""
+    """The places handlers are found as entry points named places.<handler>."""
     found = {spec.name: type(spec.handler) for spec in discover(True, (), ())}
     assert found["places.track_location"] is TrackLocation
     assert found["places.stream_encounters"] is StreamEncounters
+    assert found["places.agent_state"] is AgentStateQuery
+
+
+async def test_a_revisit_gets_the_same_place_id_and_a_new_place_is_discovered_once() -> None:
+    """Stop A, stop B, back at A an hour later: A's two encounters share a place_id; two places are discovered."""
+    fixes, _ = two_stops_trace()
+    async with run_server(TrackLocation()) as nexus:
+        discovered = await nexus.record("places:place:v1:discovered")
+        started = await nexus.record("places:encounter:v1:started")
+        for fix in fixes:
+            await track(nexus, fix_payload("courier", fix.latitude, fix.longitude, fix.time))
+        replies = [await track(nexus, fix_payload("courier", *STOP_A, T0 + 3600 + 30 * i)) for i in range(5)]
+        places = await discovered.wait_count(2)
+        encounters = await started.wait_count(3)
+        place_ids = [e.payload["place_id"] for e in encounters]
+        assert place_ids[0] == place_ids[2] != place_ids[1]
+        assert [p.payload["place_id"] for p in places] == place_ids[:2]
+        assert places[0].payload["agent_id"] == "courier"
+        assert places[0].payload["discovered_at"] == rfc3339(T0)
+        assert (replies[-1].payload["state"], replies[-1].payload["place_id"]) == ("dwelling", place_ids[0])
+        await asyncio.sleep(0.05)
+        assert len(discovered.events) == 2  # the revisit discovered nothing
+        await discovered.stop()
+        await started.stop()
+
+
+async def test_two_nodes_give_one_place_one_id_and_ignore_a_bad_discovery() -> None:
+    """A place discovered through one node is known to the other; a malformed discovery on the bus is skipped."""
+    bus = MemoryBus()
+    queue = MemoryRequestQueue(bus)
+    first, second = TrackLocation(), TrackLocation()
+    async with (
+        run_server(first, bus=bus, queue=queue) as node_a,
+        run_server(second, bus=bus, queue=queue),
+    ):
+        await bus.publish(Event(event_type="places:place:v1:discovered", payload={"place_id": "x", "latitude": 91}))
+        discovered = await node_a.record("places:place:v1:discovered")
+        started = await node_a.record("places:encounter:v1:started")
+        for agent in ("x", "y"):
+            for i in range(5):
+                await track(node_a, fix_payload(agent, *offset(STOP_A, 3.0 * i, 0.0), T0 + 30 * i))
+            if agent == "x":
+                (place,) = await discovered.wait_count(1)
+                for _ in range(200):  # until both nodes have followed the discovery
+                    if all(len(h.tracker.places) == 1 for h in (first, second)):
+                        break
+                    await asyncio.sleep(0.01)
+        encounters = await started.wait_count(2)
+        assert [e.payload["place_id"] for e in encounters] == [place.payload["place_id"]] * 2
+        for handler in (first, second):
+            assert [p.place_id for p in handler.tracker.places] == [place.payload["place_id"]]
+        await discovered.stop()
+        await started.stop()
+
+
+async def test_agent_state_answers_the_last_fix_dwelling_and_place() -> None:
+    """agent_state right after a fix's success gives that fix's time, dwelling or not, the encounter and place."""
+    async with run_server(TrackLocation(), AgentStateQuery()) as nexus:
+        unknown = await asyncio.wait_for(nexus.client.call(STATE, {"agent_id": "a"}), GUARD)
+        assert unknown.payload == {"agent_id": "a", "known": False}
+        for i in range(5):
+            fix = await track(nexus, fix_payload("a", *STOP_A, T0 + 30 * i))
+            now = await asyncio.wait_for(nexus.client.call(STATE, {"agent_id": "a"}), GUARD)
+            assert now.payload["last_fix_time"] == rfc3339(T0 + 30 * i)
+            assert now.payload["dwelling"] is (i >= 4)
+            assert (now.payload["encounter_id"], now.payload["place_id"]) == (
+                fix.payload["encounter_id"],
+                fix.payload["place_id"],
+            )
+        assert now.payload["place_id"] is not None
+        assert (now.payload["latitude"], now.payload["longitude"]) == STOP_A
+        late = await track(nexus, fix_payload("a", *offset(STOP_A, 900, 0), T0))  # dropped: changes nothing
+        assert late.payload["accepted"] is False
+        assert (await nexus.client.call(STATE, {"agent_id": "a"})).payload == now.payload
+        bad = await nexus.client.call(STATE, {"agent_id": ""})
+        assert bad.state == "failed"
+        assert bad.payload["error"]["type"] == "invalid_payload"
+
+
+async def test_agent_state_knows_an_idle_agent_is_no_longer_dwelling() -> None:
+    """When an agent is forgotten for being idle, its encounter completes and agent_state says it is moving."""
+    spec = HandlerSpec("places.track_location", TrackLocation(), "--handler")
+    state_spec = HandlerSpec("places.agent_state", AgentStateQuery(), "--handler")
+    settings = {"places": {"min_dwell_s": 0, "idle_ttl_s": 0.05, "sweep_interval_s": 0.02}}
+    async with run_server(spec, state_spec, handler_config=settings) as nexus:
+        completed = await nexus.record("places:encounter:v1:completed")
+        assert (await track(nexus, fix_payload("a", *STOP_A, T0))).payload["state"] == "dwelling"
+        await completed.wait_count(1)
+        now = await asyncio.wait_for(nexus.client.call(STATE, {"agent_id": "a"}), GUARD)
+        assert (now.payload["known"], now.payload["state"], now.payload["encounter_id"]) == (True, "moving", None)
+        await completed.stop()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 import tracemalloc
 from typing import Any
 
 import pytest
-from gps_trace import STOP_A, STOP_B, T0, haversine_m, offset, two_stops_trace
+from gps_trace import STOP_A, STOP_B, T0, Fix, haversine_m, noisy_stay, offset, straight_walk, two_stops_trace
 from nexus.handlers.places.staypoints import (
     EncounterCompleted,
     EncounterStarted,
@@ -223,7 +224,21 @@ def test_settings_are_read_from_config_and_checked() -> None:
     assert PlacesSettings.from_config({}) == PlacesSettings()
     custom = PlacesSettings.from_config({"dwell_radius_m": 80, "min_dwell_s": 30.0, "exit_points": 3.0})
     assert (custom.dwell_radius_m, custom.min_dwell_s, custom.exit_points) == (80.0, 30.0, 3)
-    for key, value in (("dwell_radius_m", 0), ("exit_points", 0), ("max_gap_s", "long"), ("max_agents", 1.5)):
+    new = PlacesSettings.from_config(
+        {"stay_rule": "centroid", "max_drift_mps": 0, "place_radius_m": 100, "max_places": 5}
+    )
+    assert (new.stay_rule, new.max_drift_mps, new.place_radius_m, new.max_places) == ("centroid", 0.0, 100.0, 5)
+    bad = (
+        ("dwell_radius_m", 0),
+        ("exit_points", 0),
+        ("max_gap_s", "long"),
+        ("max_agents", 1.5),
+        ("stay_rule", "median"),
+        ("max_drift_mps", -0.1),
+        ("place_radius_m", 0),
+        ("max_places", 0),
+    )
+    for key, value in bad:
         with pytest.raises(ValueError, match=key):
             PlacesSettings.from_config({key: value})
 
@@ -243,3 +258,78 @@ def test_memory_per_agent_is_under_a_kilobyte() -> None:
     finally:
         tracemalloc.stop()
     assert used / 2_000 < 1024
+
+
+def encounters_of(settings: PlacesSettings, fixes: list[Fix]) -> list[EncounterStarted]:
+    detector = StayPointDetector("a", settings, new_id=ids())
+    events = feed(detector, [(f.latitude, f.longitude, f.time) for f in fixes])
+    return [e for e in events if isinstance(e, EncounterStarted)]
+
+
+WALK_SPEEDS = (0.4, 0.5, 0.6, 0.8, 1.0, 1.4)
+NOISES = (5.0, 10.0, 15.0)
+
+
+def test_no_straight_walk_from_0_4_to_1_4_metres_a_second_becomes_an_encounter() -> None:
+    """Seeded 10-minute walks at 0.4-1.4 m/s with 5-15 m GPS noise give no encounter with the default settings."""
+    for speed in WALK_SPEEDS:
+        for noise in NOISES:
+            for seed in range(20):
+                walk = straight_walk(seed, speed, noise)
+                assert encounters_of(PlacesSettings(), walk) == [], (speed, noise, seed)
+    # The 0.6 m/s walk with 5 m noise also at one fix every 30 s.
+    for seed in range(20):
+        assert encounters_of(PlacesSettings(), straight_walk(seed, 0.6, 5.0, every_s=30.0)) == []
+
+
+def test_the_running_centroid_alone_takes_a_slow_walk_for_a_stay() -> None:
+    """Why the defaults check more: measured from the running centroid with no drift check, 0.6 m/s walks dwell."""
+    old_rule = PlacesSettings(stay_rule="centroid", max_drift_mps=0)
+    dwelt = sum(bool(encounters_of(old_rule, straight_walk(seed, 0.6, 5.0))) for seed in range(20))
+    assert dwelt == 20
+    anchor_only = PlacesSettings(max_drift_mps=0)  # the anchor alone lets the slowest walks through
+    assert sum(bool(encounters_of(anchor_only, straight_walk(seed, 0.4, 5.0))) for seed in range(20)) == 20
+
+
+@pytest.mark.parametrize("every_s", [10.0, 30.0])
+def test_every_stay_with_5_to_15_metres_of_noise_is_one_encounter(every_s: float) -> None:
+    """Seeded stays of 5 and 10 minutes with 5-15 m GPS noise each give exactly one encounter, from the first fix."""
+    for noise in NOISES:
+        for duration in (300.0, 600.0):
+            for seed in range(20):
+                stay = noisy_stay(seed, noise, every_s=every_s, duration_s=duration)
+                (started,) = encounters_of(PlacesSettings(), stay)
+                assert started.start_time == T0
+                assert haversine_m(started.latitude, started.longitude, *STOP_A) < 15
+
+
+def test_drift_is_the_least_squares_speed_through_the_dwells_fixes() -> None:
+    """A dwell checks the speed of the straight line fitted to its fixes, here worked out by the normal equations."""
+    rng = random.Random(3)
+    times = [30.0 * i for i in range(6)]
+    north = [0.1 * t + rng.uniform(-4, 4) for t in times]
+    east = [-0.05 * t + rng.uniform(-4, 4) for t in times]
+
+    def slope(values: list[float]) -> float:
+        mean_t, mean_v = sum(times) / len(times), sum(values) / len(values)
+        return sum((t - mean_t) * (v - mean_v) for t, v in zip(times, values, strict=True)) / sum(
+            (t - mean_t) ** 2 for t in times
+        )
+
+    want = math.hypot(slope(north), slope(east))  # about 0.11 m/s
+    fixes = [(*offset(STOP_A, n, e), T0 + t) for n, e, t in zip(north, east, times, strict=True)]
+    just_above = PlacesSettings(max_drift_mps=want * 0.999)
+    just_below = PlacesSettings(max_drift_mps=want * 1.001)
+    assert feed(StayPointDetector("a", just_above, new_id=ids()), fixes) == []
+    (started,) = feed(StayPointDetector("a", just_below, new_id=ids()), fixes)
+    assert started.start_time == T0
+
+
+def test_a_fix_is_measured_from_the_anchor_not_from_the_centroid() -> None:
+    """Fixes 30 m apart in a row: the third is 45 m from the running centroid but 60 m from the anchor."""
+    row = [(*offset(STOP_A, 0.0, 30.0 * i), T0 + 60.0 * i) for i in (0, 1)]
+    third = (*offset(STOP_A, 0.0, 60.0), T0 + 120.0)
+    anchor = StayPointDetector("a", PlacesSettings(max_drift_mps=0), new_id=ids())
+    assert feed(anchor, [*row, third]) == []  # outside the anchor's radius: the dwell is still 60 s old
+    centroid = StayPointDetector("a", PlacesSettings(stay_rule="centroid", max_drift_mps=0), new_id=ids())
+    assert [type(e).__name__ for e in feed(centroid, [*row, third])] == ["EncounterStarted"]

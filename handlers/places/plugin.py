@@ -1,10 +1,11 @@
-"""The places handlers: ``places:track_location`` and ``places:stream_encounters``.
+"""The places handlers: ``places:track_location``, ``places:stream_encounters`` and ``places:agent_state``.
 
 Settings (``[handlers.places]``, see :class:`.staypoints.PlacesSettings`): ``dwell_radius_m`` (50),
-``min_dwell_s`` (120), ``exit_points`` (2), ``max_gap_s`` (600), ``max_accuracy_m`` (100), ``max_agents``
-(100000), ``idle_ttl_s`` (3600), ``sweep_interval_s`` (60). Idle agents are swept by a background task of the
-server (``ctx.start_soon``), cancelled when it stops. What each handler takes and emits is declared in
-:mod:`.specs`.
+``stay_rule`` ("anchor"), ``min_dwell_s`` (120), ``max_drift_mps`` (0.15), ``exit_points`` (2), ``max_gap_s``
+(600), ``max_accuracy_m`` (100), ``max_agents`` (100000), ``idle_ttl_s`` (3600), ``sweep_interval_s`` (60),
+``place_radius_m`` (50), ``max_places`` (10000); agent_state also ``sync_timeout_s`` (5). Idle agents are
+swept by a background task of the server (``ctx.start_soon``), cancelled when it stops. What each handler
+takes and emits is declared in :mod:`.specs`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,27 @@ from typing import Any
 from nexus import (
     Event,
     EventHandler,
+    Follower,
     HandlerContext,
     InvalidPayload,
     Stream,
     StreamingEventHandler,
     parse_time,
+    read_number,
 )
 
 from . import specs
-from .specs import ENCOUNTER_COMPLETED, ENCOUNTER_STARTED, LOCATION_UPDATED
-from .staypoints import Encounter, EncounterCompleted, EncounterStarted, PlacesSettings, StayPointTracker
+from .agents import AgentState, AgentStates
+from .known import Place
+from .specs import AGENT_STATE_REQUESTED, ENCOUNTER_COMPLETED, ENCOUNTER_STARTED, LOCATION_UPDATED, PLACE_DISCOVERED
+from .staypoints import (
+    Encounter,
+    EncounterCompleted,
+    EncounterStarted,
+    PlacesSettings,
+    StayPointTracker,
+    check_fix,
+)
 
 
 def rfc3339(seconds: float) -> str:
@@ -44,6 +56,8 @@ def _encounter_payload(encounter: Encounter) -> dict[str, Any]:
         "longitude": encounter.longitude,
         "start_time": rfc3339(encounter.start_time),
     }
+    if encounter.place_id is not None:
+        payload["place_id"] = encounter.place_id
     if isinstance(encounter, EncounterCompleted):
         payload.update(
             end_time=rfc3339(encounter.end_time),
@@ -52,6 +66,16 @@ def _encounter_payload(encounter: Encounter) -> dict[str, Any]:
             reason=encounter.reason,
         )
     return payload
+
+
+def _place_payload(place: Place, agent_id: str) -> dict[str, Any]:
+    return {
+        "place_id": place.place_id,
+        "latitude": place.latitude,
+        "longitude": place.longitude,
+        "discovered_at": rfc3339(place.discovered_at),
+        "agent_id": agent_id,
+    }
 
 
 def _event_type(encounter: Encounter) -> str:
@@ -86,6 +110,23 @@ class TrackLocation(EventHandler):
             raise ValueError(f"{ctx.name}: {exc}") from None
         self.tracker = StayPointTracker(self.settings)
         ctx.start_soon(self._sweep_idle, name=f"{ctx.name}-idle-sweep")
+        # Every node learns every node's places (from the history the bus still holds), so one place has one id.
+        await ctx.follow(PLACE_DISCOVERED, on_event=self._learn, since_offset=0)
+
+    def _learn(self, event: Event) -> None:
+        payload = event.payload
+        place_id = payload.get("place_id")
+        try:
+            if not isinstance(place_id, str) or not 0 < len(place_id) <= 256:
+                raise ValueError(f"place_id must be a string of 1 to 256 characters, got {place_id!r}")
+            discovered_at = parse_time(payload.get("discovered_at"))
+            latitude: Any = payload.get("latitude")
+            longitude: Any = payload.get("longitude")
+            check_fix(latitude, longitude, discovered_at)
+        except (InvalidPayload, ValueError, OverflowError) as exc:
+            self.ctx.log.warning("place_not_learned", event_id=event.event_id, error=str(exc))
+            return
+        self.tracker.places.learn(Place(place_id, float(latitude), float(longitude), discovered_at, discovered_at))
 
     async def _sweep_idle(self) -> None:
         while True:
@@ -123,10 +164,14 @@ class TrackLocation(EventHandler):
                 "longitude": payload["longitude"],
                 "timestamp": fix_text,
                 "state": result.state,
+                "encounter_id": result.encounter_id,
+                "place_id": result.place_id,
             }
             if accuracy is not None:
                 location["accuracy_m"] = accuracy
             await self.ctx.publish(LOCATION_UPDATED, location)
+        for place in result.discovered:
+            await self.ctx.publish(PLACE_DISCOVERED, _place_payload(place, agent_id))
         for encounter in result.encounters:
             await self.ctx.publish(_event_type(encounter), _encounter_payload(encounter))
         reply: dict[str, Any] = {
@@ -134,6 +179,7 @@ class TrackLocation(EventHandler):
             "state": result.state,
             "accepted": result.accepted,
             "encounter_id": result.encounter_id,
+            "place_id": result.place_id,
             "dropped_out_of_order": result.dropped_out_of_order,
             "dropped_poor_accuracy": result.dropped_poor_accuracy,
         }
@@ -164,3 +210,87 @@ class StreamEncounters(StreamingEventHandler):
                 if agent_id is not None and encounter.payload.get("agent_id") != agent_id:
                     continue
                 await stream.send({"phase": encounter.state, **encounter.payload})
+
+
+# --- agent_state ------------------------------------------------------------------------------------------
+
+
+class AgentStateQuery(EventHandler):
+    """An agent's current state: last fix time and position, dwelling or not, the open encounter and place.
+
+    Follows ``places:location:v1:updated`` and ``places:encounter:v1:completed`` on the bus (from the history it
+    still holds), so it answers for agents placed on any node; before answering it waits until it has seen the
+    bus up to the request (``sync_timeout_s``, 5), so a query sent after a fix's ``success`` sees that fix.
+    Keeps at most ``max_agents`` agents.
+    """
+
+    event_type = "places:agent_state:v1"
+    takes = specs.AGENT_STATE_TAKES
+    emits = specs.AGENT_STATE_EMITS
+
+    def __init__(self) -> None:
+        self.states = AgentStates()
+        self.sync_timeout_s = 5.0
+        self._follower: Follower | None = None
+
+    async def setup(self, ctx: HandlerContext) -> None:
+        try:
+            settings = PlacesSettings.from_config(ctx.config)
+            self.sync_timeout_s = read_number(
+                ctx.config, "sync_timeout_s", 5.0, plugin="places", minimum=0, strict=True
+            )
+        except ValueError as exc:
+            raise ValueError(f"{ctx.name}: {exc}") from None
+        self.states = AgentStates(settings.max_agents)
+        self._follower = await ctx.follow(
+            LOCATION_UPDATED, ENCOUNTER_COMPLETED, AGENT_STATE_REQUESTED, on_event=self._apply, since_offset=0
+        )
+
+    def _apply(self, event: Event) -> None:
+        payload = event.payload
+        agent_id = payload.get("agent_id")
+        if not isinstance(agent_id, str):
+            return
+        if event.event_type == ENCOUNTER_COMPLETED:
+            if payload.get("reason") in ("idle", "evicted") and isinstance(payload.get("encounter_id"), str):
+                self.states.completed(agent_id, payload["encounter_id"])
+            return
+        if event.event_type != LOCATION_UPDATED:
+            return
+        try:
+            fix_time = parse_time(payload.get("timestamp"))
+            check_fix(payload.get("latitude"), payload.get("longitude"), fix_time)
+        except (InvalidPayload, ValueError, OverflowError):
+            return
+        state = payload.get("state")
+        encounter_id, place_id = payload.get("encounter_id"), payload.get("place_id")
+        self.states.located(
+            AgentState(
+                agent_id=agent_id,
+                last_fix_time=fix_time,
+                latitude=float(payload["latitude"]),
+                longitude=float(payload["longitude"]),
+                state="dwelling" if state == "dwelling" else "moving",
+                encounter_id=encounter_id if isinstance(encounter_id, str) else None,
+                place_id=place_id if isinstance(place_id, str) else None,
+            )
+        )
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        agent_id = event.payload["agent_id"]
+        if self._follower is not None:
+            await self._follower.reached(event.offset, self.sync_timeout_s)
+        known = self.states.get(agent_id)
+        if known is None:
+            return {"agent_id": agent_id, "known": False}
+        return {
+            "agent_id": agent_id,
+            "known": True,
+            "last_fix_time": rfc3339(known.last_fix_time),
+            "latitude": known.latitude,
+            "longitude": known.longitude,
+            "state": known.state,
+            "dwelling": known.dwelling,
+            "encounter_id": known.encounter_id,
+            "place_id": known.place_id,
+        }

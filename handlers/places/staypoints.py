@@ -2,10 +2,16 @@
 
 The stay-point algorithm of Li et al. (2008) and Zheng (2009), run one fix at a time:
 
-- A **dwell** is a run of fixes within ``dwell_radius_m`` (default 50 m) of the dwell's running centroid,
-  measured with the haversine formula. The first fix of a trace (or after a dwell ended) opens a candidate.
-- Once the candidate has lasted ``min_dwell_s`` (default 120 s, first to last fix) it becomes an
-  **encounter**: :class:`EncounterStarted` is produced once, with the centroid at that moment.
+- A **dwell** is a run of fixes within ``dwell_radius_m`` (default 50 m) of the dwell's **anchor**, its first
+  fix (the anchor-point rule of Li et al.; ``stay_rule = "centroid"`` measures from the running centroid
+  instead), by the haversine formula. The first fix of a trace (or after a dwell ended) opens a candidate.
+- Once the candidate has lasted ``min_dwell_s`` (default 120 s, first to last fix) **and** the speed of the
+  least-squares straight line through its fixes is at most ``max_drift_mps`` (default 0.15 m/s) it becomes an
+  **encounter**: :class:`EncounterStarted` is produced once, with the centroid at that moment. The drift check
+  is what keeps a slow walk (0.4-0.5 m/s stays within 50 m of its start for two minutes) from being a stay;
+  a real stay's fitted drift shrinks with every fix, so a noisy stay only starts a fix or a few later. The
+  defaults were chosen by seeded walks at 0.4-1.4 m/s and stays with 5-15 m of GPS noise
+  (``tests/test_places_staypoints.py``): no walk becomes an encounter, every stay is exactly one.
 - The agent **leaves** when ``exit_points`` consecutive fixes (k, default 2) fall outside the radius. Fewer
   outside fixes followed by one inside are a GPS spike: they neither end the dwell nor become part of it.
   The fixes that left open the next candidate (they are placed again, in order).
@@ -20,10 +26,10 @@ antimeridian; at dwell scale it equals the mean of latitudes and longitudes to w
 
 Memory: :class:`StayPointTracker` keeps at most ``max_agents`` agents (least recently seen evicted first)
 and forgets an agent idle for ``idle_ttl_s`` of wall-clock time; an evicted agent's open encounter is
-completed (``reason`` ``"evicted"`` or ``"idle"``). Per agent it holds a fixed-size record (running centroid
-sums, first/last times, counters, the open encounter's id) plus at most ``exit_points - 1`` pending fixes:
-about 0.85 KB per agent with the defaults, its id included (measured with tracemalloc; a test keeps it under
-1 KB), so the default 100,000 agents take at most about 85 MB.
+completed (``reason`` ``"evicted"`` or ``"idle"``). Per agent it holds a fixed-size record (anchor, running
+centroid sums, drift-fit sums, first/last times, counters, the open encounter's id) plus at most
+``exit_points - 1`` pending fixes: about 0.98 KB per agent with the defaults, its id included (measured with
+tracemalloc; a test keeps it under 1 KB), so the default 100,000 agents take at most about 98 MB.
 """
 
 from __future__ import annotations
@@ -37,25 +43,19 @@ from typing import Any, Final, Literal
 
 from nexus import read_int, read_number
 
-EARTH_RADIUS_M: Final = 6_371_008.8
-"""Mean Earth radius (IUGG), in metres."""
+from .geo import haversine_m, local_m
+from .known import KnownPlaces, Place
 
 MOVING: Final = "moving"
 DWELLING: Final = "dwelling"
 OUT_OF_ORDER: Final = "out_of_order"
 POOR_ACCURACY: Final = "poor_accuracy"
 
+ANCHOR: Final = "anchor"
+CENTROID: Final = "centroid"
+STAY_RULES: Final = (ANCHOR, CENTROID)
+
 EndReason = Literal["left", "gap", "idle", "evicted"]
-
-
-def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in metres between two points given in degrees (haversine formula)."""
-    phi1 = math.radians(lat1)
-    phi2 = math.radians(lat2)
-    d_phi = phi2 - phi1
-    d_lambda = math.radians(lon2 - lon1)
-    a = math.sin(d_phi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(d_lambda / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
 
 
 # --- settings ---------------------------------------------------------------------------------------------
@@ -63,14 +63,27 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 _PLUGIN: Final = "places"
 
 
+def _read_choice(config: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = config.get(key, default)
+    if value not in choices:
+        raise ValueError(f"{_PLUGIN} setting {key!r} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class PlacesSettings:
     """The plugin's settings (``[handlers.places]`` in the config file); every default is the issue's."""
 
     dwell_radius_m: float = 50.0
-    """Fixes within this distance of the dwell's running centroid belong to the dwell."""
+    """Fixes within this distance of the dwell's anchor (its first fix) belong to the dwell."""
+    stay_rule: str = ANCHOR
+    """What a fix is measured from: ``"anchor"``, the dwell's first fix (a walk cannot stay within the radius
+    of where it began), or ``"centroid"``, the running centroid of the dwell's fixes (which follows a slow walker)."""
     min_dwell_s: float = 120.0
     """How long a dwell must last (first to last fix) to become an encounter."""
+    max_drift_mps: float = 0.15
+    """A dwell becomes an encounter only while the least-squares speed through its fixes is at most this;
+    0 turns the check off."""
     exit_points: int = 2
     """Consecutive fixes outside the radius that end a dwell (k); fewer are a spike."""
     max_gap_s: float = 600.0
@@ -83,6 +96,10 @@ class PlacesSettings:
     """Wall-clock seconds after which an agent that sent nothing is forgotten; 0 keeps agents until evicted."""
     sweep_interval_s: float = 60.0
     """How often the plugin looks for idle agents."""
+    place_radius_m: float = 50.0
+    """An encounter whose centroid is within this distance of a known place is at that place."""
+    max_places: int = 10_000
+    """Known places kept at once; the one visited longest ago is forgotten first."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PlacesSettings:
@@ -91,7 +108,9 @@ class PlacesSettings:
             dwell_radius_m=read_number(
                 config, "dwell_radius_m", cls.dwell_radius_m, plugin=_PLUGIN, minimum=0, strict=True
             ),
+            stay_rule=_read_choice(config, "stay_rule", cls.stay_rule, STAY_RULES),
             min_dwell_s=read_number(config, "min_dwell_s", cls.min_dwell_s, plugin=_PLUGIN, minimum=0),
+            max_drift_mps=read_number(config, "max_drift_mps", cls.max_drift_mps, plugin=_PLUGIN, minimum=0),
             exit_points=read_int(config, "exit_points", cls.exit_points, plugin=_PLUGIN, minimum=1),
             max_gap_s=read_number(config, "max_gap_s", cls.max_gap_s, plugin=_PLUGIN, minimum=0, strict=True),
             max_accuracy_m=read_number(
@@ -102,6 +121,10 @@ class PlacesSettings:
             sweep_interval_s=read_number(
                 config, "sweep_interval_s", cls.sweep_interval_s, plugin=_PLUGIN, minimum=0, strict=True
             ),
+            place_radius_m=read_number(
+                config, "place_radius_m", cls.place_radius_m, plugin=_PLUGIN, minimum=0, strict=True
+            ),
+            max_places=read_int(config, "max_places", cls.max_places, plugin=_PLUGIN, minimum=1),
         )
 
 
@@ -117,6 +140,8 @@ class EncounterStarted:
     latitude: float
     longitude: float
     start_time: float
+    place_id: str | None = None
+    """The known place the encounter is at (None without known places)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,6 +157,7 @@ class EncounterCompleted:
     duration_s: float
     point_count: int
     reason: EndReason
+    place_id: str | None = None
 
 
 Encounter = EncounterStarted | EncounterCompleted
@@ -155,6 +181,10 @@ class TrackResult:
     """Encounters of other agents completed because they were evicted to make room."""
     dropped_out_of_order: int
     dropped_poor_accuracy: int
+    place_id: str | None = None
+    """The open encounter's place, when dwelling."""
+    discovered: tuple[Place, ...] = ()
+    """Places learned because of the fix."""
 
 
 # --- one agent --------------------------------------------------------------------------------------------
@@ -195,21 +225,57 @@ class _Fix:
 
 
 class _Dwell:
-    __slots__ = ("centroid", "encounter_id", "first_time", "last_time", "latitude", "longitude")
+    """One candidate dwell: its anchor, running centroid, times, and the sums of a least-squares drift fit."""
+
+    __slots__ = (
+        "anchor_lat",
+        "anchor_lon",
+        "centroid",
+        "encounter_id",
+        "first_time",
+        "last_time",
+        "latitude",
+        "longitude",
+        "place_id",
+        "st",
+        "stt",
+        "stx",
+        "sty",
+    )
 
     def __init__(self, fix: _Fix) -> None:
+        self.anchor_lat = fix.latitude
+        self.anchor_lon = fix.longitude
         self.centroid = _Centroid()
         self.first_time = fix.time
         self.last_time = fix.time
         self.encounter_id: str | None = None
+        self.place_id: str | None = None
         self.latitude = fix.latitude
         self.longitude = fix.longitude
+        self.st = self.stt = self.stx = self.sty = 0.0
         self.add(fix)
 
     def add(self, fix: _Fix) -> None:
         self.centroid.add(fix.latitude, fix.longitude)
         self.latitude, self.longitude = self.centroid.position()
         self.last_time = fix.time
+        north, east = local_m(self.anchor_lat, self.anchor_lon, fix.latitude, fix.longitude)
+        t = fix.time - self.first_time
+        self.st += t
+        self.stt += t * t
+        self.stx += t * east
+        self.sty += t * north
+
+    def drift_mps(self) -> float:
+        """The speed of the least-squares straight-line motion through the dwell's fixes (0 for one instant)."""
+        n = self.centroid.count
+        spread = self.stt - self.st * self.st / n
+        if spread <= 0:
+            return 0.0
+        # The mean position is the centroid's (the same to well under a millimetre at dwell scale).
+        north, east = local_m(self.anchor_lat, self.anchor_lon, self.latitude, self.longitude)
+        return math.hypot(self.stx - self.st * east, self.sty - self.st * north) / spread
 
 
 class StayPointDetector:
@@ -219,6 +285,7 @@ class StayPointDetector:
         "_dwell",
         "_new_id",
         "_pending",
+        "_places",
         "agent_id",
         "dropped_out_of_order",
         "dropped_poor_accuracy",
@@ -227,11 +294,17 @@ class StayPointDetector:
     )
 
     def __init__(
-        self, agent_id: str, settings: PlacesSettings, *, new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+        self,
+        agent_id: str,
+        settings: PlacesSettings,
+        *,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        places: KnownPlaces | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.settings = settings
         self._new_id = new_id
+        self._places = places
         self._dwell: _Dwell | None = None
         self._pending: list[_Fix] = []
         self.last_time: float | None = None
@@ -247,6 +320,11 @@ class StayPointDetector:
     def encounter_id(self) -> str | None:
         """The open encounter's id, or None."""
         return self._dwell.encounter_id if self._dwell is not None else None
+
+    @property
+    def place_id(self) -> str | None:
+        """The open encounter's place, or None."""
+        return self._dwell.place_id if self._dwell is not None else None
 
     def add(
         self, latitude: float, longitude: float, time: float, accuracy_m: float | None = None
@@ -279,7 +357,10 @@ class StayPointDetector:
         if dwell is None:
             self._dwell = _Dwell(fix)
             return self._maybe_start()
-        distance = haversine_m(dwell.latitude, dwell.longitude, fix.latitude, fix.longitude)
+        if self.settings.stay_rule == ANCHOR:
+            distance = haversine_m(dwell.anchor_lat, dwell.anchor_lon, fix.latitude, fix.longitude)
+        else:
+            distance = haversine_m(dwell.latitude, dwell.longitude, fix.latitude, fix.longitude)
         if distance <= self.settings.dwell_radius_m:
             self._pending.clear()  # a spike that did not end the dwell is not part of it
             dwell.add(fix)
@@ -299,8 +380,16 @@ class StayPointDetector:
         assert dwell is not None
         if dwell.encounter_id is not None or dwell.last_time - dwell.first_time < self.settings.min_dwell_s:
             return []
+        if self.settings.max_drift_mps > 0 and dwell.drift_mps() > self.settings.max_drift_mps:
+            return []  # a steady slow walk, not a stay (yet): a real stay's fitted drift falls with every fix
         dwell.encounter_id = self._new_id()
-        return [EncounterStarted(self.agent_id, dwell.encounter_id, dwell.latitude, dwell.longitude, dwell.first_time)]
+        if self._places is not None:
+            dwell.place_id = self._places.visit(dwell.latitude, dwell.longitude, dwell.first_time)[0].place_id
+        return [
+            EncounterStarted(
+                self.agent_id, dwell.encounter_id, dwell.latitude, dwell.longitude, dwell.first_time, dwell.place_id
+            )
+        ]
 
     def _end(self, reason: EndReason) -> EncounterCompleted | None:
         dwell, self._dwell = self._dwell, None
@@ -317,6 +406,7 @@ class StayPointDetector:
             duration_s=dwell.last_time - dwell.first_time,
             point_count=dwell.centroid.count,
             reason=reason,
+            place_id=dwell.place_id,
         )
 
 
@@ -360,6 +450,8 @@ class StayPointTracker:
         self.settings = settings or PlacesSettings()
         self._new_id = new_id
         self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self.places = KnownPlaces(self.settings.place_radius_m, self.settings.max_places, new_id=new_id)
+        """The deployment's known places, shared by every agent."""
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -392,13 +484,17 @@ class StayPointTracker:
                 completed = oldest.detector.close("evicted")
                 if completed is not None:
                     evicted.append(completed)
-            agent = _Agent(StayPointDetector(agent_id, self.settings, new_id=self._new_id), now)
+            detector = StayPointDetector(agent_id, self.settings, new_id=self._new_id, places=self.places)
+            agent = _Agent(detector, now)
             self._agents[agent_id] = agent
         else:
             self._agents.move_to_end(agent_id)
             agent.last_seen = now
         detector = agent.detector
+        learned = len(self.places.discovered)
         dropped, encounters = detector.add(float(latitude), float(longitude), float(time), accuracy_m)
+        discovered = tuple(self.places.discovered[learned:])
+        del self.places.discovered[learned:]
         return TrackResult(
             agent_id=agent_id,
             state=detector.state,
@@ -409,6 +505,8 @@ class StayPointTracker:
             evicted=tuple(evicted),
             dropped_out_of_order=detector.dropped_out_of_order,
             dropped_poor_accuracy=detector.dropped_poor_accuracy,
+            place_id=detector.place_id,
+            discovered=discovered,
         )
 
     def expire(self, now: float) -> list[EncounterCompleted]:
