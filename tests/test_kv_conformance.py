@@ -143,6 +143,11 @@ async def test_a_plugin_sees_only_its_own_keys(harness: Harness) -> None:
     assert await store.scoped("analytics").delete("known.home") is False
     assert await anomalies.delete("known.home") is True
     assert (await stored(places, "known.home")).value == {"lat": 1.0}
+    # A handler registered as module:Class is a plugin whose name no store takes as is: it gets a scope of its own.
+    odd, similar = store.scoped("demo:Echo"), store.scoped("demo_Echo")
+    await odd.put("count", 1)
+    await similar.put("count", 2)
+    assert ((await stored(odd, "count")).value, (await stored(similar, "count")).value) == (1, 2)
 
 
 async def test_expect_revision_guards_a_read_modify_write(harness: Harness) -> None:

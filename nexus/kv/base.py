@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import json
 import re
 from typing import Any, Final
@@ -71,13 +72,14 @@ def check_key(key: Any) -> str:
     return key
 
 
-def check_scope(scope: str) -> str:
-    """``scope`` (a plugin's name) if a store can use it as one, else :class:`~nexus.errors.InvalidArgument`."""
-    if _SCOPE.match(scope) is None:
-        raise InvalidArgument(
-            f"plugin name {quote(scope)} cannot scope a key-value store: use 1 to 64 letters, digits, '_' or '-'"
-        )
-    return scope
+def scope_of(plugin: str) -> str:
+    """The scope of a plugin's keys: its name when that is 1 to 64 letters, digits, ``_`` or ``-`` (``analytics``),
+    else those characters of it and a hash of the whole name (``demo_Echo-3f2a9c1e0b7d``: ``demo:Echo``, a
+    handler registered as ``module:Class``), so two plugin names never share a scope."""
+    if _SCOPE.match(plugin) is not None:
+        return plugin
+    readable = re.sub(r"[^A-Za-z0-9_\-]", "_", plugin)[:40]
+    return f"{readable}-{hashlib.sha256(plugin.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 def check_revision(revision: Any) -> int | None:
@@ -119,9 +121,9 @@ class KeyValueStore(abc.ABC):
     async def keys(self, scope: str, prefix: str) -> list[str]:
         """The scope's keys starting with ``prefix``, sorted."""
 
-    def scoped(self, scope: str) -> ScopedKV:
-        """The view of one plugin: its keys only."""
-        return ScopedKV(self, check_scope(scope))
+    def scoped(self, plugin: str) -> ScopedKV:
+        """The view of one plugin: its keys only (under :func:`scope_of` ``plugin``)."""
+        return ScopedKV(self, scope_of(plugin))
 
 
 class PluginKV(abc.ABC):
