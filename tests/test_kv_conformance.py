@@ -253,3 +253,76 @@ async def test_a_closed_store_refuses_work_with_a_clear_error(harness: Harness) 
         await store.close()
         with pytest.raises(Exception, match="closed"):
             await store.scoped("places").get("k")
+
+
+async def test_the_nats_store_fails_fast_while_nats_is_away_and_works_again_after(tmp_path: Path) -> None:
+    """NATS restarts (file storage): meanwhile an operation raises Unavailable at once; after the client
+    reconnected by itself the same store reads what was written before and writes again."""
+    from nats_support import NatsProcess, nats_server_binary, until, wait_for_jetstream
+
+    from nexus.bus.nats import NatsBus
+    from nexus.kv.nats import NatsKeyValue
+
+    nats_server_binary()
+    server = NatsProcess(tmp_path / "nats")
+    server.start()
+    await server.wait_listening()
+    await wait_for_jetstream(server.url)
+    stream, prefix = unique_names("kvrestart")
+    bus = NatsBus(nats_settings(server.url, stream, prefix, nats_storage="file").nats_bus_settings())
+    try:
+        await bus.start()
+        store = NatsKeyValue(bus, f"{stream}_KV")
+        await store.start()
+        kv = store.scoped("anomalies")
+        revision = await kv.put("baseline.m7", {"n": 40})
+
+        server.stop()
+        await until("the bus notices", lambda: not bus.connected)
+        with pytest.raises(Unavailable, match="not connected"):
+            await kv.get("baseline.m7")
+
+        server.start()
+        await until("the bus reconnects", lambda: bus.connected)
+        entry = await stored(kv, "baseline.m7")
+        assert (entry.value, entry.revision) == ({"n": 40}, revision)
+        assert await kv.put("baseline.m7", {"n": 41}, expect_revision=revision) > revision
+        await store.close()
+    finally:
+        await bus.close()
+        server.stop()
+
+
+async def test_the_sqlite_store_never_blocks_the_event_loop_on_the_disk(tmp_path: Path) -> None:
+    """While another process holds the database locked, a put waits for it in the store's thread: the event loop
+    goes on running other tasks meanwhile, and the put completes once the lock is released."""
+    import asyncio
+    import sqlite3
+
+    store = SqliteKeyValue(tmp_path)
+    await store.start()
+    kv = store.scoped("places")
+    await kv.put("known.home", 1)
+    other = sqlite3.connect(tmp_path / "kv.sqlite3", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        put = asyncio.create_task(kv.put("known.work", 2))
+        await asyncio.sleep(0.5)
+        assert not put.done()  # waiting for the lock...
+        assert ticks >= 5  # ...and the loop kept running (a put on the loop would have frozen it: 0 ticks)
+        other.execute("COMMIT")
+        await asyncio.wait_for(put, 10)
+        assert (await stored(kv, "known.work")).value == 2
+    finally:
+        ticker.cancel()
+        other.close()
+        await store.close()

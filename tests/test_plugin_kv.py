@@ -4,14 +4,22 @@ shared by the nodes of one NATS deployment; each plugin sees its own keys; the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+import structlog
+from nats_support import delete_stream, free_port, nats_settings, shared_nats_url, unique_names
 
 from nexus import Event, EventHandler, HandlerContext, InvalidPayload, KVConflict
 from nexus.bus.memory import MemoryBus
+from nexus.client import NexusClient
 from nexus.plugin_runtime import PluginRuntime
 from nexus.plugins import HandlerSpec
 from nexus.testing import run_server
@@ -84,7 +92,6 @@ async def test_state_survives_a_restart_on_the_same_data_directory(tmp_path: Pat
 
 async def test_the_default_data_directory_is_under_xdg_data_home(tmp_path: Path) -> None:
     """Without data_dir, the store is $XDG_DATA_HOME/nexus/kv.sqlite3 (each test has its own XDG_DATA_HOME)."""
-    import os
 
     async with run_server(spec("alpha")) as nexus:
         await call(nexus, {"op": "put", "key": "k", "value": 1})
@@ -123,42 +130,36 @@ async def test_an_embedded_provider_keeps_plugin_state_in_memory() -> None:
     assert (await kv.get("k")) is not None
     assert runtime.kv("alpha") is kv
     assert await runtime.kv("beta").get("k") is None
-    await runtime.close(structlog_logger())
+    await runtime.close(structlog.get_logger("test"))
     assert await runtime.kv("alpha").get("k") is None  # a new provider run starts with empty state
 
 
-def structlog_logger() -> Any:
-    import structlog
-
-    return structlog.get_logger("test")
-
-
 async def test_nodes_of_one_nats_deployment_share_state_across_a_restart(tmp_path: Path) -> None:
-    """On the NATS bus a value written through one node is read through the other, also after that node
-    restarted; a stale expect_revision from one node is refused after the other wrote."""
+    """On the NATS bus what one node's plugin stores, the other node's reads; one node restarts while the other
+    runs, and afterwards both still read it, through the store and through a request; a stale expect_revision
+    from one node is refused after the other wrote."""
     url = shared_nats_url()
     stream, prefix = unique_names("pkv")
     settings = nats_settings(url, stream, prefix)
     try:
-        async with (
-            run_server(spec("alpha"), settings=settings) as one,
-            run_server(spec("alpha"), settings=settings) as two,
-        ):
-            put = await call(one, {"op": "put", "key": "baseline.m7", "value": [1, 2, 3]})
-            got = await call(two, {"op": "get", "key": "baseline.m7"})
-            assert got.payload["entry"] == {"value": [1, 2, 3], "revision": put.payload["revision"]}
-            newer = await call(
-                two, {"op": "put", "key": "baseline.m7", "value": [4], "expect": got.payload["entry"]["revision"]}
-            )
-            assert newer.event_type == "demo:kv:v1:success"
-            stale = await call(
-                one, {"op": "put", "key": "baseline.m7", "value": [5], "expect": put.payload["revision"]}
-            )
-            assert stale.event_type == "demo:kv:v1:failed"
-            assert "conflict" in stale.payload["error"]["message"]
-        async with run_server(spec("alpha"), settings=settings) as again:
-            got = await call(again, {"op": "get", "key": "baseline.m7"})
-            assert got.payload["entry"] == {"value": [4], "revision": newer.payload["revision"]}
+        async with run_server(spec("alpha"), settings=settings) as two:
+            async with run_server(spec("alpha"), settings=settings) as one:
+                first = await one.server.kv.scoped("alpha").put("baseline.m7", [1, 2, 3])
+                entry = await two.server.kv.scoped("alpha").get("baseline.m7")
+                assert entry is not None
+                assert (entry.value, entry.revision) == ([1, 2, 3], first)
+                newer = await two.server.kv.scoped("alpha").put("baseline.m7", [4], expect_revision=first)
+                with pytest.raises(KVConflict):
+                    await one.server.kv.scoped("alpha").put("baseline.m7", [5], expect_revision=first)
+            async with run_server(spec("alpha"), settings=settings) as again:
+                entry = await again.server.kv.scoped("alpha").get("baseline.m7")
+                assert entry is not None
+                assert (entry.value, entry.revision) == ([4], newer)
+                got = await call(again, {"op": "get", "key": "baseline.m7"})  # run by either node
+                assert got.payload["entry"] == {"value": [4], "revision": newer}
+                stale = await call(again, {"op": "put", "key": "baseline.m7", "value": [6], "expect": first})
+                assert stale.event_type == "demo:kv:v1:failed"
+                assert "conflict" in stale.payload["error"]["message"]
     finally:
         await delete_stream(url, f"KV_{stream}_KV")
         await delete_stream(url, stream)
@@ -184,3 +185,62 @@ async def test_kv_bucket_names_the_nats_bucket(bucket: str) -> None:
     finally:
         await delete_stream(url, f"KV_{name}")
         await delete_stream(url, stream)
+
+
+KV_HANDLER_SOURCE = '''
+from nexus import EventHandler
+
+
+class Counter(EventHandler):
+    """Counts its requests in ctx.kv."""
+
+    event_type = "kvcli:count"
+
+    async def handle(self, event):
+        entry = await self.ctx.kv.get("count")
+        count = 1 if entry is None else entry.value + 1
+        await self.ctx.kv.put("count", count, expect_revision=0 if entry is None else entry.revision)
+        return {"count": count}
+'''
+
+
+async def test_nexus_serve_restarted_on_the_same_data_dir_keeps_plugin_state(tmp_path: Path) -> None:
+    """``nexus serve --data-dir DIR`` (memory bus) stopped with SIGTERM and started again: the plugin's count goes
+    on from where it was; with another --data-dir it starts again from 1."""
+    import os
+
+    (tmp_path / "kv_cli_handlers.py").write_text(KV_HANDLER_SOURCE)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH", "")) if p)
+
+    async def count_twice(data_dir: Path) -> list[int]:
+        port = free_port()
+        command = [sys.executable, "-m", "nexus.cli", "serve", "--grpc-port", str(port), "--ws-port", "0"]
+        command += ["--no-entry-points", "--handler", "kv_cli_handlers:Counter", "--data-dir", str(data_dir)]
+        log = tmp_path / "serve.log"
+        with log.open("ab") as out:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdout=subprocess.DEVNULL, stderr=out, env=env, cwd=tmp_path
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert process.returncode is None, log.read_text()
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.05)
+            client = NexusClient(f"127.0.0.1:{port}")
+            try:
+                done = [await asyncio.wait_for(client.call("kvcli:count:v1:requested", {}), 30) for _ in range(2)]
+            finally:
+                await client.close()
+            return [event.payload["count"] for event in done]
+        finally:
+            process.terminate()
+            assert await asyncio.wait_for(process.wait(), 30) == 0, log.read_text()
+
+    data = tmp_path / "data"
+    assert await count_twice(data) == [1, 2]
+    assert await count_twice(data) == [3, 4]
+    assert await count_twice(tmp_path / "other") == [1, 2]

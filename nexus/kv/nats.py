@@ -22,7 +22,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nexus.bus.nats import NatsBus
-from nexus.errors import BusUnavailable, Unavailable
+from nexus.errors import Unavailable
 from nexus.kv.base import KeyValueStore, KVConflict, KVLimitExceeded, KVLimits
 
 T = TypeVar("T")
@@ -58,6 +58,8 @@ class NatsKeyValue(KeyValueStore):
     async def _bucket(self) -> KeyValue:
         """The bucket on the bus's current connection (created when missing)."""
         _, js = self.bus.connection()
+        if not self.bus.connected:
+            raise Unavailable(f"the key-value bucket {self.bucket!r} cannot be reached: NATS is not connected")
         if self._kv is not None and self._js is js:
             return self._kv
         try:
@@ -79,7 +81,7 @@ class NatsKeyValue(KeyValueStore):
     async def _guard(self, operation: Awaitable[T]) -> T:
         try:
             return await operation
-        except (BusUnavailable, KVConflict, KVLimitExceeded):
+        except (Unavailable, KVConflict, KVLimitExceeded):
             raise
         except _UNREACHABLE as exc:
             raise Unavailable(f"the key-value bucket {self.bucket!r} cannot be reached: {type(exc).__name__}") from exc
