@@ -106,8 +106,9 @@ class NatsKeyValue(KeyValueStore):
         async def put() -> int:
             kv = await self._bucket()
             name = f"{scope}.{key}"
-            current = await self._entry(kv, name)
-            if current is None and expect_revision in (None, 0):
+            # A new key must fit the limit; an update of a given revision is of an existing key (or a conflict).
+            new = expect_revision == 0 or (expect_revision is None and await self._entry(kv, name) is None)
+            if new:
                 count = len(await self._keys(kv, scope, ""))
                 if count >= self.limits.max_keys:
                     raise KVLimitExceeded(f"plugin {scope!r} already stores {count} keys, the limit")
