@@ -326,3 +326,19 @@ async def test_the_sqlite_store_never_blocks_the_event_loop_on_the_disk(tmp_path
         ticker.cancel()
         other.close()
         await store.close()
+
+
+async def test_a_value_the_nats_bucket_refuses_gets_a_clear_error() -> None:
+    """A bucket made with a smaller value limit (kv_max_value_bytes raised since) refuses a larger value: the
+    plugin gets Unavailable saying the bucket refused it, and the old value stays."""
+    harness = Harness("nats", Path("."), url=shared_nats_url(), stream=unique_names("kvsize")[0])
+    harness.prefix = harness.stream.lower()
+    try:
+        small = (await harness.store(KVLimits(max_value_bytes=64))).scoped("places")
+        await small.put("k", "small")
+        large = (await harness.store(KVLimits(max_value_bytes=1024))).scoped("places")
+        with pytest.raises(Unavailable, match="refused"):
+            await large.put("k", "x" * 200)
+        assert (await stored(large, "k")).value == "small"
+    finally:
+        await harness.close()

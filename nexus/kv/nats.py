@@ -85,6 +85,8 @@ class NatsKeyValue(KeyValueStore):
             raise
         except _UNREACHABLE as exc:
             raise Unavailable(f"the key-value bucket {self.bucket!r} cannot be reached: {type(exc).__name__}") from exc
+        except nats.errors.Error as exc:  # JetStream refused (a value over the bucket's max_value_size, ...)
+            raise Unavailable(f"the key-value bucket {self.bucket!r} refused the operation: {exc}") from exc
 
     async def _entry(self, kv: KeyValue, name: str) -> KeyValue.Entry | None:
         try:
