@@ -180,7 +180,7 @@ async def test_bad_keys_values_and_revisions_get_clear_errors(harness: Harness) 
             await kv.put(key, 1)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument):
             await kv.get(key)  # type: ignore[arg-type]
-    for value in (math.nan, math.inf, {1, 2}, object(), {"a": b"bytes"}, [[[[["too deep"]]]]]):
+    for value in (math.nan, math.inf, {1, 2}, object(), {"a": b"bytes"}, [[[[["too deep"]]]]], {1: "a"}, 2**1100):
         with pytest.raises(InvalidPayload):
             await kv.put("k", value)
     with pytest.raises(PayloadTooLarge, match="over the limit of 100"):

@@ -5,11 +5,11 @@ A :class:`KeyValueStore` keeps JSON values by ``(scope, key)``; each plugin sees
 data directory (:mod:`nexus.kv.sqlite`, with the memory bus) and a NATS JetStream key-value bucket
 (:mod:`nexus.kv.nats`, with the NATS bus, shared by every node).
 
-Every value is checked here, once for both stores: JSON (no NaN, no Infinity, no other types), nested at most
-``max_depth`` levels, at most ``max_value_bytes`` as compact UTF-8 JSON. A key is 1 to 256 characters of
-``A-Z a-z 0-9 _ - = /`` in dot-separated tokens (``baseline.machine-7``); each scope holds at most ``max_keys``.
-Every write carries a revision: ``put(..., expect_revision=r)`` succeeds only while the key is still at ``r``
-(``0``: only while it does not exist), else it raises :class:`KVConflict`.
+Every value is checked here, once for both stores, as an event payload is: JSON (no NaN, no Infinity, no other
+types, string keys only), nested at most ``max_depth`` levels, at most ``max_value_bytes`` as compact UTF-8 JSON.
+A key is 1 to 256 characters of ``A-Z a-z 0-9 _ - = /`` in dot-separated tokens (``baseline.machine-7``); each
+scope holds at most ``max_keys``. Every write carries a revision: ``put(..., expect_revision=r)`` succeeds only
+while the key is still at ``r`` (``0``: only while it does not exist), else it raises :class:`KVConflict`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from typing import Any, Final
 
 from nexus.errors import InvalidArgument, InvalidPayload, InvalidState, PayloadTooLarge, ResourceExhausted
-from nexus.events import DEFAULT_MAX_PAYLOAD_DEPTH, encode_json, json_shape_problem, quote
+from nexus.events import DEFAULT_MAX_PAYLOAD_DEPTH, encode_json, quote, validate_payload
 
 DEFAULT_KV_MAX_VALUE_BYTES: Final = 256 * 1024
 DEFAULT_KV_MAX_KEYS: Final = 10_000
@@ -169,10 +169,11 @@ class ScopedKV(PluginKV):
 
     def encode(self, key: str, value: Any) -> bytes:
         limits = self.store.limits
+        try:  # the checks of an event payload: JSON types, string keys, integers a double holds, depth
+            validate_payload({"value": value}, max_depth=limits.max_depth + 1)
+        except InvalidPayload as exc:
+            raise InvalidPayload(f"the value of {quote(key)} is refused: {exc}") from None
         data = encode_json(value, f"the value of {quote(key)}")
-        problem = json_shape_problem(value, limits.max_depth)
-        if problem is not None:
-            raise InvalidPayload(f"the value of {quote(key)} {problem}")
         if len(data) > limits.max_value_bytes:
             raise PayloadTooLarge(
                 f"the value of {quote(key)} is {len(data)} bytes as JSON, over the limit of {limits.max_value_bytes}"
