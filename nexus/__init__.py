@@ -5,8 +5,9 @@ The public API plugin authors import::
     from nexus import Event, EventHandler, HandlerContext, Stream, StreamingEventHandler
 
 and what a plugin needs from the server: ``ctx.follow`` (a :class:`Follower`), ``ctx.shared``,
-``ctx.start_soon``, and the settings readers :func:`read_number` / :func:`read_int`. A plugin imports nothing
-else from ``nexus``.
+``ctx.start_soon``, ``ctx.kv`` (a :class:`PluginKV` of :class:`KVEntry`, raising :class:`KVConflict` /
+:class:`KVLimitExceeded`), the data directory :func:`default_data_dir`, and the settings readers
+:func:`read_number` / :func:`read_int`. A plugin imports nothing else from ``nexus``.
 """
 
 from nexus.api import (
@@ -18,6 +19,7 @@ from nexus.api import (
     Stream,
     StreamingEventHandler,
 )
+from nexus.datadir import default_data_dir
 from nexus.errors import (
     ErrorCode,
     InvalidEventType,
@@ -28,6 +30,7 @@ from nexus.errors import (
     StreamErrorType,
 )
 from nexus.events import Event, EventType, parse_time
+from nexus.kv.base import KVConflict, KVEntry, KVLimitExceeded, PluginKV
 from nexus.schema import EventSpec
 from nexus.settings import read_int, read_number, setting_name
 
@@ -46,12 +49,17 @@ __all__ = [
     "InvalidEventType",
     "InvalidPattern",
     "InvalidPayload",
+    "KVConflict",
+    "KVEntry",
+    "KVLimitExceeded",
     "NexusError",
+    "PluginKV",
     "Stream",
     "StreamClosed",
     "StreamErrorType",
     "StreamingEventHandler",
     "__version__",
+    "default_data_dir",
     "parse_time",
     "read_int",
     "read_number",

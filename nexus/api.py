@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Final, TypeVar
 import structlog
 
 from nexus.events import Event, JSONObject
+from nexus.kv.base import PluginKV
 from nexus.schema import EventSpec
 
 
@@ -162,6 +163,26 @@ class HandlerContext(abc.ABC):
         any handler of the same :attr:`plugin` returns that object. It lives as long as the server's provider:
         another server, in this process or elsewhere, has its own. When the provider stops, after every
         handler's ``teardown``, an object with an ``aclose()`` coroutine method is closed with it.
+        """
+
+    @property
+    @abc.abstractmethod
+    def kv(self) -> PluginKV:
+        """The plugin's durable state: JSON values by key, kept across restarts, seen by this plugin only::
+
+            async def setup(self, ctx: HandlerContext) -> None:
+                entry = await ctx.kv.get("baseline.machine-7")      # a KVEntry (value, revision) or None
+                revision = await ctx.kv.put("baseline.machine-7", {"mean": [0.1, 2.3]})
+                await ctx.kv.put("baseline.machine-7", {...}, expect_revision=revision)  # or KVConflict
+                names = await ctx.kv.keys("baseline.")             # sorted keys with that prefix
+                await ctx.kv.delete("baseline.machine-7")
+
+        Every handler of one :attr:`plugin` sees the same keys; other plugins never see them. With the memory
+        bus they live in SQLite in the data directory (``--data-dir``); with the NATS bus in a JetStream
+        key-value bucket that every node shares, so two nodes may write one key: ``expect_revision`` makes a
+        read-modify-write safe (``0`` creates only a key that does not exist). Keys are dot-separated tokens of
+        letters, digits, ``_ - = /`` (up to 256 characters); values are JSON up to the ``kv_max_value_bytes``
+        setting; a plugin keeps up to ``kv_max_keys`` keys. The errors: see :class:`~nexus.kv.base.PluginKV`.
         """
 
     @abc.abstractmethod

@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-dir", metavar="DIR", help="the directory whose log files anomalies:stream_log may follow (none)"
     )
+    serve.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="the server's own files, the plugins' state with the memory bus ($XDG_DATA_HOME/nexus)",
+    )
     _add_exposure_options(serve)
     _add_auth_options(serve)
 
@@ -445,6 +450,7 @@ SERVE_FIELDS = (
     "log_format",
     "log_level",
     "log_dir",
+    "data_dir",
     "ws_allowed_origins",
     "tls_cert_file",
     "tls_key_file",

@@ -27,8 +27,10 @@ import ipaddress
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -47,6 +49,7 @@ from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
 from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, DEFAULT_PUBLISH_WINDOW, NatsBusSettings
+from nexus.datadir import default_data_dir
 from nexus.detect import DEFAULT_RULES, Rule
 from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
 from nexus.events import (
@@ -56,6 +59,7 @@ from nexus.events import (
     DEFAULT_MAX_PAYLOAD_DEPTH,
     EventLimits,
 )
+from nexus.kv.base import DEFAULT_KV_MAX_KEYS, DEFAULT_KV_MAX_VALUE_BYTES, KVLimits
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
 from nexus.origins import DEFAULT_ALLOWED_ORIGINS, check_allowed_origin
@@ -198,6 +202,15 @@ class Settings:
     """The ``retry`` hint of ``/sse`` responses: milliseconds ``EventSource`` waits before reconnecting."""
     log_dir: str | None = None
     """The directory plugins may read log files from (``anomalies:stream_log``); None: none may."""
+    data_dir: str | None = None
+    """The directory of the server's own files (created when missing): the plugins' key-value state with the
+    memory bus (``kv.sqlite3``). None: ``$XDG_DATA_HOME/nexus``, else ``~/.local/share/nexus``."""
+    kv_bucket: str | None = None
+    """The JetStream key-value bucket of the plugins' state with the NATS bus; None: ``<nats_stream>_KV``."""
+    kv_max_value_bytes: int = DEFAULT_KV_MAX_VALUE_BYTES
+    """Largest value (compact UTF-8 JSON) a plugin may store under one key (``ctx.kv``)."""
+    kv_max_keys: int = DEFAULT_KV_MAX_KEYS
+    """Keys one plugin may keep in the key-value store."""
     handler_config: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Per-handler sections, by registration name: a handler's ``ctx.config``."""
     metrics: bool = True
@@ -270,6 +283,19 @@ class Settings:
             max_payload_depth=self.max_payload_depth,
             max_metadata_entries=self.max_metadata_entries,
         )
+
+    def data_path(self) -> Path:
+        """``data_dir``, or the default data directory."""
+        return Path(self.data_dir) if self.data_dir is not None else default_data_dir()
+
+    def kv_limits(self) -> KVLimits:
+        return KVLimits(
+            max_value_bytes=self.kv_max_value_bytes, max_keys=self.kv_max_keys, max_depth=self.max_payload_depth
+        )
+
+    def kv_bucket_name(self) -> str:
+        """``kv_bucket``, or the bucket named from the stream."""
+        return self.kv_bucket if self.kv_bucket is not None else f"{self.nats_stream}_KV"
 
     def provider_settings(self) -> ProviderSettings:
         """The part of these settings that drives handlers."""
@@ -472,6 +498,22 @@ def _directory(value: Any, text: bool) -> str:
     return full
 
 
+def _path(value: Any, text: bool) -> str:
+    path = _string(value)
+    if not path:
+        raise _Invalid("must be a directory path, got an empty string")
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise _Invalid(f"must be a directory (created when missing), got the file {path!r}")
+    return full
+
+
+def _check_bucket(name: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,200}", name) is None:
+        return f"must be 1 to 200 letters, digits, '_' or '-', got {name!r}"
+    return None
+
+
 def _file(value: Any, text: bool) -> str:
     path = _string(value)
     if not path:
@@ -635,6 +677,10 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "sse_keepalive_s": _seconds(allow_zero=False),
     "sse_retry_ms": _POSITIVE,
     "log_dir": _directory,
+    "data_dir": _path,
+    "kv_bucket": _nats_name(_check_bucket),
+    "kv_max_value_bytes": _integer(1, 64 * 1024 * 1024),
+    "kv_max_keys": _POSITIVE,
     "handler_config": _sections,
     "metrics": _boolean,
     "metrics_port": _PORT,

@@ -1,9 +1,10 @@
 """A node in this process: a bus, its request queue and the provider that drives the handlers (``nexus serve``).
 
-:class:`LocalNode` owns the lifetime of all three: :meth:`LocalNode.start` starts the bus, the queue, then the
-provider (the handlers' ``setup`` runs there, and a failing setup fails the start); :meth:`LocalNode.close` stops
-the provider (live streams end ``cancelled``), closes the queue (on NATS the node says it leaves), then the bus,
-whose subscriptions end after what they hold.
+:class:`LocalNode` owns the lifetime of all three, and of the plugins' key-value store when it is given one:
+:meth:`LocalNode.start` starts the bus, the store, the queue, then the provider (the handlers' ``setup`` runs
+there, and a failing setup fails the start); :meth:`LocalNode.close` stops the provider (live streams end
+``cancelled``), closes the queue (on NATS the node says it leaves), the store, then the bus, whose subscriptions
+end after what they hold.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from nexus.bus.base import Bus, Published, Subscription, Visible
 from nexus.events import Event, JSONObject
+from nexus.kv.base import KeyValueStore
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, Node
 from nexus.provider import Provider
 from nexus.queue.base import RequestQueue
@@ -50,6 +52,7 @@ class LocalNode(Node):
         provider: Provider,
         *,
         queue: RequestQueue | None = None,
+        kv: KeyValueStore | None = None,
         shutdown_grace_s: float = 5.0,
         max_patterns_per_subscription: int = DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION,
     ) -> None:
@@ -58,6 +61,8 @@ class LocalNode(Node):
         self.bus = bus
         self.provider = provider
         self.queue = queue if queue is not None else provider.queue
+        self.kv = kv
+        """The plugins' key-value store (the one given to the provider), started and closed with the bus."""
         self.shutdown_grace_s = shutdown_grace_s
         self._provider_task: asyncio.Task[None] | None = None
         bus.on_health(self._health_changed)
@@ -81,6 +86,8 @@ class LocalNode(Node):
     async def start(self) -> None:
         """Start the bus, the queue, then the provider; raises what a handler's ``setup`` raised."""
         await self.bus.start()
+        if self.kv is not None:
+            await self.kv.start()
         await self.queue.start()
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._provider_task = asyncio.create_task(
@@ -107,6 +114,11 @@ class LocalNode(Node):
         # The queue first (on NATS the node says it leaves), then the bus: every subscription ends after its
         # queued events.
         await self.queue.close()
+        if self.kv is not None:
+            try:
+                await self.kv.close()
+            except Exception as exc:
+                self.provider.log.error("kv_close_failed", error=repr(exc))
         await self.bus.close()
 
     async def _publish(self, event: Event) -> Published:

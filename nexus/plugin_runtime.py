@@ -1,7 +1,7 @@
 """What a provider keeps for its plugins: their background tasks, their shared objects and their bus followers.
 
 The provider owns one :class:`PluginRuntime`; each handler's context reaches it through ``ctx.start_soon``,
-``ctx.shared`` and ``ctx.follow`` (the public API in :mod:`nexus.api`). Lifetime, in :meth:`Provider.run
+``ctx.shared``, ``ctx.follow`` and ``ctx.kv`` (the public API in :mod:`nexus.api`). Lifetime, in :meth:`Provider.run
 <nexus.provider.Provider.run>`::
 
     running() entered ─ handlers' setup ─ requests ... stop ─ running() left ─ handlers' teardown ─ close()
@@ -9,6 +9,10 @@ The provider owns one :class:`PluginRuntime`; each handler's context reaches it 
 
 So a task or follower never outlives the provider, teardown never races one, and shared objects (one per
 plugin and class, never per process) are dropped with the provider that made them.
+
+``ctx.kv`` is the plugin's scope of the key-value store the server made with its bus (and closes after the
+bus's last user). A provider made without one (embedded, in tests) keeps its plugins' state in memory: an
+in-memory SQLite store it closes itself.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from anyio.abc import TaskGroup
 from nexus.api import Follower
 from nexus.bus.base import Bus, Subscription
 from nexus.events import Event
+from nexus.kv.base import KeyValueStore, ScopedKV
+from nexus.kv.sqlite import IN_MEMORY, SqliteKeyValue
 
 T = TypeVar("T")
 
@@ -42,10 +48,22 @@ def _describe(exc: BaseException) -> str:
 class PluginRuntime:
     """Background tasks, shared objects and bus followers of one provider's handlers."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, kv: KeyValueStore | None = None) -> None:
         self.bus = bus
         self._group: TaskGroup | None = None
         self._shared: dict[tuple[str, type[Any]], Any] = {}
+        self._kv_store = kv
+        self._owns_kv = kv is None
+        self._kv: dict[str, ScopedKV] = {}
+
+    def kv(self, plugin: str) -> ScopedKV:
+        """``plugin``'s keys of the store (an in-memory one, made on first use, when none was given)."""
+        scoped = self._kv.get(plugin)
+        if scoped is None:
+            if self._kv_store is None:
+                self._kv_store = SqliteKeyValue(IN_MEMORY)
+            scoped = self._kv[plugin] = self._kv_store.scoped(plugin)
+        return scoped
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -103,8 +121,13 @@ class PluginRuntime:
         return made
 
     async def close(self, log: structlog.stdlib.BoundLogger) -> None:
-        """Forget every shared object, newest first, awaiting ``aclose()`` of those that have one."""
+        """Forget every shared object, newest first, awaiting ``aclose()`` of those that have one; close the
+        in-memory key-value store when the provider made it."""
         shared, self._shared = self._shared, {}
+        self._kv = {}
+        if self._owns_kv and self._kv_store is not None:
+            store, self._kv_store = self._kv_store, None
+            await store.close()
         for (plugin, kind), value in reversed(shared.items()):
             aclose = getattr(value, "aclose", None)
             if aclose is None or not inspect.iscoroutinefunction(aclose):

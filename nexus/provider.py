@@ -57,6 +57,7 @@ from nexus.events import (
     validate_payload,
 )
 from nexus.identity import PUBLIC
+from nexus.kv.base import KeyValueStore, PluginKV
 from nexus.lifecycle import Lifecycle
 from nexus.plugin_runtime import PluginRuntime
 from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
@@ -193,6 +194,10 @@ class _Context(HandlerContext):
     def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
         return self._provider.plugins.shared(self.plugin, kind, factory)
 
+    @property
+    def kv(self) -> PluginKV:
+        return self._provider.plugins.kv(self.plugin)
+
     def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
         self._provider.plugins.start_soon(self.log, function, *args, name=name)
 
@@ -282,6 +287,7 @@ class Provider:
         *,
         queue: RequestQueue | None = None,
         tracing: Tracing | None = None,
+        kv: KeyValueStore | None = None,
     ) -> None:
         self.bus = bus
         self.tracing = tracing if tracing is not None else Tracing.off()
@@ -291,8 +297,9 @@ class Provider:
         self.detector = StreamingDetector(self.settings.streaming_rules)
         self.log = structlog.get_logger("nexus.provider")
         self.registrations: dict[str, Registration] = {}
-        self.plugins = PluginRuntime(bus)
-        """The handlers' background tasks, followers and shared objects (``ctx.start_soon``, ...)."""
+        self.plugins = PluginRuntime(bus, kv)
+        """The handlers' background tasks, followers, shared objects and key-value state (``ctx.start_soon``,
+        ...); ``kv`` is the store the caller opens and closes (None: an in-memory one the provider keeps)."""
         self._routes: dict[str, Registration] = {}
         self.actions: set[str] = set()
         """The ``service:action`` of every registered handler (whatever its version)."""

@@ -15,6 +15,7 @@ import errno
 import gc
 import importlib
 import socket
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
@@ -30,6 +31,8 @@ from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
 from nexus.errors import ConfigurationError, HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
+from nexus.kv.base import KeyValueStore
+from nexus.kv.sqlite import SqliteKeyValue
 from nexus.node_local import LocalNode
 from nexus.plugins import HandlerSpec, register_all
 from nexus.provider import Provider
@@ -127,6 +130,17 @@ def make_request_queue(settings: Settings, bus: Bus) -> RequestQueue:
     )
 
 
+def make_kv_store(settings: Settings, bus: Bus) -> KeyValueStore:
+    """The plugins' key-value store (``ctx.kv``) for ``bus``: a JetStream bucket shared by every node with the
+    NATS bus, else SQLite in the data directory."""
+    nats_bus = sys.modules.get("nexus.bus.nats")  # loaded when the bus is a NatsBus
+    if nats_bus is not None and isinstance(bus, nats_bus.NatsBus):
+        from nexus.kv.nats import NatsKeyValue
+
+        return NatsKeyValue(bus, settings.kv_bucket_name(), settings.kv_limits())
+    return SqliteKeyValue(settings.data_path(), settings.kv_limits())
+
+
 def ensure_port_free(host: str, port: int, *, what: str, hint: str) -> None:
     """Raise :class:`ConfigurationError` when something already listens on ``host:port``.
 
@@ -191,7 +205,11 @@ class NexusServer:
         """Who clients are, on gRPC and the gateway alike (the settings' JWT verification, or everyone)."""
         self.bus = bus if bus is not None else make_bus(self.settings)
         self.queue = queue if queue is not None else make_request_queue(self.settings, self.bus)
-        self.provider = Provider(self.bus, self.settings.provider_settings(), queue=self.queue, tracing=self.tracing)
+        self.kv = make_kv_store(self.settings, self.bus)
+        """The plugins' durable state (``ctx.kv``), opened after the bus and closed before it."""
+        self.provider = Provider(
+            self.bus, self.settings.provider_settings(), queue=self.queue, tracing=self.tracing, kv=self.kv
+        )
         defaults = self.settings.plugin_defaults()
         specs = [h for h in handlers if isinstance(h, HandlerSpec)]
         register_all(self.provider, specs, self.settings.handler_config, defaults)
@@ -202,6 +220,7 @@ class NexusServer:
             self.bus,
             self.provider,
             queue=self.queue,
+            kv=self.kv,
             shutdown_grace_s=self.settings.shutdown_grace_s,
             max_patterns_per_subscription=self.settings.max_patterns_per_subscription,
         )

@@ -86,6 +86,7 @@ from nexus import (
     InvalidPayload,
     Stream,
     StreamingEventHandler,
+    default_data_dir,
     parse_time,
     read_int,
     read_number,
@@ -123,11 +124,6 @@ REQUESTS: Final = "messaging:*:v1:requested"
 
 
 # --- configuration ------------------------------------------------------------------------------------------
-
-
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "nexus"
 
 
 def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
@@ -173,7 +169,7 @@ class Settings:
 
     @classmethod
     def read(cls, config: Mapping[str, Any]) -> Settings:
-        data_dir = Path(_text(config, "data_dir", str(_default_data_dir()))).expanduser()
+        data_dir = Path(_text(config, "data_dir", str(default_data_dir()))).expanduser()
         db_path = Path(_text(config, "db_path", str(data_dir / "messaging.sqlite3"))).expanduser()
         return cls(
             db_path=db_path,
