@@ -225,3 +225,58 @@ async def test_on_nats_batches_latest_and_reset_work_across_two_nodes() -> None:
         await call(node_a, "reset", {"baseline_id": "m", "forget": True})
         gone = await call(node_a, "monitor", {"baseline_id": "m", "point": POINTS[0]})
         assert error(gone) == "unknown baseline 'm': set it first with anomalies:set_baseline"
+
+
+async def test_a_baseline_outlives_a_restart_on_the_memory_bus_until_it_is_forgotten(tmp_path: Any) -> None:
+    """set_baseline keeps the baseline in the plugin's store (data_dir): after a restart, on a memory bus whose
+    history is empty, monitor, latest, stream_health and reset still know it; reset with forget drops it for
+    good; another data directory never knew it."""
+    data = str(tmp_path / "data")
+    async with run_server(*handlers(), data_dir=data) as nexus:
+        assert (await call(nexus, "set_baseline", {"baseline_id": "machine-7", "points": POINTS})).state == "success"
+        before = await call(nexus, "monitor", {"baseline_id": "machine-7", "point": [30.0, 1.0, 0.5]})
+    async with run_server(*handlers(), data_dir=data) as nexus:
+        assert await nexus.bus.head_offset() == 0  # nothing of the earlier run is on the bus
+        after = await call(nexus, "monitor", {"baseline_id": "machine-7", "point": [30.0, 1.0, 0.5]})
+        assert after.state == "success", after.payload
+        assert after.payload["distance"] == pytest.approx(before.payload["distance"], rel=1e-12)
+        assert after.payload["threshold"] == before.payload["threshold"]
+        assert (await call(nexus, "latest", {"baseline_id": "machine-7"})).state == "success"
+    async with run_server(*handlers(), data_dir=data) as nexus:
+
+        async def first_health() -> Event:
+            stream = nexus.client.request("anomalies:stream_health:v1:requested", {"baseline_id": "machine-7"})
+            async for event in stream:
+                if event.state in ("stream", "failed"):
+                    return event
+            raise AssertionError("stream_health ended without a chunk")
+
+        health = await asyncio.wait_for(first_health(), GUARD)
+        assert health.state == "stream", health.payload
+        assert (await call(nexus, "reset", {"baseline_id": "machine-7", "forget": True})).state == "success"
+    async with run_server(*handlers(), data_dir=data) as nexus:
+        gone = await call(nexus, "monitor", {"baseline_id": "machine-7", "point": [1.0, 1.0, 1.0]})
+        assert "unknown baseline" in error(gone)
+    async with run_server(*handlers(), data_dir=str(tmp_path / "other")) as nexus:
+        never = await call(nexus, "monitor", {"baseline_id": "machine-7", "point": [1.0, 1.0, 1.0]})
+        assert "unknown baseline" in error(never)
+
+
+async def test_on_nats_a_baseline_outlives_the_stream_history_and_a_node_restart() -> None:
+    """On the NATS bus the baseline lives in the deployment's key-value bucket: node b, started after node a
+    set it and after the stream that carried it was deleted, still monitors against it."""
+    url = shared_nats_url()
+    stream, prefix = unique_names("anomkv")
+    settings = nats_settings(url, stream, prefix)
+    try:
+        setter = HandlerSpec("anomalies.set_baseline", SetBaseline(), "--handler")
+        async with run_server(setter, settings=settings) as a:
+            assert (await call(a, "set_baseline", {"baseline_id": "pump-2", "points": POINTS})).state == "success"
+        await delete_stream(url, stream)  # the history is gone; the bucket is not
+        async with run_server(HandlerSpec("anomalies.monitor", Monitor(), "--handler"), settings=settings) as b:
+            scored = await call(b, "monitor", {"baseline_id": "pump-2", "point": POINTS[0]})
+            assert scored.state == "success", scored.payload
+            assert scored.payload["is_anomaly"] is False
+    finally:
+        await delete_stream(url, f"KV_{stream}_KV")
+        await delete_stream(url, stream)

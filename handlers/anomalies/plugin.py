@@ -25,6 +25,7 @@ so a node that starts late learns the earlier baselines. What each handler takes
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -306,6 +307,7 @@ class SetBaseline(EventHandler):
             )
         except BaselineError as exc:
             raise InvalidPayload(f"baseline {payload['baseline_id']!r}: {exc}") from None
+        await self.ctx.kv.put(_baseline_key(baseline.baseline_id), baseline.to_payload())  # survives restarts
         await self.ctx.publish(BASELINE_SET, baseline.to_payload())
         return {
             "baseline_id": baseline.baseline_id,
@@ -321,6 +323,23 @@ class SetBaseline(EventHandler):
 
 def _unknown_baseline(baseline_id: str) -> InvalidPayload:
     return InvalidPayload(f"unknown baseline {baseline_id!r}: set it first with anomalies:set_baseline")
+
+
+def _baseline_key(baseline_id: str) -> str:
+    """Where a baseline is kept in the plugin's ``ctx.kv`` (any id: its UTF-8 bytes in URL-safe base64)."""
+    return "baseline." + base64.urlsafe_b64encode(baseline_id.encode()).decode()
+
+
+async def _kept_baseline(ctx: HandlerContext, baseline_id: str) -> Baseline | None:
+    """The baseline ``set_baseline`` kept in ``ctx.kv`` (it outlives restarts and the bus history), or None."""
+    entry = await ctx.kv.get(_baseline_key(baseline_id))
+    if entry is None:
+        return None
+    try:
+        return Baseline.from_payload(entry.value)
+    except (BaselineError, KeyError, TypeError, ValueError) as exc:
+        ctx.log.warning("baseline_unreadable", baseline_id=baseline_id, error=str(exc))
+        return None
 
 
 # --- monitor ----------------------------------------------------------------------------------------------
@@ -371,7 +390,10 @@ class Monitor(EventHandler):
             await self._follower.reached(event.offset, self.sync_timeout_s)
         baseline = self.store.get(baseline_id)
         if baseline is None:
-            raise _unknown_baseline(baseline_id)
+            baseline = await _kept_baseline(self.ctx, baseline_id)  # set before a restart: the bus may not hold it
+            if baseline is None:
+                raise _unknown_baseline(baseline_id)
+            self.store.put(baseline)
         batch: list[Any] = [point] if points is None else points
         try:
             distances = [baseline.distance(item) for item in batch]
@@ -459,7 +481,10 @@ class Latest(EventHandler):
             await self._follower.reached(event.offset, self.sync_timeout_s)
         points = self.latest.latest(baseline_id, min(limit, self.settings.latest_points))
         if points is None:
-            raise _unknown_baseline(baseline_id)
+            if await _kept_baseline(self.ctx, baseline_id) is None:
+                raise _unknown_baseline(baseline_id)
+            self.latest.reset(baseline_id)  # set before a restart: nothing monitored since
+            points = []
         return {"baseline_id": baseline_id, "points": points}
 
 
@@ -499,8 +524,10 @@ class Reset(EventHandler):
         forget = bool(event.payload.get("forget", False))
         if self._follower is not None:
             await self._follower.reached(event.offset, self.sync_timeout_s)
-        if baseline_id not in self.known:
+        if baseline_id not in self.known and await _kept_baseline(self.ctx, baseline_id) is None:
             raise _unknown_baseline(baseline_id)
+        if forget:
+            await self.ctx.kv.delete(_baseline_key(baseline_id))
         await self.ctx.publish(BASELINE_RESET, {"baseline_id": baseline_id, "forget": forget})
         return {"baseline_id": baseline_id, "forgotten": forget}
 
@@ -572,7 +599,11 @@ class StreamHealth(StreamingEventHandler):
             await self._follower.reached(event.offset, self.sync_timeout_s)
         current = self.health.health(baseline_id)
         if current is None:
-            raise _unknown_baseline(baseline_id)
+            if await _kept_baseline(self.ctx, baseline_id) is None:
+                raise _unknown_baseline(baseline_id)
+            self.health.reset(baseline_id)  # set before a restart: nothing monitored since
+            current = self.health.health(baseline_id)
+            assert current is not None
         listener = _Listener(current)
         self._listeners.setdefault(baseline_id, set()).add(listener)
         try:
