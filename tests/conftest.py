@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _private_data_home() -> Iterator[None]:
     directory = tempfile.mkdtemp(prefix="nexus-test-data-")
     previous = os.environ.get("XDG_DATA_HOME")

@@ -249,17 +249,34 @@ async def test_a_bad_window_in_the_config_stops_the_server_at_start_up() -> None
             pass
 
 
-async def test_entry_point_handlers_share_one_engine_per_node() -> None:
-    """Loaded through the entry points, define_window and record_metric share windows; another server does not."""
+async def test_entry_point_handlers_share_one_engine_per_node(tmp_path: Any) -> None:
+    """Loaded through the entry points, define_window and record_metric share windows; another server (with its
+    own data directory) does not."""
     specs = [s for s in discover(True, (), ()) if s.name.startswith("analytics.")]
     assert sorted(s.name for s in specs) == [s.name for s in analytics_handlers()]
-    async with run_server(*specs) as nexus, run_server(*analytics_handlers()) as other:
+    other_data = str(tmp_path / "other")
+    async with run_server(*specs) as nexus, run_server(*analytics_handlers(), data_dir=other_data) as other:
         await call(nexus, DEFINE, PARKING)
         assert (await record(nexus, "parking.free", 50, T0)).payload["windows"] == ["free_1m"]
         assert (await record(other, "parking.free", 50, T0)).payload["windows"] == []
-    async with run_server(*analytics_handlers()) as restarted:
-        # definitions made with define_window do not persist
-        assert (await record(restarted, "parking.free", 50, T0)).payload["windows"] == []
+
+
+async def test_windows_defined_at_run_time_are_defined_again_after_a_restart(tmp_path: Any) -> None:
+    """define_window keeps each definition (the data directory's store): a restarted server records into it at
+    once; the config file wins over a kept definition of the same name; another data directory knew none."""
+    data = str(tmp_path / "data")
+    async with run_server(*analytics_handlers(), data_dir=data) as nexus:
+        await call(nexus, DEFINE, PARKING)
+        await call(nexus, DEFINE, {**PARKING, "name": "free_5m", "size_s": 300})
+    async with run_server(*analytics_handlers(), data_dir=data) as restarted:
+        windows = (await record(restarted, "parking.free", 50, T0)).payload["windows"]
+        assert sorted(windows) == ["free_1m", "free_5m"]
+    config = {"analytics": {"windows": [{**PARKING, "metric": "parking.taken"}]}}
+    async with run_server(*analytics_handlers(), data_dir=data, handler_config=config) as configured:
+        assert (await record(configured, "parking.free", 50, T0)).payload["windows"] == ["free_5m"]
+        assert (await record(configured, "parking.taken", 5, T0)).payload["windows"] == ["free_1m"]
+    async with run_server(*analytics_handlers(), data_dir=str(tmp_path / "other")) as elsewhere:
+        assert (await record(elsewhere, "parking.free", 50, T0)).payload["windows"] == []
 
 
 async def test_named_thresholds_alert_with_their_names_and_clear_past_the_hysteresis() -> None:

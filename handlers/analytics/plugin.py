@@ -7,12 +7,12 @@ Entry points (``[project.entry-points."nexus.handlers"]``): ``analytics.define_w
 State. The window definitions and their open windows live in memory, in one :class:`~.windows.Engine` per
 server that ``define_window``, ``record_metric`` and ``snapshot`` share (:class:`Windows`, through
 ``ctx.shared``). Everything that defines a window is its ``define_window`` payload (``WindowSpec.to_payload``
-gives it back, ``Windows.parse`` reads it), so a store of definitions needs to keep those payloads by name. Windows
-defined with ``define_window`` do **not** persist: their open windows would be lost with the process anyway,
-and a restart should not resurrect definitions nobody can list. Definitions that must always exist go in the
-config file (``windows``, below) and are defined again at every start. On a cluster each node keeps its own
-definitions and windows: send a metric's values to one node (or define the window on every node and accept
-per-node aggregates).
+gives it back, ``Windows.parse`` reads it). ``define_window`` keeps each definition's payload in the plugin's
+``ctx.kv`` under ``window.<base64url of the name>``, and the first handler set up defines them again when the
+server starts, after the config file's ``windows`` (which win on a shared name); the open windows are not kept.
+With the NATS bus the store is the deployment's bucket, so a node that starts defines every window kept by any
+node; while running, each node keeps its own definitions and windows: send a metric's values to one node (or
+define the window on every node and accept per-node aggregates).
 
 Clocks. Event times come from ``timestamp`` (RFC 3339 or epoch seconds; the node's wall clock when absent).
 Session windows also close when their metric falls silent: a timer in ``record_metric`` calls
@@ -49,6 +49,7 @@ handler set up on a server):
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -106,6 +107,34 @@ class Windows:
         self.engine = engine
         self.default_grace_s = default_grace_s
         self.default_silence_s = default_silence_s
+        self.configured: set[str] = set()
+        """Names of the windows the config file defines (they win over kept ones at start)."""
+        self._kept_loaded = False
+
+    async def load_kept(self, ctx: HandlerContext) -> None:
+        """Define the windows ``define_window`` kept in ``ctx.kv`` (once per server, by the first handler set up).
+
+        The config file wins at start: a kept definition whose name the config also defines is left out (and
+        logged); one that no longer parses (limits changed) is skipped and logged.
+        """
+        if self._kept_loaded:
+            return
+        self._kept_loaded = True
+        for key in await ctx.kv.keys(WINDOW_KEY_PREFIX):
+            entry = await ctx.kv.get(key)
+            if entry is None:
+                continue
+            try:
+                spec = self.parse(entry.value) if isinstance(entry.value, Mapping) else None
+            except InvalidInput as exc:
+                ctx.log.warning("kept_window_skipped", key=key, error=str(exc))
+                continue
+            if spec is None:
+                ctx.log.warning("kept_window_skipped", key=key, error="not a window definition")
+            elif spec.name in self.configured:
+                ctx.log.info("kept_window_overridden_by_config", name=spec.name)
+            else:
+                self.engine.define(spec)
 
     def parse(self, payload: Mapping[str, Any]) -> WindowSpec:
         """A definition with this node's defaults and limits; raises :class:`InvalidInput`."""
@@ -131,14 +160,26 @@ class Windows:
             if not isinstance(payload, Mapping):
                 raise ValueError(f"[handlers.analytics] windows[{index}] must be a table (a define_window payload)")
             try:
-                shared.engine.define(shared.parse(payload))
+                spec = shared.parse(payload)
+                shared.engine.define(spec)
             except InvalidInput as exc:
                 raise ValueError(f"[handlers.analytics] windows[{index}]: {exc}") from None
+            shared.configured.add(spec.name)
         return shared
 
 
-def _windows(ctx: HandlerContext) -> Windows:
-    return ctx.shared(Windows, lambda: Windows.from_config(ctx.config))
+WINDOW_KEY_PREFIX = "window."
+
+
+def _window_key(name: str) -> str:
+    """Where ``define_window`` keeps a definition in the plugin's ``ctx.kv`` (any name: URL-safe base64)."""
+    return WINDOW_KEY_PREFIX + base64.urlsafe_b64encode(name.encode()).decode()
+
+
+async def _windows(ctx: HandlerContext) -> Windows:
+    shared = ctx.shared(Windows, lambda: Windows.from_config(ctx.config))
+    await shared.load_kept(ctx)
+    return shared
 
 
 def _invalid(exc: InvalidInput, event: Event) -> InvalidPayload:
@@ -165,7 +206,8 @@ async def _publish(ctx: HandlerContext, outcome: Outcome) -> None:
 class DefineWindow(EventHandler):
     """Defines (or replaces) a time window over a metric, with its aggregate and threshold alerts.
 
-    Definitions live in memory on the node and do not persist; put permanent ones in the config (``windows``).
+    Each definition is kept in the plugin's ``ctx.kv`` and defined again when the server starts (after the
+    config file's ``windows``, which win on a name they share); its open windows are not kept.
     """
 
     event_type = "analytics:define_window:v1"
@@ -174,7 +216,7 @@ class DefineWindow(EventHandler):
     emits = specs.DEFINE_WINDOW_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
-        self._shared = _windows(ctx)
+        self._shared = await _windows(ctx)
 
     async def handle(self, event: Event) -> dict[str, Any]:
         shared = self._shared
@@ -183,6 +225,7 @@ class DefineWindow(EventHandler):
             replaced = shared.engine.define(spec)
         except InvalidInput as exc:
             raise _invalid(exc, event) from None
+        await self.ctx.kv.put(_window_key(spec.name), spec.to_payload())  # defined again after a restart
         self.ctx.log.info("window_defined", name=spec.name, metric=spec.metric, kind=spec.kind, replaced=replaced)
         return {**spec.to_payload(), "replaced": replaced}
 
@@ -200,7 +243,7 @@ class RecordMetric(EventHandler):
     emits = specs.RECORD_METRIC_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
-        self._shared = _windows(ctx)
+        self._shared = await _windows(ctx)
         self._max_future_s = _config_number(ctx.config, "max_future_s", 300.0)
         self._check_s = _config_number(ctx.config, "session_check_s", 0.5, minimum=0.001)
         ctx.start_soon(self._close_silent_sessions, name="analytics-session-timer")
@@ -255,7 +298,7 @@ class Snapshot(EventHandler):
     emits = specs.SNAPSHOT_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
-        self._shared = _windows(ctx)
+        self._shared = await _windows(ctx)
         self._max = _config_int(ctx.config, "max_snapshot_windows", 1000)
 
     async def handle(self, event: Event) -> dict[str, Any]:
