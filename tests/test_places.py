@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 import pytest
-from gps_trace import STOP_A, T0, offset, two_stops_trace
+from gps_trace import STOP_A, STOP_B, T0, offset, two_stops_trace
 from nexus.handlers.places.plugin import AgentStateQuery, StreamEncounters, TrackLocation, rfc3339
 
 from nexus import Event, InvalidPayload, parse_time
@@ -308,3 +308,39 @@ async def test_agent_state_knows_an_idle_agent_is_no_longer_dwelling() -> None:
         now = await asyncio.wait_for(nexus.client.call(STATE, {"agent_id": "a"}), GUARD)
         assert (now.payload["known"], now.payload["state"], now.payload["encounter_id"]) == (True, "moving", None)
         await completed.stop()
+
+
+
+async def stay(nexus: TestServer, agent_id: str, at: tuple[float, float], start: float) -> str | None:
+    """Six fixes 30 s apart at one spot (a dwell of 150 s): the place_id the last one answers."""
+    replies = [await track(nexus, fix_payload(agent_id, *at, start + 30 * i)) for i in range(6)]
+    assert replies[-1].payload["state"] == "dwelling", replies[-1].payload
+    place_id: str | None = replies[-1].payload["place_id"]
+    return place_id
+
+
+def tracking() -> HandlerSpec:
+    return HandlerSpec("places.track_location", TrackLocation(), "--handler")
+
+
+async def test_places_outlive_a_restart_and_one_forgotten_to_make_room_leaves_the_store(tmp_path: Any) -> None:
+    """Known places are kept in the plugin's store (data_dir): after a restart, on a memory bus whose history is
+    empty, a stay at a known place gets its place_id and discovers nothing. With max_places 1 a server keeps
+    the most recently visited place and drops the others from the store too, so later servers do not know them."""
+    data = str(tmp_path / "data")
+    async with run_server(tracking(), data_dir=data) as nexus:
+        place_a = await stay(nexus, "courier", STOP_A, T0)
+        place_b = await stay(nexus, "courier", STOP_B, T0 + 1200)
+    assert place_a != place_b
+    async with run_server(tracking(), data_dir=data) as nexus:
+        assert await nexus.bus.head_offset() == 0
+        discovered = await nexus.record("places:place:v1:discovered")
+        assert await stay(nexus, "van", STOP_A, T0 + 7200) == place_a  # A is now the most recently visited
+        await asyncio.sleep(0.05)
+        assert discovered.events == []
+        await discovered.stop()
+    async with run_server(tracking(), data_dir=data, handler_config={"places": {"max_places": 1}}) as nexus:
+        assert await stay(nexus, "bike", STOP_A, T0 + 9000) == place_a
+    async with run_server(tracking(), data_dir=data) as nexus:
+        assert await stay(nexus, "cab", STOP_A, T0 + 12_000) == place_a
+        assert await stay(nexus, "cab", STOP_B, T0 + 13_000) not in (place_a, place_b)  # B was dropped

@@ -68,6 +68,8 @@ class KnownPlaces:
         """Places forgotten to make room for new ones."""
         self.discovered: list[Place] = []
         """Places learned by :meth:`visit` and not yet taken by the caller (who clears the list)."""
+        self.dropped: list[Place] = []
+        """Places forgotten to make room, not yet taken by the caller (who clears the list)."""
 
     def __len__(self) -> int:
         return len(self._places)
@@ -112,6 +114,7 @@ class KnownPlaces:
             _, oldest = self._places.popitem(last=False)
             self._cells[self._cell(oldest.latitude, oldest.longitude)].remove(oldest.place_id)
             self.forgotten += 1
+            self.dropped.append(oldest)
         self._places[place.place_id] = place
         self._cells.setdefault(self._cell(place.latitude, place.longitude), []).append(place.place_id)
         return True

@@ -11,6 +11,7 @@ takes and emits is declared in :mod:`.specs`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,7 @@ from nexus import (
     Follower,
     HandlerContext,
     InvalidPayload,
+    NexusError,
     Stream,
     StreamingEventHandler,
     parse_time,
@@ -85,6 +87,44 @@ def _event_type(encounter: Encounter) -> str:
 # --- track_location ---------------------------------------------------------------------------------------
 
 
+PLACE_KEY_PREFIX = "place."
+
+
+def _place_key(place_id: str) -> str:
+    """Where a known place is kept in the plugin's ``ctx.kv`` (any id: URL-safe base64)."""
+    return PLACE_KEY_PREFIX + base64.urlsafe_b64encode(place_id.encode()).decode()
+
+
+def _kept_place(place: Place) -> dict[str, Any]:
+    return {
+        "place_id": place.place_id,
+        "latitude": place.latitude,
+        "longitude": place.longitude,
+        "discovered_at": place.discovered_at,
+        "last_visit": place.last_visit,
+        "visits": place.visits,
+    }
+
+
+def _place_from_kept(value: Any) -> Place | None:
+    """The place a kept value holds, or None for one that is not (written by something else)."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        place = Place(
+            str(value["place_id"]),
+            float(value["latitude"]),
+            float(value["longitude"]),
+            float(value["discovered_at"]),
+            float(value["last_visit"]),
+            int(value["visits"]),
+        )
+        check_fix(place.latitude, place.longitude, place.discovered_at)
+    except (KeyError, TypeError, ValueError, OverflowError, InvalidPayload):
+        return None
+    return place
+
+
 class TrackLocation(EventHandler):
     """One GPS fix of an agent in, the agent's state out; stay-point detection per agent.
 
@@ -109,9 +149,43 @@ class TrackLocation(EventHandler):
         except ValueError as exc:
             raise ValueError(f"{ctx.name}: {exc}") from None
         self.tracker = StayPointTracker(self.settings)
+        await self._load_kept_places(ctx)
         ctx.start_soon(self._sweep_idle, name=f"{ctx.name}-idle-sweep")
         # Every node learns every node's places (from the history the bus still holds), so one place has one id.
         await ctx.follow(PLACE_DISCOVERED, on_event=self._learn, since_offset=0)
+
+    async def _load_kept_places(self, ctx: HandlerContext) -> None:
+        """Learn the places kept in ``ctx.kv`` (they outlive restarts and the bus history), least recently
+        visited first, so the bound forgets the same ones it would have."""
+        kept: list[Place] = []
+        for key in await ctx.kv.keys(PLACE_KEY_PREFIX):
+            entry = await ctx.kv.get(key)
+            place = _place_from_kept(entry.value if entry is not None else None)
+            if place is None:
+                ctx.log.warning("kept_place_skipped", key=key)
+            else:
+                kept.append(place)
+        places = self.tracker.places
+        for place in sorted(kept, key=lambda place: place.last_visit):
+            places.learn(place)
+        dropped, places.dropped = places.dropped, []
+        for place in dropped:  # over max_places (lowered since): the store forgets them too
+            await ctx.kv.delete(_place_key(place.place_id))
+
+    async def _keep_places(self, visited: list[str]) -> None:
+        """Keep the places learned or visited in ``ctx.kv``, and forget those the bound dropped. A store that
+        cannot answer is logged, never a failed fix: the places stay known in memory."""
+        places = self.tracker.places
+        dropped, places.dropped = places.dropped, []
+        try:
+            for place_id in dict.fromkeys(visited):
+                place = places.get(place_id)
+                if place is not None:
+                    await self.ctx.kv.put(_place_key(place_id), _kept_place(place))
+            for place in dropped:
+                await self.ctx.kv.delete(_place_key(place.place_id))
+        except NexusError as exc:
+            self.ctx.log.warning("places_not_kept", error=exc.message)
 
     def _learn(self, event: Event) -> None:
         payload = event.payload
@@ -174,6 +248,10 @@ class TrackLocation(EventHandler):
             await self.ctx.publish(PLACE_DISCOVERED, _place_payload(place, agent_id))
         for encounter in result.encounters:
             await self.ctx.publish(_event_type(encounter), _encounter_payload(encounter))
+        visited = [place.place_id for place in result.discovered]
+        visited += [e.place_id for e in result.encounters if isinstance(e, EncounterStarted) and e.place_id]
+        if visited or self.tracker.places.dropped:
+            await self._keep_places(visited)
         reply: dict[str, Any] = {
             "agent_id": agent_id,
             "state": result.state,
