@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
 from nexus.handlers.analytics.plugin import DefineWindow, RecordMetric, Snapshot, StreamMetrics
 
 from nexus import Event, parse_time
@@ -353,3 +354,22 @@ async def test_a_silent_source_is_published_once_and_its_return() -> None:
             spec = next(s for s in RecordMetric.emits if s.event_type == event.event_type)
             spec.validate(event.payload)
         await events.stop()
+
+
+async def test_on_nats_a_node_that_starts_defines_the_windows_any_node_defined_at_run_time() -> None:
+    """On the NATS bus definitions are kept in the deployment's bucket: with two nodes running, a window is
+    defined (on either); both stop, and a node started again records into it at once."""
+    url = shared_nats_url()
+    stream, prefix = unique_names("anwin")
+    settings = nats_settings(url, stream, prefix)
+    try:
+        async with (
+            run_server(*analytics_handlers(), settings=settings) as one,
+            run_server(*analytics_handlers(), settings=settings),
+        ):
+            assert (await call(one, DEFINE, PARKING)).event_type == "analytics:define_window:v1:success"
+        async with run_server(*analytics_handlers(), settings=settings) as again:
+            assert (await record(again, "parking.free", 50, T0)).payload["windows"] == ["free_1m"]
+    finally:
+        await delete_stream(url, f"KV_{stream}_KV")
+        await delete_stream(url, stream)
