@@ -481,18 +481,21 @@ class ClosedWindow:
     alerts: tuple[Alert, ...] = ()
 
     def to_payload(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "metric": self.metric,
-            "kind": self.kind,
-            "agg": self.agg,
-            "start": rfc3339(self.start),
-            "end": rfc3339(self.end),
-            "value": self.value,
-            "count": self.count,
-            "late": self.late,
-            "early": self.early,
-        }
+        return {**_window_payload(self), "late": self.late, "early": self.early}
+
+
+def _window_payload(window: ClosedWindow | OpenWindow) -> dict[str, Any]:
+    """What a closed window's event and a snapshot say of a window alike."""
+    return {
+        "name": window.name,
+        "metric": window.metric,
+        "kind": window.kind,
+        "agg": window.agg,
+        "start": rfc3339(window.start),
+        "end": rfc3339(window.end),
+        "value": window.value,
+        "count": window.count,
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -510,16 +513,7 @@ class OpenWindow:
     count: int
 
     def to_payload(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "metric": self.metric,
-            "kind": self.kind,
-            "agg": self.agg,
-            "start": rfc3339(self.start),
-            "end": rfc3339(self.end),
-            "value": self.value,
-            "count": self.count,
-        }
+        return _window_payload(self)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
