@@ -30,7 +30,7 @@ from nexus.errors import (
     StreamErrorType,
 )
 from nexus.events import Event, EventType, parse_time
-from nexus.kv.base import KVConflict, KVEntry, KVLimitExceeded, PluginKV
+from nexus.kv.base import KVConflict, KVEntry, KVLimitExceeded, PluginKV, key_for
 from nexus.schema import EventSpec
 from nexus.settings import read_int, read_number, setting_name
 
@@ -60,6 +60,7 @@ __all__ = [
     "StreamingEventHandler",
     "__version__",
     "default_data_dir",
+    "key_for",
     "parse_time",
     "read_int",
     "read_number",

@@ -342,3 +342,13 @@ async def test_a_value_the_nats_bucket_refuses_gets_a_clear_error() -> None:
         assert (await stored(large, "k")).value == "small"
     finally:
         await harness.close()
+
+
+def test_key_for_makes_a_valid_distinct_key_of_any_id() -> None:
+    """Ids a client chose (any text: dots, spaces, unicode) become valid keys under a prefix, one key per id."""
+    from nexus import key_for
+
+    ids = ["machine-7", "a.b", "with space", "ünïcode/✓", "", "a" * 100]
+    keys = [key_for("baseline", value) for value in ids]
+    assert len(set(keys)) == len(ids)
+    assert all(key.startswith("baseline.") for key in keys)

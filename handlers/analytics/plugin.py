@@ -49,7 +49,6 @@ handler set up on a server):
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -61,6 +60,7 @@ from nexus import (
     InvalidPayload,
     Stream,
     StreamingEventHandler,
+    key_for,
     parse_time,
     read_int,
     read_number,
@@ -172,8 +172,8 @@ WINDOW_KEY_PREFIX = "window."
 
 
 def _window_key(name: str) -> str:
-    """Where ``define_window`` keeps a definition in the plugin's ``ctx.kv`` (any name: URL-safe base64)."""
-    return WINDOW_KEY_PREFIX + base64.urlsafe_b64encode(name.encode()).decode()
+    """Where ``define_window`` keeps a definition in the plugin's ``ctx.kv``."""
+    return key_for("window", name)
 
 
 async def _windows(ctx: HandlerContext) -> Windows:

@@ -25,7 +25,6 @@ so a node that starts late learns the earlier baselines. What each handler takes
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from nexus import (
     InvalidPayload,
     Stream,
     StreamingEventHandler,
+    key_for,
     read_number,
 )
 
@@ -326,8 +326,8 @@ def _unknown_baseline(baseline_id: str) -> InvalidPayload:
 
 
 def _baseline_key(baseline_id: str) -> str:
-    """Where a baseline is kept in the plugin's ``ctx.kv`` (any id: its UTF-8 bytes in URL-safe base64)."""
-    return "baseline." + base64.urlsafe_b64encode(baseline_id.encode()).decode()
+    """Where a baseline is kept in the plugin's ``ctx.kv``."""
+    return key_for("baseline", baseline_id)
 
 
 async def _kept_baseline(ctx: HandlerContext, baseline_id: str) -> Baseline | None:

@@ -11,7 +11,6 @@ takes and emits is declared in :mod:`.specs`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +24,7 @@ from nexus import (
     NexusError,
     Stream,
     StreamingEventHandler,
+    key_for,
     parse_time,
     read_number,
 )
@@ -91,8 +91,8 @@ PLACE_KEY_PREFIX = "place."
 
 
 def _place_key(place_id: str) -> str:
-    """Where a known place is kept in the plugin's ``ctx.kv`` (any id: URL-safe base64)."""
-    return PLACE_KEY_PREFIX + base64.urlsafe_b64encode(place_id.encode()).decode()
+    """Where a known place is kept in the plugin's ``ctx.kv``."""
+    return key_for("place", place_id)
 
 
 def _kept_place(place: Place) -> dict[str, Any]:

@@ -15,6 +15,7 @@ while the key is still at ``r`` (``0``: only while it does not exist), else it r
 from __future__ import annotations
 
 import abc
+import base64
 import dataclasses
 import hashlib
 import json
@@ -70,6 +71,13 @@ def check_key(key: Any) -> str:
             f"key {quote(key)} is invalid: use dot-separated tokens of letters, digits, '_', '-', '=' and '/'"
         )
     return key
+
+
+def key_for(prefix: str, name: str) -> str:
+    """A valid key for any ``name`` under ``prefix`` (``"baseline"``): ``prefix.<name's UTF-8 in URL-safe
+    base64>``, so ids a client chose (any text) name keys the store accepts, one key per id (the empty name is
+    ``prefix.=``, which no other name encodes to)."""
+    return check_key(f"{prefix}.{base64.urlsafe_b64encode(name.encode()).decode() or '='}")
 
 
 def scope_of(plugin: str) -> str:
