@@ -274,16 +274,8 @@ class History:
         ``types``: a cheaper first filter on the event type alone (a pattern match), applied before an event is
         decoded; give it only when ``wants`` never selects an event whose type it refuses.
         """
-        ring = self._ring
-        if not ring or since_offset >= self.head:
-            return []
-        start = max(0, since_offset - self.floor)
-        epoch = self.epoch
-        if types is None:
-            events = [unpack(record, epoch) for record in ring.iter_from(start)]
-        else:
-            selected = ring.iter_from(start)
-            events = [unpack(record, epoch) for record in selected if types(record_type(record))]
+        replay = self.replay(since_offset, types=types)
+        events = replay.take(len(replay))
         if wants is None:
             return events
         return [event for event in events if wants(event)]
