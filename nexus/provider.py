@@ -133,10 +133,27 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _error_type(exc: BaseException) -> StreamErrorType:
+def error_type_of(exc: BaseException) -> StreamErrorType:
+    """``error.type`` of a request whose handler raised ``exc``: ``invalid_payload`` for
+    :class:`~nexus.errors.InvalidPayload`, else ``handler_error``."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return StreamErrorType.INVALID_PAYLOAD if isinstance(exc, InvalidPayload) else StreamErrorType.HANDLER_ERROR
+
+
+def side_event_metadata(request: Event | None, metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """The metadata of a side event a handler publishes while it handles ``request`` (None: outside a request).
+
+    It carries ``causation_id`` = the request's ``event_id`` and continues the request's trace (``traceparent``,
+    ``tracestate``); what the handler passes in ``metadata`` wins.
+    """
+    if request is None:
+        return metadata
+    inherited = {"causation_id": request.event_id}
+    for key in ("traceparent", "tracestate"):
+        if key in request.metadata:
+            inherited[key] = request.metadata[key]
+    return {**inherited, **(metadata or {})}
 
 
 class _Context(HandlerContext):
@@ -155,13 +172,7 @@ class _Context(HandlerContext):
         metadata: dict[str, str] | None = None,
         event_id: str | None = None,
     ) -> Event:
-        request = _current_request.get()
-        if request is not None:
-            inherited = {"causation_id": request.event_id}
-            for key in ("traceparent", "tracestate"):
-                if key in request.metadata:
-                    inherited[key] = request.metadata[key]
-            metadata = {**inherited, **(metadata or {})}
+        metadata = side_event_metadata(_current_request.get(), metadata)
         event = Event.create(
             event_type,
             payload,
@@ -620,7 +631,7 @@ class Provider:
     async def _drive_run(self, run: _Run, registration: Registration) -> None:
         token = _current_request.set(run.lifecycle.request)
         try:
-            problem = _payload_problem(registration, run.request)
+            problem = payload_problem(registration.handler, run.request)
             if run.cancel_reason is not None:
                 await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), run.cancel_reason))
             elif problem is not None:
@@ -685,7 +696,7 @@ class Provider:
             event = lifecycle.time_out(now, run.timeout or 0.0)
         elif error is not None:
             _handler_failed(log, run, registration, error)
-            event = lifecycle.fail(now, _error_type(error), describe_exception(error))
+            event = lifecycle.fail(now, error_type_of(error), describe_exception(error))
         else:
             try:
                 payload = validate_payload(result, max_bytes=self.settings.max_payload_bytes)
@@ -741,7 +752,7 @@ class Provider:
             event = lifecycle.time_out(now, run.timeout or 0.0)
         elif error is not None:
             _handler_failed(log, run, registration, error)
-            event = lifecycle.fail(now, _error_type(error), describe_exception(error))
+            event = lifecycle.fail(now, error_type_of(error), describe_exception(error))
         else:
             event = lifecycle.succeed(now)
         await self._publish_terminal(run, event)
@@ -838,12 +849,12 @@ def _handler_failed(log: Any, run: _Run, registration: Registration, error: Base
     log.warning("handler_failed", handler=registration.name, error=describe_exception(error), exc_info=error)
 
 
-def _payload_problem(registration: Registration, request: Event) -> str | None:
+def payload_problem(handler: AnyHandler, request: Event) -> str | None:
     """Why the request's payload does not fit the handler's declared ``takes`` schema, or None."""
     try:
         # Events built by clients are checked on the way in; this also covers one put on the bus directly.
         validate_payload(request.payload)
-        spec = registration.handler.takes
+        spec = handler.takes
         if spec is not None:
             spec.validate(request.payload)
     except InvalidPayload as exc:
