@@ -498,6 +498,8 @@ class Worker:
         self.handled = 0
         """Requests that ended here (answered or dropped)."""
         self._runs: dict[str, _Run] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._started_at = time.monotonic()
 
     @property
@@ -508,6 +510,10 @@ class Worker:
     async def wait_registered(self, timeout: float = 10.0) -> None:
         """Wait until the server accepted the registration (TimeoutError after ``timeout`` seconds)."""
         await asyncio.wait_for(self._registered.wait(), timeout)
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no request runs here (TimeoutError after ``timeout`` seconds)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
 
     def stop(self) -> None:
         """Stop serving: :meth:`run` drains what runs (within ``shutdown_grace_s``), tears down and returns."""
@@ -694,6 +700,7 @@ class Worker:
             return
         run = _Run(entry, event, request.credit)
         self._runs[run.correlation_id] = run
+        self._idle.clear()
         run.task = asyncio.get_running_loop().create_task(self._handle(run, outbox), name=f"nexus-worker-{entry.name}")
 
     async def _handle(self, run: _Run, outbox: _Outbox) -> None:
@@ -712,6 +719,8 @@ class Worker:
             stream.close()
             _current_request.reset(token)
             self._runs.pop(cid, None)
+            if not self._runs:
+                self._idle.set()
             self.handled += 1
             if run.dropped:
                 pass  # the server already ended it (the connection went away, or it refused the request)
