@@ -440,8 +440,8 @@ class _WorkerContext(HandlerContext):
         return self._worker.stats()
 
 
-class _Lost(Exception):
-    """The connection is unusable (the server went silent); reconnect."""
+class _Lost(Unavailable):
+    """The connection is unusable (the server went silent, or answered out of turn); reconnect."""
 
 
 class Worker:
