@@ -28,10 +28,10 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from nexus.api import Follower
+from nexus.api import DEFAULT_FOLLOW_MAX_PENDING, Follower, HandlerContext, plugin_name
 from nexus.bus.base import DEFAULT_MAX_PENDING, Subscription
 from nexus.events import Event
-from nexus.kv.base import KeyValueStore, ScopedKV
+from nexus.kv.base import KeyValueStore, PluginKV, ScopedKV
 from nexus.kv.sqlite import IN_MEMORY, SqliteKeyValue
 
 T = TypeVar("T")
@@ -180,6 +180,42 @@ class PluginRuntime:
             subscription.close()
             raise
         return follower
+
+
+class PluginContext(HandlerContext):
+    """The part of a handler's context its :class:`PluginRuntime` serves: ``follow``, ``shared``, ``kv`` and
+    ``start_soon``. The server's provider and a worker add ``publish``, ``subscribe`` and ``stats``."""
+
+    def __init__(
+        self, runtime: PluginRuntime, name: str, config: dict[str, Any], log: structlog.stdlib.BoundLogger
+    ) -> None:
+        self._runtime = runtime
+        self.name = name
+        self.plugin = plugin_name(name)
+        self.config = config
+        self.log = log
+
+    async def follow(
+        self,
+        *patterns: str,
+        on_event: Callable[[Event], Awaitable[None] | None],
+        since_offset: int | None = None,
+        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
+        name: str | None = None,
+    ) -> Follower:
+        return await self._runtime.follow(
+            self.log, patterns, on_event, since_offset=since_offset, max_pending=max_pending, name=name or self.name
+        )
+
+    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
+        return self._runtime.shared(self.plugin, kind, factory)
+
+    @property
+    def kv(self) -> PluginKV:
+        return self._runtime.kv(self.plugin)
+
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        self._runtime.start_soon(self.log, function, *args, name=name)
 
 
 class _BusFollower(Follower):

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -24,15 +24,11 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from nexus.api import (
-    DEFAULT_FOLLOW_MAX_PENDING,
     SERVER_DEFAULT,
     AnyHandler,
     EventHandler,
-    Follower,
-    HandlerContext,
     Stream,
     StreamingEventHandler,
-    plugin_name,
 )
 from nexus.bus.base import Bus, Subscription
 from nexus.detect import DEFAULT_RULES, StreamingDetector
@@ -57,9 +53,9 @@ from nexus.events import (
     validate_payload,
 )
 from nexus.identity import PUBLIC
-from nexus.kv.base import KeyValueStore, PluginKV
+from nexus.kv.base import KeyValueStore
 from nexus.lifecycle import Lifecycle
-from nexus.plugin_runtime import PluginRuntime
+from nexus.plugin_runtime import PluginContext, PluginRuntime
 from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
 from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
@@ -156,13 +152,11 @@ def side_event_metadata(request: Event | None, metadata: dict[str, str] | None) 
     return {**inherited, **(metadata or {})}
 
 
-class _Context(HandlerContext):
+class _Context(PluginContext):
     def __init__(self, provider: Provider, registration: Registration) -> None:
+        log = structlog.get_logger("nexus.handler").bind(handler=registration.name)
+        super().__init__(provider.plugins, registration.name, registration.config, log)
         self._provider = provider
-        self.name = registration.name
-        self.plugin = plugin_name(registration.name)
-        self.config = registration.config
-        self.log = structlog.get_logger("nexus.handler").bind(handler=registration.name)
 
     async def publish(
         self,
@@ -189,28 +183,6 @@ class _Context(HandlerContext):
             yield subscription.events()
         finally:
             subscription.close()
-
-    async def follow(
-        self,
-        *patterns: str,
-        on_event: Callable[[Event], Awaitable[None] | None],
-        since_offset: int | None = None,
-        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
-        name: str | None = None,
-    ) -> Follower:
-        return await self._provider.plugins.follow(
-            self.log, patterns, on_event, since_offset=since_offset, max_pending=max_pending, name=name or self.name
-        )
-
-    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
-        return self._provider.plugins.shared(self.plugin, kind, factory)
-
-    @property
-    def kv(self) -> PluginKV:
-        return self._provider.plugins.kv(self.plugin)
-
-    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
-        self._provider.plugins.start_soon(self.log, function, *args, name=name)
 
     def stats(self) -> JSONObject:
         return self._provider.stats()

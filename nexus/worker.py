@@ -45,7 +45,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -53,26 +53,30 @@ import grpc
 import structlog
 
 from nexus.api import (
-    DEFAULT_FOLLOW_MAX_PENDING,
     SERVER_DEFAULT,
     AnyHandler,
     EventHandler,
-    Follower,
-    HandlerContext,
     Stream,
     StreamingEventHandler,
-    plugin_name,
 )
 from nexus.backoff import Backoff, BackoffPolicy
 from nexus.bus.base import DEFAULT_MAX_PENDING, Fanout, Subscription
 from nexus.client import NexusClient, error_from_rpc
-from nexus.errors import HandlerConfigError, NexusError, StreamClosed, StreamErrorType, Unavailable
+from nexus.errors import (
+    ErrorCode,
+    HandlerConfigError,
+    NexusError,
+    StreamClosed,
+    StreamErrorType,
+    Unavailable,
+    error_for_code,
+)
 from nexus.events import Event, JSONObject, encode_json, validate_payload
-from nexus.grpc.convert import event_from_response
-from nexus.kv.base import KeyValueStore, PluginKV
+from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response
+from nexus.kv.base import KeyValueStore
 from nexus.kv.sqlite import SqliteKeyValue
 from nexus.patterns import parse_pattern
-from nexus.plugin_runtime import PluginRuntime
+from nexus.plugin_runtime import PluginContext, PluginRuntime
 from nexus.plugins import HandlerSpec, config_for
 from nexus.provider import describe_exception, error_type_of, payload_problem, side_event_metadata
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -345,17 +349,18 @@ class RemoteEvents:
             payload_encoding=nexus_pb2.PAYLOAD_ENCODING_JSON,
         )
         call = self._client.stub.SubscribeEventBatches(request, metadata=self._client.metadata)
+        initial: dict[str, Any] = {}
         try:
             initial = dict(await call.initial_metadata() or ())
-            if "nexus-epoch" not in initial:
-                await call.code()  # ended before the server answered: raises below with its status
-                raise Unavailable("the server ended the subscription before it started")
+            if "nexus-epoch" not in initial:  # the call ended before the server answered: say why
+                code = await call.code()
+                details = await call.details() or f"the subscription ended before it started ({code.name})"
+                raise error_for_code(CODE_FOR_STATUS.get(code, ErrorCode.UNAVAILABLE), details)
         except grpc.aio.AioRpcError as error:
-            call.cancel()
             raise error_from_rpc(error) from None
-        except BaseException:
-            call.cancel()
-            raise
+        finally:
+            if "nexus-epoch" not in initial:
+                call.cancel()
         self.epoch = str(initial["nexus-epoch"])
         recovered = initial.get("nexus-recovered")
         subscription = _CallSubscription(
@@ -382,13 +387,11 @@ class RemoteEvents:
             subscription.close()
 
 
-class _WorkerContext(HandlerContext):
+class _WorkerContext(PluginContext):
     def __init__(self, worker: Worker, entry: _Entry) -> None:
+        log = structlog.get_logger("nexus.handler").bind(handler=entry.name, worker=worker.settings.name)
+        super().__init__(worker.plugins, entry.name, entry.config, log)
         self._worker = worker
-        self.name = entry.name
-        self.plugin = plugin_name(entry.name)
-        self.config = entry.config
-        self.log = structlog.get_logger("nexus.handler").bind(handler=entry.name, worker=worker.settings.name)
 
     async def publish(
         self,
@@ -413,28 +416,6 @@ class _WorkerContext(HandlerContext):
             yield aiter(subscription)
         finally:
             subscription.close()
-
-    async def follow(
-        self,
-        *patterns: str,
-        on_event: Callable[[Event], Awaitable[None] | None],
-        since_offset: int | None = None,
-        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
-        name: str | None = None,
-    ) -> Follower:
-        return await self._worker.plugins.follow(
-            self.log, patterns, on_event, since_offset=since_offset, max_pending=max_pending, name=name or self.name
-        )
-
-    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
-        return self._worker.plugins.shared(self.plugin, kind, factory)
-
-    @property
-    def kv(self) -> PluginKV:
-        return self._worker.plugins.kv(self.plugin)
-
-    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
-        self._worker.plugins.start_soon(self.log, function, *args, name=name)
 
     def stats(self) -> JSONObject:
         return self._worker.stats()
