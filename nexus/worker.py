@@ -713,7 +713,7 @@ class Worker:
     async def _answer(self, run: _Run, stream: _RemoteStream, log: Any) -> nexus_pb2.HandleEventsRequest:
         handler = run.entry.handler
         cid = run.correlation_id
-        problem = payload_problem(handler, run.request)
+        problem = payload_problem(handler.takes, run.request)
         if problem is not None:
             return _error(cid, StreamErrorType.INVALID_PAYLOAD, problem)
         try:
