@@ -175,6 +175,7 @@ async def test_context_publishes_keeps_state_and_follows_out_of_process() -> Non
     replays the history and follows live."""
     async with run_server() as nexus:
         await nexus.client.emit("wdemo:note:v1:set", {"n": 1})
+        recorder = await nexus.record("wdemo:side:v1:*")
         async with nexus.start_worker(Publisher(), handler_config={"worker_handlers:Publisher": {"greeting": "hi"}}):
             note = await nexus.client.emit("wdemo:note:v1:set", {"n": 2})
             first = await nexus.client.call("wdemo:publish:v1:requested", {"note_offset": note.offset})
@@ -183,7 +184,6 @@ async def test_context_publishes_keeps_state_and_follows_out_of_process() -> Non
             assert first.payload["notes"] == [{"n": 1}, {"n": 2}]
             second = await nexus.client.call("wdemo:publish:v1:requested", {})
             assert second.payload["count"] == 2
-        recorder = await nexus.record("wdemo:side:v1:*", since_offset=0, epoch=nexus.bus.epoch)
         sides = await recorder.wait_count(2)
         await recorder.stop()
         assert [side.payload for side in sides] == [{"greeting": "hi"}] * 2
