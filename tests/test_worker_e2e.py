@@ -162,10 +162,23 @@ def terminals_by_request(events: list[Event]) -> dict[str, list[str]]:
     return ended
 
 
+async def stored(nexus: TestServer, pattern: str) -> list[Event]:
+    """Every stored event matching ``pattern``, replayed from the server's bus."""
+    subscription = await nexus.bus.subscribe([pattern], since_offset=0, epoch=nexus.bus.epoch)
+    events: list[Event] = []
+    try:
+        while batch := subscription.take_nowait():
+            events.extend(batch)
+    finally:
+        subscription.close()
+    return events
+
+
 async def test_kill_9_fails_what_the_worker_ran_and_hands_on_what_waited(tmp_path: Path) -> None:
     """SIGKILL a worker mid-stream: its stream ends failed/worker_lost within the worker timeout, the requests
     waiting behind it run on the next worker, and the history holds exactly one terminal event per request."""
     async with run_server(worker_timeout_s=1.0, worker_ping_interval_s=0.2, worker_grace_s=30.0) as nexus:
+        recorder = await nexus.record("wdemo:>")
         victim = start_worker_process(tmp_path, nexus.address, "--max-in-flight", "1", "--name", "victim")
         try:
             await wait_registered(nexus.client, victim)
@@ -182,14 +195,14 @@ async def test_kill_9_fails_what_the_worker_ran_and_hands_on_what_waited(tmp_pat
         finally:
             victim.process.kill()
             victim.process.wait()
-        recorder = await nexus.record("wdemo:>", since_offset=0, epoch=nexus.bus.epoch)
         async with nexus.start_worker(Countdown(), name="heir"):
             await recorder.wait_for(
                 lambda events: all(terminals_by_request(events).get(w.event_id) for w in waiting), GUARD
             )
             await asyncio.sleep(0.3)  # a second terminal event would show up by now
-        ended = terminals_by_request(recorder.events)
         await recorder.stop()
+        history = await stored(nexus, "wdemo:>")
+        ended = terminals_by_request(history)
         assert ended[lost.metadata["correlation_id"]] == ["failed"]
         assert [ended[w.event_id] for w in waiting] == [["success"]] * 3
         assert all(len(states) == 1 for states in ended.values())

@@ -18,7 +18,7 @@ class Countdown(StreamingEventHandler):
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
         for i in range(int(event.payload.get("n", 3))):
-            await stream.send({"i": i, "worker": self.ctx.stats()["worker"]})
+            await stream.send({"i": i, "worker": self.ctx.stats().get("worker", "in-process")})
             await asyncio.sleep(float(event.payload.get("every", 0.0)))
         await asyncio.sleep(float(event.payload.get("linger", 0.0)))
 
@@ -64,7 +64,7 @@ class Echo(EventHandler):
             raise InvalidPayload("x is not welcome here")
         if mode == "not_json":
             return {"value": float("nan")}
-        return {"echo": event.payload, "worker": self.ctx.stats()["worker"]}
+        return {"echo": event.payload, "worker": self.ctx.stats().get("worker", "in-process")}
 
 
 class Ordered(EventHandler):
@@ -79,7 +79,7 @@ class Ordered(EventHandler):
         return {
             "key": event.payload["key"],
             "seq": event.payload["seq"],
-            "worker": self.ctx.stats()["worker"],
+            "worker": self.ctx.stats().get("worker", "in-process"),
             "began": began,
             "ended": time.monotonic(),
         }
