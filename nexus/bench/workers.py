@@ -637,7 +637,7 @@ class GrpcRequestersRole(Role):
                 async for event in self.client.request(CHUNKS_TYPE, {"chunks": chunks}, heartbeats=False):
                     if event.state == "stream":
                         received += 1
-                    else:
+                    elif event.state != "started":
                         outcomes[event.state] += 1
 
         started = time.perf_counter()
