@@ -764,6 +764,7 @@ async def _worker(args: argparse.Namespace) -> int:
     given = {"max_in_flight": args.max_in_flight, "shutdown_grace_s": args.shutdown_grace, "name": args.name}
     options = WorkerSettings(
         data_dir=str(settings.data_path() / WORKER_DATA_DIR),
+        kv_limits=settings.kv_limits(),
         **{field: value for field, value in given.items() if value is not None},
     )
     worker = Worker(

@@ -73,7 +73,7 @@ from nexus.errors import (
 )
 from nexus.events import Event, JSONObject, encode_json, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response
-from nexus.kv.base import KeyValueStore
+from nexus.kv.base import KeyValueStore, KVLimits
 from nexus.kv.sqlite import SqliteKeyValue
 from nexus.patterns import parse_pattern
 from nexus.plugin_runtime import PluginContext, PluginRuntime
@@ -169,6 +169,8 @@ class WorkerSettings:
     """Waits between reconnection attempts."""
     data_dir: str | None = None
     """The directory of the plugins' ``ctx.kv`` (``<data_dir>/kv.sqlite3``); None: an in-memory store."""
+    kv_limits: KVLimits | None = None
+    """What one plugin may keep in ``ctx.kv`` (the ``kv_max_*`` settings); None: the defaults."""
 
 
 class _Outbox:
@@ -462,7 +464,7 @@ class Worker:
         self.client = NexusClient(target, backoff=self.settings.backoff, tls=tls, ca_file=ca_file, token=token)
         self._stub = nexus_pb2_grpc.WorkerServiceStub(self.client.channel)
         if kv is None and self.settings.data_dir is not None:
-            kv = SqliteKeyValue(Path(self.settings.data_dir))
+            kv = SqliteKeyValue(Path(self.settings.data_dir), self.settings.kv_limits)
             self._owns_kv = True
         else:
             self._owns_kv = False
@@ -576,8 +578,7 @@ class Worker:
         reader: asyncio.Task[None] | None = None
         try:
             first = await asyncio.wait_for(call.read(), REGISTER_TIMEOUT_S)
-            if first is grpc.aio.EOF:
-                await call.code()  # raises the call's status
+            if first is grpc.aio.EOF:  # a refusal raises (AioRpcError): this call ended without one
                 raise _Lost("the server ended the call before answering register")
             if first.WhichOneof("body") != "registered":
                 raise _Lost(f"the server answered register with {first.WhichOneof('body')}")
@@ -631,8 +632,7 @@ class Worker:
                 message = await (asyncio.wait_for(call.read(), silence) if silence > 0 else call.read())
             except TimeoutError:
                 raise _Lost(f"the server sent nothing for {silence:g}s") from None
-            if message is grpc.aio.EOF:
-                await call.code()
+            if message is grpc.aio.EOF:  # the server ended the call (an error would have raised)
                 return
             body = message.WhichOneof("body")
             if body == "request":

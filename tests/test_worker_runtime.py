@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,3 +214,13 @@ async def test_ordering_keys_hold_across_workers() -> None:
     for key in {event.payload["key"] for event in done}:
         runs = sorted((e.payload["began"], e.payload["ended"]) for e in done if e.payload["key"] == key)
         assert all(previous[1] <= following[0] for previous, following in itertools.pairwise(runs))
+
+
+async def test_kv_lives_in_the_workers_data_directory(tmp_path: Path) -> None:
+    """ctx.kv in a worker is SQLite in its data directory: a worker started again on it finds its keys."""
+    async with run_server() as nexus:
+        for expected in (1, 2):
+            async with nexus.start_worker(Publisher(), data_dir=str(tmp_path)):
+                done = await nexus.client.call("wdemo:publish:v1:requested", {})
+                assert done.payload["count"] == expected
+    assert (tmp_path / "kv.sqlite3").exists()
