@@ -12,7 +12,9 @@ import pytest
 from worker_handlers import Countdown, Echo, Flood, Ordered, Publisher, Slow
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
-from nexus.errors import HandlerConfigError, NexusError
+from nexus.auth import mint_token
+from nexus.client import NexusClient
+from nexus.errors import HandlerConfigError, NexusError, PermissionDenied
 from nexus.testing import StreamFollower, run_server, start_worker
 from nexus.v1 import nexus_pb2
 from nexus.worker import Worker, _Outbox, declaration
@@ -224,3 +226,22 @@ async def test_kv_lives_in_the_workers_data_directory(tmp_path: Path) -> None:
                 done = await nexus.client.call("wdemo:publish:v1:requested", {})
                 assert done.payload["count"] == expected
     assert (tmp_path / "kv.sqlite3").exists()
+
+
+async def test_a_workers_token_must_allow_serving_its_types() -> None:
+    """With authentication on, a worker whose token may not serve its type is refused (PERMISSION_DENIED, the
+    worker ends); one whose token has the `serve` pattern registers and answers requests."""
+    secret = "worker-test-secret-" + "s" * 32
+    async with run_server(jwt_secret=secret) as nexus:
+        without_serve = mint_token(secret, "w", publish=[">"], subscribe=[">"])
+        with pytest.raises(PermissionDenied, match="wdemo"):
+            async with start_worker(nexus.address, Echo(), token=without_serve):
+                pass
+        serving = mint_token(secret, "w", serve=["wdemo:>"])
+        admin = mint_token(secret, "admin", admin=True)
+        async with (
+            start_worker(nexus.address, Echo(), token=serving, name="trusted"),
+            NexusClient(nexus.address, token=admin) as client,
+        ):
+            done = await client.call("wdemo:echo:v1:requested", {"x": 1})
+    assert done.payload == {"echo": {"x": 1}, "worker": "trusted"}
