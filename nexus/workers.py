@@ -194,6 +194,10 @@ class Member:
     def free(self, service_action: str) -> int:
         raise NotImplementedError
 
+    def capacity(self, service_action: str) -> int:
+        """Requests of ``service_action`` it runs at once."""
+        raise NotImplementedError
+
     def take(self, service_action: str) -> None:
         raise NotImplementedError
 
@@ -211,6 +215,9 @@ class LocalMember(Member):
 
     def free(self, service_action: str) -> int:
         return self.slots - self.in_flight
+
+    def capacity(self, service_action: str) -> int:
+        return self.slots
 
     def take(self, service_action: str) -> None:
         self.in_flight += 1
@@ -292,6 +299,9 @@ class Worker(Member):
         if self.lost is not None:
             return 0
         return self.slots.get(service_action, 0) - self.in_flight.get(service_action, 0)
+
+    def capacity(self, service_action: str) -> int:
+        return 0 if self.lost is not None else self.slots.get(service_action, 0)
 
     def take(self, service_action: str) -> None:
         self.in_flight[service_action] += 1

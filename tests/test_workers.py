@@ -402,3 +402,35 @@ async def test_an_in_process_handler_and_workers_share_requests_when_configured_
         results = sorted([(await first).payload["by"], (await second).payload["by"]])
     assert [(h["location"], h["workers"]) for h in handlers] == [("pool", 1)]
     assert results == ["in-process", "remote"]
+
+
+# --- several nodes on NATS ---------------------------------------------------------------------------------------
+
+
+async def test_on_nats_workers_on_different_nodes_share_a_handler_by_free_slots() -> None:
+    from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+
+    url = shared_nats_url()
+    stream, prefix = unique_names("workers")
+    settings = nats_settings(url, stream, prefix, heartbeat_interval=0.1, worker_ping_interval_s=0.1)
+    try:
+        async with run_server(settings=settings) as a, run_server(settings=settings) as b:
+            one = handler("demo:stream_ticks", streaming=True, max_in_flight=1)
+            three = handler("demo:stream_ticks", streaming=True, max_in_flight=3)
+            async with RawWorker(a.address, one, name="on-a") as on_a, RawWorker(b.address, three, name="on-b") as on_b:
+                # Each node takes only what its workers can start: four held requests all start at once, one on
+                # node a (one slot) and three on node b (three slots), wherever they were sent.
+                followers = [
+                    StreamFollower(a.client.request("demo:stream_ticks:v1:requested", {"i": i}, heartbeats=False))
+                    for i in range(4)
+                ]
+                given_a = [await on_a.request(timeout=15.0)]
+                given_b = [await on_b.request(timeout=15.0) for _ in range(3)]
+                for worker, given in ((on_a, given_a), (on_b, given_b)):
+                    for request in given:
+                        worker.result(request.event.event_id)
+                ended = [await f.ended(timeout=15.0) for f in followers]
+    finally:
+        await delete_stream(url, stream)
+    assert sorted(payload(r)["i"] for r in (*given_a, *given_b)) == [0, 1, 2, 3]
+    assert [e.state for e in ended] == ["success"] * 4
