@@ -404,6 +404,31 @@ async def test_an_in_process_handler_and_workers_share_requests_when_configured_
     assert results == ["in-process", "remote"]
 
 
+async def test_with_authentication_a_worker_serves_only_what_its_token_allows() -> None:
+    from nexus.auth import mint_token
+
+    secret = "s" * 32
+    async with run_server(**FAST, jwt_secret=secret) as nexus:
+        anonymous = RawWorker(nexus.address, handler("demo:echo", streaming=False))
+        assert await anonymous.connect() is None
+        await anonymous.close()
+        publisher = mint_token(secret, "svc", publish=["demo:>"], subscribe=["demo:>"])
+        not_a_worker = RawWorker(nexus.address, handler("demo:echo", streaming=False), token=publisher)
+        assert await not_a_worker.connect() is None
+        await not_a_worker.close()
+        other_service = mint_token(secret, "svc", serve=["billing:>"])
+        elsewhere = RawWorker(nexus.address, handler("demo:echo", streaming=False), token=other_service)
+        assert await elsewhere.connect() is None
+        await elsewhere.close()
+        serving = mint_token(secret, "svc", serve=["demo:echo:*:requested"])
+        async with RawWorker(nexus.address, handler("demo:echo", streaming=False), token=serving) as worker:
+            assert worker.registered is not None
+    assert anonymous.status == grpc.StatusCode.UNAUTHENTICATED
+    assert not_a_worker.status == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not serve 'demo:echo'" in not_a_worker.details
+    assert elsewhere.status == grpc.StatusCode.PERMISSION_DENIED
+
+
 # --- several nodes on NATS ---------------------------------------------------------------------------------------
 
 
