@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from nats_support import until
 from worker_support import RawWorker, handler, payload
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
@@ -459,3 +460,23 @@ async def test_on_nats_workers_on_different_nodes_share_a_handler_by_free_slots(
         await delete_stream(url, stream)
     assert sorted(payload(r)["i"] for r in (*given_a, *given_b)) == [0, 1, 2, 3]
     assert [e.state for e in ended] == ["success"] * 4
+
+
+async def test_a_draining_worker_gets_no_more_requests_and_finishes_what_it_has() -> None:
+    from nexus.v1 import nexus_pb2
+
+    async with run_server(**FAST) as nexus, RawWorker(
+        nexus.address, handler("demo:echo", streaming=False, max_in_flight=2), name="leaving"
+    ) as leaving:
+        first = asyncio.create_task(nexus.client.call("demo:echo:v1:requested", {"n": 1}))
+        held = await leaving.request()
+        leaving.send(drain=nexus_pb2.WorkerDrain())
+        await until("the server read the drain", lambda: all(w.draining for w in nexus.server.provider.workers))
+        second = asyncio.create_task(nexus.client.call("demo:echo:v1:requested", {"n": 2}))
+        async with RawWorker(nexus.address, handler("demo:echo", streaming=False), name="staying") as staying:
+            given = await staying.request()
+            staying.result(given.event.event_id, {"by": "staying"})
+            leaving.result(held.event.event_id, {"by": "leaving"})
+            results = [(await first).payload, (await second).payload]
+            assert leaving.received.empty()
+    assert results == [{"by": "leaving"}, {"by": "staying"}]
