@@ -1,10 +1,10 @@
 // The example worker: serves demo:stream_ticks (a stream) and demo:shout (a plain handler) for a Nexus server.
 //
 //   node examples/typescript-worker/build/main.js [--server HOST:PORT] [--token JWT] [--max-in-flight N]
-//       [--stream-timeout S] [--name NAME] [--tls] [--ca-file FILE] [--stop-grace S]
+//       [--stream-timeout S] [--name NAME] [--tls] [--ca-file FILE] [--stop-grace S] [--protos DIR]
 //
-// Every option also reads an environment variable (NEXUS_SERVER, NEXUS_TOKEN, NEXUS_WORKER_MAX_IN_FLIGHT,
-// NEXUS_WORKER_STREAM_TIMEOUT, NEXUS_WORKER_NAME); a flag wins. Logs are JSON lines on stderr. SIGTERM or SIGINT
+// Options also read environment variables (NEXUS_SERVER, NEXUS_TOKEN, NEXUS_WORKER_MAX_IN_FLIGHT,
+// NEXUS_WORKER_STREAM_TIMEOUT, NEXUS_WORKER_NAME, NEXUS_PROTOS); a flag wins. Logs are JSON lines on stderr. SIGTERM or SIGINT
 // stops it gracefully (a second one exits at once). Exit codes: 0 stopped, 1 the server refused the handlers,
 // 2 a bad option.
 
@@ -24,7 +24,7 @@ import {
 } from "./worker.js";
 
 const USAGE = `usage: main.js [--server HOST:PORT] [--token JWT] [--max-in-flight N] [--stream-timeout SECONDS]
-               [--name NAME] [--tls] [--ca-file FILE] [--stop-grace SECONDS]`;
+               [--name NAME] [--tls] [--ca-file FILE] [--stop-grace SECONDS] [--protos DIR]`;
 
 /** The most chunks one demo:stream_ticks request may ask for. */
 const MAX_TICKS = 100_000;
@@ -94,6 +94,7 @@ interface Options {
   tls: boolean;
   caFile: string | undefined;
   stopGraceS: number;
+  protosDir: string | undefined;
 }
 
 class UsageError extends Error {}
@@ -119,6 +120,7 @@ function parseOptions(argv: string[], env: NodeJS.ProcessEnv): Options {
         tls: { type: "boolean" },
         "ca-file": { type: "string" },
         "stop-grace": { type: "string" },
+        protos: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -156,6 +158,7 @@ function parseOptions(argv: string[], env: NodeJS.ProcessEnv): Options {
     tls: values.tls === true,
     caFile: values["ca-file"],
     stopGraceS: numberOption("--stop-grace", values["stop-grace"], 10, (n) => n >= 0 && Number.isFinite(n), "a number of seconds >= 0"),
+    protosDir: values.protos ?? (env["NEXUS_PROTOS"] || undefined),
   };
 }
 
@@ -168,15 +171,23 @@ async function main(): Promise<number> {
     process.stderr.write(`${USAGE}\ntypescript-worker: error: ${error.message}\n`);
     return 2;
   }
-  const worker = new Worker({
-    server: options.server,
-    handlers: [streamTicks(options.maxInFlight, options.streamTimeoutS), shout(options.maxInFlight)],
-    stopGraceS: options.stopGraceS,
-    tls: options.tls,
-    ...(options.token !== undefined && { token: options.token }),
-    ...(options.caFile !== undefined && { caFile: options.caFile }),
-    ...(options.name !== undefined && { workerName: options.name }),
-  });
+  let worker: Worker;
+  try {
+    worker = new Worker({
+      server: options.server,
+      handlers: [streamTicks(options.maxInFlight, options.streamTimeoutS), shout(options.maxInFlight)],
+      stopGraceS: options.stopGraceS,
+      tls: options.tls,
+      ...(options.token !== undefined && { token: options.token }),
+      ...(options.caFile !== undefined && { caFile: options.caFile }),
+      ...(options.name !== undefined && { workerName: options.name }),
+      ...(options.protosDir !== undefined && { protosDir: options.protosDir }),
+    });
+  } catch (error) {
+    // A proto directory or CA file that cannot be read, a handler declaration that cannot be sent.
+    process.stderr.write(`typescript-worker: error: ${error instanceof Error ? error.message : String(error)}\n`);
+    return 2;
+  }
   let signals = 0;
   const onSignal = (signal: NodeJS.Signals): void => {
     signals += 1;

@@ -245,6 +245,9 @@ const DEFAULT_PROTOS_DIR = path.resolve(__dirname, "..", "..", "..", "protos");
 const EVENT_TYPE = /^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*(:v[1-9][0-9]*)?$/;
 
 function loadWorkerService(protosDir: string): grpc.ServiceClientConstructor {
+  if (!fs.existsSync(path.join(protosDir, "nexus", "v1", "nexus.proto"))) {
+    throw new Error(`no nexus/v1/nexus.proto under ${protosDir}: point protosDir at the repository's protos/`);
+  }
   const definition = protoLoader.loadSync("nexus/v1/nexus.proto", {
     includeDirs: [protosDir],
     keepCase: true,
