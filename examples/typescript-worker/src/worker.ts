@@ -372,6 +372,7 @@ class Connection {
   registered = false;
   /** The server sent something after `registered`: the call is healthy. */
   proven = false;
+  closed = false;
   private lastHeard = Date.now();
   private silenceLimitMs: number;
   private readonly watchdog: NodeJS.Timeout;
@@ -383,7 +384,9 @@ class Connection {
   ) {
     this.silenceLimitMs = registerTimeoutS * 1000;
     this.watchdog = setInterval(() => {
-      if (Date.now() - this.lastHeard > this.silenceLimitMs) this.onSilent();
+      if (Date.now() - this.lastHeard <= this.silenceLimitMs) return;
+      clearInterval(this.watchdog);
+      this.onSilent();
     }, 100);
     this.watchdog.unref();
   }
@@ -398,14 +401,27 @@ class Connection {
     this.silenceLimitMs = Math.max(workerTimeoutS, 3 * pingIntervalS, 1) * 1000;
   }
 
+  /** Writes one message; resolves once the call can take more (at once when it is over: nothing is sent). */
   write(message: WorkerMessage): Promise<void> {
+    if (this.closed) return Promise.resolve();
     return new Promise((resolve) => {
-      if (this.call.write(message)) resolve();
-      else this.call.once("drain", () => resolve());
+      if (this.call.write(message)) {
+        resolve();
+        return;
+      }
+      const done = (): void => {
+        this.call.off("drain", done);
+        this.call.off("status", done);
+        resolve();
+      };
+      this.call.on("drain", done);
+      this.call.on("status", done);
     });
   }
 
+  /** No more writes: the call ended or is being ended. */
   close(): void {
+    this.closed = true;
     clearInterval(this.watchdog);
   }
 }
@@ -443,9 +459,15 @@ export class Worker {
     if (this.settle !== undefined) throw new Error("a worker runs once");
     return new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };
+      const backoff = this.options.backoff ?? DEFAULT_BACKOFF;
       this.client = new grpc.Client(this.options.server, this.credentials, {
-        "grpc.keepalive_time_ms": 10_000,
-        "grpc.keepalive_timeout_ms": 5_000,
+        "grpc.keepalive_time_ms": 30_000,
+        "grpc.keepalive_timeout_ms": 10_000,
+        "grpc.max_receive_message_length": -1,
+        // The channel's own reconnection backoff (1 s to 120 s by default) within the worker's, so a server
+        // that comes back is found by the next attempt.
+        "grpc.initial_reconnect_backoff_ms": Math.max(1, Math.round(backoff.initialDelayS * 1000)),
+        "grpc.max_reconnect_backoff_ms": Math.max(1, Math.round(backoff.maxDelayS * 1000)),
       });
       this.connect();
     });
@@ -474,6 +496,7 @@ export class Worker {
     if (this.connection !== undefined) {
       const call = this.connection.call;
       const ended = new Promise<void>((resolve) => call.once("status", () => resolve()));
+      this.connection.close();
       call.end();
       // The server ends the call once it read the half-close; don't wait for it for ever.
       await Promise.race([ended, new Promise((resolve) => setTimeout(resolve, 1000).unref())]);
@@ -526,6 +549,7 @@ export class Worker {
   }
 
   private receive(connection: Connection, message: ServerMessage): void {
+    if (connection.closed) return;
     connection.heard();
     if (connection.registered && !connection.proven) {
       connection.proven = true;
