@@ -218,6 +218,23 @@ async def test_a_websocket_requester_sees_the_same_lifecycle_as_from_an_in_proce
         ]
 
 
+async def test_a_stream_far_longer_than_its_credit_arrives_whole_and_in_order(
+    nexus: TestServer, worker_command: list[str]
+) -> None:
+    """2,000 chunks sent as fast as the worker may: it waits for credit (the server would fail a stream sent over
+    it), so every chunk arrives, once, in order, and the stream ends success."""
+    async with typescript_worker(worker_command, nexus.address) as worker:
+        done = [
+            e
+            async for e in nexus.client.request(
+                "demo:stream_ticks:v1:requested", {"n": 2000, "every_s": 0}, heartbeats=False
+            )
+        ]
+        assert not worker.logged("refused")
+    assert [e.payload["tick"] for e in done if e.state == "stream"] == list(range(2000))
+    assert (done[-1].state, done[-1].payload["stream_count"]) == ("success", 2000)
+
+
 async def test_an_sse_subscriber_sees_the_same_lifecycle_as_from_an_in_process_handler(
     nexus: TestServer, worker_command: list[str]
 ) -> None:
