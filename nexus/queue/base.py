@@ -92,6 +92,14 @@ class RequestQueue(abc.ABC):
         single-process queue gives its consumers every request, in turn.
         """
 
+    async def update_routes(self, routes: Sequence[RequestRoute]) -> None:
+        """The handlers this node's consumer serves changed (workers came or went).
+
+        A single-process queue gives its consumers every request whatever they serve, so only a shared queue needs
+        to know: it takes the requests of the new routes from now on, and leaves the others to the nodes that serve
+        them (or answers them ``no_handler`` when none does).
+        """
+
     @abc.abstractmethod
     async def publish_terminal(self, event: Event) -> Published:
         """Store the terminal event of a request a consumer took; the request is then done.

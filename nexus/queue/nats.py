@@ -327,6 +327,18 @@ class NatsRequestQueue(RequestQueue):
         self._update_pullers()
         return sub
 
+    async def update_routes(self, routes: Sequence[RequestRoute]) -> None:
+        """Take the requests of ``routes`` from now on (workers came or went): consumers for new handlers, the
+        others told at once, pullers matched to the routes."""
+        self.routes = tuple(routes)
+        self.membership.own.routes = self.routes
+        if self.closing or self.group is None:
+            return
+        for service_action in sorted({route.service_action for route in self.routes}):
+            await self.ensure_consumer(service_action)
+        await self._announce()
+        self._update_pullers()
+
     async def close(self) -> None:
         """Stop taking requests and tell the others this node leaves (they end what it still holds)."""
         if self.closing:
