@@ -180,14 +180,15 @@ async def test_a_grpc_requester_sees_the_same_lifecycle_as_from_an_in_process_ha
     worker exactly as from the in-process twin, each lifecycle event tied to the request."""
     async with typescript_worker(worker_command, nexus.address):
         payload = {"n": 6, "every_s": 0.05}
-        remote = [e async for e in nexus.client.request("demo:stream_ticks:v1:requested", payload)]
-        local = [e async for e in nexus.client.request("demo:stream_pyticks:v1:requested", payload)]
+        remote = nexus.client.request("demo:stream_ticks:v1:requested", payload)
+        remote_events = [e async for e in remote]
+        local = nexus.client.request("demo:stream_pyticks:v1:requested", payload)
+        local_events = [e async for e in local]
 
-    for events in (remote, local):
-        request = events[0]
-        assert lifecycle(events) == ["requested", "started"] + ["stream"] * 6 + ["success"]
+    for stream, events in ((remote, remote_events), (local, local_events)):
+        assert lifecycle(events) == ["started"] + ["stream"] * 6 + ["success"]
         assert [e.payload for e in events if e.state == "stream"] == [{"tick": i, "of": 6} for i in range(6)]
-        assert all(e.metadata["correlation_id"] == request.event_id for e in events[1:])
+        assert all(e.metadata["correlation_id"] == stream.correlation_id for e in events)
         assert events[-1].payload["stream_count"] == 6
         assert any(e.state == "heartbeat" for e in events), "a 0.25 s stream gets heartbeats every 50 ms"
         stored = [e.offset for e in events if e.state != "heartbeat"]
@@ -221,9 +222,9 @@ async def test_a_websocket_requester_sees_the_same_lifecycle_as_from_an_in_proce
 async def test_a_stream_far_longer_than_its_credit_arrives_whole_and_in_order(
     nexus: TestServer, worker_command: list[str]
 ) -> None:
-    """2,000 chunks sent as fast as the worker may: it waits for credit (the server would fail a stream sent over
-    it), so every chunk arrives, once, in order, and the stream ends success."""
-    async with typescript_worker(worker_command, nexus.address) as worker:
+    """2,000 chunks sent as fast as the worker may through a one-chunk buffer: it waits for credit before each
+    (the server would fail a stream sent over it), so every chunk arrives, once, in order, and it ends success."""
+    async with typescript_worker(worker_command, nexus.address, "--buffer-size", "1") as worker:
         done = [
             e
             async for e in nexus.client.request(
@@ -297,7 +298,8 @@ async def test_a_stream_over_its_timeout_ends_timeout_and_the_worker_is_told(
         assert 0 < len(ticks.chunks) < 1000
         await worker.wait_log("cancel", correlation_id=request.metadata["correlation_id"])
         # The slot was freed: the next request runs at once.
-        done = await nexus.client.call("demo:stream_ticks:v1:requested", {"n": 2, "every_s": 0})
+        async with asyncio.timeout(GUARD):
+            done = await nexus.client.call("demo:stream_ticks:v1:requested", {"n": 2, "every_s": 0})
         assert done.state == "success"
 
 
@@ -316,7 +318,8 @@ async def test_a_cancel_ends_cancelled_and_the_worker_sees_it_and_frees_the_slot
         correlation_id = request.metadata["correlation_id"]
         [cancel] = await worker.wait_log("cancel", correlation_id=correlation_id)
         assert cancel["reason"] == "enough"
-        done = await nexus.client.call("demo:stream_ticks:v1:requested", {"n": 2, "every_s": 0})
+        async with asyncio.timeout(GUARD):
+            done = await nexus.client.call("demo:stream_ticks:v1:requested", {"n": 2, "every_s": 0})
         assert done.state == "success"
     events = await recorder.wait_for(lambda events: len(terminals(events, done.metadata["correlation_id"])) == 1)
     await recorder.stop()

@@ -1,10 +1,11 @@
 // The example worker: serves demo:stream_ticks (a stream) and demo:shout (a plain handler) for a Nexus server.
 //
 //   node examples/typescript-worker/build/main.js [--server HOST:PORT] [--token JWT] [--max-in-flight N]
-//       [--stream-timeout S] [--name NAME] [--tls] [--ca-file FILE] [--stop-grace S] [--protos DIR]
+//       [--stream-timeout S] [--buffer-size N] [--name NAME] [--tls] [--ca-file FILE] [--stop-grace S]
+//       [--protos DIR]
 //
 // Options also read environment variables (NEXUS_SERVER, NEXUS_TOKEN, NEXUS_WORKER_MAX_IN_FLIGHT,
-// NEXUS_WORKER_STREAM_TIMEOUT, NEXUS_WORKER_NAME, NEXUS_PROTOS); a flag wins. Logs are JSON lines on stderr. SIGTERM or SIGINT
+// NEXUS_WORKER_STREAM_TIMEOUT, NEXUS_WORKER_BUFFER_SIZE, NEXUS_WORKER_NAME, NEXUS_PROTOS); a flag wins. Logs are JSON lines on stderr. SIGTERM or SIGINT
 // stops it gracefully (a second one exits at once). Exit codes: 0 stopped, 1 the server refused the handlers,
 // 2 a bad option.
 
@@ -24,7 +25,7 @@ import {
 } from "./worker.js";
 
 const USAGE = `usage: main.js [--server HOST:PORT] [--token JWT] [--max-in-flight N] [--stream-timeout SECONDS]
-               [--name NAME] [--tls] [--ca-file FILE] [--stop-grace SECONDS] [--protos DIR]`;
+               [--buffer-size N] [--name NAME] [--tls] [--ca-file FILE] [--stop-grace SECONDS] [--protos DIR]`;
 
 /** The most chunks one demo:stream_ticks request may ask for. */
 const MAX_TICKS = 100_000;
@@ -46,13 +47,14 @@ function seconds(payload: JsonObject, field: string, fallback: number): number {
 }
 
 /** `{"n": 5, "every_s": 0.1}`: sends n chunks `{"tick": i, "of": n}`, every_s seconds apart. */
-function streamTicks(maxInFlight: number, streamTimeoutS: number): StreamingHandler {
+function streamTicks(maxInFlight: number, streamTimeoutS: number, bufferSize: number): StreamingHandler {
   return {
     eventType: "demo:stream_ticks",
     name: "StreamTicks",
     streaming: true,
     maxInFlight,
     streamTimeoutS,
+    bufferSize,
     async handleStream(ctx: RequestContext, stream: StreamSender): Promise<void> {
       const n = wholeNumber(ctx.event.payload, "n", 5, MAX_TICKS);
       const everyS = seconds(ctx.event.payload, "every_s", 0.1);
@@ -90,6 +92,7 @@ interface Options {
   token: string | undefined;
   maxInFlight: number;
   streamTimeoutS: number;
+  bufferSize: number;
   name: string | undefined;
   tls: boolean;
   caFile: string | undefined;
@@ -116,6 +119,7 @@ function parseOptions(argv: string[], env: NodeJS.ProcessEnv): Options {
         token: { type: "string" },
         "max-in-flight": { type: "string" },
         "stream-timeout": { type: "string" },
+        "buffer-size": { type: "string" },
         name: { type: "string" },
         tls: { type: "boolean" },
         "ca-file": { type: "string" },
@@ -154,6 +158,13 @@ function parseOptions(argv: string[], env: NodeJS.ProcessEnv): Options {
       Number.isFinite,
       "a number of seconds (0: the server's default, negative: no limit)",
     ),
+    bufferSize: numberOption(
+      "--buffer-size",
+      values["buffer-size"] ?? env["NEXUS_WORKER_BUFFER_SIZE"],
+      0,
+      (n) => Number.isInteger(n) && n >= 0 && n <= 1_000_000,
+      "a whole number of chunks from 0 (the server's default) to 1000000",
+    ),
     name: values.name ?? (env["NEXUS_WORKER_NAME"] || undefined),
     tls: values.tls === true,
     caFile: values["ca-file"],
@@ -175,7 +186,7 @@ async function main(): Promise<number> {
   try {
     worker = new Worker({
       server: options.server,
-      handlers: [streamTicks(options.maxInFlight, options.streamTimeoutS), shout(options.maxInFlight)],
+      handlers: [streamTicks(options.maxInFlight, options.streamTimeoutS, options.bufferSize), shout(options.maxInFlight)],
       stopGraceS: options.stopGraceS,
       tls: options.tls,
       ...(options.token !== undefined && { token: options.token }),
