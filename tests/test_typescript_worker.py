@@ -21,6 +21,8 @@ from test_gateway import is_terminal, peer, states
 from test_sse import Message, sse
 
 from nexus import Event, Stream, StreamingEventHandler
+from nexus.auth import mint_token
+from nexus.client import NexusClient
 from nexus.testing import StreamFollower, TestServer, run_server
 
 EXAMPLE = REPO / "examples" / "typescript-worker"
@@ -123,9 +125,10 @@ class WorkerProcess:
 
 @contextlib.asynccontextmanager
 async def typescript_worker(
-    command: list[str], address: str, *args: str, registered: bool = True
+    command: list[str], address: str, *args: str, registered: bool = True, env: dict[str, str] | None = None
 ) -> AsyncIterator[WorkerProcess]:
-    """The example worker serving the server at ``address``; once ``registered`` (unless told not to wait)."""
+    """The example worker serving the server at ``address`` (``env`` added to its environment); once
+    ``registered`` (unless told not to wait)."""
     process = await asyncio.create_subprocess_exec(
         *command,
         "--server",
@@ -135,6 +138,7 @@ async def typescript_worker(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     worker = WorkerProcess(process)
     try:
@@ -419,6 +423,31 @@ async def test_a_refused_registration_exits_1_with_the_servers_reason(worker_com
         [refused] = worker.logged("registration_refused")
         assert refused["code"] == "ALREADY_EXISTS"
         assert not worker.logged("reconnecting")
+
+
+async def test_with_authentication_the_workers_token_must_allow_serving_each_type(worker_command: list[str]) -> None:
+    """On a server with authentication, a worker without a token, or with one whose serve claim leaves out
+    demo:shout, is refused and exits 1; with serve ["demo:>"] (from $NEXUS_TOKEN) it serves a client's request."""
+    secret = "typescript-worker-test-secret-of-32-bytes"
+    async with run_server(jwt_secret=secret, **WORKER_SETTINGS) as server:
+        ticks_only = mint_token(secret, "ticks-only", serve=["demo:stream_ticks:>"])
+        for token, code in (("", "UNAUTHENTICATED"), (ticks_only, "PERMISSION_DENIED")):
+            async with typescript_worker(
+                worker_command, server.address, registered=False, env={"NEXUS_TOKEN": token}
+            ) as worker:
+                assert await worker.exit_code() == 1
+                [refused] = worker.logged("registration_refused")
+                assert refused["code"] == code
+        assert "demo:shout" in refused["details"]
+        serving = mint_token(secret, "worker", serve=["demo:>"])
+        requester = mint_token(secret, "alice", publish=["demo:>"], subscribe=["demo:>"])
+        async with (
+            typescript_worker(worker_command, server.address, env={"NEXUS_TOKEN": serving}),
+            NexusClient(server.address, token=requester) as alice,
+        ):
+            async with asyncio.timeout(GUARD):
+                done = await alice.call("demo:shout:v1:requested", {"text": "ok"})
+            assert (done.state, done.payload) == ("success", {"text": "OK", "length": 2})
 
 
 def test_bad_options_exit_2_with_a_message(worker_command: list[str]) -> None:
