@@ -15,6 +15,7 @@ import { parseArgs } from "node:util";
 import {
   Cancelled,
   HandlerError,
+  jsonLogger,
   RegistrationRefused,
   Worker,
   type JsonObject,
@@ -203,7 +204,7 @@ async function main(): Promise<number> {
   const onSignal = (signal: NodeJS.Signals): void => {
     signals += 1;
     if (signals > 1) process.exit(130);
-    process.stderr.write(JSON.stringify({ level: "info", event: "signal", signal }) + "\n");
+    jsonLogger("info", "signal", { signal });
     void worker.stop();
   };
   process.on("SIGTERM", onSignal);
