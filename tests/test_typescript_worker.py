@@ -336,6 +336,20 @@ async def test_a_cancel_ends_cancelled_and_the_worker_sees_it_and_frees_the_slot
     assert chunks_after == []
 
 
+async def test_a_cancel_frame_over_the_gateway_reaches_the_worker(nexus: TestServer, worker_command: list[str]) -> None:
+    """A WebSocket requester's cancel frame ends the worker's stream `cancelled` with its reason, and the worker
+    gets the cancel."""
+    async with typescript_worker(worker_command, nexus.address) as worker, peer(nexus.ws_url) as client:
+        await client.send(type="demo:stream_ticks:v1:requested", payload={"n": 1000, "every_s": 0.05}, event_id="ws-1")
+        await client.until(lambda f: f["type"].endswith(":stream"))
+        await client.send(type="cancel", correlation_id="ws-1", reason="from the page")
+        frames = await client.until(is_terminal)
+        assert frames[-1]["type"] == "demo:stream_ticks:v1:cancelled"
+        assert frames[-1]["payload"]["reason"] == "from the page"
+        [cancel] = await worker.wait_log("cancel", correlation_id="ws-1")
+        assert cancel["reason"] == "from the page"
+
+
 async def test_a_worker_killed_mid_stream_fails_its_requests_worker_lost_once(
     nexus: TestServer, worker_command: list[str]
 ) -> None:
