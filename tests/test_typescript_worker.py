@@ -384,19 +384,34 @@ async def test_a_worker_killed_mid_stream_fails_its_requests_worker_lost_once(
 # --- the worker process ----------------------------------------------------------------------------------------
 
 
-async def test_sigterm_lets_running_requests_finish_then_the_worker_exits_0(
+async def test_sigterm_drains_the_worker_lets_its_stream_finish_and_exits_0(
     nexus: TestServer, worker_command: list[str]
 ) -> None:
-    """A SIGTERM mid-stream: the stream still ends `success` with every chunk, then the worker exits 0."""
-    async with typescript_worker(worker_command, nexus.address) as worker:
-        ticks = StreamFollower(nexus.client.request("demo:stream_ticks:v1:requested", {"n": 8, "every_s": 0.05}))
+    """A SIGTERM mid-stream: the worker takes no new request (another worker serves the next one), its stream
+    still ends `success` with every chunk, then it exits 0."""
+    async with (
+        typescript_worker(worker_command, nexus.address, "--max-in-flight", "4", "--name", "stopping") as stopping,
+        typescript_worker(worker_command, nexus.address, "--name", "staying") as staying,
+    ):
+        ticks = StreamFollower(nexus.client.request("demo:stream_ticks:v1:requested", {"n": 40, "every_s": 0.05}))
+        request = await ticks.started()
         await ticks.wait_for(lambda chunks: len(chunks) >= 2)
-        worker.process.send_signal(signal.SIGTERM)
+        # Requests go to the worker with the most free slots: the stream runs on the one about to stop.
+        assert stopping.logged("request_started", correlation_id=request.metadata["correlation_id"])
+        stopping.process.send_signal(signal.SIGTERM)
+        await stopping.wait_log("worker_stopping")
+        async with asyncio.timeout(GUARD):
+            later = await nexus.client.call("demo:stream_ticks:v1:requested", {"n": 2, "every_s": 0})
+        assert later.state == "success"
+        assert not ticks.done, "the next request was served at once, not after the stopping worker let go"
+        correlation_id = later.metadata["correlation_id"]
+        assert staying.logged("ticks_sent", correlation_id=correlation_id)
+        assert not stopping.logged("ticks_sent", correlation_id=correlation_id)
         terminal = await ticks.ended()
         assert terminal.state == "success"
-        assert ticks.chunks == [{"tick": i, "of": 8} for i in range(8)]
-        assert await worker.exit_code() == 0
-        assert worker.logged("worker_stopped")
+        assert ticks.chunks == [{"tick": i, "of": 40} for i in range(40)]
+        assert await stopping.exit_code() == 0
+        assert stopping.logged("worker_stopped")
 
 
 def _free_port() -> int:

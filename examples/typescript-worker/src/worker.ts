@@ -12,6 +12,7 @@
 //   request ─▶ started ─▶ chunk* ─▶ result           (the handler returned)
 //                                └▶ error            (it threw: HandlerError's type, else "handler_error")
 //   cancel  ─▶ (the handler's signal aborts) ─▶ cancelled, once the handler has settled
+//   stop()  ─▶ drain, the running requests finish (a grace period at most), then the call is closed
 //
 // A stream's chunks never exceed its credit: StreamSender.send waits for `credit` messages. A request whose
 // call is lost (or that the server refused) gets nothing more on any call: the server ends it `worker_lost`.
@@ -228,7 +229,8 @@ type WorkerMessage =
   | { result: { correlation_id: string; payload_json: Buffer } }
   | { error: { correlation_id: string; type: string; message: string } }
   | { cancelled: { correlation_id: string } }
-  | { pong: { nonce: string } };
+  | { pong: { nonce: string } }
+  | { drain: Record<string, never> };
 
 type Call = grpc.ClientDuplexStream<WorkerMessage, ServerMessage>;
 
@@ -483,6 +485,8 @@ export class Worker {
     this.stopping = true;
     clearTimeout(this.retryTimer);
     const connection = this.connection;
+    // No more requests for this worker; the ones given meanwhile are left unstarted and go to another worker.
+    if (connection?.registered) void connection.write({ drain: {} });
     if (connection !== undefined && connection.running.size > 0) {
       this.log("info", "worker_stopping", { running: connection.running.size, grace_s: graceS });
       await new Promise<void>((resolve) => {
@@ -624,6 +628,7 @@ export class Worker {
     const handler = handlerFor(this.options.handlers, event.event_type);
     const running = new Running(id, request.credit, (message) => connection.write(message));
     connection.running.set(id, running);
+    this.log("info", "request_started", { correlation_id: id, event_type: event.event_type });
     void this.runHandler(connection, running, handler, event, request.timeout_s);
   }
 
