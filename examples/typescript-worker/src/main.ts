@@ -222,9 +222,8 @@ async function main(): Promise<number> {
 }
 
 main().then(
-  (code) => {
-    process.exitCode = code;
-  },
+  // Exit now: a handler that ignored its abort signal must not keep a stopped worker alive.
+  (code) => process.exit(code),
   (error: unknown) => {
     process.stderr.write(`typescript-worker: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
     process.exitCode = 1;

@@ -475,7 +475,8 @@ export class Worker {
     });
   }
 
-  /** Stops taking requests, lets the running ones finish for up to `graceS` seconds, then ends the call. */
+  /** Sends `drain` (no more requests), lets the running ones finish for up to `graceS` seconds, then ends the
+   * call (requests still running then end `worker_lost` on the server). */
   stop(graceS: number = this.options.stopGraceS ?? 10): Promise<void> {
     this.stopped ??= this.shutDown(graceS);
     return this.stopped;
