@@ -629,6 +629,14 @@ class Provider:
                 self._remove(registration)
                 self._routes_changed()
 
+    def capacity(self, service_action: str) -> int | None:
+        """How many requests of ``service_action`` this node can run at once: the slots of its workers (and of the
+        in-process member of a pool); None for an in-process handler (no bound)."""
+        registration = self._routes.get(service_action)
+        if registration is None or registration.pool is None:
+            return None
+        return sum(member.capacity(service_action) for member in registration.pool.members)
+
     def _routes_changed(self) -> None:
         """Tell the request queue which handlers this node serves now (in the background, latest wins)."""
         if self._task_group is not None:
@@ -667,6 +675,7 @@ class Provider:
                 await registration.handler.setup(context)
                 set_up.append(registration)
             routes = self.request_routes()
+            self.queue.capacity = self.capacity
             self._requests = await self.queue.consume(routes, max_pending=REQUEST_QUEUE)
             self.queue.on_control(self._on_control)
             async with anyio.create_task_group() as task_group:

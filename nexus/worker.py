@@ -24,9 +24,10 @@ What it does, in order:
   off (:class:`~nexus.backoff.Backoff`), and registers again. A refusal that retrying cannot mend (a bad
   declaration, a token that may not serve a type) ends :meth:`Worker.run` with its
   :class:`~nexus.errors.NexusError`.
-- :meth:`Worker.stop`: requests still arriving are left unstarted (the server gives them to another worker once
-  this one is gone), running ones may finish within ``shutdown_grace_s``, the rest are cancelled; then the
-  connection closes and every handler's ``teardown`` runs.
+- :meth:`Worker.stop`: the worker sends ``drain`` (the server gives it no more requests); requests already on
+  their way are left unstarted (the server gives them to another worker once this one is gone), running ones may
+  finish within ``shutdown_grace_s``, the rest are cancelled; then the connection closes and every handler's
+  ``teardown`` runs.
 
 The context a handler gets out of process (:class:`_WorkerContext`): ``config`` (its sections of the config
 file, as ``nexus serve`` reads them), ``log``, ``publish`` (``EmitEvent``, with ``causation_id`` and the trace
@@ -601,6 +602,8 @@ class Worker:
             if reader.done():
                 reader.result()
                 return
+            # No more requests for this worker; those already on their way are left unstarted (handed back).
+            outbox.put(nexus_pb2.HandleEventsRequest(drain=nexus_pb2.WorkerDrain()))
             await self._drain()
         finally:
             for run in list(self._runs.values()):

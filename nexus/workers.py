@@ -35,6 +35,8 @@ MAX_HANDLERS_PER_WORKER: Final = 256
 MAX_IN_FLIGHT: Final = 10_000
 """The most requests one worker may take at once for one handler."""
 MAX_NAME_LENGTH: Final = 200
+MAX_OUTBOX: Final = 10_000
+"""Frames waiting to be written to one worker: past it the worker does not read its stream and is dropped."""
 
 _ids = itertools.count(1)
 
@@ -100,7 +102,12 @@ class Pong:
     nonce: int
 
 
-FromWorker = Started | Chunks | Result | Failure | CancelAck | Pong
+@dataclasses.dataclass(frozen=True, slots=True)
+class Drain:
+    """The worker is stopping: no more requests for it."""
+
+
+FromWorker = Started | Chunks | Result | Failure | CancelAck | Pong | Drain
 
 FAILURE_TYPES: Final = {
     "": StreamErrorType.HANDLER_ERROR,
@@ -194,6 +201,10 @@ class Member:
     def free(self, service_action: str) -> int:
         raise NotImplementedError
 
+    def capacity(self, service_action: str) -> int:
+        """Requests of ``service_action`` it runs at once."""
+        raise NotImplementedError
+
     def take(self, service_action: str) -> None:
         raise NotImplementedError
 
@@ -211,6 +222,9 @@ class LocalMember(Member):
 
     def free(self, service_action: str) -> int:
         return self.slots - self.in_flight
+
+    def capacity(self, service_action: str) -> int:
+        return self.slots
 
     def take(self, service_action: str) -> None:
         self.in_flight += 1
@@ -275,6 +289,8 @@ class Worker(Member):
         self.assignments: dict[str, Assignment] = {}
         self.last_heard = time.monotonic()
         self.lost: str | None = None
+        self.draining = False
+        """It asked for no more requests (it is stopping)."""
         self.closed = asyncio.Event()
         """Set when the worker is lost: its transport ends the connection."""
         self._outbox: deque[ToWorker] = deque()
@@ -289,9 +305,12 @@ class Worker(Member):
     # --- slots (Member) ----------------------------------------------------------------------------------
 
     def free(self, service_action: str) -> int:
-        if self.lost is not None:
+        if self.lost is not None or self.draining:
             return 0
         return self.slots.get(service_action, 0) - self.in_flight.get(service_action, 0)
+
+    def capacity(self, service_action: str) -> int:
+        return 0 if self.lost is not None else self.slots.get(service_action, 0)
 
     def take(self, service_action: str) -> None:
         self.in_flight[service_action] += 1
@@ -317,6 +336,9 @@ class Worker(Member):
 
     def send(self, message: ToWorker) -> None:
         if self.lost is not None:
+            return
+        if len(self._outbox) >= MAX_OUTBOX:
+            self.lose(f"it does not read its stream ({MAX_OUTBOX} frames waiting)")
             return
         self._outbox.append(message)
         self._ready.set()
@@ -368,6 +390,9 @@ class Worker(Member):
         self.last_heard = time.monotonic()
         if isinstance(message, Pong):
             return None
+        if isinstance(message, Drain):
+            self.draining = True
+            return None
         correlation_id = message.correlation_id
         assignment = self.assignments.get(correlation_id)
         if assignment is None:
@@ -390,12 +415,10 @@ class Worker(Member):
         assignment.started = True
         if isinstance(message, Chunks):
             if len(message.payloads) > assignment.credit:
-                refusal = Refusal(
-                    correlation_id,
-                    "over_credit",
-                    f"{len(message.payloads)} chunks sent with credit for {assignment.credit}",
-                )
-                assignment.put(Failure(correlation_id, StreamErrorType.HANDLER_ERROR, f"the worker {refusal.message}"))
+                sent = f"{len(message.payloads)} chunks sent with credit for {assignment.credit}"
+                refusal = Refusal(correlation_id, "over_credit", sent)
+                failure = f"the worker sent more chunks than its credit allows ({sent})"
+                assignment.put(Failure(correlation_id, StreamErrorType.HANDLER_ERROR, failure))
                 self._end(assignment)
                 return refusal
             assignment.credit -= len(message.payloads)

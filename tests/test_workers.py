@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from nats_support import until
 from worker_support import RawWorker, handler, payload
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
@@ -402,3 +403,80 @@ async def test_an_in_process_handler_and_workers_share_requests_when_configured_
         results = sorted([(await first).payload["by"], (await second).payload["by"]])
     assert [(h["location"], h["workers"]) for h in handlers] == [("pool", 1)]
     assert results == ["in-process", "remote"]
+
+
+async def test_with_authentication_a_worker_serves_only_what_its_token_allows() -> None:
+    from nexus.auth import mint_token
+
+    secret = "s" * 32
+    async with run_server(**FAST, jwt_secret=secret) as nexus:
+        anonymous = RawWorker(nexus.address, handler("demo:echo", streaming=False))
+        assert await anonymous.connect() is None
+        await anonymous.close()
+        publisher = mint_token(secret, "svc", publish=["demo:>"], subscribe=["demo:>"])
+        not_a_worker = RawWorker(nexus.address, handler("demo:echo", streaming=False), token=publisher)
+        assert await not_a_worker.connect() is None
+        await not_a_worker.close()
+        other_service = mint_token(secret, "svc", serve=["billing:>"])
+        elsewhere = RawWorker(nexus.address, handler("demo:echo", streaming=False), token=other_service)
+        assert await elsewhere.connect() is None
+        await elsewhere.close()
+        serving = mint_token(secret, "svc", serve=["demo:echo:*:requested"])
+        async with RawWorker(nexus.address, handler("demo:echo", streaming=False), token=serving) as worker:
+            assert worker.registered is not None
+    assert anonymous.status == grpc.StatusCode.UNAUTHENTICATED
+    assert not_a_worker.status == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not serve 'demo:echo'" in not_a_worker.details
+    assert elsewhere.status == grpc.StatusCode.PERMISSION_DENIED
+
+
+# --- several nodes on NATS ---------------------------------------------------------------------------------------
+
+
+async def test_on_nats_workers_on_different_nodes_share_a_handler_by_free_slots() -> None:
+    from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+
+    url = shared_nats_url()
+    stream, prefix = unique_names("workers")
+    settings = nats_settings(url, stream, prefix, heartbeat_interval=0.1, worker_ping_interval_s=0.1)
+    try:
+        async with run_server(settings=settings) as a, run_server(settings=settings) as b:
+            one = handler("demo:stream_ticks", streaming=True, max_in_flight=1)
+            three = handler("demo:stream_ticks", streaming=True, max_in_flight=3)
+            async with RawWorker(a.address, one, name="on-a") as on_a, RawWorker(b.address, three, name="on-b") as on_b:
+                # Each node takes only what its workers can start: four held requests all start at once, one on
+                # node a (one slot) and three on node b (three slots), wherever they were sent.
+                followers = [
+                    StreamFollower(a.client.request("demo:stream_ticks:v1:requested", {"i": i}, heartbeats=False))
+                    for i in range(4)
+                ]
+                given_a = [await on_a.request(timeout=15.0)]
+                given_b = [await on_b.request(timeout=15.0) for _ in range(3)]
+                for worker, given in ((on_a, given_a), (on_b, given_b)):
+                    for request in given:
+                        worker.result(request.event.event_id)
+                ended = [await f.ended(timeout=15.0) for f in followers]
+    finally:
+        await delete_stream(url, stream)
+    assert sorted(payload(r)["i"] for r in (*given_a, *given_b)) == [0, 1, 2, 3]
+    assert [e.state for e in ended] == ["success"] * 4
+
+
+async def test_a_draining_worker_gets_no_more_requests_and_finishes_what_it_has() -> None:
+    from nexus.v1 import nexus_pb2
+
+    async with run_server(**FAST) as nexus, RawWorker(
+        nexus.address, handler("demo:echo", streaming=False, max_in_flight=2), name="leaving"
+    ) as leaving:
+        first = asyncio.create_task(nexus.client.call("demo:echo:v1:requested", {"n": 1}))
+        held = await leaving.request()
+        leaving.send(drain=nexus_pb2.WorkerDrain())
+        await until("the server read the drain", lambda: all(w.draining for w in nexus.server.provider.workers))
+        second = asyncio.create_task(nexus.client.call("demo:echo:v1:requested", {"n": 2}))
+        async with RawWorker(nexus.address, handler("demo:echo", streaming=False), name="staying") as staying:
+            given = await staying.request()
+            staying.result(given.event.event_id, {"by": "staying"})
+            leaving.result(held.event.event_id, {"by": "leaving"})
+            results = [(await first).payload, (await second).payload]
+            assert leaving.received.empty()
+    assert results == [{"by": "leaving"}, {"by": "staying"}]

@@ -30,6 +30,7 @@ from nexus.workers import (
     Chunks,
     Credit,
     Declaration,
+    Drain,
     Failure,
     FromWorker,
     Ping,
@@ -111,6 +112,8 @@ def message_from_worker(request: nexus_pb2.HandleEventsRequest, limits: EventLim
         return CancelAck(request.cancelled.correlation_id)
     if kind == "pong":
         return Pong(request.pong.nonce)
+    if kind == "drain":
+        return Drain()
     if kind == "register":
         return Refusal("", "protocol", "register is the first message only")
     return Refusal("", "protocol", "an empty message (no body set)")

@@ -69,10 +69,16 @@ class AbandonRequest:
 
 ControlMessage = CancelRequest | AbandonRequest
 ControlCallback = Callable[[ControlMessage], None]
+Capacity = Callable[[str], "int | None"]
+"""How many requests of a handler (``service:action``) this node can run at once; None: no bound."""
 
 
 class RequestQueue(abc.ABC):
     """Gives each ``requested`` event of a bus to exactly one consumer, and carries messages about requests."""
+
+    capacity: Capacity = staticmethod(lambda service_action: None)
+    """Set by the provider: a queue shared by several nodes holds no more requests of a handler at once than this
+    node can run (a handler served by workers: their slots), so the other nodes take the rest."""
 
     async def start(self) -> None:
         """Join (after the bus has started): a queue shared by several nodes announces this one."""

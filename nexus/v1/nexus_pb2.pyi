@@ -625,6 +625,7 @@ class HandleEventsRequest(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___WorkerRegister:
         """The first message: what this worker serves."""
@@ -653,6 +654,10 @@ class HandleEventsRequest(_message.Message):
     def pong(self) -> Global___WorkerPong:
         """The answer to a `ping`."""
 
+    @_builtins.property
+    def drain(self) -> Global___WorkerDrain:
+        """The worker is stopping: give it no more requests (it finishes the ones it has, then closes the call)."""
+
     def __init__(
         self,
         *,
@@ -663,12 +668,13 @@ class HandleEventsRequest(_message.Message):
         error: Global___WorkerError | None = ...,
         cancelled: Global___WorkerCancelled | None = ...,
         pong: Global___WorkerPong | None = ...,
+        drain: Global___WorkerDrain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancelled", b"cancelled", "chunk", b"chunk", "error", b"error", "pong", b"pong", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancelled", b"cancelled", "chunk", b"chunk", "drain", b"drain", "error", b"error", "pong", b"pong", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancelled", b"cancelled", "chunk", b"chunk", "error", b"error", "pong", b"pong", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancelled", b"cancelled", "chunk", b"chunk", "drain", b"drain", "error", b"error", "pong", b"pong", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "started", "chunk", "result", "error", "cancelled", "pong"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "started", "chunk", "result", "error", "cancelled", "pong", "drain"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -923,6 +929,23 @@ class WorkerCancelled(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerCancelled: _TypeAlias = WorkerCancelled  # noqa: Y015
+
+@_typing.final
+class WorkerDrain(_message.Message):
+    """WorkerDrain asks for no more requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerDrain: _TypeAlias = WorkerDrain  # noqa: Y015
 
 @_typing.final
 class WorkerPong(_message.Message):
