@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     handlers.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
     handlers.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
     handlers.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
+    handlers.add_argument(
+        "--exclude", action="append", dest="exclude_handlers", metavar="NAME", help="skip an entry point"
+    )
 
     client_command("streams", "list the streams a server drives now")
 
@@ -672,7 +675,8 @@ async def _handlers(args: argparse.Namespace) -> int:
     from nexus.plugins import discover, register_all
     from nexus.provider import Provider, registrations_table
 
-    settings = load_settings(args.config, os.environ, _overrides(args, ("handlers", "load_entry_points")))
+    fields = ("handlers", "load_entry_points", "exclude_handlers")
+    settings = load_settings(args.config, os.environ, _overrides(args, fields))
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     provider = Provider(MemoryBus(), settings.provider_settings())

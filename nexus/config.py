@@ -697,6 +697,8 @@ def env_var(field: str) -> str:
 
 
 _FLAGS: Final = {
+    "handlers": "--handler",
+    "exclude_handlers": "--exclude",
     "ws_allowed_origins": "--ws-allowed-origin",
     "tls_cert_file": "--tls-cert",
     "tls_key_file": "--tls-key",

@@ -130,7 +130,12 @@ def _entry_point_handlers(exclude: Sequence[str]) -> list[HandlerSpec]:
             continue
         dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
         label = f"entry point {entry_point.name!r} = {entry_point.value!r} (from {dist})"
-        handler = _load(entry_point.value, label)
+        try:
+            handler = _load(entry_point.value, label)
+        except HandlerConfigError as exc:
+            raise HandlerConfigError(
+                f"{exc}; fix or uninstall {dist}, or skip this entry point with --exclude {entry_point.name}"
+            ) from exc.__cause__
         specs.append(HandlerSpec(entry_point.name, handler, f"entry point {dist}"))
     return specs
 
