@@ -1,9 +1,9 @@
 """The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams, gateway, token, docs, bench.
 
 Output contract of the client commands: stdout carries only the command's data, one JSON object per line;
-every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``) goes to
-stderr. Exit codes: 0 done, 1 the server refused (``nexus: <code>: <message>`` on stderr) or a request did not
-succeed, 2 a usage or start-up error (``nexus: error: <message>``, one line), 130 interrupted.
+every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``,
+``nexus: duplicate: ...``, ``nexus: no live streams``) goes to stderr. Exit codes: :data:`EXIT_CODES`, shown by
+``nexus --help``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -29,6 +30,27 @@ if TYPE_CHECKING:
     from nexus.config import Settings
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "done (a request ended in success; cancel found and cancelled the stream)"),
+    (
+        1,
+        "the server refused (nexus: <code>: <message> on stderr); a request ended in failed, timeout or "
+        "cancelled; cancel found no such stream; docs --check found the file out of date",
+    ),
+    (2, "a usage or start-up error, in one line: nexus: error: <message>"),
+    (130, "interrupted (Ctrl-C)"),
+)
+"""Every exit code of every ``nexus`` command, with what it means."""
+
+
+def exit_codes_text(width: int = 100) -> str:
+    """The exit codes as ``nexus --help`` ends with them (and the README shows them)."""
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES:
+        lines += textwrap.wrap(meaning, width, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+    return "\n".join(lines)
+
+
 DEFAULT_BACKOFF = BackoffPolicy()
 
 
@@ -181,7 +203,12 @@ def _add_client_tls_options(parser: argparse.ArgumentParser, prefix: str = "", w
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``nexus`` command."""
-    parser = argparse.ArgumentParser(prog="nexus", description="Nexus: a real-time event bus.")
+    parser = argparse.ArgumentParser(
+        prog="nexus",
+        description="Nexus: a real-time event bus.",
+        epilog=exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"nexus {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -596,9 +623,21 @@ async def _emit(args: argparse.Namespace) -> int:
     payload = _parse_payload(args.payload)
     metadata = _parse_metadata(args.metadata)
     async with NexusClient(args.server, **_tls(args)) as client:
-        event = await client.emit(args.event_type, payload, event_id=args.event_id, metadata=metadata)
-    _json_line(event.to_dict(), sys.stdout)
+        stored = await client.store(args.event_type, payload, event_id=args.event_id, metadata=metadata)
+    if stored.duplicate:
+        _say_duplicate(stored.event)
+    _json_line(stored.event.to_dict(), sys.stdout)
     return 0
+
+
+def _say_duplicate(event: Event) -> None:
+    """Tell stderr that the server already held ``event``'s id: what stdout shows is the stored original."""
+    print(
+        f"nexus: duplicate: event_id {event.event_id} was already stored (offset {event.offset}); "
+        "nothing new was stored, the original is shown",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 async def _subscribe(args: argparse.Namespace) -> int:
@@ -647,6 +686,8 @@ async def _request(args: argparse.Namespace) -> int:
         )
         async for event in stream:
             if stream.request is not None and last is None:
+                if stream.duplicate:
+                    _say_duplicate(stream.request)
                 _json_line(stream.request.to_dict(), sys.stdout)
             last = event
             _json_line(event.to_dict(), sys.stdout)
@@ -692,8 +733,11 @@ async def _streams(args: argparse.Namespace) -> int:
     from nexus.client import NexusClient
 
     async with NexusClient(args.server, **_tls(args)) as client:
-        for item in await client.streams():
-            _json_line(item, sys.stdout)
+        streams = await client.streams()
+    for item in streams:
+        _json_line(item, sys.stdout)
+    if not streams:
+        print("nexus: no live streams", file=sys.stderr, flush=True)
     return 0
 
 

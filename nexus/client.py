@@ -26,9 +26,10 @@ import grpc
 import structlog
 
 from nexus.backoff import Backoff, BackoffPolicy
+from nexus.bus.base import Published
 from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, encode_json, validate_metadata, validate_payload
-from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
+from nexus.grpc.convert import CODE_FOR_STATUS, DUPLICATE, event_from_response, event_to_request, payload_to_struct
 from nexus.tls import channel_credentials
 from nexus.tracing import inject
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -238,7 +239,7 @@ class RequestStream:
                 event = event_from_response(message.event)
                 if self.request is None:
                     self.request = event
-                    self.duplicate = message.event.message == "duplicate"
+                    self.duplicate = message.event.message == DUPLICATE
                     continue
                 if event.state == "heartbeat" and not self.heartbeats:
                     continue
@@ -353,7 +354,24 @@ class NexusClient:
     ) -> Event:
         """Publish one event; returns it as stored (``offset``, ``epoch``).
 
-        A repeated ``event_id`` inside the dedupe window returns the stored original.
+        A repeated ``event_id`` inside the dedupe window returns the stored original (:meth:`store` says which).
+        """
+        stored = await self.store(event_type, payload, event_id=event_id, metadata=metadata, timeout=timeout)
+        return stored.event
+
+    async def store(
+        self,
+        event_type: str,
+        payload: JSONObject | None = None,
+        *,
+        event_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = 30.0,
+    ) -> Published:
+        """Publish one event as :meth:`emit` does; returns it as stored and whether the server already held it.
+
+        ``duplicate`` is True when the ``event_id`` was stored before inside the dedupe window: the event is then
+        the stored original, and nothing new was stored.
         """
         checked = validate_payload(payload)
         request = nexus_pb2.EventRequest(
@@ -367,7 +385,7 @@ class NexusClient:
             response = await self.stub.EmitEvent(request, metadata=self.metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from None
-        return event_from_response(response)
+        return Published(event_from_response(response), duplicate=response.message == DUPLICATE)
 
     async def publish_many(self, events: Iterable[Event], *, timeout: float | None = None) -> PublishSummary:
         """Publish events in order over one client stream."""

@@ -26,6 +26,8 @@ GUARD = 30.0
 HANDLER_MODULE = "nexus_cli_test_handlers"
 HANDLER_SOURCE = textwrap.dedent(
     """
+    import asyncio
+
     from nexus import Event, EventHandler, Stream, StreamingEventHandler
 
 
@@ -42,6 +44,14 @@ HANDLER_SOURCE = textwrap.dedent(
         async def handle_stream(self, event: Event, stream: Stream) -> None:
             for left in range(int(event.payload["n"]), 0, -1):
                 await stream.send({"left": left})
+
+
+    class Forever(StreamingEventHandler):
+        event_type = "clidemo:stream_forever"
+
+        async def handle_stream(self, event: Event, stream: Stream) -> None:
+            await stream.send({"running": True})
+            await asyncio.Event().wait()
     """
 )
 
@@ -91,11 +101,11 @@ def cli_env(handler_dir: Path) -> dict[str, str]:
     return env
 
 
-def start_server(directory: Path, port: int | None = None) -> Served:
+def start_server(directory: Path, port: int | None = None, extra_env: dict[str, str] | None = None) -> Served:
     """Start ``nexus serve`` on ``port`` (default a free one) with the test handlers and wait until it accepts
     connections."""
     (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
-    env = cli_env(directory)
+    env = cli_env(directory) | (extra_env or {})
     port = port or free_port()
     ws_port = free_port()
     log_path = directory / "serve.log"
@@ -115,6 +125,8 @@ def start_server(directory: Path, port: int | None = None) -> Served:
                 f"{HANDLER_MODULE}:Echo",
                 "--handler",
                 f"{HANDLER_MODULE}:Countdown",
+                "--handler",
+                f"{HANDLER_MODULE}:Forever",
                 "--log-format",
                 "json",
             ],
@@ -151,6 +163,27 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One ``nexus serve`` process shared by the client-command tests of this module."""
     server = start_server(tmp_path_factory.mktemp("cli"))
     try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def served_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A ``nexus serve`` process with authentication on; its ``env`` carries a token of the user ``alice``, so
+    every command run with it acts as that one user (as one person at a terminal does)."""
+    secret = {"NEXUS_JWT_SECRET": "s" * 40}
+    server = start_server(tmp_path_factory.mktemp("cli-auth"), extra_env=secret)
+    try:
+        token = subprocess.run(
+            [sys.executable, "-m", "nexus.cli", "token", "--sub", "alice", "--publish", "clidemo:>"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=server.env,
+            timeout=GUARD,
+        ).stdout.strip()
+        server.env["NEXUS_TOKEN"] = token
         yield server
     finally:
         stop_server(server)
@@ -282,7 +315,7 @@ async def test_handlers_lists_a_running_servers_handlers(served: Served) -> None
     result = await run_cli(served, "handlers", "--server", served.address)
     assert result.returncode == 0, result.stderr
     listed = {item["event_type"]: item for item in result.json_lines()}
-    assert set(listed) == {"clidemo:echo", "clidemo:stream_countdown"}
+    assert set(listed) == {"clidemo:echo", "clidemo:stream_countdown", "clidemo:stream_forever"}
     assert listed["clidemo:echo"]["streaming"] is False
     assert listed["clidemo:stream_countdown"]["streaming"] is True
     assert listed["clidemo:echo"]["class_path"] == f"{HANDLER_MODULE}:Echo"
@@ -311,6 +344,91 @@ async def test_emit_of_a_bad_event_type_reports_the_server_error(served: Served)
     assert result.returncode == 1
     assert "invalid_argument" in result.stderr
     assert "version '1'" in result.stderr
+
+
+async def test_a_repeated_event_id_is_reported_as_duplicate_on_stderr(served_with_auth: Served) -> None:
+    """`nexus emit` and `nexus request` with an `--event-id` the same user already stored print the stored original
+    on stdout and say "duplicate" on stderr (exit 0); the first use says nothing of the kind."""
+    emit = ["emit", "clidemo:note:v1:written", "--server", served_with_auth.address, "--event-id", "cli-dup-emit"]
+    first = await run_cli(served_with_auth, *emit, "--payload", '{"n": 1}')
+    again = await run_cli(served_with_auth, *emit, "--payload", '{"n": 2}')
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr
+    assert "duplicate" not in first.stderr
+    assert again.stderr.startswith("nexus: duplicate: event_id cli-dup-emit was already stored")
+    assert again.json_lines() == first.json_lines()  # the original, payload {"n": 1} included
+
+    server = ["--server", served_with_auth.address]
+    request = ["request", "clidemo:echo:v1:requested", *server, "--event-id", "cli-dup-request"]
+    first = await run_cli(served_with_auth, *request)
+    again = await run_cli(served_with_auth, *request)
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr
+    assert "duplicate" not in first.stderr
+    assert "nexus: duplicate: event_id cli-dup-request was already stored" in again.stderr
+    assert again.json_lines()[0] == first.json_lines()[0]
+
+
+async def test_streams_cancel_and_a_cancelled_request_exit_codes(served_with_auth: Served) -> None:
+    """`nexus streams` lists a live stream (and says on stderr when there is none); `nexus cancel` exits 0 when it
+    cancelled the stream and 1 when there was nothing to cancel; the cancelled `nexus request` exits 1."""
+    empty = await run_cli(served_with_auth, "streams", "--server", served_with_auth.address)
+    assert (empty.returncode, empty.stdout) == (0, "")
+    assert empty.stderr.strip() == "nexus: no live streams"
+
+    requester = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nexus.cli",
+        "request",
+        "clidemo:stream_forever:v1:requested",
+        "--server",
+        served_with_auth.address,
+        "--event-id",
+        "cli-forever",
+        "--no-heartbeats",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=served_with_auth.env,
+    )
+    try:
+        assert requester.stdout is not None
+        async with asyncio.timeout(GUARD):
+            while b":stream" not in await requester.stdout.readline():
+                pass
+        live = await run_cli(served_with_auth, "streams", "--server", served_with_auth.address)
+        assert live.returncode == 0
+        assert [item["correlation_id"] for item in live.json_lines()] == ["cli-forever"]
+        assert "no live streams" not in live.stderr
+
+        cancel = await run_cli(served_with_auth, "cancel", "cli-forever", "--server", served_with_auth.address)
+        assert cancel.returncode == 0, cancel.stderr
+        assert cancel.json_lines() == [{"correlation_id": "cli-forever", "cancelled": True}]
+        async with asyncio.timeout(GUARD):
+            rest, _ = await requester.communicate()
+    finally:
+        if requester.returncode is None:
+            requester.kill()
+            await requester.wait()
+    assert requester.returncode == 1
+    assert json.loads(rest.decode().splitlines()[-1])["event_type"] == "clidemo:stream_forever:v1:cancelled"
+
+    again = await run_cli(served_with_auth, "cancel", "cli-forever", "--server", served_with_auth.address)
+    assert again.returncode == 1
+    assert again.json_lines() == [{"correlation_id": "cli-forever", "cancelled": False}]
+
+
+def test_help_and_readme_list_every_exit_code() -> None:
+    """`nexus --help` ends with every exit code and its meaning, and the README shows the same table."""
+    from nexus.cli import EXIT_CODES
+
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus.cli", "--help"], capture_output=True, text=True, check=True, timeout=GUARD
+    )
+    epilog = result.stdout.split("exit codes:\n", 1)[1]
+    assert [int(line.split()[0]) for line in epilog.splitlines() if line[2:3].isdigit()] == [c for c, _ in EXIT_CODES]
+    assert "cancel found no such stream" in epilog
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = "\n".join(line.removeprefix("  ") for line in readme.split("- **Exit codes**", 1)[1].splitlines())
+    assert "exit codes:\n" + epilog.rstrip("\n") + "\n```" in shown
 
 
 # --- serve: logs and shutdown -----------------------------------------------------------------------------------
