@@ -22,7 +22,6 @@ bad one raises :class:`ConfigError` naming the field and its source.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
 import math
@@ -51,7 +50,7 @@ from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, DEFAULT_PUBLISH_WINDOW, NatsBusSettings
 from nexus.datadir import default_data_dir
 from nexus.detect import DEFAULT_RULES, Rule
-from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
+from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument, did_you_mean
 from nexus.events import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_MAX_METADATA_ENTRIES,
@@ -720,8 +719,7 @@ def _convert(field: str, value: Any, *, text: bool, source: str) -> Any:
 
 
 def _unknown(field: str, source: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(field, [f for f in _FIELDS if f != "handler_config"], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(field, [f for f in _FIELDS if f != "handler_config"])
     return ConfigError(f"unknown setting {where}{hint}", field=field, source=source)
 
 

@@ -32,11 +32,11 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
-from nexus.errors import AlreadyExists, PermissionDenied, ReservedState
+from nexus.errors import AlreadyExists, InvalidArgument, PermissionDenied, ReservedState, did_you_mean
 from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
-from nexus.session import OWNER, Lease, RequestSession, SessionState, require_request
+from nexus.session import OWNER, Lease, RequestSession, SessionState, request_base, require_request
 from nexus.telemetry import Telemetry
 from nexus.tracing import TRACEPARENT, Tracing
 
@@ -212,6 +212,9 @@ class Node(abc.ABC):
           (a ``requested`` event of a type a handler serves), which any principal may send.
         - The lifecycle of a handled type (``started``, ``stream``, ``heartbeat``, terminal states) is published by
           the provider driving the request only: anyone else gets :class:`~nexus.errors.ReservedState`.
+        - A handled type takes only lifecycle states: another state (``demo:echo:v1:request``, a typo of
+          ``requested``) is :class:`~nexus.errors.InvalidArgument` with the closest lifecycle state suggested.
+          Domain states stay open on actions no handler serves (``places:encounter:v1:started``).
         - Identity is the server's: ``metadata.owner`` is the principal's; with a verified token,
           ``metadata.user_id`` is its user (an admin's own ``user_id`` claim stays: it relays for others, as
           ``nexus gateway`` does); without one, the client's own ``user_id`` claim (if any) stays and
@@ -225,6 +228,13 @@ class Node(abc.ABC):
         handled_request = event.state == REQUESTED and self.serves(event.event_type)
         if not handled_request and not principal.may_publish(event.event_type):
             raise PermissionDenied(f"{quote(event.event_type, 80)} is outside the patterns you may publish to")
+        if event.state not in LIFECYCLE_STATES and self.serves(event.event_type):
+            raise InvalidArgument(
+                f"{quote(event.event_type, 80)}: {quote(event.state, 40)} is not a state of a request's lifecycle, "
+                f"and a handler serves {quote(request_base(event.event_type), 80)}"
+                f"{did_you_mean(event.state, LIFECYCLE_STATES)} (publish '...:requested' to ask the handler; "
+                "other domain events need an action no handler serves)"
+            )
         if event.state in RESERVED_STATES and self.serves(event.event_type):
             raise ReservedState(
                 f"{quote(event.event_type, 80)}: only the handler serving a request publishes its "
