@@ -15,7 +15,9 @@ events and a follower of streaming requests.
             chunks = await ticks.wait_for(lambda chunks: len(chunks) >= 2)
             assert (await ticks.cancel()).state == "cancelled"
 
-Works with pytest-asyncio or anyio's pytest plugin (asyncio backend).
+Installing Nexus registers its pytest plugin (:mod:`nexus.pytest_plugin`): async tests run with no
+configuration, and the ``nexus_server`` fixture starts servers that stop when the test ends. Works with
+pytest-asyncio (auto mode) or anyio's pytest plugin (asyncio backend) too.
 """
 
 from __future__ import annotations
