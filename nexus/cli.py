@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="the server's own files, the plugins' state with the memory bus ($XDG_DATA_HOME/nexus)",
+        help="everything this node keeps: the plugins' state with the memory bus, the messaging database "
+        "($XDG_DATA_HOME/nexus/node-<grpc port>)",
     )
     _add_exposure_options(serve)
     _add_auth_options(serve)
@@ -532,6 +533,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nexus: serving gRPC on {settings.host}:{server.grpc_port} (Ctrl-C to stop)", file=sys.stderr)
         if server.gateway is not None:
             print(f"nexus: page on {server.gateway.http_url}, WebSocket on {server.gateway.url}", file=sys.stderr)
+        print(f"nexus: data in {settings.data_path()} (--data-dir)", file=sys.stderr)
     await stop.wait()
     await server.stop()
     return 0

@@ -284,6 +284,7 @@ class NexusServer:
             auth=self.settings.auth_enabled,
             ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
             epoch=self.bus.epoch,
+            data_dir=str(self.settings.data_path()),
             loop=running_loop_name(),
             handlers=sorted(self.provider.registrations),
             **{k: v for k, v in self.bus.describe().items() if k != "epoch"},

@@ -105,7 +105,8 @@ def start_server(directory: Path, port: int | None = None, extra_env: dict[str, 
     """Start ``nexus serve`` on ``port`` (default a free one) with the test handlers and wait until it accepts
     connections."""
     (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
-    env = cli_env(directory) | (extra_env or {})
+    # Its files in the test's directory, whatever the scope of the fixture that starts it.
+    env = cli_env(directory) | {"XDG_DATA_HOME": str(directory / "data")} | (extra_env or {})
     port = port or free_port()
     ws_port = free_port()
     log_path = directory / "serve.log"
@@ -414,6 +415,19 @@ async def test_streams_cancel_and_a_cancelled_request_exit_codes(served_with_aut
     again = await run_cli(served_with_auth, "cancel", "cli-forever", "--server", served_with_auth.address)
     assert again.returncode == 1
     assert again.json_lines() == [{"correlation_id": "cli-forever", "cancelled": False}]
+
+
+def test_serve_logs_its_own_data_directory_at_start_up(served: Served) -> None:
+    """`nexus serve` without --data-dir keeps its files in a directory of its own, named after its gRPC port, and
+    says so in its `server_started` log line."""
+    deadline = time.monotonic() + GUARD
+    while not (lines := [r for r in served.log_records() if r.get("event") == "server_started"]):
+        assert time.monotonic() < deadline, served.log_path.read_text()
+        time.sleep(0.05)
+    [started] = lines
+    port = served.address.rsplit(":", 1)[1]
+    expected = Path(served.env["XDG_DATA_HOME"]) / "nexus" / f"node-{port}"
+    assert started["data_dir"] == str(expected)
 
 
 def test_help_and_readme_list_every_exit_code() -> None:

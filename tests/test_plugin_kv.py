@@ -90,12 +90,27 @@ async def test_state_survives_a_restart_on_the_same_data_directory(tmp_path: Pat
         assert (await call(nexus, {"op": "get", "key": "baseline.m7"})).payload["entry"] is None
 
 
-async def test_the_default_data_directory_is_under_xdg_data_home(tmp_path: Path) -> None:
-    """Without data_dir, the store is $XDG_DATA_HOME/nexus/kv.sqlite3 (each test has its own XDG_DATA_HOME)."""
+async def test_the_default_data_directory_is_one_per_node_under_xdg_data_home(tmp_path: Path) -> None:
+    """Without data_dir, a node keeps everything in $XDG_DATA_HOME/nexus/node-<grpc port> (each test has its own
+    XDG_DATA_HOME): two nodes on two ports keep two stores, the messaging database beside each one's kv.sqlite3,
+    and a node restarted on its port finds its own state again."""
+    from nexus.handlers.messaging.plugin import SendMessage
 
-    async with run_server(spec("alpha")) as nexus:
-        await call(nexus, {"op": "put", "key": "k", "value": 1})
-    assert (Path(os.environ["XDG_DATA_HOME"]) / "nexus" / "kv.sqlite3").exists()
+    base = Path(os.environ["XDG_DATA_HOME"]) / "nexus"
+    ports = [free_port(), free_port()]
+    for port, value in zip(ports, ("first", "second"), strict=True):
+        messaging = HandlerSpec("messaging.send_message", SendMessage(), "test")
+        async with run_server(spec("alpha"), messaging, grpc_port=port) as nexus:
+            assert nexus.server.settings.data_path() == base / f"node-{port}"
+            await call(nexus, {"op": "put", "key": "k", "value": value})
+            hello = {"conversation_id": "c", "text": "hi"}
+            sent = await nexus.client.call("messaging:send_message:v1:requested", hello)
+            assert sent.state == "success", sent.payload
+    for port in ports:
+        assert {path.name for path in (base / f"node-{port}").iterdir()} >= {"kv.sqlite3", "messaging.sqlite3"}
+    assert not (base / "kv.sqlite3").exists()
+    async with run_server(spec("alpha"), grpc_port=ports[0]) as nexus:
+        assert (await call(nexus, {"op": "get", "key": "k"})).payload["entry"]["value"] == "first"
 
 
 async def test_each_plugin_sees_only_its_own_keys(tmp_path: Path) -> None:

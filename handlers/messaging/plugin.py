@@ -46,9 +46,9 @@ Participants and access (:mod:`.conversations` holds the rule, :class:`_Particip
 
 Configuration (``[handlers.messaging]``, shared by the five handlers):
 
-- ``data_dir`` (``$XDG_DATA_HOME/nexus``, else ``~/.local/share/nexus``), ``db_path``
-  (``<data_dir>/messaging.sqlite3``): the database. Nodes may share one file on one machine (WAL mode), or
-  keep one each: every node stores the messages it sees on the bus.
+- ``data_dir`` (the node's data directory: ``nexus serve --data-dir``, by default one per node), ``db_path``
+  (``<data_dir>/messaging.sqlite3``): the database. Nodes keep one each by default (every node stores the
+  messages it sees on the bus), or may share one file on one machine (WAL mode) through ``db_path``.
 - ``synchronous`` (``NORMAL``): SQLite's ``PRAGMA synchronous`` (``FULL`` survives power loss too).
 - ``history_limit`` (500): the most history messages a stream sends (the most recent ones).
 - ``max_text_length`` (10000): characters in a message.
