@@ -27,6 +27,8 @@ from nexus.errors import ConfigurationError, NexusError
 from nexus.events import Event
 
 if TYPE_CHECKING:
+    from nexus.client import NexusClient
+    from nexus.cloudevents import CloudEventsView
     from nexus.config import Settings
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -327,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--epoch", help="the epoch --since-offset belongs to")
     subscribe.add_argument("--count", type=int, help="exit after this many events")
     subscribe.add_argument("--no-heartbeats", action="store_true", help="leave out heartbeat events")
+    subscribe.add_argument(
+        "--format",
+        choices=("json", "cloudevents"),
+        default="json",
+        help="json: each event as Nexus sends it (default); cloudevents: as a CloudEvent 1.0 in the JSON format "
+        "(docs/cloudevents.md)",
+    )
     subscribe.add_argument(
         "--reconnect-initial-delay",
         type=_positive_float,
@@ -658,18 +667,34 @@ async def _subscribe(args: argparse.Namespace) -> int:
         print("nexus: subscribed " + json.dumps(info), file=sys.stderr, flush=True)
 
     async with NexusClient(args.server, backoff=backoff, **_tls(args)) as client:
+        view = await _cloudevents_view(client) if args.format == "cloudevents" else None
         subscription = client.subscribe(
             *args.patterns, since_offset=args.since_offset, epoch=args.epoch, on_connect=on_connect
         )
         async for event in subscription:
             if args.no_heartbeats and event.state == "heartbeat":
                 continue
-            _json_line(event.to_dict(), sys.stdout)
+            _json_line(event.to_dict() if view is None else view.convert(event), sys.stdout)
             seen += 1
             if args.count is not None and seen >= args.count:
                 subscription.close()
                 break
     return 0
+
+
+async def _cloudevents_view(client: NexusClient) -> CloudEventsView:
+    """A CloudEvents view knowing the server's handlers' ordering keys (for ``partitionkey``), when it can ask."""
+    import structlog
+
+    from nexus.cloudevents import CloudEventsView
+
+    try:
+        handlers = await client.handlers()
+    except NexusError as exc:  # the subscription itself reports an unreachable or refusing server
+        structlog.get_logger("nexus.cli").info("cloudevents_ordering_keys_unknown", reason=str(exc))
+        handlers = []
+    keys = {str(h["event_type"]): str(h["ordering_key"]) for h in handlers if h.get("ordering_key")}
+    return CloudEventsView(keys)
 
 
 async def _request(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@
         async for event in client.request("demo:stream_countdown:v1:requested", {"n": 3}):
             print(event.state, event.payload)                    # started, stream..., success
 
+Events convert to CloudEvents 1.0 (JSON format) with :func:`to_cloudevent` or, with ``partitionkey`` from the
+handlers' ordering keys, a :class:`CloudEventsView` (docs/cloudevents.md).
+
 Errors the server reports are raised as :class:`~nexus.errors.NexusError` subclasses (``InvalidArgument``,
 ``ResourceExhausted``, ``Unavailable``, ...), so callers catch meaning, not gRPC status codes.
 """
@@ -27,6 +30,8 @@ import structlog
 
 from nexus.backoff import Backoff, BackoffPolicy
 from nexus.bus.base import Published
+from nexus.cloudevents import CloudEventsView as CloudEventsView
+from nexus.cloudevents import to_cloudevent as to_cloudevent
 from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, encode_json, validate_metadata, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, DUPLICATE, event_from_response, event_to_request, payload_to_struct
