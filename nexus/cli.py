@@ -363,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled by requester")
 
     handlers = commands.add_parser(
-        "handlers", help="list handlers: those 'nexus serve' would load here, or a running server's"
+        "handlers",
+        help="list handlers: those 'nexus serve' would load here (with their effective settings), or a running "
+        "server's",
     )
     handlers.add_argument("--server", help="ask this running server instead")
     _add_client_tls_options(handlers)
@@ -740,7 +742,7 @@ async def _handlers(args: argparse.Namespace) -> int:
         return 0
     from nexus.bus.memory import MemoryBus
     from nexus.config import load_settings
-    from nexus.plugins import discover, register_all
+    from nexus.plugins import discover, effective_config, register_all
     from nexus.provider import Provider, registrations_table
 
     fields = ("handlers", "load_entry_points", "exclude_handlers")
@@ -751,7 +753,10 @@ async def _handlers(args: argparse.Namespace) -> int:
     register_all(provider, specs, settings.handler_config, settings.plugin_defaults())
     sources = {spec.name: spec.source for spec in specs}
     for item in registrations_table(provider.registrations.values()):
-        item["source"] = sources.get(str(item["name"]), "")
+        name = str(item["name"])
+        item["source"] = sources.get(name, "")
+        # The settings it would run with; TOML dates and times are shown as text.
+        item["config"] = json.loads(json.dumps(effective_config(provider.registrations[name]), default=str))
         _json_line(item, sys.stdout)
     return 0
 

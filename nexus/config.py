@@ -62,7 +62,7 @@ from nexus.kv.base import DEFAULT_KV_MAX_KEYS, DEFAULT_KV_MAX_VALUE_BYTES, KVLim
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
 from nexus.origins import DEFAULT_ALLOWED_ORIGINS, check_allowed_origin
-from nexus.plugins import split_spec
+from nexus.plugins import SERVER_KEYS, split_spec
 from nexus.provider import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -86,7 +86,7 @@ CONFIG_ENV: Final = "NEXUS_CONFIG"
 FILE_SECTION: Final = "nexus"
 HANDLERS_SECTION: Final = "handlers"
 BUS_SCHEMES: Final = ("nats", "tls")
-PLUGIN_DEFAULT_FIELDS: Final = ("log_dir", "data_dir")
+PLUGIN_DEFAULT_FIELDS: Final = SERVER_KEYS
 """Settings handed to every plugin as a default ``ctx.config`` key of the same name (``data_dir``: the node's
 data directory, :meth:`Settings.data_path`)."""
 

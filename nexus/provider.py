@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import math
 import time
 from collections import deque
@@ -333,6 +334,7 @@ class Provider:
         if not isinstance(handler, (EventHandler, StreamingEventHandler)):
             raise HandlerConfigError(f"{label}: not an EventHandler or StreamingEventHandler")
         streaming = isinstance(handler, StreamingEventHandler)
+        _check_async(label, cls, "handle_stream" if streaming else "handle")
         service_action = getattr(cls, "event_type", None)
         if not isinstance(service_action, str):
             raise HandlerConfigError(f"{label}: set the class attribute event_type = 'service:action'")
@@ -857,6 +859,18 @@ def _ordering_value(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _check_async(label: str, cls: type, method: str) -> None:
+    """``handle`` / ``handle_stream`` must be a coroutine function: the provider awaits it on the event loop."""
+    function = inspect.unwrap(getattr(cls, method))
+    if inspect.iscoroutinefunction(function):
+        return
+    if inspect.isasyncgenfunction(function):
+        reason = "an async generator (it yields); send each chunk with 'await stream.send(chunk)' instead"
+    else:
+        reason = "a plain function; write 'async def', and run blocking work with anyio.to_thread.run_sync"
+    raise HandlerConfigError(f"{label}: {cls.__name__}.{method} must be 'async def', but it is {reason}")
 
 
 def _check_specs(label: str, cls: type, service_action: str) -> None:
