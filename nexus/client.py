@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import grpc
 import structlog
@@ -76,6 +76,14 @@ class PublishSummary:
     duplicates: int
     last_offset: int
     epoch: str
+
+
+class EmitOptions(TypedDict, total=False):
+    """The keyword arguments of :meth:`NexusClient.emit` (those of :meth:`NexusClient.store`)."""
+
+    event_id: str | None
+    metadata: dict[str, str] | None
+    timeout: float | None
 
 
 class Subscription:
@@ -348,21 +356,13 @@ class NexusClient:
         """Wait until the channel is connected."""
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
-    async def emit(
-        self,
-        event_type: str,
-        payload: JSONObject | None = None,
-        *,
-        event_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        timeout: float | None = 30.0,
-    ) -> Event:
-        """Publish one event; returns it as stored (``offset``, ``epoch``).
+    async def emit(self, event_type: str, payload: JSONObject | None = None, **options: Unpack[EmitOptions]) -> Event:
+        """Publish one event; returns it as stored (``offset``, ``epoch``). ``options``: ``event_id`` (yours to
+        choose; deduplicated), ``metadata`` (a string map), ``timeout`` (seconds, 30 by default).
 
         A repeated ``event_id`` inside the dedupe window returns the stored original (:meth:`store` says which).
         """
-        stored = await self.store(event_type, payload, event_id=event_id, metadata=metadata, timeout=timeout)
-        return stored.event
+        return (await self.store(event_type, payload, **options)).event
 
     async def store(
         self,

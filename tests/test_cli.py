@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +190,9 @@ def served_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         stop_server(server)
 
 
-async def run_cli(served: Served, *args: str) -> Result:
-    """Run ``nexus ARGS`` to completion."""
+@contextlib.asynccontextmanager
+async def cli(served: Served, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``nexus ARGS`` running with its stdout and stderr piped; killed if still running when the block ends."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -202,12 +203,23 @@ async def run_cli(served: Served, *args: str) -> Result:
         env=served.env,
     )
     try:
-        async with asyncio.timeout(GUARD):
-            stdout, stderr = await process.communicate()
+        yield process
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def finish(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """Wait (at most GUARD seconds) for ``process`` to end; its stdout and stderr."""
+    async with asyncio.timeout(GUARD):
+        return await process.communicate()
+
+
+async def run_cli(served: Served, *args: str) -> Result:
+    """Run ``nexus ARGS`` to completion."""
+    async with cli(served, *args) as process:
+        stdout, stderr = await finish(process)
     assert process.returncode is not None
     return Result(process.returncode, stdout.decode(), stderr.decode())
 
@@ -275,21 +287,7 @@ async def test_request_that_fails_exits_1(served: Served) -> None:
 
 async def test_subscribe_prints_count_events_and_exits(served: Served) -> None:
     """`nexus subscribe PATTERN --count N` prints the next N matching events as JSON lines, then exits 0."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nexus.cli",
-        "subscribe",
-        "clidemo:sub:>",
-        "--count",
-        "2",
-        "--server",
-        served.address,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=served.env,
-    )
-    try:
+    async with cli(served, "subscribe", "clidemo:sub:>", "--count", "2", "--server", served.address) as process:
         assert process.stderr is not None
         async with asyncio.timeout(GUARD):
             line = (await process.stderr.readline()).decode()
@@ -299,12 +297,7 @@ async def test_subscribe_prints_count_events_and_exits(served: Served) -> None:
         first = await run_cli(served, "emit", "clidemo:sub:v1:one", "--server", served.address)
         await run_cli(served, "emit", "clidemo:other:v1:skipped", "--server", served.address)
         second = await run_cli(served, "emit", "clidemo:sub:v1:two", "--server", served.address)
-        async with asyncio.timeout(GUARD):
-            stdout, _ = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        stdout, _ = await finish(process)
     assert process.returncode == 0
     events = [json.loads(line) for line in stdout.decode().splitlines()]
     assert [e["event_id"] for e in events] == [first.json_lines()[0]["event_id"], second.json_lines()[0]["event_id"]]
@@ -375,22 +368,8 @@ async def test_streams_cancel_and_a_cancelled_request_exit_codes(served_with_aut
     assert (empty.returncode, empty.stdout) == (0, "")
     assert empty.stderr.strip() == "nexus: no live streams"
 
-    requester = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nexus.cli",
-        "request",
-        "clidemo:stream_forever:v1:requested",
-        "--server",
-        served_with_auth.address,
-        "--event-id",
-        "cli-forever",
-        "--no-heartbeats",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=served_with_auth.env,
-    )
-    try:
+    forever = ["clidemo:stream_forever:v1:requested", "--event-id", "cli-forever", "--no-heartbeats"]
+    async with cli(served_with_auth, "request", *forever, "--server", served_with_auth.address) as requester:
         assert requester.stdout is not None
         async with asyncio.timeout(GUARD):
             while b":stream" not in await requester.stdout.readline():
@@ -403,12 +382,7 @@ async def test_streams_cancel_and_a_cancelled_request_exit_codes(served_with_aut
         cancel = await run_cli(served_with_auth, "cancel", "cli-forever", "--server", served_with_auth.address)
         assert cancel.returncode == 0, cancel.stderr
         assert cancel.json_lines() == [{"correlation_id": "cli-forever", "cancelled": True}]
-        async with asyncio.timeout(GUARD):
-            rest, _ = await requester.communicate()
-    finally:
-        if requester.returncode is None:
-            requester.kill()
-            await requester.wait()
+        rest, _ = await finish(requester)
     assert requester.returncode == 1
     assert json.loads(rest.decode().splitlines()[-1])["event_type"] == "clidemo:stream_forever:v1:cancelled"
 
