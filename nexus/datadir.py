@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Final
 
 
 def default_data_dir() -> Path:
@@ -26,3 +27,14 @@ def node_data_dir(grpc_port: int) -> Path:
     A server on a free port (``0``) uses ``node-0``: its port changes at every start, its directory does not.
     """
     return default_data_dir() / f"node-{grpc_port}"
+
+
+EARLIER_FILES: Final = ("kv.sqlite3", "messaging.sqlite3")
+"""What a node kept directly in the base directory before each node had its own."""
+
+
+def earlier_files(base: Path | None = None) -> list[Path]:
+    """Files an earlier Nexus kept in the shared base directory (``base``, default :func:`default_data_dir`),
+    which a node with its own data directory no longer reads."""
+    folder = base if base is not None else default_data_dir()
+    return [folder / name for name in EARLIER_FILES if (folder / name).is_file()]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import structlog
+import structlog.testing
 from nats_support import delete_stream, free_port, nats_settings, shared_nats_url, unique_names
 
 from nexus import Event, EventHandler, HandlerContext, InvalidPayload, KVConflict
@@ -111,6 +112,24 @@ async def test_the_default_data_directory_is_one_per_node_under_xdg_data_home(tm
     assert not (base / "kv.sqlite3").exists()
     async with run_server(spec("alpha"), grpc_port=ports[0]) as nexus:
         assert (await call(nexus, {"op": "get", "key": "k"})).payload["entry"]["value"] == "first"
+
+
+async def test_files_of_the_shared_directory_an_earlier_version_used_are_pointed_out_at_start_up() -> None:
+    """A node on its own default data directory that finds kv.sqlite3 or messaging.sqlite3 in the shared base
+    directory (where every node kept them before) warns, naming the files and the --data-dir that keeps them."""
+    base = Path(os.environ["XDG_DATA_HOME"]) / "nexus"
+    base.mkdir(parents=True)
+    (base / "messaging.sqlite3").write_bytes(b"")
+    with structlog.testing.capture_logs() as logs:
+        async with run_server(spec("alpha")):
+            pass
+    [moved] = [entry for entry in logs if entry["event"] == "data_dir_moved"]
+    assert moved["earlier_files"] == [str(base / "messaging.sqlite3")]
+    assert f"--data-dir {base}" in moved["hint"]
+    with structlog.testing.capture_logs() as logs:
+        async with run_server(spec("alpha"), data_dir=str(base)):
+            pass
+    assert not [entry for entry in logs if entry["event"] == "data_dir_moved"]
 
 
 async def test_each_plugin_sees_only_its_own_keys(tmp_path: Path) -> None:
