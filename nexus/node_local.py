@@ -20,6 +20,7 @@ from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, Node
 from nexus.provider import Provider
 from nexus.queue.base import RequestQueue
 from nexus.session import DISCONNECTED, Lease
+from nexus.workers import Declaration, Worker
 
 
 class _LocalLease(Lease):
@@ -164,6 +165,12 @@ class LocalNode(Node):
         else:
             published = await self.bus.publish(event)
         return published, _LocalLease(self.provider, published.event.event_id)
+
+    def _connect_worker(self, name: str, declarations: Sequence[Declaration], *, owner: str) -> Worker:
+        return self.provider.connect_worker(name, declarations, owner=owner)
+
+    def disconnect_worker(self, worker: Worker, reason: str) -> None:
+        self.provider.disconnect_worker(worker, reason)
 
     async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:
         return await self.provider.cancel(correlation_id, reason, owner=owner)
