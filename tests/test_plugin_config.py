@@ -4,6 +4,7 @@ settings; the built-in plugins declare exactly what they read; ``handle`` must b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator
@@ -201,3 +202,30 @@ def test_a_handler_whose_handle_is_not_a_coroutine_is_refused_with_the_reason(
     provider = Provider(MemoryBus(), ProviderSettings())
     with pytest.raises(HandlerConfigError, match=re.escape(reason)):
         provider.register(handler)
+
+
+def test_a_declaration_that_cannot_be_checked_is_refused_where_it_is_written() -> None:
+    """A key of a type settings cannot have, a default of another type or a bad name fails at import time;
+    ``from_dataclass`` takes names, types and defaults from a settings dataclass."""
+    with pytest.raises(ValueError, match="kind must be one of bool, int, float, str, list, dict"):
+        ConfigKey("tags", set, None, "")
+    with pytest.raises(ValueError, match="the default '10' is not an integer"):
+        ConfigKey("window", int, "10", "")
+    with pytest.raises(ValueError, match="a config key name is letters"):
+        ConfigKey("max-window", int, 10, "")
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        window: int = 100
+        ratio: float = 0.5
+        rule: str = "anchor"
+
+    keys = ConfigKey.from_dataclass(Knobs, {"ratio": "How much."})
+    assert [(k.name, k.kind, k.default, k.description) for k in keys] == [
+        ("window", int, 100, ""),
+        ("ratio", float, 0.5, "How much."),
+        ("rule", str, "anchor", ""),
+    ]
+    assert keys[1].problem(1) is None
+    assert keys[1].problem(float("nan")) == "must be a number, got nan"
+    assert keys[0].problem(True) == "must be an integer, got True"
