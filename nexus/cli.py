@@ -1,4 +1,5 @@
-"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams, gateway, token, docs, bench.
+"""The ``nexus`` command: serve, emit, subscribe, request, cancel, handlers, streams, worker, gateway, token, docs,
+bench.
 
 Output contract of the client commands: stdout carries only the command's data, one JSON object per line;
 every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``,
@@ -303,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_exposure_options(serve)
     _add_auth_options(serve)
 
-    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+    def client_command(name: str, help_text: str, **details: Any) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, **details)
         sub.add_argument(
             "--server",
             default=os.environ.get("NEXUS_SERVER", DEFAULT_SERVER),
@@ -378,6 +379,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_command("streams", "list the streams a server drives now")
 
+    worker = client_command(
+        "worker",
+        "serve handlers for a running server, in this process (docs/workers.md)",
+        description="Connect to a Nexus server and serve the requests of these handlers for it, reconnecting "
+        "(with backoff) whenever the server goes away, until SIGTERM or SIGINT: requests still arriving then "
+        "are left to other workers, running ones get --shutdown-grace seconds to finish, then every "
+        "handler's teardown runs.",
+        epilog="exit codes: 0 stopped by SIGTERM or SIGINT; 1 the server refused the registration "
+        "('nexus: <code>: <message>': a declaration it does not accept, a type already served differently, a "
+        "token that may not serve a type); 2 a usage or start-up error (a handler that does not load, a bad "
+        "config value: 'nexus: error: <message>')",
+    )
+    worker.add_argument("--config", help="TOML config file: [handlers.<name>] sections (default: $NEXUS_CONFIG)")
+    worker.add_argument(
+        "--handler", action="append", dest="handlers", metavar="MODULE:CLASS", help="serve a handler class"
+    )
+    worker.add_argument(
+        "--entry-points",
+        action="store_true",
+        help="also serve every 'nexus.handlers' entry point installed here (but --exclude)",
+    )
+    worker.add_argument(
+        "--exclude", action="append", dest="exclude_handlers", metavar="NAME", help="skip an entry point"
+    )
+    worker.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        metavar="N",
+        help="requests of each handler run at once (16)",
+    )
+    worker.add_argument("--name", help="this worker's name in the server's logs and listings (host:pid)")
+    worker.add_argument(
+        "--shutdown-grace",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="time running requests get to finish once stopped (5)",
+    )
+    worker.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the handlers' ctx.kv lives: DIR/worker/kv.sqlite3 ($XDG_DATA_HOME/nexus)",
+    )
+
     gateway = commands.add_parser("gateway", help="run a WebSocket gateway (and its page) for a remote Nexus")
     gateway.add_argument(
         "--nexus",
@@ -438,6 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     bench.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS for the NATS scenarios")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _pairs(text: str) -> int:
@@ -776,6 +830,42 @@ async def _streams(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _worker(args: argparse.Namespace) -> int:
+    from nexus.config import load_settings
+    from nexus.datadir import default_data_dir
+    from nexus.plugins import check_handler_config, discover, installed_names
+    from nexus.worker import WORKER_DATA_DIR, Worker, WorkerSettings
+
+    fields = ("handlers", "exclude_handlers", "data_dir")
+    settings = load_settings(args.config, os.environ, _overrides(args, fields))
+    _allow_local_modules(settings.handlers)
+    specs = discover(args.entry_points, settings.handlers, settings.exclude_handlers)
+    if not specs:
+        raise CliError("no handler to serve: name one with --handler MODULE:CLASS (or --entry-points)")
+    check_handler_config(settings.handler_config, specs, installed_names())  # as nexus serve checks its own
+    given = {"max_in_flight": args.max_in_flight, "shutdown_grace_s": args.shutdown_grace, "name": args.name}
+    options = WorkerSettings(
+        # Not a node's directory (it serves no port): DIR/worker, DIR the shared base unless --data-dir says.
+        data_dir=str(Path(settings.data_dir or default_data_dir()) / WORKER_DATA_DIR),
+        kv_limits=settings.kv_limits(),
+        **{field: value for field, value in given.items() if value is not None},
+    )
+    worker = Worker(
+        args.server,
+        specs,
+        options,
+        handler_config=settings.handler_config,
+        defaults={**settings.plugin_defaults(), "data_dir": options.data_dir},  # its plugins' files beside its kv
+        **_tls(args),
+    )
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, worker.stop)
+    await worker.run()
+    return 0
+
+
 async def _token(args: argparse.Namespace) -> int:
     from nexus.auth import mint_token
     from nexus.config import load_settings
@@ -864,7 +954,7 @@ def _write_or_check(path: Path, text: str, *, check: bool) -> int:
     return 0
 
 
-CLIENT_COMMANDS = ("emit", "subscribe", "request", "cancel", "handlers", "streams", "docs", "token")
+CLIENT_COMMANDS = ("emit", "subscribe", "request", "cancel", "handlers", "streams", "docs", "token", "worker")
 """Commands whose stdout is data: their log lines must go to stderr (``serve`` and ``gateway`` set up their own)."""
 
 
@@ -889,6 +979,7 @@ COMMANDS = {
     "cancel": _cancel,
     "handlers": _handlers,
     "streams": _streams,
+    "worker": _worker,
     "docs": _docs,
     "token": _token,
     "bench": _bench,

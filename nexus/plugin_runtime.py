@@ -21,17 +21,17 @@ import asyncio
 import contextlib
 import inspect
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final, Protocol, TypeVar
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from nexus.api import Follower
-from nexus.bus.base import Bus, Subscription
+from nexus.api import DEFAULT_FOLLOW_MAX_PENDING, Follower, HandlerContext, plugin_name
+from nexus.bus.base import DEFAULT_MAX_PENDING, Subscription
 from nexus.events import Event
-from nexus.kv.base import KeyValueStore, ScopedKV
+from nexus.kv.base import KeyValueStore, PluginKV, ScopedKV
 from nexus.kv.sqlite import IN_MEMORY, SqliteKeyValue
 
 T = TypeVar("T")
@@ -45,10 +45,32 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class PluginRuntime:
-    """Background tasks, shared objects and bus followers of one provider's handlers."""
+class EventSource(Protocol):
+    """Where followers subscribe: the server's :class:`~nexus.bus.base.Bus`, or a worker's connection to a
+    server (:mod:`nexus.worker`)."""
 
-    def __init__(self, bus: Bus, kv: KeyValueStore | None = None) -> None:
+    @property
+    def epoch(self) -> str:
+        """The history offsets belong to (as far as known)."""
+
+    async def subscribe(
+        self,
+        patterns: Iterable[str] = (),
+        *,
+        since_offset: int = 0,
+        epoch: str | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Subscription:
+        """A subscription to ``patterns``, replaying what follows ``since_offset`` (in ``epoch``) first."""
+
+
+class PluginRuntime:
+    """Background tasks, shared objects and bus followers of one provider's handlers (or a worker's).
+
+    ``bus`` is where followers subscribe.
+    """
+
+    def __init__(self, bus: EventSource, kv: KeyValueStore | None = None) -> None:
         self.bus = bus
         self._group: TaskGroup | None = None
         self._shared: dict[tuple[str, type[Any]], Any] = {}
@@ -160,10 +182,46 @@ class PluginRuntime:
         return follower
 
 
+class PluginContext(HandlerContext):
+    """The part of a handler's context its :class:`PluginRuntime` serves: ``follow``, ``shared``, ``kv`` and
+    ``start_soon``. The server's provider and a worker add ``publish``, ``subscribe`` and ``stats``."""
+
+    def __init__(
+        self, runtime: PluginRuntime, name: str, config: dict[str, Any], log: structlog.stdlib.BoundLogger
+    ) -> None:
+        self._runtime = runtime
+        self.name = name
+        self.plugin = plugin_name(name)
+        self.config = config
+        self.log = log
+
+    async def follow(
+        self,
+        *patterns: str,
+        on_event: Callable[[Event], Awaitable[None] | None],
+        since_offset: int | None = None,
+        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
+        name: str | None = None,
+    ) -> Follower:
+        return await self._runtime.follow(
+            self.log, patterns, on_event, since_offset=since_offset, max_pending=max_pending, name=name or self.name
+        )
+
+    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
+        return self._runtime.shared(self.plugin, kind, factory)
+
+    @property
+    def kv(self) -> PluginKV:
+        return self._runtime.kv(self.plugin)
+
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        self._runtime.start_soon(self.log, function, *args, name=name)
+
+
 class _BusFollower(Follower):
     def __init__(
         self,
-        bus: Bus,
+        bus: EventSource,
         patterns: tuple[str, ...],
         on_event: Callable[[Event], Awaitable[None] | None],
         log: structlog.stdlib.BoundLogger,

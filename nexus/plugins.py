@@ -17,7 +17,7 @@ import importlib
 import importlib.metadata
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
@@ -190,7 +190,18 @@ SERVER_KEYS: Final = ("log_dir", "data_dir")
 """Keys every plugin's ``ctx.config`` gets from the server's settings (a section may set its own)."""
 
 
-def declared_config(registrations: Iterable[Registration]) -> dict[str, dict[str, ConfigKey]]:
+class Named(Protocol):
+    """A handler with its registration name: a :class:`~nexus.provider.Registration` (no handler: only workers
+    serve it) or a :class:`HandlerSpec`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def handler(self) -> AnyHandler | None: ...
+
+
+def declared_config(registrations: Iterable[Named]) -> dict[str, dict[str, ConfigKey]]:
     """The settings each plugin declares (``config_keys`` of its handlers, together), by plugin and key name.
 
     Raises :class:`HandlerConfigError` for a declaration that is not a :class:`~nexus.ConfigKey`, or two handlers of
@@ -220,7 +231,7 @@ def installed_names() -> set[str]:
 
 def check_handler_config(
     handler_config: Mapping[str, Mapping[str, Any]],
-    registrations: Iterable[Registration],
+    registrations: Iterable[Named],
     installed: Iterable[str] = (),
 ) -> None:
     """Refuse, at start-up, a ``[handlers.<name>]`` section that names no plugin or handler, and in the section of a

@@ -25,15 +25,11 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from nexus.api import (
-    DEFAULT_FOLLOW_MAX_PENDING,
     SERVER_DEFAULT,
     AnyHandler,
     EventHandler,
-    Follower,
-    HandlerContext,
     Stream,
     StreamingEventHandler,
-    plugin_name,
 )
 from nexus.bus.base import Bus, Subscription
 from nexus.detect import DEFAULT_RULES, StreamingDetector
@@ -62,9 +58,9 @@ from nexus.events import (
     validate_payload,
 )
 from nexus.identity import PUBLIC
-from nexus.kv.base import KeyValueStore, PluginKV
+from nexus.kv.base import KeyValueStore
 from nexus.lifecycle import Lifecycle
-from nexus.plugin_runtime import PluginRuntime
+from nexus.plugin_runtime import PluginContext, PluginRuntime
 from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
 from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
@@ -204,7 +200,9 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _error_type(exc: BaseException) -> StreamErrorType:
+def error_type_of(exc: BaseException) -> StreamErrorType:
+    """``error.type`` of a request whose handler raised ``exc``: ``invalid_payload`` for
+    :class:`~nexus.errors.InvalidPayload`, a remote handler's own type, ``worker_lost``, else ``handler_error``."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     if isinstance(exc, RemoteFailure):
@@ -214,13 +212,26 @@ def _error_type(exc: BaseException) -> StreamErrorType:
     return StreamErrorType.INVALID_PAYLOAD if isinstance(exc, InvalidPayload) else StreamErrorType.HANDLER_ERROR
 
 
-class _Context(HandlerContext):
+def side_event_metadata(request: Event | None, metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """The metadata of a side event a handler publishes while it handles ``request`` (None: outside a request).
+
+    It carries ``causation_id`` = the request's ``event_id`` and continues the request's trace (``traceparent``,
+    ``tracestate``); what the handler passes in ``metadata`` wins.
+    """
+    if request is None:
+        return metadata
+    inherited = {"causation_id": request.event_id}
+    for key in ("traceparent", "tracestate"):
+        if key in request.metadata:
+            inherited[key] = request.metadata[key]
+    return {**inherited, **(metadata or {})}
+
+
+class _Context(PluginContext):
     def __init__(self, provider: Provider, registration: Registration) -> None:
+        log = structlog.get_logger("nexus.handler").bind(handler=registration.name)
+        super().__init__(provider.plugins, registration.name, registration.config, log)
         self._provider = provider
-        self.name = registration.name
-        self.plugin = plugin_name(registration.name)
-        self.config = registration.config
-        self.log = structlog.get_logger("nexus.handler").bind(handler=registration.name)
 
     async def publish(
         self,
@@ -230,13 +241,7 @@ class _Context(HandlerContext):
         metadata: dict[str, str] | None = None,
         event_id: str | None = None,
     ) -> Event:
-        request = _current_request.get()
-        if request is not None:
-            inherited = {"causation_id": request.event_id}
-            for key in ("traceparent", "tracestate"):
-                if key in request.metadata:
-                    inherited[key] = request.metadata[key]
-            metadata = {**inherited, **(metadata or {})}
+        metadata = side_event_metadata(_current_request.get(), metadata)
         event = Event.create(
             event_type,
             payload,
@@ -253,28 +258,6 @@ class _Context(HandlerContext):
             yield subscription.events()
         finally:
             subscription.close()
-
-    async def follow(
-        self,
-        *patterns: str,
-        on_event: Callable[[Event], Awaitable[None] | None],
-        since_offset: int | None = None,
-        max_pending: int = DEFAULT_FOLLOW_MAX_PENDING,
-        name: str | None = None,
-    ) -> Follower:
-        return await self._provider.plugins.follow(
-            self.log, patterns, on_event, since_offset=since_offset, max_pending=max_pending, name=name or self.name
-        )
-
-    def shared(self, kind: type[T], factory: Callable[[], T] | None = None) -> T:
-        return self._provider.plugins.shared(self.plugin, kind, factory)
-
-    @property
-    def kv(self) -> PluginKV:
-        return self._provider.plugins.kv(self.plugin)
-
-    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
-        self._provider.plugins.start_soon(self.log, function, *args, name=name)
 
     def stats(self) -> JSONObject:
         return self._provider.stats()
@@ -907,7 +890,7 @@ class Provider:
     async def _drive_run(self, run: _Run, registration: Registration) -> None:
         token = _current_request.set(run.lifecycle.request)
         try:
-            problem = _payload_problem(registration, run.request)
+            problem = payload_problem(registration.takes, run.request)
             if run.cancel_reason is not None:
                 await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), run.cancel_reason))
             elif problem is not None:
@@ -1079,7 +1062,7 @@ class Provider:
             event = lifecycle.time_out(now, run.timeout or 0.0)
         elif error is not None:
             _handler_failed(log, run, registration, error)
-            event = lifecycle.fail(now, _error_type(error), describe_exception(error))
+            event = lifecycle.fail(now, error_type_of(error), describe_exception(error))
         else:
             try:
                 payload = validate_payload(result, max_bytes=self.settings.max_payload_bytes)
@@ -1135,7 +1118,7 @@ class Provider:
             event = lifecycle.time_out(now, run.timeout or 0.0)
         elif error is not None:
             _handler_failed(log, run, registration, error)
-            event = lifecycle.fail(now, _error_type(error), describe_exception(error))
+            event = lifecycle.fail(now, error_type_of(error), describe_exception(error))
         else:
             event = lifecycle.succeed(now)
         await self._publish_terminal(run, event)
@@ -1260,12 +1243,12 @@ def _stop_reason(run: _Run) -> str:
     return run.cancel_reason or ("timeout" if run.handler_scope.cancel_called else "ended")
 
 
-def _payload_problem(registration: Registration, request: Event) -> str | None:
-    """Why the request's payload does not fit the handler's declared ``takes`` schema, or None."""
+def payload_problem(takes: EventSpec | None, request: Event) -> str | None:
+    """Why the request's payload does not fit a handler's declared ``takes`` schema, or None."""
     try:
         # Events built by clients are checked on the way in; this also covers one put on the bus directly.
         validate_payload(request.payload)
-        spec = registration.takes
+        spec = takes
         if spec is not None:
             spec.validate(request.payload)
     except InvalidPayload as exc:

@@ -1,5 +1,5 @@
 """Test helpers for plugin authors: an in-process server on a free port, a client, a recorder of subscribed
-events and a follower of streaming requests.
+events, a follower of streaming requests and a worker serving handlers for a server (:func:`start_worker`).
 
 ::
 
@@ -15,6 +15,11 @@ events and a follower of streaming requests.
             chunks = await ticks.wait_for(lambda chunks: len(chunks) >= 2)
             assert (await ticks.cancel()).state == "cancelled"
 
+A handler served by a worker, as it would run out of process (docs/workers.md)::
+
+    async with run_server() as nexus, nexus.start_worker(Echo()) as worker:
+        done = await nexus.client.call("demo:echo:v1:requested", {"x": 1})
+
 Installing Nexus registers its pytest plugin (:mod:`nexus.pytest_plugin`): async tests run with no
 configuration, and the ``nexus_server`` fixture starts servers that stop when the test ends. Works with
 pytest-asyncio (auto mode) or anyio's pytest plugin (asyncio backend) too.
@@ -27,7 +32,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from nexus.api import AnyHandler
@@ -40,6 +45,7 @@ from nexus.plugins import HandlerSpec
 from nexus.queue.base import RequestQueue
 from nexus.server import NexusServer
 from nexus.tracing import Tracing
+from nexus.worker import Worker, WorkerSettings
 
 
 class Recorder:
@@ -242,6 +248,52 @@ class TestServer:
     async def client_for(self) -> NexusClient:
         """Another client to the same server (close it yourself)."""
         return NexusClient(self.address)
+
+    def start_worker(self, *handlers: AnyHandler | HandlerSpec, **options: Any) -> AbstractAsyncContextManager[Worker]:
+        """:func:`start_worker` for this server."""
+        return start_worker(self.address, *handlers, **options)
+
+
+def _spec(handler: AnyHandler | HandlerSpec) -> HandlerSpec:
+    if isinstance(handler, HandlerSpec):
+        return handler
+    cls = type(handler)
+    return HandlerSpec(f"{cls.__module__}:{cls.__qualname__}", handler, "nexus.testing")
+
+
+@asynccontextmanager
+async def start_worker(
+    address: str,
+    *handlers: AnyHandler | HandlerSpec,
+    handler_config: dict[str, dict[str, Any]] | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
+    **options: Any,
+) -> AsyncIterator[Worker]:
+    """Run a :class:`~nexus.worker.Worker` serving ``handlers`` for the server at ``address``, in this process;
+    returns once the server accepted its registration, and stops it (draining, teardown) afterwards.
+
+    ``options`` set :class:`~nexus.worker.WorkerSettings` fields (``max_in_flight=4``, ``name="w1"``, ...);
+    ``handler_config`` holds ``[handlers.<name>]`` sections, by registration name. A refused registration
+    raises its :class:`~nexus.errors.NexusError` here.
+    """
+    worker = Worker(
+        address, [_spec(h) for h in handlers], WorkerSettings(**options), handler_config=handler_config, token=token
+    )
+    task = asyncio.create_task(worker.run(), name="nexus-test-worker")
+    registered = asyncio.create_task(worker.wait_registered(timeout))
+    try:
+        await asyncio.wait({task, registered}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises why it ended
+            raise RuntimeError("the worker ended before it registered")
+        registered.result()
+        yield worker
+    finally:
+        registered.cancel()
+        worker.stop()
+        await asyncio.wait({task})
+    task.result()  # what the worker raised while the block ran (not when the block raised itself)
 
 
 @asynccontextmanager

@@ -415,12 +415,10 @@ class Worker(Member):
         assignment.started = True
         if isinstance(message, Chunks):
             if len(message.payloads) > assignment.credit:
-                refusal = Refusal(
-                    correlation_id,
-                    "over_credit",
-                    f"{len(message.payloads)} chunks sent with credit for {assignment.credit}",
-                )
-                assignment.put(Failure(correlation_id, StreamErrorType.HANDLER_ERROR, f"the worker {refusal.message}"))
+                sent = f"{len(message.payloads)} chunks sent with credit for {assignment.credit}"
+                refusal = Refusal(correlation_id, "over_credit", sent)
+                failure = f"the worker sent more chunks than its credit allows ({sent})"
+                assignment.put(Failure(correlation_id, StreamErrorType.HANDLER_ERROR, failure))
                 self._end(assignment)
                 return refusal
             assignment.credit -= len(message.payloads)

@@ -41,7 +41,7 @@ GUARD = 20.0
 def unavailable(reason: str) -> NoReturn:
     """Skip the test, or fail it when ``CI`` is set (CI must run every test)."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI runs every test, so NATS must be available (bash scripts/test starts one)")
+        pytest.fail(f"{reason}; CI runs every test, so it must be there (bash scripts/test installs and starts it)")
     pytest.skip(reason)
 
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
-import pytest
+from node_support import REPO, node_with
 
 from nexus.testing import run_server
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "node" / "client.mjs"
 NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
 # Far above what the script needs; it gives up by itself after 20 s. Only guards against a stuck process.
@@ -35,23 +31,6 @@ EMITTED = [
     ("demo:pong:v1:happened", PONG),
 ]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-
-
-def _unavailable(reason: str) -> NoReturn:
-    """Fail when running in CI (the check must not silently vanish there), skip elsewhere."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so this cross-language check may not be skipped)")
-    pytest.skip(reason)
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        _unavailable("node is not installed: the cross-language client needs Node.js")
-    for package in NODE_PACKAGES:
-        if not (REPO / "node_modules" / package / "package.json").is_file():
-            _unavailable(f"{package} is missing from node_modules: run 'npm ci' in {REPO}")
-    return node
 
 
 async def _run_node(node: str, address: str) -> tuple[int, str, str]:
@@ -80,7 +59,7 @@ def _by_kind(lines: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 async def test_node_client_emits_and_subscribes_with_patterns() -> None:
     """The Node client's pattern subscription gets exactly its two events, in order, with payloads intact."""
-    node = _node()
+    node = node_with(*NODE_PACKAGES)
     async with run_server() as nexus:
         watcher = await nexus.record("demo:>", "other:>")
         code, stdout, stderr = await _run_node(node, nexus.address)

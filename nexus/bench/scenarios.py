@@ -576,6 +576,45 @@ class HistoryMemory(Scenario):
         return _le(summary["nexus"].get("rss_kb"), 600 / 1024)
 
 
+class RemoteHandler(Scenario):
+    name = "remote_handler"
+    title = "a streaming handler in a worker process (WorkerService): request → 1,000 chunks → success"
+    baseline = "the same handler in the server's own process"
+    unit = "chunk"
+    target = "≤ twice the in-process server CPU per chunk"
+
+    async def _sample(self, remote: bool) -> Sample:
+        requests = self.config.size(40, 8)
+        chunks = 1_000
+        concurrency = 8
+        spec = nexus_server(self.config, _extra={"chunks_in_process": not remote})
+        async with AsyncExitStack() as stack:
+            server = await stack.enter_async_context(worker(*spec))
+            address = server.info["grpc"]
+            if remote:
+                await stack.enter_async_context(
+                    worker("handler-worker", {"address": address, "max_in_flight": concurrency})
+                )
+            clients = await stack.enter_async_context(worker("grpc-requesters", {"address": address}))
+            await clients.call(op="run", count=concurrency, chunks=100, concurrency=concurrency)  # warm up
+            cpu = server.cpu()
+            answer = await clients.call(op="run", count=requests, chunks=chunks, concurrency=concurrency)
+            used = server.cpu() - cpu
+        expected = requests * chunks
+        if answer.get("error") or answer["received"] != expected or answer["outcomes"] != {"success": requests}:
+            raise WorkerError(f"expected {expected} chunks and {requests} successes, got {answer}")
+        return {"events_per_s": expected / answer["elapsed"], "cpu_us": used * 1e6 / expected}
+
+    async def run_nexus(self) -> Sample:
+        return await self._sample(remote=True)
+
+    async def run_bare(self) -> Sample:
+        return await self._sample(remote=False)
+
+    def met(self, summary: Summary) -> bool | None:
+        return _le(summary["ratios"].get("cpu_us"), 2.0)
+
+
 SCENARIOS: list[type[Scenario]] = [
     Batched,
     BatchedJson,
@@ -595,6 +634,7 @@ SCENARIOS: list[type[Scenario]] = [
     ActiveStreams,
     HeartbeatJitter,
     HistoryMemory,
+    RemoteHandler,
 ]
 """Every scenario, in report order."""
 

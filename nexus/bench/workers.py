@@ -28,6 +28,7 @@ from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 EVENT_TYPE = "bench:tick:v1:happened"
 HOLD_TYPE = "bench:stream_hold:v1:requested"
+CHUNKS_TYPE = "bench:stream_chunks:v1:requested"
 TEXT = "x" * 160  # with "t" and "n" the payload's JSON is about 200 bytes
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 BARE_SERVICE = "bare.Bare"
@@ -85,6 +86,23 @@ async def _publish_loop(publish: Any, count: int, chunk: int = 100) -> None:
 # --- servers ------------------------------------------------------------------------------------------------
 
 
+def chunks_handler() -> Any:
+    """A streaming handler (``bench:stream_chunks``) that sends ``chunks`` benchmark payloads as fast as its
+    stream takes them: the same class in the server's process or in a worker's."""
+    from nexus.api import Stream, StreamingEventHandler
+    from nexus.events import Event
+
+    class Chunks(StreamingEventHandler):
+        event_type = "bench:stream_chunks"
+        stream_timeout = None
+
+        async def handle_stream(self, event: Event, stream: Stream) -> None:
+            for n in range(int(event.payload["chunks"])):
+                await stream.send(payload(n))
+
+    return Chunks()
+
+
 class NexusServerRole(Role):
     """A Nexus server (memory or NATS bus, gateway optional) with a streaming handler that holds its streams.
 
@@ -123,7 +141,10 @@ class NexusServerRole(Role):
         }
         fields.update(self.args.get("settings", {}))
         self.settings = Settings(**fields)
-        self.server = NexusServer(self.settings, handlers=[Hold()])
+        handlers: list[Any] = [Hold()]
+        if self.args.get("chunks_in_process"):
+            handlers.append(chunks_handler())
+        self.server = NexusServer(self.settings, handlers=handlers)
         await self.server.start()
         freeze_start_up_heap()  # as `nexus serve` does
         self.event = Event
@@ -564,6 +585,69 @@ class GrpcPublisherRole(Role):
         await self.channel.close()
 
 
+class HandlerWorkerRole(Role):
+    """A worker process (:class:`nexus.worker.Worker`) serving :func:`chunks_handler` for the server at
+    ``address``, ``max_in_flight`` requests at once; ready once the server accepted it."""
+
+    async def start(self) -> dict[str, Any]:
+        from nexus.logs import configure_logging
+        from nexus.plugins import HandlerSpec
+        from nexus.worker import Worker, WorkerSettings
+
+        configure_logging("json", "error")
+        spec = HandlerSpec("bench.chunks", chunks_handler(), "nexus bench")
+        settings = WorkerSettings(max_in_flight=int(self.args.get("max_in_flight", 16)), name="bench")
+        self.worker = Worker(self.args["address"], [spec], settings)
+        self.task = asyncio.create_task(self.worker.run())
+        registered = asyncio.create_task(self.worker.wait_registered(60))
+        await asyncio.wait({self.task, registered}, return_when=asyncio.FIRST_COMPLETED)
+        if self.task.done():
+            self.task.result()
+        await registered
+        return {}
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        await self.task
+
+
+class GrpcRequestersRole(Role):
+    """``run``: ``count`` streaming requests of ``chunks`` chunks each through ``RequestEvent``, ``concurrency``
+    at a time; answers the seconds it took and the chunks that arrived."""
+
+    async def start(self) -> dict[str, Any]:
+        from nexus.client import NexusClient
+
+        self.client = NexusClient(self.args["address"])
+        await self.client.wait_ready()
+        return {}
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        if command["op"] != "run":
+            return await super().handle(command)
+        remaining = int(command["count"])
+        chunks = int(command["chunks"])
+        received = 0
+        outcomes: collections.Counter[str] = collections.Counter()
+
+        async def requester() -> None:
+            nonlocal remaining, received
+            while remaining > 0:
+                remaining -= 1
+                async for event in self.client.request(CHUNKS_TYPE, {"chunks": chunks}, heartbeats=False):
+                    if event.state == "stream":
+                        received += 1
+                    elif event.state != "started":
+                        outcomes[event.state] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(requester() for _ in range(int(command.get("concurrency", 1)))))
+        return {"elapsed": time.perf_counter() - started, "received": received, "outcomes": dict(outcomes)}
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+
 class HeartbeatClientsRole(Role):
     """``streams`` long-running gRPC streams (Nexus ``RequestEvent`` of a handler that holds them open, or the
     bare ``Hold``), spread over 10 channels; ``jitter`` measures how far heartbeat intervals stray."""
@@ -687,6 +771,8 @@ ROLES: dict[str, type[Role]] = {
     "grpc-subscribers": GrpcSubscribersRole,
     "grpc-publisher": GrpcPublisherRole,
     "heartbeat-clients": HeartbeatClientsRole,
+    "handler-worker": HandlerWorkerRole,
+    "grpc-requesters": GrpcRequestersRole,
     "ws-clients": WebSocketClientsRole,
 }
 
