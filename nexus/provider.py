@@ -402,7 +402,7 @@ class Provider:
         if not isinstance(handler, (EventHandler, StreamingEventHandler)):
             raise HandlerConfigError(f"{label}: not an EventHandler or StreamingEventHandler")
         streaming = isinstance(handler, StreamingEventHandler)
-        _check_async(label, cls, "handle_stream" if streaming else "handle")
+        check_handle_is_async(label, handler)
         service_action = getattr(cls, "event_type", None)
         if not isinstance(service_action, str):
             raise HandlerConfigError(f"{label}: set the class attribute event_type = 'service:action'")
@@ -623,9 +623,7 @@ class Provider:
                 pool = registration.pool
                 if pool is None or pool.empty_since is None or now - pool.empty_since < self.settings.worker_grace:
                     continue
-                reason = (
-                    f"no worker of {registration.service_action} connected within {self.settings.worker_grace:g} s"
-                )
+                reason = f"no worker of {registration.service_action} connected within {self.settings.worker_grace:g} s"
                 self.log.warning("handler_unavailable", handler=registration.name, reason=reason, waiting=pool.waiting)
                 pool.close(reason)
                 self._remove(registration)
@@ -1264,8 +1262,11 @@ def _ordering_value(value: Any) -> Any:
     return value
 
 
-def _check_async(label: str, cls: type, method: str) -> None:
-    """``handle`` / ``handle_stream`` must be a coroutine function: the provider awaits it on the event loop."""
+def check_handle_is_async(label: str, handler: AnyHandler) -> None:
+    """``handle`` / ``handle_stream`` must be a coroutine function, awaited on the event loop (in process or in a
+    worker); raises :class:`HandlerConfigError` saying what it is instead and what to write."""
+    cls = type(handler)
+    method = "handle_stream" if isinstance(handler, StreamingEventHandler) else "handle"
     function = inspect.unwrap(getattr(cls, method))
     if inspect.iscoroutinefunction(function):
         return

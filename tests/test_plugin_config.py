@@ -22,6 +22,7 @@ from nexus.plugins import SERVER_KEYS, HandlerSpec, declared_config, discover, r
 from nexus.provider import Provider, ProviderSettings
 from nexus.server import NexusServer
 from nexus.testing import run_server
+from nexus.worker import declaration
 
 
 class Pumps(EventHandler):
@@ -198,10 +199,13 @@ class Yielding(StreamingEventHandler):
 def test_a_handler_whose_handle_is_not_a_coroutine_is_refused_with_the_reason(
     handler: EventHandler | StreamingEventHandler, reason: str
 ) -> None:
-    """`def handle` (blocking the loop) and an async generator `handle_stream` are refused at registration."""
+    """`def handle` (blocking the loop) and an async generator `handle_stream` are refused at registration, in
+    process and by a worker before it declares the handler."""
     provider = Provider(MemoryBus(), ProviderSettings())
     with pytest.raises(HandlerConfigError, match=re.escape(reason)):
         provider.register(handler)
+    with pytest.raises(HandlerConfigError, match=re.escape(reason)):
+        declaration(handler, name="sync.handler", max_in_flight=1)
 
 
 def test_a_declaration_that_cannot_be_checked_is_refused_where_it_is_written() -> None:
