@@ -8,7 +8,7 @@ Live gRPC, WebSocket, NATS, latency and memory, each beside its bare library, ar
 
 1. Bus fan-out: N events to S subscribers through ``MemoryBus`` (batched hand-off), against a baseline that
    does what the design forbids — an ``asyncio.Queue`` per subscriber with one ``await put()`` per event per
-   subscriber. Target (DESIGN §7): the batched bus is faster, ratio > 1.
+   subscriber. Target: the batched bus is faster, ratio > 1.
 2. Metrics: deliveries/s through a server's node (publishes counted and timed, delivery latency recorded) with
    metrics on against the same server with ``metrics = false``; rounds interleaved, the median ratio reported.
    Target: on/off >= 0.9 (metrics cost at most 10%).

@@ -3,7 +3,7 @@
 It takes a node (``LocalNode`` inside ``nexus serve``, ``RemoteNode`` for ``nexus gateway --nexus HOST:PORT``) and
 imports neither the provider nor a bus implementation.
 
-- ``protocol``: the JSON frames of DESIGN.md §5 and the error-code table, pure.
+- ``protocol``: the JSON frames of the WebSocket protocol and the error-code table, pure.
 - ``flow``: the per-connection outbox (bounded in frames and bytes) and the rate limiter, pure.
 - ``auth``: the authentication hook and where tokens come from.
 - ``link``: one connection's subscription and its requests (request sessions).

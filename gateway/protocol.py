@@ -1,4 +1,4 @@
-"""The gateway's JSON framing (DESIGN.md §5). Pure: no I/O, no asyncio, tested without a loop.
+"""The gateway's JSON framing (the WebSocket protocol of the README). Pure: no I/O, no asyncio, tested without a loop.
 
 Client frames are decoded into typed commands, or a :class:`ProtocolError` with a stable code; server frames
 are encoded to UTF-8 JSON bytes, sent as text frames. One table, :data:`ERRORS`, says for every error code

@@ -211,7 +211,7 @@ def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotoc
 
 
 class GatewayServer:
-    """Serves the WebSocket protocol of DESIGN.md §5 and the operator page."""
+    """Serves the WebSocket protocol (README, "The WebSocket gateway and the live page") and the operator page."""
 
     def __init__(
         self,

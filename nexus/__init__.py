@@ -6,7 +6,8 @@ The public API plugin authors import::
 
 and what a plugin needs from the server: ``ctx.follow`` (a :class:`Follower`), ``ctx.shared``,
 ``ctx.start_soon``, ``ctx.kv`` (a :class:`PluginKV` of :class:`KVEntry`, raising :class:`KVConflict` /
-:class:`KVLimitExceeded`), the data directory :func:`default_data_dir`, and the settings readers
+:class:`KVLimitExceeded`), the base of the data directories :func:`default_data_dir` (a node's own is
+``ctx.config["data_dir"]``), the settings a plugin declares (:class:`ConfigKey`) and the readers
 :func:`read_number` / :func:`read_int`. A plugin imports nothing else from ``nexus``.
 """
 
@@ -31,7 +32,7 @@ from nexus.errors import (
 )
 from nexus.events import Event, EventType, parse_time
 from nexus.kv.base import KVConflict, KVEntry, KVLimitExceeded, PluginKV, key_for
-from nexus.schema import EventSpec
+from nexus.schema import ConfigKey, EventSpec
 from nexus.settings import read_int, read_number, setting_name
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_FOLLOW_MAX_PENDING",
     "SERVER_DEFAULT",
+    "ConfigKey",
     "ErrorCode",
     "Event",
     "EventHandler",

@@ -28,7 +28,7 @@ import structlog
 
 from nexus.events import Event, JSONObject
 from nexus.kv.base import PluginKV
-from nexus.schema import EventSpec
+from nexus.schema import ConfigKey, EventSpec
 
 
 class _ServerDefault(enum.Enum):
@@ -240,6 +240,10 @@ class _BaseHandler(abc.ABC):
     ``failed`` / ``invalid_payload`` before the handler runs. Also documents the request."""
     emits: ClassVar[Sequence[EventSpec]] = ()
     """Every event this handler publishes (its ``success`` or ``stream`` payload, side events), documented."""
+    config_keys: ClassVar[Sequence[ConfigKey]] = ()
+    """The settings this handler's plugin reads from its ``[handlers.<plugin>]`` section (``ctx.config``): once any
+    handler of a plugin declares some, a key none of them declares is refused at start-up, as is a value of the
+    wrong type. ``nexus handlers --config FILE`` shows the effective settings."""
     public_results: ClassVar[bool] = False
     """With authentication on, a request's lifecycle (its chunks and result) reaches its requester only (and
     admins); ``True`` lets every subscriber whose patterns match receive it."""

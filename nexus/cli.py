@@ -2,9 +2,9 @@
 bench.
 
 Output contract of the client commands: stdout carries only the command's data, one JSON object per line;
-every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``) goes to
-stderr. Exit codes: 0 done, 1 the server refused (``nexus: <code>: <message>`` on stderr) or a request did not
-succeed, 2 a usage or start-up error (``nexus: error: <message>``, one line), 130 interrupted.
+every log line (``subscription_reconnecting``, ...) and every status line (``nexus: subscribed {...}``,
+``nexus: duplicate: ...``, ``nexus: no live streams``) goes to stderr. Exit codes: :data:`EXIT_CODES`, shown by
+``nexus --help``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -27,9 +28,32 @@ from nexus.errors import ConfigurationError, NexusError
 from nexus.events import Event
 
 if TYPE_CHECKING:
+    from nexus.client import NexusClient
+    from nexus.cloudevents import CloudEventsView
     from nexus.config import Settings
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "done (a request ended in success; cancel found and cancelled the stream)"),
+    (
+        1,
+        "the server refused (nexus: <code>: <message> on stderr); a request ended in failed, timeout or "
+        "cancelled; cancel found no such stream; docs --check found the file out of date",
+    ),
+    (2, "a usage or start-up error, in one line: nexus: error: <message>"),
+    (130, "interrupted (Ctrl-C)"),
+)
+"""Every exit code of every ``nexus`` command, with what it means."""
+
+
+def exit_codes_text(width: int = 100) -> str:
+    """The exit codes as ``nexus --help`` ends with them (and the README shows them)."""
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES:
+        lines += textwrap.wrap(meaning, width, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+    return "\n".join(lines)
+
+
 DEFAULT_BACKOFF = BackoffPolicy()
 
 
@@ -182,7 +206,12 @@ def _add_client_tls_options(parser: argparse.ArgumentParser, prefix: str = "", w
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``nexus`` command."""
-    parser = argparse.ArgumentParser(prog="nexus", description="Nexus: a real-time event bus.")
+    parser = argparse.ArgumentParser(
+        prog="nexus",
+        description="Nexus: a real-time event bus.",
+        epilog=exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"nexus {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -269,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="the server's own files, the plugins' state with the memory bus ($XDG_DATA_HOME/nexus)",
+        help="everything this node keeps: the plugins' state with the memory bus, the messaging database "
+        "($XDG_DATA_HOME/nexus/node-<grpc port>)",
     )
     _add_exposure_options(serve)
     _add_auth_options(serve)
@@ -301,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--count", type=int, help="exit after this many events")
     subscribe.add_argument("--no-heartbeats", action="store_true", help="leave out heartbeat events")
     subscribe.add_argument(
+        "--format",
+        choices=("json", "cloudevents"),
+        default="json",
+        help="json: each event as Nexus sends it (default); cloudevents: as a CloudEvent 1.0 in the JSON format "
+        "(docs/cloudevents.md)",
+    )
+    subscribe.add_argument(
         "--reconnect-initial-delay",
         type=_positive_float,
         default=DEFAULT_BACKOFF.initial_delay,
@@ -327,13 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled by requester")
 
     handlers = commands.add_parser(
-        "handlers", help="list handlers: those 'nexus serve' would load here, or a running server's"
+        "handlers",
+        help="list handlers: those 'nexus serve' would load here (with their effective settings), or a running "
+        "server's",
     )
     handlers.add_argument("--server", help="ask this running server instead")
     _add_client_tls_options(handlers)
     handlers.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
     handlers.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
     handlers.add_argument("--no-entry-points", action="store_false", dest="load_entry_points", default=None)
+    handlers.add_argument(
+        "--exclude", action="append", dest="exclude_handlers", metavar="NAME", help="skip an entry point"
+    )
 
     client_command("streams", "list the streams a server drives now")
 
@@ -559,6 +601,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nexus: serving gRPC on {settings.host}:{server.grpc_port} (Ctrl-C to stop)", file=sys.stderr)
         if server.gateway is not None:
             print(f"nexus: page on {server.gateway.http_url}, WebSocket on {server.gateway.url}", file=sys.stderr)
+        print(f"nexus: data in {settings.data_path()} (--data-dir)", file=sys.stderr)
     await stop.wait()
     await server.stop()
     return 0
@@ -650,9 +693,21 @@ async def _emit(args: argparse.Namespace) -> int:
     payload = _parse_payload(args.payload)
     metadata = _parse_metadata(args.metadata)
     async with NexusClient(args.server, **_tls(args)) as client:
-        event = await client.emit(args.event_type, payload, event_id=args.event_id, metadata=metadata)
-    _json_line(event.to_dict(), sys.stdout)
+        stored = await client.store(args.event_type, payload, event_id=args.event_id, metadata=metadata)
+    if stored.duplicate:
+        _say_duplicate(stored.event)
+    _json_line(stored.event.to_dict(), sys.stdout)
     return 0
+
+
+def _say_duplicate(event: Event) -> None:
+    """Tell stderr that the server already held ``event``'s id: what stdout shows is the stored original."""
+    print(
+        f"nexus: duplicate: event_id {event.event_id} was already stored (offset {event.offset}); "
+        "nothing new was stored, the original is shown",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 async def _subscribe(args: argparse.Namespace) -> int:
@@ -671,18 +726,34 @@ async def _subscribe(args: argparse.Namespace) -> int:
         print("nexus: subscribed " + json.dumps(info), file=sys.stderr, flush=True)
 
     async with NexusClient(args.server, backoff=backoff, **_tls(args)) as client:
+        view = await _cloudevents_view(client) if args.format == "cloudevents" else None
         subscription = client.subscribe(
             *args.patterns, since_offset=args.since_offset, epoch=args.epoch, on_connect=on_connect
         )
         async for event in subscription:
             if args.no_heartbeats and event.state == "heartbeat":
                 continue
-            _json_line(event.to_dict(), sys.stdout)
+            _json_line(event.to_dict() if view is None else view.convert(event), sys.stdout)
             seen += 1
             if args.count is not None and seen >= args.count:
                 subscription.close()
                 break
     return 0
+
+
+async def _cloudevents_view(client: NexusClient) -> CloudEventsView:
+    """A CloudEvents view knowing the server's handlers' ordering keys (for ``partitionkey``), when it can ask."""
+    import structlog
+
+    from nexus.cloudevents import CloudEventsView
+
+    try:
+        handlers = await client.handlers()
+    except NexusError as exc:  # the subscription itself reports an unreachable or refusing server
+        structlog.get_logger("nexus.cli").info("cloudevents_ordering_keys_unknown", reason=str(exc))
+        handlers = []
+    keys = {str(h["event_type"]): str(h["ordering_key"]) for h in handlers if h.get("ordering_key")}
+    return CloudEventsView(keys)
 
 
 async def _request(args: argparse.Namespace) -> int:
@@ -701,6 +772,8 @@ async def _request(args: argparse.Namespace) -> int:
         )
         async for event in stream:
             if stream.request is not None and last is None:
+                if stream.duplicate:
+                    _say_duplicate(stream.request)
                 _json_line(stream.request.to_dict(), sys.stdout)
             last = event
             _json_line(event.to_dict(), sys.stdout)
@@ -726,17 +799,21 @@ async def _handlers(args: argparse.Namespace) -> int:
         return 0
     from nexus.bus.memory import MemoryBus
     from nexus.config import load_settings
-    from nexus.plugins import discover, register_all
+    from nexus.plugins import discover, effective_config, register_all
     from nexus.provider import Provider, registrations_table
 
-    settings = load_settings(args.config, os.environ, _overrides(args, ("handlers", "load_entry_points")))
+    fields = ("handlers", "load_entry_points", "exclude_handlers")
+    settings = load_settings(args.config, os.environ, _overrides(args, fields))
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
     provider = Provider(MemoryBus(), settings.provider_settings())
     register_all(provider, specs, settings.handler_config, settings.plugin_defaults())
     sources = {spec.name: spec.source for spec in specs}
     for item in registrations_table(provider.registrations.values()):
-        item["source"] = sources.get(str(item["name"]), "")
+        name = str(item["name"])
+        item["source"] = sources.get(name, "")
+        # The settings it would run with; TOML dates and times are shown as text.
+        item["config"] = json.loads(json.dumps(effective_config(provider.registrations[name]), default=str))
         _json_line(item, sys.stdout)
     return 0
 
@@ -745,14 +822,18 @@ async def _streams(args: argparse.Namespace) -> int:
     from nexus.client import NexusClient
 
     async with NexusClient(args.server, **_tls(args)) as client:
-        for item in await client.streams():
-            _json_line(item, sys.stdout)
+        streams = await client.streams()
+    for item in streams:
+        _json_line(item, sys.stdout)
+    if not streams:
+        print("nexus: no live streams", file=sys.stderr, flush=True)
     return 0
 
 
 async def _worker(args: argparse.Namespace) -> int:
     from nexus.config import load_settings
-    from nexus.plugins import discover
+    from nexus.datadir import default_data_dir
+    from nexus.plugins import check_handler_config, discover, installed_names
     from nexus.worker import WORKER_DATA_DIR, Worker, WorkerSettings
 
     fields = ("handlers", "exclude_handlers", "data_dir")
@@ -761,9 +842,11 @@ async def _worker(args: argparse.Namespace) -> int:
     specs = discover(args.entry_points, settings.handlers, settings.exclude_handlers)
     if not specs:
         raise CliError("no handler to serve: name one with --handler MODULE:CLASS (or --entry-points)")
+    check_handler_config(settings.handler_config, specs, installed_names())  # as nexus serve checks its own
     given = {"max_in_flight": args.max_in_flight, "shutdown_grace_s": args.shutdown_grace, "name": args.name}
     options = WorkerSettings(
-        data_dir=str(settings.data_path() / WORKER_DATA_DIR),
+        # Not a node's directory (it serves no port): DIR/worker, DIR the shared base unless --data-dir says.
+        data_dir=str(Path(settings.data_dir or default_data_dir()) / WORKER_DATA_DIR),
         kv_limits=settings.kv_limits(),
         **{field: value for field, value in given.items() if value is not None},
     )
@@ -772,7 +855,7 @@ async def _worker(args: argparse.Namespace) -> int:
         specs,
         options,
         handler_config=settings.handler_config,
-        defaults=settings.plugin_defaults(),
+        defaults={**settings.plugin_defaults(), "data_dir": options.data_dir},  # its plugins' files beside its kv
         **_tls(args),
     )
     loop = asyncio.get_running_loop()

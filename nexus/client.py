@@ -11,6 +11,9 @@
         async for event in client.request("demo:stream_countdown:v1:requested", {"n": 3}):
             print(event.state, event.payload)                    # started, stream..., success
 
+Events convert to CloudEvents 1.0 (JSON format) with :func:`to_cloudevent` or, with ``partitionkey`` from the
+handlers' ordering keys, a :class:`CloudEventsView` (docs/cloudevents.md).
+
 Errors the server reports are raised as :class:`~nexus.errors.NexusError` subclasses (``InvalidArgument``,
 ``ResourceExhausted``, ``Unavailable``, ...), so callers catch meaning, not gRPC status codes.
 """
@@ -20,15 +23,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import grpc
 import structlog
 
 from nexus.backoff import Backoff, BackoffPolicy
+from nexus.bus.base import Published
+from nexus.cloudevents import CloudEventsView as CloudEventsView
+from nexus.cloudevents import to_cloudevent as to_cloudevent
 from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, encode_json, validate_metadata, validate_payload
-from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response, event_to_request, payload_to_struct
+from nexus.grpc.convert import CODE_FOR_STATUS, DUPLICATE, event_from_response, event_to_request, payload_to_struct
 from nexus.tls import channel_credentials
 from nexus.tracing import inject
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -70,6 +76,14 @@ class PublishSummary:
     duplicates: int
     last_offset: int
     epoch: str
+
+
+class EmitOptions(TypedDict, total=False):
+    """The keyword arguments of :meth:`NexusClient.emit` (those of :meth:`NexusClient.store`)."""
+
+    event_id: str | None
+    metadata: dict[str, str] | None
+    timeout: float | None
 
 
 class Subscription:
@@ -238,7 +252,7 @@ class RequestStream:
                 event = event_from_response(message.event)
                 if self.request is None:
                     self.request = event
-                    self.duplicate = message.event.message == "duplicate"
+                    self.duplicate = message.event.message == DUPLICATE
                     continue
                 if event.state == "heartbeat" and not self.heartbeats:
                     continue
@@ -342,7 +356,15 @@ class NexusClient:
         """Wait until the channel is connected."""
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
-    async def emit(
+    async def emit(self, event_type: str, payload: JSONObject | None = None, **options: Unpack[EmitOptions]) -> Event:
+        """Publish one event; returns it as stored (``offset``, ``epoch``). ``options``: ``event_id`` (yours to
+        choose; deduplicated), ``metadata`` (a string map), ``timeout`` (seconds, 30 by default).
+
+        A repeated ``event_id`` inside the dedupe window returns the stored original (:meth:`store` says which).
+        """
+        return (await self.store(event_type, payload, **options)).event
+
+    async def store(
         self,
         event_type: str,
         payload: JSONObject | None = None,
@@ -350,10 +372,11 @@ class NexusClient:
         event_id: str | None = None,
         metadata: dict[str, str] | None = None,
         timeout: float | None = 30.0,
-    ) -> Event:
-        """Publish one event; returns it as stored (``offset``, ``epoch``).
+    ) -> Published:
+        """Publish one event as :meth:`emit` does; returns it as stored and whether the server already held it.
 
-        A repeated ``event_id`` inside the dedupe window returns the stored original.
+        ``duplicate`` is True when the ``event_id`` was stored before inside the dedupe window: the event is then
+        the stored original, and nothing new was stored.
         """
         checked = validate_payload(payload)
         request = nexus_pb2.EventRequest(
@@ -367,7 +390,7 @@ class NexusClient:
             response = await self.stub.EmitEvent(request, metadata=self.metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from None
-        return event_from_response(response)
+        return Published(event_from_response(response), duplicate=response.message == DUPLICATE)
 
     async def publish_many(self, events: Iterable[Event], *, timeout: float | None = None) -> PublishSummary:
         """Publish events in order over one client stream."""

@@ -22,7 +22,6 @@ bad one raises :class:`ConfigError` naming the field and its source.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
 import math
@@ -49,9 +48,9 @@ from nexus.bus.nats_codec import DEFAULT_STREAM as DEFAULT_NATS_STREAM
 from nexus.bus.nats_codec import DEFAULT_SUBJECT_PREFIX as DEFAULT_NATS_SUBJECT_PREFIX
 from nexus.bus.nats_codec import check_stream_name, check_subject_prefix
 from nexus.bus.nats_settings import DEFAULT_ACK_TIMEOUT_S, DEFAULT_PUBLISH_WINDOW, NatsBusSettings
-from nexus.datadir import default_data_dir
+from nexus.datadir import node_data_dir
 from nexus.detect import DEFAULT_RULES, Rule
-from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument
+from nexus.errors import ConfigurationError, HandlerConfigError, InvalidArgument, did_you_mean
 from nexus.events import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_MAX_METADATA_ENTRIES,
@@ -63,7 +62,7 @@ from nexus.kv.base import DEFAULT_KV_MAX_KEYS, DEFAULT_KV_MAX_VALUE_BYTES, KVLim
 from nexus.logs import LOG_FORMATS, LOG_LEVELS
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION
 from nexus.origins import DEFAULT_ALLOWED_ORIGINS, check_allowed_origin
-from nexus.plugins import split_spec
+from nexus.plugins import SERVER_KEYS, split_spec
 from nexus.provider import (
     DEFAULT_BUFFER_SIZE,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -95,8 +94,9 @@ CONFIG_ENV: Final = "NEXUS_CONFIG"
 FILE_SECTION: Final = "nexus"
 HANDLERS_SECTION: Final = "handlers"
 BUS_SCHEMES: Final = ("nats", "tls")
-PLUGIN_DEFAULT_FIELDS: Final = ("log_dir",)
-"""Settings handed to every plugin as a default ``ctx.config`` key of the same name."""
+PLUGIN_DEFAULT_FIELDS: Final = SERVER_KEYS
+"""Settings handed to every plugin as a default ``ctx.config`` key of the same name (``data_dir``: the node's
+data directory, :meth:`Settings.data_path`)."""
 
 
 class ConfigError(ConfigurationError):
@@ -223,8 +223,10 @@ class Settings:
     log_dir: str | None = None
     """The directory plugins may read log files from (``anomalies:stream_log``); None: none may."""
     data_dir: str | None = None
-    """The directory of the server's own files (created when missing): the plugins' key-value state with the
-    memory bus (``kv.sqlite3``). None: ``$XDG_DATA_HOME/nexus``, else ``~/.local/share/nexus``."""
+    """The node's data directory (created when missing): everything it keeps, the plugins' key-value state with
+    the memory bus (``kv.sqlite3``) and the messaging plugin's database among them; plugins get it as
+    ``ctx.config["data_dir"]``. None: ``node-<grpc_port>`` under ``$XDG_DATA_HOME/nexus`` (else
+    ``~/.local/share/nexus``), one per node."""
     kv_bucket: str | None = None
     """The JetStream key-value bucket of the plugins' state with the NATS bus; None: ``<nats_stream>_KV``."""
     kv_max_value_bytes: int = DEFAULT_KV_MAX_VALUE_BYTES
@@ -243,9 +245,10 @@ class Settings:
     def plugin_defaults(self) -> dict[str, Any]:
         """Server settings every handler's ``ctx.config`` starts from; its own sections override them.
 
-        The fields named in :data:`PLUGIN_DEFAULT_FIELDS`, when set.
+        The fields named in :data:`PLUGIN_DEFAULT_FIELDS`, when set; ``data_dir`` always (the node's own).
         """
         defaults = {name: getattr(self, name) for name in PLUGIN_DEFAULT_FIELDS}
+        defaults["data_dir"] = str(self.data_path())
         return {name: value for name, value in defaults.items() if value is not None}
 
     def server_tls(self) -> ServerTls | None:
@@ -305,8 +308,8 @@ class Settings:
         )
 
     def data_path(self) -> Path:
-        """``data_dir``, or the default data directory."""
-        return Path(self.data_dir) if self.data_dir is not None else default_data_dir()
+        """The node's data directory: ``data_dir``, else its own under the default base (``node-<grpc_port>``)."""
+        return Path(self.data_dir) if self.data_dir is not None else node_data_dir(self.grpc_port)
 
     def kv_limits(self) -> KVLimits:
         return KVLimits(
@@ -736,6 +739,8 @@ def env_var(field: str) -> str:
 
 
 _FLAGS: Final = {
+    "handlers": "--handler",
+    "exclude_handlers": "--exclude",
     "ws_allowed_origins": "--ws-allowed-origin",
     "tls_cert_file": "--tls-cert",
     "tls_key_file": "--tls-key",
@@ -757,8 +762,7 @@ def _convert(field: str, value: Any, *, text: bool, source: str) -> Any:
 
 
 def _unknown(field: str, source: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(field, [f for f in _FIELDS if f != "handler_config"], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(field, [f for f in _FIELDS if f != "handler_config"])
     return ConfigError(f"unknown setting {where}{hint}", field=field, source=source)
 
 

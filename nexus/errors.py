@@ -37,7 +37,9 @@ event's payload, not of a call's status.
 
 from __future__ import annotations
 
+import difflib
 import enum
+from collections.abc import Iterable
 
 
 class ErrorCode(enum.StrEnum):
@@ -200,3 +202,12 @@ def error_for_code(code: ErrorCode, message: str) -> NexusError:
     if cls is NexusError:
         error.code = code
     return error
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` naming the choice closest to a mistyped ``word``, or ``""`` when none is close.
+
+    The one spelling hint of every error about an unknown name: settings, config sections and keys, event states.
+    """
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -14,7 +14,7 @@ HandlerClass = type[EventHandler] | type[StreamingEventHandler]
 HEADER = """# Events of the built-in plugins
 
 Generated from the schemas the plugins declare (`takes` and `emits`); `nexus docs events` writes this file
-and a test fails when the two disagree. Every request also gets the lifecycle of DESIGN §2: streaming
+and a test fails when the two disagree. Every request also gets its lifecycle: streaming
 requests `started` → `stream`* (+ `heartbeat`) → one terminal event; plain requests `success` or `failed`.
 A payload that does not fit the request's schema ends with `failed` (`error.type = "invalid_payload"`) and a
 message naming the field. Times are read as RFC 3339 text or epoch seconds; a field documented as

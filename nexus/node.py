@@ -32,11 +32,18 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
-from nexus.errors import AlreadyExists, InvalidState, PermissionDenied, ReservedState
+from nexus.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    InvalidState,
+    PermissionDenied,
+    ReservedState,
+    did_you_mean,
+)
 from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
-from nexus.session import OWNER, Lease, RequestSession, SessionState, require_request
+from nexus.session import OWNER, Lease, RequestSession, SessionState, request_base, require_request
 from nexus.telemetry import Telemetry
 from nexus.tracing import TRACEPARENT, Tracing
 from nexus.workers import Declaration, Worker
@@ -213,6 +220,9 @@ class Node(abc.ABC):
           (a ``requested`` event of a type a handler serves), which any principal may send.
         - The lifecycle of a handled type (``started``, ``stream``, ``heartbeat``, terminal states) is published by
           the provider driving the request only: anyone else gets :class:`~nexus.errors.ReservedState`.
+        - A handled type takes only lifecycle states: another state (``demo:echo:v1:request``, a typo of
+          ``requested``) is :class:`~nexus.errors.InvalidArgument` with the closest lifecycle state suggested.
+          Domain states stay open on actions no handler serves (``places:encounter:v1:started``).
         - Identity is the server's: ``metadata.owner`` is the principal's; with a verified token,
           ``metadata.user_id`` is its user (an admin's own ``user_id`` claim stays: it relays for others, as
           ``nexus gateway`` does); without one, the client's own ``user_id`` claim (if any) stays and
@@ -226,6 +236,13 @@ class Node(abc.ABC):
         handled_request = event.state == REQUESTED and self.serves(event.event_type)
         if not handled_request and not principal.may_publish(event.event_type):
             raise PermissionDenied(f"{quote(event.event_type, 80)} is outside the patterns you may publish to")
+        if event.state not in LIFECYCLE_STATES and self._serves_type_of(event):
+            raise InvalidArgument(
+                f"{quote(event.event_type, 80)}: {quote(event.state, 40)} is not a state of a request's lifecycle, "
+                f"and a handler serves {quote(request_base(event.event_type), 80)}"
+                f"{did_you_mean(event.state, LIFECYCLE_STATES)} (publish '...:requested' to ask the handler; "
+                "other domain events need an action no handler serves)"
+            )
         if event.state in RESERVED_STATES and self.serves(event.event_type):
             raise ReservedState(
                 f"{quote(event.event_type, 80)}: only the handler serving a request publishes its "
@@ -243,6 +260,13 @@ class Node(abc.ABC):
         else:
             metadata["auth"] = "none"
         return event.evolve(metadata=metadata)
+
+    def _serves_type_of(self, event: Event) -> bool:
+        """:meth:`serves` for a domain event a client publishes, asked only when the cheap :meth:`handles` (a set
+        lookup of ``service:action`` on a local node) says a handler may serve its action: most such events are of
+        actions no handler serves, and their publish path stays as short as it was."""
+        service_action = event.event_type.rsplit(":", 2)[0]
+        return self.handles(service_action, event.event_type) and self.serves(event.event_type)
 
     def count_request(self, event: Event, transport: str, seconds: float) -> None:
         """A request was stored through ``transport`` in ``seconds`` (it counts as a sent message)."""

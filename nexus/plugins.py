@@ -17,12 +17,13 @@ import importlib
 import importlib.metadata
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import structlog
 
 from nexus.api import AnyHandler, EventHandler, StreamingEventHandler, plugin_name
-from nexus.errors import HandlerConfigError
+from nexus.errors import HandlerConfigError, did_you_mean
+from nexus.schema import ConfigKey
 
 if TYPE_CHECKING:
     from nexus.provider import Provider, Registration
@@ -130,7 +131,12 @@ def _entry_point_handlers(exclude: Sequence[str]) -> list[HandlerSpec]:
             continue
         dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
         label = f"entry point {entry_point.name!r} = {entry_point.value!r} (from {dist})"
-        handler = _load(entry_point.value, label)
+        try:
+            handler = _load(entry_point.value, label)
+        except HandlerConfigError as exc:
+            raise HandlerConfigError(
+                f"{exc}; fix or uninstall {dist}, or skip this entry point with --exclude {entry_point.name}"
+            ) from exc.__cause__
         specs.append(HandlerSpec(entry_point.name, handler, f"entry point {dist}"))
     return specs
 
@@ -180,8 +186,103 @@ def config_for(
     return config
 
 
-def _section_used(section: str, names: Iterable[str]) -> bool:
-    return any(section in (name, plugin_name(name)) for name in names)
+SERVER_KEYS: Final = ("log_dir", "data_dir")
+"""Keys every plugin's ``ctx.config`` gets from the server's settings (a section may set its own)."""
+
+
+class Named(Protocol):
+    """A handler with its registration name: a :class:`~nexus.provider.Registration` (no handler: only workers
+    serve it) or a :class:`HandlerSpec`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def handler(self) -> AnyHandler | None: ...
+
+
+def declared_config(registrations: Iterable[Named]) -> dict[str, dict[str, ConfigKey]]:
+    """The settings each plugin declares (``config_keys`` of its handlers, together), by plugin and key name.
+
+    Raises :class:`HandlerConfigError` for a declaration that is not a :class:`~nexus.ConfigKey`, or two handlers of
+    one plugin declaring a key differently.
+    """
+    declared: dict[str, dict[str, ConfigKey]] = {}
+    for registration in registrations:
+        keys = getattr(type(registration.handler), "config_keys", ())
+        plugin = plugin_name(registration.name)
+        for key in keys:
+            if not isinstance(key, ConfigKey):
+                raise HandlerConfigError(f"{registration.name}: config_keys must hold ConfigKeys, not {key!r}")
+            other = declared.setdefault(plugin, {}).setdefault(key.name, key)
+            if (other.kind, other.default) != (key.kind, key.default):
+                raise HandlerConfigError(
+                    f"{registration.name}: declares the setting {key.name!r} of the plugin {plugin!r} as "
+                    f"{key.kind.__name__} = {key.default!r}, another of its handlers as "
+                    f"{other.kind.__name__} = {other.default!r}"
+                )
+    return declared
+
+
+def installed_names() -> set[str]:
+    """The names of the installed ``nexus.handlers`` entry points (loaded or not)."""
+    return {entry_point.name for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def check_handler_config(
+    handler_config: Mapping[str, Mapping[str, Any]],
+    registrations: Iterable[Named],
+    installed: Iterable[str] = (),
+) -> None:
+    """Refuse, at start-up, a ``[handlers.<name>]`` section that names no plugin or handler, and in the section of a
+    plugin that declares its settings (``config_keys``) a key it does not declare or a value of the wrong type.
+
+    A section may name a registered handler or its plugin, or an ``installed`` entry point that is not loaded
+    (excluded, or entry points off): configuring it is no mistake. Raises :class:`HandlerConfigError` naming the
+    section and key, with the closest known name.
+    """
+    registered = list(registrations)
+    names = {r.name for r in registered} | set(installed)
+    plugins = {plugin_name(name) for name in names}
+    declared = declared_config(registered)
+    for section, values in handler_config.items():
+        if section not in names | plugins:
+            raise HandlerConfigError(
+                f"[handlers.{section}]: no plugin or handler is named {section!r}"
+                f"{did_you_mean(section, plugins)} (plugins here: {', '.join(sorted(plugins)) or 'none'})"
+            )
+        keys = declared.get(plugin_name(section))
+        if not keys:
+            continue  # a plugin that declares nothing reads what it wants
+        for key, value in values.items():
+            nested = f"{section}.{key}"
+            if section in plugins and isinstance(value, Mapping) and nested in names:
+                _check_keys(nested, value, keys)  # [handlers.<plugin>.<handler>]: that handler's own values
+            else:
+                _check_keys(section, {key: value}, keys)
+
+
+def _check_keys(section: str, values: Mapping[str, Any], keys: Mapping[str, ConfigKey]) -> None:
+    plugin = plugin_name(section)
+    for key, value in values.items():
+        declared = keys.get(key)
+        if declared is None:
+            if key in SERVER_KEYS:
+                continue
+            raise HandlerConfigError(
+                f"[handlers.{section}] {key}: the plugin {plugin!r} has no such setting"
+                f"{did_you_mean(key, [*keys, *SERVER_KEYS])} (its settings: {', '.join(sorted(keys))})"
+            )
+        problem = declared.problem(value)
+        if problem is not None:
+            raise HandlerConfigError(f"[handlers.{section}] {key} {problem}")
+
+
+def effective_config(registration: Registration) -> dict[str, Any]:
+    """A handler's settings as it runs with them: its plugin's declared defaults, overlaid with its ``ctx.config``."""
+    keys = getattr(type(registration.handler), "config_keys", ())
+    defaults = {key.name: key.default for key in keys if isinstance(key, ConfigKey) and key.default is not None}
+    return {**defaults, **registration.config}
 
 
 def register_all(
@@ -192,8 +293,8 @@ def register_all(
 ) -> list[Registration]:
     """Register each handler with its ``[handlers.<name>]`` section (over ``defaults``) as ``ctx.config``.
 
-    A provider's refusal is re-raised naming where the handler came from. A section naming no registered
-    handler is logged as a warning (it is often a typo).
+    A provider's refusal is re-raised naming where the handler came from. Then every section is checked
+    (:func:`check_handler_config`) against the handlers registered so far and the installed entry points.
     """
     registrations: list[Registration] = []
     for spec in specs:
@@ -203,7 +304,5 @@ def register_all(
         except HandlerConfigError as exc:
             raise HandlerConfigError(f"{exc} (loaded from {spec.source})") from exc
         registrations.append(registration)
-    for name in handler_config:
-        if not _section_used(name, provider.registrations):
-            structlog.get_logger("nexus.plugins").warning("handler_config_unused", section=name)
+    check_handler_config(handler_config, provider.registrations.values(), installed_names())
     return registrations

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import math
 import time
 from collections import deque
@@ -401,6 +402,7 @@ class Provider:
         if not isinstance(handler, (EventHandler, StreamingEventHandler)):
             raise HandlerConfigError(f"{label}: not an EventHandler or StreamingEventHandler")
         streaming = isinstance(handler, StreamingEventHandler)
+        check_handle_is_async(label, handler)
         service_action = getattr(cls, "event_type", None)
         if not isinstance(service_action, str):
             raise HandlerConfigError(f"{label}: set the class attribute event_type = 'service:action'")
@@ -621,9 +623,7 @@ class Provider:
                 pool = registration.pool
                 if pool is None or pool.empty_since is None or now - pool.empty_since < self.settings.worker_grace:
                     continue
-                reason = (
-                    f"no worker of {registration.service_action} connected within {self.settings.worker_grace:g} s"
-                )
+                reason = f"no worker of {registration.service_action} connected within {self.settings.worker_grace:g} s"
                 self.log.warning("handler_unavailable", handler=registration.name, reason=reason, waiting=pool.waiting)
                 pool.close(reason)
                 self._remove(registration)
@@ -1260,6 +1260,21 @@ def _ordering_value(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def check_handle_is_async(label: str, handler: AnyHandler) -> None:
+    """``handle`` / ``handle_stream`` must be a coroutine function, awaited on the event loop (in process or in a
+    worker); raises :class:`HandlerConfigError` saying what it is instead and what to write."""
+    cls = type(handler)
+    method = "handle_stream" if isinstance(handler, StreamingEventHandler) else "handle"
+    function = inspect.unwrap(getattr(cls, method))
+    if inspect.iscoroutinefunction(function):
+        return
+    if inspect.isasyncgenfunction(function):
+        reason = "an async generator (it yields); send each chunk with 'await stream.send(chunk)' instead"
+    else:
+        reason = "a plain function; write 'async def', and run blocking work with anyio.to_thread.run_sync"
+    raise HandlerConfigError(f"{label}: {cls.__name__}.{method} must be 'async def', but it is {reason}")
 
 
 def _check_specs(label: str, cls: type, service_action: str) -> None:

@@ -1,4 +1,4 @@
-"""Event schemas plugins declare: what a handler takes and what it emits, for validation and documentation.
+"""What plugins declare: the events a handler takes and emits, and the settings its plugin reads.
 
 A handler declares the request it takes and every event it publishes::
 
@@ -15,13 +15,26 @@ A handler declares the request it takes and every event it publishes::
 The provider validates a request's payload against ``takes.schema`` before the handler runs: a payload that
 does not fit ends with ``failed`` / ``invalid_payload`` and a message naming the field. ``nexus docs events``
 renders every declared event as Markdown (``docs/events.md``). Schemas are JSON Schema (draft 2020-12).
+
+A plugin declares its settings the same way, as :class:`ConfigKey` entries in ``config_keys``::
+
+    class Monitor(EventHandler):
+        event_type = "pumps:monitor"
+        config_keys = (ConfigKey("window", int, 100, "Readings per window."),)
+
+At start-up every key of the plugin's ``[handlers.<plugin>]`` section is checked against what its handlers
+declare: an unknown key, or a value of the wrong type, stops the server naming it (with the closest declared
+key). ``nexus handlers --config FILE`` shows each handler's effective settings: the declared defaults, overlaid
+with the file's values. Ranges and other rules stay where the plugin reads the value (``read_int``, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import jsonschema
 import jsonschema.exceptions
@@ -104,3 +117,70 @@ def _collect_fields(
         items = sub.get("items")
         if sub.get("type") == "array" and isinstance(items, Mapping) and items.get("properties"):
             _collect_fields(items, f"{full}[].", rows, parent_required=is_required)
+
+
+CONFIG_TYPES: Final[dict[type, str]] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a table",
+}
+"""The types a :class:`ConfigKey` may declare, with how an error names them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One setting of a plugin's ``[handlers.<plugin>]`` section: its name, type, default and meaning.
+
+    ``kind`` is ``bool``, ``int`` (a whole number; ``10.0`` counts), ``float`` (any finite number), ``str``,
+    ``list`` or ``dict`` (a table). ``default`` is what the plugin uses when the key is not set (None: nothing,
+    the key is optional).
+    """
+
+    name: str
+    kind: type
+    default: Any
+    description: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "a").isalnum() or not self.name[0].isalpha():
+            raise ValueError(f"a config key name is letters, digits and '_', starting with a letter: {self.name!r}")
+        if self.kind not in CONFIG_TYPES:
+            allowed = ", ".join(kind.__name__ for kind in CONFIG_TYPES)
+            raise ValueError(f"config key {self.name!r}: kind must be one of {allowed}, not {self.kind!r}")
+        if self.default is not None and self.problem(self.default) is not None:
+            raise ValueError(f"config key {self.name!r}: the default {self.default!r} is not {self.type_label}")
+
+    @classmethod
+    def from_dataclass(cls, settings: type, descriptions: Mapping[str, str] | None = None) -> tuple[ConfigKey, ...]:
+        """One key per field of the dataclass ``settings`` (its name, annotated type and default): for a plugin
+        that reads its section into such a class. ``descriptions`` gives fields a meaning (default: none)."""
+        hints = typing.get_type_hints(settings)
+        keys = []
+        for field in dataclasses.fields(settings):
+            kind = typing.get_origin(hints[field.name]) or hints[field.name]
+            default = field.default if field.default is not dataclasses.MISSING else None
+            keys.append(cls(field.name, kind, default, (descriptions or {}).get(field.name, "")))
+        return tuple(keys)
+
+    @property
+    def type_label(self) -> str:
+        """``an integer``, ``a string``, ...: what the value must be."""
+        return CONFIG_TYPES[self.kind]
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this key's type, or None when it fits."""
+        fits: bool
+        if self.kind is bool:
+            fits = isinstance(value, bool)
+        elif self.kind is int:
+            fits = not isinstance(value, bool) and (
+                isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+            )
+        elif self.kind is float:
+            fits = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        else:
+            fits = isinstance(value, self.kind)
+        return None if fits else f"must be {self.type_label}, got {value!r}"

@@ -29,6 +29,7 @@ from nexus.auth import Authenticator
 from nexus.bus.base import Bus
 from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
+from nexus.datadir import earlier_files
 from nexus.errors import ConfigurationError, HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
 from nexus.grpc.workers import WorkerServicer, add_worker_service
@@ -292,10 +293,19 @@ class NexusServer:
             auth=self.settings.auth_enabled,
             ws=f"{self.settings.host}:{self.ws_port}" if self.gateway is not None else None,
             epoch=self.bus.epoch,
+            data_dir=str(self.settings.data_path()),
             loop=running_loop_name(),
             handlers=sorted(self.provider.registrations),
             **{k: v for k, v in self.bus.describe().items() if k != "epoch"},
         )
+        if self.settings.data_dir is None and (earlier := earlier_files()):
+            log.warning(
+                "data_dir_moved",
+                data_dir=str(self.settings.data_path()),
+                earlier_files=[str(path) for path in earlier],
+                hint=f"each node now keeps its own data directory; pass --data-dir {earlier[0].parent} to keep "
+                "using these files, or move them into the node's data_dir",
+            )
 
     def _wire_telemetry(self) -> None:
         """Hand the telemetry to the node and the provider, and observe the counters they already keep."""

@@ -20,7 +20,9 @@ A handler served by a worker, as it would run out of process (docs/workers.md)::
     async with run_server() as nexus, nexus.start_worker(Echo()) as worker:
         done = await nexus.client.call("demo:echo:v1:requested", {"x": 1})
 
-Works with pytest-asyncio or anyio's pytest plugin (asyncio backend).
+Installing Nexus registers its pytest plugin (:mod:`nexus.pytest_plugin`): async tests run with no
+configuration, and the ``nexus_server`` fixture starts servers that stop when the test ends. Works with
+pytest-asyncio (auto mode) or anyio's pytest plugin (asyncio backend) too.
 """
 
 from __future__ import annotations

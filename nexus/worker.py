@@ -79,7 +79,13 @@ from nexus.kv.sqlite import SqliteKeyValue
 from nexus.patterns import parse_pattern
 from nexus.plugin_runtime import PluginContext, PluginRuntime
 from nexus.plugins import HandlerSpec, config_for
-from nexus.provider import describe_exception, error_type_of, payload_problem, side_event_metadata
+from nexus.provider import (
+    check_handle_is_async,
+    describe_exception,
+    error_type_of,
+    payload_problem,
+    side_event_metadata,
+)
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 T = TypeVar("T")
@@ -123,6 +129,7 @@ def declaration(handler: AnyHandler, *, name: str, max_in_flight: int) -> nexus_
     cls = type(handler)
     if not isinstance(handler, (EventHandler, StreamingEventHandler)):
         raise HandlerConfigError(f"{name}: not an EventHandler or StreamingEventHandler")
+    check_handle_is_async(name, handler)
     event_type = getattr(cls, "event_type", None)
     if not isinstance(event_type, str) or not event_type:
         raise HandlerConfigError(f"{name}: set the class attribute event_type = 'service:action'")

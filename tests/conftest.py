@@ -1,7 +1,9 @@
 """What every test shares: nothing the suite writes lands in the user's home.
 
-Plugins keep their data under ``$XDG_DATA_HOME/nexus`` (messaging's SQLite database, for one); every test, and
-every ``nexus serve`` a test starts, gets a fresh directory for it instead of ``~/.local/share``.
+A node keeps its data under ``$XDG_DATA_HOME/nexus/node-<grpc port>`` unless told otherwise (messaging's SQLite
+database, for one); every test, and every ``nexus serve`` a test starts, gets a fresh directory for it instead of
+``~/.local/share``. Servers that module- or session-scoped fixtures start (before any test's own directory
+exists) get the session's.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _private_data_home() -> Iterator[None]:
+def _data_home() -> Iterator[None]:
     directory = tempfile.mkdtemp(prefix="nexus-test-data-")
     previous = os.environ.get("XDG_DATA_HOME")
     os.environ["XDG_DATA_HOME"] = directory
@@ -27,3 +28,7 @@ def _private_data_home() -> Iterator[None]:
         else:
             os.environ["XDG_DATA_HOME"] = previous
         shutil.rmtree(directory, ignore_errors=True)
+
+
+_session_data_home = pytest.fixture(scope="session", autouse=True)(_data_home)
+_private_data_home = pytest.fixture(autouse=True)(_data_home)

@@ -230,11 +230,15 @@ def test_log_dir_is_a_setting_that_reaches_the_plugins_config(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"log_dir \(from flag --log-dir\): must be an existing directory"):
         load_settings(None, {}, {"log_dir": str(tmp_path / "missing")})
     defaults = settings.plugin_defaults()
-    assert defaults == {"log_dir": str(tmp_path)}
+    assert defaults == {"log_dir": str(tmp_path), "data_dir": str(settings.data_path())}
     assert config_for("anomalies.stream_log", {}, defaults)["log_dir"] == str(tmp_path)
     own = {"anomalies": {"log_dir": "/srv/logs", "stream_log": {"poll_interval_s": 1}}}
-    assert config_for("anomalies.stream_log", own, defaults) == {"log_dir": "/srv/logs", "poll_interval_s": 1}
-    assert load_settings(None, {}, {}).plugin_defaults() == {}
+    assert config_for("anomalies.stream_log", own, defaults) == {
+        "log_dir": "/srv/logs",
+        "data_dir": str(settings.data_path()),
+        "poll_interval_s": 1,
+    }
+    assert "log_dir" not in load_settings(None, {}, {}).plugin_defaults()
 
 
 async def test_a_log_dir_that_does_not_exist_stops_the_server_from_starting(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ GUARD = 30.0
 HANDLER_MODULE = "nexus_cli_test_handlers"
 HANDLER_SOURCE = textwrap.dedent(
     """
+    import asyncio
+
     from nexus import Event, EventHandler, Stream, StreamingEventHandler
 
 
@@ -42,6 +44,14 @@ HANDLER_SOURCE = textwrap.dedent(
         async def handle_stream(self, event: Event, stream: Stream) -> None:
             for left in range(int(event.payload["n"]), 0, -1):
                 await stream.send({"left": left})
+
+
+    class Forever(StreamingEventHandler):
+        event_type = "clidemo:stream_forever"
+
+        async def handle_stream(self, event: Event, stream: Stream) -> None:
+            await stream.send({"running": True})
+            await asyncio.Event().wait()
     """
 )
 
@@ -91,11 +101,12 @@ def cli_env(handler_dir: Path) -> dict[str, str]:
     return env
 
 
-def start_server(directory: Path, port: int | None = None) -> Served:
+def start_server(directory: Path, port: int | None = None, extra_env: dict[str, str] | None = None) -> Served:
     """Start ``nexus serve`` on ``port`` (default a free one) with the test handlers and wait until it accepts
     connections."""
     (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
-    env = cli_env(directory)
+    # Its files in the test's directory, whatever the scope of the fixture that starts it.
+    env = cli_env(directory) | {"XDG_DATA_HOME": str(directory / "data")} | (extra_env or {})
     port = port or free_port()
     ws_port = free_port()
     log_path = directory / "serve.log"
@@ -115,6 +126,8 @@ def start_server(directory: Path, port: int | None = None) -> Served:
                 f"{HANDLER_MODULE}:Echo",
                 "--handler",
                 f"{HANDLER_MODULE}:Countdown",
+                "--handler",
+                f"{HANDLER_MODULE}:Forever",
                 "--log-format",
                 "json",
             ],
@@ -156,8 +169,30 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         stop_server(server)
 
 
-async def run_cli(served: Served, *args: str) -> Result:
-    """Run ``nexus ARGS`` to completion."""
+@pytest.fixture(scope="module")
+def served_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A ``nexus serve`` process with authentication on; its ``env`` carries a token of the user ``alice``, so
+    every command run with it acts as that one user (as one person at a terminal does)."""
+    secret = {"NEXUS_JWT_SECRET": "s" * 40}
+    server = start_server(tmp_path_factory.mktemp("cli-auth"), extra_env=secret)
+    try:
+        token = subprocess.run(
+            [sys.executable, "-m", "nexus.cli", "token", "--sub", "alice", "--publish", "clidemo:>"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=server.env,
+            timeout=GUARD,
+        ).stdout.strip()
+        server.env["NEXUS_TOKEN"] = token
+        yield server
+    finally:
+        stop_server(server)
+
+
+@contextlib.asynccontextmanager
+async def cli(served: Served, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``nexus ARGS`` running with its stdout and stderr piped; killed if still running when the block ends."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -168,12 +203,23 @@ async def run_cli(served: Served, *args: str) -> Result:
         env=served.env,
     )
     try:
-        async with asyncio.timeout(GUARD):
-            stdout, stderr = await process.communicate()
+        yield process
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def finish(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """Wait (at most GUARD seconds) for ``process`` to end; its stdout and stderr."""
+    async with asyncio.timeout(GUARD):
+        return await process.communicate()
+
+
+async def run_cli(served: Served, *args: str) -> Result:
+    """Run ``nexus ARGS`` to completion."""
+    async with cli(served, *args) as process:
+        stdout, stderr = await finish(process)
     assert process.returncode is not None
     return Result(process.returncode, stdout.decode(), stderr.decode())
 
@@ -241,21 +287,7 @@ async def test_request_that_fails_exits_1(served: Served) -> None:
 
 async def test_subscribe_prints_count_events_and_exits(served: Served) -> None:
     """`nexus subscribe PATTERN --count N` prints the next N matching events as JSON lines, then exits 0."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "nexus.cli",
-        "subscribe",
-        "clidemo:sub:>",
-        "--count",
-        "2",
-        "--server",
-        served.address,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=served.env,
-    )
-    try:
+    async with cli(served, "subscribe", "clidemo:sub:>", "--count", "2", "--server", served.address) as process:
         assert process.stderr is not None
         async with asyncio.timeout(GUARD):
             line = (await process.stderr.readline()).decode()
@@ -265,12 +297,7 @@ async def test_subscribe_prints_count_events_and_exits(served: Served) -> None:
         first = await run_cli(served, "emit", "clidemo:sub:v1:one", "--server", served.address)
         await run_cli(served, "emit", "clidemo:other:v1:skipped", "--server", served.address)
         second = await run_cli(served, "emit", "clidemo:sub:v1:two", "--server", served.address)
-        async with asyncio.timeout(GUARD):
-            stdout, _ = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        stdout, _ = await finish(process)
     assert process.returncode == 0
     events = [json.loads(line) for line in stdout.decode().splitlines()]
     assert [e["event_id"] for e in events] == [first.json_lines()[0]["event_id"], second.json_lines()[0]["event_id"]]
@@ -282,7 +309,7 @@ async def test_handlers_lists_a_running_servers_handlers(served: Served) -> None
     result = await run_cli(served, "handlers", "--server", served.address)
     assert result.returncode == 0, result.stderr
     listed = {item["event_type"]: item for item in result.json_lines()}
-    assert set(listed) == {"clidemo:echo", "clidemo:stream_countdown"}
+    assert set(listed) == {"clidemo:echo", "clidemo:stream_countdown", "clidemo:stream_forever"}
     assert listed["clidemo:echo"]["streaming"] is False
     assert listed["clidemo:stream_countdown"]["streaming"] is True
     assert listed["clidemo:echo"]["class_path"] == f"{HANDLER_MODULE}:Echo"
@@ -311,6 +338,85 @@ async def test_emit_of_a_bad_event_type_reports_the_server_error(served: Served)
     assert result.returncode == 1
     assert "invalid_argument" in result.stderr
     assert "version '1'" in result.stderr
+
+
+async def test_a_repeated_event_id_is_reported_as_duplicate_on_stderr(served_with_auth: Served) -> None:
+    """`nexus emit` and `nexus request` with an `--event-id` the same user already stored print the stored original
+    on stdout and say "duplicate" on stderr (exit 0); the first use says nothing of the kind."""
+    emit = ["emit", "clidemo:note:v1:written", "--server", served_with_auth.address, "--event-id", "cli-dup-emit"]
+    first = await run_cli(served_with_auth, *emit, "--payload", '{"n": 1}')
+    again = await run_cli(served_with_auth, *emit, "--payload", '{"n": 2}')
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr
+    assert "duplicate" not in first.stderr
+    assert again.stderr.startswith("nexus: duplicate: event_id cli-dup-emit was already stored")
+    assert again.json_lines() == first.json_lines()  # the original, payload {"n": 1} included
+
+    server = ["--server", served_with_auth.address]
+    request = ["request", "clidemo:echo:v1:requested", *server, "--event-id", "cli-dup-request"]
+    first = await run_cli(served_with_auth, *request)
+    again = await run_cli(served_with_auth, *request)
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr
+    assert "duplicate" not in first.stderr
+    assert "nexus: duplicate: event_id cli-dup-request was already stored" in again.stderr
+    assert again.json_lines()[0] == first.json_lines()[0]
+
+
+async def test_streams_cancel_and_a_cancelled_request_exit_codes(served_with_auth: Served) -> None:
+    """`nexus streams` lists a live stream (and says on stderr when there is none); `nexus cancel` exits 0 when it
+    cancelled the stream and 1 when there was nothing to cancel; the cancelled `nexus request` exits 1."""
+    empty = await run_cli(served_with_auth, "streams", "--server", served_with_auth.address)
+    assert (empty.returncode, empty.stdout) == (0, "")
+    assert empty.stderr.strip() == "nexus: no live streams"
+
+    forever = ["clidemo:stream_forever:v1:requested", "--event-id", "cli-forever", "--no-heartbeats"]
+    async with cli(served_with_auth, "request", *forever, "--server", served_with_auth.address) as requester:
+        assert requester.stdout is not None
+        async with asyncio.timeout(GUARD):
+            while b":stream" not in await requester.stdout.readline():
+                pass
+        live = await run_cli(served_with_auth, "streams", "--server", served_with_auth.address)
+        assert live.returncode == 0
+        assert [item["correlation_id"] for item in live.json_lines()] == ["cli-forever"]
+        assert "no live streams" not in live.stderr
+
+        cancel = await run_cli(served_with_auth, "cancel", "cli-forever", "--server", served_with_auth.address)
+        assert cancel.returncode == 0, cancel.stderr
+        assert cancel.json_lines() == [{"correlation_id": "cli-forever", "cancelled": True}]
+        rest, _ = await finish(requester)
+    assert requester.returncode == 1
+    assert json.loads(rest.decode().splitlines()[-1])["event_type"] == "clidemo:stream_forever:v1:cancelled"
+
+    again = await run_cli(served_with_auth, "cancel", "cli-forever", "--server", served_with_auth.address)
+    assert again.returncode == 1
+    assert again.json_lines() == [{"correlation_id": "cli-forever", "cancelled": False}]
+
+
+def test_serve_logs_its_own_data_directory_at_start_up(served: Served) -> None:
+    """`nexus serve` without --data-dir keeps its files in a directory of its own, named after its gRPC port, and
+    says so in its `server_started` log line."""
+    deadline = time.monotonic() + GUARD
+    while not (lines := [r for r in served.log_records() if r.get("event") == "server_started"]):
+        assert time.monotonic() < deadline, served.log_path.read_text()
+        time.sleep(0.05)
+    [started] = lines
+    port = served.address.rsplit(":", 1)[1]
+    expected = Path(served.env["XDG_DATA_HOME"]) / "nexus" / f"node-{port}"
+    assert started["data_dir"] == str(expected)
+
+
+def test_help_and_readme_list_every_exit_code() -> None:
+    """`nexus --help` ends with every exit code and its meaning, and the README shows the same table."""
+    from nexus.cli import EXIT_CODES
+
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus.cli", "--help"], capture_output=True, text=True, check=True, timeout=GUARD
+    )
+    epilog = result.stdout.split("exit codes:\n", 1)[1]
+    assert [int(line.split()[0]) for line in epilog.splitlines() if line[2:3].isdigit()] == [c for c, _ in EXIT_CODES]
+    assert "cancel found no such stream" in epilog
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = "\n".join(line.removeprefix("  ") for line in readme.split("- **Exit codes**", 1)[1].splitlines())
+    assert "exit codes:\n" + epilog.rstrip("\n") + "\n```" in shown
 
 
 # --- serve: logs and shutdown -----------------------------------------------------------------------------------

@@ -346,6 +346,8 @@ FILE = "config file"
         ('kv_bucket = "a.b"', {}, {}, "kv_bucket", FILE, "letters, digits"),
         ("kv_max_value_bytes = 0", {}, {}, "kv_max_value_bytes", FILE, "from 1"),
         ("", {}, {"kv_max_keys": 0}, "kv_max_keys", "flag --kv-max-keys", "at least 1"),
+        ("", {}, {"handlers": ["countdown.Countdown"]}, "handlers", "flag --handler", "'package.module:Class'"),
+        ("", {}, {"exclude_handlers": [""]}, "exclude_handlers", "flag --exclude", "must not be empty"),
     ],
 )
 def test_validation_errors_name_field_and_source(

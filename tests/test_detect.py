@@ -1,4 +1,4 @@
-"""Which event types are streaming events: the default rules and custom ones (DESIGN §2)."""
+"""Which event types are streaming events: the default rules and custom ones."""
 
 from __future__ import annotations
 

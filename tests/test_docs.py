@@ -41,3 +41,19 @@ def test_readme_starts_with_the_two_setup_commands() -> None:
     assert block[0].endswith("nexus serve")
     assert block[1] == "bash scripts/test"
     assert "bash scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_no_file_refers_to_a_design_document_the_repository_lacks() -> None:
+    """Docs, code and comments stand alone: none cites a design document (by file name or section) not shipped."""
+    name = "DESIGN"
+    assert not (ROOT / f"{name}.md").exists()
+    pattern = re.compile(rf"{name}(?:\.md|\s*§)")
+    folders = ("docs", "nexus", "gateway", "handlers", "tests", "benchmarks", "scripts", "protos")
+    files = [ROOT / "README.md"] + [
+        path
+        for folder in folders
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in {".md", ".py", ".proto", ".js", ".html", ".toml"} and ".venv" not in path.parts
+    ]
+    offenders = [str(path.relative_to(ROOT)) for path in files if pattern.search(path.read_text(errors="replace"))]
+    assert offenders == []

@@ -1,4 +1,4 @@
-"""The event grammar, payload and metadata validation, times, and ``Event.create`` (DESIGN §1)."""
+"""The event grammar, payload and metadata validation, times, and ``Event.create``."""
 
 from __future__ import annotations
 

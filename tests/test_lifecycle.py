@@ -1,4 +1,4 @@
-"""The lifecycle of one request as a pure state machine, driven with explicit times (DESIGN §2)."""
+"""The lifecycle of one request as a pure state machine, driven with explicit times."""
 
 from __future__ import annotations
 

@@ -554,7 +554,10 @@ async def test_bad_payloads_fail_clearly_and_leave_the_conversation_intact(
 
 
 async def test_a_bad_config_value_stops_the_server_at_start_up(tmp_path: Path) -> None:
-    """A config key of the wrong type is refused when the plugin is set up, naming the key."""
-    with pytest.raises(ValueError, match=r"history_limit must be a positive integer"):
+    """A config key of the wrong type (or out of range) is refused before the server starts, naming the key."""
+    with pytest.raises(ValueError, match=r"\[handlers\.messaging\] history_limit must be an integer, got 'lots'"):
         async with run_server(*messaging_handlers(), handler_config=config(tmp_path, history_limit="lots")):
+            pass
+    with pytest.raises(ValueError, match=r"\[handlers\.messaging\] history_limit must be a positive integer"):
+        async with run_server(*messaging_handlers(), handler_config=config(tmp_path, history_limit=0)):
             pass

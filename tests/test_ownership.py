@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
 from nexus.client import NexusClient
-from nexus.errors import AlreadyExists, PermissionDenied
+from nexus.errors import AlreadyExists, InvalidArgument, PermissionDenied
 from nexus.testing import StreamFollower, TestServer, run_server
 from nexus.v1 import nexus_pb2
 
@@ -90,6 +90,25 @@ async def test_a_forged_lifecycle_is_refused_and_the_requester_ends_on_the_real_
     assert ended.state == "cancelled"
     assert [event.state for event in alice.events] == ["started", "stream", "cancelled"]
     assert all(not event.payload.get("fake") for event in alice.events)
+
+
+async def test_a_state_outside_the_lifecycle_of_a_handled_type_is_refused_with_a_suggestion(
+    nexus: TestServer,
+) -> None:
+    """`own:echo:v1:request` (a typo of `requested`) is refused with INVALID_ARGUMENT suggesting `requested`, on
+    gRPC EmitEvent and PublishEvents and as a WebSocket error frame with a code; nothing is stored. Domain states
+    stay open on an action of the same service that no handler serves."""
+    head = await nexus.bus.head_offset()
+    with pytest.raises(InvalidArgument, match=r"'request' is not a state .* did you mean 'requested'\?"):
+        await nexus.client.emit("own:echo:v1:request", {"x": 1})
+    with pytest.raises(InvalidArgument, match=r"did you mean 'success'\?"):
+        await nexus.client.publish_many([Event.create("own:echo:v1:sucess", {})])
+    async with ws(nexus) as socket:
+        answer = await frame(socket, type="own:stream_hold:v1:strem", payload={}, event_id="typo-1")
+        assert (answer["type"], answer["code"], answer["ref"]) == ("error", "invalid_argument", "typo-1")
+        assert "did you mean 'stream'?" in answer["message"]
+        assert (await frame(socket, type="own:encounter:v1:started", payload={}))["type"] == "published"
+    assert await nexus.bus.head_offset() == head + 1  # only the domain event
 
 
 async def test_another_client_cannot_cancel_list_or_join_a_request(nexus: TestServer) -> None:

@@ -1,4 +1,4 @@
-"""Subscription patterns, the reference matcher and the trie index that must agree with it (DESIGN §1)."""
+"""Subscription patterns, the reference matcher and the trie index that must agree with it."""
 
 from __future__ import annotations
 

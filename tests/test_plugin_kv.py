@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import structlog
+import structlog.testing
 from nats_support import delete_stream, free_port, nats_settings, shared_nats_url, unique_names
 
 from nexus import Event, EventHandler, HandlerContext, InvalidPayload, KVConflict
@@ -90,12 +91,45 @@ async def test_state_survives_a_restart_on_the_same_data_directory(tmp_path: Pat
         assert (await call(nexus, {"op": "get", "key": "baseline.m7"})).payload["entry"] is None
 
 
-async def test_the_default_data_directory_is_under_xdg_data_home(tmp_path: Path) -> None:
-    """Without data_dir, the store is $XDG_DATA_HOME/nexus/kv.sqlite3 (each test has its own XDG_DATA_HOME)."""
+async def test_the_default_data_directory_is_one_per_node_under_xdg_data_home(tmp_path: Path) -> None:
+    """Without data_dir, a node keeps everything in $XDG_DATA_HOME/nexus/node-<grpc port> (each test has its own
+    XDG_DATA_HOME): two nodes on two ports keep two stores, the messaging database beside each one's kv.sqlite3,
+    and a node restarted on its port finds its own state again."""
+    from nexus.handlers.messaging.plugin import SendMessage
 
-    async with run_server(spec("alpha")) as nexus:
-        await call(nexus, {"op": "put", "key": "k", "value": 1})
-    assert (Path(os.environ["XDG_DATA_HOME"]) / "nexus" / "kv.sqlite3").exists()
+    base = Path(os.environ["XDG_DATA_HOME"]) / "nexus"
+    ports = [free_port(), free_port()]
+    for port, value in zip(ports, ("first", "second"), strict=True):
+        messaging = HandlerSpec("messaging.send_message", SendMessage(), "test")
+        async with run_server(spec("alpha"), messaging, grpc_port=port) as nexus:
+            assert nexus.server.settings.data_path() == base / f"node-{port}"
+            await call(nexus, {"op": "put", "key": "k", "value": value})
+            hello = {"conversation_id": "c", "text": "hi"}
+            sent = await nexus.client.call("messaging:send_message:v1:requested", hello)
+            assert sent.state == "success", sent.payload
+    for port in ports:
+        assert {path.name for path in (base / f"node-{port}").iterdir()} >= {"kv.sqlite3", "messaging.sqlite3"}
+    assert not (base / "kv.sqlite3").exists()
+    async with run_server(spec("alpha"), grpc_port=ports[0]) as nexus:
+        assert (await call(nexus, {"op": "get", "key": "k"})).payload["entry"]["value"] == "first"
+
+
+async def test_files_of_the_shared_directory_an_earlier_version_used_are_pointed_out_at_start_up() -> None:
+    """A node on its own default data directory that finds kv.sqlite3 or messaging.sqlite3 in the shared base
+    directory (where every node kept them before) warns, naming the files and the --data-dir that keeps them."""
+    base = Path(os.environ["XDG_DATA_HOME"]) / "nexus"
+    base.mkdir(parents=True)
+    (base / "messaging.sqlite3").write_bytes(b"")
+    with structlog.testing.capture_logs() as logs:
+        async with run_server(spec("alpha")):
+            pass
+    [moved] = [entry for entry in logs if entry["event"] == "data_dir_moved"]
+    assert moved["earlier_files"] == [str(base / "messaging.sqlite3")]
+    assert f"--data-dir {base}" in moved["hint"]
+    with structlog.testing.capture_logs() as logs:
+        async with run_server(spec("alpha"), data_dir=str(base)):
+            pass
+    assert not [entry for entry in logs if entry["event"] == "data_dir_moved"]
 
 
 async def test_each_plugin_sees_only_its_own_keys(tmp_path: Path) -> None:

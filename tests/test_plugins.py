@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import textwrap
 import uuid
@@ -14,6 +15,7 @@ import pytest
 
 from nexus import EventHandler, StreamingEventHandler
 from nexus.bus.memory import MemoryBus
+from nexus.cli import main
 from nexus.errors import HandlerConfigError
 from nexus.plugins import (
     ENTRY_POINT_GROUP,
@@ -234,6 +236,36 @@ def test_broken_entry_point_names_entry_point_and_distribution(
     message = str(caught.value)
     assert f"entry point 'fake_broken' = '{handlers_module}:Missing' (from fake-plugin)" in message
     assert "has no attribute 'Missing'" in message
+    assert "--exclude fake_broken" in message
+
+
+def test_serve_stops_at_a_broken_entry_point_and_suggests_excluding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], handlers_module: str
+) -> None:
+    """``nexus serve`` with a broken entry point exits 2 before serving, naming it and ``--exclude NAME``; with
+    that flag the same command gets past discovery."""
+    write_distribution(tmp_path / "site", monkeypatch, "fake-plugin", {"fake_broken": f"{handlers_module}:Missing"})
+    monkeypatch.setenv("NEXUS_DATA_DIR", str(tmp_path / "data"))
+    common = ["serve", "--grpc-port", "0", "--no-gateway", "--no-metrics", "--log-level", "error"]
+
+    assert main(common) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("nexus: error: entry point 'fake_broken'")
+    assert "skip this entry point with --exclude fake_broken" in error
+
+    # `nexus handlers` discovers the same way: excluded, the broken entry point is skipped and the rest listed.
+    assert main(["handlers", "--exclude", "fake_broken"]) == 0
+    listed = [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()]
+    assert "messaging.send_message" in listed
+    assert "fake_broken" not in listed
+
+
+def test_a_handler_flag_of_the_wrong_form_is_reported_as_that_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--handler countdown.Countdown`` (a dot for the colon) is a usage error naming ``flag --handler``."""
+    assert main(["serve", "--grpc-port", "0", "--no-gateway", "--handler", "countdown.Countdown"]) == 2
+    error = capsys.readouterr().err
+    assert "handlers (from flag --handler)" in error
+    assert "'countdown.Countdown' is not a 'package.module:Class' spec" in error
 
 
 def test_two_handlers_with_one_name_are_refused(

@@ -1,4 +1,4 @@
-"""The committed gRPC stubs match protos/, and they carry the contract of DESIGN §4."""
+"""The committed gRPC stubs match protos/, and they carry the contract the README documents."""
 
 from __future__ import annotations
 

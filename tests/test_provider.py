@@ -1,4 +1,4 @@
-"""The provider driving handlers through the request lifecycle on a memory bus (DESIGN §2, §3)."""
+"""The provider driving handlers through the request lifecycle on a memory bus."""
 
 from __future__ import annotations
 

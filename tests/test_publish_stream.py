@@ -19,7 +19,8 @@ GUARD = 120.0
 
 
 class Items(EventHandler):
-    """Serves ``stream:item`` requests: the lifecycle states of that type are the provider's alone."""
+    """Serves ``stream:item`` requests: the lifecycle states of that type are the provider's alone (the events
+    these tests publish are of ``stream:note``, an action no handler serves)."""
 
     event_type = "stream:item"
 
@@ -42,7 +43,7 @@ async def served(kind: str) -> AsyncIterator[TestServer]:
         await delete_stream(url, stream)
 
 
-def request(i: int, event_type: str = "stream:item:v1:made") -> nexus_pb2.PublishEventsRequest:
+def request(i: int, event_type: str = "stream:note:v1:made") -> nexus_pb2.PublishEventsRequest:
     event = nexus_pb2.EventRequest(event_type=event_type, event_id=f"item-{i}")
     event.payload.update({"i": i})
     return nexus_pb2.PublishEventsRequest(event=event)
@@ -83,8 +84,9 @@ async def test_a_publish_stream_is_stored_in_order_and_every_subscriber_sees_it(
     [
         (request(0, "Not:A:Type"), grpc.StatusCode.INVALID_ARGUMENT, "invalid event type"),
         (request(0, "stream:item:v1:success"), grpc.StatusCode.PERMISSION_DENIED, "success"),
+        (request(0, "stream:item:v1:sucess"), grpc.StatusCode.INVALID_ARGUMENT, "did you mean 'success'?"),
     ],
-    ids=["invalid", "reserved"],
+    ids=["invalid", "reserved", "not-a-lifecycle-state"],
 )
 async def test_a_refused_event_ends_the_stream_with_its_index_after_storing_every_event_before_it(
     kind: str, bad: nexus_pb2.PublishEventsRequest, code: grpc.StatusCode, why: str

@@ -356,8 +356,8 @@ async def test_initial_metadata_arrives_before_any_event(nexus: TestServer) -> N
 async def test_patterns_select_events_in_order(nexus: TestServer) -> None:
     """Each subscription receives exactly the events its pattern matches, in publish order."""
     published = [
-        "demo:echo:v1:created",
-        "demo:echo:v2:created",
+        "demo:note:v1:created",
+        "demo:note:v2:created",
         "places:encounter:v1:started",
         "places:visit:v3:ended",
         "demo:login:v1:done",
@@ -366,7 +366,7 @@ async def test_patterns_select_events_in_order(nexus: TestServer) -> None:
         "places:end:v1:done",
     ]
     expected = {
-        "demo:*:v1:*": ["demo:echo:v1:created", "demo:login:v1:done", "demo:end:v1:done"],
+        "demo:*:v1:*": ["demo:note:v1:created", "demo:login:v1:done", "demo:end:v1:done"],
         "places:>": ["places:encounter:v1:started", "places:visit:v3:ended", "places:end:v1:done"],
         ">": published,
     }

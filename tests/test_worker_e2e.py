@@ -318,3 +318,15 @@ def test_nexus_worker_exits_2_for_a_handler_that_does_not_load(tmp_path: Path) -
     assert finish(worker) == 2
     assert "nexus: error:" in worker.stderr()
     assert "nope" in worker.stderr()
+
+
+def test_nexus_worker_checks_plugin_sections_as_nexus_serve_does(tmp_path: Path) -> None:
+    """A misspelt `[handlers.<plugin>]` section in the worker's config file stops `nexus worker` before it connects:
+    exit code 2, one line naming the section and the plugin probably meant."""
+    config = tmp_path / "worker.toml"
+    config.write_text("[handlers.worker_handler]\nn = 1\n")
+    args = ["worker", "--server", f"127.0.0.1:{free_port()}", "--handler", "worker_handlers:Countdown"]
+    worker = start_cli(tmp_path, cli_env(TESTS), *args, "--config", str(config))
+    assert finish(worker) == 2
+    assert "nexus: error: [handlers.worker_handler]: no plugin or handler is named" in worker.stderr()
+    assert "did you mean 'worker_handlers:Countdown'?" in worker.stderr()

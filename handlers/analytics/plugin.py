@@ -27,8 +27,8 @@ New subscribers. Closed windows are events on the bus; the windows still open ar
 starts late asks ``snapshot`` for them (their aggregates so far) and then follows ``analytics:window:v1:closed``.
 ``stream_metrics`` streams the node's own statistics, not windows, so it does not start with a snapshot.
 
-Configuration (``[handlers.analytics]``, shared by the four handlers; engine-wide keys are read by the first
-handler set up on a server):
+Configuration (``[handlers.analytics]``, shared by the four handlers and declared in ``specs.CONFIG``; engine-wide
+keys are read by the first handler set up on a server):
 
 - ``default_grace_s`` (0): ``grace_s`` of a definition that gives none;
 - ``default_silence_s`` (0, off): ``silence_s`` of a definition that gives none;
@@ -67,7 +67,7 @@ from nexus import (
 )
 
 from . import specs
-from .specs import SOURCE_RESUMED, SOURCE_SILENT, THRESHOLD_CROSSED, WINDOW_CLOSED
+from .specs import DEFAULTS, SOURCE_RESUMED, SOURCE_SILENT, THRESHOLD_CROSSED, WINDOW_CLOSED
 from .windows import ClosedWindow, Engine, InvalidInput, Limits, Outcome, WindowSpec, check_tags, rfc3339
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -150,10 +150,10 @@ class Windows:
         """An engine with the limits of ``config`` and its permanent ``windows`` defined."""
         shared = cls(
             Engine(_limits(config)),
-            _config_number(config, "default_grace_s", 0.0),
-            _config_number(config, "default_silence_s", 0.0),
+            _config_number(config, "default_grace_s", DEFAULTS["default_grace_s"]),
+            _config_number(config, "default_silence_s", DEFAULTS["default_silence_s"]),
         )
-        windows = config.get("windows", [])
+        windows = config.get("windows", DEFAULTS["windows"])
         if not isinstance(windows, list):
             raise ValueError("[handlers.analytics] windows must be a list of window definitions")
         for index, payload in enumerate(windows):
@@ -213,6 +213,7 @@ class DefineWindow(EventHandler):
     event_type = "analytics:define_window:v1"
     ordering_key = "name"
     takes = specs.DEFINE_WINDOW_TAKES
+    config_keys = specs.CONFIG
     emits = specs.DEFINE_WINDOW_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
@@ -240,12 +241,13 @@ class RecordMetric(EventHandler):
     event_type = "analytics:record_metric:v1"
     ordering_key = "metric"
     takes = specs.RECORD_METRIC_TAKES
+    config_keys = specs.CONFIG
     emits = specs.RECORD_METRIC_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._shared = await _windows(ctx)
-        self._max_future_s = _config_number(ctx.config, "max_future_s", 300.0)
-        self._check_s = _config_number(ctx.config, "session_check_s", 0.5, minimum=0.001)
+        self._max_future_s = _config_number(ctx.config, "max_future_s", DEFAULTS["max_future_s"])
+        self._check_s = _config_number(ctx.config, "session_check_s", DEFAULTS["session_check_s"], minimum=0.001)
         ctx.start_soon(self._close_silent_sessions, name="analytics-session-timer")
 
     async def _close_silent_sessions(self) -> None:
@@ -295,11 +297,12 @@ class Snapshot(EventHandler):
 
     event_type = "analytics:snapshot:v1"
     takes = specs.SNAPSHOT_TAKES
+    config_keys = specs.CONFIG
     emits = specs.SNAPSHOT_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
         self._shared = await _windows(ctx)
-        self._max = _config_int(ctx.config, "max_snapshot_windows", 1000)
+        self._max = _config_int(ctx.config, "max_snapshot_windows", DEFAULTS["max_snapshot_windows"])
 
     async def handle(self, event: Event) -> dict[str, Any]:
         payload = event.payload
@@ -322,12 +325,13 @@ class StreamMetrics(StreamingEventHandler):
     event_type = "analytics:stream_metrics:v1"
     stream_timeout = None
     takes = specs.STREAM_METRICS_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_METRICS_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
-        self._default = _config_number(ctx.config, "metrics_interval_s", 1.0, minimum=0.001)
-        self._min = _config_number(ctx.config, "min_interval_s", 0.1, minimum=0.001)
-        self._max = _config_number(ctx.config, "max_interval_s", 3600.0, minimum=self._min)
+        self._default = _config_number(ctx.config, "metrics_interval_s", DEFAULTS["metrics_interval_s"], minimum=0.001)
+        self._min = _config_number(ctx.config, "min_interval_s", DEFAULTS["min_interval_s"], minimum=0.001)
+        self._max = _config_number(ctx.config, "max_interval_s", DEFAULTS["max_interval_s"], minimum=self._min)
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
         interval = float(event.payload.get("interval_s", self._default))

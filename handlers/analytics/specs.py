@@ -1,12 +1,32 @@
-"""The analytics plugin's events: what each handler takes and emits, with payload schemas and examples."""
+"""The analytics plugin's declarations: what each handler takes and emits, with payload schemas and examples, and
+the settings of its ``[handlers.analytics]`` section (:data:`CONFIG`)."""
 
 from __future__ import annotations
 
 from typing import Any, Final
 
-from nexus import EventSpec
+from nexus import ConfigKey, EventSpec
 
-from .windows import AGGREGATES, KINDS
+from .windows import AGGREGATES, KINDS, Limits
+
+_LIMITS: Final = Limits()
+CONFIG: Final = (
+    ConfigKey("default_grace_s", float, 0.0, "grace_s of a definition that gives none."),
+    ConfigKey("default_silence_s", float, 0.0, "silence_s of a definition that gives none (0: off)."),
+    ConfigKey("max_thresholds", int, _LIMITS.max_thresholds, "Named thresholds per definition."),
+    ConfigKey("max_snapshot_windows", int, 1000, "The most windows one snapshot answers (its default limit)."),
+    ConfigKey("max_definitions", int, _LIMITS.max_definitions, "Window definitions a node keeps."),
+    ConfigKey("max_open_windows", int, _LIMITS.max_open_windows, "Open windows per definition."),
+    ConfigKey("max_windows_per_value", int, _LIMITS.max_windows_per_value, "size_s / slide_s of a sliding window."),
+    ConfigKey("max_samples", int, _LIMITS.max_samples, "Values a p95 window keeps."),
+    ConfigKey("max_future_s", float, 300.0, "A timestamp further ahead of the node's clock is refused."),
+    ConfigKey("session_check_s", float, 0.5, "How often silent sessions and sources are looked for."),
+    ConfigKey("windows", list, [], "Definitions (define_window payloads) made at start-up."),
+    ConfigKey("metrics_interval_s", float, 1.0, "stream_metrics's default interval."),
+    ConfigKey("min_interval_s", float, 0.1, "The shortest interval a stream_metrics request may ask for."),
+    ConfigKey("max_interval_s", float, 3600.0, "The longest interval a stream_metrics request may ask for."),
+)
+DEFAULTS: Final = {key.name: key.default for key in CONFIG}
 
 WINDOW_CLOSED: Final = "analytics:window:v1:closed"
 THRESHOLD_CROSSED: Final = "analytics:threshold:v1:crossed"

@@ -1,8 +1,8 @@
 """The anomalies handlers: ``score_log``, ``stream_log``, ``set_baseline``, ``monitor``, ``stream_health``,
 ``latest``, ``reset``.
 
-Settings (``[handlers.anomalies]``): the log model's (:class:`.logs.LogSettings`: ``order``, ``top_k``,
-``warmup_lines``, ``score_window``, ``low_percentile``, ``med_percentile``, ``high_percentile``,
+Settings (``[handlers.anomalies]``, declared in ``specs.CONFIG``): the log model's (:class:`.logs.LogSettings`:
+``order``, ``top_k``, ``warmup_lines``, ``score_window``, ``low_percentile``, ``med_percentile``, ``high_percentile``,
 ``max_sources``, ``source_ttl_s``, ``max_templates``, ``max_ngrams``, ``drain_depth``, ``drain_similarity``,
 ``drain_max_children``, ``max_line_chars``), the baselines' (:class:`.baseline.BaselineSettings`:
 ``confidence``, ``threshold``, ``min_excess_points``, ``ridge``, ``max_dimension``, ``max_baselines``,
@@ -58,6 +58,7 @@ from .specs import (
     ALERT,
     BASELINE_RESET,
     BASELINE_SET,
+    DEFAULTS,
     HEALTH_REQUESTED,
     LATEST_REQUESTED,
     LOG_STATS,
@@ -67,7 +68,9 @@ from .specs import (
 )
 
 
-def _plugin_number(config: Mapping[str, Any], key: str, default: float) -> float:
+def _plugin_number(config: Mapping[str, Any], key: str) -> float:
+    """A positive number the handlers read themselves (default: its declaration in ``specs.CONFIG``)."""
+    default = DEFAULTS[key]
     return read_number(config, key, default, plugin="anomalies", minimum=0, strict=True, must_be="a positive number")
 
 
@@ -121,6 +124,7 @@ class ScoreLog(EventHandler):
     event_type = "anomalies:score_log:v1"
     ordering_key = "source"
     takes = specs.SCORE_LOG_TAKES
+    config_keys = specs.CONFIG
     emits = specs.SCORE_LOG_EMITS
 
     def __init__(self) -> None:
@@ -176,6 +180,7 @@ class StreamLog(StreamingEventHandler):
     event_type = "anomalies:stream_log:v1"
     stream_timeout = None
     takes = specs.STREAM_LOG_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_LOG_EMITS
 
     def __init__(self) -> None:
@@ -189,15 +194,15 @@ class StreamLog(StreamingEventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.settings = _settings(ctx, LogSettings.from_config)
-        self.stats_interval_s = _settings(ctx, lambda c: _plugin_number(c, "stats_interval_s", 60.0))
+        self.stats_interval_s = _settings(ctx, lambda c: _plugin_number(c, "stats_interval_s"))
         log_dir = ctx.config.get("log_dir")
         if log_dir is not None and (
             not isinstance(log_dir, str) or not await asyncio.to_thread(os.path.isdir, log_dir)
         ):
             raise ValueError(f"{ctx.name}: anomalies setting 'log_dir' must be an existing directory, got {log_dir!r}")
         self.log_dir = log_dir
-        self.poll_interval_s = _settings(ctx, lambda c: _plugin_number(c, "poll_interval_s", 0.25))
-        self.max_line_bytes = int(_settings(ctx, lambda c: _plugin_number(c, "max_line_bytes", 65536)))
+        self.poll_interval_s = _settings(ctx, lambda c: _plugin_number(c, "poll_interval_s"))
+        self.max_line_bytes = int(_settings(ctx, lambda c: _plugin_number(c, "max_line_bytes")))
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
         if self.log_dir is None:
@@ -270,6 +275,7 @@ class SetBaseline(EventHandler):
     event_type = "anomalies:set_baseline:v1"
     ordering_key = "baseline_id"
     takes = specs.SET_BASELINE_TAKES
+    config_keys = specs.CONFIG
     emits = specs.SET_BASELINE_EMITS
 
     def __init__(self) -> None:
@@ -356,6 +362,7 @@ class Monitor(EventHandler):
     event_type = "anomalies:monitor:v1"
     ordering_key = "baseline_id"
     takes = specs.MONITOR_TAKES
+    config_keys = specs.CONFIG
     emits = specs.MONITOR_EMITS
 
     def __init__(self) -> None:
@@ -366,7 +373,7 @@ class Monitor(EventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.settings = _settings(ctx, BaselineSettings.from_config)
-        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
+        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s"))
         self.store = BaselineStore(self.settings.max_baselines)
         self._follower = await ctx.follow(
             BASELINE_SET, BASELINE_RESET, MONITOR_REQUESTED, on_event=self._apply, since_offset=0
@@ -444,6 +451,7 @@ class Latest(EventHandler):
     event_type = "anomalies:latest:v1"
     ordering_key = "baseline_id"
     takes = specs.LATEST_TAKES
+    config_keys = specs.CONFIG
     emits = specs.LATEST_EMITS
 
     def __init__(self) -> None:
@@ -454,7 +462,7 @@ class Latest(EventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.settings = _settings(ctx, BaselineSettings.from_config)
-        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
+        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s"))
         self.latest = LatestStore(self.settings.latest_points, self.settings.max_baselines)
         self._follower = await ctx.follow(
             BASELINE_SET, BASELINE_RESET, MONITOR_SUCCESS, LATEST_REQUESTED, on_event=self._apply, since_offset=0
@@ -498,6 +506,7 @@ class Reset(EventHandler):
     event_type = "anomalies:reset:v1"
     ordering_key = "baseline_id"
     takes = specs.RESET_TAKES
+    config_keys = specs.CONFIG
     emits = specs.RESET_EMITS
 
     def __init__(self) -> None:
@@ -507,7 +516,7 @@ class Reset(EventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         settings = _settings(ctx, BaselineSettings.from_config)
-        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
+        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s"))
         self.known = BaselineStore(settings.max_baselines)
         self._follower = await ctx.follow(
             BASELINE_SET, BASELINE_RESET, RESET_REQUESTED, on_event=self._apply, since_offset=0
@@ -554,6 +563,7 @@ class StreamHealth(StreamingEventHandler):
     event_type = "anomalies:stream_health:v1"
     stream_timeout = None
     takes = specs.STREAM_HEALTH_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_HEALTH_EMITS
 
     def __init__(self) -> None:
@@ -564,7 +574,7 @@ class StreamHealth(StreamingEventHandler):
 
     async def setup(self, ctx: HandlerContext) -> None:
         self.health = HealthStore(_settings(ctx, BaselineSettings.from_config))
-        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s", 5.0))
+        self.sync_timeout_s = _settings(ctx, lambda c: _plugin_number(c, "sync_timeout_s"))
         self._follower = await ctx.follow(
             BASELINE_SET, BASELINE_RESET, MONITOR_SUCCESS, HEALTH_REQUESTED, on_event=self._apply, since_offset=0
         )

@@ -1,10 +1,25 @@
-"""The anomalies plugin's events: what each handler takes and emits, with payload schemas and examples."""
+"""The anomalies plugin's declarations: what each handler takes and emits, with payload schemas and examples, and
+the settings of its ``[handlers.anomalies]`` section (:data:`CONFIG`)."""
 
 from __future__ import annotations
 
 from typing import Any, Final
 
-from nexus import EventSpec
+from nexus import ConfigKey, EventSpec
+
+from .baseline import BaselineSettings
+from .follow import DEFAULT_MAX_LINE_BYTES
+from .logs import LogSettings
+
+CONFIG: Final = (
+    *ConfigKey.from_dataclass(LogSettings),
+    *ConfigKey.from_dataclass(BaselineSettings),
+    ConfigKey("poll_interval_s", float, 0.25, "How often stream_log looks for new lines."),
+    ConfigKey("max_line_bytes", int, DEFAULT_MAX_LINE_BYTES, "The longest line stream_log reads (longer: cut)."),
+    ConfigKey("stats_interval_s", float, 60.0, "How often stream_log publishes its statistics (0: never)."),
+    ConfigKey("sync_timeout_s", float, 5.0, "The longest a request waits for this node to catch up with the bus."),
+)
+DEFAULTS: Final = {key.name: key.default for key in CONFIG}
 
 ALERT: Final = "anomalies:alert:v1:raised"
 BASELINE_SET: Final = "anomalies:baseline:v1:set"

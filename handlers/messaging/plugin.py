@@ -44,11 +44,11 @@ Participants and access (:mod:`.conversations` holds the rule, :class:`_Particip
   them (and admins) do not receive it; a ``send_message`` result is private to its sender as every request's
   lifecycle is. The plugin's followers are server-side subscriptions: they receive every event.
 
-Configuration (``[handlers.messaging]``, shared by the five handlers):
+Configuration (``[handlers.messaging]``, shared by the five handlers and declared in ``specs.CONFIG``):
 
-- ``data_dir`` (``$XDG_DATA_HOME/nexus``, else ``~/.local/share/nexus``), ``db_path``
-  (``<data_dir>/messaging.sqlite3``): the database. Nodes may share one file on one machine (WAL mode), or
-  keep one each: every node stores the messages it sees on the bus.
+- ``data_dir`` (the node's data directory: ``nexus serve --data-dir``, by default one per node), ``db_path``
+  (``<data_dir>/messaging.sqlite3``): the database. Nodes keep one each by default (every node stores the
+  messages it sees on the bus), or may share one file on one machine (WAL mode) through ``db_path``.
 - ``synchronous`` (``NORMAL``): SQLite's ``PRAGMA synchronous`` (``FULL`` survives power loss too).
 - ``history_limit`` (500): the most history messages a stream sends (the most recent ones).
 - ``max_text_length`` (10000): characters in a message.
@@ -108,7 +108,7 @@ from .conversations import (
     participants_after,
     rfc3339,
 )
-from .specs import SENT, TYPING_CHANGED
+from .specs import DEFAULTS, SENT, TYPING_CHANGED
 from .store import MessageStore
 
 T = TypeVar("T")
@@ -155,35 +155,34 @@ class Settings:
     """The plugin's configuration, checked (a bad key stops the server at start-up, naming it)."""
 
     db_path: Path
-    synchronous: str = "NORMAL"
-    history_limit: int = 500
-    max_text_length: int = 10_000
-    live_queue: int = 1000
-    typing_ttl_s: float = 5.0
-    max_typing_conversations: int = 10_000
-    max_tracked_streams: int = 100_000
-    anonymous_user: str = "anonymous"
+    synchronous: str = DEFAULTS["synchronous"]
+    history_limit: int = DEFAULTS["history_limit"]
+    max_text_length: int = DEFAULTS["max_text_length"]
+    live_queue: int = DEFAULTS["live_queue"]
+    typing_ttl_s: float = DEFAULTS["typing_ttl_s"]
+    max_typing_conversations: int = DEFAULTS["max_typing_conversations"]
+    max_tracked_streams: int = DEFAULTS["max_tracked_streams"]
+    anonymous_user: str = DEFAULTS["anonymous_user"]
     admins: frozenset[str] = frozenset()
-    max_participants: int = 1000
-    sync_timeout_s: float = 5.0
+    max_participants: int = DEFAULTS["max_participants"]
+    sync_timeout_s: float = DEFAULTS["sync_timeout_s"]
 
     @classmethod
     def read(cls, config: Mapping[str, Any]) -> Settings:
+        """The settings in ``config`` (declared in ``specs.CONFIG``, with their defaults); ``data_dir`` is the
+        node's data directory, where the database is unless ``db_path`` says otherwise."""
         data_dir = Path(_text(config, "data_dir", str(default_data_dir()))).expanduser()
         db_path = Path(_text(config, "db_path", str(data_dir / "messaging.sqlite3"))).expanduser()
+        integers = ["history_limit", "max_text_length", "live_queue", "max_typing_conversations"]
+        integers += ["max_tracked_streams", "max_participants"]
         return cls(
             db_path=db_path,
-            synchronous=_text(config, "synchronous", "NORMAL"),
-            history_limit=_positive_int(config, "history_limit", 500),
-            max_text_length=_positive_int(config, "max_text_length", 10_000),
-            live_queue=_positive_int(config, "live_queue", 1000),
-            typing_ttl_s=_positive_number(config, "typing_ttl_s", 5.0),
-            max_typing_conversations=_positive_int(config, "max_typing_conversations", 10_000),
-            max_tracked_streams=_positive_int(config, "max_tracked_streams", 100_000),
-            anonymous_user=_text(config, "anonymous_user", "anonymous"),
+            synchronous=_text(config, "synchronous", DEFAULTS["synchronous"]),
+            anonymous_user=_text(config, "anonymous_user", DEFAULTS["anonymous_user"]),
             admins=_user_ids(config, "admins"),
-            max_participants=_positive_int(config, "max_participants", 1000),
-            sync_timeout_s=_positive_number(config, "sync_timeout_s", 5.0),
+            typing_ttl_s=_positive_number(config, "typing_ttl_s", DEFAULTS["typing_ttl_s"]),
+            sync_timeout_s=_positive_number(config, "sync_timeout_s", DEFAULTS["sync_timeout_s"]),
+            **{key: _positive_int(config, key, DEFAULTS[key]) for key in integers},
         )
 
 
@@ -361,6 +360,7 @@ class SendMessage(EventHandler):
     event_type = "messaging:send_message:v1"
     ordering_key = "conversation_id"
     takes = specs.SEND_MESSAGE_TAKES
+    config_keys = specs.CONFIG
     emits = specs.SEND_MESSAGE_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
@@ -406,6 +406,7 @@ class StreamMessages(StreamingEventHandler):
     event_type = "messaging:stream_messages:v1"
     stream_timeout = None
     takes = specs.STREAM_MESSAGES_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_MESSAGES_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
@@ -471,6 +472,7 @@ class SetTyping(EventHandler):
     event_type = "messaging:set_typing:v1"
     ordering_key = "conversation_id"
     takes = specs.SET_TYPING_TAKES
+    config_keys = specs.CONFIG
     emits = specs.SET_TYPING_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
@@ -507,6 +509,7 @@ class StreamTyping(StreamingEventHandler):
     event_type = "messaging:stream_typing:v1"
     stream_timeout = None
     takes = specs.STREAM_TYPING_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_TYPING_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:
@@ -578,6 +581,7 @@ class StreamPresence(StreamingEventHandler):
     event_type = "messaging:stream_presence:v1"
     stream_timeout = None
     takes = specs.STREAM_PRESENCE_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_PRESENCE_EMITS
 
     async def setup(self, ctx: HandlerContext) -> None:

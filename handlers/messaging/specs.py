@@ -1,10 +1,27 @@
-"""The messaging plugin's events: what each handler takes and emits, with payload schemas and examples."""
+"""The messaging plugin's declarations: what each handler takes and emits, with payload schemas and examples, and
+the settings of its ``[handlers.messaging]`` section (:data:`CONFIG`)."""
 
 from __future__ import annotations
 
 from typing import Any, Final
 
-from nexus import EventSpec
+from nexus import ConfigKey, EventSpec
+
+CONFIG: Final = (
+    ConfigKey("db_path", str, None, "The SQLite database (default: messaging.sqlite3 in the node's data_dir)."),
+    ConfigKey("synchronous", str, "NORMAL", "SQLite's PRAGMA synchronous (FULL survives power loss too)."),
+    ConfigKey("history_limit", int, 500, "The most history messages a stream sends (the most recent ones)."),
+    ConfigKey("max_text_length", int, 10_000, "Characters in a message."),
+    ConfigKey("live_queue", int, 1000, "Live items a stream may have waiting before it ends with failed."),
+    ConfigKey("typing_ttl_s", float, 5.0, "How long a typing indicator lasts unless set again."),
+    ConfigKey("max_typing_conversations", int, 10_000, "Conversations the typing board keeps."),
+    ConfigKey("max_tracked_streams", int, 100_000, "Streams the presence board keeps."),
+    ConfigKey("anonymous_user", str, "anonymous", "Who acts when a request names nobody."),
+    ConfigKey("admins", list, [], "User ids that read and write every conversation (authentication on)."),
+    ConfigKey("max_participants", int, 1000, "Participants a conversation may have."),
+    ConfigKey("sync_timeout_s", float, 5.0, "The longest a request waits for this node to catch up with the bus."),
+)
+DEFAULTS: Final = {key.name: key.default for key in CONFIG}
 
 SENT: Final = "messaging:send_message:v1:success"
 TYPING_CHANGED: Final = "messaging:typing:v1:changed"

@@ -1,11 +1,11 @@
 """The places handlers: ``places:track_location``, ``places:stream_encounters`` and ``places:agent_state``.
 
-Settings (``[handlers.places]``, see :class:`.staypoints.PlacesSettings`): ``dwell_radius_m`` (50),
-``stay_rule`` ("anchor"), ``min_dwell_s`` (120), ``max_drift_mps`` (0.15), ``exit_points`` (2), ``max_gap_s``
-(600), ``max_accuracy_m`` (100), ``max_agents`` (100000), ``idle_ttl_s`` (3600), ``sweep_interval_s`` (60),
-``place_radius_m`` (50), ``max_places`` (10000); agent_state also ``sync_timeout_s`` (5). Idle agents are
-swept by a background task of the server (``ctx.start_soon``), cancelled when it stops. What each handler
-takes and emits is declared in :mod:`.specs`.
+Settings (``[handlers.places]``, declared in ``specs.CONFIG`` from :class:`.staypoints.PlacesSettings`):
+``dwell_radius_m`` (50), ``stay_rule`` ("anchor"), ``min_dwell_s`` (120), ``max_drift_mps`` (0.15), ``exit_points``
+(2), ``max_gap_s`` (600), ``max_accuracy_m`` (100), ``max_agents`` (100000), ``idle_ttl_s`` (3600),
+``sweep_interval_s`` (60), ``place_radius_m`` (50), ``max_places`` (10000); agent_state also ``sync_timeout_s``
+(5). Idle agents are swept by a background task of the server (``ctx.start_soon``), cancelled when it stops. What
+each handler takes and emits is declared in :mod:`.specs`.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ class TrackLocation(EventHandler):
     event_type = "places:track_location:v1"
     ordering_key = "agent_id"
     takes = specs.TRACK_LOCATION_TAKES
+    config_keys = specs.CONFIG
     emits = specs.TRACK_LOCATION_EMITS
 
     def __init__(self) -> None:
@@ -278,6 +279,7 @@ class StreamEncounters(StreamingEventHandler):
     event_type = "places:stream_encounters:v1"
     stream_timeout = None
     takes = specs.STREAM_ENCOUNTERS_TAKES
+    config_keys = specs.CONFIG
     emits = specs.STREAM_ENCOUNTERS_EMITS
 
     async def handle_stream(self, event: Event, stream: Stream) -> None:
@@ -304,18 +306,19 @@ class AgentStateQuery(EventHandler):
 
     event_type = "places:agent_state:v1"
     takes = specs.AGENT_STATE_TAKES
+    config_keys = specs.CONFIG
     emits = specs.AGENT_STATE_EMITS
 
     def __init__(self) -> None:
         self.states = AgentStates()
-        self.sync_timeout_s = 5.0
+        self.sync_timeout_s: float = specs.DEFAULTS["sync_timeout_s"]
         self._follower: Follower | None = None
 
     async def setup(self, ctx: HandlerContext) -> None:
         try:
             settings = PlacesSettings.from_config(ctx.config)
             self.sync_timeout_s = read_number(
-                ctx.config, "sync_timeout_s", 5.0, plugin="places", minimum=0, strict=True
+                ctx.config, "sync_timeout_s", self.sync_timeout_s, plugin="places", minimum=0, strict=True
             )
         except ValueError as exc:
             raise ValueError(f"{ctx.name}: {exc}") from None

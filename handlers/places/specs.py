@@ -1,10 +1,19 @@
-"""The places plugin's events: what each handler takes and emits, with payload schemas and examples."""
+"""The places plugin's declarations: what each handler takes and emits, with payload schemas and examples, and the
+settings of its ``[handlers.places]`` section (:data:`CONFIG`)."""
 
 from __future__ import annotations
 
 from typing import Any, Final
 
-from nexus import EventSpec
+from nexus import ConfigKey, EventSpec
+
+from .staypoints import PlacesSettings
+
+CONFIG: Final = (
+    *ConfigKey.from_dataclass(PlacesSettings),
+    ConfigKey("sync_timeout_s", float, 5.0, "The longest agent_state waits for this node to catch up with the bus."),
+)
+DEFAULTS: Final = {key.name: key.default for key in CONFIG}
 
 ENCOUNTER_STARTED: Final = "places:encounter:v1:started"
 ENCOUNTER_COMPLETED: Final = "places:encounter:v1:completed"

@@ -42,6 +42,10 @@ STATUS_FOR_CODE: Final[dict[ErrorCode, grpc.StatusCode]] = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 CODE_FOR_STATUS: Final[dict[grpc.StatusCode, ErrorCode]] = {v: k for k, v in STATUS_FOR_CODE.items()}
+STORED: Final = "stored"
+DUPLICATE: Final = "duplicate"
+"""``EventResponse.message`` of a publish: the event was stored now, or its ``event_id`` was stored before (the
+response carries the stored original)."""
 
 
 def payload_to_struct(payload: JSONObject) -> struct_pb2.Struct:

@@ -22,7 +22,9 @@ from nexus.bus.base import Published
 from nexus.errors import InvalidArgument, NexusError, SlowConsumer, Unauthenticated
 from nexus.events import DEFAULT_LIMITS, Event, EventLimits
 from nexus.grpc.convert import (
+    DUPLICATE,
     STATUS_FOR_CODE,
+    STORED,
     EncodeCache,
     Undecodable,
     encode_response,
@@ -298,7 +300,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
         # A payload sent as JSON comes back as JSON.
         return encode_response(
             published.event,
-            message="duplicate" if published.duplicate else "stored",
+            message=DUPLICATE if published.duplicate else STORED,
             json_payload=bool(request.payload_json),
         )
 
@@ -511,7 +513,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 published = await session.start(max_pending=self.subscriber_queue)
             except NexusError as error:
                 await self._refuse(context, error)
-            message = "duplicate" if published.duplicate else "stored"
+            message = DUPLICATE if published.duplicate else STORED
             first = encode_response(published.event, message=message, json_payload=encoder.json_payload)
             yield request_event_response(first)  # type: ignore[misc]  # pre-serialized bytes
             while batch := await session.next_batch():
