@@ -13,10 +13,11 @@ the ``token`` query parameter, a ``Sec-WebSocket-Protocol`` entry or ``Authoriza
 Claims → principal (:func:`principal_from_claims`)::
 
     {"sub": "alice", "exp": 1767225600,
-     "nexus": {"publish": ["demo:>"], "subscribe": ["demo:>"], "admin": false}}
+     "nexus": {"publish": ["demo:>"], "subscribe": ["demo:>"], "serve": ["demo:>"], "admin": false}}
 
 ``sub`` is the user id. The ``nexus`` claim's ``publish`` / ``subscribe`` lists are the patterns the user may
-publish to and subscribe to; both default to none (deny by default: such a user may still send requests to
+publish to and subscribe to; ``serve`` the requests a worker with this token may handle (matched against
+``service:action:*:requested``); both default to none (deny by default: such a user may still send requests to
 handled types and receive the lifecycle of its own requests, see :meth:`nexus.node.Node.admit`). ``admin: true``
 may do and see everything.
 
@@ -307,6 +308,7 @@ def principal_from_claims(claims: Mapping[str, Any], connection_id: str) -> Prin
         authenticated=True,
         publish=_patterns(scopes, "publish"),
         subscribe=_patterns(scopes, "subscribe"),
+        serve=_patterns(scopes, "serve"),
         admin=admin,
     )
 
@@ -319,17 +321,20 @@ def mint_token(
     subscribe: Sequence[str] = (),
     admin: bool = False,
     ttl_s: float = 3600.0,
+    serve: Sequence[str] = (),
     now: float | None = None,
     audience: str | None = None,
     issuer: str | None = None,
 ) -> str:
     """An HS256 token for ``sub`` with these scopes, valid ``ttl_s`` seconds from ``now`` (for development and
     tests: ``nexus token``). Patterns are checked (:class:`~nexus.errors.InvalidPattern`)."""
-    for pattern in (*publish, *subscribe):
+    for pattern in (*publish, *subscribe, *serve):
         parse_pattern(pattern)
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + max(1, round(ttl_s))}
     scopes: dict[str, Any] = {"publish": list(publish), "subscribe": list(subscribe)}
+    if serve:
+        scopes["serve"] = list(serve)
     if admin:
         scopes["admin"] = True
     claims[CLAIM] = scopes

@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--subscribe", action="append", default=[], metavar="PATTERN", help="a pattern the user may subscribe to"
     )
+    token.add_argument(
+        "--serve", action="append", default=[], metavar="PATTERN", help="requests a worker may handle (demo:>)"
+    )
     token.add_argument("--admin", action="store_true", help="may do and see everything")
     token.add_argument("--ttl", type=_duration, default=3600.0, help="lifetime: 90s, 15m, 1h, 7d (1h)")
     token.add_argument("--config", help="TOML config file (default: $NEXUS_CONFIG)")
@@ -711,6 +714,7 @@ async def _token(args: argparse.Namespace) -> int:
         args.sub,
         publish=args.publish,
         subscribe=args.subscribe,
+        serve=args.serve,
         admin=args.admin,
         ttl_s=args.ttl,
         audience=settings.jwt_audience,

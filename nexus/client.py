@@ -459,6 +459,8 @@ class NexusClient:
                 "ordering_key": h.ordering_key,
                 "stream_timeout_s": h.stream_timeout_s or None,
                 "class_path": h.class_path,
+                "location": h.location or "in-process",
+                "workers": h.workers,
             }
             for h in response.handlers
         ]
@@ -477,6 +479,7 @@ class NexusClient:
                 "stream_count": s.stream_count,
                 "age_s": s.age_s,
                 "state": s.state,
+                "worker": s.worker,
             }
             for s in response.streams
         ]

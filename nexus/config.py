@@ -69,6 +69,7 @@ from nexus.provider import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_STREAM_TIMEOUT,
     ProviderSettings,
+    check_service_action,
 )
 from nexus.quota import (
     DEFAULT_MAX_PATTERNS_PER_CONNECTION,
@@ -79,6 +80,13 @@ from nexus.quota import (
     ClientLimits,
 )
 from nexus.tls import ServerTls, load_server_tls
+from nexus.workers import (
+    DEFAULT_LOCAL_IN_FLIGHT,
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_WORKER_GRACE,
+    DEFAULT_WORKER_PING_INTERVAL,
+    DEFAULT_WORKER_TIMEOUT,
+)
 
 ENV_PREFIX: Final = "NEXUS_"
 LOOPS: Final = ("auto", "asyncio", "uvloop")
@@ -196,6 +204,18 @@ class Settings:
     log_level: str = "info"
     streaming_rules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_RULES))
     shutdown_grace_s: float = 5.0
+    worker_ping_interval_s: float = DEFAULT_WORKER_PING_INTERVAL
+    """Seconds between the pings the server sends each worker (``nexus.v1.WorkerService``)."""
+    worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT
+    """A worker that sends nothing for this long is lost: its started requests fail with ``worker_lost``."""
+    worker_grace_s: float = DEFAULT_WORKER_GRACE
+    """How long a handler's requests wait for a worker when none is connected; then they fail ``worker_lost``."""
+    worker_pools: list[str] = dataclasses.field(default_factory=list)
+    """Handlers (``service:action``) whose in-process handler shares its requests with remote workers."""
+    worker_local_in_flight: int = DEFAULT_LOCAL_IN_FLIGHT
+    """Requests the in-process member of a worker pool runs at once."""
+    max_workers: int = DEFAULT_MAX_WORKERS
+    """Workers connected at once, at most."""
     sse_keepalive_s: float = 15.0
     """Seconds of silence after which a gateway ``/sse`` response writes a keep-alive comment."""
     sse_retry_ms: int = 2_000
@@ -306,6 +326,12 @@ class Settings:
             max_payload_bytes=self.max_payload_bytes,
             streaming_rules=tuple(self.streaming_rules),
             shutdown_grace_s=self.shutdown_grace_s,
+            worker_ping_interval=self.worker_ping_interval_s,
+            worker_timeout=self.worker_timeout_s,
+            worker_grace=self.worker_grace_s,
+            worker_pools=tuple(self.worker_pools),
+            worker_local_in_flight=self.worker_local_in_flight,
+            max_workers=self.max_workers,
         )
 
     def nats_bus_settings(self) -> NatsBusSettings:
@@ -579,6 +605,13 @@ def _name(item: str) -> None:
         raise _Invalid("names must not be empty")
 
 
+def _service_action(item: str) -> None:
+    try:
+        check_service_action("worker_pools", item)
+    except HandlerConfigError as exc:
+        raise _Invalid(exc.message) from None
+
+
 def _rule(item: str) -> None:
     try:
         Rule.parse(item)
@@ -674,6 +707,12 @@ _FIELDS: Final[dict[str, _Convert]] = {
     "log_level": _choice(LOG_LEVELS),
     "streaming_rules": _string_list(_rule),
     "shutdown_grace_s": _seconds(allow_zero=True),
+    "worker_ping_interval_s": _seconds(allow_zero=False),
+    "worker_timeout_s": _seconds(allow_zero=False),
+    "worker_grace_s": _seconds(allow_zero=True),
+    "worker_pools": _string_list(_service_action),
+    "worker_local_in_flight": _integer(1, 100_000),
+    "max_workers": _POSITIVE,
     "sse_keepalive_s": _seconds(allow_zero=False),
     "sse_retry_ms": _POSITIVE,
     "log_dir": _directory,

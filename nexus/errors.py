@@ -61,6 +61,7 @@ class StreamErrorType(enum.StrEnum):
     NO_HANDLER = "no_handler"
     INVALID_PAYLOAD = "invalid_payload"
     NODE_LOST = "node_lost"
+    WORKER_LOST = "worker_lost"
 
 
 class NexusError(Exception):

@@ -8,6 +8,7 @@ to the :class:`~nexus.node.Node` with each operation, and the node enforces the 
   ``event_id``. An anonymous client owns what its connection sent.
 - ``publish`` / ``subscribe`` are the patterns it may publish to and subscribe to (``None``: anything, which is
   what anonymous clients get while authentication is off). Out of scope is refused, never silently emptied.
+- ``serve``: the requests it may handle as a worker (``service:action:*:requested`` must be covered).
 - ``admin`` may do everything and see everything.
 - With authentication on, what a user receives is filtered (:meth:`Principal.can_see`): an event naming its
   ``audience`` reaches those users, a request's lifecycle its requester, unless the handler made it public.
@@ -60,6 +61,8 @@ class Principal:
     """Patterns it may publish to; None: anything."""
     subscribe: tuple[str, ...] | None = None
     """Patterns it may subscribe to; None: anything."""
+    serve: tuple[str, ...] | None = None
+    """Patterns of the requests it may handle as a worker; None: any."""
     admin: bool = False
 
     @property
@@ -78,6 +81,15 @@ class Principal:
         if self.admin or self.subscribe is None:
             return True
         return any(covers(allowed, pattern) for allowed in self.subscribe)
+
+    def may_serve(self, service_action: str) -> bool:
+        """Whether this principal may handle, as a worker, the requests of ``service:action`` (every version) or
+        ``service:action:vN``."""
+        if self.admin or self.serve is None:
+            return True
+        tokens = service_action.split(":")
+        requests = ":".join([*tokens[:2], tokens[2] if len(tokens) > 2 else "*", "requested"])
+        return any(covers(pattern, requests) for pattern in self.serve)
 
     def out_of_scope(self, patterns: Iterable[str]) -> list[str]:
         """The ``patterns`` this principal may not subscribe to."""

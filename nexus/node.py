@@ -33,13 +33,14 @@ from typing import Any, Final
 
 from nexus.api import AnyHandler
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
-from nexus.errors import AlreadyExists, PermissionDenied, ReservedState
+from nexus.errors import AlreadyExists, InvalidState, PermissionDenied, ReservedState
 from nexus.events import LIFECYCLE_STATES, REQUESTED, Event, JSONObject, quote
 from nexus.identity import LOCAL, Principal
 from nexus.patterns import DEFAULT_MAX_PATTERNS, check_pattern_count, parse_pattern
 from nexus.session import OWNER, Lease, RequestSession, SessionState, require_request
 from nexus.telemetry import Telemetry
 from nexus.tracing import TRACEPARENT, Tracing
+from nexus.workers import Declaration, Worker
 
 HealthCallback = Callable[[bool], None]
 DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION: Final = DEFAULT_MAX_PATTERNS
@@ -373,6 +374,20 @@ class Node(abc.ABC):
     @abc.abstractmethod
     async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:
         """Cancel the request if it belongs to ``owner`` (None: whoever owns it)."""
+
+    def connect_worker(self, name: str, declarations: Sequence[Declaration], *, principal: Principal = LOCAL) -> Worker:
+        """Admit a worker serving ``declarations`` for ``principal``, whose token must allow it to serve each type
+        (:class:`~nexus.errors.PermissionDenied` names the first it may not)."""
+        for declaration in declarations:
+            if not principal.may_serve(declaration.event_type):
+                raise PermissionDenied(f"this token may not serve {declaration.event_type!r} (its nexus.serve claim)")
+        return self._connect_worker(name, declarations, owner=principal.owner)
+
+    def _connect_worker(self, name: str, declarations: Sequence[Declaration], *, owner: str) -> Worker:
+        raise InvalidState("this node runs no handlers of its own: connect workers to a nexus serve node")
+
+    def disconnect_worker(self, worker: Worker, reason: str) -> None:
+        """The worker's connection ended (``reason``)."""
 
     @abc.abstractmethod
     async def handlers(self) -> list[JSONObject]:

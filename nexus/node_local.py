@@ -21,6 +21,7 @@ from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, Node
 from nexus.provider import Provider
 from nexus.queue.base import RequestQueue
 from nexus.session import DISCONNECTED, Lease
+from nexus.workers import Declaration, Worker
 
 
 class _LocalLease(Lease):
@@ -166,6 +167,12 @@ class LocalNode(Node):
             published = await self.bus.publish(event)
         return published, _LocalLease(self.provider, published.event.event_id)
 
+    def _connect_worker(self, name: str, declarations: Sequence[Declaration], *, owner: str) -> Worker:
+        return self.provider.connect_worker(name, declarations, owner=owner)
+
+    def disconnect_worker(self, worker: Worker, reason: str) -> None:
+        self.provider.disconnect_worker(worker, reason)
+
     async def _cancel(self, correlation_id: str, reason: str, *, owner: str | None) -> bool:
         return await self.provider.cancel(correlation_id, reason, owner=owner)
 
@@ -175,7 +182,7 @@ class LocalNode(Node):
 
     def handler_classes(self) -> dict[str, type[AnyHandler]]:
         registrations = self.provider.registrations.values()
-        return {registration.name: type(registration.handler) for registration in registrations}
+        return {r.name: type(r.handler) for r in registrations if r.handler is not None}  # workers declare none
 
     async def _streams(self) -> list[JSONObject]:
         return self.provider.streams()

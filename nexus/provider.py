@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import anyio
 import structlog
@@ -37,14 +37,18 @@ from nexus.api import (
 from nexus.bus.base import Bus, Subscription
 from nexus.detect import DEFAULT_RULES, StreamingDetector
 from nexus.errors import (
+    AlreadyExists,
     BusUnavailable,
     HandlerConfigError,
+    InvalidArgument,
     InvalidEventType,
     InvalidPayload,
     NexusError,
+    ResourceExhausted,
     SlowConsumer,
     StreamClosed,
     StreamErrorType,
+    Unavailable,
 )
 from nexus.events import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -65,6 +69,30 @@ from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
 from nexus.telemetry import Telemetry
 from nexus.tracing import TRACEPARENT, Tracing, ended_with_error, traceparent_of
+from nexus.workers import (
+    DEFAULT_LOCAL_IN_FLIGHT,
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_WORKER_GRACE,
+    DEFAULT_WORKER_PING_INTERVAL,
+    DEFAULT_WORKER_TIMEOUT,
+    MAX_HANDLERS_PER_WORKER,
+    MAX_IN_FLIGHT,
+    MAX_NAME_LENGTH,
+    Assignment,
+    Chunks,
+    Declaration,
+    Failure,
+    LocalMember,
+    Lost,
+    Member,
+    RemoteFailure,
+    Result,
+    Started,
+    Worker,
+    WorkerLost,
+    WorkerPool,
+    WorkerUnavailable,
+)
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
 DEFAULT_STREAM_TIMEOUT: Final = 1800.0
@@ -87,25 +115,63 @@ class ProviderSettings:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     streaming_rules: tuple[str, ...] = DEFAULT_RULES
     shutdown_grace_s: float = 5.0
+    worker_ping_interval: float = DEFAULT_WORKER_PING_INTERVAL
+    """Seconds between the pings the provider sends each worker."""
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT
+    """A worker that sends nothing for this long is lost."""
+    worker_grace: float = DEFAULT_WORKER_GRACE
+    """How long a handler's requests wait for a worker when none is connected."""
+    worker_pools: tuple[str, ...] = ()
+    """Handlers (``service:action[:vN]``) whose in-process handler shares requests with remote workers."""
+    worker_local_in_flight: int = DEFAULT_LOCAL_IN_FLIGHT
+    """Requests the in-process member of such a pool runs at once."""
+    max_workers: int = DEFAULT_MAX_WORKERS
+
+
+IN_PROCESS: Final = "in-process"
+REMOTE: Final = "remote"
+POOL: Final = "pool"
 
 
 @dataclasses.dataclass(slots=True)
 class Registration:
-    """One registered handler and what the provider derived from it."""
+    """One registered handler and what the provider derived from it.
+
+    ``handler`` is the in-process instance (None for a handler only workers serve); ``pool`` holds the workers
+    of a remote handler, or of an in-process one configured to share its requests with workers.
+    """
 
     name: str
-    handler: AnyHandler
+    handler: AnyHandler | None
     service_action: str
     streaming: bool
     ordering_key: str | None
     stream_timeout: float | None
     buffer_size: int
     config: dict[str, Any]
+    pool: WorkerPool | None = None
 
     @property
     def class_path(self) -> str:
+        if self.handler is None:
+            return ""
         cls = type(self.handler)
         return f"{cls.__module__}:{cls.__qualname__}"
+
+    @property
+    def location(self) -> str:
+        """Where its requests run: ``in-process``, ``remote`` (workers) or ``pool`` (both)."""
+        if self.pool is None:
+            return IN_PROCESS
+        return REMOTE if self.handler is None else POOL
+
+    @property
+    def public_results(self) -> bool:
+        return self.handler is not None and self.handler.public_results
+
+    @property
+    def takes(self) -> EventSpec | None:
+        return self.handler.takes if self.handler is not None else None
 
     def describe(self) -> JSONObject:
         """A JSON-ready description, as ``nexus handlers`` prints it."""
@@ -116,6 +182,8 @@ class Registration:
             "ordering_key": self.ordering_key or "",
             "stream_timeout_s": self.stream_timeout,
             "class_path": self.class_path,
+            "location": self.location,
+            "workers": len(self.pool.workers) if self.pool is not None else 0,
         }
 
 
@@ -127,8 +195,10 @@ def describe_exception(exc: BaseException) -> str:
     """
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    if isinstance(exc, InvalidPayload):
+    if isinstance(exc, (InvalidPayload, RemoteFailure)):
         return exc.message
+    if isinstance(exc, (WorkerLost, WorkerUnavailable)):
+        return str(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -136,6 +206,10 @@ def describe_exception(exc: BaseException) -> str:
 def _error_type(exc: BaseException) -> StreamErrorType:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
+    if isinstance(exc, RemoteFailure):
+        return exc.error_type
+    if isinstance(exc, (WorkerLost, WorkerUnavailable)):
+        return StreamErrorType.WORKER_LOST
     return StreamErrorType.INVALID_PAYLOAD if isinstance(exc, InvalidPayload) else StreamErrorType.HANDLER_ERROR
 
 
@@ -212,13 +286,15 @@ class _Run:
         self.registration = registration
         self.request = request
         self.key = key
-        if registration is not None and registration.handler.public_results:
+        if registration is not None and registration.public_results:
             # Its lifecycle events inherit the request's metadata: marked public, every subscriber may see them.
             request = request.evolve(metadata={**request.metadata, PUBLIC: "true"})
         self.lifecycle = Lifecycle(request, streaming=streaming, now=time.monotonic())
         timeout = registration.stream_timeout if registration is not None else None
         self.timeout = timeout
         self.handler_scope = anyio.CancelScope()
+        self.wait_scope = anyio.CancelScope()
+        """While it waits for a worker (a remote handler's request): a cancel ends the wait."""
         self.cancel_reason: str | None = None
         self.pump_error: BaseException | None = None
         self.started = False
@@ -227,6 +303,10 @@ class _Run:
         self.stream: _StreamImpl | None = None
         self.span: Any = None
         """The handler run's span, when traced."""
+        self.member: Member | None = None
+        """The pool member running it (a remote handler's request), once one took it."""
+        self.on_taken: Callable[[int], None] | None = None
+        """Called with the number of chunks the pump took from the buffer (a worker's credit)."""
 
     @property
     def correlation_id(self) -> str:
@@ -235,6 +315,7 @@ class _Run:
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
+        self.wait_scope.cancel()
         self.handler_scope.cancel()
 
 
@@ -304,6 +385,10 @@ class Provider:
         self.actions: set[str] = set()
         """The ``service:action`` of every registered handler (whatever its version)."""
         self._runs: dict[str, _Run] = {}
+        self._workers: dict[str, Worker] = {}
+        self.workers_lost = 0
+        """Workers that went away while they held requests."""
+        self._routes_lock = anyio.Lock()
         self._key_queues: dict[tuple[str, Any], deque[_Run]] = {}
         self._task_group: TaskGroup | None = None
         self._requests: Subscription | None = None
@@ -336,56 +421,250 @@ class Provider:
         service_action = getattr(cls, "event_type", None)
         if not isinstance(service_action, str):
             raise HandlerConfigError(f"{label}: set the class attribute event_type = 'service:action'")
-        service_action = _check_service_action(label, service_action)
+        kind = f"{cls.__name__} is a StreamingEventHandler" if streaming else f"{cls.__name__} is a plain EventHandler"
+        fix = "make it an EventHandler" if streaming else "make it a StreamingEventHandler"
+        timeout = cls.stream_timeout
+        declared = self._check_declaration(
+            label,
+            service_action,
+            streaming=streaming,
+            kind=kind,
+            fix=fix,
+            ordering_key=cls.ordering_key,
+            stream_timeout=self.settings.stream_timeout if timeout is SERVER_DEFAULT else timeout,
+            buffer_size=cls.buffer_size,
+        )
+        if declared.event_type in self._routes:
+            other = self._routes[declared.event_type]
+            raise HandlerConfigError(f"{label}: {declared.event_type!r} is already handled by {other.name}")
+        if label in self.registrations:
+            raise HandlerConfigError(f"{label}: a handler with this name is already registered")
+        _check_specs(label, cls, declared.event_type)
+        pool = None
+        if declared.event_type in self.settings.worker_pools:
+            pool = WorkerPool(declared.event_type, declared, LocalMember(self.settings.worker_local_in_flight))
+        return self._add(label, handler, declared, config=dict(config or {}), pool=pool)
+
+    def _check_declaration(
+        self,
+        label: str,
+        service_action: str,
+        *,
+        streaming: bool,
+        kind: str,
+        fix: str,
+        ordering_key: object,
+        stream_timeout: object,
+        buffer_size: object,
+        max_in_flight: int = 1,
+    ) -> Declaration:
+        """What a handler (a class here, or a worker's declaration) says of itself, checked against the rules."""
+        service_action = check_service_action(label, service_action)
         rule = self.detector.check_requested(service_action)
         if streaming and rule is None:
             raise HandlerConfigError(
-                f"{label}: {cls.__name__} is a StreamingEventHandler, but {service_action!r} is not a "
+                f"{label}: {kind}, but {service_action!r} is not a "
                 "streaming event under the streaming rules (an action starting with 'stream_', or a type "
                 "containing ':stream:', ':typing:', ':presence:', ':chunks:', ':live:' or ':realtime:'); "
-                "rename the action or make it an EventHandler"
+                f"rename the action or {fix}"
             )
         if not streaming and rule is not None:
             raise HandlerConfigError(
-                f"{label}: {cls.__name__} is a plain EventHandler, but {service_action!r} is a streaming "
-                f"event under the rule {str(rule)!r}; make it a StreamingEventHandler or rename the action"
+                f"{label}: {kind}, but {service_action!r} is a streaming "
+                f"event under the rule {str(rule)!r}; {fix} or rename the action"
             )
-        if service_action in self._routes:
-            other = self._routes[service_action]
-            raise HandlerConfigError(f"{label}: {service_action!r} is already handled by {other.name}")
-        if label in self.registrations:
-            raise HandlerConfigError(f"{label}: a handler with this name is already registered")
-        timeout = cls.stream_timeout
-        stream_timeout: float | None
-        if timeout is SERVER_DEFAULT:
-            stream_timeout = self.settings.stream_timeout
-        elif timeout is None:
-            stream_timeout = None
-        elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
-            stream_timeout = float(timeout)
+        timeout: float | None
+        if stream_timeout is None:
+            timeout = None
+        elif isinstance(stream_timeout, (int, float)) and not isinstance(stream_timeout, bool) and stream_timeout > 0:
+            timeout = float(stream_timeout)
         else:
             raise HandlerConfigError(f"{label}: stream_timeout must be a positive number of seconds or None")
-        ordering_key = cls.ordering_key
         if ordering_key is not None and (not isinstance(ordering_key, str) or not ordering_key):
             raise HandlerConfigError(f"{label}: ordering_key must be a payload field name or None")
-        _check_specs(label, cls, service_action)
-        buffer_size = cls.buffer_size if cls.buffer_size is not None else self.settings.buffer_size
-        if not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < 1:
+        size = buffer_size if buffer_size is not None else self.settings.buffer_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise HandlerConfigError(f"{label}: buffer_size must be a positive integer")
+        return Declaration(
+            event_type=service_action,
+            streaming=streaming,
+            ordering_key=ordering_key,
+            stream_timeout=timeout,
+            buffer_size=size,
+            max_in_flight=max_in_flight,
+            name=label,
+        )
+
+    def _add(
+        self,
+        label: str,
+        handler: AnyHandler | None,
+        declared: Declaration,
+        *,
+        config: dict[str, Any],
+        pool: WorkerPool | None,
+    ) -> Registration:
+        assert declared.buffer_size is not None
+        assert not isinstance(declared.stream_timeout, str)
         registration = Registration(
             name=label,
             handler=handler,
-            service_action=service_action,
-            streaming=streaming,
-            ordering_key=ordering_key,
-            stream_timeout=stream_timeout,
-            buffer_size=buffer_size,
-            config=dict(config or {}),
+            service_action=declared.event_type,
+            streaming=declared.streaming,
+            ordering_key=declared.ordering_key,
+            stream_timeout=declared.stream_timeout,
+            buffer_size=declared.buffer_size,
+            config=config,
+            pool=pool,
         )
         self.registrations[label] = registration
-        self._routes[service_action] = registration
-        self.actions.add(":".join(service_action.split(":")[:2]))
+        self._routes[declared.event_type] = registration
+        self.actions.add(":".join(declared.event_type.split(":")[:2]))
         return registration
+
+    def _remove(self, registration: Registration) -> None:
+        self.registrations.pop(registration.name, None)
+        self._routes.pop(registration.service_action, None)
+        self.actions = {":".join(r.service_action.split(":")[:2]) for r in self.registrations.values()}
+
+    # --- workers (handlers in other processes) --------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[Worker]:
+        """The workers connected now."""
+        return list(self._workers.values())
+
+    def connect_worker(self, name: str, declarations: Sequence[Declaration], *, owner: str = "") -> Worker:
+        """Admit a worker serving ``declarations`` (checked here, all or nothing) into each handler's pool.
+
+        Raises :class:`HandlerConfigError` (INVALID_ARGUMENT) for a declaration against the rules,
+        :class:`AlreadyExists` when an in-process handler serves a type that is not a configured pool, or the
+        pool's workers declared it otherwise, :class:`Unavailable` while the provider is not running and
+        :class:`ResourceExhausted` past ``max_workers``.
+        """
+        if not self.started:
+            raise Unavailable("the server is not taking workers now (starting or stopping); connect again")
+        if len(self._workers) >= self.settings.max_workers:
+            raise ResourceExhausted(f"{self.settings.max_workers} workers are connected, the most allowed")
+        name = name[:MAX_NAME_LENGTH]
+        if not declarations:
+            raise InvalidArgument("register names no handler")
+        if len(declarations) > MAX_HANDLERS_PER_WORKER:
+            raise InvalidArgument(f"register names {len(declarations)} handlers, more than {MAX_HANDLERS_PER_WORKER}")
+        checked: list[Declaration] = []
+        for index, declaration in enumerate(declarations):
+            label = (declaration.name or declaration.event_type)[:MAX_NAME_LENGTH]
+            where = f"handler {index} ({label})"
+            if not 1 <= declaration.max_in_flight <= MAX_IN_FLIGHT:
+                raise InvalidArgument(f"{where}: max_in_flight must be 1 to {MAX_IN_FLIGHT}")
+            timeout = declaration.stream_timeout
+            resolved = self._check_declaration(
+                where,
+                declaration.event_type,
+                streaming=declaration.streaming,
+                kind="it is declared streaming" if declaration.streaming else "it is declared plain (not streaming)",
+                fix="declare it plain" if declaration.streaming else "declare it streaming",
+                ordering_key=declaration.ordering_key,
+                stream_timeout=self.settings.stream_timeout if timeout == "default" else timeout,
+                buffer_size=declaration.buffer_size,
+                max_in_flight=declaration.max_in_flight,
+            )
+            resolved = dataclasses.replace(resolved, name=label)
+            if any(other.event_type == resolved.event_type for other in checked):
+                raise InvalidArgument(f"{where}: {resolved.event_type!r} is declared twice")
+            existing = self._routes.get(resolved.event_type)
+            if existing is not None and existing.pool is None:
+                raise AlreadyExists(
+                    f"{where}: {resolved.event_type!r} is served in-process by {existing.name}; add it to the "
+                    "worker_pools setting to share its requests with workers"
+                )
+            if existing is not None and existing.pool is not None:
+                problem = existing.pool.declaration.differs(resolved)
+                if problem is not None:
+                    raise AlreadyExists(f"{where}: {resolved.event_type!r} is declared with {problem}")
+            checked.append(resolved)
+        worker = Worker(name, tuple(checked), owner=owner)
+        added = False
+        for declared in checked:
+            registration = self._routes.get(declared.event_type)
+            if registration is None:
+                registration = self._add(
+                    declared.name, None, declared, config={}, pool=WorkerPool(declared.event_type, declared)
+                )
+                added = True
+            assert registration.pool is not None
+            registration.pool.join(worker)
+        self._workers[worker.worker_id] = worker
+        self.log.info(
+            "worker_connected",
+            worker=worker.name,
+            worker_id=worker.worker_id,
+            handlers=[d.event_type for d in checked],
+            max_in_flight=[d.max_in_flight for d in checked],
+        )
+        if added:
+            self._routes_changed()
+        return worker
+
+    def disconnect_worker(self, worker: Worker, reason: str) -> None:
+        """The worker is gone (its connection ended, or it stopped answering): its started requests fail with
+        ``worker_lost``, the ones it had not started go to another member of their pool."""
+        if self._workers.pop(worker.worker_id, None) is None:
+            return
+        running = len(worker.assignments)
+        if running:
+            self.workers_lost += 1
+        worker.lose(reason)
+        for pool in worker.pools.values():
+            pool.leave(worker)
+        log_method = self.log.info if running == 0 else self.log.warning
+        log_method(
+            "worker_disconnected", worker=worker.name, worker_id=worker.worker_id, reason=reason, requests=running
+        )
+
+    async def _watch_workers(self) -> None:
+        """Ping every worker, drop the silent ones, and close the pools no worker came back to in time."""
+        interval = self.settings.worker_ping_interval
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for worker in list(self._workers.values()):
+                silent = now - worker.last_heard
+                if silent > self.settings.worker_timeout:
+                    self.disconnect_worker(worker, f"sent nothing for {silent:.1f} s")
+                else:
+                    worker.ping()
+            for registration in list(self.registrations.values()):
+                pool = registration.pool
+                if pool is None or pool.empty_since is None or now - pool.empty_since < self.settings.worker_grace:
+                    continue
+                reason = (
+                    f"no worker of {registration.service_action} connected within {self.settings.worker_grace:g} s"
+                )
+                self.log.warning("handler_unavailable", handler=registration.name, reason=reason, waiting=pool.waiting)
+                pool.close(reason)
+                self._remove(registration)
+                self._routes_changed()
+
+    def capacity(self, service_action: str) -> int | None:
+        """How many requests of ``service_action`` this node can run at once: the slots of its workers (and of the
+        in-process member of a pool); None for an in-process handler (no bound)."""
+        registration = self._routes.get(service_action)
+        if registration is None or registration.pool is None:
+            return None
+        return sum(member.capacity(service_action) for member in registration.pool.members)
+
+    def _routes_changed(self) -> None:
+        """Tell the request queue which handlers this node serves now (in the background, latest wins)."""
+        if self._task_group is not None:
+            self._task_group.start_soon(self._update_routes)
+
+    async def _update_routes(self) -> None:
+        async with self._routes_lock:
+            try:
+                await self.queue.update_routes(self.request_routes())
+            except NexusError as exc:
+                self.log.error("request_routes_update_failed", error=exc.message)
 
     def route(self, event_type: str | EventType) -> Registration | None:
         """The handler for a ``requested`` event type: pinned ``svc:act:vN`` first, then ``svc:act``."""
@@ -406,11 +685,14 @@ class Provider:
         try:
             await background.enter_async_context(self.plugins.running())
             for registration in self.registrations.values():
+                if registration.handler is None:
+                    continue
                 context = _Context(self, registration)
                 registration.handler.ctx = context
                 await registration.handler.setup(context)
                 set_up.append(registration)
             routes = self.request_routes()
+            self.queue.capacity = self.capacity
             self._requests = await self.queue.consume(routes, max_pending=REQUEST_QUEUE)
             self.queue.on_control(self._on_control)
             async with anyio.create_task_group() as task_group:
@@ -421,6 +703,7 @@ class Provider:
                     heartbeat_interval=self.settings.heartbeat_interval,
                     stream_timeout=self.settings.stream_timeout,
                 )
+                task_group.start_soon(self._watch_workers)
                 task_status.started()
                 while True:
                     try:
@@ -441,6 +724,7 @@ class Provider:
             self._task_group = None
             await background.aclose()  # the handlers' background tasks and followers end before any teardown
             for registration in reversed(set_up):
+                assert registration.handler is not None
                 try:
                     await registration.handler.teardown()
                 except Exception as exc:
@@ -550,6 +834,7 @@ class Provider:
         for run in self._runs.values():
             info = run.lifecycle.stats(now)
             info["handler"] = run.registration.name if run.registration else ""
+            info["worker"] = _worker_label(run)
             info["age_s"] = round(now - run.lifecycle.requested_at, 6)
             info["owner"] = run.request.metadata.get("owner", "")
             result.append(info)
@@ -626,10 +911,10 @@ class Provider:
             elif problem is not None:
                 event = run.lifecycle.fail(time.monotonic(), StreamErrorType.INVALID_PAYLOAD, problem)
                 await self._publish_terminal(run, event)
-            elif registration.streaming:
-                await self._drive_stream(run, registration)
+            elif registration.pool is not None:
+                await self._drive_pooled(run, registration, registration.pool)
             else:
-                await self._drive_plain(run, registration)
+                await self._drive_local(run, registration)
         except Exception as exc:
             # Never let one request take the provider down: report it and end the request.
             self.log.exception(
@@ -664,9 +949,116 @@ class Provider:
     def _deadline(self, run: _Run) -> float:
         return math.inf if run.timeout is None else anyio.current_time() + run.timeout
 
-    async def _drive_plain(self, run: _Run, registration: Registration) -> None:
+    async def _drive_local(self, run: _Run, registration: Registration) -> None:
+        """Run the request in this process, with the in-process handler."""
         handler = registration.handler
-        assert isinstance(handler, EventHandler)
+        if isinstance(handler, StreamingEventHandler):
+            await self._drive_stream(run, registration, handler.handle_stream)
+        else:
+            assert isinstance(handler, EventHandler)
+            await self._drive_plain(run, registration, handler.handle)
+
+    async def _drive_pooled(self, run: _Run, registration: Registration, pool: WorkerPool) -> None:
+        """Run the request on a member of the handler's pool: a worker, or the in-process handler.
+
+        It waits (in offset order) for a member with a free slot, then gives it the request. A worker lost before
+        it started the request hands it back here, and it goes to another member.
+        """
+        while True:
+            if run.cancel_reason is not None:
+                await self._publish_terminal(run, run.lifecycle.cancel(time.monotonic(), run.cancel_reason))
+                return
+            run.wait_scope = anyio.CancelScope()
+            member: Member | None = None
+            assignment: Assignment | None = None
+            first: Started | Chunks | Result | Failure | Lost | None = None
+            try:
+                with run.wait_scope:
+                    member = await pool.acquire()
+                    if isinstance(member, LocalMember):
+                        break
+                    assert isinstance(member, Worker)
+                    run.member = member
+                    assignment = member.assign(
+                        pool.service_action,
+                        run.lifecycle.request,
+                        credit=registration.buffer_size if registration.streaming else 0,
+                        timeout_s=run.timeout,
+                    )
+                    first = await assignment.next()
+            except WorkerUnavailable as exc:
+                event = run.lifecycle.fail(time.monotonic(), StreamErrorType.WORKER_LOST, str(exc))
+                await self._publish_terminal(run, event)
+                return
+            if first is None or assignment is None:
+                # Cancelled while it waited: a worker that has it stops (and frees its slot when it says so).
+                if assignment is not None:
+                    assignment.cancel(run.cancel_reason or "cancelled")
+                run.member = None
+                continue
+            if isinstance(first, Lost):
+                run.member = None
+                self.log.warning(
+                    "request_reassigned",
+                    event_type=run.request.event_type,
+                    correlation_id=run.correlation_id,
+                    worker=assignment.worker.label,
+                    reason=first.reason,
+                )
+                continue
+            await self._drive_remote(run, registration, assignment, first)
+            return
+        assert member is not None
+        run.member = member
+        try:
+            await self._drive_local(run, registration)
+        finally:
+            pool.release(member)
+
+    async def _drive_remote(
+        self, run: _Run, registration: Registration, assignment: Assignment, first: Started | Chunks | Result | Failure
+    ) -> None:
+        """Drive a request a worker took: its messages feed the same lifecycle an in-process handler's calls do."""
+        pending: list[Started | Chunks | Result | Failure | Lost] = [first]
+
+        async def next_message() -> Started | Chunks | Result | Failure | Lost:
+            return pending.pop() if pending else await assignment.next()
+
+        async def stream_body(request: Event, stream: Stream) -> None:
+            run.on_taken = assignment.grant
+            try:
+                while True:
+                    message = await next_message()
+                    if isinstance(message, Chunks):
+                        for chunk in message.payloads:
+                            await stream.send(chunk)
+                    elif isinstance(message, Result):
+                        return  # a stream's success: the lifecycle counts its chunks
+                    elif not isinstance(message, Started):
+                        _remote_end(message, assignment)
+            finally:
+                assignment.cancel(_stop_reason(run))
+
+        async def plain_body(request: Event) -> JSONObject:
+            try:
+                while True:
+                    message = await next_message()
+                    if isinstance(message, Result):
+                        return message.payload
+                    if isinstance(message, (Failure, Lost)):
+                        _remote_end(message, assignment)
+                    # 'started' goes on; chunks never come (a plain request has no credit: the worker refuses them)
+            finally:
+                assignment.cancel(_stop_reason(run))
+
+        if registration.streaming:
+            await self._drive_stream(run, registration, stream_body)
+        else:
+            await self._drive_plain(run, registration, plain_body)
+
+    async def _drive_plain(
+        self, run: _Run, registration: Registration, handle: Callable[[Event], Awaitable[Any]]
+    ) -> None:
         lifecycle = run.lifecycle
         log = self.log.bind(event_type=run.request.event_type, correlation_id=run.correlation_id)
         run.started = True
@@ -675,7 +1067,7 @@ class Provider:
         error: BaseException | None = None
         with run.handler_scope:
             try:
-                result = await handler.handle(run.request)
+                result = await handle(run.request)
             except Exception as exc:
                 error = exc
         now = time.monotonic()
@@ -697,9 +1089,9 @@ class Provider:
                 event = lifecycle.succeed(now, payload)
         await self._publish_terminal(run, event)
 
-    async def _drive_stream(self, run: _Run, registration: Registration) -> None:
-        handler = registration.handler
-        assert isinstance(handler, StreamingEventHandler)
+    async def _drive_stream(
+        self, run: _Run, registration: Registration, handle_stream: Callable[[Event, Stream], Awaitable[None]]
+    ) -> None:
         lifecycle = run.lifecycle
         log = self.log.bind(event_type=run.request.event_type, correlation_id=run.correlation_id)
         try:
@@ -723,7 +1115,7 @@ class Provider:
             stream_group.start_soon(self._heartbeats, run, heartbeat_scope)
             with run.handler_scope:
                 try:
-                    await handler.handle_stream(run.request, stream)
+                    await handle_stream(run.request, stream)
                 except Exception as exc:
                     error = exc
             stream.close()
@@ -761,6 +1153,8 @@ class Provider:
                         break
                 if run.abandoned:
                     return
+                if run.on_taken is not None:
+                    run.on_taken(len(chunks))
                 events = [run.lifecycle.chunk(chunk) for chunk in chunks]
                 try:
                     await self.bus.publish_many(events)
@@ -833,9 +1227,35 @@ def _continue_trace(run: _Run, traceparent: str) -> None:
 
 
 def _handler_failed(log: Any, run: _Run, registration: Registration, error: BaseException) -> None:
-    """Log a handler's exception with its traceback (plugin authors must see the failing line)."""
+    """Log a handler's exception with its traceback (plugin authors must see the failing line); a worker's
+    failure with the worker's name (its traceback is in the worker's own log)."""
     ended_with_error(run.span, error)
+    if isinstance(error, (RemoteFailure, WorkerLost, WorkerUnavailable)):
+        worker = run.member.label if run.member is not None else ""
+        log.warning("handler_failed", handler=registration.name, error=describe_exception(error), worker=worker)
+        return
     log.warning("handler_failed", handler=registration.name, error=describe_exception(error), exc_info=error)
+
+
+def _worker_label(run: _Run) -> str:
+    """Who drives a request: ``in-process``, a worker's name, or nothing while it waits for one."""
+    if run.registration is None:
+        return ""
+    if run.member is not None:
+        return run.member.label
+    return IN_PROCESS if run.registration.pool is None else ""
+
+
+def _remote_end(message: Failure | Lost, assignment: Assignment) -> NoReturn:
+    """Raise what a worker's failure or loss means for its request."""
+    if isinstance(message, Failure):
+        raise RemoteFailure(message.type, message.message)
+    raise WorkerLost(f"worker {assignment.worker.label} was lost: {message.reason}")
+
+
+def _stop_reason(run: _Run) -> str:
+    """What to tell a worker whose request the server ended first."""
+    return run.cancel_reason or ("timeout" if run.handler_scope.cancel_called else "ended")
 
 
 def _payload_problem(registration: Registration, request: Event) -> str | None:
@@ -843,7 +1263,7 @@ def _payload_problem(registration: Registration, request: Event) -> str | None:
     try:
         # Events built by clients are checked on the way in; this also covers one put on the bus directly.
         validate_payload(request.payload)
-        spec = registration.handler.takes
+        spec = registration.takes
         if spec is not None:
             spec.validate(request.payload)
     except InvalidPayload as exc:
@@ -885,7 +1305,7 @@ def _check_specs(label: str, cls: type, service_action: str) -> None:
             raise HandlerConfigError(f"{label}: the example of {spec.event_type} does not fit: {problems[0]}")
 
 
-def _check_service_action(label: str, text: str) -> str:
+def check_service_action(label: str, text: str) -> str:
     tokens = text.split(":")
     if len(tokens) not in (2, 3):
         raise HandlerConfigError(

@@ -31,6 +31,7 @@ from nexus.bus.memory import MemoryBus
 from nexus.config import Settings
 from nexus.errors import ConfigurationError, HandlerConfigError
 from nexus.grpc.servicer import NexusServicer, add_to_server
+from nexus.grpc.workers import WorkerServicer, add_worker_service
 from nexus.kv.base import KeyValueStore
 from nexus.kv.sqlite import SqliteKeyValue
 from nexus.node_local import LocalNode
@@ -44,6 +45,7 @@ from nexus.tracing import Tracing
 from nexus.v1 import nexus_pb2
 
 SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["NexusService"].full_name
+WORKER_SERVICE_NAME = nexus_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 GRPC_PORT_HINT: Final = "choose another with --grpc-port"
 WS_PORT_HINT: Final = "choose another with --ws-port or turn the gateway off with --no-gateway"
 
@@ -234,6 +236,12 @@ class NexusServer:
             client_limits=self.settings.client_limits(),
             authenticator=self.authenticator,
         )
+        self.workers = WorkerServicer(
+            self.node,
+            self.servicer,
+            ping_interval_s=self.settings.worker_ping_interval_s,
+            worker_timeout_s=self.settings.worker_timeout_s,
+        )
         self.metrics_server: MetricsHttpServer | None = None
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -302,6 +310,8 @@ class NexusServer:
         )
         self.bus.metrics.on_latency = telemetry.delivery_latency
         telemetry.observe("nexus.streams.active", self._observe_streams)
+        telemetry.observe("nexus.workers.connected", self._observe_workers)
+        telemetry.observe("nexus.workers.lost", lambda: [(self.provider.workers_lost, {})])
         telemetry.observe(
             "nexus.slow_consumer.disconnects", lambda: [(self.bus.stats().slow_consumers, {"nexus__transport": "bus"})]
         )
@@ -331,6 +341,13 @@ class NexusServer:
             if stream.get("handler"):
                 counts[str(stream["handler"])] = counts.get(str(stream["handler"]), 0) + 1
         return [(count, {"nexus__handler": name}) for name, count in sorted(counts.items())]
+
+    def _observe_workers(self) -> list[tuple[float, dict[str, str]]]:
+        return [
+            (len(registration.pool.workers), {"nexus__handler": name})
+            for name, registration in sorted(self.provider.registrations.items())
+            if registration.pool is not None
+        ]
 
     def _observe_history(self) -> list[tuple[float, dict[str, str]]]:
         stats = self.bus.stats()
@@ -401,8 +418,11 @@ class NexusServer:
             ]
         )
         add_to_server(self.servicer, server)
+        add_worker_service(self.workers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, WORKER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
         try:
             if self._tls is not None:

@@ -27,6 +27,8 @@ Instruments (all with ``messaging.system = "nexus"``):
 - ``nexus.connections.active``, ``nexus.subscriptions.active`` (gauges): ``nexus.transport``.
 - ``nexus.slow_consumer.disconnects`` (observable counter): ``nexus.transport`` (``bus``: a subscriber queue
   overflowed, any transport; ``websocket`` / ``sse``: a socket that could not keep up).
+- ``nexus.workers.connected`` (gauge): workers serving a handler; ``nexus.handler``. ``nexus.workers.lost``
+  (observable counter): workers that went away holding requests.
 - ``nexus.history.events``, ``nexus.history.bytes`` (gauges); ``nexus.nats.consumer.lag``,
   ``nexus.nats.reconnects`` (NATS bus only).
 """
@@ -167,6 +169,8 @@ class Telemetry:
             ("nexus.slow_consumer.disconnects", "counter", "{disconnect}", "Subscribers cut off for being slow."),
             ("nexus.streams.active", "gauge", "{stream}", "Requests a handler is running now."),
             ("nexus.connections.active", "gauge", "{connection}", "Open client connections."),
+            ("nexus.workers.connected", "gauge", "{worker}", "Workers connected, by the handler they serve."),
+            ("nexus.workers.lost", "counter", "{worker}", "Workers that went away while holding requests."),
             ("nexus.subscriptions.active", "gauge", "{subscription}", "Open subscriptions."),
             ("nexus.history.events", "gauge", "{event}", "Events held in the replay history."),
             ("nexus.history.bytes", "gauge", "By", "Bytes held in the replay history."),

@@ -18,6 +18,8 @@ from nexus.gateway.server import GatewayServer, GatewaySettings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
+from worker_support import RawWorker
+from worker_support import handler as worker_handler
 
 from nexus import Event, EventHandler, EventSpec, Stream, StreamingEventHandler
 from nexus.auth import Credentials
@@ -861,6 +863,22 @@ async def test_the_page_reads_request_examples_the_head_and_the_event_catalogue(
         document = json.loads(body)
         assert document == asyncapi_document([Greet, Echo], host=f"127.0.0.1:{port}")
         assert "demo.greet.v1.requested" in document["components"]["messages"]
+
+
+async def test_a_handler_served_by_workers_is_listed_as_remote_without_an_example() -> None:
+    """A handler that only remote workers serve is listed by /api/handlers with its location and worker count
+    and no example (workers declare no schema), and the AsyncAPI document describes the in-process ones."""
+    async with (
+        run_server(Greet(), gateway=True) as nexus,
+        RawWorker(nexus.address, worker_handler("demo:echo", streaming=False), name="w-a"),
+    ):
+        port = nexus.server.ws_port
+        listed = {h["event_type"]: h for h in json.loads((await http_get(port, "/api/handlers"))[2])}
+        assert (listed["demo:echo"]["location"], listed["demo:echo"]["workers"]) == ("remote", 1)
+        assert "takes" not in listed["demo:echo"]
+        assert (listed["demo:greet"]["location"], "takes" in listed["demo:greet"]) == ("in-process", True)
+        document = json.loads((await http_get(port, "/asyncapi.json"))[2])
+        assert document == asyncapi_document([Greet], host=f"127.0.0.1:{port}")
 
 
 # --- the gateway apart from the core ------------------------------------------------------------------------------

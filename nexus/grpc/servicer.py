@@ -554,6 +554,8 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 ordering_key=str(info["ordering_key"] or ""),
                 stream_timeout_s=float(info["stream_timeout_s"] or 0.0),
                 class_path=str(info["class_path"]),
+                location=str(info.get("location", "")),
+                workers=int(info.get("workers", 0)),
             )
             for info in await self.node.handlers()
         ]
@@ -571,6 +573,7 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
                 stream_count=int(info["stream_count"]),
                 age_s=float(info["age_s"]),
                 state=str(info["state"]),
+                worker=str(info.get("worker", "")),
             )
             for info in await self.node.streams(principal=principal)
         ]

@@ -69,10 +69,16 @@ class AbandonRequest:
 
 ControlMessage = CancelRequest | AbandonRequest
 ControlCallback = Callable[[ControlMessage], None]
+Capacity = Callable[[str], "int | None"]
+"""How many requests of a handler (``service:action``) this node can run at once; None: no bound."""
 
 
 class RequestQueue(abc.ABC):
     """Gives each ``requested`` event of a bus to exactly one consumer, and carries messages about requests."""
+
+    capacity: Capacity = staticmethod(lambda service_action: None)
+    """Set by the provider: a queue shared by several nodes holds no more requests of a handler at once than this
+    node can run (a handler served by workers: their slots), so the other nodes take the rest."""
 
     async def start(self) -> None:
         """Join (after the bus has started): a queue shared by several nodes announces this one."""
@@ -90,6 +96,14 @@ class RequestQueue(abc.ABC):
         ``routes`` are the handlers this consumer serves. A queue shared by several nodes gives a consumer the
         requests for its routes, and the requests no live node serves (so it can answer ``no_handler``); a
         single-process queue gives its consumers every request, in turn.
+        """
+
+    async def update_routes(self, routes: Sequence[RequestRoute]) -> None:
+        """The handlers this node's consumer serves changed (workers came or went).
+
+        A single-process queue gives its consumers every request whatever they serve, so only a shared queue needs
+        to know: it takes the requests of the new routes from now on, and leaves the others to the nodes that serve
+        them (or answers them ``no_handler`` when none does).
         """
 
     @abc.abstractmethod

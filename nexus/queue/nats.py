@@ -72,6 +72,8 @@ ACK_WAIT_S: Final = 5.0
 """A request delivered to a pull request nobody reads any more (its node died) is delivered again after this."""
 CLAIM_TIMEOUT_S: Final = 2.0
 DRAIN_RECHECK_S: Final = 0.5
+CAPACITY_RECHECK_S: Final = 0.05
+"""How often a puller looks again for room when the workers of its handler are all busy."""
 DEFAULT_NODE_HEARTBEAT_S: Final = 1.0
 RECENT_TERMINALS: Final = 100_000
 TRACKED_STREAMS: Final = 100_000
@@ -93,6 +95,7 @@ def _service_action(event_type: str) -> str:
 @dataclasses.dataclass(slots=True)
 class _LocalClaim:
     claim: Claim
+    service_action: str
     terminal_id: str | None = None
     """The event id of the terminal event this node is publishing for it."""
 
@@ -113,6 +116,8 @@ class Puller:
         self.stopped = False
         self._handle = handle
         self._buffer: list[Msg] = []
+        self._handling = False
+        """Its worker task is claiming the messages of a pull."""
         self._wake = asyncio.Event()
         self._request_done = asyncio.Event()
         self._remaining = 0
@@ -160,11 +165,14 @@ class Puller:
                         self._sub = await nc.subscribe(
                             self._inbox, cb=self._on_message, pending_msgs_limit=0, pending_bytes_limit=0
                         )
+                    batch = await self._room()
+                    if batch == 0:
+                        continue
                     self._request_done.clear()
                     self._empty = False
-                    self._remaining = PULL_BATCH
+                    self._remaining = batch
                     self._last_activity = time.monotonic()
-                    body: JSONObject = {"batch": PULL_BATCH}
+                    body: JSONObject = {"batch": batch}
                     if self.drain:
                         body["no_wait"] = True
                     else:
@@ -198,6 +206,22 @@ class Puller:
         finally:
             self.finished.set()
 
+    async def _room(self) -> int:
+        """How many requests to pull: up to :data:`PULL_BATCH`, and no more than this node can run beside the ones
+        it holds (a handler served by workers: their slots). Waits while there is no room (0 when stopped)."""
+        if self.service_action is None or self.drain:
+            return PULL_BATCH
+        while not self.stopped:
+            slots = self.queue.capacity(self.service_action)
+            if slots is None:
+                return PULL_BATCH
+            if not self._buffer and not self._handling:
+                room = slots - self.queue.holding(self.service_action)
+                if room > 0:
+                    return min(room, PULL_BATCH)
+            await asyncio.sleep(CAPACITY_RECHECK_S)
+        return 0
+
     async def _drained(self) -> bool:
         """Whether nothing is left for a drain, not even a request out with a dead node's pull (ack pending).
 
@@ -223,10 +247,13 @@ class Puller:
                     with contextlib.suppress(Exception):
                         await msg.nak()
                 continue
+            self._handling = True
             try:
                 await self._handle(self, messages)
             except Exception as exc:
                 log.error("request_handling_failed", consumer=self.consumer, error=str(exc))
+            finally:
+                self._handling = False
 
     def stop(self) -> None:
         """Stop pulling; what still arrives is handed back; the subscription ends when the last pull expires."""
@@ -326,6 +353,18 @@ class NatsRequestQueue(RequestQueue):
         await self._announce()
         self._update_pullers()
         return sub
+
+    async def update_routes(self, routes: Sequence[RequestRoute]) -> None:
+        """Take the requests of ``routes`` from now on (workers came or went): consumers for new handlers, the
+        others told at once, pullers matched to the routes."""
+        self.routes = tuple(routes)
+        self.membership.own.routes = self.routes
+        if self.closing or self.group is None:
+            return
+        for service_action in sorted({route.service_action for route in self.routes}):
+            await self.ensure_consumer(service_action)
+        await self._announce()
+        self._update_pullers()
 
     async def close(self) -> None:
         """Stop taking requests and tell the others this node leaves (they end what it still holds)."""
@@ -645,7 +684,7 @@ class NatsRequestQueue(RequestQueue):
             if not acknowledged:
                 continue  # redelivered after the ack wait, to this node or another
             claim = Claim(event.event_id, event.offset, self.detector.is_streaming(event.event_type))
-            self.claims[event.event_id] = _LocalClaim(claim)
+            self.claims[event.event_id] = _LocalClaim(claim, _service_action(event.event_type))
             claimed.append(event)
         if not claimed:
             return
@@ -698,6 +737,10 @@ class NatsRequestQueue(RequestQueue):
             del self.claims[correlation_id]
             self.outbox.pop(correlation_id, None)
         return published
+
+    def holding(self, service_action: str) -> int:
+        """Requests of ``service_action`` this node claimed and has not seen end yet."""
+        return sum(1 for local in self.claims.values() if local.service_action == service_action)
 
     def terminal_seen(self, correlation_id: str) -> bool:
         """Whether this node saw the terminal event of the request ``correlation_id`` (recently)."""

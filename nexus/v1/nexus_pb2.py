@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14nexus/v1/nexus.proto\x12\x08nexus.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x01\n\x0c\x45ventRequest\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.nexus.v1.EventRequest.MetadataEntry\x12\x14\n\x0cpayload_json\x18\x05 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x02\n\rEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.nexus.v1.EventResponse.MetadataEntry\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\t\x12-\n\ttimestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpayload_json\x18\n \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x10SubscribeRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x33\n\x10payload_encoding\x18\x04 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\"\xa5\x01\n\x1cSubscribeEventBatchesRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x33\n\x10payload_encoding\x18\x05 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\"H\n\x1dSubscribeEventBatchesResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x14PublishEventsRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\"_\n\x15PublishEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x04\x12\x12\n\nduplicates\x18\x02 \x01(\x04\x12\x13\n\x0blast_offset\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"q\n\x13RequestEventRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\x12\x33\n\x10payload_encoding\x18\x02 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\">\n\x14RequestEventResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x13\x43\x61ncelStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x14\x43\x61ncelStreamResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x15\n\x13ListHandlersRequest\"\x86\x01\n\x0bHandlerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x14\n\x0cordering_key\x18\x04 \x01(\t\x12\x18\n\x10stream_timeout_s\x18\x05 \x01(\x01\x12\x12\n\nclass_path\x18\x06 \x01(\t\"?\n\x14ListHandlersResponse\x12\'\n\x08handlers\x18\x01 \x03(\x0b\x32\x15.nexus.v1.HandlerInfo\"\x14\n\x12ListStreamsRequest\"}\n\nStreamInfo\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x14\n\x0cstream_count\x18\x04 \x01(\x04\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\r\n\x05state\x18\x06 \x01(\t\"<\n\x13ListStreamsResponse\x12%\n\x07streams\x18\x01 \x03(\x0b\x32\x14.nexus.v1.StreamInfo*k\n\x0fPayloadEncoding\x12 \n\x1cPAYLOAD_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_ENCODING_STRUCT\x10\x01\x12\x19\n\x15PAYLOAD_ENCODING_JSON\x10\x02\x32\x91\x05\n\x0cNexusService\x12<\n\tEmitEvent\x12\x16.nexus.v1.EventRequest\x1a\x17.nexus.v1.EventResponse\x12H\n\x0fSubscribeEvents\x12\x1a.nexus.v1.SubscribeRequest\x1a\x17.nexus.v1.EventResponse0\x01\x12j\n\x15SubscribeEventBatches\x12&.nexus.v1.SubscribeEventBatchesRequest\x1a\'.nexus.v1.SubscribeEventBatchesResponse0\x01\x12R\n\rPublishEvents\x12\x1e.nexus.v1.PublishEventsRequest\x1a\x1f.nexus.v1.PublishEventsResponse(\x01\x12O\n\x0cRequestEvent\x12\x1d.nexus.v1.RequestEventRequest\x1a\x1e.nexus.v1.RequestEventResponse0\x01\x12M\n\x0c\x43\x61ncelStream\x12\x1d.nexus.v1.CancelStreamRequest\x1a\x1e.nexus.v1.CancelStreamResponse\x12M\n\x0cListHandlers\x12\x1d.nexus.v1.ListHandlersRequest\x1a\x1e.nexus.v1.ListHandlersResponse\x12J\n\x0bListStreams\x12\x1c.nexus.v1.ListStreamsRequest\x1a\x1d.nexus.v1.ListStreamsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14nexus/v1/nexus.proto\x12\x08nexus.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdd\x01\n\x0c\x45ventRequest\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.nexus.v1.EventRequest.MetadataEntry\x12\x14\n\x0cpayload_json\x18\x05 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x02\n\rEventResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.nexus.v1.EventResponse.MetadataEntry\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\t\x12-\n\ttimestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpayload_json\x18\n \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x10SubscribeRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x33\n\x10payload_encoding\x18\x04 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\"\xa5\x01\n\x1cSubscribeEventBatchesRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x14\n\x0csince_offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x33\n\x10payload_encoding\x18\x05 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\"H\n\x1dSubscribeEventBatchesResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x14PublishEventsRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\"_\n\x15PublishEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x04\x12\x12\n\nduplicates\x18\x02 \x01(\x04\x12\x13\n\x0blast_offset\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"q\n\x13RequestEventRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.nexus.v1.EventRequest\x12\x33\n\x10payload_encoding\x18\x02 \x01(\x0e\x32\x19.nexus.v1.PayloadEncoding\">\n\x14RequestEventResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.nexus.v1.EventResponse\"=\n\x13\x43\x61ncelStreamRequest\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x14\x43\x61ncelStreamResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x15\n\x13ListHandlersRequest\"\xa9\x01\n\x0bHandlerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x11\n\tstreaming\x18\x03 \x01(\x08\x12\x14\n\x0cordering_key\x18\x04 \x01(\t\x12\x18\n\x10stream_timeout_s\x18\x05 \x01(\x01\x12\x12\n\nclass_path\x18\x06 \x01(\t\x12\x10\n\x08location\x18\x07 \x01(\t\x12\x0f\n\x07workers\x18\x08 \x01(\r\"?\n\x14ListHandlersResponse\x12\'\n\x08handlers\x18\x01 \x03(\x0b\x32\x15.nexus.v1.HandlerInfo\"\x14\n\x12ListStreamsRequest\"\x8d\x01\n\nStreamInfo\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x14\n\x0cstream_count\x18\x04 \x01(\x04\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06worker\x18\x07 \x01(\t\"<\n\x13ListStreamsResponse\x12%\n\x07streams\x18\x01 \x03(\x0b\x32\x14.nexus.v1.StreamInfo\"\xef\x02\n\x13HandleEventsRequest\x12,\n\x08register\x18\x01 \x01(\x0b\x32\x18.nexus.v1.WorkerRegisterH\x00\x12*\n\x07started\x18\x02 \x01(\x0b\x32\x17.nexus.v1.WorkerStartedH\x00\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.nexus.v1.WorkerChunkH\x00\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.nexus.v1.WorkerResultH\x00\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.nexus.v1.WorkerErrorH\x00\x12.\n\tcancelled\x18\x06 \x01(\x0b\x32\x19.nexus.v1.WorkerCancelledH\x00\x12$\n\x04pong\x18\x07 \x01(\x0b\x32\x14.nexus.v1.WorkerPongH\x00\x12&\n\x05\x64rain\x18\x08 \x01(\x0b\x32\x15.nexus.v1.WorkerDrainH\x00\x42\x06\n\x04\x62ody\"\xa2\x02\n\x14HandleEventsResponse\x12\x30\n\nregistered\x18\x01 \x01(\x0b\x32\x1a.nexus.v1.WorkerRegisteredH\x00\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x17.nexus.v1.WorkerRequestH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.nexus.v1.WorkerCancelH\x00\x12(\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x16.nexus.v1.WorkerCreditH\x00\x12$\n\x04ping\x18\x05 \x01(\x0b\x32\x14.nexus.v1.WorkerPingH\x00\x12*\n\x07refused\x18\x06 \x01(\x0b\x32\x17.nexus.v1.WorkerRefusedH\x00\x42\x06\n\x04\x62ody\"\xa0\x01\n\rWorkerHandler\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x11\n\tstreaming\x18\x02 \x01(\x08\x12\x14\n\x0cordering_key\x18\x03 \x01(\t\x12\x18\n\x10stream_timeout_s\x18\x04 \x01(\x01\x12\x13\n\x0b\x62uffer_size\x18\x05 \x01(\r\x12\x15\n\rmax_in_flight\x18\x06 \x01(\r\x12\x0c\n\x04name\x18\x07 \x01(\t\"P\n\x0eWorkerRegister\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12)\n\x08handlers\x18\x02 \x03(\x0b\x32\x17.nexus.v1.WorkerHandler\"\'\n\rWorkerStarted\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\"<\n\x0bWorkerChunk\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x15\n\rpayloads_json\x18\x02 \x03(\x0c\"<\n\x0cWorkerResult\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x14\n\x0cpayload_json\x18\x02 \x01(\x0c\"D\n\x0bWorkerError\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\")\n\x0fWorkerCancelled\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\"\r\n\x0bWorkerDrain\"\x1b\n\nWorkerPong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"X\n\x10WorkerRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0fping_interval_s\x18\x02 \x01(\x01\x12\x18\n\x10worker_timeout_s\x18\x03 \x01(\x01\"Z\n\rWorkerRequest\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.nexus.v1.EventResponse\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"6\n\x0cWorkerCancel\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0cWorkerCredit\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\"\x1b\n\nWorkerPing\x12\r\n\x05nonce\x18\x01 \x01(\x04\"F\n\rWorkerRefused\x12\x16\n\x0e\x63orrelation_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*k\n\x0fPayloadEncoding\x12 \n\x1cPAYLOAD_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYLOAD_ENCODING_STRUCT\x10\x01\x12\x19\n\x15PAYLOAD_ENCODING_JSON\x10\x02\x32\x91\x05\n\x0cNexusService\x12<\n\tEmitEvent\x12\x16.nexus.v1.EventRequest\x1a\x17.nexus.v1.EventResponse\x12H\n\x0fSubscribeEvents\x12\x1a.nexus.v1.SubscribeRequest\x1a\x17.nexus.v1.EventResponse0\x01\x12j\n\x15SubscribeEventBatches\x12&.nexus.v1.SubscribeEventBatchesRequest\x1a\'.nexus.v1.SubscribeEventBatchesResponse0\x01\x12R\n\rPublishEvents\x12\x1e.nexus.v1.PublishEventsRequest\x1a\x1f.nexus.v1.PublishEventsResponse(\x01\x12O\n\x0cRequestEvent\x12\x1d.nexus.v1.RequestEventRequest\x1a\x1e.nexus.v1.RequestEventResponse0\x01\x12M\n\x0c\x43\x61ncelStream\x12\x1d.nexus.v1.CancelStreamRequest\x1a\x1e.nexus.v1.CancelStreamResponse\x12M\n\x0cListHandlers\x12\x1d.nexus.v1.ListHandlersRequest\x1a\x1e.nexus.v1.ListHandlersResponse\x12J\n\x0bListStreams\x12\x1c.nexus.v1.ListStreamsRequest\x1a\x1d.nexus.v1.ListStreamsResponse2b\n\rWorkerService\x12Q\n\x0cHandleEvents\x12\x1d.nexus.v1.HandleEventsRequest\x1a\x1e.nexus.v1.HandleEventsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_EVENTRESPONSE_METADATAENTRY']._loaded_options = None
   _globals['_EVENTRESPONSE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_PAYLOADENCODING']._serialized_start=1914
-  _globals['_PAYLOADENCODING']._serialized_end=2021
+  _globals['_PAYLOADENCODING']._serialized_start=3591
+  _globals['_PAYLOADENCODING']._serialized_end=3698
   _globals['_EVENTREQUEST']._serialized_start=98
   _globals['_EVENTREQUEST']._serialized_end=319
   _globals['_EVENTREQUEST_METADATAENTRY']._serialized_start=272
@@ -68,15 +68,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHANDLERSREQUEST']._serialized_start=1478
   _globals['_LISTHANDLERSREQUEST']._serialized_end=1499
   _globals['_HANDLERINFO']._serialized_start=1502
-  _globals['_HANDLERINFO']._serialized_end=1636
-  _globals['_LISTHANDLERSRESPONSE']._serialized_start=1638
-  _globals['_LISTHANDLERSRESPONSE']._serialized_end=1701
-  _globals['_LISTSTREAMSREQUEST']._serialized_start=1703
-  _globals['_LISTSTREAMSREQUEST']._serialized_end=1723
-  _globals['_STREAMINFO']._serialized_start=1725
-  _globals['_STREAMINFO']._serialized_end=1850
-  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1852
-  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1912
-  _globals['_NEXUSSERVICE']._serialized_start=2024
-  _globals['_NEXUSSERVICE']._serialized_end=2681
+  _globals['_HANDLERINFO']._serialized_end=1671
+  _globals['_LISTHANDLERSRESPONSE']._serialized_start=1673
+  _globals['_LISTHANDLERSRESPONSE']._serialized_end=1736
+  _globals['_LISTSTREAMSREQUEST']._serialized_start=1738
+  _globals['_LISTSTREAMSREQUEST']._serialized_end=1758
+  _globals['_STREAMINFO']._serialized_start=1761
+  _globals['_STREAMINFO']._serialized_end=1902
+  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1904
+  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1964
+  _globals['_HANDLEEVENTSREQUEST']._serialized_start=1967
+  _globals['_HANDLEEVENTSREQUEST']._serialized_end=2334
+  _globals['_HANDLEEVENTSRESPONSE']._serialized_start=2337
+  _globals['_HANDLEEVENTSRESPONSE']._serialized_end=2627
+  _globals['_WORKERHANDLER']._serialized_start=2630
+  _globals['_WORKERHANDLER']._serialized_end=2790
+  _globals['_WORKERREGISTER']._serialized_start=2792
+  _globals['_WORKERREGISTER']._serialized_end=2872
+  _globals['_WORKERSTARTED']._serialized_start=2874
+  _globals['_WORKERSTARTED']._serialized_end=2913
+  _globals['_WORKERCHUNK']._serialized_start=2915
+  _globals['_WORKERCHUNK']._serialized_end=2975
+  _globals['_WORKERRESULT']._serialized_start=2977
+  _globals['_WORKERRESULT']._serialized_end=3037
+  _globals['_WORKERERROR']._serialized_start=3039
+  _globals['_WORKERERROR']._serialized_end=3107
+  _globals['_WORKERCANCELLED']._serialized_start=3109
+  _globals['_WORKERCANCELLED']._serialized_end=3150
+  _globals['_WORKERDRAIN']._serialized_start=3152
+  _globals['_WORKERDRAIN']._serialized_end=3165
+  _globals['_WORKERPONG']._serialized_start=3167
+  _globals['_WORKERPONG']._serialized_end=3194
+  _globals['_WORKERREGISTERED']._serialized_start=3196
+  _globals['_WORKERREGISTERED']._serialized_end=3284
+  _globals['_WORKERREQUEST']._serialized_start=3286
+  _globals['_WORKERREQUEST']._serialized_end=3376
+  _globals['_WORKERCANCEL']._serialized_start=3378
+  _globals['_WORKERCANCEL']._serialized_end=3432
+  _globals['_WORKERCREDIT']._serialized_start=3434
+  _globals['_WORKERCREDIT']._serialized_end=3488
+  _globals['_WORKERPING']._serialized_start=3490
+  _globals['_WORKERPING']._serialized_end=3517
+  _globals['_WORKERREFUSED']._serialized_start=3519
+  _globals['_WORKERREFUSED']._serialized_end=3589
+  _globals['_NEXUSSERVICE']._serialized_start=3701
+  _globals['_NEXUSSERVICE']._serialized_end=4358
+  _globals['_WORKERSERVICE']._serialized_start=4360
+  _globals['_WORKERSERVICE']._serialized_end=4458
 # @@protoc_insertion_point(module_scope)

@@ -471,6 +471,8 @@ class HandlerInfo(_message.Message):
     ORDERING_KEY_FIELD_NUMBER: _builtins.int
     STREAM_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     CLASS_PATH_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The registration name (entry-point name or module:Class)."""
     event_type: _builtins.str
@@ -482,7 +484,13 @@ class HandlerInfo(_message.Message):
     stream_timeout_s: _builtins.float
     """The stream timeout in seconds; 0 when the stream lives until cancelled."""
     class_path: _builtins.str
-    """Python class path."""
+    """Python class path (in-process handlers)."""
+    location: _builtins.str
+    """Where it runs: "in-process", "remote" (workers over WorkerService.HandleEvents) or "pool" (an
+    in-process handler and remote workers sharing its requests).
+    """
+    workers: _builtins.int
+    """Workers connected for it (remote and pool handlers); 0 for an in-process handler."""
     def __init__(
         self,
         *,
@@ -492,10 +500,12 @@ class HandlerInfo(_message.Message):
         ordering_key: _builtins.str = ...,
         stream_timeout_s: _builtins.float = ...,
         class_path: _builtins.str = ...,
+        location: _builtins.str = ...,
+        workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_path", b"class_path", "event_type", b"event_type", "name", b"name", "ordering_key", b"ordering_key", "stream_timeout_s", b"stream_timeout_s", "streaming", b"streaming"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_path", b"class_path", "event_type", b"event_type", "location", b"location", "name", b"name", "ordering_key", b"ordering_key", "stream_timeout_s", b"stream_timeout_s", "streaming", b"streaming", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,12 +562,15 @@ class StreamInfo(_message.Message):
     STREAM_COUNT_FIELD_NUMBER: _builtins.int
     AGE_S_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     correlation_id: _builtins.str
     event_type: _builtins.str
     handler: _builtins.str
     stream_count: _builtins.int
     age_s: _builtins.float
     state: _builtins.str
+    worker: _builtins.str
+    """The worker driving it ("in-process" for an in-process handler, empty while it waits for one)."""
     def __init__(
         self,
         *,
@@ -567,10 +580,11 @@ class StreamInfo(_message.Message):
         stream_count: _builtins.int = ...,
         age_s: _builtins.float = ...,
         state: _builtins.str = ...,
+        worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_s", b"age_s", "correlation_id", b"correlation_id", "event_type", b"event_type", "handler", b"handler", "state", b"state", "stream_count", b"stream_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_s", b"age_s", "correlation_id", b"correlation_id", "event_type", b"event_type", "handler", b"handler", "state", b"state", "stream_count", b"stream_count", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -597,3 +611,522 @@ class ListStreamsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListStreamsResponse: _TypeAlias = ListStreamsResponse  # noqa: Y015
+
+@_typing.final
+class HandleEventsRequest(_message.Message):
+    """HandleEventsRequest is one message from a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTER_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    PONG_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def register(self) -> Global___WorkerRegister:
+        """The first message: what this worker serves."""
+
+    @_builtins.property
+    def started(self) -> Global___WorkerStarted:
+        """The handler began with the request (before this, the request may still go to another worker)."""
+
+    @_builtins.property
+    def chunk(self) -> Global___WorkerChunk:
+        """Stream chunks, in order; never more than the request's credit allows."""
+
+    @_builtins.property
+    def result(self) -> Global___WorkerResult:
+        """The handler finished: `success`."""
+
+    @_builtins.property
+    def error(self) -> Global___WorkerError:
+        """The handler failed: `failed`."""
+
+    @_builtins.property
+    def cancelled(self) -> Global___WorkerCancelled:
+        """The handler stopped after a `cancel`: its slot is free again."""
+
+    @_builtins.property
+    def pong(self) -> Global___WorkerPong:
+        """The answer to a `ping`."""
+
+    @_builtins.property
+    def drain(self) -> Global___WorkerDrain:
+        """The worker is stopping: give it no more requests (it finishes the ones it has, then closes the call)."""
+
+    def __init__(
+        self,
+        *,
+        register: Global___WorkerRegister | None = ...,
+        started: Global___WorkerStarted | None = ...,
+        chunk: Global___WorkerChunk | None = ...,
+        result: Global___WorkerResult | None = ...,
+        error: Global___WorkerError | None = ...,
+        cancelled: Global___WorkerCancelled | None = ...,
+        pong: Global___WorkerPong | None = ...,
+        drain: Global___WorkerDrain | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancelled", b"cancelled", "chunk", b"chunk", "drain", b"drain", "error", b"error", "pong", b"pong", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancelled", b"cancelled", "chunk", b"chunk", "drain", b"drain", "error", b"error", "pong", b"pong", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "started", "chunk", "result", "error", "cancelled", "pong", "drain"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___HandleEventsRequest: _TypeAlias = HandleEventsRequest  # noqa: Y015
+
+@_typing.final
+class HandleEventsResponse(_message.Message):
+    """HandleEventsResponse is one message from the server to a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    PING_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def registered(self) -> Global___WorkerRegistered:
+        """The answer to `register`."""
+
+    @_builtins.property
+    def request(self) -> Global___WorkerRequest:
+        """A request to handle."""
+
+    @_builtins.property
+    def cancel(self) -> Global___WorkerCancel:
+        """Stop handling a request (its terminal event is already published by the server)."""
+
+    @_builtins.property
+    def credit(self) -> Global___WorkerCredit:
+        """More chunks may be sent for a stream."""
+
+    @_builtins.property
+    def ping(self) -> Global___WorkerPing:
+        """Answer with `pong`."""
+
+    @_builtins.property
+    def refused(self) -> Global___WorkerRefused:
+        """A message the server did not accept (the call goes on)."""
+
+    def __init__(
+        self,
+        *,
+        registered: Global___WorkerRegistered | None = ...,
+        request: Global___WorkerRequest | None = ...,
+        cancel: Global___WorkerCancel | None = ...,
+        credit: Global___WorkerCredit | None = ...,
+        ping: Global___WorkerPing | None = ...,
+        refused: Global___WorkerRefused | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "credit", b"credit", "ping", b"ping", "refused", b"refused", "registered", b"registered", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "credit", b"credit", "ping", b"ping", "refused", b"refused", "registered", b"registered", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "request", "cancel", "credit", "ping", "refused"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___HandleEventsResponse: _TypeAlias = HandleEventsResponse  # noqa: Y015
+
+@_typing.final
+class WorkerHandler(_message.Message):
+    """WorkerHandler declares one handler a worker serves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    ORDERING_KEY_FIELD_NUMBER: _builtins.int
+    STREAM_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    BUFFER_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    event_type: _builtins.str
+    """`service:action` (every version) or `service:action:vN`, as a handler's event_type."""
+    streaming: _builtins.bool
+    """True for a streaming handler; must agree with the server's streaming rules."""
+    ordering_key: _builtins.str
+    """A payload field: requests with the same value run one at a time, in offset order."""
+    stream_timeout_s: _builtins.float
+    """Seconds a request may run once started; 0 for the server's default, negative for no limit."""
+    buffer_size: _builtins.int
+    """Chunks a stream may have waiting to be published (its credit); 0 for the server's default."""
+    max_in_flight: _builtins.int
+    """Requests of this handler the worker runs at once; 0 for 1."""
+    name: _builtins.str
+    """A name for logs and ListHandlers (e.g. the class); optional."""
+    def __init__(
+        self,
+        *,
+        event_type: _builtins.str = ...,
+        streaming: _builtins.bool = ...,
+        ordering_key: _builtins.str = ...,
+        stream_timeout_s: _builtins.float = ...,
+        buffer_size: _builtins.int = ...,
+        max_in_flight: _builtins.int = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_size", b"buffer_size", "event_type", b"event_type", "max_in_flight", b"max_in_flight", "name", b"name", "ordering_key", b"ordering_key", "stream_timeout_s", b"stream_timeout_s", "streaming", b"streaming"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerHandler: _TypeAlias = WorkerHandler  # noqa: Y015
+
+@_typing.final
+class WorkerRegister(_message.Message):
+    """WorkerRegister is a worker's first message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_NAME_FIELD_NUMBER: _builtins.int
+    HANDLERS_FIELD_NUMBER: _builtins.int
+    worker_name: _builtins.str
+    """A name for logs, ListHandlers and ListStreams (e.g. host and pid); optional."""
+    @_builtins.property
+    def handlers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerHandler]: ...
+    def __init__(
+        self,
+        *,
+        worker_name: _builtins.str = ...,
+        handlers: _abc.Iterable[Global___WorkerHandler] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handlers", b"handlers", "worker_name", b"worker_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerRegister: _TypeAlias = WorkerRegister  # noqa: Y015
+
+@_typing.final
+class WorkerStarted(_message.Message):
+    """WorkerStarted says the handler began."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerStarted: _TypeAlias = WorkerStarted  # noqa: Y015
+
+@_typing.final
+class WorkerChunk(_message.Message):
+    """WorkerChunk carries stream chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    PAYLOADS_JSON_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    @_builtins.property
+    def payloads_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Each a JSON object as UTF-8 text, in the order sent."""
+
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+        payloads_json: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "payloads_json", b"payloads_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerChunk: _TypeAlias = WorkerChunk  # noqa: Y015
+
+@_typing.final
+class WorkerResult(_message.Message):
+    """WorkerResult ends a request with `success`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    payload_json: _builtins.bytes
+    """A plain handler's result: a JSON object as UTF-8 text (empty for {}). Ignored for a stream."""
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+        payload_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "payload_json", b"payload_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerResult: _TypeAlias = WorkerResult  # noqa: Y015
+
+@_typing.final
+class WorkerError(_message.Message):
+    """WorkerError ends a request with `failed`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    type: _builtins.str
+    """"handler_error" (the default) or "invalid_payload" (the request did not fit)."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+        type: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "message", b"message", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerError: _TypeAlias = WorkerError  # noqa: Y015
+
+@_typing.final
+class WorkerCancelled(_message.Message):
+    """WorkerCancelled acknowledges a cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerCancelled: _TypeAlias = WorkerCancelled  # noqa: Y015
+
+@_typing.final
+class WorkerDrain(_message.Message):
+    """WorkerDrain asks for no more requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerDrain: _TypeAlias = WorkerDrain  # noqa: Y015
+
+@_typing.final
+class WorkerPong(_message.Message):
+    """WorkerPong answers a ping."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.int
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerPong: _TypeAlias = WorkerPong  # noqa: Y015
+
+@_typing.final
+class WorkerRegistered(_message.Message):
+    """WorkerRegistered accepts a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    PING_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    WORKER_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The server's id of this worker."""
+    ping_interval_s: _builtins.float
+    """The server sends a ping this often; a worker that sends nothing for worker_timeout_s is lost."""
+    worker_timeout_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        ping_interval_s: _builtins.float = ...,
+        worker_timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ping_interval_s", b"ping_interval_s", "worker_id", b"worker_id", "worker_timeout_s", b"worker_timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerRegistered: _TypeAlias = WorkerRegistered  # noqa: Y015
+
+@_typing.final
+class WorkerRequest(_message.Message):
+    """WorkerRequest gives a worker one request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    credit: _builtins.int
+    """Stream chunks the worker may send before more credit arrives (0 for a plain handler)."""
+    timeout_s: _builtins.float
+    """Seconds the request may run once started; 0 when it has no limit."""
+    @_builtins.property
+    def event(self) -> Global___EventResponse:
+        """The `requested` event, its payload in payload_json. Its event_id is the correlation_id of every message
+        about it.
+        """
+
+    def __init__(
+        self,
+        *,
+        event: Global___EventResponse | None = ...,
+        credit: _builtins.int = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "event", b"event", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerRequest: _TypeAlias = WorkerRequest  # noqa: Y015
+
+@_typing.final
+class WorkerCancel(_message.Message):
+    """WorkerCancel stops a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    reason: _builtins.str
+    """"cancelled by requester", "timeout", "server_shutdown", ..."""
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerCancel: _TypeAlias = WorkerCancel  # noqa: Y015
+
+@_typing.final
+class WorkerCredit(_message.Message):
+    """WorkerCredit lets a stream send more chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    chunks: _builtins.int
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+        chunks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "correlation_id", b"correlation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerCredit: _TypeAlias = WorkerCredit  # noqa: Y015
+
+@_typing.final
+class WorkerPing(_message.Message):
+    """WorkerPing asks for a pong."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.int
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerPing: _TypeAlias = WorkerPing  # noqa: Y015
+
+@_typing.final
+class WorkerRefused(_message.Message):
+    """WorkerRefused names a message the server refused, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.str
+    code: _builtins.str
+    """"unknown_request" (not given to this worker, or already ended), "over_credit", "invalid_payload",
+    "protocol" (out of order).
+    """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "correlation_id", b"correlation_id", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerRefused: _TypeAlias = WorkerRefused  # noqa: Y015

@@ -419,3 +419,96 @@ class NexusService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerServiceStub:
+    """WorkerService lets handlers run outside the server, in any language: a worker connects, registers the
+    handlers it serves, and answers the requests the server gives it. The server drives a worker's requests
+    exactly as an in-process handler's: the same lifecycle events, heartbeats while a stream lives, timeouts,
+    buffer backpressure (chunk credit), ordering keys, cancels, logs and metrics.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.HandleEvents = channel.stream_stream(
+                '/nexus.v1.WorkerService/HandleEvents',
+                request_serializer=nexus_dot_v1_dot_nexus__pb2.HandleEventsRequest.SerializeToString,
+                response_deserializer=nexus_dot_v1_dot_nexus__pb2.HandleEventsResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerServiceServicer:
+    """WorkerService lets handlers run outside the server, in any language: a worker connects, registers the
+    handlers it serves, and answers the requests the server gives it. The server drives a worker's requests
+    exactly as an in-process handler's: the same lifecycle events, heartbeats while a stream lives, timeouts,
+    buffer backpressure (chunk credit), ordering keys, cancels, logs and metrics.
+    """
+
+    def HandleEvents(self, request_iterator, context):
+        """HandleEvents is one worker's connection, for as long as it serves. The worker's first message is
+        `register`; the server answers `registered`, or ends the call (INVALID_ARGUMENT for a bad declaration,
+        PERMISSION_DENIED when its token may not serve a type, ALREADY_EXISTS when an in-process handler serves
+        it). Then the server sends a `request` whenever the worker has a free slot (max_in_flight per handler),
+        and the worker answers each with `started`, for a stream its chunks, and one `result` or `error`.
+        The server sends `cancel` when the requester cancels or the stream times out, `credit` as a stream's
+        chunks leave its buffer, and `ping` every ping interval: a worker that sends nothing for the worker
+        timeout is lost. A lost worker's started requests end `failed` with error.type "worker_lost"; the
+        requests it had not started go to another worker of the same handler.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'HandleEvents': grpc.stream_stream_rpc_method_handler(
+                    servicer.HandleEvents,
+                    request_deserializer=nexus_dot_v1_dot_nexus__pb2.HandleEventsRequest.FromString,
+                    response_serializer=nexus_dot_v1_dot_nexus__pb2.HandleEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nexus.v1.WorkerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nexus.v1.WorkerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerService:
+    """WorkerService lets handlers run outside the server, in any language: a worker connects, registers the
+    handlers it serves, and answers the requests the server gives it. The server drives a worker's requests
+    exactly as an in-process handler's: the same lifecycle events, heartbeats while a stream lives, timeouts,
+    buffer backpressure (chunk credit), ordering keys, cancels, logs and metrics.
+    """
+
+    @staticmethod
+    def HandleEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/nexus.v1.WorkerService/HandleEvents',
+            nexus_dot_v1_dot_nexus__pb2.HandleEventsRequest.SerializeToString,
+            nexus_dot_v1_dot_nexus__pb2.HandleEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

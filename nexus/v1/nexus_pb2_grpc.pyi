@@ -192,3 +192,73 @@ class NexusServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListStreams lists the streams this server is driving now."""
 
 def add_NexusServiceServicer_to_server(servicer: NexusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class WorkerServiceStub:
+    """WorkerService lets handlers run outside the server, in any language: a worker connects, registers the
+    handlers it serves, and answers the requests the server gives it. The server drives a worker's requests
+    exactly as an in-process handler's: the same lifecycle events, heartbeats while a stream lives, timeouts,
+    buffer backpressure (chunk credit), ordering keys, cancels, logs and metrics.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> WorkerServiceAsyncStub: ...
+    HandleEvents: _grpc.StreamStreamMultiCallable[_nexus_pb2.HandleEventsRequest, _nexus_pb2.HandleEventsResponse]
+    """HandleEvents is one worker's connection, for as long as it serves. The worker's first message is
+    `register`; the server answers `registered`, or ends the call (INVALID_ARGUMENT for a bad declaration,
+    PERMISSION_DENIED when its token may not serve a type, ALREADY_EXISTS when an in-process handler serves
+    it). Then the server sends a `request` whenever the worker has a free slot (max_in_flight per handler),
+    and the worker answers each with `started`, for a stream its chunks, and one `result` or `error`.
+    The server sends `cancel` when the requester cancels or the stream times out, `credit` as a stream's
+    chunks leave its buffer, and `ping` every ping interval: a worker that sends nothing for the worker
+    timeout is lost. A lost worker's started requests end `failed` with error.type "worker_lost"; the
+    requests it had not started go to another worker of the same handler.
+    """
+
+@_typing.type_check_only
+class WorkerServiceAsyncStub(WorkerServiceStub):
+    """WorkerService lets handlers run outside the server, in any language: a worker connects, registers the
+    handlers it serves, and answers the requests the server gives it. The server drives a worker's requests
+    exactly as an in-process handler's: the same lifecycle events, heartbeats while a stream lives, timeouts,
+    buffer backpressure (chunk credit), ordering keys, cancels, logs and metrics.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    HandleEvents: _aio.StreamStreamMultiCallable[_nexus_pb2.HandleEventsRequest, _nexus_pb2.HandleEventsResponse]  # type: ignore[assignment]
+    """HandleEvents is one worker's connection, for as long as it serves. The worker's first message is
+    `register`; the server answers `registered`, or ends the call (INVALID_ARGUMENT for a bad declaration,
+    PERMISSION_DENIED when its token may not serve a type, ALREADY_EXISTS when an in-process handler serves
+    it). Then the server sends a `request` whenever the worker has a free slot (max_in_flight per handler),
+    and the worker answers each with `started`, for a stream its chunks, and one `result` or `error`.
+    The server sends `cancel` when the requester cancels or the stream times out, `credit` as a stream's
+    chunks leave its buffer, and `ping` every ping interval: a worker that sends nothing for the worker
+    timeout is lost. A lost worker's started requests end `failed` with error.type "worker_lost"; the
+    requests it had not started go to another worker of the same handler.
+    """
+
+class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """WorkerService lets handlers run outside the server, in any language: a worker connects, registers the
+    handlers it serves, and answers the requests the server gives it. The server drives a worker's requests
+    exactly as an in-process handler's: the same lifecycle events, heartbeats while a stream lives, timeouts,
+    buffer backpressure (chunk credit), ordering keys, cancels, logs and metrics.
+    """
+
+    @_abc_1.abstractmethod
+    def HandleEvents(
+        self,
+        request_iterator: _MaybeAsyncIterator[_nexus_pb2.HandleEventsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_nexus_pb2.HandleEventsResponse], _abc.AsyncIterator[_nexus_pb2.HandleEventsResponse]]:
+        """HandleEvents is one worker's connection, for as long as it serves. The worker's first message is
+        `register`; the server answers `registered`, or ends the call (INVALID_ARGUMENT for a bad declaration,
+        PERMISSION_DENIED when its token may not serve a type, ALREADY_EXISTS when an in-process handler serves
+        it). Then the server sends a `request` whenever the worker has a free slot (max_in_flight per handler),
+        and the worker answers each with `started`, for a stream its chunks, and one `result` or `error`.
+        The server sends `cancel` when the requester cancels or the stream times out, `credit` as a stream's
+        chunks leave its buffer, and `ping` every ping interval: a worker that sends nothing for the worker
+        timeout is lost. A lost worker's started requests end `failed` with error.type "worker_lost"; the
+        requests it had not started go to another worker of the same handler.
+        """
+
+def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
