@@ -363,9 +363,31 @@ async def test_a_page_on_another_origin_cannot_open_the_websocket(nexus: TestSer
             await allowing.stop(grace=1.0)
 
 
+async def open_catalogue(page: Page) -> Any:
+    """Click the page's AsyncAPI link and read the JSON document the new tab shows."""
+    async with page.context.expect_page(timeout=GUARD_MS) as opened:
+        await page.click("#asyncapi-link")
+    tab = await opened.value
+    await tab.wait_for_load_state()
+    text = await tab.text_content("body")
+    await tab.close()
+    return json.loads(text or "null")
+
+
+async def test_the_page_links_the_event_catalogue(nexus: TestServer, browser: Browser) -> None:
+    """The page's AsyncAPI link opens the gateway's AsyncAPI document, which describes this server's handlers."""
+    page, errors = await open_page(browser, page_url(nexus))
+    document = await open_catalogue(page)
+    assert document["asyncapi"] == "3.0.0"
+    assert document["servers"]["gateway"]["host"] == f"127.0.0.1:{nexus.server.ws_port}"
+    assert {"demo.stream_countdown.v1.requested", "demo.echo.v1.requested"} <= set(document["components"]["messages"])
+    assert errors == []
+
+
 async def test_with_authentication_on_the_page_takes_a_token_from_its_url(browser: Browser) -> None:
     """With a JWT secret set, the page opened with ?token=…&pattern=demo:> connects as that user, takes the token
-    out of the address bar, lists its handlers and shows events; opened without a token it says it was refused."""
+    out of the address bar, lists its handlers, shows events and opens the event catalogue; opened without a token
+    it says it was refused."""
     from nexus.auth import mint_token
     from nexus.client import NexusClient
 
@@ -380,6 +402,10 @@ async def test_with_authentication_on_the_page_takes_a_token_from_its_url(browse
         async with NexusClient(nexus.address, token=alice) as client:
             await client.emit("demo:seen:v1:happened", {})
         await page.wait_for_selector("#events tbody tr[data-type='demo:seen:v1:happened']", timeout=GUARD_MS)
+        # The event catalogue needs the token too: the link fetches it with the token and shows it.
+        document = await open_catalogue(page)
+        assert document["asyncapi"] == "3.0.0"
+        assert "demo.stream_countdown.v1.requested" in document["components"]["messages"]
         assert errors == []
 
         anonymous, _ = await open_page(browser, page_url(nexus))
