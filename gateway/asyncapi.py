@@ -265,6 +265,12 @@ def _control_messages() -> dict[str, dict[str, Any]]:
     }
 
 
+def _first_line(spec: EventSpec) -> str:
+    """The first line of an event's description (its type when it has none)."""
+    lines = spec.description.strip().splitlines()
+    return lines[0] if lines else spec.event_type
+
+
 def _event_example(event_type: str, payload: Mapping[str, Any], *, offset: int, correlation: bool) -> dict[str, Any]:
     metadata = {"user_id": "alice"}
     if correlation:
@@ -304,7 +310,7 @@ def _event_message(spec: EventSpec, *, role: str, plugin: str, correlated: bool)
     message: dict[str, Any] = {
         "name": spec.event_type,
         "title": spec.event_type,
-        "summary": f"{role}: {spec.description.strip().splitlines()[0] if spec.description.strip() else ''}".strip(),
+        "summary": f"{role}: {_first_line(spec)}",
         "description": spec.description.strip(),
         "contentType": "application/json",
         "tags": [{"name": plugin}],
@@ -409,7 +415,7 @@ def asyncapi_document(
             "action": "receive",
             "channel": _CHANNEL_REF,
             "title": event_type,
-            "summary": spec.description.strip().splitlines()[0] if spec.description.strip() else event_type,
+            "summary": _first_line(spec),
             "tags": [{"name": plugin}],
             "messages": [_message_ref(mid)],
         }
