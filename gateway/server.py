@@ -3,12 +3,14 @@
 
 Built on ``websockets.asyncio.server``. HTTP requests that are not a WebSocket upgrade of ``/ws`` are answered
 by ``process_request``: the page (``/``), its static files (``/static/...``, with their Content-Type), a health
-check (``/healthz``), two small JSON listings the page reads (``/api/streams``, ``/api/handlers``) and the
-Server-Sent Events stream ``/sse``, which takes its connection over from websockets (``gateway/sse.py``).
+check (``/healthz``), small JSON listings the page reads (``/api/streams``, ``/api/handlers``, ``/api/head``),
+the AsyncAPI document of the gateway and its handlers' events (``/asyncapi.json``) and the Server-Sent Events
+stream ``/sse``, which takes its connection over from websockets (``gateway/sse.py``).
 
-Before any of them, ``/ws``, ``/sse`` and the listings check the request's ``Origin`` (``nexus.origins``): a page
-of another site gets ``403`` (cross-site WebSocket hijacking). With ``GatewaySettings.ssl_context`` the port speaks
-TLS only (``wss://``, ``https://``); the SSE hand-off works on the TLS transport the same way.
+Before any of them, ``/ws``, ``/sse``, the listings and ``/asyncapi.json`` check the request's ``Origin``
+(``nexus.origins``): a page of another site gets ``403`` (cross-site WebSocket hijacking). With
+``GatewaySettings.ssl_context`` the port speaks TLS only (``wss://``, ``https://``); the SSE hand-off works on the
+TLS transport the same way.
 
 ::
 
@@ -43,7 +45,7 @@ from websockets.typing import Subprotocol
 
 from nexus.config import Settings
 from nexus.errors import ConfigurationError, NexusError, Unauthenticated
-from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, Event, EventLimits, shorten
+from nexus.events import DEFAULT_LIMITS, DEFAULT_MAX_PAYLOAD_BYTES, Event, EventLimits, JSONObject, shorten
 from nexus.identity import LOCAL, Principal
 from nexus.logs import LogLimiter
 from nexus.node import Node
@@ -51,12 +53,16 @@ from nexus.origins import DEFAULT_ALLOWED_ORIGINS, OriginPolicy
 from nexus.quota import DEFAULT_CLIENT_LIMITS, ClientLimits
 from nexus.telemetry import PROMETHEUS_CONTENT_TYPE
 
+from .asyncapi import asyncapi_document
 from .auth import Authenticator, Credentials, allow_all, bearer_token, token_from
 from .connection import ConnectionLimits, GatewayConnection, GatewayStats
 from .protocol import SUBPROTOCOL, EventFrameCache, ProtocolError, close_reason, encode_protocol_error, error_spec
 from .sse import SSE_PATH, SseEndpoint, SseLimits, handoff_connection
 
 WS_PATH: Final = "/ws"
+ASYNCAPI_PATH: Final = "/asyncapi.json"
+LISTINGS: Final = ("/api/streams", "/api/handlers", "/api/head")
+"""The JSON listings the page reads (origin-checked, and authenticated like ``/sse``)."""
 DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
 
 CONTENT_TYPES: Final = {
@@ -200,6 +206,14 @@ def _count_by_handler(streams: Sequence[Any]) -> dict[str, int]:
     return counts
 
 
+def client_host(host: str) -> str:
+    """The address a client on this machine reaches a server bound to ``host`` at (``127.0.0.1`` for every
+    interface; an IPv6 address in brackets), for URLs."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """Select ``nexus.v1`` when offered (Chromium aborts a handshake whose offer is not answered); a client that
     offers subprotocols without it is refused; one that offers none proceeds without."""
@@ -268,10 +282,7 @@ class GatewayServer:
 
     @property
     def _client_host(self) -> str:
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", ""):
-            return "127.0.0.1"
-        return f"[{host}]" if ":" in host else host
+        return client_host(self.settings.host)
 
     async def start(self) -> None:
         """Bind and serve; ``port`` is the bound port.
@@ -354,7 +365,7 @@ class GatewayServer:
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in (WS_PATH, SSE_PATH, "/api/streams", "/api/handlers", "/api/metrics"):
+        if path in (WS_PATH, SSE_PATH, ASYNCAPI_PATH, *LISTINGS, "/api/metrics"):
             refused = self._check_origin(connection, request, path)
             if refused is not None:
                 return refused
@@ -380,14 +391,40 @@ class GatewayServer:
             return _text_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         if path in ("/metrics", "/api/metrics"):
             return await self._metrics(connection, request, path)
-        if path in ("/api/streams", "/api/handlers"):
+        if path in LISTINGS or path == ASYNCAPI_PATH:
             principal = await self._authorize_http(connection, request)
             if isinstance(principal, Response):
                 return principal
+            if path == ASYNCAPI_PATH:
+                return self._asyncapi(request)
             if path == "/api/handlers":
-                return await self._api(self.node.handlers)
+                return await self._api(self._handlers)
+            if path == "/api/head":
+                return await self._api(self._head)
             return await self._api(lambda: self.node.streams(principal=listing_principal(principal)))
         return _text_response(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _handlers(self) -> list[JSONObject]:
+        """``/api/handlers``: the node's handlers; each whose class runs here and declares the request it takes
+        gets ``takes``: ``{"event_type", "example"}`` (the page fills its request form with it)."""
+        handlers = await self.node.handlers()
+        classes = self.node.handler_classes()
+        for info in handlers:
+            cls = classes.get(str(info.get("name")))
+            if cls is not None and cls.takes is not None:
+                info["takes"] = {"event_type": cls.takes.event_type, "example": dict(cls.takes.example)}
+        return handlers
+
+    async def _head(self) -> JSONObject:
+        """``/api/head``: where the history stands, so a page can replay its last events (``since_offset``)."""
+        return {"epoch": self.node.epoch, "head_offset": await self.node.head_offset()}
+
+    def _asyncapi(self, request: Request) -> Response:
+        """``/asyncapi.json``: the AsyncAPI document of this gateway and the handlers of its node, for the host the
+        request was sent to."""
+        host = request.headers.get("Host") or f"{self._client_host}:{self.port}"
+        document = asyncapi_document(self.node.handler_classes().values(), host=host, tls=self.tls)
+        return _json_response(document)
 
     async def _metrics(self, connection: ServerConnection, request: Request, path: str) -> Response:
         """``/metrics`` (Prometheus text) or ``/api/metrics`` (the page's handlers view); admins only when

@@ -465,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--jwt-issuer", metavar="ISS", help="the iss claim (default the configured issuer)")
 
     docs = commands.add_parser("docs", help="generate documentation from what plugins declare")
-    docs.add_argument("topic", choices=("events",), help="events: every event the loaded plugins take and emit")
+    docs.add_argument(
+        "topic",
+        choices=("events", "asyncapi"),
+        help="events: every event the loaded plugins take and emit (Markdown); asyncapi: the same and the "
+        "WebSocket protocol as an AsyncAPI 3.0 document (JSON), as the gateway serves it at /asyncapi.json",
+    )
     docs.add_argument("--output", "-o", help="write to this file instead of stdout")
     docs.add_argument("--check", action="store_true", help="exit 1 when --output differs from what would be written")
     docs.add_argument("--handler", action="append", dest="handlers", metavar="MODULE:CLASS")
@@ -897,11 +902,19 @@ async def _docs(args: argparse.Namespace) -> int:
     settings = load_settings(None, os.environ, _overrides(args, ("handlers", "load_entry_points")))
     _allow_local_modules(settings.handlers)
     specs = discover(settings.load_entry_points, settings.handlers, settings.exclude_handlers)
-    text = render_events(type(spec.handler) for spec in specs)
+    classes = [type(spec.handler) for spec in specs]
+    if args.topic == "asyncapi":
+        from nexus.gateway.asyncapi import render_asyncapi
+        from nexus.gateway.server import client_host
+
+        host = f"{client_host(settings.host)}:{settings.ws_port}"
+        text = render_asyncapi(classes, host=host, tls=settings.tls_cert_file is not None)
+    else:
+        text = render_events(classes)
     if not args.output:
         sys.stdout.write(text)
         return 0
-    return _write_or_check(Path(args.output), text, check=args.check)
+    return _write_or_check(Path(args.output), text, check=args.check, command=f"nexus docs {args.topic}")
 
 
 async def _bench(args: argparse.Namespace) -> int:
@@ -943,11 +956,11 @@ def _write_bench_files(args: argparse.Namespace, report: dict[str, Any]) -> None
         write_chart(report, Path(args.png))
 
 
-def _write_or_check(path: Path, text: str, *, check: bool) -> int:
+def _write_or_check(path: Path, text: str, *, check: bool, command: str) -> int:
     if check:
         current = path.read_text() if path.exists() else ""
         if current != text:
-            print(f"nexus: {path} is out of date; run 'nexus docs events -o {path}'", file=sys.stderr)
+            print(f"nexus: {path} is out of date; run '{command} -o {path}'", file=sys.stderr)
             return 1
         return 0
     path.write_text(text)

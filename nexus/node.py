@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
+from nexus.api import AnyHandler
 from nexus.bus.base import DEFAULT_MAX_PENDING, Published, Subscription, Visible
 from nexus.errors import (
     AlreadyExists,
@@ -416,6 +417,11 @@ class Node(abc.ABC):
     async def handlers(self) -> list[JSONObject]:
         """The registered handlers: ``name``, ``event_type`` (``service:action``), ``streaming``, ``ordering_key``,
         ``stream_timeout_s``, ``class_path``."""
+
+    def handler_classes(self) -> dict[str, type[AnyHandler]]:
+        """The classes of the handlers that run in this process, by registration name: what they declare
+        (``takes``, ``emits``) makes the event catalogue. Empty when the handlers run elsewhere."""
+        return {}
 
     async def streams(self, *, principal: Principal = LOCAL) -> list[JSONObject]:
         """The running requests of ``principal`` (all, for an admin): ``correlation_id``, ``event_type``,

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nexus.api import AnyHandler
 from nexus.bus.base import Bus, Published, Subscription, Visible
 from nexus.events import Event, JSONObject
 from nexus.kv.base import KeyValueStore
@@ -178,6 +179,10 @@ class LocalNode(Node):
     async def handlers(self) -> list[JSONObject]:
         registrations = sorted(self.provider.registrations.values(), key=lambda r: r.service_action)
         return [registration.describe() for registration in registrations]
+
+    def handler_classes(self) -> dict[str, type[AnyHandler]]:
+        registrations = self.provider.registrations.values()
+        return {r.name: type(r.handler) for r in registrations if r.handler is not None}  # workers declare none
 
     async def _streams(self) -> list[JSONObject]:
         return self.provider.streams()

@@ -7,16 +7,14 @@ subscribed to the same server saw.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import grpc
-from node_support import REPO, node_with
+from node_support import node_with, run_script
 
 from nexus.testing import run_server
 
-SCRIPT = REPO / "tests" / "node" / "client.mjs"
 NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
 # Far above what the script needs; it gives up by itself after 20 s. Only guards against a stuck process.
 PROCESS_LIMIT_S = 60.0
@@ -33,26 +31,6 @@ EMITTED = [
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
-async def _run_node(node: str, address: str) -> tuple[int, str, str]:
-    """Run the Node client against ``address`` without blocking this event loop (the server runs on it)."""
-    process = await asyncio.create_subprocess_exec(
-        node,
-        str(SCRIPT),
-        address,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), PROCESS_LIMIT_S)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
 def _by_kind(lines: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [line for line in lines if line["kind"] == kind]
 
@@ -62,7 +40,7 @@ async def test_node_client_emits_and_subscribes_with_patterns() -> None:
     node = node_with(*NODE_PACKAGES)
     async with run_server() as nexus:
         watcher = await nexus.record("demo:>", "other:>")
-        code, stdout, stderr = await _run_node(node, nexus.address)
+        code, stdout, stderr = await run_script(node, "client.mjs", nexus.address, limit_s=PROCESS_LIMIT_S)
         assert code == 0, f"the Node client exited {code}:\n{stderr}\n{stdout}"
         lines: list[dict[str, Any]] = [json.loads(line) for line in stdout.splitlines() if line.strip()]
         seen_by_python = await watcher.wait_count(len(EMITTED))

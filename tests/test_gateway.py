@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from nexus.gateway.asyncapi import asyncapi_document
 from nexus.gateway.server import GatewayServer, GatewaySettings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
+from worker_support import RawWorker
+from worker_support import handler as worker_handler
 
-from nexus import Event, EventHandler, Stream, StreamingEventHandler
+from nexus import Event, EventHandler, EventSpec, Stream, StreamingEventHandler
 from nexus.auth import Credentials
 from nexus.errors import Unauthenticated
 from nexus.identity import Principal
@@ -817,11 +820,65 @@ async def test_health_and_listings(nexus: TestServer, handlers: Handlers) -> Non
 
 
 async def test_listings_go_through_the_authentication_hook(nexus: TestServer) -> None:
-    """/api/* answers 401 when the hook refuses, and serves a token it accepts (query or Bearer header)."""
+    """/api/* and /asyncapi.json answer 401 when the hook refuses, and serve a token it accepts."""
     async with gateway_for(nexus, authenticator=user_from_token) as gateway:
-        assert (await http_get(gateway.port, "/api/handlers"))[0] == 401
-        assert (await http_get(gateway.port, "/api/handlers?token=alice"))[0] == 200
+        for path in ("/api/handlers", "/api/head", "/asyncapi.json"):
+            assert (await http_get(gateway.port, path))[0] == 401, path
+            assert (await http_get(gateway.port, f"{path}?token=alice"))[0] == 200, path
         assert (await http_get(gateway.port, "/"))[0] == 200  # the page itself is public: it holds no data
+
+
+class Greet(EventHandler):
+    """Greets whoever is named."""
+
+    event_type = "demo:greet"
+    takes = EventSpec(
+        "demo:greet:v1:requested",
+        "Whom to greet.",
+        {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        example={"name": "Ada"},
+    )
+
+    async def handle(self, event: Event) -> dict[str, Any]:
+        return {"text": f"hello {event.payload['name']}"}
+
+
+async def test_the_page_reads_request_examples_the_head_and_the_event_catalogue() -> None:
+    """/api/handlers gives each handler that declares its request the request's type and example; /api/head says
+    where the history stands; /asyncapi.json is the AsyncAPI document of this gateway's handlers, for the host
+    the request named."""
+    async with run_server(Greet(), Echo(), gateway=True) as nexus:
+        port = nexus.server.ws_port
+        status, headers, body = await http_get(port, "/api/handlers")
+        listed = {h["event_type"]: h for h in json.loads(body)}
+        assert listed["demo:greet"]["takes"] == {"event_type": "demo:greet:v1:requested", "example": {"name": "Ada"}}
+        assert "takes" not in listed["demo:echo"]
+
+        assert json.loads((await http_get(port, "/api/head"))[2]) == {"epoch": nexus.bus.epoch, "head_offset": 0}
+        stored = [await nexus.client.emit("demo:tick:v1:happened", {"n": n}) for n in range(3)]
+        assert json.loads((await http_get(port, "/api/head"))[2])["head_offset"] == stored[-1].offset
+
+        status, headers, body = await http_get(port, "/asyncapi.json")
+        assert (status, headers["content-type"]) == (200, "application/json")
+        document = json.loads(body)
+        assert document == asyncapi_document([Greet, Echo], host=f"127.0.0.1:{port}")
+        assert "demo.greet.v1.requested" in document["components"]["messages"]
+
+
+async def test_a_handler_served_by_workers_is_listed_as_remote_without_an_example() -> None:
+    """A handler that only remote workers serve is listed by /api/handlers with its location and worker count
+    and no example (workers declare no schema), and the AsyncAPI document describes the in-process ones."""
+    async with (
+        run_server(Greet(), gateway=True) as nexus,
+        RawWorker(nexus.address, worker_handler("demo:echo", streaming=False), name="w-a"),
+    ):
+        port = nexus.server.ws_port
+        listed = {h["event_type"]: h for h in json.loads((await http_get(port, "/api/handlers"))[2])}
+        assert (listed["demo:echo"]["location"], listed["demo:echo"]["workers"]) == ("remote", 1)
+        assert "takes" not in listed["demo:echo"]
+        assert (listed["demo:greet"]["location"], "takes" in listed["demo:greet"]) == ("in-process", True)
+        document = json.loads((await http_get(port, "/asyncapi.json"))[2])
+        assert document == asyncapi_document([Greet], host=f"127.0.0.1:{port}")
 
 
 # --- the gateway apart from the core ------------------------------------------------------------------------------

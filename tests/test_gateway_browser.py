@@ -19,6 +19,7 @@ import pytest
 from nexus.gateway.server import GatewayServer, GatewaySettings
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
+from nexus.plugins import discover
 from nexus.testing import TestServer, run_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -362,9 +363,31 @@ async def test_a_page_on_another_origin_cannot_open_the_websocket(nexus: TestSer
             await allowing.stop(grace=1.0)
 
 
+async def open_catalogue(page: Page) -> Any:
+    """Click the page's AsyncAPI link and read the JSON document the new tab shows."""
+    async with page.context.expect_page(timeout=GUARD_MS) as opened:
+        await page.click("#asyncapi-link")
+    tab = await opened.value
+    await tab.wait_for_load_state()
+    text = await tab.text_content("body")
+    await tab.close()
+    return json.loads(text or "null")
+
+
+async def test_the_page_links_the_event_catalogue(nexus: TestServer, browser: Browser) -> None:
+    """The page's AsyncAPI link opens the gateway's AsyncAPI document, which describes this server's handlers."""
+    page, errors = await open_page(browser, page_url(nexus))
+    document = await open_catalogue(page)
+    assert document["asyncapi"] == "3.0.0"
+    assert document["servers"]["gateway"]["host"] == f"127.0.0.1:{nexus.server.ws_port}"
+    assert {"demo.stream_countdown.v1.requested", "demo.echo.v1.requested"} <= set(document["components"]["messages"])
+    assert errors == []
+
+
 async def test_with_authentication_on_the_page_takes_a_token_from_its_url(browser: Browser) -> None:
     """With a JWT secret set, the page opened with ?token=…&pattern=demo:> connects as that user, takes the token
-    out of the address bar, lists its handlers and shows events; opened without a token it says it was refused."""
+    out of the address bar, lists its handlers, shows events and opens the event catalogue; opened without a token
+    it says it was refused."""
     from nexus.auth import mint_token
     from nexus.client import NexusClient
 
@@ -379,6 +402,10 @@ async def test_with_authentication_on_the_page_takes_a_token_from_its_url(browse
         async with NexusClient(nexus.address, token=alice) as client:
             await client.emit("demo:seen:v1:happened", {})
         await page.wait_for_selector("#events tbody tr[data-type='demo:seen:v1:happened']", timeout=GUARD_MS)
+        # The event catalogue needs the token too: the link fetches it with the token and shows it.
+        document = await open_catalogue(page)
+        assert document["asyncapi"] == "3.0.0"
+        assert "demo.stream_countdown.v1.requested" in document["components"]["messages"]
         assert errors == []
 
         anonymous, _ = await open_page(browser, page_url(nexus))
@@ -393,15 +420,266 @@ async def test_handlers_view_shows_rates_failures_run_times_and_slow_consumers(
     for _ in range(4):
         await nexus.client.call("demo:echo:v1:requested", {"n": 1})
     page, errors = await open_page(browser, page_url(nexus))
-    await page.wait_for_selector("#handlers tbody tr", timeout=GUARD_MS)
-    cells = await page.eval_on_selector_all("#handlers tbody tr td", "cells => cells.map(c => c.textContent)")
-    name, rate, failed, p50, p99, active = cells[:6]
+    echo = "#handlers tbody tr[data-handler$=':Echo'] td"
+    await page.wait_for_selector(echo, timeout=GUARD_MS)
+    rate_shown = "document.querySelector(`#handlers tr[data-handler$=':Echo'] td.rate`).textContent !== '\\u2013'"
+    await wait_js(page, rate_shown)
+    cells = await page.eval_on_selector_all(echo, "cells => cells.map(c => c.textContent)")
+    name, rate, failed, p50, p99, active, runs = cells
     assert name.endswith(":Echo")
     assert float(rate) > 0
     assert failed == "0%"
     assert p50.endswith(" ms")
     assert p99.endswith(" ms")
     assert active == "0"
+    assert runs == "in-process"  # the listing says nothing of where it runs: in this process
+    # A handler that has not run yet is listed too, with nothing to report.
+    idle = await page.eval_on_selector_all(
+        "#handlers tbody tr[data-handler$=':Countdown'] td", "cells => cells.map(c => c.textContent)"
+    )
+    assert idle[1:] == ["0", "0%", "0.0 ms", "0.0 ms", "0", "in-process"]
     assert await page.is_hidden("#handlers-empty")
     assert await page.text_content("#slow-consumers") == "0"
+    assert errors == []
+
+
+async def test_handlers_view_shows_where_each_handler_runs(nexus: TestServer, browser: Browser) -> None:
+    """When the handler listing reports `location` and `workers`, the Handlers panel shows them (remote
+    handlers with their worker count); a handler without them runs in-process."""
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    listing = [
+        {"name": "demo.echo", "event_type": "demo:echo", "streaming": False, "location": "remote", "workers": 3},
+        {"name": "demo.one", "event_type": "demo:one", "streaming": False, "location": "pool", "workers": 1},
+        {"name": "demo.local", "event_type": "demo:local", "streaming": True},
+    ]
+    await page.route("**/api/handlers", lambda route: route.fulfill(json=listing))
+    await page.goto(page_url(nexus))
+    await wait_js(page, "document.querySelectorAll('#handlers tbody tr').length >= 3")
+    runs = await page.eval_on_selector_all(
+        "#handlers tbody tr", "rows => Object.fromEntries(rows.map(r => [r.dataset.handler, r.lastChild.textContent]))"
+    )
+    assert runs == {"demo.echo": "remote · 3 workers", "demo.local": "in-process", "demo.one": "pool · 1 worker"}
+    await assert_fits(page, "handlers-remote")
+
+
+# --- the page's layout, history and request form, at a desktop and a phone width ---------------------------------
+
+WIDE = {"width": 1400, "height": 900}
+PHONE = {"width": 390, "height": 844}
+SMALLEST = {"width": 360, "height": 740}
+
+OVERFLOW = r"""
+() => {
+  // Every visible element lies within its panel horizontally (or within the nearest element inside the panel
+  // that clips it); only .table-scroll may scroll sideways, and the page itself never does.
+  const problems = [];
+  const describe = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") +
+    (e.className && typeof e.className === "string" ? "." + e.className.trim().split(/\s+/).join(".") : "");
+  const clips = (e) => getComputedStyle(e).overflowX !== "visible";
+  for (const panel of document.querySelectorAll(".panel, .stat, .topbar, .notice:not([hidden])")) {
+    const panelRect = panel.getBoundingClientRect();
+    for (const e of panel.querySelectorAll("*")) {
+      const rect = e.getBoundingClientRect();
+      if (rect.width === 0 && rect.height === 0) continue;
+      let bound = panel;
+      for (let a = e.parentElement; a && a !== panel; a = a.parentElement) {
+        if (clips(a)) { bound = a; break; }
+      }
+      if (bound.classList.contains("table-scroll")) continue;
+      const b = bound === panel ? panelRect : bound.getBoundingClientRect();
+      if (rect.left < b.left - 1 || rect.right > b.right + 1) {
+        problems.push(`${describe(e)} [${Math.round(rect.left)}, ${Math.round(rect.right)}] outside ` +
+          `${describe(bound)} [${Math.round(b.left)}, ${Math.round(b.right)}]`);
+      }
+      const style = getComputedStyle(e);
+      if (["auto", "scroll"].includes(style.overflowX) && !e.classList.contains("table-scroll") &&
+          e.scrollWidth > e.clientWidth + 1) {
+        problems.push(`${describe(e)} scrolls sideways (${e.scrollWidth} > ${e.clientWidth})`);
+      }
+      if (style.overflowX === "visible" && e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1) {
+        problems.push(`${describe(e)}: its content (${e.scrollWidth} px) is wider than it (${e.clientWidth} px)`);
+      }
+    }
+  }
+  if (document.documentElement.scrollWidth > window.innerWidth) {
+    problems.push(`the page scrolls sideways (${document.documentElement.scrollWidth} > ${window.innerWidth})`);
+  }
+  const rate = document.getElementById("rate").getBoundingClientRect();
+  const spark = document.getElementById("spark").getBoundingClientRect();
+  if (spark.width > 0 && spark.left < rate.right && rate.left < spark.right && spark.top < rate.bottom &&
+      rate.top < spark.bottom) {
+    problems.push("the sparkline overlaps the events/s figure");
+  }
+  return problems;
+}
+"""
+
+
+def artifact(name: str) -> Path:
+    """Where a screenshot goes (test-artifacts/, git-ignored); the path is printed."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    print(f"screenshot: {path}")
+    return path
+
+
+async def assert_fits(page: Page, name: str) -> None:
+    """No element of the page spills out of its panel (see OVERFLOW); a full-page screenshot is saved first."""
+    await page.screenshot(path=str(artifact(name)), full_page=True)
+    assert await page.evaluate(OVERFLOW) == []
+
+
+@pytest.fixture
+async def built_in() -> AsyncIterator[TestServer]:
+    """A server with the built-in plugins (as `nexus serve` loads them) and its gateway."""
+    async with run_server(*discover(True, (), ()), gateway=True, heartbeat_interval=0.2) as server:
+        yield server
+
+
+async def open_at(browser: Browser, nexus: TestServer, viewport: dict[str, int]) -> tuple[Page, list[str]]:
+    page = await browser.new_page(viewport=viewport)  # type: ignore[arg-type]
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(page_url(nexus))
+    await page.wait_for_selector("#status[data-state=connected]", timeout=GUARD_MS)
+    return page, errors
+
+
+async def test_the_page_shows_the_last_events_on_load(nexus: TestServer, browser: Browser) -> None:
+    """Opened after 60 events were stored, the page shows the last 50 of them (replayed, not counted in the
+    rate) and the last offset; events published afterwards are added live above them."""
+    stored = [await nexus.client.emit("demo:tick:v1:happened", {"n": n}) for n in range(60)]
+    page, errors = await open_at(browser, nexus, WIDE)
+    await wait_js(page, "document.querySelectorAll('#events tbody tr').length === 50")
+    offsets = await page.eval_on_selector_all("#events tbody tr", "rows => rows.map(r => Number(r.dataset.offset))")
+    assert offsets == [e.offset for e in reversed(stored[10:])]
+    assert await page.text_content("#offset") == str(stored[-1].offset)
+    assert await page.is_hidden("#events-empty")
+    assert await page.text_content("#rate") == "0.0"
+    assert await page.is_hidden("#notice")
+
+    live = await nexus.client.emit("demo:tick:v1:happened", {"n": 60})
+    await wait_js(page, f"document.querySelector('#events tbody tr').dataset.offset === '{live.offset}'")
+    assert await page.eval_on_selector("#events tbody tr", "row => row.className") == "fresh"
+    assert await page.text_content("#offset") == str(live.offset)
+    assert errors == []
+
+
+async def test_a_page_opened_on_a_young_history_shows_all_of_it(nexus: TestServer, browser: Browser) -> None:
+    """With fewer stored events than the page replays, it shows every one, from offset 1."""
+    stored = [await nexus.client.emit("demo:tick:v1:happened", {"n": n}) for n in range(3)]
+    page, errors = await open_at(browser, nexus, PHONE)
+    await wait_js(page, "document.querySelectorAll('#events tbody tr').length === 3")
+    offsets = await page.eval_on_selector_all("#events tbody tr", "rows => rows.map(r => Number(r.dataset.offset))")
+    assert offsets == [3, 2, 1] == [e.offset for e in reversed(stored)]
+    assert errors == []
+
+
+async def test_the_form_starts_with_a_handler_example_whose_first_send_succeeds(
+    built_in: TestServer, browser: Browser
+) -> None:
+    """With the built-in plugins, the form opens on a handler's declared example and its first Send ends in
+    success; choosing another handler fills its request type and example, which succeeds too."""
+    page, errors = await open_at(browser, built_in, WIDE)
+    await wait_js(page, "document.querySelectorAll('#request-handler option').length > 10")
+    first_type = await page.input_value("#request-type")
+    classes = built_in.server.node.handler_classes().values()
+    examples = {cls.takes.event_type: dict(cls.takes.example) for cls in classes if cls.takes is not None}
+    assert first_type in examples
+    assert json.loads(await page.input_value("#request-payload")) == examples[first_type]
+    await page.click("#request-send")
+    await page.wait_for_selector("#request-log li[data-state=success]", timeout=GUARD_MS)
+    assert await page.query_selector("#request-log li[data-state=failed]") is None
+
+    await page.select_option("#request-handler", "messaging.send_message")
+    assert await page.input_value("#request-type") == "messaging:send_message:v1:requested"
+    example = examples["messaging:send_message:v1:requested"]
+    assert json.loads(await page.input_value("#request-payload")) == example
+    await page.click("#request-send")
+    await page.wait_for_selector("#request-log li[data-state=success]", timeout=GUARD_MS)
+    assert await page.query_selector("#request-log li[data-state=failed]") is None
+
+    # A payload the user wrote is kept when the type is typed by hand.
+    await page.fill("#request-payload", '{"agent_id": "mine"}')
+    await page.fill("#request-type", "places:agent_state:v1:requested")
+    assert await page.input_value("#request-handler") == "places.agent_state"
+    assert json.loads(await page.input_value("#request-payload")) == {"agent_id": "mine"}
+    assert errors == []
+
+
+@pytest.mark.parametrize("viewport", [WIDE, PHONE, SMALLEST], ids=["1400px", "390px", "360px"])
+async def test_nothing_spills_out_of_its_panel(
+    built_in: TestServer, browser: Browser, viewport: dict[str, int]
+) -> None:
+    """At 1,400, 390 and 360 px, with long event types and payloads, a live stream and its log, no element
+    overflows its panel, the page never scrolls sideways, the sparkline stays clear of the figure, and the
+    events table keeps its type and payload readable."""
+    long_payload = {"text": "a long payload " * 30, "nested": {"values": list(range(40))}}
+    for n in range(8):
+        await built_in.client.emit("messaging:conversation_with_a_long_name:v1:updated", {**long_payload, "n": n})
+    page, errors = await open_at(browser, built_in, viewport)
+    await wait_js(page, "document.querySelectorAll('#events tbody tr').length >= 8")
+    await page.select_option("#request-handler", "messaging.stream_messages")
+    await page.click("#request-send")
+    await page.wait_for_selector("#request-log li[data-state=started]", timeout=GUARD_MS)
+    await page.wait_for_selector("#streams tbody tr", timeout=GUARD_MS)
+    await wait_js(page, "document.querySelectorAll('#handlers tbody tr').length > 10")
+    for n in range(30):
+        await built_in.client.emit("analytics:tick:v1:happened", {"n": n})
+    await wait_js(page, "Number(document.querySelector('#offset').textContent) >= 38")
+
+    name = f"page-{viewport['width']}px"
+    await assert_fits(page, name)
+    cells = await page.eval_on_selector_all(
+        "#events tbody tr:not([hidden])",
+        "rows => Object.fromEntries([...rows[0].cells].map(c => [c.className, c.getBoundingClientRect().width]))",
+    )
+    assert min(cells["type"], cells["payload"]) >= 80, cells
+    assert min(cells["state"], cells["offset"]) > 0, cells
+    await page.click("#request-cancel")
+    await page.wait_for_selector("#request-log li[data-state=cancelled]", timeout=GUARD_MS)
+    assert errors == []
+
+
+GEOMETRY = """
+() => {
+  const log = document.getElementById("request-log");
+  const rows = document.querySelectorAll("#streams tbody tr");
+  return {
+    innerHeight: window.innerHeight,
+    logHeight: log.getBoundingClientRect().height,
+    logScrolls: log.scrollHeight > log.clientHeight,
+    thirdRowBottom: rows[2].getBoundingClientRect().bottom,
+    sendBottom: document.getElementById("request-send").getBoundingClientRect().bottom,
+  };
+}
+"""
+
+
+async def test_active_streams_stay_in_view_after_many_requests(browser: Browser) -> None:
+    """At 1,400 x 900, after twelve streams were started from the form and the log holds many chunks, the Active
+    streams panel shows its first rows inside the window, the Send button is still in view, and the request log
+    has scrolled within its bounded height."""
+    async with run_server(Countdown(), gateway=True) as nexus:
+        page, errors = await open_at(browser, nexus, WIDE)
+        await page.select_option("#request-handler", "test_gateway_browser:Countdown")
+        await page.fill("#request-payload", json.dumps({"n": 400, "every": 0.25}))
+        for n in range(1, 13):
+            await page.click("#request-send")
+            await wait_js(page, f"document.querySelectorAll('#streams tbody tr').length === {n}")
+        await wait_js(page, "document.querySelectorAll('#request-log li[data-state=stream]').length >= 20")
+        await page.screenshot(path=str(artifact("streams-after-many-requests")))
+        geometry = await page.evaluate(GEOMETRY)
+        lines = await page.eval_on_selector_all(
+            "#request-log li[data-state]", "items => items.map(i => [i.dataset.state, i.lastChild.textContent])"
+        )
+        await page.close()
+    assert geometry["logScrolls"]
+    assert geometry["logHeight"] <= 230
+    assert geometry["thirdRowBottom"] <= geometry["innerHeight"], geometry
+    assert geometry["sendBottom"] <= geometry["innerHeight"], geometry
+    # The log follows the latest request only: one `started`, then its own chunks, counting down from 400.
+    assert [state for state, _ in lines].count("started") == 1
+    remaining = [json.loads(text)["remaining"] for state, text in lines if state == "stream"]
+    assert remaining == list(range(400, 400 - len(remaining), -1))
     assert errors == []

@@ -1,10 +1,14 @@
 // The operator page: live events with a pattern filter, active streams, events/s, and a request form.
-// Everything goes through nexus-client.js over the gateway's WebSocket; /api/streams and /api/handlers
-// fill in what was running before the page opened and the request types the server handles.
+// Everything goes through nexus-client.js over the gateway's WebSocket. On load the page replays the last
+// HISTORY events (/api/head says where the history stands; the subscription starts a little before it);
+// /api/streams fills in what was running before the page opened, /api/handlers the handlers with their request
+// examples (the form starts filled with one that succeeds), /api/metrics their rates and run times.
 (function () {
   "use strict";
 
   const MAX_ROWS = 500;
+  const HISTORY = 50; // events replayed on load
+  const MAX_LOG_LINES = 200; // lines the request log keeps
   const RATE_WINDOW_S = 5;
   const SPARK_BARS = 30;
   const TERMINAL = new Set(["success", "failed", "timeout", "cancelled"]);
@@ -69,11 +73,15 @@
     }
   });
   client.on("connection", (frame) => setEpoch(frame.epoch));
+  let historyHead = 0; // events up to this offset were replayed on load, not received live
+  let loadingHistory = false;
   client.on("gap", ({ epoch }) => {
     setEpoch(epoch);
+    if (loadingHistory) return; // the history holds fewer events than asked for: nothing was missed
     showNotice("Some events could not be replayed after the reconnection (the server's history no longer " +
       "holds them); the table continues live.");
   });
+  client.on("subscribed", () => { loadingHistory = false; });
   client.on("error", (frame) => showNotice(`${frame.code}: ${frame.message}`));
 
   function setEpoch(epoch) {
@@ -99,12 +107,15 @@
   let currentSecond = Math.floor(Date.now() / 1000);
 
   client.on("event", (event) => {
+    const replayed = event.offset > 0 && event.offset <= historyHead;
     total += 1;
-    arrivals.push(Date.now());
-    perSecond[perSecond.length - 1] += 1;
+    if (!replayed) {
+      arrivals.push(Date.now());
+      perSecond[perSecond.length - 1] += 1;
+    }
     trackStream(event);
     if (event.offset > 0) $("offset").textContent = String(event.offset);
-    if (!$("pause").checked) addRow(event);
+    if (!$("pause").checked) addRow(event, replayed);
     scheduleRender();
   });
 
@@ -114,8 +125,8 @@
     renderQueued = true;
     requestAnimationFrame(() => {
       renderQueued = false;
-      renderRate();
-      renderStreams();
+      flushRows();
+      if (streamsChanged) renderStreams(); // counts and ages follow once a second (and the rate twice)
     });
   }
 
@@ -124,9 +135,9 @@
     return NexusClient.matchPattern(pattern, row.dataset.type) && (!heartbeat || $("show-heartbeats").checked);
   }
 
-  function addRow(event) {
+  function addRow(event, replayed) {
     const state = stateOf(event.type);
-    const row = el("tr", "fresh");
+    const row = el("tr", replayed ? "replayed" : "fresh");
     row.dataset.type = event.type;
     row.dataset.state = state;
     row.dataset.offset = String(event.offset);
@@ -144,7 +155,15 @@
     payloadCell.title = JSON.stringify(event.payload, null, 2);
     row.append(stateCell, corrCell, payloadCell);
     row.hidden = !rowVisible(row);
-    tbody.prepend(row);
+    pendingRows.push(row);
+    if (pendingRows.length > MAX_ROWS) pendingRows.shift();
+  }
+
+  // Rows are added once per animation frame, newest first, however many events arrived in between.
+  const pendingRows = [];
+  function flushRows() {
+    if (!pendingRows.length) return;
+    tbody.prepend(...pendingRows.splice(0).reverse());
     while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(tbody.rows.length - 1);
     $("events-empty").hidden = tbody.querySelector("tr:not([hidden])") !== null;
   }
@@ -175,6 +194,7 @@
   });
   $("show-heartbeats").addEventListener("change", refilter);
   $("clear").addEventListener("click", () => {
+    pendingRows.length = 0;
     tbody.replaceChildren();
     refilter();
   });
@@ -204,6 +224,7 @@
   // --- active streams -----------------------------------------------------------------------------------
 
   const streams = new Map(); // correlation_id -> {type, count, startedAt (ms), state}
+  let streamsChanged = false; // a stream started or ended since the table was drawn
 
   function trackStream(event) {
     const correlation = event.metadata && event.metadata.correlation_id;
@@ -212,17 +233,22 @@
     let entry = streams.get(correlation);
     if (state === "started") {
       streams.set(correlation, { type: baseOf(event.type), count: 0, startedAt: Date.parse(event.timestamp) || Date.now() });
+      streamsChanged = true;
       return;
     }
     if (!entry) {
       if (state !== "stream" && state !== "heartbeat") return;
       entry = { type: baseOf(event.type), count: 0, startedAt: Date.now() };
       streams.set(correlation, entry);
+      streamsChanged = true;
     }
     if (state === "stream") entry.count += 1;
     else if (state === "heartbeat" && typeof event.payload.stream_count === "number") {
       entry.count = Math.max(entry.count, event.payload.stream_count);
-    } else if (TERMINAL.has(state)) streams.delete(correlation);
+    } else if (TERMINAL.has(state)) {
+      streams.delete(correlation);
+      streamsChanged = true;
+    }
   }
 
   async function refreshStreams() {
@@ -248,6 +274,7 @@
   }
 
   function renderStreams() {
+    streamsChanged = false;
     const body = $("streams").querySelector("tbody");
     const now = Date.now();
     const rows = [...streams.entries()]
@@ -267,52 +294,69 @@
     $("active-count").textContent = String(rows.length);
   }
 
-  // --- handlers (the server's metrics: /api/metrics) ------------------------------------------------------
+  // --- handlers (/api/handlers: what the server drives; /api/metrics: how each did in the last minute) -------
+
+  let handlerList = []; // /api/handlers, with request examples where declared
+  const where = (handler) => {
+    const location = handler.location || "in-process";
+    return handler.workers ? `${location} · ${handler.workers} worker${handler.workers === 1 ? "" : "s"}` : location;
+  };
 
   function ms(value) {
     return value >= 100 ? `${Math.round(value)} ms` : `${Number(value).toFixed(1)} ms`;
   }
 
+  let metrics = null;
   async function refreshHandlers() {
     try {
       const response = await api("/api/metrics");
-      if (!response.ok) return; // metrics off, or only for admins
-      const data = await response.json();
-      const active = data.streams_by_handler || {};
-      const names = new Set([...Object.keys(data.handlers || {}), ...Object.keys(active)]);
-      const rows = [...names].sort().map((name) => {
-        const h = (data.handlers || {})[name] || { requests_per_s: 0, failure_rate: 0, p50_ms: 0, p99_ms: 0 };
-        const row = el("tr");
-        row.dataset.handler = name;
-        const cell = el("td", "type", name);
-        cell.title = name;
-        row.append(
-          cell,
-          el("td", "rate", String(h.requests_per_s)),
-          el("td", "failed", `${Math.round(h.failure_rate * 100)}%`),
-          el("td", "p50", ms(h.p50_ms)),
-          el("td", "p99", ms(h.p99_ms)),
-          el("td", "active", String(active[name] || 0)),
-        );
-        return row;
-      });
-      $("handlers").querySelector("tbody").replaceChildren(...rows);
-      $("handlers-empty").hidden = rows.length > 0;
-      $("slow-consumers").textContent = String(data.slow_consumer_disconnects || 0);
+      if (response.ok) metrics = await response.json(); // else metrics off, or only for admins
     } catch (err) {
       // The view is a convenience: it tries again on the next tick.
     }
+    renderHandlers();
+  }
+
+  function renderHandlers() {
+    const stats = (metrics && metrics.handlers) || {};
+    const active = (metrics && metrics.streams_by_handler) || {};
+    const known = new Map(handlerList.map((handler) => [handler.name, handler]));
+    const names = new Set([...known.keys(), ...Object.keys(stats), ...Object.keys(active)]);
+    const rows = [...names].sort().map((name) => {
+      const h = stats[name] || { requests_per_s: 0, failure_rate: 0, p50_ms: 0, p99_ms: 0 };
+      const row = el("tr");
+      row.dataset.handler = name;
+      const cell = el("td", "type", name);
+      const info = known.get(name);
+      cell.title = info ? `${name}\n${info.event_type} (${info.streaming ? "streaming" : "plain"})` : name;
+      const runs = el("td", "runs", info ? where(info) : "");
+      runs.title = runs.textContent;
+      const numbers = metrics
+        ? [String(h.requests_per_s), `${Math.round(h.failure_rate * 100)}%`, ms(h.p50_ms), ms(h.p99_ms), String(active[name] || 0)]
+        : ["–", "–", "–", "–", "–"];
+      const classes = ["rate", "failed", "p50", "p99", "active"];
+      row.append(cell, ...numbers.map((text, i) => el("td", classes[i], text)), runs);
+      return row;
+    });
+    $("handlers").querySelector("tbody").replaceChildren(...rows);
+    $("handlers-empty").hidden = rows.length > 0;
+    $("slow-consumers").textContent = String((metrics && metrics.slow_consumer_disconnects) || 0);
   }
 
   // --- the request form ---------------------------------------------------------------------------------
 
+  // The log shows the latest request's lifecycle only (earlier streams go on in Active streams), its last
+  // MAX_LOG_LINES lines, in a box of bounded height that follows the newest line.
   const log = $("request-log");
-  let current = null;
+  let current = null; // the request the Cancel button cancels, while it runs
+  let logged = null; // the request the log shows
 
-  function logLine(className, node) {
+  function logLine(request, className, node) {
+    if (request !== logged) return null;
     const item = el("li", className);
     item.append(...node);
     log.append(item);
+    while (log.children.length > MAX_LOG_LINES) log.firstElementChild.remove();
     log.scrollTop = log.scrollHeight;
     return item;
   }
@@ -344,19 +388,19 @@
       onEvent: (event) => {
         const state = stateOf(event.type);
         if (state === "heartbeat" && !$("show-heartbeats").checked) return;
-        const item = logLine("", [badge(state), el("span", "detail", compact(event.payload))]);
-        item.dataset.state = state;
+        const item = logLine(request, "", [badge(state), el("span", "detail", compact(event.payload))]);
+        if (item) item.dataset.state = state;
       },
     });
-    current = request;
+    current = logged = request;
     $("request-cancel").disabled = false;
-    logLine("info", [el("span", "detail", `sending ${type} (event_id ${short(request.eventId)}…)`)]);
+    logLine(request, "info", [el("span", "detail", `sending ${type} (event_id ${short(request.eventId)}…)`)]);
     request.published.then(
       (frame) => {
         const note = frame.duplicate ? " (a repeat: the original's lifecycle follows)" : "";
-        logLine("info", [el("span", "detail", `published at offset ${frame.offset}${note}`)]);
+        logLine(request, "info", [el("span", "detail", `published at offset ${frame.offset}${note}`)]);
       },
-      (err) => logLine("error", [el("span", "detail", `${err.code || "error"}: ${err.message}`)]),
+      (err) => logLine(request, "error", [el("span", "detail", `${err.code || "error"}: ${err.message}`)]),
     );
     request.done.then(
       () => {},
@@ -373,29 +417,103 @@
     if (current) current.cancel("cancelled from the page");
   });
 
+  // A handler's request type: declared (takes), or its own type at v1 (any version) / its pinned version.
+  function requestTypeOf(handler) {
+    if (handler.takes && handler.takes.event_type) return handler.takes.event_type;
+    const parts = String(handler.event_type).split(":");
+    return parts.length === 3 ? `${handler.event_type}:requested` : `${handler.event_type}:v1:requested`;
+  }
+  const exampleText = (handler) => JSON.stringify((handler.takes && handler.takes.example) || {}, null, 2);
+  let filledWith = null; // the payload text the form was last filled with (unchanged: the user has not typed)
+
+  function payloadUntouched() {
+    const text = $("request-payload").value.trim();
+    return text === "" || text === "{}" || text === (filledWith || "").trim();
+  }
+
+  function chooseHandler(handler, { force = false } = {}) {
+    $("request-handler").value = handler ? handler.name : "";
+    if (!handler) return;
+    $("request-type").value = requestTypeOf(handler);
+    if (force || payloadUntouched()) {
+      filledWith = exampleText(handler);
+      $("request-payload").value = filledWith;
+      parsePayload();
+    }
+  }
+
+  $("request-handler").addEventListener("change", () => {
+    const handler = handlerList.find((h) => h.name === $("request-handler").value);
+    chooseHandler(handler, { force: true });
+  });
+  $("request-type").addEventListener("input", () => {
+    // A type typed (or picked from the suggestions) that a handler serves selects that handler.
+    const type = $("request-type").value.trim();
+    const handler = handlerList.find((h) => requestTypeOf(h) === type);
+    $("request-handler").value = handler ? handler.name : "";
+    if (handler && payloadUntouched()) chooseHandler(handler);
+  });
+
   async function loadHandlers() {
     try {
       const response = await api("/api/handlers");
       if (!response.ok) return;
-      const handlers = await response.json();
-      const options = handlers.map((handler) => {
-        const parts = String(handler.event_type).split(":");
-        const type = parts.length === 3 ? `${handler.event_type}:requested` : `${handler.event_type}:v1:requested`;
-        const option = el("option");
-        option.value = type;
-        option.label = handler.streaming ? "streaming" : "plain";
-        return option;
-      });
-      $("handler-types").replaceChildren(...options);
-      if (!$("request-type").value && options.length) $("request-type").value = options[0].value;
+      handlerList = await response.json();
     } catch (err) {
-      // No suggestions: the field still takes any event type.
+      return; // No suggestions: the field still takes any event type.
     }
+    // Handlers with a declared example first: their first Send succeeds as it stands.
+    const ordered = [...handlerList].sort((a, b) => Number(Boolean(b.takes)) - Number(Boolean(a.takes)) ||
+      requestTypeOf(a).localeCompare(requestTypeOf(b)));
+    $("handler-types").replaceChildren(...ordered.map((handler) => {
+      const option = el("option");
+      option.value = requestTypeOf(handler);
+      option.label = handler.streaming ? "streaming" : "plain";
+      return option;
+    }));
+    $("request-handler").replaceChildren(
+      el("option", "", "any event type"),
+      ...ordered.map((handler) => {
+        const option = el("option", "", `${requestTypeOf(handler)} (${handler.streaming ? "streaming" : "plain"})`);
+        option.value = handler.name;
+        return option;
+      }),
+    );
+    $("request-handler").firstChild.value = "";
+    if (!$("request-type").value && ordered.length) chooseHandler(ordered[0]);
+    renderHandlers();
+  }
+
+  // The AsyncAPI document needs the token too when authentication is on: fetched, then shown from memory.
+  $("asyncapi-link").addEventListener("click", async (click) => {
+    if (!token) return;
+    click.preventDefault();
+    const response = await api("/asyncapi.json");
+    if (!response.ok) return showNotice(`The event catalogue could not be read (${response.status}).`);
+    const url = URL.createObjectURL(new Blob([await response.text()], { type: "application/json" }));
+    window.open(url, "_blank", "noopener");
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  });
+
+  // Replay the last HISTORY events: subscribe a little before the head the server holds (same epoch).
+  async function startFromHistory() {
+    try {
+      const response = await api("/api/head");
+      if (response.ok) {
+        const head = await response.json();
+        historyHead = head.head_offset;
+        loadingHistory = true;
+        client.replayFrom(Math.max(0, head.head_offset - HISTORY), head.epoch);
+      }
+    } catch (err) {
+      // Live only: the table fills as events arrive.
+    }
+    client.connect();
   }
 
   // --- start ----------------------------------------------------------------------------------------------
 
-  client.connect();
+  startFromHistory();
   loadHandlers();
   refreshStreams();
   setInterval(renderRate, 500);

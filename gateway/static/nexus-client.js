@@ -93,6 +93,7 @@
       this.patterns = new Set(options.patterns || []);
       this.lastOffset = options.sinceOffset || 0;
       this.epoch = options.epoch || "";
+      this._replay = false; // the next subscription replays from lastOffset even when it is 0 (replayFrom)
       this.recovered = null;
       this.connectionId = null;
       this.state = "closed";
@@ -128,6 +129,18 @@
     _status(state, extra = {}) {
       this.state = state;
       this._emit("status", Object.assign({ state }, extra));
+    }
+
+    /**
+     * Before connect(): make the first subscription replay every matching event stored after `offset` of `epoch`
+     * (0: all the server's history holds), then go on live. A page shows recent history this way:
+     * `nexus.replayFrom(Math.max(0, head - 50), epoch)` with the head and epoch from the gateway's /api/head.
+     * When the history no longer holds the start, the client emits "gap" and goes on live.
+     */
+    replayFrom(offset, epoch) {
+      this.lastOffset = Math.max(0, offset);
+      this.epoch = epoch || this.epoch;
+      this._replay = true;
     }
 
     /** Open the connection (and keep it open until close()). */
@@ -231,7 +244,7 @@
     _resume() {
       if (this.patterns.size) {
         const frame = { type: "subscribe", event_types: [...this.patterns], ref: "resume-" + randomId() };
-        if (this.lastOffset > 0) {
+        if (this.lastOffset > 0 || this._replay) {
           frame.since_offset = this.lastOffset;
           if (this.epoch) frame.epoch = this.epoch;
         }
@@ -264,6 +277,7 @@
             this.epoch = frame.epoch;
           }
           if (frame.recovered !== undefined) this.recovered = frame.recovered;
+          this._replay = false;
           this._settle(frame.ref, frame);
           this._emit("subscribed", frame);
           return;
