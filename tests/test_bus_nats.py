@@ -241,6 +241,10 @@ async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names
     url, stream, prefix = names
     first = NatsBus(nats_settings(url, stream, prefix, history_size=500, dedupe_window_s=30.0).nats_bus_settings())
     await first.start()
+    nc = await nats.connect(url)
+    created = (await nc.jetstream().stream_info(stream)).config
+    await nc.close()
+    assert (created.max_msgs, created.duplicate_window) == (500, 30.0)
     second = NatsBus(nats_settings(url, stream, prefix, history_size=800, nats_max_age_s=3600.0).nats_bus_settings())
     await second.start()
     try:
