@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names, until
 
 from nexus import Event, InvalidPattern
 from nexus.bus import Bus, MemoryBus, Subscription
@@ -339,14 +339,10 @@ async def test_a_subscriber_holds_exactly_its_queue_bound_and_is_cut_off_past_it
     publisher, reader = await harness.node(), await harness.node()
     sub = await reader.subscribe([">"], max_pending=5)
     await _publish(publisher, ["demo:a:v1:s"] * 5)
-    with anyio.fail_after(GUARD):
-        while sub.pending < 5 and not sub.closed:
-            await asyncio.sleep(0.01)
+    await until("five events are queued (or the subscriber was cut off)", lambda: sub.pending == 5 or sub.closed)
     assert (sub.closed, sub.pending) == (False, 5)
     await publisher.publish(_event("demo:a:v1:s"))
-    with anyio.fail_after(GUARD):
-        while not sub.closed:
-            await asyncio.sleep(0.01)
+    await until("the subscriber is cut off", lambda: sub.closed)
     with pytest.raises(SlowConsumer) as caught:
         await _read_to_the_end(sub)
     assert (caught.value.last_offset, caught.value.limit) == (0, 5)

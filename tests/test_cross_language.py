@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
-import pytest
+from ci_support import skip_or_fail
 
 from nexus.testing import run_server
 
@@ -37,20 +36,13 @@ EMITTED = [
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
-def _unavailable(reason: str) -> NoReturn:
-    """Fail when running in CI (the check must not silently vanish there), skip elsewhere."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so this cross-language check may not be skipped)")
-    pytest.skip(reason)
-
-
 def _node() -> str:
     node = shutil.which("node")
     if node is None:
-        _unavailable("node is not installed: the cross-language client needs Node.js")
+        skip_or_fail("node is not installed: the cross-language client needs Node.js")
     for package in NODE_PACKAGES:
         if not (REPO / "node_modules" / package / "package.json").is_file():
-            _unavailable(f"{package} is missing from node_modules: run 'npm ci' in {REPO}")
+            skip_or_fail(f"{package} is missing from node_modules: run 'npm ci' in {REPO}")
     return node
 
 
