@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import nats
 import nats.errors
+import nats.js.api
 import nats.js.errors
 import pytest
 from ci_support import skip_or_fail
@@ -111,16 +112,39 @@ async def delete_stream(url: str, stream: str) -> None:
             await nc.close()
 
 
-async def stream_leader(url: str, stream: str) -> str:
-    """The name of the NATS server leading ``stream``'s replicas."""
+async def _stream_cluster(url: str, stream: str) -> nats.js.api.ClusterInfo:
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
     try:
         info = await nc.jetstream().stream_info(stream)
     finally:
         await nc.close()
     assert info.cluster is not None, f"{stream} is not clustered"
-    assert info.cluster.leader, f"{stream} has no leader"
-    return info.cluster.leader
+    return info.cluster
+
+
+async def stream_leader(url: str, stream: str) -> str:
+    """The name of the NATS server leading ``stream``'s replicas."""
+    cluster = await _stream_cluster(url, stream)
+    assert cluster.leader, f"{stream} has no leader"
+    return cluster.leader
+
+
+async def stream_replicated(url: str, stream: str, replicas: int) -> bool:
+    """Whether ``stream`` has a leader and ``replicas - 1`` followers that are current (hold every message)."""
+    with contextlib.suppress(Exception):
+        cluster = await _stream_cluster(url, stream)
+        followers = cluster.replicas or []
+        current = [peer for peer in followers if peer.current and not peer.offline and not peer.lag]
+        return bool(cluster.leader) and len(current) == replicas - 1
+    return False
+
+
+async def stream_led_by_another(url: str, stream: str, old_leader: str) -> bool:
+    """Whether a server other than ``old_leader`` now leads ``stream`` (False while none does)."""
+    with contextlib.suppress(Exception):
+        leader = (await _stream_cluster(url, stream)).leader
+        return bool(leader) and leader != old_leader
+    return False
 
 
 async def until(what: str, condition: Callable[[], bool | Awaitable[bool]], timeout: float = GUARD) -> None:
