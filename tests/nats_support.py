@@ -30,6 +30,7 @@ import pytest
 from ci_support import skip_or_fail
 
 from nexus import Event, Stream, StreamingEventHandler
+from nexus.bus import Bus, Subscription
 from nexus.bus.nats import NatsBus
 from nexus.config import Settings
 from nexus.queue.nats import NatsRequestQueue
@@ -159,6 +160,38 @@ async def until(what: str, condition: Callable[[], bool | Awaitable[bool]], time
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting until {what}")
         await asyncio.sleep(0.02)
+
+
+async def take_until(sub: Subscription, last_offset: int, timeout: float = GUARD) -> list[Event]:
+    """Take events until one with ``last_offset`` arrived (heartbeats included); fail if the subscription ends."""
+    events: list[Event] = []
+    async with asyncio.timeout(timeout):
+        while not events or events[-1].offset < last_offset:
+            batch = await sub.next_batch()
+            assert batch, f"the subscription ended after {len(events)} events"
+            events.extend(batch)
+    return events
+
+
+async def events_before_a_marker(publisher: Bus, sub: Subscription, marker: Event | None = None) -> list[Event]:
+    """Store a marker ``sub`` matches and return what it receives before the marker.
+
+    The marker is stored after everything stored so far, and delivery is in offset order: once it arrived, every
+    earlier event ``sub`` was going to receive (a duplicate or a stray one included) arrived before it.
+    """
+    stored = (await publisher.publish(marker or Event.create("demo:marker:v1:made"))).event
+    events = await take_until(sub, stored.offset)
+    assert events[-1].event_id == stored.event_id
+    return events[:-1]
+
+
+async def stored_history(bus: Bus) -> list[Event]:
+    """Every event ``bus``'s history holds now, read back through a replay from offset 0."""
+    sub = await bus.subscribe([">"], since_offset=0, epoch=bus.epoch)
+    try:
+        return await events_before_a_marker(bus, sub)
+    finally:
+        sub.close()
 
 
 def nats_bus_of(server: TestServer) -> NatsBus:

@@ -14,7 +14,15 @@ from typing import Any
 
 import anyio
 import pytest
-from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names, until
+from nats_support import (
+    delete_stream,
+    events_before_a_marker,
+    nats_settings,
+    shared_nats_url,
+    take_until,
+    unique_names,
+    until,
+)
 
 from nexus import Event, InvalidPattern
 from nexus.bus import Bus, MemoryBus, Subscription
@@ -95,34 +103,11 @@ async def _take(sub: Subscription, count: int) -> list[Event]:
     return events
 
 
-async def _take_until(sub: Subscription, last_offset: int) -> list[Event]:
-    """Take events until one with ``last_offset`` arrived (heartbeats included)."""
-    events: list[Event] = []
-    with anyio.fail_after(GUARD):
-        while not events or events[-1].offset < last_offset:
-            batch = await sub.next_batch()
-            assert batch, f"the subscription ended after {len(events)} events"
-            events.extend(batch)
-    return events
-
-
 async def _read_to_the_end(sub: Subscription) -> None:
     """Read until the subscription ends (raising what ended it)."""
     with anyio.fail_after(GUARD):
         while await sub.next_batch():
             pass
-
-
-async def _before_a_marker(publisher: Bus, sub: Subscription, marker: Event | None = None) -> list[Event]:
-    """Store a marker ``sub`` matches and return what it receives before the marker (nothing, if the bus is right).
-
-    The marker is stored after everything published so far, and delivery is in offset order: once it arrives,
-    any duplicate or stray event would have arrived before it.
-    """
-    stored = (await publisher.publish(marker or _event("demo:marker:v1:made"))).event
-    events = await _take_until(sub, stored.offset)
-    assert events[-1].event_id == stored.event_id
-    return events[:-1]
 
 
 # --- storing ------------------------------------------------------------------------------------------------
@@ -159,7 +144,7 @@ async def test_one_publishers_events_reach_another_nodes_subscriber_in_order_onc
     received = await _take(sub, 80)
     assert [event.offset for event in received] == expected
     assert [event.payload["n"] for event in received] == list(range(40)) + list(range(40, 80))
-    assert await _before_a_marker(publisher, sub) == []
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_a_repeated_event_id_returns_the_stored_original(harness: Harness) -> None:
@@ -174,7 +159,7 @@ async def test_a_repeated_event_id_returns_the_stored_original(harness: Harness)
     other = await first_node.publish(Event.create("demo:pay:v1:made", {"v": 3}, event_id="other"))
     assert (other.duplicate, other.event.offset) == (False, 2)
     assert [event.event_id for event in await _take(sub, 2)] == ["same", "other"]
-    assert await _before_a_marker(second_node, sub) == []
+    assert await events_before_a_marker(second_node, sub) == []
 
 
 async def test_a_zero_dedupe_window_stores_every_publish(harness: Harness) -> None:
@@ -214,7 +199,7 @@ async def test_patterns_select_exactly_the_matching_events(harness: Harness) -> 
     ]
     received = await _take(sub, len(expected))
     assert [event.offset for event in received] == expected
-    assert await _before_a_marker(publisher, sub) == []
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_invalid_pattern_is_refused(harness: Harness) -> None:
@@ -235,9 +220,9 @@ async def test_replay_from_an_offset_then_live_without_gap_or_duplicate(harness:
     after = await publishing
     last = after[-2].offset
     expected = [e.offset for e in before + after if e.event_type.startswith("demo") and e.offset > 10]
-    received = await _take_until(sub, last)
+    received = await take_until(sub, last)
     assert [event.offset for event in received] == expected
-    assert await _before_a_marker(publisher, sub) == []
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_recovered_says_whether_the_gap_was_replayed(harness: Harness) -> None:
@@ -264,7 +249,7 @@ async def test_a_resume_older_than_the_history_says_not_recovered_and_continues_
     assert sub.recovered is False
     newest = (await publisher.publish(_event("demo:a:v1:s"))).event
     # Live from what the reader's node had read when it subscribed (on NATS its tail may still be behind).
-    live = [event.offset for event in await _take_until(sub, newest.offset)]
+    live = [event.offset for event in await take_until(sub, newest.offset)]
     assert live == sorted(set(live))
     assert live[-1] == 13
     kept = await reader.subscribe([">"], since_offset=9, epoch=reader.epoch)
@@ -279,7 +264,7 @@ async def test_offset_zero_with_the_epoch_replays_everything_retained(harness: H
     assert sub.recovered is True
     await publisher.publish(_event("demo:a:v1:s"))
     assert [event.offset for event in await _take(sub, 4)] == [1, 2, 3, 4]
-    assert await _before_a_marker(publisher, sub) == []
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_following_a_correlation_id_replays_and_continues_live(harness: Harness) -> None:
@@ -297,7 +282,7 @@ async def test_following_a_correlation_id_replays_and_continues_live(harness: Ha
         ("other:b:v1:success", 4),
     ]
     marker = Event.create("demo:marker:v1:made", metadata={"correlation_id": "c1"})
-    assert await _before_a_marker(publisher, sub, marker) == []
+    assert await events_before_a_marker(publisher, sub, marker) == []
 
 
 async def test_heartbeats_are_live_only(harness: Harness) -> None:
@@ -315,7 +300,7 @@ async def test_heartbeats_are_live_only(harness: Harness) -> None:
     assert [event.offset for event in await _take(sub, 1)] == [2]
     late = await reader.subscribe(["demo:>"], since_offset=0, epoch=reader.epoch)
     assert [(event.state, event.offset) for event in await _take(late, 2)] == [("started", 1), ("stream", 2)]
-    assert await _before_a_marker(publisher, late) == []
+    assert await events_before_a_marker(publisher, late) == []
 
 
 async def test_a_heartbeat_does_not_move_the_offset_a_cut_off_subscriber_resumes_from(harness: Harness) -> None:

@@ -28,6 +28,7 @@ from nats_support import (
     nats_settings,
     peers,
     shared_nats_url,
+    stored_history,
     unique_names,
     until,
     wait_for_jetstream,
@@ -456,6 +457,14 @@ async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_
             with anyio.fail_after(GUARD):
                 await following
             assert [(event.state, event.payload) for event in events] == [("success", {"done": True})]
+            # The requester stops at its first terminal event: the stream itself shows it was stored once.
+            await until("the node's outbox is empty", lambda: not nats_queue_of(node).outbox)
+            terminals = [
+                event.state
+                for event in await stored_history(node.bus)
+                if event.correlation_id == request.correlation_id and event.state in TERMINAL_STATES
+            ]
+            assert terminals == ["success"]
     finally:
         server.stop()
 

@@ -36,6 +36,7 @@ from nats_support import (
     nats_settings,
     peers,
     shared_nats_url,
+    stored_history,
     stream_leader,
     stream_led_by_another,
     stream_replicated,
@@ -305,6 +306,69 @@ async def test_a_subscriber_on_node_b_receives_every_event_published_on_node_a_i
         await recorder.stop()
 
 
+async def test_a_subscription_on_node_b_is_live_when_its_initial_metadata_arrives(shared: Cluster) -> None:
+    """Once node B's initial metadata reached the SDK (on_connect), an event stored through node A right after
+    reaches B's subscriber, and nothing at or below the head offset B announced is delivered live."""
+    async with node(shared) as a, node(shared) as b:
+        for n in range(5):
+            await a.client.emit("nodes:thing:v1:made", {"n": n})
+        connected = asyncio.Event()
+        subscription = b.client.subscribe("nodes:>", on_connect=lambda _: connected.set())
+        events = aiter(subscription)
+        first = asyncio.ensure_future(anext(events))
+        async with asyncio.timeout(GUARD):
+            await connected.wait()
+        head = subscription.head_offset
+        assert subscription.epoch == a.bus.epoch
+        marker = await a.client.emit("nodes:marker:v1:made", {})
+        received = [await first]
+        async with asyncio.timeout(GUARD):
+            while received[-1].offset < marker.offset:
+                received.append(await anext(events))
+        assert received[-1].event_id == marker.event_id
+        assert all(event.offset > head for event in received)
+        assert [event.offset for event in received] == list(range(head + 1, marker.offset + 1))
+        subscription.close()
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def test_requests_to_one_handler_start_in_offset_order_on_each_node(shared: Cluster) -> None:
+    """Requests stored together reach the handler of the node serving them in offset order, and so do the shares
+    of two nodes serving one handler."""
+    starts: dict[str, list[int]] = {"a": [], "b": []}
+    payloads: dict[int, int] = {}
+
+    class Recording(EventHandler):
+        event_type = "nodes:record"
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def handle(self, event: Event) -> dict[str, Any]:
+            starts[self.name].append(event.offset)
+            payloads[event.offset] = int(event.payload["i"])
+            return {}
+
+    async with node(shared, Recording("a")) as a:
+        summary = await a.client.publish_many(
+            [Event.create("nodes:record:v1:requested", {"i": i}) for i in range(40)], timeout=GUARD
+        )
+        assert summary.stored == 40
+        await until("node A started every request", lambda: len(starts["a"]) == 40)
+        assert starts["a"] == sorted(starts["a"])
+        assert [payloads[offset] for offset in starts["a"]] == list(range(40))
+        async with node(shared, Recording("b")) as b:
+            await until("the nodes know each other", lambda: peers(a) == 1 and peers(b) == 1)
+            starts["a"].clear()
+            await a.client.publish_many(
+                [Event.create("nodes:record:v1:requested", {"i": i}) for i in range(200)], timeout=GUARD
+            )
+            await until("every request started", lambda: len(starts["a"]) + len(starts["b"]) == 200)
+    assert starts["a"], "node A takes a share"
+    assert starts["b"], "node B takes a share"
+    assert all(share == sorted(share) for share in starts.values())
+
+
 async def test_a_streaming_request_is_driven_by_exactly_one_node_and_its_lifecycle_reaches_the_requester(
     shared: Cluster,
 ) -> None:
@@ -459,7 +523,9 @@ async def test_a_stream_whose_node_is_killed_ends_with_node_lost_once(shared: Cl
         assert terminal.correlation_id == stream.correlation_id
         # Both survivors noticed; one failed event was stored.
         await watcher.wait_for(lambda seen: any(e.state == "failed" for e in seen))
-        await asyncio.sleep(0.5)
+        await until("both survivors count node A lost", lambda: peers(b) == 1 and peers(c) == 1)
+        stored = [e for e in await stored_history(c.bus) if e.correlation_id == stream.correlation_id]
+        assert [e.state for e in stored if e.state in TERMINAL_STATES] == ["failed"]
         terminals = [e for e in watcher.events if e.state in TERMINAL_STATES]
         assert [(e.state, e.correlation_id) for e in terminals] == [("failed", stream.correlation_id)]
         await watcher.stop()
