@@ -160,9 +160,9 @@ def test_plain_failure_has_no_stream_stats() -> None:
 def test_chunk_before_start_is_refused() -> None:
     """A stream cannot send a chunk or heartbeat before it started, nor start twice."""
     lifecycle = Lifecycle(_request(), streaming=True, now=0.0)
-    with pytest.raises(InvalidState):
+    with pytest.raises(InvalidState, match=r"^a chunk needs a started stream$"):
         lifecycle.chunk({"a": 1})
-    with pytest.raises(InvalidState):
+    with pytest.raises(InvalidState, match=r"^a heartbeat needs a started stream$"):
         lifecycle.heartbeat(now=0.0)
     lifecycle.start(now=0.0)
     with pytest.raises(InvalidState, match="already started"):
@@ -190,11 +190,11 @@ def test_nothing_after_terminal(first: int) -> None:
     lifecycle.start(now=0.0)
     lifecycle.chunk({"a": 1})
     _terminal_ops(lifecycle, 1.0)[first]()
-    with pytest.raises(StreamClosed):
+    with pytest.raises(StreamClosed, match=r"^cannot send a chunk: the stream .* already ended with "):
         lifecycle.chunk({"a": 2})
-    with pytest.raises(StreamClosed):
+    with pytest.raises(StreamClosed, match=r"^cannot send a heartbeat: "):
         lifecycle.heartbeat(now=2.0)
-    with pytest.raises(StreamClosed):
+    with pytest.raises(StreamClosed, match=r"^cannot start: "):
         lifecycle.start(now=2.0)
     assert lifecycle.stream_count == 1
     assert lifecycle.duration(now=99.0) == 1.0
