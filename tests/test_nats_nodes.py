@@ -431,7 +431,13 @@ async def test_ordering_key_order_holds_across_two_nodes(shared: Cluster) -> Non
     """Requests with one ordering-key value run one at a time in offset order, whichever node they are sent to."""
     runs: list[Run] = []
     clock = [0]
-    async with node(shared, Keyed("a", runs, clock)) as a, node(shared, Keyed("b", runs, clock)) as b:
+    # The default node heartbeat (1 s; lost after 3 s of silence): with the suite's fast 0.25 s one, an event loop
+    # that a loaded machine stalls for 0.75 s gets its node counted lost, which is another test's fault.
+    beat = {"nats_node_heartbeat_s": 1.0}
+    async with (
+        node(shared, Keyed("a", runs, clock), **beat) as a,
+        node(shared, Keyed("b", runs, clock), **beat) as b,
+    ):
         await until("the nodes know each other", lambda: peers(b) == 1)
         clients = [a.client, b.client]
         calls = [
@@ -450,7 +456,7 @@ async def test_ordering_key_order_holds_across_two_nodes(shared: Cluster) -> Non
         active = runs[0].node
     # The active node leaves: the other one takes over.
     survivor_runs: list[Run] = []
-    async with node(shared, Keyed("c", survivor_runs, clock)) as c:
+    async with node(shared, Keyed("c", survivor_runs, clock), **beat) as c:
         done = await call(c.client, "nodes:keyed:v1:requested", {"agent_id": "agent-0", "n": 99})
         assert done.state == "success"
         assert [run.node for run in survivor_runs] == ["c"]
