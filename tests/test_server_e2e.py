@@ -525,7 +525,17 @@ async def test_slow_subscriber_is_cut_off_with_its_resume_offset() -> None:
 
 async def test_sdk_subscription_resumes_after_being_cut_off() -> None:
     """The client SDK's subscription resumes from its last offset after a RESOURCE_EXHAUSTED cut: nothing lost."""
-    total = 5_000
+    await _sdk_subscription_cut_off_and_resumed(total=5_000, heartbeat_last=False)
+
+
+async def test_sdk_subscription_whose_last_event_was_a_heartbeat_resumes_after_its_last_stored_event() -> None:
+    """A heartbeat (offset 0) does not move the SDK's resume offset: after a cut nothing stored is lost."""
+    await _sdk_subscription_cut_off_and_resumed(total=2_000, heartbeat_last=True)
+
+
+async def _sdk_subscription_cut_off_and_resumed(*, total: int, heartbeat_last: bool) -> None:
+    """An SDK subscriber reads offset 1 (then a heartbeat when ``heartbeat_last``), pauses while ``total`` events
+    go out until the server cuts it off, then must receive every one of them, in order, after reconnecting."""
     async with run_server(subscriber_queue=50) as nexus:
         channel = grpc.aio.insecure_channel(nexus.address, options=SMALL_WINDOW)
         async with NexusClient(nexus.address, channel=channel) as client:
@@ -540,6 +550,11 @@ async def test_sdk_subscription_resumes_after_being_cut_off() -> None:
             async with asyncio.timeout(GUARD):
                 first = await first_read
             assert first.offset == 1
+            if heartbeat_last:
+                await nexus.bus.publish_live(Event(event_type="load:item:v1:heartbeat"))
+                async with asyncio.timeout(GUARD):
+                    heartbeat = await anext(events)
+                assert (heartbeat.state, heartbeat.offset, subscription.last_offset) == ("heartbeat", 0, 1)
 
             # The consumer pauses while the burst goes out, so the server cuts it off.
             await nexus.client.publish_many(load_events(total))
@@ -552,39 +567,6 @@ async def test_sdk_subscription_resumes_after_being_cut_off() -> None:
             assert [e.offset for e in received] == list(range(2, total + 2))
             assert subscription.connects == 2
             assert subscription.recovered is True
-            subscription.close()
-            await events.aclose()
-        await channel.close()
-
-
-async def test_sdk_subscription_whose_last_event_was_a_heartbeat_resumes_after_its_last_stored_event() -> None:
-    """A heartbeat (offset 0) does not move the SDK's resume offset: after a cut nothing stored is lost."""
-    total = 2_000
-    async with run_server(subscriber_queue=50) as nexus:
-        channel = grpc.aio.insecure_channel(nexus.address, options=SMALL_WINDOW)
-        async with NexusClient(nexus.address, channel=channel) as client:
-            connected = asyncio.Event()
-            subscription = client.subscribe("load:>", on_connect=lambda _: connected.set())
-            events = aiter(subscription)
-            assert isinstance(events, AsyncGenerator)
-            first_read = asyncio.ensure_future(anext(events))
-            async with asyncio.timeout(GUARD):
-                await connected.wait()
-            await nexus.client.emit("load:item:v1:created", {"n": -1})
-            async with asyncio.timeout(GUARD):
-                assert (await first_read).offset == 1
-                await nexus.bus.publish_live(Event(event_type="load:item:v1:heartbeat"))
-                heartbeat = await anext(events)
-            assert (heartbeat.state, heartbeat.offset, subscription.last_offset) == ("heartbeat", 0, 1)
-
-            await nexus.client.publish_many(load_events(total))
-            await wait_until(lambda: _has_slow_consumer(nexus), "the server cut the paused subscriber off")
-            received: list[Event] = []
-            async with asyncio.timeout(GUARD):
-                while len(received) < total:
-                    received.append(await anext(events))
-            assert [e.offset for e in received] == list(range(2, total + 2))
-            assert (subscription.connects, subscription.recovered) == (2, True)
             subscription.close()
             await events.aclose()
         await channel.close()
