@@ -14,7 +14,15 @@ from typing import Any
 
 import anyio
 import pytest
-from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+from nats_support import (
+    delete_stream,
+    events_before_a_marker,
+    nats_settings,
+    shared_nats_url,
+    take_until,
+    unique_names,
+    until,
+)
 
 from nexus import Event, InvalidPattern
 from nexus.bus import Bus, MemoryBus, Subscription
@@ -33,16 +41,18 @@ class Harness:
     prefix: str = ""
     buses: list[Bus] = dataclasses.field(default_factory=list)
     _memory: MemoryBus | None = None
+    _memory_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     async def node(self, **settings: Any) -> Bus:
-        """A started bus on this test's history (memory: the one bus, or a new one when settings are given)."""
+        """A started bus on this test's history (memory: the one bus, or a new one when other settings are given
+        than the first call's)."""
         if self.kind == "memory":
-            if settings or self._memory is None:
+            if self._memory is None or settings not in ({}, self._memory_settings):
                 bus = MemoryBus(**{k: v for k, v in settings.items() if k in ("dedupe_window_s", "history_size")})
                 await bus.start()
                 self.buses.append(bus)
                 if self._memory is None:
-                    self._memory = bus
+                    self._memory, self._memory_settings = bus, settings
                 return bus
             return self._memory
         from nexus.bus.nats import NatsBus
@@ -93,28 +103,11 @@ async def _take(sub: Subscription, count: int) -> list[Event]:
     return events
 
 
-async def _take_until(sub: Subscription, last_offset: int) -> list[Event]:
-    """Take events until one with ``last_offset`` arrived (heartbeats included)."""
-    events: list[Event] = []
-    with anyio.fail_after(GUARD):
-        while not events or events[-1].offset < last_offset:
-            batch = await sub.next_batch()
-            assert batch, f"the subscription ended after {len(events)} events"
-            events.extend(batch)
-    return events
-
-
 async def _read_to_the_end(sub: Subscription) -> None:
     """Read until the subscription ends (raising what ended it)."""
     with anyio.fail_after(GUARD):
         while await sub.next_batch():
             pass
-
-
-async def _settle(*subs: Subscription) -> list[list[Event]]:
-    """What else arrives after the sentinel each subscriber waited for (nothing, if the bus is right)."""
-    await asyncio.sleep(0.05)
-    return [sub.take_nowait() for sub in subs]
 
 
 # --- storing ------------------------------------------------------------------------------------------------
@@ -151,7 +144,7 @@ async def test_one_publishers_events_reach_another_nodes_subscriber_in_order_onc
     received = await _take(sub, 80)
     assert [event.offset for event in received] == expected
     assert [event.payload["n"] for event in received] == list(range(40)) + list(range(40, 80))
-    assert await _settle(sub) == [[]]
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_a_repeated_event_id_returns_the_stored_original(harness: Harness) -> None:
@@ -166,7 +159,7 @@ async def test_a_repeated_event_id_returns_the_stored_original(harness: Harness)
     other = await first_node.publish(Event.create("demo:pay:v1:made", {"v": 3}, event_id="other"))
     assert (other.duplicate, other.event.offset) == (False, 2)
     assert [event.event_id for event in await _take(sub, 2)] == ["same", "other"]
-    assert await _settle(sub) == [[]]
+    assert await events_before_a_marker(second_node, sub) == []
 
 
 async def test_a_zero_dedupe_window_stores_every_publish(harness: Harness) -> None:
@@ -175,6 +168,17 @@ async def test_a_zero_dedupe_window_stores_every_publish(harness: Harness) -> No
     await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
     second = await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
     assert (second.duplicate, second.event.offset) == (False, 2)
+
+
+async def test_a_repeated_event_id_after_the_window_is_stored_again(harness: Harness) -> None:
+    """The dedupe window is the configured one: a repeat inside it is a duplicate, one after it is stored anew."""
+    bus = await harness.node(dedupe_window_s=1.0)
+    await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
+    inside = await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
+    assert (inside.duplicate, inside.event.offset) == (True, 1)
+    await asyncio.sleep(1.5)
+    after = await bus.publish(Event.create("demo:pay:v1:made", event_id="id"))
+    assert (after.duplicate, after.event.offset) == (False, 2)
 
 
 # --- delivery -----------------------------------------------------------------------------------------------
@@ -195,7 +199,7 @@ async def test_patterns_select_exactly_the_matching_events(harness: Harness) -> 
     ]
     received = await _take(sub, len(expected))
     assert [event.offset for event in received] == expected
-    assert await _settle(sub) == [[]]
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_invalid_pattern_is_refused(harness: Harness) -> None:
@@ -216,9 +220,9 @@ async def test_replay_from_an_offset_then_live_without_gap_or_duplicate(harness:
     after = await publishing
     last = after[-2].offset
     expected = [e.offset for e in before + after if e.event_type.startswith("demo") and e.offset > 10]
-    received = await _take_until(sub, last)
+    received = await take_until(sub, last)
     assert [event.offset for event in received] == expected
-    assert await _settle(sub) == [[]]
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_recovered_says_whether_the_gap_was_replayed(harness: Harness) -> None:
@@ -236,6 +240,22 @@ async def test_recovered_says_whether_the_gap_was_replayed(harness: Harness) -> 
         assert [event.offset for event in await _take(sub, 1)] == [newest.offset]
 
 
+async def test_a_resume_older_than_the_history_says_not_recovered_and_continues_live(harness: Harness) -> None:
+    """An offset whose successors the history no longer holds is reported (recovered False), then live follows."""
+    publisher = await harness.node(history_size=5)
+    reader = await harness.node(history_size=5)
+    await _publish(publisher, ["demo:a:v1:s"] * 12)
+    sub = await reader.subscribe([">"], since_offset=3, epoch=reader.epoch)
+    assert sub.recovered is False
+    newest = (await publisher.publish(_event("demo:a:v1:s"))).event
+    # Live from what the reader's node had read when it subscribed (on NATS its tail may still be behind).
+    live = [event.offset for event in await take_until(sub, newest.offset)]
+    assert live == sorted(set(live))
+    assert live[-1] == 13
+    kept = await reader.subscribe([">"], since_offset=9, epoch=reader.epoch)
+    assert kept.recovered is True
+
+
 async def test_offset_zero_with_the_epoch_replays_everything_retained(harness: Harness) -> None:
     """since_offset 0 with the current epoch means nothing seen yet: the whole history is replayed, then live."""
     publisher, reader = await harness.node(), await harness.node()
@@ -244,7 +264,7 @@ async def test_offset_zero_with_the_epoch_replays_everything_retained(harness: H
     assert sub.recovered is True
     await publisher.publish(_event("demo:a:v1:s"))
     assert [event.offset for event in await _take(sub, 4)] == [1, 2, 3, 4]
-    assert await _settle(sub) == [[]]
+    assert await events_before_a_marker(publisher, sub) == []
 
 
 async def test_following_a_correlation_id_replays_and_continues_live(harness: Harness) -> None:
@@ -261,25 +281,56 @@ async def test_following_a_correlation_id_replays_and_continues_live(harness: Ha
         ("demo:a:v1:started", 2),
         ("other:b:v1:success", 4),
     ]
-    assert await _settle(sub) == [[]]
+    marker = Event.create("demo:marker:v1:made", metadata={"correlation_id": "c1"})
+    assert await events_before_a_marker(publisher, sub, marker) == []
 
 
 async def test_heartbeats_are_live_only(harness: Harness) -> None:
     """publish_live reaches subscribers on every node with offset 0, is never stored and never replayed."""
     publisher, reader = await harness.node(), await harness.node()
-    await publisher.publish(_event("demo:stream_x:v1:started"))
-    # Not 'started': on NATS the reader's tail may not have read it yet when it subscribes, and live delivery
-    # then hands it over too.
-    sub = await reader.subscribe(["demo:stream_x:v1:heartbeat", "demo:stream_x:v1:stream"])
+    started = (await publisher.publish(_event("demo:stream_x:v1:started"))).event
+    # From the explicit offset of 'started': a node's live subscription starts after what its tail has read so
+    # far, which on NATS may not include 'started' yet; resuming after it is the same on every bus and node.
+    sub = await reader.subscribe(["demo:stream_x:v1:*"], since_offset=started.offset, epoch=reader.epoch)
     await publisher.publish_live(_event("demo:stream_x:v1:heartbeat", n=1))
     received = await _take(sub, 1)
     assert [(event.state, event.offset, event.epoch) for event in received] == [("heartbeat", 0, reader.epoch)]
     chunk = (await publisher.publish(_event("demo:stream_x:v1:stream", n=2))).event
     assert chunk.offset == 2
     assert [event.offset for event in await _take(sub, 1)] == [2]
-    late = await reader.subscribe(["demo:>"], since_offset=1, epoch=reader.epoch)
-    assert [(event.state, event.offset) for event in await _take(late, 1)] == [("stream", 2)]
-    assert await _settle(late) == [[]]
+    late = await reader.subscribe(["demo:>"], since_offset=0, epoch=reader.epoch)
+    assert [(event.state, event.offset) for event in await _take(late, 2)] == [("started", 1), ("stream", 2)]
+    assert await events_before_a_marker(publisher, late) == []
+
+
+async def test_a_heartbeat_does_not_move_the_offset_a_cut_off_subscriber_resumes_from(harness: Harness) -> None:
+    """A subscriber whose last event taken was a heartbeat (offset 0) is cut off naming its last stored offset."""
+    publisher, reader = await harness.node(), await harness.node()
+    sub = await reader.subscribe([">"], max_pending=3)
+    await _publish(publisher, ["demo:stream_x:v1:stream"] * 2)
+    assert [event.offset for event in await _take(sub, 2)] == [1, 2]
+    await publisher.publish_live(_event("demo:stream_x:v1:heartbeat"))
+    assert [event.offset for event in await _take(sub, 1)] == [0]
+    assert sub.last_offset == 2
+    await _publish(publisher, ["demo:stream_x:v1:stream"] * 10)
+    with pytest.raises(SlowConsumer) as caught:
+        await _read_to_the_end(sub)
+    assert caught.value.last_offset == 2
+    assert "resume from offset 2" in str(caught.value)
+
+
+async def test_a_subscriber_holds_exactly_its_queue_bound_and_is_cut_off_past_it(harness: Harness) -> None:
+    """A subscriber that reads nothing keeps max_pending events queued; one more cuts it off."""
+    publisher, reader = await harness.node(), await harness.node()
+    sub = await reader.subscribe([">"], max_pending=5)
+    await _publish(publisher, ["demo:a:v1:s"] * 5)
+    await until("five events are queued (or the subscriber was cut off)", lambda: sub.pending == 5 or sub.closed)
+    assert (sub.closed, sub.pending) == (False, 5)
+    await publisher.publish(_event("demo:a:v1:s"))
+    await until("the subscriber is cut off", lambda: sub.closed)
+    with pytest.raises(SlowConsumer) as caught:
+        await _read_to_the_end(sub)
+    assert (caught.value.last_offset, caught.value.limit) == (0, 5)
 
 
 async def test_a_slow_subscriber_is_cut_off_and_the_others_are_not(harness: Harness) -> None:

@@ -576,3 +576,17 @@ async def test_a_long_replay_is_decoded_as_it_is_taken_and_live_events_follow_it
     offsets = [event.offset for batch in batches for event in batch]
     assert offsets == sorted(offsets)
     await bus.close()
+
+
+async def test_a_history_of_one_event_is_allowed_and_none_is_refused() -> None:
+    """history_size 1 keeps the newest event for replay; 0 is refused at construction with a clear message."""
+    bus = MemoryBus(history_size=1)
+    await bus.start()
+    try:
+        for n in range(3):
+            await bus.publish(Event.create("demo:a:v1:s", {"n": n}))
+        assert [event.offset for event in bus.history()] == [3]
+    finally:
+        await bus.close()
+    with pytest.raises(ValueError, match=r"^history_size must be at least 1$"):
+        MemoryBus(history_size=0)

@@ -28,6 +28,7 @@ from nats_support import (
     nats_settings,
     peers,
     shared_nats_url,
+    stored_history,
     unique_names,
     until,
     wait_for_jetstream,
@@ -241,6 +242,10 @@ async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names
     url, stream, prefix = names
     first = NatsBus(nats_settings(url, stream, prefix, history_size=500, dedupe_window_s=30.0).nats_bus_settings())
     await first.start()
+    nc = await nats.connect(url)
+    created = (await nc.jetstream().stream_info(stream)).config
+    await nc.close()
+    assert (created.max_msgs, created.duplicate_window) == (500, 30.0)
     second = NatsBus(nats_settings(url, stream, prefix, history_size=800, nats_max_age_s=3600.0).nats_bus_settings())
     await second.start()
     try:
@@ -257,6 +262,45 @@ async def test_the_stream_is_created_as_configured_and_updated_at_start_up(names
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.nats
+async def test_events_a_node_never_read_end_its_subscriptions_instead_of_leaving_a_silent_gap(
+    names: tuple[str, str, str],
+) -> None:
+    """A node's tail that lost events it never read (its consumer gone while the stream moved past them) ends its
+    subscriptions, so they resume from their last offset and are told the gap could not be replayed."""
+    url, stream, prefix = names
+    settings = nats_settings(url, stream, prefix, history_size=5).nats_bus_settings()
+    reader, publisher = NatsBus(settings), NatsBus(settings)
+    await reader.start()
+    await publisher.start()
+    try:
+        sub = await reader.subscribe([">"])
+        for n in range(3):
+            await publisher.publish(Event.create("demo:x:v1:made", {"n": n}))
+        assert [event.offset for event in await _take(sub, 3)] == [1, 2, 3]
+        # The fault: the reader's tail consumer disappears on the server (as an in-memory consumer does when its
+        # NATS server restarts); while it is gone the stream moves on and drops offsets 4 to 8 (history_size 5).
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().delete_consumer(stream, reader._tail.consumer)
+        finally:
+            await nc.close()
+        for n in range(3, 13):
+            await publisher.publish(Event.create("demo:x:v1:made", {"n": n}))
+        late: list[Event] = []
+        with anyio.fail_after(GUARD):
+            while batch := await sub.next_batch():
+                late.extend(batch)
+        assert late == []
+        assert sub.closed
+        await until("the reader's tail read the rest", lambda: reader.received == 13)
+        resumed = await reader.subscribe([">"], since_offset=3, epoch=reader.epoch)
+        assert resumed.recovered is False
+    finally:
+        await reader.close()
+        await publisher.close()
 
 
 @pytest.mark.nats
@@ -413,6 +457,14 @@ async def test_a_terminal_event_that_could_not_be_stored_is_stored_once_nats_is_
             with anyio.fail_after(GUARD):
                 await following
             assert [(event.state, event.payload) for event in events] == [("success", {"done": True})]
+            # The requester stops at its first terminal event: the stream itself shows it was stored once.
+            await until("the node's outbox is empty", lambda: not nats_queue_of(node).outbox)
+            terminals = [
+                event.state
+                for event in await stored_history(node.bus)
+                if event.correlation_id == request.correlation_id and event.state in TERMINAL_STATES
+            ]
+            assert terminals == ["success"]
     finally:
         server.stop()
 

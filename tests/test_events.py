@@ -15,11 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus import Event, EventType, InvalidEventType, InvalidPayload, parse_time
-from nexus.errors import ErrorCode, PayloadTooLarge
+from nexus.errors import AlreadyExists, ErrorCode, InvalidState, NexusError, PayloadTooLarge, error_for_code
 from nexus.events import (
     LIFECYCLE_STATES,
     TERMINAL_STATES,
     EventLimits,
+    check_event,
+    json_shape_problem,
     quote,
     validate_event_type,
     validate_metadata,
@@ -634,3 +636,83 @@ def test_a_refusal_naming_a_key_that_is_not_valid_unicode_is_itself_valid_text()
     message.encode("utf-8")
     assert "k\\udeb3" in message
     assert "too large" in message
+
+
+# --- events read from outside (the NATS tail), encoders and client-side errors --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (1.5, None),
+        ({"a": [1, {"b": 2.0}], "c": ("x",)}, None),
+        ({"a": [[[1]]]}, "nests deeper than 3 levels"),
+        ([{"a": {"b": 1}}], None),
+        ({"a": [1, float("nan")]}, "holds nan: NaN and Infinity are not valid JSON"),
+        ((1, {"x": float("-inf")}), "holds -inf: NaN and Infinity are not valid JSON"),
+    ],
+)
+def test_an_encoder_finds_what_a_client_could_not_read_back(value: Any, problem: str | None) -> None:
+    """json_shape_problem names too deep nesting (the value is level 1) and NaN/Infinity anywhere, else None."""
+    assert json_shape_problem(value, 3) == problem
+
+
+def _unchecked(**fields: Any) -> Event:
+    """An event as a foreign writer may have built it: every field as given, nothing validated."""
+    base: dict[str, Any] = {
+        "event_type": "demo:thing:v1:made",
+        "event_id": "e-1",
+        "payload": {"n": 1},
+        "metadata": {},
+        "timestamp": "2026-01-02T03:04:05Z",
+    }
+    return Event(**{**base, **fields})
+
+
+def test_an_event_read_from_outside_is_kept_only_if_it_keeps_every_rule() -> None:
+    """check_event returns a valid event as it is and refuses each broken field with a message naming it."""
+    event = _unchecked()
+    assert check_event(event) is event
+    assert event.size() > 0
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"event_type": "Demo:thing:v1:made"}, InvalidEventType, "Demo"),
+        ({"payload": [1]}, InvalidPayload, "payload must be a JSON object, not list"),
+        ({"payload": {"n": float("nan")}}, InvalidPayload, "NaN"),
+        ({"metadata": {"k": 1}}, InvalidPayload, "metadata"),
+        ({"timestamp": 17}, InvalidPayload, "timestamp must be RFC 3339 text"),
+        ({"timestamp": "yesterday"}, InvalidPayload, "yesterday"),
+    ]
+    for fields, error, words in cases:
+        with pytest.raises(error, match=re.escape(words)):
+            check_event(_unchecked(**fields))
+
+
+def test_an_event_read_from_outside_is_held_to_the_size_limits() -> None:
+    """Over max_event_bytes the whole event is refused; over max_payload_bytes the payload is, naming its size."""
+    big = _unchecked(payload={"text": "x" * 1000})
+    with pytest.raises(PayloadTooLarge, match="over the limit of 500 bytes"):
+        check_event(big, EventLimits(max_event_bytes=500))
+    with pytest.raises(PayloadTooLarge, match=r"payload is 1011 bytes, over the limit of 1000 bytes"):
+        check_event(big, EventLimits(max_payload_bytes=1000))
+    # A bound the caller knows under both limits skips measuring; one over them does not.
+    assert check_event(big, EventLimits(max_payload_bytes=1000), size_at_most=900) is big
+    with pytest.raises(PayloadTooLarge):
+        check_event(big, EventLimits(max_payload_bytes=1000), size_at_most=5000)
+
+
+def test_an_event_a_node_derived_may_carry_the_entries_the_node_adds() -> None:
+    """A lifecycle event (correlation_id) may exceed the client's metadata limit by what Nexus adds; others may not."""
+    limits = EventLimits(max_metadata_entries=2)
+    client = {"a": "1", "b": "2"}
+    derived = _unchecked(metadata={**client, "owner": "o", "correlation_id": "c"})
+    assert check_event(derived, limits) is derived
+    with pytest.raises(InvalidPayload, match="metadata"):
+        check_event(_unchecked(metadata={**client, "c": "3", "d": "4"}), limits)
+
+
+def test_a_server_error_code_becomes_its_exception_and_an_unknown_one_keeps_its_code() -> None:
+    """error_for_code gives each code its exception class; a code without one is a NexusError carrying it."""
+    assert type(error_for_code(ErrorCode.ALREADY_EXISTS, "taken")) is AlreadyExists
+    assert type(error_for_code(ErrorCode.FAILED_PRECONDITION, "no")) is InvalidState
+    internal = error_for_code(ErrorCode.INTERNAL, "boom")
+    assert (type(internal), internal.code, str(internal)) == (NexusError, ErrorCode.INTERNAL, "boom")

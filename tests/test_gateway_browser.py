@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci_support import in_ci
 from nexus.gateway.server import GatewayServer, GatewaySettings
 
 from nexus import Event, EventHandler, Stream, StreamingEventHandler
@@ -40,8 +41,8 @@ if async_playwright is None:
     _missing.append("the playwright package")
 if EXECUTABLE is None:
     _missing.append(CHROMIUM)
-if _missing and os.environ.get("CI", "").lower() == "true":
-    raise RuntimeError(f"CI=true but {' and '.join(_missing)} is missing: browser tests must run in CI")
+if _missing and in_ci():
+    raise RuntimeError(f"CI is set but {' and '.join(_missing)} is missing: browser tests must run in CI")
 pytestmark = pytest.mark.skipif(bool(_missing), reason=f"needs {' and '.join(_missing)}")
 
 

@@ -235,3 +235,26 @@ def _reachable(root: object) -> list[object]:
         if isinstance(item, (list, tuple, deque)):
             pending.extend(item)
     return found
+
+
+def test_a_replay_counts_down_as_it_is_read() -> None:
+    """len(replay) is what is left to read: a subscriber knows when the history it asked for is all taken."""
+    history = History(10, epoch="e1")
+    for n in range(5):
+        history.append(Event.create("demo:a:v1:s", {"n": n}).stored(n + 1, "e1"))
+    replay = history.replay(1)
+    assert len(replay) == 4
+    assert [event.offset for event in replay.take(3)] == [2, 3, 4]
+    assert len(replay) == 1
+    assert [event.offset for event in replay.take(3)] == [5]
+    assert len(replay) == 0
+    assert replay.take(3) == []
+
+
+def test_popping_an_empty_queue_says_so() -> None:
+    """ChunkedQueue.popleft on an empty queue raises IndexError with a message, like a deque."""
+    queue: ChunkedQueue[str] = ChunkedQueue()
+    queue.append("a")
+    assert queue.popleft() == "a"
+    with pytest.raises(IndexError, match="pop from an empty queue"):
+        queue.popleft()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus import Event, StreamClosed, StreamErrorType
+from nexus import Event, StreamClosed, StreamErrorType, parse_time
 from nexus.errors import InvalidEventType, InvalidState
 from nexus.events import TERMINAL_STATES
 from nexus.lifecycle import Lifecycle, State
@@ -106,10 +107,12 @@ def test_other_terminal_payloads(finish: Callable[[Lifecycle], Event], state: st
 
 
 def test_lifecycle_event_ids_and_metadata() -> None:
-    """Every lifecycle event has a fresh id, the request's metadata, and correlation_id = the request's id."""
+    """Every lifecycle event has a fresh id, the time it was made, the request's metadata, and correlation_id =
+    the request's id."""
     request = _request(user_id="u1", traceparent="00-abc", correlation_id="client-chosen")
     original_metadata = dict(request.metadata)
     lifecycle = Lifecycle(request, streaming=True, now=0.0)
+    before = time.time()
     events = [
         lifecycle.start(now=0.0),
         lifecycle.chunk({"i": 0}),
@@ -124,6 +127,7 @@ def test_lifecycle_event_ids_and_metadata() -> None:
         assert event.metadata == {"user_id": "u1", "traceparent": "00-abc", "correlation_id": request.event_id}
         assert event.correlation_id == request.event_id
         assert event.offset == 0
+        assert before - 1 <= parse_time(event.timestamp) <= time.time() + 1
     assert request.metadata == original_metadata
     assert lifecycle.correlation_id == request.event_id
 
@@ -160,9 +164,9 @@ def test_plain_failure_has_no_stream_stats() -> None:
 def test_chunk_before_start_is_refused() -> None:
     """A stream cannot send a chunk or heartbeat before it started, nor start twice."""
     lifecycle = Lifecycle(_request(), streaming=True, now=0.0)
-    with pytest.raises(InvalidState):
+    with pytest.raises(InvalidState, match=r"^a chunk needs a started stream$"):
         lifecycle.chunk({"a": 1})
-    with pytest.raises(InvalidState):
+    with pytest.raises(InvalidState, match=r"^a heartbeat needs a started stream$"):
         lifecycle.heartbeat(now=0.0)
     lifecycle.start(now=0.0)
     with pytest.raises(InvalidState, match="already started"):
@@ -190,11 +194,11 @@ def test_nothing_after_terminal(first: int) -> None:
     lifecycle.start(now=0.0)
     lifecycle.chunk({"a": 1})
     _terminal_ops(lifecycle, 1.0)[first]()
-    with pytest.raises(StreamClosed):
+    with pytest.raises(StreamClosed, match=r"^cannot send a chunk: the stream .* already ended with "):
         lifecycle.chunk({"a": 2})
-    with pytest.raises(StreamClosed):
+    with pytest.raises(StreamClosed, match=r"^cannot send a heartbeat: "):
         lifecycle.heartbeat(now=2.0)
-    with pytest.raises(StreamClosed):
+    with pytest.raises(StreamClosed, match=r"^cannot start: "):
         lifecycle.start(now=2.0)
     assert lifecycle.stream_count == 1
     assert lifecycle.duration(now=99.0) == 1.0

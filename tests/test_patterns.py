@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus import InvalidPattern
-from nexus.patterns import PatternIndex, PatternSet, parse_pattern, pattern_matches, validate_pattern
+from nexus.errors import ResourceExhausted
+from nexus.patterns import (
+    PatternIndex,
+    PatternSet,
+    check_pattern_count,
+    parse_pattern,
+    pattern_matches,
+    validate_pattern,
+)
 
 # --- parse_pattern ----------------------------------------------------------------------------------------
 
@@ -305,3 +313,10 @@ def test_pattern_set_rejects_invalid() -> None:
 def test_empty_pattern_set_matches_nothing() -> None:
     """An empty PatternSet matches no event type."""
     assert not PatternSet().matches("a:b:v1:c")
+
+
+def test_a_subscription_may_hold_exactly_the_pattern_limit() -> None:
+    """check_pattern_count accepts ``limit`` patterns and refuses one more, naming both numbers."""
+    check_pattern_count(3, limit=3)
+    with pytest.raises(ResourceExhausted, match=r"^4 patterns in one subscription, over the limit of 3$"):
+        check_pattern_count(4, limit=3)

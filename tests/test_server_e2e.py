@@ -525,7 +525,17 @@ async def test_slow_subscriber_is_cut_off_with_its_resume_offset() -> None:
 
 async def test_sdk_subscription_resumes_after_being_cut_off() -> None:
     """The client SDK's subscription resumes from its last offset after a RESOURCE_EXHAUSTED cut: nothing lost."""
-    total = 5_000
+    await _sdk_subscription_cut_off_and_resumed(total=5_000, heartbeat_last=False)
+
+
+async def test_sdk_subscription_whose_last_event_was_a_heartbeat_resumes_after_its_last_stored_event() -> None:
+    """A heartbeat (offset 0) does not move the SDK's resume offset: after a cut nothing stored is lost."""
+    await _sdk_subscription_cut_off_and_resumed(total=2_000, heartbeat_last=True)
+
+
+async def _sdk_subscription_cut_off_and_resumed(*, total: int, heartbeat_last: bool) -> None:
+    """An SDK subscriber reads offset 1 (then a heartbeat when ``heartbeat_last``), pauses while ``total`` events
+    go out until the server cuts it off, then must receive every one of them, in order, after reconnecting."""
     async with run_server(subscriber_queue=50) as nexus:
         channel = grpc.aio.insecure_channel(nexus.address, options=SMALL_WINDOW)
         async with NexusClient(nexus.address, channel=channel) as client:
@@ -540,6 +550,11 @@ async def test_sdk_subscription_resumes_after_being_cut_off() -> None:
             async with asyncio.timeout(GUARD):
                 first = await first_read
             assert first.offset == 1
+            if heartbeat_last:
+                await nexus.bus.publish_live(Event(event_type="load:item:v1:heartbeat"))
+                async with asyncio.timeout(GUARD):
+                    heartbeat = await anext(events)
+                assert (heartbeat.state, heartbeat.offset, subscription.last_offset) == ("heartbeat", 0, 1)
 
             # The consumer pauses while the burst goes out, so the server cuts it off.
             await nexus.client.publish_many(load_events(total))
