@@ -28,8 +28,9 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from nexus.api import DEFAULT_FOLLOW_MAX_PENDING, Follower, HandlerContext, plugin_name
+from nexus.api import DEFAULT_FOLLOW_MAX_PENDING, Follower, HandlerContext, Stream, plugin_name
 from nexus.bus.base import DEFAULT_MAX_PENDING, Subscription
+from nexus.errors import StreamClosed
 from nexus.events import Event
 from nexus.kv.base import KeyValueStore, PluginKV, ScopedKV
 from nexus.kv.sqlite import IN_MEMORY, SqliteKeyValue
@@ -180,6 +181,32 @@ class PluginRuntime:
             subscription.close()
             raise
         return follower
+
+
+class CountedStream(Stream):
+    """What every :class:`~nexus.api.Stream` does besides sending (the server's and a worker's): it knows its
+    request, counts the chunks it accepted, and refuses chunks once closed."""
+
+    def __init__(self, correlation_id: str) -> None:
+        self._correlation_id = correlation_id
+        self._closed = False
+        self._accepted = 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosed(f"stream {self._correlation_id} has ended; send() is no longer possible")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stream_count(self) -> int:
+        return self._accepted
+
+    @property
+    def correlation_id(self) -> str:
+        return self._correlation_id
 
 
 class PluginContext(HandlerContext):

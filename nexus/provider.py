@@ -60,7 +60,7 @@ from nexus.events import (
 from nexus.identity import PUBLIC
 from nexus.kv.base import KeyValueStore
 from nexus.lifecycle import Lifecycle
-from nexus.plugin_runtime import PluginContext, PluginRuntime
+from nexus.plugin_runtime import CountedStream, PluginContext, PluginRuntime
 from nexus.queue.base import AbandonRequest, CancelRequest, ControlMessage, RequestQueue, RequestRoute
 from nexus.queue.memory import MemoryRequestQueue
 from nexus.schema import EventSpec
@@ -303,35 +303,20 @@ class _Run:
         self.handler_scope.cancel()
 
 
-class _StreamImpl(Stream):
+class _StreamImpl(CountedStream):
     def __init__(self, run: _Run, sender: MemoryObjectSendStream[JSONObject], max_payload_bytes: int) -> None:
-        self._run = run
+        super().__init__(run.correlation_id)
         self._sender = sender
         self._max_payload_bytes = max_payload_bytes
-        self._closed = False
-        self._accepted = 0
 
     async def send(self, chunk: JSONObject) -> None:
-        if self._closed:
-            raise StreamClosed(f"stream {self.correlation_id} has ended; send() is no longer possible")
+        self._check_open()
         payload = validate_payload(chunk, max_bytes=self._max_payload_bytes)
         try:
             await self._sender.send(payload)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise StreamClosed(f"stream {self.correlation_id} has ended; send() is no longer possible") from None
         self._accepted += 1
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def stream_count(self) -> int:
-        return self._accepted
-
-    @property
-    def correlation_id(self) -> str:
-        return self._run.correlation_id
 
     def close(self) -> None:
         self._closed = True

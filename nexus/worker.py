@@ -57,7 +57,6 @@ from nexus.api import (
     SERVER_DEFAULT,
     AnyHandler,
     EventHandler,
-    Stream,
     StreamingEventHandler,
 )
 from nexus.backoff import Backoff, BackoffPolicy
@@ -67,7 +66,6 @@ from nexus.errors import (
     ErrorCode,
     HandlerConfigError,
     NexusError,
-    StreamClosed,
     StreamErrorType,
     Unavailable,
     error_for_code,
@@ -77,7 +75,7 @@ from nexus.grpc.convert import CODE_FOR_STATUS, event_from_response
 from nexus.kv.base import KeyValueStore, KVLimits
 from nexus.kv.sqlite import SqliteKeyValue
 from nexus.patterns import parse_pattern
-from nexus.plugin_runtime import PluginContext, PluginRuntime
+from nexus.plugin_runtime import CountedStream, PluginContext, PluginRuntime
 from nexus.plugins import HandlerSpec, config_for
 from nexus.provider import (
     check_handle_is_async,
@@ -270,38 +268,23 @@ class _Run:
         self.credit_arrived.set()
 
 
-class _RemoteStream(Stream):
+class _RemoteStream(CountedStream):
     def __init__(self, run: _Run, outbox: _Outbox) -> None:
+        super().__init__(run.correlation_id)
         self._run = run
         self._outbox = outbox
-        self._closed = False
-        self._accepted = 0
 
     async def send(self, chunk: JSONObject) -> None:
-        if self._closed:
-            raise StreamClosed(f"stream {self.correlation_id} has ended; send() is no longer possible")
+        self._check_open()
         payload = validate_payload(chunk)
         run = self._run
         while run.credit <= 0:
             run.credit_arrived.clear()
             await run.credit_arrived.wait()
-            if self._closed:
-                raise StreamClosed(f"stream {self.correlation_id} has ended; send() is no longer possible")
+            self._check_open()
         run.credit -= 1
         self._accepted += 1
         self._outbox.chunk(run.correlation_id, encode_json(payload, "chunk"))
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def stream_count(self) -> int:
-        return self._accepted
-
-    @property
-    def correlation_id(self) -> str:
-        return self._run.correlation_id
 
     def close(self) -> None:
         self._closed = True
