@@ -20,6 +20,8 @@ from nexus.errors import SlowConsumer
 from nexus.testing import TestServer, run_server
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
+pytestmark = pytest.mark.timing
+
 TOTAL = 20_000
 GUARD = 120.0
 """Seconds a whole burst may take to arrive (a guard against hangs on a loaded machine, not a measurement)."""

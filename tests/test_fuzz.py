@@ -71,7 +71,7 @@ from nexus.events import Event, EventType
 from nexus.patterns import parse_pattern
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 COUNT = 10_000
 """Generated inputs per edge and bus."""
