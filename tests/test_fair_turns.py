@@ -23,6 +23,11 @@ from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 pytestmark = pytest.mark.timing
 
 TOTAL = 20_000
+QUEUE = 2_000
+"""The servers' subscriber queue in the handler-burst tests; their bursts are 2.5 times as long, so without fair
+turns every subscriber's queue would overflow, while a reader that writes one frame per event needs well under
+the publishers' wait budget to keep up, even on a loaded machine."""
+BURST = 5_000
 GUARD = 120.0
 """Seconds a whole burst may take to arrive (a guard against hangs on a loaded machine, not a measurement)."""
 ITEMS = "burst:item:>"
@@ -100,21 +105,22 @@ async def read_websocket(nexus: TestServer, count: int, subscribed: asyncio.Even
 
 
 async def test_a_handler_publishing_in_a_tight_loop_reaches_every_subscriber() -> None:
-    """A handler publishing 20,000 events in a loop: batched, per-event and WebSocket subscribers get all, in order."""
-    async with run_server(Burst(), gateway=True) as nexus, stub_for(nexus.address) as stub:
+    """A handler publishing a burst 2.5 times the subscriber queue in a loop: batched, per-event and WebSocket
+    subscribers get all of it, in order."""
+    async with run_server(Burst(), gateway=True, subscriber_queue=QUEUE) as nexus, stub_for(nexus.address) as stub:
         batched, single = await open_subscribers(stub)
         subscribed = asyncio.Event()
-        websocket = asyncio.create_task(read_websocket(nexus, TOTAL, subscribed))
+        websocket = asyncio.create_task(read_websocket(nexus, BURST, subscribed))
         async with asyncio.timeout(10):
             await subscribed.wait()
-        readers = [asyncio.create_task(read_offsets(call, TOTAL)) for call in (batched, single)]
+        readers = [asyncio.create_task(read_offsets(call, BURST)) for call in (batched, single)]
 
         async with asyncio.timeout(GUARD):
-            done = await nexus.client.call("burst:run:v1:requested", {"n": TOTAL})
-        assert done.payload == {"published": TOTAL}
+            done = await nexus.client.call("burst:run:v1:requested", {"n": BURST})
+        assert done.payload == {"published": BURST}
 
-        first = done.offset - TOTAL - 1  # the burst's items come right before its success event
-        expected = list(range(first + 1, first + TOTAL + 1))
+        first = done.offset - BURST - 1  # the burst's items come right before its success event
+        expected = list(range(first + 1, first + BURST + 1))
         assert await readers[0] == expected
         assert await readers[1] == expected
         assert await websocket == expected
@@ -140,7 +146,7 @@ async def test_a_publish_events_stream_reaches_every_subscriber() -> None:
 async def test_a_subscriber_that_stops_reading_is_still_cut_off_and_the_others_get_everything() -> None:
     """Under a tight-loop publisher, a subscriber that never reads ends RESOURCE_EXHAUSTED; the readers get all."""
     async with (
-        run_server(Burst()) as nexus,
+        run_server(Burst(), subscriber_queue=QUEUE) as nexus,
         stub_for(nexus.address, SMALL_WINDOW) as stalled_stub,
         stub_for(nexus.address) as stub,
     ):
@@ -148,13 +154,13 @@ async def test_a_subscriber_that_stops_reading_is_still_cut_off_and_the_others_g
         async with asyncio.timeout(10):
             await stalled.initial_metadata()
         batched, single = await open_subscribers(stub)
-        readers = [asyncio.create_task(read_offsets(call, TOTAL)) for call in (batched, single)]
+        readers = [asyncio.create_task(read_offsets(call, BURST)) for call in (batched, single)]
 
         async with asyncio.timeout(GUARD):
-            done = await nexus.client.call("burst:run:v1:requested", {"n": TOTAL})
+            done = await nexus.client.call("burst:run:v1:requested", {"n": BURST})
 
-        expected = list(range(2, TOTAL + 2))  # after the request (offset 1), before its success
-        assert done.offset == TOTAL + 2
+        expected = list(range(2, BURST + 2))  # after the request (offset 1), before its success
+        assert done.offset == BURST + 2
         assert await readers[0] == expected
         assert await readers[1] == expected
         with pytest.raises(grpc.aio.AioRpcError) as caught:
