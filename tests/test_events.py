@@ -627,6 +627,34 @@ def test_evolve_changes_fields_and_refuses_what_is_not_one() -> None:
             event.evolve(**{bad: 1})
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("event_type", "other:act_two:v2:started"),
+        ("payload", {"b": [1, 2]}),
+        ("event_id", "e-2"),
+        ("metadata", {"k": "w", "user_id": "u"}),
+        ("timestamp", "2026-01-02T03:04:05.000000Z"),
+        ("offset", 9),
+        ("epoch", "ep-2"),
+    ],
+)
+def test_evolve_changes_the_named_field_and_keeps_every_other(field: str, value: object) -> None:
+    """``evolve`` changes exactly the field it is given, keeps every other one, and what it derives (the parsed
+    type, the size, the payload's JSON) is what an event built from scratch with those fields has."""
+    event = Event.create("svc:act:v1:done", {"a": 1}, event_id="e-1", metadata={"k": "v"}).stored(3, "ep-1")
+    assert (event.type.action, event.payload_json(), event.size()) == ("act", b'{"a":1}', event.size())  # kept
+    changed = event.evolve(**{field: value})
+    names = [f.name for f in dataclasses.fields(Event) if f.init]
+    assert {name: getattr(changed, name) for name in names} == {
+        name: value if name == field else getattr(event, name) for name in names
+    }
+    fresh = Event(**{name: getattr(changed, name) for name in names})
+    assert changed.type == fresh.type == EventType.parse(changed.event_type)
+    assert changed.size() == fresh.size()
+    assert changed.payload_json() == fresh.payload_json()
+
+
 def test_a_refusal_naming_a_key_that_is_not_valid_unicode_is_itself_valid_text() -> None:
     """The path of a refused value may run through a key holding a lone surrogate: the message shows it escaped,
     so every transport can send it (gRPC status details and WebSocket frames are UTF-8)."""
