@@ -97,7 +97,8 @@ async def test_duplicate_id_returns_original(bus: MemoryBus) -> None:
     assert [event.event_id for event in await _collect(sub, 2)] == ["same", "different"]
     await _flush()
     assert sub.take_nowait() == []
-    assert bus.stats().duplicates == 1
+    stats = bus.stats()
+    assert (stats.duplicates, stats.published, stats.head_offset, stats.epoch) == (1, 2, 2, bus.epoch)
 
 
 async def test_dedupe_window_expires() -> None:
@@ -196,6 +197,21 @@ async def test_subscribe_starts_live_from_now(bus: MemoryBus) -> None:
     received += sub.take_nowait()
     assert [event.payload["n"] for event in received] == [1]
     assert sub.recovered is None
+
+
+async def test_a_subscriber_sees_only_what_it_may_see(bus: MemoryBus) -> None:
+    """Events its ``visible`` check refuses never reach a subscriber, live or replayed; the rest arrive in order."""
+
+    def visible(event: Event) -> bool:
+        return event.metadata.get("to", "u1") == "u1"
+
+    live = await bus.subscribe([">"], visible=visible)
+    for n, audience in enumerate(["u1", "u2", "u1", "u2"]):
+        await bus.publish(Event.create("demo:echo:v1:created", {"n": n}, metadata={"to": audience}))
+    marker = (await bus.publish(_event(n=9))).event
+    assert [event.payload["n"] for event in await _collect(live, 3)] == [0, 2, 9]
+    replay = await bus.subscribe([">"], epoch=bus.epoch, visible=visible)
+    assert [event.offset for event in await _collect(replay, 3)] == [1, 3, marker.offset]
 
 
 async def test_invalid_pattern_registers_nothing(bus: MemoryBus) -> None:
