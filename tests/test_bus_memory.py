@@ -566,6 +566,34 @@ def test_the_dedupe_window_forgets_expired_ids_in_groups_without_lookups() -> No
     assert window.get("more-500") == b"record"
 
 
+@pytest.mark.parametrize("window_s", [0.8, 32.0])
+def test_an_id_is_remembered_at_least_the_window_and_less_than_one_step_more(window_s: float) -> None:
+    """An id stays in the window for ``window_s`` seconds and is gone before ``window_s`` plus its step (a
+    sixteenth of the window, at most a second) has passed."""
+    now = [100.5]
+    window = DedupeWindow(window_s, clock=lambda: now[0])
+    assert window.step == min(1.0, window_s / 16)
+    window.remember("id", b"record", 6)
+    now[0] += window_s - 0.001
+    assert window.get("id") == b"record"
+    now[0] += 0.001 + window.step + 1e-6
+    assert window.get("id") is None
+
+
+def test_the_dedupe_window_holds_ids_up_to_exactly_its_byte_bound() -> None:
+    """With ``max_bytes``, events whose sizes add up to exactly the bound are all remembered; one byte more
+    forgets the oldest."""
+    events = [Event.create("demo:echo:v1:created", {"n": n}) for n in range(3)]
+    bound = events[0].size() + events[1].size()
+    window = DedupeWindow(60.0, max_bytes=bound, clock=lambda: 0.0)
+    for event in events[:2]:
+        window.remember(event.event_id, event, event.size())
+    assert (window.get(events[0].event_id), window.bytes) == (events[0], bound)
+    window.remember(events[2].event_id, events[2], events[2].size())
+    assert window.get(events[0].event_id) is None
+    assert window.get(events[1].event_id) == events[1]
+
+
 async def test_a_long_replay_is_decoded_as_it_is_taken_and_live_events_follow_it_in_order() -> None:
     """Opening a subscription over a long history decodes nothing yet: each take decodes one chunk, so a
     subscriber resuming from far back never holds the event loop for the whole replay; live events stored
