@@ -91,6 +91,7 @@ async def test_duplicate_id_returns_original(bus: MemoryBus) -> None:
     assert again.duplicate is True
     assert again.event == first.event
     assert again.event.payload == {"v": 1}
+    assert (await bus.publish(Event.create("demo:echo:v1:created", {"v": 4}, event_id="same"))).duplicate
     assert await bus.head_offset() == 1
     other = await bus.publish(Event.create("demo:echo:v1:created", {"v": 3}, event_id="different"))
     assert (other.duplicate, other.event.offset) == (False, 2)
@@ -98,7 +99,7 @@ async def test_duplicate_id_returns_original(bus: MemoryBus) -> None:
     await _flush()
     assert sub.take_nowait() == []
     stats = bus.stats()
-    assert (stats.duplicates, stats.published, stats.head_offset, stats.epoch) == (1, 2, 2, bus.epoch)
+    assert (stats.duplicates, stats.published, stats.head_offset, stats.epoch) == (2, 2, 2, bus.epoch)
 
 
 async def test_dedupe_window_expires() -> None:
@@ -117,6 +118,19 @@ async def test_dedupe_window_expires() -> None:
     assert outside.event.offset == 2
     now[0] += 60.0
     assert (await bus.publish(Event.create("demo:echo:v1:created", event_id="id"))).duplicate
+    await bus.close()
+
+
+async def test_the_dedupe_window_holds_at_most_dedupe_max_entries_ids() -> None:
+    """Past ``dedupe_max_entries`` ids the oldest is forgotten: its id is stored again, the newer ones are still
+    duplicates."""
+    bus = MemoryBus(dedupe_max_entries=2)
+    await bus.start()
+    for event_id in ("a", "b", "c"):
+        await bus.publish(Event.create("demo:echo:v1:created", event_id=event_id))
+    assert (await bus.publish(Event.create("demo:echo:v1:created", event_id="c"))).duplicate
+    again = await bus.publish(Event.create("demo:echo:v1:created", event_id="a"))
+    assert (again.duplicate, again.event.offset) == (False, 4)
     await bus.close()
 
 
