@@ -272,5 +272,5 @@ def test_popping_an_empty_queue_says_so() -> None:
     queue: ChunkedQueue[str] = ChunkedQueue()
     queue.append("a")
     assert queue.popleft() == "a"
-    with pytest.raises(IndexError, match="pop from an empty queue"):
+    with pytest.raises(IndexError, match=r"^pop from an empty queue$"):
         queue.popleft()
