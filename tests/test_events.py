@@ -655,6 +655,19 @@ def test_evolve_changes_the_named_field_and_keeps_every_other(field: str, value:
     assert changed.payload_json() == fresh.payload_json()
 
 
+def test_an_event_derived_from_a_request_may_hold_one_metadata_entry_and_its_bytes_more() -> None:
+    """A request at its limits may get lifecycle events that add a ``correlation_id``: an event carrying one is
+    held to limits that allow that entry and its bytes, and no more; one without it is held to the request's."""
+    limits = EventLimits(max_event_bytes=600, max_metadata_entries=1)
+    request = Event.create("demo:echo:v1:requested", {"t": "x" * 400}, metadata={"k": "v"}, limits=limits)
+    derived = request.evolve(metadata={"k": "v", "correlation_id": "c" * 2000})
+    assert check_event(derived, limits) is derived
+    with pytest.raises(PayloadTooLarge):
+        check_event(request.evolve(metadata={"k": "v", "correlation_id": "c" * 3000}), limits)
+    with pytest.raises(PayloadTooLarge):
+        check_event(request.evolve(payload={"t": "x" * 2400}), limits)
+
+
 def test_a_refusal_naming_a_key_that_is_not_valid_unicode_is_itself_valid_text() -> None:
     """The path of a refused value may run through a key holding a lone surrogate: the message shows it escaped,
     so every transport can send it (gRPC status details and WebSocket frames are UTF-8)."""
