@@ -668,6 +668,22 @@ def test_an_event_derived_from_a_request_may_hold_one_metadata_entry_and_its_byt
         check_event(request.evolve(payload={"t": "x" * 2400}), limits)
 
 
+def test_check_event_holds_an_unchecked_event_to_every_bound_exactly() -> None:
+    """An event built without the checks (what the NATS tail reads) passes ``check_event`` at exactly its limits:
+    the whole event's size (type, id and metadata counted) and the payload's; a byte over either, or a payload
+    nested deeper than allowed, is refused."""
+    event = Event("demo:echo:v1:created", {"a": {"b": "x" * 50}}, event_id="e" * 40, metadata={"k": "v" * 30})
+    size, payload_size = event.size(), len(event.payload_json())
+    fresh = dataclasses.replace
+    assert check_event(fresh(event), EventLimits(max_event_bytes=size, max_payload_bytes=payload_size))
+    with pytest.raises(PayloadTooLarge, match=f"the event is {size} bytes"):
+        check_event(fresh(event), EventLimits(max_event_bytes=size - 1))
+    with pytest.raises(PayloadTooLarge, match=f"payload is {payload_size} bytes"):
+        check_event(fresh(event), EventLimits(max_payload_bytes=payload_size - 1))
+    with pytest.raises(InvalidPayload, match="deeper"):
+        check_event(fresh(event), EventLimits(max_payload_depth=1))
+
+
 def test_a_refusal_naming_a_key_that_is_not_valid_unicode_is_itself_valid_text() -> None:
     """The path of a refused value may run through a key holding a lone surrogate: the message shows it escaped,
     so every transport can send it (gRPC status details and WebSocket frames are UTF-8)."""
