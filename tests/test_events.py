@@ -528,6 +528,15 @@ def test_generated_event_ids_are_unique_hex_and_not_sequential() -> None:
     assert sum(a[:8] == b[:8] for a, b in itertools.pairwise(ids)) < 5
 
 
+def test_an_event_no_encoder_can_write_is_still_sized_by_what_it_holds() -> None:
+    """An event built without the checks whose payload cannot be encoded (NaN) still has a size that grows with its
+    type, id, payload and metadata: it is what bounds the memory such an event takes in a history."""
+    small = Event("demo:echo:v1:created", {"x": math.nan})
+    big = Event("demo:echo:v1:created", {"x": math.nan, "text": "y" * 5000}, metadata={"k": "v" * 1000})
+    assert small.size() > len(small.event_type) + len(small.event_id)
+    assert big.size() > 6000
+
+
 def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
     import json
 
