@@ -91,13 +91,15 @@ async def test_duplicate_id_returns_original(bus: MemoryBus) -> None:
     assert again.duplicate is True
     assert again.event == first.event
     assert again.event.payload == {"v": 1}
+    assert (await bus.publish(Event.create("demo:echo:v1:created", {"v": 4}, event_id="same"))).duplicate
     assert await bus.head_offset() == 1
     other = await bus.publish(Event.create("demo:echo:v1:created", {"v": 3}, event_id="different"))
     assert (other.duplicate, other.event.offset) == (False, 2)
     assert [event.event_id for event in await _collect(sub, 2)] == ["same", "different"]
     await _flush()
     assert sub.take_nowait() == []
-    assert bus.stats().duplicates == 1
+    stats = bus.stats()
+    assert (stats.duplicates, stats.published, stats.head_offset, stats.epoch) == (2, 2, 2, bus.epoch)
 
 
 async def test_dedupe_window_expires() -> None:
@@ -116,6 +118,19 @@ async def test_dedupe_window_expires() -> None:
     assert outside.event.offset == 2
     now[0] += 60.0
     assert (await bus.publish(Event.create("demo:echo:v1:created", event_id="id"))).duplicate
+    await bus.close()
+
+
+async def test_the_dedupe_window_holds_at_most_dedupe_max_entries_ids() -> None:
+    """Past ``dedupe_max_entries`` ids the oldest is forgotten: its id is stored again, the newer ones are still
+    duplicates."""
+    bus = MemoryBus(dedupe_max_entries=2)
+    await bus.start()
+    for event_id in ("a", "b", "c"):
+        await bus.publish(Event.create("demo:echo:v1:created", event_id=event_id))
+    assert (await bus.publish(Event.create("demo:echo:v1:created", event_id="c"))).duplicate
+    again = await bus.publish(Event.create("demo:echo:v1:created", event_id="a"))
+    assert (again.duplicate, again.event.offset) == (False, 4)
     await bus.close()
 
 
@@ -196,6 +211,21 @@ async def test_subscribe_starts_live_from_now(bus: MemoryBus) -> None:
     received += sub.take_nowait()
     assert [event.payload["n"] for event in received] == [1]
     assert sub.recovered is None
+
+
+async def test_a_subscriber_sees_only_what_it_may_see(bus: MemoryBus) -> None:
+    """Events its ``visible`` check refuses never reach a subscriber, live or replayed; the rest arrive in order."""
+
+    def visible(event: Event) -> bool:
+        return event.metadata.get("to", "u1") == "u1"
+
+    live = await bus.subscribe([">"], visible=visible)
+    for n, audience in enumerate(["u1", "u2", "u1", "u2"]):
+        await bus.publish(Event.create("demo:echo:v1:created", {"n": n}, metadata={"to": audience}))
+    marker = (await bus.publish(_event(n=9))).event
+    assert [event.payload["n"] for event in await _collect(live, 3)] == [0, 2, 9]
+    replay = await bus.subscribe([">"], epoch=bus.epoch, visible=visible)
+    assert [event.offset for event in await _collect(replay, 3)] == [1, 3, marker.offset]
 
 
 async def test_invalid_pattern_registers_nothing(bus: MemoryBus) -> None:
@@ -548,6 +578,34 @@ def test_the_dedupe_window_forgets_expired_ids_in_groups_without_lookups() -> No
     assert len(window) == 1_000
     assert window.get("more-499") is None
     assert window.get("more-500") == b"record"
+
+
+@pytest.mark.parametrize("window_s", [0.8, 32.0])
+def test_an_id_is_remembered_at_least_the_window_and_less_than_one_step_more(window_s: float) -> None:
+    """An id stays in the window for ``window_s`` seconds and is gone before ``window_s`` plus its step (a
+    sixteenth of the window, at most a second) has passed."""
+    now = [100.5]
+    window = DedupeWindow(window_s, clock=lambda: now[0])
+    assert window.step == min(1.0, window_s / 16)
+    window.remember("id", b"record", 6)
+    now[0] += window_s - 0.001
+    assert window.get("id") == b"record"
+    now[0] += 0.001 + window.step + 1e-6
+    assert window.get("id") is None
+
+
+def test_the_dedupe_window_holds_ids_up_to_exactly_its_byte_bound() -> None:
+    """With ``max_bytes``, events whose sizes add up to exactly the bound are all remembered; one byte more
+    forgets the oldest."""
+    events = [Event.create("demo:echo:v1:created", {"n": n}) for n in range(3)]
+    bound = events[0].size() + events[1].size()
+    window = DedupeWindow(60.0, max_bytes=bound, clock=lambda: 0.0)
+    for event in events[:2]:
+        window.remember(event.event_id, event, event.size())
+    assert (window.get(events[0].event_id), window.bytes) == (events[0], bound)
+    window.remember(events[2].event_id, events[2], events[2].size())
+    assert window.get(events[0].event_id) is None
+    assert window.get(events[1].event_id) == events[1]
 
 
 async def test_a_long_replay_is_decoded_as_it_is_taken_and_live_events_follow_it_in_order() -> None:

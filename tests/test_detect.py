@@ -126,3 +126,23 @@ def test_check_requested(service_action: str, rule: str | None) -> None:
     """``check_requested`` applies the rules to the requests a ``service:action[:vN]`` handler receives."""
     found = StreamingDetector().check_requested(service_action)
     assert (str(found) if found is not None else None) == rule
+
+
+def test_a_contains_rule_naming_a_version_holds_for_that_version_only() -> None:
+    """A ``contains`` rule that names a version applies to the handlers registered at that version, and a handler
+    registered without one is at version 1."""
+    detector = StreamingDetector(["contains::v1:"])
+    assert str(detector.check_requested("demo:echo")) == "contains::v1:"
+    assert str(detector.check_requested("demo:echo:v1")) == "contains::v1:"
+    assert detector.check_requested("demo:echo:v2") is None
+    assert detector.check_requested("demo:echo:v10") is None
+
+
+def test_a_rule_reads_the_action_of_a_shorter_type() -> None:
+    """A rule applies to ``service:action`` as to a full type, and a text without an action token falls under
+    no action rule (it is not an error)."""
+    detector = StreamingDetector(["action_prefix:stream_", "action:chat"])
+    assert detector.is_streaming("svc:stream_x")
+    assert detector.is_streaming("svc:chat")
+    assert not detector.is_streaming("stream_x")
+    assert not detector.is_streaming("chat")

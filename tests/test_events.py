@@ -528,6 +528,15 @@ def test_generated_event_ids_are_unique_hex_and_not_sequential() -> None:
     assert sum(a[:8] == b[:8] for a, b in itertools.pairwise(ids)) < 5
 
 
+def test_an_event_no_encoder_can_write_is_still_sized_by_what_it_holds() -> None:
+    """An event built without the checks whose payload cannot be encoded (NaN) still has a size that grows with its
+    type, id, payload and metadata: it is what bounds the memory such an event takes in a history."""
+    small = Event("demo:echo:v1:created", {"x": math.nan})
+    big = Event("demo:echo:v1:created", {"x": math.nan, "text": "y" * 5000}, metadata={"k": "v" * 1000})
+    assert small.size() > len(small.event_type) + len(small.event_id)
+    assert big.size() > 6000
+
+
 def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
     import json
 
@@ -625,6 +634,63 @@ def test_evolve_changes_fields_and_refuses_what_is_not_one() -> None:
     for bad in ("_size", "_payload_json", "nope"):
         with pytest.raises(TypeError, match=bad):
             event.evolve(**{bad: 1})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("event_type", "other:act_two:v2:started"),
+        ("payload", {"b": [1, 2]}),
+        ("event_id", "e-2"),
+        ("metadata", {"k": "w", "user_id": "u"}),
+        ("timestamp", "2026-01-02T03:04:05.000000Z"),
+        ("offset", 9),
+        ("epoch", "ep-2"),
+    ],
+)
+def test_evolve_changes_the_named_field_and_keeps_every_other(field: str, value: object) -> None:
+    """``evolve`` changes exactly the field it is given, keeps every other one, and what it derives (the parsed
+    type, the size, the payload's JSON) is what an event built from scratch with those fields has."""
+    event = Event.create("svc:act:v1:done", {"a": 1}, event_id="e-1", metadata={"k": "v"}).stored(3, "ep-1")
+    assert (event.type.action, event.payload_json(), event.size()) == ("act", b'{"a":1}', event.size())  # kept
+    changed = event.evolve(**{field: value})
+    names = [f.name for f in dataclasses.fields(Event) if f.init]
+    assert {name: getattr(changed, name) for name in names} == {
+        name: value if name == field else getattr(event, name) for name in names
+    }
+    fresh = Event(**{name: getattr(changed, name) for name in names})
+    assert changed.type == fresh.type == EventType.parse(changed.event_type)
+    assert changed.size() == fresh.size()
+    assert changed.payload_json() == fresh.payload_json()
+
+
+def test_an_event_derived_from_a_request_may_hold_one_metadata_entry_and_its_bytes_more() -> None:
+    """A request at its limits may get lifecycle events that add a ``correlation_id``: an event carrying one is
+    held to limits that allow that entry and its bytes, and no more; one without it is held to the request's."""
+    limits = EventLimits(max_event_bytes=600, max_metadata_entries=1)
+    request = Event.create("demo:echo:v1:requested", {"t": "x" * 400}, metadata={"k": "v"}, limits=limits)
+    derived = request.evolve(metadata={"k": "v", "correlation_id": "c" * 2000})
+    assert check_event(derived, limits) is derived
+    with pytest.raises(PayloadTooLarge):
+        check_event(request.evolve(metadata={"k": "v", "correlation_id": "c" * 3000}), limits)
+    with pytest.raises(PayloadTooLarge):
+        check_event(request.evolve(payload={"t": "x" * 2400}), limits)
+
+
+def test_check_event_holds_an_unchecked_event_to_every_bound_exactly() -> None:
+    """An event built without the checks (what the NATS tail reads) passes ``check_event`` at exactly its limits:
+    the whole event's size (type, id and metadata counted) and the payload's; a byte over either, or a payload
+    nested deeper than allowed, is refused."""
+    event = Event("demo:echo:v1:created", {"a": {"b": "x" * 50}}, event_id="e" * 40, metadata={"k": "v" * 30})
+    size, payload_size = event.size(), len(event.payload_json())
+    fresh = dataclasses.replace
+    assert check_event(fresh(event), EventLimits(max_event_bytes=size, max_payload_bytes=payload_size))
+    with pytest.raises(PayloadTooLarge, match=f"the event is {size} bytes"):
+        check_event(fresh(event), EventLimits(max_event_bytes=size - 1))
+    with pytest.raises(PayloadTooLarge, match=f"payload is {payload_size} bytes"):
+        check_event(fresh(event), EventLimits(max_payload_bytes=payload_size - 1))
+    with pytest.raises(InvalidPayload, match="deeper"):
+        check_event(fresh(event), EventLimits(max_payload_depth=1))
 
 
 def test_a_refusal_naming_a_key_that_is_not_valid_unicode_is_itself_valid_text() -> None:

@@ -97,9 +97,25 @@ def test_a_history_mirrored_from_an_offset_starts_there() -> None:
 
 
 def test_a_history_holds_at_least_one_event() -> None:
-    """max_events below 1 is refused."""
-    with pytest.raises(ValueError, match="at least one"):
+    """max_events or max_bytes below 1 is refused, saying which; a bound of one is allowed."""
+    with pytest.raises(ValueError, match=r"^a history holds at least one event$"):
         History(0)
+    with pytest.raises(ValueError, match=r"^a history holds at least one byte$"):
+        History(10, max_bytes=0)
+    history = History(1, max_bytes=1, epoch="epoch-a")
+    fill(history, 1, 2)
+    assert [event.offset for event in history.events()] == [2]
+
+
+def test_a_history_holds_events_up_to_exactly_its_byte_bound() -> None:
+    """Events whose sizes add up to exactly ``max_bytes`` are all held; one more drops the oldest."""
+    events = [stored(offset) for offset in (1, 2, 3)]
+    history = History(10, max_bytes=events[0].size() + events[1].size(), epoch="epoch-a")
+    for event in events[:2]:
+        history.append(event)
+    assert ([event.offset for event in history.events()], history.bytes) == ([1, 2], history.max_bytes)
+    history.append(events[2])
+    assert [event.offset for event in history.events()] == [2, 3]
 
 
 def test_a_history_bounded_by_bytes_drops_the_oldest_past_the_bound() -> None:
@@ -256,5 +272,5 @@ def test_popping_an_empty_queue_says_so() -> None:
     queue: ChunkedQueue[str] = ChunkedQueue()
     queue.append("a")
     assert queue.popleft() == "a"
-    with pytest.raises(IndexError, match="pop from an empty queue"):
+    with pytest.raises(IndexError, match=r"^pop from an empty queue$"):
         queue.popleft()

@@ -135,7 +135,7 @@ def test_lifecycle_event_ids_and_metadata() -> None:
 def test_plain_lifecycle() -> None:
     """A plain request has no started, chunk or heartbeat; success carries the handler's result."""
     lifecycle = Lifecycle(_request("demo:echo:v1:requested"), streaming=False, now=1.0)
-    with pytest.raises(InvalidState, match="no 'started'"):
+    with pytest.raises(InvalidState, match=r"^a plain handler's request has no 'started' event$"):
         lifecycle.start(now=1.0)
     with pytest.raises(InvalidState):
         lifecycle.chunk({"a": 1})
@@ -146,6 +146,14 @@ def test_plain_lifecycle() -> None:
     assert event.event_type == "demo:echo:v1:success"
     assert event.payload == {"echo": {"n": 3}}
     assert lifecycle.duration(now=9.0) == 2.0
+
+
+def test_a_duration_is_given_to_the_microsecond() -> None:
+    """A request's duration (a stream's terminal events carry it as ``duration_s``) is rounded to microseconds and
+    stops at its end."""
+    lifecycle = Lifecycle(_request("demo:echo:v1:requested"), streaming=False, now=10.0)
+    lifecycle.succeed(now=10.12345678)
+    assert lifecycle.duration(now=99.0) == 0.123457
 
 
 def test_plain_success_without_result_is_empty() -> None:
