@@ -782,3 +782,25 @@ def test_a_server_error_code_becomes_its_exception_and_an_unknown_one_keeps_its_
     assert type(error_for_code(ErrorCode.FAILED_PRECONDITION, "no")) is InvalidState
     internal = error_for_code(ErrorCode.INTERNAL, "boom")
     assert (type(internal), internal.code, str(internal)) == (NexusError, ErrorCode.INTERNAL, "boom")
+
+
+def test_create_applies_each_limit_it_is_given_exactly() -> None:
+    """Event.create enforces the payload limit it is handed, the metadata and whole-event limits of its
+    ``limits``, each at the exact bound: one byte or entry more is refused, the bound itself accepted."""
+    payload = {"text": "x" * 50}
+    size = len(Event.create("demo:thing:v1:made", payload).payload_json())
+    assert Event.create("demo:thing:v1:made", payload, max_payload_bytes=size).payload == payload
+    with pytest.raises(PayloadTooLarge):
+        Event.create("demo:thing:v1:made", payload, max_payload_bytes=size - 1)
+
+    two = {"a": "1", "b": "2"}
+    at_bound = Event.create("demo:thing:v1:made", {}, metadata=two, limits=EventLimits(max_metadata_entries=2))
+    assert at_bound.metadata == two
+    with pytest.raises(NexusError, match="metadata"):
+        Event.create("demo:thing:v1:made", {}, metadata=two, limits=EventLimits(max_metadata_entries=1))
+
+    whole = Event.create("demo:thing:v1:made", payload, event_id="e1").size()
+    exact = EventLimits(max_event_bytes=whole)
+    assert Event.create("demo:thing:v1:made", payload, event_id="e1", limits=exact).size() == whole
+    with pytest.raises(PayloadTooLarge, match="over the limit"):
+        Event.create("demo:thing:v1:made", payload, event_id="e1", limits=EventLimits(max_event_bytes=whole - 1))
