@@ -480,3 +480,73 @@ async def test_a_draining_worker_gets_no_more_requests_and_finishes_what_it_has(
             results = [(await first).payload, (await second).payload]
             assert leaving.received.empty()
     assert results == [{"by": "leaving"}, {"by": "staying"}]
+
+
+async def test_frames_a_worker_gets_wrong_are_refused_one_by_one_and_the_call_goes_on() -> None:
+    from nexus.v1 import nexus_pb2
+
+    declared = handler("demo:stream_ticks", streaming=True)
+    async with run_server(**FAST) as nexus, RawWorker(nexus.address, declared) as worker:
+        follower = StreamFollower(nexus.client.request("demo:stream_ticks:v1:requested", {}, heartbeats=False))
+        cid = (await worker.request()).event.event_id
+        worker.started(cid)
+        worker.send(chunk=nexus_pb2.WorkerChunk(correlation_id=cid, payloads_json=[b"[1, 2]"]))
+        not_an_object = await worker.expect("refused")
+        worker.send(chunk=nexus_pb2.WorkerChunk(correlation_id=cid, payloads_json=[b'{"x": NaN}']))
+        nan = await worker.expect("refused")
+        worker.error(cid, "boom", type="node_lost")
+        server_only_type = await worker.expect("refused")
+        worker.send(register=nexus_pb2.WorkerRegister(worker_name="again"))
+        second_register = await worker.expect("refused")
+        worker.send()  # a message with no body
+        empty = await worker.expect("refused")
+        worker.started(cid)
+        twice = await worker.expect("refused")
+        # None of it touched the stream: it goes on and ends as the worker says.
+        worker.chunks(cid, {"i": 0})
+        worker.result(cid)
+        ended = await follower.ended()
+    assert (not_an_object.correlation_id, not_an_object.code) == (cid, "invalid_payload")
+    assert nan.code == "invalid_payload"
+    assert (server_only_type.code, "handler_error" in server_only_type.message) == ("protocol", True)
+    assert second_register.code == empty.code == twice.code == "protocol"
+    assert ended.state == "success"
+    assert follower.chunks == [{"i": 0}]
+
+
+async def test_a_call_that_does_not_start_with_register_or_sends_bytes_that_are_no_frame_is_refused() -> None:
+    from nexus.v1 import nexus_pb2, nexus_pb2_grpc
+
+    async with run_server(**FAST) as nexus:
+        async with grpc.aio.insecure_channel(nexus.address) as channel:
+            stub = nexus_pb2_grpc.WorkerServiceStub(channel)
+
+            async def first(frame: nexus_pb2.HandleEventsRequest) -> Any:
+                yield frame
+                await asyncio.sleep(10)
+
+            call = stub.HandleEvents(first(nexus_pb2.HandleEventsRequest(pong=nexus_pb2.WorkerPong(nonce=1))))
+            with pytest.raises(grpc.aio.AioRpcError) as not_register:
+                await call.read()
+            raw = channel.stream_stream(
+                "/nexus.v1.WorkerService/HandleEvents",
+                request_serializer=lambda data: data,
+                response_deserializer=nexus_pb2.HandleEventsResponse.FromString,
+            )
+
+            async def garbage() -> Any:
+                yield b"\xff\xff\xff\xff"
+                await asyncio.sleep(10)
+
+            broken = raw(garbage())
+            with pytest.raises(grpc.aio.AioRpcError) as undecodable:
+                await broken.read()
+        # The server still takes workers and requests.
+        async with RawWorker(nexus.address, handler("demo:echo", streaming=False)) as worker:
+            call_task = asyncio.create_task(nexus.client.call("demo:echo:v1:requested", {}))
+            worker.result((await worker.request()).event.event_id, {"ok": True})
+            done = await call_task
+    assert not_register.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message must be register" in (not_register.value.details() or "")
+    assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert done.payload == {"ok": True}
