@@ -389,6 +389,11 @@ def _length(size: int) -> bytes:
     return _LENGTHS[size] if size < 16384 else _varint(size)
 
 
+def length_delimited(number: int, data: bytes) -> bytes:
+    """Field ``number`` (below 16) of a message, holding ``data`` (bytes, a string or a serialized message)."""
+    return bytes((number << 3 | 2,)) + _length(len(data)) + data
+
+
 class Unsendable(InvalidPayload):
     """A payload no protobuf client could read (NaN, nesting past :data:`PROTOBUF_MAX_PAYLOAD_DEPTH`, a number
     past a double, a value that is not JSON): an event stored before the checks, or by another writer."""

@@ -19,7 +19,7 @@ import structlog
 
 from nexus.errors import InvalidArgument, InvalidPayload, NexusError
 from nexus.events import EventLimits
-from nexus.grpc.convert import encode_response, payload_from_json
+from nexus.grpc.convert import encode_response, length_delimited, payload_from_json
 from nexus.grpc.servicer import NexusServicer, _Registrar
 from nexus.node import Node
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -125,8 +125,8 @@ def frame_to_worker(message: ToWorker) -> bytes:
         event = encode_response(message.request, json_payload=True)
         request = nexus_pb2.WorkerRequest(credit=message.credit, timeout_s=message.timeout_s or 0.0)
         # WorkerRequest.event = 1 (length-delimited), then the other fields as protobuf serializes them.
-        body = _field(1, event) + request.SerializeToString()
-        return _field(2, body)
+        body = length_delimited(1, event) + request.SerializeToString()
+        return length_delimited(2, body)
     response = nexus_pb2.HandleEventsResponse()
     if isinstance(message, Refusal):
         response.refused.correlation_id = message.correlation_id
@@ -141,23 +141,6 @@ def frame_to_worker(message: ToWorker) -> bytes:
         response.cancel.correlation_id = message.correlation_id
         response.cancel.reason = message.reason
     return response.SerializeToString()
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 class WorkerServicer(nexus_pb2_grpc.WorkerServiceServicer):
