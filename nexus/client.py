@@ -35,6 +35,7 @@ from nexus.cloudevents import to_cloudevent as to_cloudevent
 from nexus.errors import ErrorCode, NexusError, error_for_code
 from nexus.events import TERMINAL_STATES, Event, JSONObject, encode_json, validate_metadata, validate_payload
 from nexus.grpc.convert import CODE_FOR_STATUS, DUPLICATE, event_from_response, event_to_request, payload_to_struct
+from nexus.resume import Answer, ResumePoint
 from nexus.tls import channel_credentials
 from nexus.tracing import inject
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
@@ -89,6 +90,10 @@ class EmitOptions(TypedDict, total=False):
 class Subscription:
     """An async iterator over events matching patterns; reconnects and resumes from its last offset.
 
+    A subscription started live resumes after the head the server reported when it went live, so what was stored
+    while it was cut off is replayed even when it had received nothing; ``since_offset=0`` with an ``epoch`` asks
+    for everything of that epoch the server still holds (:mod:`nexus.resume` has the rules).
+
     ``recovered`` tells how the latest (re)connection went: True when the server replayed every event missed,
     False when it could not (another epoch, or history no longer holds the gap), None when nothing was asked.
     ``on_connect`` (optional) is called after every (re)connection with this subscription, once the server's
@@ -119,8 +124,7 @@ class Subscription:
     ) -> None:
         self._client = client
         self.patterns = list(patterns)
-        self.last_offset = since_offset
-        self.epoch = epoch or ""
+        self._point = ResumePoint(since_offset, epoch)
         self.reconnect = reconnect
         self.max_batch_size = max_batch_size
         self.on_connect = on_connect
@@ -130,8 +134,6 @@ class Subscription:
                 policy, max_delay=max_retry_delay, initial_delay=min(policy.initial_delay, max_retry_delay)
             )
         self.backoff = Backoff(policy)
-        self.recovered: bool | None = None
-        self.head_offset = 0
         self.connects = 0
         self._call: Any = None
         self._closed = False
@@ -141,18 +143,32 @@ class Subscription:
         """Calls opened so far (the first one included)."""
         return self.backoff.attempts
 
+    @property
+    def last_offset(self) -> int:
+        """The offset the next (re)connection resumes after: the last stored event delivered, or the head the
+        server reported when the subscription went live (heartbeats, offset 0, never move it)."""
+        return self._point.last_offset
+
+    @property
+    def epoch(self) -> str:
+        """The epoch :attr:`last_offset` belongs to ("" until a server answered, when none was given)."""
+        return self._point.epoch
+
+    @property
+    def head_offset(self) -> int:
+        """The server's newest stored offset when the latest (re)connection went live."""
+        return self._point.head_offset
+
+    @property
+    def recovered(self) -> bool | None:
+        """How the latest (re)connection went (see the class docstring)."""
+        return self._point.recovered
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
-    def _connected(self, initial: dict[str, Any]) -> None:
-        self.epoch = str(initial.get("nexus-epoch", self.epoch))
-        self.head_offset = int(initial.get("nexus-head-offset", 0))
-        recovered = initial.get("nexus-recovered")
-        self.recovered = None if recovered is None else recovered == "true"
-        if self.recovered is False:
-            # The gap is gone (another epoch, or older than the history): continue live from the head,
-            # so a later reconnection does not ask for offsets of a history that no longer exists.
-            self.last_offset = self.head_offset
+    def _connected(self, answer: Answer) -> None:
+        self._point.answered(answer)
         self.connects += 1
         if self.on_connect is not None:
             self.on_connect(self)
@@ -160,11 +176,13 @@ class Subscription:
     async def _iterate(self) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         backoff = self.backoff
+        point = self._point
         while not self._closed:
+            since_offset, epoch = point.ask()
             request = nexus_pb2.SubscribeEventBatchesRequest(
                 event_types=self.patterns,
-                since_offset=self.last_offset,
-                epoch=self.epoch if self.last_offset else "",
+                since_offset=since_offset,
+                epoch=epoch,
                 max_batch_size=self.max_batch_size,
                 payload_encoding=_WIRE_ENCODING[self._client.payload_encoding],
             )
@@ -175,17 +193,16 @@ class Subscription:
             try:
                 # A call that fails before the server answers (a closed port) still "returns" empty initial
                 # metadata: only the server's own keys mean the subscription is live.
-                initial = dict(await call.initial_metadata() or ())
-                if "nexus-epoch" in initial:
+                answer = Answer.read(await call.initial_metadata())
+                if answer is not None:
                     backoff.connected(loop.time())
-                    self._connected(initial)
+                    self._connected(answer)
                 async for message in call:
                     if message.events:
                         backoff.delivered()
                     for item in message.events:
                         event = event_from_response(item)
-                        if event.offset:
-                            self.last_offset = event.offset
+                        point.delivered(event.offset)
                         yield event
             except grpc.aio.AioRpcError as error:
                 if self._closed:

@@ -36,6 +36,7 @@ from nexus.events import Event, JSONObject
 from nexus.grpc.convert import event_from_response, event_to_request
 from nexus.history import History
 from nexus.node import DEFAULT_MAX_PATTERNS_PER_SUBSCRIPTION, LostReason, Node
+from nexus.resume import Answer
 from nexus.session import Lease
 from nexus.v1 import nexus_pb2
 
@@ -145,14 +146,14 @@ class RemoteNode(Node):
                 raise failure
             raise Unavailable(f"could not reach the Nexus at {self.target} within {self.connect_timeout:g}s")
 
-    async def _open(self, since_offset: int, epoch: str) -> tuple[Any, dict[str, str]]:
+    async def _open(self, since_offset: int, epoch: str) -> tuple[Any, Answer]:
         request = nexus_pb2.SubscribeEventBatchesRequest(
             event_types=[">"], since_offset=since_offset, epoch=epoch, max_batch_size=FEED_BATCH
         )
         call = self.client.stub.SubscribeEventBatches(request, metadata=self.client.metadata)
         try:
-            initial = {str(k): str(v) for k, v in (await call.initial_metadata() or ())}
-            if "nexus-epoch" not in initial:
+            answer = Answer.read(await call.initial_metadata())
+            if answer is None:
                 # The call failed before a Nexus answered (a closed port also "returns" empty metadata): its
                 # status is the error, never an epoch of "" that would reset the mirror.
                 code = await call.code()
@@ -166,26 +167,22 @@ class RemoteNode(Node):
         except BaseException:
             call.cancel()
             raise
-        return call, initial
+        return call, answer
 
     async def _connect(self) -> Any:
         """Open the mirror stream, resuming from the head when there is one; returns the call."""
         history = self.history
         if not history.epoch:
             # First connection: learn the head, then ask for the history before it.
-            probe, initial = await self._open(0, "")
+            probe, first = await self._open(0, "")
             probe.cancel()
-            head = int(initial.get("nexus-head-offset", "0"))
-            since = max(1, head - history.max_events)
-            call, initial = await self._open(since, initial.get("nexus-epoch", ""))
-            upstream_head = int(initial.get("nexus-head-offset", "0"))
-            recovered = initial.get("nexus-recovered") == "true"
-            history.reset(initial.get("nexus-epoch", ""), since if recovered else upstream_head)
+            since = max(1, first.head_offset - history.max_events)
+            call, answer = await self._open(since, first.epoch)
+            history.reset(answer.epoch, since if answer.recovered else answer.head_offset)
             return call
-        call, initial = await self._open(history.head, history.epoch)
-        epoch = initial.get("nexus-epoch", "")
-        if initial.get("nexus-recovered") != "true" or epoch != history.epoch:
-            self._reset(epoch, int(initial.get("nexus-head-offset", "0")))
+        call, answer = await self._open(history.head, history.epoch)
+        if not answer.recovered or answer.epoch != history.epoch:
+            self._reset(answer.epoch, answer.head_offset)
         return call
 
     def _reset(self, epoch: str, head: int) -> None:

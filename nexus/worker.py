@@ -84,6 +84,7 @@ from nexus.provider import (
     payload_problem,
     side_event_metadata,
 )
+from nexus.resume import Answer
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 T = TypeVar("T")
@@ -342,27 +343,26 @@ class RemoteEvents:
             payload_encoding=nexus_pb2.PAYLOAD_ENCODING_JSON,
         )
         call = self._client.stub.SubscribeEventBatches(request, metadata=self._client.metadata)
-        initial: dict[str, Any] = {}
+        answer: Answer | None = None
         try:
-            initial = dict(await call.initial_metadata() or ())
-            if "nexus-epoch" not in initial:  # the call ended before the server answered: say why
+            answer = Answer.read(await call.initial_metadata())
+            if answer is None:  # the call ended before the server answered: say why
                 code = await call.code()
                 details = await call.details() or f"the subscription ended before it started ({code.name})"
                 raise error_for_code(CODE_FOR_STATUS.get(code, ErrorCode.UNAVAILABLE), details)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from None
         finally:
-            if "nexus-epoch" not in initial:
+            if answer is None:
                 call.cancel()
-        self.epoch = str(initial["nexus-epoch"])
-        recovered = initial.get("nexus-recovered")
+        self.epoch = answer.epoch
         subscription = _CallSubscription(
             call,
             patterns=patterns,
             max_pending=max_pending,
-            start_after=int(initial.get("nexus-head-offset", 0)),
-            epoch=self.epoch,
-            recovered=None if recovered is None else recovered == "true",
+            start_after=answer.head_offset,
+            epoch=answer.epoch,
+            recovered=answer.recovered,
         )
         subscription.reader = asyncio.get_running_loop().create_task(self._feed(call, subscription))
         return subscription

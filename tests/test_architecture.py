@@ -104,8 +104,17 @@ def test_buses_do_not_read_the_application_settings(name: str) -> None:
 
 
 def test_the_core_never_imports_an_adapter() -> None:
-    """The pure core (grammar, patterns, detection, lifecycle, history, session, errors) imports no I/O layer."""
-    core = ("nexus.events", "nexus.patterns", "nexus.detect", "nexus.lifecycle", "nexus.history", "nexus.errors")
+    """The pure core (grammar, patterns, detection, lifecycle, history, resume points, errors) imports no I/O
+    layer."""
+    core = (
+        "nexus.events",
+        "nexus.patterns",
+        "nexus.detect",
+        "nexus.lifecycle",
+        "nexus.history",
+        "nexus.resume",
+        "nexus.errors",
+    )
     for name in core:
         assert not {t for t in GRAPH[name] if t.startswith(("nexus.grpc", "nexus.gateway", "nexus.bus"))}, name
 

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import pytest
+from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
 
 from nexus import Event, EventHandler, HandlerContext
 from nexus.backoff import BackoffPolicy
@@ -155,3 +156,63 @@ async def test_a_remote_node_keeps_its_history_and_backs_off_while_the_core_is_d
         assert node.history.head == 1
     finally:
         await node.close()
+
+
+async def test_a_live_subscription_cut_off_before_any_event_gets_what_was_stored_meanwhile() -> None:
+    """An SDK subscription started live whose server goes away before it delivered anything resumes, once a server
+    is back, after the head it went live at: every event stored while it was cut off arrives, and none from
+    before it started. (Reconnecting live again would lose them silently.)"""
+    url = shared_nats_url()
+    stream, prefix = unique_names("resume")
+    settings = nats_settings(url, stream, prefix)
+    port = free_port()
+    policy = BackoffPolicy(initial_delay=0.02, max_delay=0.2, jitter=0.0)
+    received: list[Event] = []
+    try:
+        async with NexusClient(f"127.0.0.1:{port}", backoff=policy) as client:
+            subscription = client.subscribe("demo:>")
+
+            async def consume() -> None:
+                async for event in subscription:
+                    received.append(event)
+
+            task: asyncio.Task[None] | None = None
+            try:
+                async with run_server(settings=settings, grpc_port=port) as first:
+                    before = await first.client.emit("demo:before:v1:happened", {"n": 0})
+                    task = asyncio.create_task(consume())
+                    await wait_until(lambda: subscription.connects == 1, "the subscription to go live")
+                    assert (subscription.last_offset, subscription.recovered) == (before.offset, None)
+                # The server is gone; another node stores three events on the same stream meanwhile.
+                async with run_server(settings=settings) as other:
+                    stored = [await other.client.emit("demo:during:v1:happened", {"n": n}) for n in (1, 2, 3)]
+                assert received == []
+                async with run_server(settings=settings, grpc_port=port):
+                    await wait_until(lambda: len(received) == 3, "the events stored while it was cut off")
+                    assert [(e.offset, e.payload) for e in received] == [(e.offset, e.payload) for e in stored]
+                    assert subscription.connects == 2
+                    assert subscription.recovered is True
+            finally:
+                subscription.close()
+                if task is not None:
+                    await asyncio.wait_for(task, GUARD)
+    finally:
+        await delete_stream(url, stream)
+
+
+async def test_offset_0_with_an_epoch_subscribes_to_everything_of_that_epoch() -> None:
+    """``subscribe(since_offset=0, epoch=E)`` replays every stored event of epoch E, then goes on live."""
+    async with run_server() as nexus:
+        stored = [await nexus.client.emit("demo:old:v1:happened", {"n": n}) for n in (1, 2)]
+        subscription = nexus.client.subscribe("demo:>", since_offset=0, epoch=nexus.bus.epoch)
+        events = aiter(subscription)
+        try:
+            async with asyncio.timeout(GUARD):
+                first = [await anext(events), await anext(events)]
+            assert [e.offset for e in first] == [e.offset for e in stored]
+            assert subscription.recovered is True
+            live = await nexus.client.emit("demo:new:v1:happened", {"n": 3})
+            async with asyncio.timeout(GUARD):
+                assert (await anext(events)).offset == live.offset
+        finally:
+            subscription.close()

@@ -37,6 +37,7 @@ from nexus.identity import Principal
 from nexus.logs import LogLimiter
 from nexus.node import Node, Subscription
 from nexus.quota import ClientLimits, ClientQuota, ClientQuotas
+from nexus.resume import Answer
 from nexus.v1 import nexus_pb2, nexus_pb2_grpc
 
 PUBLISH_CHUNK: Final = 256
@@ -438,10 +439,8 @@ class NexusServicer(nexus_pb2_grpc.NexusServiceServicer):
             except NexusError as error:
                 await self._refuse(context, error)
             try:
-                metadata = [("nexus-epoch", sub.epoch), ("nexus-head-offset", str(sub.head_offset))]
-                if sub.recovered is not None:
-                    metadata.append(("nexus-recovered", "true" if sub.recovered else "false"))
-                await context.send_initial_metadata(tuple(metadata))
+                answer = Answer(epoch=sub.epoch, head_offset=sub.head_offset, recovered=sub.recovered)
+                await context.send_initial_metadata(answer.metadata())
                 log.debug(
                     "subscriber_joined",
                     peer=_peer(context),
