@@ -288,6 +288,22 @@ class NatsProcess:
                 pytest.fail(f"nats-server {self.name} did not listen on {self.url} within {timeout}s")
             await asyncio.sleep(0.05)
 
+    async def freeze(self, timeout: float = GUARD) -> None:
+        """SIGSTOP the process and wait until every one of its threads is stopped: ``kill`` returns before the
+        signal has taken effect, and a thread still running could answer one more message."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _all_threads_stopped(self.process.pid):
+            if time.monotonic() > deadline:
+                pytest.fail(f"nats-server {self.name} did not stop within {timeout}s of SIGSTOP")
+            await asyncio.sleep(0.005)
+
+    def thaw(self) -> None:
+        """SIGCONT a frozen process."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the process with ``sig`` (SIGKILL: no goodbye to clients or peers) and reap it."""
         if self.process is None or self.process.poll() is not None:
@@ -298,6 +314,19 @@ class NatsProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (state T or t in ``/proc/PID/task/TID/stat``, after the name in
+    parentheses); a thread gone meanwhile can answer nothing either."""
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.rindex(")") + 2] not in "Tt":
+            return False
+    return True
 
 
 class Hold(StreamingEventHandler):

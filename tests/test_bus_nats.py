@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -662,8 +661,7 @@ async def test_publishes_jetstream_does_not_acknowledge_in_time_fail_alone(tmp_p
     bus = _windowed(server.url, stream, prefix, 4, nats_ack_timeout_s=0.5)
     try:
         await bus.start()
-        assert server.process is not None
-        server.process.send_signal(signal.SIGSTOP)
+        await server.freeze()
         try:
             with anyio.fail_after(GUARD):
                 outcomes = await asyncio.gather(
@@ -671,7 +669,7 @@ async def test_publishes_jetstream_does_not_acknowledge_in_time_fail_alone(tmp_p
                     return_exceptions=True,
                 )
         finally:
-            server.process.send_signal(signal.SIGCONT)
+            server.thaw()
         assert all(isinstance(outcome, BusUnavailable) for outcome in outcomes), outcomes
         assert all("did not acknowledge the event within 0.5s" in str(outcome) for outcome in outcomes), outcomes
         await until("the bus is healthy", lambda: bus.healthy)
