@@ -52,7 +52,7 @@ class Answer:
         metadata for a call that failed before a server answered (a closed port), and that is no epoch of ""."""
         if metadata is None:
             return None
-        items = dict(metadata.items() if isinstance(metadata, Mapping) else metadata)
+        items = dict(metadata)
         if EPOCH_KEY not in items:
             return None
         head = str(items.get(HEAD_OFFSET_KEY, "0"))

@@ -12,6 +12,7 @@ import pytest
 from nexus import Event, InvalidPattern
 from nexus.bus import MemoryBus, Subscription
 from nexus.bus.memory import DedupeWindow
+from nexus.bus.turns import PUBLISH_BUDGET
 from nexus.errors import BusUnavailable, SlowConsumer
 
 
@@ -191,6 +192,30 @@ async def test_burst_arrives_in_few_batches(bus: MemoryBus, monkeypatch: pytest.
     assert len(pushes) < 10
     assert sum(pushes) == 500
     assert [event.payload["n"] for batch in batches for event in batch] == list(range(500))
+
+
+async def test_a_publisher_in_a_tight_loop_lets_the_subscriber_take_every_budget_publishes(
+    bus: MemoryBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publisher that awaits nothing else yields to the event loop once every PUBLISH_BUDGET publishes: its
+    subscribers get the burst in batches of that size while it goes on, not all of it at the end (when their queues
+    would already have overflowed)."""
+    sub = await bus.subscribe([">"])
+    pushes: list[int] = []
+    push = sub.push
+
+    def counting_push(events: Sequence[Event], *, replay: bool = False) -> None:
+        pushes.append(len(events))
+        push(events, replay=replay)
+
+    monkeypatch.setattr(sub, "push", counting_push)
+    total = 7 * PUBLISH_BUDGET + 52
+    for n in range(total):
+        await bus.publish(_event(n=n))
+    assert pushes == [PUBLISH_BUDGET] * 7  # the rest is delivered once the publisher gives the loop a turn
+    taken = await _collect(sub, total)
+    assert pushes == [PUBLISH_BUDGET] * 7 + [52]
+    assert [event.payload["n"] for event in taken] == list(range(total))
 
 
 async def test_publish_many_stores_in_order(bus: MemoryBus) -> None:

@@ -159,6 +159,26 @@ def test_a_replayed_event_keeps_every_field() -> None:
     assert history.bytes == original.size() + plain.size()
 
 
+def test_an_event_of_another_epoch_comes_back_with_its_own_epoch() -> None:
+    """A history fed events stored under another epoch (a relay mirroring a server whose epoch it has not taken
+    yet) gives each back with the epoch it was stored in, not its own."""
+    history = History(10, epoch="epoch-a")
+    other = Event.create("demo:thing:v1:made", {"n": 1}).stored(1, "epoch-b")
+    assert history.append(other)
+    assert history.append(stored(2))
+    assert [(e.offset, e.epoch) for e in history.after(0)] == [(1, "epoch-b"), (2, "epoch-a")]
+    assert history.after(0)[0] == other
+
+
+def test_a_history_made_without_an_epoch_has_none_until_given_one() -> None:
+    """A relay's history starts with no epoch (""): that is how it knows it never mirrored a server yet."""
+    history = History(5)
+    assert history.epoch == ""
+    assert not history.recovered(0, "epoch-a")
+    history.reset("epoch-a", 7)
+    assert (history.epoch, history.head) == ("epoch-a", 7)
+
+
 def test_an_event_that_cannot_be_encoded_is_kept_as_it_is() -> None:
     """An event built without the edge's checks (a payload holding no JSON value) is still kept and replayed."""
     history = History(10, epoch="epoch-a")
