@@ -295,6 +295,40 @@ async def test_nexus_client_js_reconnects_and_resumes_without_loss_or_duplicates
     assert errors == []
 
 
+JS_CLIENT_LIVE_START = """
+([url]) => {
+  const client = new NexusClient(url, { patterns: ["demo:cut:>"], reconnect: false });
+  const state = { client, offsets: [], subscribed: 0 };
+  client.on("event", (event) => state.offsets.push(event.offset));
+  client.on("subscribed", () => { state.subscribed += 1; });
+  window.__cut = state;
+  client.connect();
+}
+"""
+
+
+async def test_nexus_client_js_cut_off_before_any_event_resumes_after_the_head_it_went_live_at(
+    nexus: TestServer, browser: Browser
+) -> None:
+    """A client that subscribed live and was cut off before anything arrived subscribes again, on its next
+    connection, after the head it went live at: what was stored meanwhile arrives, and nothing from before."""
+    await nexus.client.emit("demo:cut:v1:before")
+    page, errors = await open_page(browser, page_url(nexus))
+    await page.evaluate(JS_CLIENT_LIVE_START, [nexus.ws_url])
+    await wait_js(page, "window.__cut.subscribed === 1")
+    gateway: GatewayServer = nexus.server.gateway
+    assert gateway is not None
+    connection_id = await page.evaluate("window.__cut.client.connectionId")
+    gateway.connections[connection_id].close(1001, "going away")
+    await wait_js(page, "window.__cut.client.state === 'closed'")
+    during = [await nexus.client.emit("demo:cut:v1:happened", {"n": n}) for n in (1, 2)]
+    await page.evaluate("window.__cut.client.connect()")
+    await wait_js(page, "window.__cut.offsets.length >= 2")
+    assert await page.evaluate("window.__cut.offsets") == [e.offset for e in during]
+    assert await page.evaluate("window.__cut.client.recovered") is True
+    assert errors == []
+
+
 OTHER_ORIGIN_PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>another site</title></head><body>
 <script>

@@ -12,7 +12,8 @@
  *   req.cancel();                                           // cancels the stream while it runs
  *
  * Reconnects by itself (backoff with jitter) and resumes: after a cut it subscribes again with the last
- * offset it received and its epoch, so every matching event it missed arrives once, in order. When the
+ * offset it received and its epoch, so every matching event it missed arrives once, in order (a client cut off
+ * before any event arrived resumes after the head it went live at). When the
  * server cannot replay the gap (another epoch, or history no longer holds it) it says `recovered: false`:
  * the client emits "gap" and continues live from the head. Requests still running when the connection
  * dropped are sent again with the same event_id once reconnected: the server recognises the repeat and
@@ -94,6 +95,8 @@
       this.lastOffset = options.sinceOffset || 0;
       this.epoch = options.epoch || "";
       this._replay = false; // the next subscription replays from lastOffset even when it is 0 (replayFrom)
+      this._positioned = false; // lastOffset + epoch name a place in a history, even at offset 0
+      this._liveStart = null; // the ref of a live first subscription whose answer positions the client
       this.recovered = null;
       this.connectionId = null;
       this.state = "closed";
@@ -244,9 +247,12 @@
     _resume() {
       if (this.patterns.size) {
         const frame = { type: "subscribe", event_types: [...this.patterns], ref: "resume-" + randomId() };
-        if (this.lastOffset > 0 || this._replay) {
+        if (this.lastOffset > 0 || this._replay || this._positioned) {
           frame.since_offset = this.lastOffset;
           if (this.epoch) frame.epoch = this.epoch;
+        } else {
+          // A live start: its answer's head_offset is where a reconnection resumes from, even if nothing arrives.
+          this._liveStart = frame.ref;
         }
         this._send(frame);
       }
@@ -268,6 +274,14 @@
           this._emit("connection", frame);
           return;
         case "subscribed":
+          if (frame.ref && frame.ref === this._liveStart) {
+            // Live after head_offset of this epoch: cut off before anything arrived, the client still resumes
+            // from there (since_offset 0 with the epoch, on an empty history) instead of going live again.
+            this._liveStart = null;
+            if (frame.head_offset > this.lastOffset) this.lastOffset = frame.head_offset;
+            this.epoch = frame.epoch;
+            this._positioned = true;
+          }
           if (frame.recovered === false) {
             // The gap cannot be replayed: continue live from the head, and say so.
             this.lastOffset = Math.max(frame.head_offset, 0);
@@ -276,7 +290,10 @@
           } else if (!this.epoch) {
             this.epoch = frame.epoch;
           }
-          if (frame.recovered !== undefined) this.recovered = frame.recovered;
+          if (frame.recovered !== undefined) {
+            this.recovered = frame.recovered;
+            this._positioned = true;
+          }
           this._replay = false;
           this._settle(frame.ref, frame);
           this._emit("subscribed", frame);
