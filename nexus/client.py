@@ -349,9 +349,10 @@ class NexusClient:
             # One client, one connection: the server's per-connection limits then apply per client.
             ("grpc.use_local_subchannel_pool", 1),
             # The channel's own reconnection backoff (1 s to 120 s by default) within the subscriptions'
-            # bounds, so a server that comes back is found by the next attempt.
+            # bounds, so a server that comes back is found by the next attempt. Not grpc.min_reconnect_backoff_ms:
+            # gRPC takes it as the time one connection attempt may last (20 s by default), and a short one
+            # fails every attempt over a link whose handshake is slower (a far server, TLS, a loaded machine).
             ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
-            ("grpc.min_reconnect_backoff_ms", max(1, int(self.backoff.initial_delay * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(1, int(self.backoff.max_delay * 1000))),
         ]
         if self.tls:

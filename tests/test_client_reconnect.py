@@ -4,7 +4,9 @@ come back; a server whose start fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -216,3 +218,36 @@ async def test_offset_0_with_an_epoch_subscribes_to_everything_of_that_epoch() -
                 assert (await anext(events)).offset == live.offset
         finally:
             subscription.close()
+
+
+@contextlib.asynccontextmanager
+async def slow_link(target_port: int, delay: float) -> AsyncIterator[int]:
+    """A TCP relay on a free port of 127.0.0.1 to ``target_port`` that holds each new connection ``delay`` seconds
+    before passing bytes (a far or congested link: the handshake takes that long); yields its port."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(delay)
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_server_that_takes_a_second_to_answer_the_handshake_is_still_reached() -> None:
+    """The SDK's quick reconnection waits do not shorten how long one connection attempt may take: over a link
+    where the handshake takes a second, the first call still succeeds."""
+    async with run_server() as nexus, slow_link(nexus.server.grpc_port, 1.0) as port:
+        async with NexusClient(f"127.0.0.1:{port}") as client:
+            stored = await asyncio.wait_for(client.emit("demo:far:v1:happened", {"n": 1}), GUARD)
+        assert stored.offset == 1
