@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nexus.events as events_module
 from nexus import Event, EventType, InvalidEventType, InvalidPayload, parse_time
 from nexus.errors import AlreadyExists, ErrorCode, InvalidState, NexusError, PayloadTooLarge, error_for_code
 from nexus.events import (
@@ -804,3 +805,69 @@ def test_create_applies_each_limit_it_is_given_exactly() -> None:
     assert Event.create("demo:thing:v1:made", payload, event_id="e1", limits=exact).size() == whole
     with pytest.raises(PayloadTooLarge, match="over the limit"):
         Event.create("demo:thing:v1:made", payload, event_id="e1", limits=EventLimits(max_event_bytes=whole - 1))
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """A payload nesting exactly ``depth`` levels (itself the first), alternating objects and arrays, every plain
+    kind at each level."""
+    plain: list[Any] = ["text", True, False, None, 7, -(2**53) + 1, 1.5]
+    value: Any = {"leaf": "x"}
+    for level in range(depth - 1, 0, -1):
+        value = {"kinds": plain[:], "next": value} if level % 2 else [*plain, value]
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 6])
+def test_a_plain_payload_within_the_depth_bound_needs_no_full_walk(
+    depth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every publish validates its payload: one that is plainly JSON (strings, booleans, null, integers a double
+    holds, finite floats, objects with string keys and arrays, within the depth bound) is accepted by the fast
+    walk alone; the full walk that builds paths for error messages runs only when something may be wrong."""
+
+    def full_walk(*args: Any) -> None:
+        raise AssertionError(f"the full walk ran for a plain payload: {args[1]!r}")
+
+    monkeypatch.setattr(events_module, "_check_json", full_walk)
+    payload = _nested(depth)
+    assert validate_payload(payload, max_depth=depth) == payload
+    assert validate_payload({}, max_depth=depth) == {}
+    with pytest.raises(AssertionError, match="the full walk ran"):
+        validate_payload(_nested(depth + 1), max_depth=depth)  # one level too deep: the full walk decides
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"n": 1, "bad": math.nan},
+        {"n": 1, "bad": object()},
+        {"n": 1.5, "bad": math.inf},
+        {"n": 1, "list": [1, math.nan]},
+        {"n": 1, "obj": {"m": 2, "bad": -math.inf}},
+        {"n": 1, "obj": {1: "a key that is no string"}},
+    ],
+)
+def test_what_follows_a_plain_value_is_still_checked(payload: dict[str, Any]) -> None:
+    """The fast walk moves on after each plain value; it never stops early and lets the rest through."""
+    with pytest.raises(InvalidPayload):
+        validate_payload(payload)
+
+
+@pytest.mark.parametrize(("payload", "kind"), [([1], "list"), ("text", "str"), (3, "int"), ((), "tuple")])
+def test_a_payload_that_is_no_object_is_refused_naming_its_type(payload: Any, kind: str) -> None:
+    with pytest.raises(InvalidPayload, match=rf"^payload must be a JSON object, not {kind}$"):
+        validate_payload(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"s": "\ud800"}, "payload.s holds a lone surrogate: not valid Unicode text"),
+        ({"a": {"b": ["x", "\udfff"]}}, "payload.a.b[1] holds a lone surrogate: not valid Unicode text"),
+    ],
+)
+def test_a_lone_surrogate_in_a_payload_is_refused_with_its_path(payload: dict[str, Any], message: str) -> None:
+    """Text is checked for valid Unicode when the payload is encoded; the refusal still names where it is."""
+    with pytest.raises(InvalidPayload, match=rf"^{re.escape(message)}$"):
+        validate_payload(payload)
