@@ -171,9 +171,8 @@ async def test_subscribe_gets_matching_events_in_order(bus: MemoryBus) -> None:
     assert sub.take_nowait() == []
 
 
-async def test_burst_arrives_in_few_batches(bus: MemoryBus, monkeypatch: pytest.MonkeyPatch) -> None:
-    """500 publishes in one loop turn reach a subscriber as a handful of batches, not one per event."""
-    sub = await bus.subscribe([">"])
+def _count_pushes(sub: Subscription, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches the bus hands ``sub``, as it hands them."""
     pushes: list[int] = []
     push = sub.push
 
@@ -182,6 +181,13 @@ async def test_burst_arrives_in_few_batches(bus: MemoryBus, monkeypatch: pytest.
         push(events, replay=replay)
 
     monkeypatch.setattr(sub, "push", counting_push)
+    return pushes
+
+
+async def test_burst_arrives_in_few_batches(bus: MemoryBus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 publishes in one loop turn reach a subscriber as a handful of batches, not one per event."""
+    sub = await bus.subscribe([">"])
+    pushes = _count_pushes(sub, monkeypatch)
     for n in range(500):
         await bus.publish(_event(n=n))
     batches: list[list[Event]] = []
@@ -201,14 +207,7 @@ async def test_a_publisher_in_a_tight_loop_lets_the_subscriber_take_every_budget
     subscribers get the burst in batches of that size while it goes on, not all of it at the end (when their queues
     would already have overflowed)."""
     sub = await bus.subscribe([">"])
-    pushes: list[int] = []
-    push = sub.push
-
-    def counting_push(events: Sequence[Event], *, replay: bool = False) -> None:
-        pushes.append(len(events))
-        push(events, replay=replay)
-
-    monkeypatch.setattr(sub, "push", counting_push)
+    pushes = _count_pushes(sub, monkeypatch)
     total = 7 * PUBLISH_BUDGET + 52
     for n in range(total):
         await bus.publish(_event(n=n))
