@@ -538,6 +538,26 @@ def test_an_event_no_encoder_can_write_is_still_sized_by_what_it_holds() -> None
     assert big.size() > 6000
 
 
+@pytest.mark.parametrize(
+    ("event_type", "event_id", "metadata"),
+    [
+        ("demo:echo:v1:created", 12345, {"k": "v"}),
+        (42, "an-id", {"k": "v"}),
+        ("demo:echo:v1:created", "an-id", [("k", "v")]),
+    ],
+)
+def test_an_event_built_with_fields_of_other_types_is_sized_as_the_json_it_holds(
+    event_type: Any, event_id: Any, metadata: Any
+) -> None:
+    """An event built without the checks, a field of another type than the checks allow (a number for an id, a list
+    for metadata), is sized as the compact JSON of the whole event, like any other: not refused, not crashed on."""
+    import json
+
+    event = Event(event_type, {"x": 1}, event_id, metadata)
+    body = {"t": event_type, "i": event_id, "p": {"x": 1}, "m": metadata}
+    assert event.size() == len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
     import json
 
@@ -871,3 +891,37 @@ def test_a_lone_surrogate_in_a_payload_is_refused_with_its_path(payload: dict[st
     """Text is checked for valid Unicode when the payload is encoded; the refusal still names where it is."""
     with pytest.raises(InvalidPayload, match=rf"^{re.escape(message)}$"):
         validate_payload(payload)
+
+
+def _holds_itself() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"x": math.nan}, "reply holds NaN or Infinity, which are not valid JSON"),
+        ([1, math.inf], "reply holds NaN or Infinity, which are not valid JSON"),
+        ({"a": ["ok", "\ud800"]}, "reply.a[1] holds a lone surrogate: not valid Unicode text"),
+        ("\udfff", "reply holds a lone surrogate: not valid Unicode text"),
+        (_holds_itself(), "reply nests too deep (or holds itself) to be JSON"),
+        ({"when": datetime(2026, 1, 1, tzinfo=UTC)}, "reply holds a value that is not JSON: Object of type datetime"),
+    ],
+)
+def test_encode_json_names_what_it_cannot_write_and_where(value: Any, message: str) -> None:
+    """What the SDK, the gateway and the workers encode without the edge's checks is refused with the name it was
+    given, and the path of a bad text."""
+    with pytest.raises(InvalidPayload, match=f"^{re.escape(message)}"):
+        events_module.encode_json(value, "reply")
+
+
+def test_generated_event_ids_are_32_hex_characters_and_unique_across_reads() -> None:
+    """Ids come from a buffer of random bytes refilled every 256 ids: every one of them, the last of a buffer
+    included, is 32 lowercase hex characters, and none repeats."""
+    source = events_module._IdSource()
+    ids = [source() for _ in range(3 * 256 + 7)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", event_id) for event_id in ids), [i for i in ids if len(i) != 32][:3]
+    assert len(set(ids)) == len(ids)
+    assert re.fullmatch(r"[0-9a-f]{32}", Event.create("demo:echo:v1:created").event_id)
