@@ -558,6 +558,16 @@ def test_an_event_built_with_fields_of_other_types_is_sized_as_the_json_it_holds
     assert event.size() == len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+@pytest.mark.parametrize("metadata", [{"k": 5}, {5: "v"}, {"k": None}])
+def test_an_event_whose_metadata_maps_other_types_still_has_a_size(metadata: dict[Any, Any]) -> None:
+    """Metadata that is not a string map (an event built without the checks) does not make ``size()`` fail: the
+    size bounds the memory the event takes, so it grows with what the event holds."""
+    small = Event("demo:echo:v1:created", {}, "an-id", metadata)
+    big = Event("demo:echo:v1:created", {"text": "y" * 1000}, "an-id", metadata)
+    assert small.size() > len("demo:echo:v1:created") + len("an-id")
+    assert big.size() > small.size() + 1000
+
+
 def test_event_size_is_the_compact_json_of_the_whole_event() -> None:
     import json
 
