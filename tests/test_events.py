@@ -935,3 +935,23 @@ def test_generated_event_ids_are_32_hex_characters_and_unique_across_reads() -> 
     assert all(re.fullmatch(r"[0-9a-f]{32}", event_id) for event_id in ids), [i for i in ids if len(i) != 32][:3]
     assert len(set(ids)) == len(ids)
     assert re.fullmatch(r"[0-9a-f]{32}", Event.create("demo:echo:v1:created").event_id)
+
+
+def test_a_valid_type_is_parsed_once_and_the_cache_stays_bounded() -> None:
+    """Types are remembered so that the few a deployment uses are checked once, not once per event: parsing one
+    again returns the same parse. The cache holds at most TYPE_CACHE_SIZE types (a full cache starts over), so a
+    client sending endless distinct types does not grow it. Something that is no string is refused, never looked
+    up."""
+    events_module._TYPE_CACHE.clear()
+    first = EventType.parse("demo:cached:v1:made")
+    assert EventType.parse("demo:cached:v1:made") is first
+    for n in range(events_module.TYPE_CACHE_SIZE - 1):
+        EventType.parse(f"demo:a{n}:v1:made")
+    assert len(events_module._TYPE_CACHE) == events_module.TYPE_CACHE_SIZE
+    assert EventType.parse("demo:cached:v1:made") is first  # still held: the cache is full, not over
+    EventType.parse("demo:one_more:v1:made")
+    assert len(events_module._TYPE_CACHE) == 1  # started over
+    assert EventType.parse("demo:cached:v1:made") is not first
+    for unhashable in (["demo:x:v1:made"], {"t": 1}):
+        with pytest.raises(InvalidEventType, match=r"^event type must be a string, not "):
+            EventType.parse(unhashable)  # type: ignore[arg-type]
