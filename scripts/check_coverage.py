@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CORE_MODULES = ("nexus/patterns.py", "nexus/events.py", "nexus/lifecycle.py", "nexus/detect.py", "nexus/errors.py")
+CORE_MODULES = (
+    "nexus/patterns.py",
+    "nexus/events.py",
+    "nexus/lifecycle.py",
+    "nexus/detect.py",
+    "nexus/errors.py",
+    "nexus/resume.py",
+)
 MIN_LINE_PERCENT = 95.0
 
 
