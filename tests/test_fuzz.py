@@ -26,8 +26,10 @@ import asyncio
 import contextlib
 import functools
 import json
+import multiprocessing
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,37 +85,96 @@ SSE_CONCURRENCY = 16
 # --- the inputs, drawn once per session ------------------------------------------------------------------------
 
 
-@functools.cache
-def grpc_event_requests() -> list[nexus_pb2.EventRequest]:
+def _event_requests() -> list[nexus_pb2.EventRequest]:
     return event_request_inputs(COUNT)
 
 
-@functools.cache
-def grpc_subscribe_requests() -> list[nexus_pb2.SubscribeRequest]:
+def _subscribe_requests() -> list[nexus_pb2.SubscribeRequest]:
     return draw(subscribe_requests(), COUNT)
 
 
-@functools.cache
-def grpc_raw_requests() -> list[bytes]:
+def _raw_requests() -> list[bytes]:
     return raw_requests(COUNT)
 
 
-@functools.cache
-def websocket_frames() -> list[str | bytes]:
+def _websocket_frames() -> list[str | bytes]:
     return draw(ws_frames(), COUNT)
 
 
-@functools.cache
-def sse_requests() -> list[tuple[str, str | None]]:
+def _sse_requests() -> list[tuple[str, str | None]]:
     return sse_inputs(COUNT)
 
 
+def _parser_inputs() -> dict[str, list[Any]]:
+    rng = random.Random(11)
+    types = draw(event_types(surrogates=True), COUNT)
+    bodies = draw(payloads(surrogates=True), 2500)
+    ids = draw(event_ids(surrogates=True), 1000)
+    metas = draw(metadata(surrogates=True), 1000)
+    events = [(rng.choice(types), rng.choice(bodies), rng.choice(ids), rng.choice(metas)) for _ in range(COUNT)]
+    return {"types": types, "patterns": draw(patterns(surrogates=True), COUNT), "events": events}
+
+
+DRAWS: dict[str, Callable[[], Any]] = {
+    # the longest first (seconds on one core: ~14, 13, 10, 10), so the two processes end close together
+    "parsers": _parser_inputs,
+    "sse": _sse_requests,
+    "frames": _websocket_frames,
+    "subscribe": _subscribe_requests,
+}
+"""Drawn in other processes; the EventRequests (~8 s) and raw requests (~1 s) are built here meanwhile: some
+nest structs deeper than protobuf parses, so they cannot be sent between processes."""
+DRAW_PROCESSES = 2
+
+
+@functools.cache
+def drawn() -> dict[str, Any]:
+    """Every input of this module, drawn once per session, by three processes at once.
+
+    Drawing is hypothesis's own work (about a millisecond an example, ~55 s for all of them on one core), and each
+    draw is seeded on its own (``derandomize``, a seeded ``random.Random``), so the inputs do not depend on which
+    process draws them or in what order: they are the ones one process would draw. New processes (``spawn``), so no
+    state of this one (grpc's threads) is copied; hypothesis has the global random of each to itself.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(DRAW_PROCESSES, mp_context=context) as pool:
+        futures = {name: pool.submit(job) for name, job in DRAWS.items()}
+        here = {"events": _event_requests(), "raw": _raw_requests()}
+        return here | {name: future.result() for name, future in futures.items()}
+
+
+def grpc_event_requests() -> list[nexus_pb2.EventRequest]:
+    result: list[nexus_pb2.EventRequest] = drawn()["events"]
+    return result
+
+
+def grpc_subscribe_requests() -> list[nexus_pb2.SubscribeRequest]:
+    result: list[nexus_pb2.SubscribeRequest] = drawn()["subscribe"]
+    return result
+
+
+def grpc_raw_requests() -> list[bytes]:
+    result: list[bytes] = drawn()["raw"]
+    return result
+
+
+def websocket_frames() -> list[str | bytes]:
+    result: list[str | bytes] = drawn()["frames"]
+    return result
+
+
+def sse_requests() -> list[tuple[str, str | None]]:
+    result: list[tuple[str, str | None]] = drawn()["sse"]
+    return result
+
+
+def parser_inputs() -> dict[str, list[Any]]:
+    result: dict[str, list[Any]] = drawn()["parsers"]
+    return result
+
+
 def all_inputs() -> None:
-    grpc_event_requests()
-    grpc_subscribe_requests()
-    grpc_raw_requests()
-    websocket_frames()
-    sse_requests()
+    drawn()
 
 
 # --- the server under attack -----------------------------------------------------------------------------------
@@ -482,17 +543,6 @@ def assert_nexus_error(call: Any, *args: Any, **kwargs: Any) -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {shown(str(exc))} for {shown(args)}"
     return None
-
-
-@functools.cache
-def parser_inputs() -> dict[str, list[Any]]:
-    rng = random.Random(11)
-    types = draw(event_types(surrogates=True), COUNT)
-    bodies = draw(payloads(surrogates=True), 2500)
-    ids = draw(event_ids(surrogates=True), 1000)
-    metas = draw(metadata(surrogates=True), 1000)
-    events = [(rng.choice(types), rng.choice(bodies), rng.choice(ids), rng.choice(metas)) for _ in range(COUNT)]
-    return {"types": types, "patterns": draw(patterns(surrogates=True), COUNT), "events": events}
 
 
 def test_event_types_parse_or_raise_a_short_nexus_error() -> None:
