@@ -1,4 +1,6 @@
-"""What every test shares: nothing the suite writes lands in the user's home.
+"""What every test shares: nothing the suite writes lands in the user's home, and the logging set-up a test changes
+(an in-process ``nexus ...`` command configures it) is put back after it, so no test depends on which ran before it
+in the same process.
 
 A node keeps its data under ``$XDG_DATA_HOME/nexus/node-<grpc port>`` unless told otherwise (messaging's SQLite
 database, for one); every test, and every ``nexus serve`` a test starts, gets a fresh directory for it instead of
@@ -8,6 +10,7 @@ exists) get the session's.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +18,13 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+
+import nexus.logs
+
+# With COVERAGE_PROCESS_START set (bash scripts/test), coverage measures this process and the test workers from
+# their first line; the `nexus serve` and `nexus worker` processes tests start are left unmeasured (tracing them made
+# the servers, and the tests that time them, several times slower).
+os.environ.pop("COVERAGE_PROCESS_START", None)
 
 # The test process never configures logging, so what its in-process servers log goes through structlog's default
 # ConsoleRenderer, which renders each traceback with rich when it is installed: syntax-highlighting the source of
@@ -42,3 +52,17 @@ def _data_home() -> Iterator[None]:
 
 _session_data_home = pytest.fixture(scope="session", autouse=True)(_data_home)
 _private_data_home = pytest.fixture(autouse=True)(_data_home)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Put the root logger, structlog and Nexus's own handler back as they were before the test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    handler = nexus.logs._handler
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
+    nexus.logs._handler = handler
