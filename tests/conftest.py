@@ -21,10 +21,12 @@ import structlog
 
 import nexus.logs
 
-# With COVERAGE_PROCESS_START set (bash scripts/test), coverage measures this process and the test workers from
-# their first line; the `nexus serve` and `nexus worker` processes tests start are left unmeasured (tracing them made
-# the servers, and the tests that time them, several times slower).
-os.environ.pop("COVERAGE_PROCESS_START", None)
+# With COVERAGE_PROCESS_START set (bash scripts/test), coverage measures pytest and each of its xdist workers from
+# their first line. A worker (the controller still has to pass it on to the workers it starts) takes it out of its
+# environment, so the `nexus serve` and `nexus worker` processes tests start are left unmeasured: tracing them made
+# the servers, and the tests that time them, several times slower.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COVERAGE_PROCESS_START", None)
 
 # The test process never configures logging, so what its in-process servers log goes through structlog's default
 # ConsoleRenderer, which renders each traceback with rich when it is installed: syntax-highlighting the source of
