@@ -31,8 +31,8 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # The test process never configures logging, so what its in-process servers log goes through structlog's default
 # ConsoleRenderer, which renders each traceback with rich when it is installed: syntax-highlighting the source of
 # every frame costs ~0.7 s per traceback, and many tests provoke them (handlers that raise, refusals). The
-# plain formatter writes the same frames. It is set on the default renderer itself, which
-# ``structlog.reset_defaults()`` (tests/test_logs.py, tests/test_tracing.py) puts back.
+# plain formatter writes the same frames. It is set on the default renderer itself, which `_restore_logging` puts
+# back after every test that configures logging.
 for _processor in structlog.get_config()["processors"]:
     if isinstance(_processor, structlog.dev.ConsoleRenderer):
         _processor.exception_formatter = structlog.dev.plain_traceback

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from nats_support import delete_stream, nats_settings, shared_nats_url, unique_names
+from nats_support import delete_stream, free_port, nats_settings, shared_nats_url, unique_names
 
 from nexus import Event, EventHandler, HandlerContext
 from nexus.backoff import BackoffPolicy
@@ -22,13 +21,6 @@ from nexus.server import NexusServer
 from nexus.testing import run_server
 
 GUARD = 20.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def wait_until(condition: Any, what: str) -> None:
